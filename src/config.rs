@@ -1,0 +1,914 @@
+//! Configuration: defaults ← YAML file (with `${VAR}` / `${VAR:-default}` interpolation)
+//! ← environment overrides `PRESENCE_<SECTION>__<KEY>` (e.g. `PRESENCE_SERVICE__PORT=8081`).
+//!
+//! The environment is passed in (the process environment in `main`, a map in tests); this
+//! module never reads or writes the process environment itself. Every key is checked:
+//! an unknown key or a bad value is an error that names the key and the expected form.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+const ENV_PREFIX: &str = "PRESENCE_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration; see the README's config reference.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub service: ServiceConfig,
+    pub store: StoreConfig,
+    pub presence: PresenceConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub logging: LoggingConfig,
+    pub nats: NatsConfig,
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    #[serde(deserialize_with = "de_string")]
+    pub name: String,
+    #[serde(deserialize_with = "de_string")]
+    pub version: String,
+    /// Address the HTTP and gRPC listeners bind to.
+    #[serde(deserialize_with = "de_string")]
+    pub host: String,
+    pub port: u16,
+    pub grpc_port: u16,
+    pub node_type: NodeType,
+    /// Defaults to the host name.
+    #[serde(deserialize_with = "de_string")]
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Dur,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeType {
+    Center,
+    Leaf,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Memory,
+    Nats,
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// Persist explicit statuses under `service.data_dir` (memory backend).
+    pub persist: bool,
+    /// Lock shards of the memory backend.
+    pub shards: usize,
+    /// Expiry timer resolution.
+    pub tick: Dur,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// A device session not refreshed within this time expires.
+    pub session_ttl: Dur,
+    /// Interval clients are told to heartbeat at; must be below `session_ttl`.
+    pub heartbeat_interval: Dur,
+    pub typing_ttl: Dur,
+    /// TTL of an explicit status written without `ttl`; `0s` = until changed.
+    pub default_status_ttl: Dur,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Jwt,
+    Gateway,
+}
+
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// HS256 secret; when empty a random one is created in `data_dir/jwt.secret`.
+    #[serde(deserialize_with = "de_string")]
+    pub jwt_secret: String,
+    #[serde(deserialize_with = "de_string")]
+    pub jwt_issuer: String,
+    /// Lifetime of tokens minted by `presenced token`.
+    pub jwt_ttl: Dur,
+    /// PEM public key (RSA or EC P-256) enabling RS256 / ES256 tokens, inline...
+    #[serde(deserialize_with = "de_string")]
+    pub public_key: String,
+    /// ...or from a file.
+    pub public_key_file: Option<PathBuf>,
+    /// Allowed clock skew when checking `exp`/`nbf`.
+    pub leeway: Dur,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field(
+                "jwt_secret",
+                &if self.jwt_secret.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_ttl", &self.jwt_ttl)
+            .field("public_key_file", &self.public_key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most ids in one batch / multi read.
+    pub max_batch_ids: usize,
+    pub max_user_id_len: usize,
+    /// Longest custom status message, in characters.
+    pub max_message_len: usize,
+    /// Largest request body.
+    pub max_body_bytes: ByteSize,
+    /// Longest TTL an explicit status may have.
+    pub max_status_ttl: Dur,
+    /// Per-user token bucket on writes.
+    pub write_rate_per_sec: f64,
+    pub write_burst: u32,
+    /// Events buffered for a slow bus subscriber before it must resync.
+    pub event_bus_capacity: usize,
+    /// Requests taking longer are answered 503.
+    pub request_timeout: Dur,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// A level (`info`) or a tracing filter (`info,presenced=debug`).
+    #[serde(deserialize_with = "de_string")]
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// Seed 003 §9.1 `nats` section; read by the NATS backend (`store.backend: nats`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    pub embedded: bool,
+    pub urls: Vec<String>,
+    pub data_dir: PathBuf,
+    pub jetstream: JetStreamConfig,
+    pub kv: KvConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JetStreamConfig {
+    pub max_memory: ByteSize,
+    pub max_file: ByteSize,
+    #[serde(deserialize_with = "de_string")]
+    pub domain: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvConfig {
+    #[serde(deserialize_with = "de_string")]
+    pub bucket: String,
+    pub ttl: Dur,
+    pub replicas: usize,
+}
+
+/// Seed 003 §9.1 `cache` section; read-through cache of cluster backends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(rename = "type", deserialize_with = "de_string")]
+    pub kind: String,
+    pub max_cost: u64,
+    pub num_counters: u64,
+    pub buffer_items: u64,
+    pub metrics: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            service: ServiceConfig::default(),
+            store: StoreConfig::default(),
+            presence: PresenceConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            logging: LoggingConfig::default(),
+            nats: NatsConfig::default(),
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            name: "presenced".into(),
+            version: "v2".into(),
+            host: "0.0.0.0".into(),
+            port: 8080,
+            grpc_port: 9090,
+            node_type: NodeType::Center,
+            node_id: String::new(),
+            data_dir: PathBuf::from("./data"),
+            shutdown_grace: Dur::secs(10),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Memory,
+            persist: true,
+            shards: 64,
+            tick: Dur::millis(100),
+        }
+    }
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            session_ttl: Dur::secs(60),
+            heartbeat_interval: Dur::secs(25),
+            typing_ttl: Dur::secs(5),
+            default_status_ttl: Dur::secs(3600),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Jwt,
+            jwt_secret: String::new(),
+            jwt_issuer: "presence-service".into(),
+            jwt_ttl: Dur::secs(24 * 3600),
+            public_key: String::new(),
+            public_key_file: None,
+            leeway: Dur::secs(30),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_batch_ids: 1000,
+            max_user_id_len: 128,
+            max_message_len: 256,
+            max_body_bytes: ByteSize(64 * 1024),
+            max_status_ttl: Dur::secs(30 * 24 * 3600),
+            write_rate_per_sec: 10.0,
+            write_burst: 20,
+            event_bus_capacity: 65536,
+            request_timeout: Dur::secs(10),
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            embedded: false,
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            data_dir: PathBuf::from("./nats-data"),
+            jetstream: JetStreamConfig::default(),
+            kv: KvConfig::default(),
+        }
+    }
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            max_memory: ByteSize(1 << 30),
+            max_file: ByteSize(10 << 30),
+            domain: String::new(),
+        }
+    }
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            bucket: "presence".into(),
+            ttl: Dur::secs(3600),
+            replicas: 1,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            kind: "tinylfu".into(),
+            max_cost: 1_000_000,
+            num_counters: 100_000,
+            buffer_items: 64,
+            metrics: true,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then overrides from `env`, then validates.
+    pub fn load<I, K, V>(file: Option<&Path>, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let env: HashMap<String, String> =
+            env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let mut tree = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                let mut v: Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::Yaml {
+                    path: path.into(),
+                    message: e.to_string(),
+                })?;
+                if v.is_null() {
+                    v = Value::Mapping(Default::default());
+                }
+                interpolate(&mut v, &env, "")?;
+                v
+            }
+            None => Value::Mapping(Default::default()),
+        };
+        apply_env_overrides(&mut tree, &env)?;
+        let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "{}: {}",
+                display_path(&e.path().to_string()),
+                e.inner()
+            ))
+        })?;
+        if config.service.node_id.is_empty() {
+            config.service.node_id = default_node_id();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        let p = &self.presence;
+        if p.session_ttl.0 < Duration::from_secs(1) {
+            return bad("presence.session_ttl", "must be at least 1s");
+        }
+        if p.heartbeat_interval.0.is_zero() || p.heartbeat_interval.0 >= p.session_ttl.0 {
+            return bad(
+                "presence.heartbeat_interval",
+                "must be above 0 and below presence.session_ttl",
+            );
+        }
+        if p.typing_ttl.0.is_zero() {
+            return bad("presence.typing_ttl", "must be above 0");
+        }
+        let l = &self.limits;
+        if l.max_batch_ids == 0 {
+            return bad("limits.max_batch_ids", "must be at least 1");
+        }
+        if l.max_user_id_len == 0 {
+            return bad("limits.max_user_id_len", "must be at least 1");
+        }
+        if !(l.write_rate_per_sec.is_finite() && l.write_rate_per_sec > 0.0) {
+            return bad("limits.write_rate_per_sec", "must be a number above 0");
+        }
+        if l.write_burst == 0 {
+            return bad("limits.write_burst", "must be at least 1");
+        }
+        if l.max_body_bytes.0 < 64 {
+            return bad("limits.max_body_bytes", "must be at least 64 bytes");
+        }
+        if l.request_timeout.0.is_zero() {
+            return bad("limits.request_timeout", "must be above 0");
+        }
+        if self.store.tick.0.is_zero() {
+            return bad("store.tick", "must be above 0");
+        }
+        if self.service.node_id.is_empty()
+            || crate::core::validate_id("node id", &self.service.node_id, 128).is_err()
+        {
+            return bad(
+                "service.node_id",
+                "must be 1-128 characters of letters, digits and . _ @ : + -",
+            );
+        }
+        if !self.auth.public_key.is_empty() && self.auth.public_key_file.is_some() {
+            return bad(
+                "auth.public_key",
+                "set either auth.public_key or auth.public_key_file, not both",
+            );
+        }
+        Ok(())
+    }
+}
+
+fn display_path(p: &str) -> String {
+    if p == "." || p.is_empty() {
+        "(top level)".into()
+    } else {
+        p.to_string()
+    }
+}
+
+fn default_node_id() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if cleaned.is_empty() {
+        "presenced-1".into()
+    } else {
+        cleaned
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree. A scalar that is
+/// exactly one reference is re-read as YAML, so `port: ${PORT}` yields a number.
+fn interpolate(
+    v: &mut Value,
+    env: &HashMap<String, String>,
+    path: &str,
+) -> Result<(), ConfigError> {
+    match v {
+        Value::String(s) if s.contains("${") => {
+            let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+            let replaced = substitute(s, env)
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", display_path(path))))?;
+            *v = if whole {
+                scalar(&replaced)
+            } else {
+                Value::String(replaced)
+            };
+        }
+        Value::Mapping(m) => {
+            for (k, child) in m.iter_mut() {
+                let key = k.as_str().unwrap_or("?");
+                let p = if path.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{path}.{key}")
+                };
+                interpolate(child, env, &p)?;
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, child) in items.iter_mut().enumerate() {
+                interpolate(child, env, &format!("{path}[{i}]"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn substitute(s: &str, env: &HashMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
+        let expr = &after[..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (expr, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid variable name {name:?} in ${{...}}"));
+        }
+        match (env.get(name), default) {
+            (Some(v), _) => out.push_str(v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => return Err(format!("environment variable {name} is not set (write ${{{name}:-default}} for a fallback)")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Reads an environment/interpolated value as a YAML scalar (number, bool, string).
+fn scalar(s: &str) -> Value {
+    match serde_yaml::from_str::<Value>(s) {
+        Ok(v @ (Value::Number(_) | Value::Bool(_) | Value::String(_))) => v,
+        Ok(Value::Sequence(seq)) if s.trim_start().starts_with('[') => Value::Sequence(seq),
+        _ => Value::String(s.to_string()),
+    }
+}
+
+fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+    let mut keys: Vec<&String> = env.keys().filter(|k| k.starts_with(ENV_PREFIX)).collect();
+    keys.sort();
+    for key in keys {
+        let path: Vec<String> = key[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|p| p.to_ascii_lowercase())
+            .collect();
+        if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Invalid(format!(
+                "{key}: environment overrides are written PRESENCE_<SECTION>__<KEY>"
+            )));
+        }
+        let mut node = &mut *tree;
+        for (i, part) in path.iter().enumerate() {
+            let map = match node {
+                Value::Mapping(m) => m,
+                other => {
+                    *other = Value::Mapping(Default::default());
+                    match other {
+                        Value::Mapping(m) => m,
+                        _ => unreachable!("just assigned a mapping"),
+                    }
+                }
+            };
+            let k = Value::String(part.clone());
+            if i + 1 == path.len() {
+                map.insert(k, scalar(&env[key]));
+                break;
+            }
+            node = map
+                .entry(k)
+                .or_insert_with(|| Value::Mapping(Default::default()));
+        }
+    }
+    Ok(())
+}
+
+/// Accepts a string, or a number/bool written where a string is expected
+/// (`jwt_secret: 12345`, `PRESENCE_SERVICE__NODE_ID=7`).
+fn de_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        Value::Null => Ok(String::new()),
+        _ => Err(de::Error::custom("expected a string")),
+    }
+}
+
+/// A duration written like the seed's: `500ms`, `60s`, `5m`, `24h`, `7d`, or combined
+/// (`1h30m`); a bare number means seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+    pub const fn millis(ms: u64) -> Dur {
+        Dur(Duration::from_millis(ms))
+    }
+    pub fn as_millis_i64(self) -> i64 {
+        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    pub fn parse(s: &str) -> Result<Dur, String> {
+        let expected = || {
+            format!("invalid duration {s:?}: expected a number with a unit, such as 500ms, 60s, 5m, 24h or 7d")
+        };
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(expected());
+        }
+        if let Ok(n) = t.parse::<u64>() {
+            return Ok(Dur::secs(n));
+        }
+        let mut total: u128 = 0;
+        let mut rest = t;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            if digits == 0 {
+                return Err(expected());
+            }
+            let n: u128 = rest[..digits].parse().map_err(|_| expected())?;
+            rest = &rest[digits..];
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let unit_ms: u128 = match &rest[..unit_len] {
+                "ms" => 1,
+                "s" => 1_000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                "d" => 86_400_000,
+                _ => return Err(expected()),
+            };
+            rest = &rest[unit_len..];
+            total = total
+                .checked_add(n.checked_mul(unit_ms).ok_or_else(expected)?)
+                .ok_or_else(expected)?;
+        }
+        let ms = u64::try_from(total).map_err(|_| expected())?;
+        Ok(Dur(Duration::from_millis(ms)))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 {
+            write!(f, "{ms}ms")
+        } else {
+            write!(f, "{}s", ms / 1000)
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Dur::parse(&s).map_err(de::Error::custom),
+            Value::Number(n) => n.as_u64().map(Dur::secs).ok_or_else(|| de::Error::custom(format!("invalid duration {n}: expected a whole number of seconds or a value such as 60s"))),
+            _ => Err(de::Error::custom("expected a duration such as 500ms, 60s, 5m, 24h or 7d")),
+        }
+    }
+}
+
+/// A size in bytes: a number, or with a unit (`64KiB`, `1MB`, `10GB`; KB/MB/GB are 1000-based,
+/// KiB/MiB/GiB 1024-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let expected = || {
+            format!("invalid size {s:?}: expected bytes, or a number with a unit such as 64KiB, 1MB, 10GB")
+        };
+        let t = s.trim();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        if digits == 0 {
+            return Err(expected());
+        }
+        let n: u64 = t[..digits].parse().map_err(|_| expected())?;
+        let mult: u64 = match t[digits..].trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => return Err(expected()),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(expected)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+            Value::Number(n) => n
+                .as_u64()
+                .map(ByteSize)
+                .ok_or_else(|| de::Error::custom("expected a whole number of bytes")),
+            _ => Err(de::Error::custom("expected a size such as 65536 or 64KiB")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.service.port, 8080);
+        assert_eq!(c.service.grpc_port, 9090);
+        assert_eq!(c.store.backend, Backend::Memory);
+        assert_eq!(c.presence.session_ttl, Dur::secs(60));
+        assert_eq!(c.limits.max_batch_ids, 1000);
+        assert!(!c.service.node_id.is_empty());
+    }
+
+    #[test]
+    fn seed_config_file_loads_with_interpolation() {
+        let f = file(
+            "service:\n  name: presence-service\n  version: v2\n  port: 8080\n  node_type: leaf\n  node_id: center-node-1\n\
+             nats:\n  embedded: true\n  data_dir: ./nats-data\n  jetstream:\n    max_memory: 1GB\n    max_file: 10GB\n  kv:\n    bucket: presence\n    ttl: 3600s\n\
+             cache:\n  type: ristretto\n  max_cost: 1000000\n  num_counters: 100000\n  buffer_items: 64\n  metrics: true\n\
+             auth:\n  jwt_secret: ${JWT_SECRET}\n  jwt_issuer: presence-service\n  jwt_ttl: 24h\n\
+             logging:\n  level: info\n  format: json\n",
+        );
+        let c = Config::load(Some(f.path()), env(&[("JWT_SECRET", "s3cret")])).unwrap();
+        assert_eq!(c.auth.jwt_secret, "s3cret");
+        assert_eq!(c.auth.jwt_ttl, Dur::secs(86_400));
+        assert_eq!(c.service.node_type, NodeType::Leaf);
+        assert_eq!(c.nats.jetstream.max_file, ByteSize(10_000_000_000));
+        assert_eq!(c.logging.format, LogFormat::Json);
+        let err = Config::load(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.jwt_secret") && err.contains("JWT_SECRET"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn interpolation_defaults_and_typed_values() {
+        let f = file("service:\n  port: ${PORT:-9000}\n  name: \"svc-${ENV_NAME:-dev}\"\n");
+        let c = Config::load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!((c.service.port, c.service.name.as_str()), (9000, "svc-dev"));
+        let c = Config::load(
+            Some(f.path()),
+            env(&[("PORT", "8181"), ("ENV_NAME", "prod")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.service.port, c.service.name.as_str()),
+            (8181, "svc-prod")
+        );
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        let f = file("service:\n  port: 8080\nlimits:\n  write_burst: 5\n");
+        let c = Config::load(
+            Some(f.path()),
+            env(&[
+                ("PRESENCE_SERVICE__PORT", "8081"),
+                ("PRESENCE_PRESENCE__SESSION_TTL", "90s"),
+                ("PRESENCE_AUTH__JWT_SECRET", "12345"),
+                ("PRESENCE_NATS__KV__BUCKET", "other"),
+                ("PRESENCE_LIMITS__MAX_BODY_BYTES", "1MiB"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.service.port, 8081);
+        assert_eq!(c.presence.session_ttl, Dur::secs(90));
+        assert_eq!(c.auth.jwt_secret, "12345");
+        assert_eq!(c.nats.kv.bucket, "other");
+        assert_eq!(c.limits.write_burst, 5);
+        assert_eq!(c.limits.max_body_bytes, ByteSize(1 << 20));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+            ("service:\n  prot: 1\n", &[], &["service", "prot"]),
+            ("bogus: 1\n", &[], &["bogus"]),
+            ("", &[("PRESENCE_SERVICE__NOPE", "1")], &["service", "nope"]),
+            (
+                "presence:\n  session_ttl: 10 minutes\n",
+                &[],
+                &["presence.session_ttl", "500ms"],
+            ),
+            ("service:\n  port: 70000\n", &[], &["service.port"]),
+            (
+                "store:\n  backend: mongo\n",
+                &[],
+                &["store.backend", "memory"],
+            ),
+            (
+                "limits:\n  max_body_bytes: lots\n",
+                &[],
+                &["limits.max_body_bytes", "64KiB"],
+            ),
+            (
+                "presence:\n  heartbeat_interval: 90s\n",
+                &[],
+                &["presence.heartbeat_interval"],
+            ),
+            (
+                "limits:\n  write_rate_per_sec: 0\n",
+                &[],
+                &["limits.write_rate_per_sec"],
+            ),
+            (
+                "",
+                &[("PRESENCE_PORT", "1")],
+                &["PRESENCE_PORT", "PRESENCE_<SECTION>__<KEY>"],
+            ),
+        ];
+        for (text, vars, needles) in cases {
+            let f = file(text);
+            let err = Config::load(Some(f.path()), env(vars))
+                .unwrap_err()
+                .to_string();
+            for n in *needles {
+                assert!(
+                    err.contains(n),
+                    "error for {text:?} {vars:?} should mention {n:?}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        assert_eq!(Dur::parse("500ms").unwrap(), Dur::millis(500));
+        assert_eq!(Dur::parse("3600s").unwrap(), Dur::secs(3600));
+        assert_eq!(Dur::parse("1h30m").unwrap(), Dur::secs(5400));
+        assert_eq!(Dur::parse("7d").unwrap(), Dur::secs(7 * 86400));
+        assert_eq!(Dur::parse("15").unwrap(), Dur::secs(15));
+        for bad in ["", "s", "5x", "-5s", "1.5s", "99999999999999999999999h"] {
+            assert!(Dur::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ByteSize::parse("16KiB").unwrap(), ByteSize(16384));
+        assert_eq!(ByteSize::parse("1GB").unwrap(), ByteSize(1_000_000_000));
+        assert!(ByteSize::parse("1TB").is_err());
+    }
+
+    #[test]
+    fn secrets_are_not_printed_by_debug() {
+        let c = Config::load(None, env(&[("PRESENCE_AUTH__JWT_SECRET", "topsecret")])).unwrap();
+        assert!(!format!("{c:?}").contains("topsecret"));
+    }
+}

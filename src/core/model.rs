@@ -1,0 +1,199 @@
+//! Presence vocabulary: statuses, identifiers, timestamps and the presence view.
+//!
+//! Everything here is plain data. Times are Unix milliseconds ([`Millis`]) so that
+//! the rules can be evaluated at any `now` a caller (or a test) chooses.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Wall-clock time in milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// The four statuses of seed 003 §3.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Online,
+    Away,
+    Busy,
+    Offline,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [Status::Online, Status::Away, Status::Busy, Status::Offline];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "online",
+            Status::Away => "away",
+            Status::Busy => "busy",
+            Status::Offline => "offline",
+        }
+    }
+
+    /// Parses the wire name; `None` for anything else (callers turn that into a 400).
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated user id: 1..=`max_len` bytes of `[A-Za-z0-9._@:+-]`.
+///
+/// The charset covers UUIDs, numeric ids, e-mail-like ids and `tenant:user` ids, and every
+/// such id has a reversible encoding into a NATS KV key. Cheap to clone (an `Arc<str>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Arc<str>);
+
+/// Why an id was refused. The message is shown to API clients.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("{what} must not be empty")]
+    Empty { what: &'static str },
+    #[error("{what} is longer than {max} bytes")]
+    TooLong { what: &'static str, max: usize },
+    #[error(
+        "{what} contains an invalid character {ch:?} (allowed: letters, digits and . _ @ : + -)"
+    )]
+    BadChar { what: &'static str, ch: char },
+}
+
+/// Validates an identifier (user, device, instance, conversation) against the common charset.
+pub fn validate_id(what: &'static str, s: &str, max_len: usize) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty { what });
+    }
+    if s.len() > max_len {
+        return Err(IdError::TooLong { what, max: max_len });
+    }
+    if let Some(ch) = s.chars().find(|c| !is_id_char(*c)) {
+        return Err(IdError::BadChar { what, ch });
+    }
+    Ok(())
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | ':' | '+' | '-')
+}
+
+impl UserId {
+    pub fn parse(s: &str, max_len: usize) -> Result<UserId, IdError> {
+        validate_id("user id", s, max_len)?;
+        Ok(UserId(Arc::from(s)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for UserId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// A device id, validated like a user id.
+pub type DeviceId = Arc<str>;
+
+/// What a reader sees of one user: the shape of seed 003 §3.2, plus `device_count`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub user_id: UserId,
+    pub status: Status,
+    /// Custom message of the explicit status; empty when none.
+    pub message: Arc<str>,
+    /// Last activity (connect, heartbeat, disconnect, status write); `None` for a user never seen.
+    pub last_seen: Option<Millis>,
+    /// When the visible presence last changed; `None` for a user never seen.
+    pub updated_at: Option<Millis>,
+    /// Node that made the last change.
+    pub node_id: Arc<str>,
+    /// When the explicit status reverts to the derived one, if it has a TTL.
+    pub expires_at: Option<Millis>,
+    /// Live device sessions.
+    pub device_count: u32,
+}
+
+impl Presence {
+    /// The answer for a user the service has never seen (seed 003 §12.2: default `offline`).
+    pub fn unknown(user_id: UserId, node_id: Arc<str>) -> Presence {
+        Presence {
+            user_id,
+            status: Status::Offline,
+            message: Arc::from(""),
+            last_seen: None,
+            updated_at: None,
+            node_id,
+            expires_at: None,
+            device_count: 0,
+        }
+    }
+}
+
+/// One device session of a user (seed 001 `DeviceInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub device_id: DeviceId,
+    /// The instance (gateway / node) that owns the connection.
+    pub instance_id: Arc<str>,
+    pub connected_at: Millis,
+    pub last_heartbeat: Millis,
+    pub expires_at: Millis,
+    /// The TTL the session was registered with, reused by refreshes.
+    pub ttl_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_its_wire_name() {
+        for st in Status::ALL {
+            assert_eq!(Status::parse(st.as_str()), Some(st));
+        }
+        assert_eq!(Status::parse("Online"), None);
+        assert_eq!(Status::parse("invisible"), None);
+    }
+
+    #[test]
+    fn user_ids_are_validated() {
+        assert!(UserId::parse("alice", 128).is_ok());
+        assert!(UserId::parse("550e8400-e29b-41d4-a716-446655440000", 128).is_ok());
+        assert!(UserId::parse("tenant:bob@example.com", 128).is_ok());
+        assert_eq!(
+            UserId::parse("", 128),
+            Err(IdError::Empty { what: "user id" })
+        );
+        assert!(matches!(
+            UserId::parse("a b", 128),
+            Err(IdError::BadChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            UserId::parse("a/b", 128),
+            Err(IdError::BadChar { .. })
+        ));
+        assert!(matches!(
+            UserId::parse("é", 128),
+            Err(IdError::BadChar { .. })
+        ));
+        assert!(matches!(
+            UserId::parse(&"x".repeat(129), 128),
+            Err(IdError::TooLong { .. })
+        ));
+    }
+}

@@ -1,0 +1,52 @@
+//! `/health`, `/health/cache`, `/metrics` (seed 003 §11).
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{error, ok, Http};
+use crate::service::ApiError;
+
+/// Liveness plus store readiness: 200 when the store can serve, 503 otherwise.
+pub async fn health(State(state): State<Http>) -> Response {
+    let svc = &state.svc;
+    match svc.store.health().await {
+        Ok(()) => ok(json!({
+            "status": "ok",
+            "node_id": &*svc.node_id,
+            "node_type": state.node_type,
+            "store": { "backend": state.backend, "ready": true },
+            "uptime_seconds": state.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })),
+        Err(e) => error(&ApiError::Unavailable(e.to_string())),
+    }
+}
+
+/// Read statistics of the node's presence cache. With the embedded store the in-memory
+/// state *is* the cache: a hit is a read of a known user, a miss a read of an unknown one.
+pub async fn cache(State(state): State<Http>) -> Response {
+    let s = state.svc.store.stats();
+    let total = s.hits + s.misses;
+    ok(json!({
+        "type": state.backend,
+        "hits": s.hits,
+        "misses": s.misses,
+        "hit_ratio": if total == 0 { 0.0 } else { s.hits as f64 / total as f64 },
+        "keys": s.users,
+        "evictions": 0,
+    }))
+}
+
+/// Prometheus text format.
+pub async fn metrics(State(state): State<Http>) -> Response {
+    crate::telemetry::record_store_stats(&state.svc.store.stats());
+    state.metrics.run_upkeep();
+    let mut r = state.metrics.render().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}

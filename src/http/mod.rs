@@ -1,0 +1,135 @@
+//! HTTP transport: REST API v2 (seed 003 §4), health and metrics. Thin: handlers extract,
+//! call [`Service`], and encode; every error leaves as the JSON envelope.
+
+mod health;
+pub mod json;
+mod presence;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::service::{ApiError, Service};
+
+/// State shared by the handlers.
+#[derive(Clone)]
+pub struct Http {
+    pub svc: Arc<Service>,
+    pub metrics: PrometheusHandle,
+    pub started: Instant,
+    pub backend: &'static str,
+    pub node_type: &'static str,
+}
+
+/// The whole HTTP API; shared by `serve` and the tests.
+pub fn router(state: Http) -> Router {
+    let body_limit = state.svc.limits.max_body_bytes.0 as usize;
+    Router::new()
+        .route("/api/v2/presence", get(presence::get_many))
+        .route("/api/v2/presence/batch", post(presence::batch))
+        .route(
+            "/api/v2/presence/{user_id}",
+            get(presence::get_one)
+                .put(presence::put)
+                .delete(presence::delete),
+        )
+        .route("/health", get(health::health))
+        .route("/health/cache", get(health::cache))
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Records the request-duration histogram by route, method and status, and bounds the
+/// time a request may take (`limits.request_timeout`, answered 503).
+async fn observe(State(state): State<Http>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let method = req.method().as_str().to_string();
+    let resp = match tokio::time::timeout(state.svc.limits.request_timeout.0, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => error(&ApiError::Unavailable("request timed out".into())),
+    };
+    metrics::histogram!(
+        "http_request_duration_seconds",
+        "route" => route,
+        "method" => method,
+        "status" => resp.status().as_str().to_string()
+    )
+    .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn not_found(req: Request) -> Response {
+    error(&ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    )))
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    error(&ApiError::MethodNotAllowed(format!(
+        "method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    )))
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `{"success":true,"data":...}` with 200.
+pub fn ok<T: serde::Serialize>(data: T) -> Response {
+    json_response(StatusCode::OK, json::ok_body(data))
+}
+
+/// The error envelope with the status from the error table. Internal errors are logged
+/// here, once, and never leak their detail.
+pub fn error(e: &ApiError) -> Response {
+    match e {
+        ApiError::Internal(detail) => tracing::error!(error = %detail, "internal error"),
+        ApiError::Unavailable(detail) => tracing::warn!(error = %detail, "service unavailable"),
+        _ => {}
+    }
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = json_response(status, json::error_body(e));
+    if let ApiError::RateLimited { retry_after_ms } = e {
+        let secs = retry_after_ms.div_ceil(1000).max(1);
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    if let ApiError::Unauthorized(_) = e {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(&self)
+    }
+}

@@ -1,0 +1,25 @@
+//! presenced: a real-time presence service.
+//!
+//! # Layout
+//! - [`core`]: the domain, with no I/O: statuses, users, device sessions, the aggregation
+//!   rule, TTL expiry, events, token buckets. Every rule takes `now` and is unit-tested.
+//! - [`store`]: the [`store::Store`] trait and its backends: [`store::memory`] (the embedded
+//!   default: sharded state, timer wheel, redb persistence). Cluster backends implement the
+//!   same trait over the same core transitions.
+//! - [`bus`]: the in-process event bus every transport and backend subscribes to.
+//! - [`service`]: the application layer shared by all transports: validation, permissions,
+//!   rate limits, and the one error type with its wire mapping.
+//! - [`http`]: the REST API v2, health and metrics (thin adapters over [`service`]).
+//! - [`auth`]: JWT verification and minting. [`config`]: YAML + env configuration.
+//!   [`telemetry`]: logs and metrics. [`server`]: wiring and graceful shutdown.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod core;
+pub mod http;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod telemetry;

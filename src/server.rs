@@ -1,0 +1,154 @@
+//! Wiring: build the store, auth and service from a [`Config`], then serve HTTP on a
+//! listener until a shutdown future resolves (mini-redis `server::run` style: the caller
+//! owns the listener and the shutdown signal, so tests bind `127.0.0.1:0`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+
+use crate::auth::{AuthSetupError, Authenticator};
+use crate::bus::EventBus;
+use crate::config::{Backend, Config, NodeType};
+use crate::http::{self, Http};
+use crate::service::Service;
+use crate::store::memory::{MemoryConfig, MemoryStore};
+use crate::store::persist::PersistError;
+use crate::store::{Clock, Store, SystemClock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("store.backend {0}: this backend is not available in this build yet; use store.backend: memory")]
+    Backend(&'static str),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A built node, ready to serve.
+pub struct App {
+    pub config: Config,
+    pub svc: Arc<Service>,
+    pub backend: &'static str,
+}
+
+impl App {
+    /// Opens the configured store and sets up auth. Must run inside a tokio runtime.
+    pub fn build(config: Config) -> Result<App, StartError> {
+        let bus = EventBus::new(config.limits.event_bus_capacity);
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let store: Arc<dyn Store> = match config.store.backend {
+            Backend::Memory => {
+                let mem = MemoryStore::open(
+                    MemoryConfig {
+                        node_id: Arc::from(config.service.node_id.as_str()),
+                        data_dir: config
+                            .store
+                            .persist
+                            .then(|| config.service.data_dir.clone()),
+                        shards: config.store.shards,
+                        tick_ms: config.store.tick.as_millis_i64().max(1),
+                    },
+                    clock.clone(),
+                    bus.clone(),
+                )?;
+                mem.start();
+                Arc::new(mem)
+            }
+            Backend::Nats => return Err(StartError::Backend("nats")),
+            Backend::Redis => return Err(StartError::Backend("redis")),
+        };
+        App::with_store(config, store, bus, clock)
+    }
+
+    /// Builds around a given store (used by tests and by other backends' wiring).
+    pub fn with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+        bus: EventBus,
+        clock: Arc<dyn Clock>,
+    ) -> Result<App, StartError> {
+        let auth = Arc::new(Authenticator::from_config(
+            &config.auth,
+            &config.service.data_dir,
+        )?);
+        let svc = Arc::new(Service::new(&config, store, bus, auth, clock));
+        let backend = match config.store.backend {
+            Backend::Memory => "memory",
+            Backend::Nats => "nats",
+            Backend::Redis => "redis",
+        };
+        Ok(App {
+            config,
+            svc,
+            backend,
+        })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        http::router(Http {
+            svc: self.svc.clone(),
+            metrics: crate::telemetry::metrics_handle(),
+            started: Instant::now(),
+            backend: self.backend,
+            node_type: match self.config.service.node_type {
+                NodeType::Center => "center",
+                NodeType::Leaf => "leaf",
+            },
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
+    /// finish (at most `service.shutdown_grace`), and flushes the store.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let grace = self.config.service.shutdown_grace.0;
+        let (fired_tx, mut fired_rx) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            let _ = fired_tx.send(true);
+        };
+        let server = axum::serve(listener, self.router()).with_graceful_shutdown(signal);
+        let deadline = async move {
+            let _ = fired_rx.wait_for(|f| *f).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            r = server => r?,
+            _ = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
+        }
+        self.svc.store.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,372 @@
+//! The application layer shared by every transport: input validation, permissions, rate
+//! limits, defaults, and the one error type ([`ApiError`]) whose mapping to HTTP status,
+//! envelope code (and later gRPC code / WebSocket error) is decided in one place.
+//!
+//! Transports extract, call a method here, and encode the result; they hold no rules.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::auth::{AuthError, Authenticator, Identity};
+use crate::bus::EventBus;
+use crate::config::{Config, LimitsConfig, PresenceConfig};
+use crate::core::ratelimit::{Rate, TokenBucket};
+use crate::core::{Millis, Presence, Status, UserId};
+use crate::store::{get_one, Clock, SetStatus, Store, StoreError};
+
+/// Every failure a client can see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(#[from] AuthError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("rate limit exceeded: retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// HTTP status for this error (seed 003 §12.1).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::Unauthorized(_) => 401,
+            ApiError::Forbidden(_) => 403,
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed(_) => 405,
+            ApiError::PayloadTooLarge(_) => 413,
+            ApiError::RateLimited { .. } => 429,
+            ApiError::Internal(_) => 500,
+            ApiError::Unavailable(_) => 503,
+        }
+    }
+
+    /// Stable machine-readable code, sent beside the human-readable `error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+/// An explicit status write as received from a client, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct StatusWrite {
+    pub status: Option<String>,
+    pub message: Option<String>,
+    /// Seconds; `0` = until changed; absent = `presence.default_status_ttl`.
+    pub ttl_seconds: Option<i64>,
+}
+
+/// Per-key token buckets, sharded; full buckets are forgotten so memory tracks active keys.
+pub struct KeyedLimiter {
+    rate: Rate,
+    shards: Box<[Mutex<HashMap<String, TokenBucket>>]>,
+    last_sweep: AtomicI64,
+}
+
+impl KeyedLimiter {
+    const SHARDS: usize = 16;
+    const SWEEP_EVERY_MS: i64 = 10_000;
+
+    pub fn new(rate: Rate) -> KeyedLimiter {
+        KeyedLimiter {
+            rate,
+            shards: (0..Self::SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            last_sweep: AtomicI64::new(0),
+        }
+    }
+
+    /// Takes a token for `key`, or says how long to wait.
+    pub fn check(&self, key: &str, now: Millis) -> Result<(), u64> {
+        let idx = key
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+            % Self::SHARDS;
+        let r = {
+            let mut shard = self.shards[idx].lock();
+            match shard.get_mut(key) {
+                Some(b) => b.try_take(self.rate, now),
+                None => {
+                    let mut b = TokenBucket::new(self.rate, now);
+                    let r = b.try_take(self.rate, now);
+                    shard.insert(key.to_string(), b);
+                    r
+                }
+            }
+        };
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now - last > Self::SWEEP_EVERY_MS
+            && self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            for s in self.shards.iter() {
+                s.lock().retain(|_, b| !b.is_full(self.rate, now));
+            }
+        }
+        r
+    }
+
+    pub fn tracked_keys(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+/// Everything a transport needs, shared behind an `Arc`.
+pub struct Service {
+    pub store: Arc<dyn Store>,
+    pub bus: EventBus,
+    pub auth: Arc<Authenticator>,
+    pub clock: Arc<dyn Clock>,
+    pub limits: LimitsConfig,
+    pub presence: PresenceConfig,
+    pub node_id: Arc<str>,
+    writes: KeyedLimiter,
+}
+
+impl Service {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        bus: EventBus,
+        auth: Arc<Authenticator>,
+        clock: Arc<dyn Clock>,
+    ) -> Service {
+        let rate = Rate {
+            per_second: config.limits.write_rate_per_sec,
+            burst: config.limits.write_burst,
+        };
+        Service {
+            store,
+            bus,
+            auth,
+            clock,
+            limits: config.limits.clone(),
+            presence: config.presence.clone(),
+            node_id: Arc::from(config.service.node_id.as_str()),
+            writes: KeyedLimiter::new(rate),
+        }
+    }
+
+    pub fn parse_user(&self, raw: &str) -> Result<UserId, ApiError> {
+        UserId::parse(raw, self.limits.max_user_id_len)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
+    }
+
+    /// Validates a list of ids: not empty, at most `limits.max_batch_ids`, each valid;
+    /// duplicates are answered once.
+    pub fn parse_ids<'a>(
+        &self,
+        raw: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<UserId>, ApiError> {
+        let mut seen = HashSet::new();
+        let mut ids = Vec::new();
+        let mut count = 0usize;
+        for r in raw {
+            count += 1;
+            if count > self.limits.max_batch_ids {
+                return Err(ApiError::BadRequest(format!(
+                    "too many user ids: at most {} per request",
+                    self.limits.max_batch_ids
+                )));
+            }
+            let id = self.parse_user(r)?;
+            if seen.insert(id.clone()) {
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() {
+            return Err(ApiError::BadRequest("no user ids given".into()));
+        }
+        Ok(ids)
+    }
+
+    /// Presence of each id; users never seen come back `offline` (seed 003 §12.2).
+    pub async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Presence>, ApiError> {
+        let found = self.store.get_many(ids).await?;
+        Ok(ids
+            .iter()
+            .zip(found)
+            .map(|(id, p)| p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone())))
+            .collect())
+    }
+
+    /// Presence of one user; 404 for a user never seen.
+    pub async fn get_one(&self, id: &UserId) -> Result<Presence, ApiError> {
+        get_one(&*self.store, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("user {id} not found")))
+    }
+
+    /// `who` may act for `user`, else 403.
+    pub fn authorize_write(&self, who: &Identity, user: &UserId) -> Result<(), ApiError> {
+        if who.may_act_for(user.as_str()) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "a token for {:?} cannot change the presence of {user}",
+                who.sub
+            )))
+        }
+    }
+
+    /// Per-user write rate limit (token bucket).
+    pub fn check_write_rate(&self, user: &UserId) -> Result<(), ApiError> {
+        self.writes
+            .check(user.as_str(), self.clock.now())
+            .map_err(|retry_after_ms| {
+                metrics::counter!("presence_rate_limited_total", "scope" => "write").increment(1);
+                ApiError::RateLimited { retry_after_ms }
+            })
+    }
+
+    /// Validates a status write into what the store takes.
+    pub fn validate_status(&self, w: StatusWrite) -> Result<SetStatus, ApiError> {
+        let raw = w.status.ok_or_else(|| {
+            ApiError::BadRequest("status is required (online, away, busy or offline)".into())
+        })?;
+        let status = Status::parse(&raw).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "invalid status {raw:?}: expected online, away, busy or offline"
+            ))
+        })?;
+        let message = w.message.unwrap_or_default();
+        if message.chars().count() > self.limits.max_message_len {
+            return Err(ApiError::BadRequest(format!(
+                "message is longer than {} characters",
+                self.limits.max_message_len
+            )));
+        }
+        if message.chars().any(|c| c.is_control()) {
+            return Err(ApiError::BadRequest(
+                "message must not contain control characters".into(),
+            ));
+        }
+        let max_ttl = self.limits.max_status_ttl.0.as_secs() as i64;
+        let ttl_ms = match w.ttl_seconds {
+            None => Some(self.presence.default_status_ttl.as_millis_i64()).filter(|&t| t > 0),
+            Some(0) => None,
+            Some(t) if t < 0 => {
+                return Err(ApiError::BadRequest(
+                    "ttl must be 0 (until changed) or a positive number of seconds".into(),
+                ))
+            }
+            Some(t) if t > max_ttl => {
+                return Err(ApiError::BadRequest(format!(
+                    "ttl must be at most {max_ttl} seconds"
+                )))
+            }
+            Some(t) => Some(t * 1000),
+        };
+        Ok(SetStatus {
+            status,
+            message: Arc::from(message),
+            ttl_ms,
+        })
+    }
+
+    /// The whole write path: permission, input, rate limit, store.
+    pub async fn set_status(
+        &self,
+        who: &Identity,
+        user: &UserId,
+        write: StatusWrite,
+    ) -> Result<Presence, ApiError> {
+        self.authorize_write(who, user)?;
+        let req = self.validate_status(write)?;
+        self.check_write_rate(user)?;
+        let p = self.store.set_status(user, req).await?;
+        metrics::counter!("presence_updates_total").increment(1);
+        Ok(p)
+    }
+
+    /// Clears the explicit status (the derived one applies again).
+    pub async fn clear_status(&self, who: &Identity, user: &UserId) -> Result<Presence, ApiError> {
+        self.authorize_write(who, user)?;
+        self.check_write_rate(user)?;
+        let p = self.store.clear_status(user).await?;
+        metrics::counter!("presence_updates_total").increment(1);
+        Ok(p)
+    }
+
+    /// Verifies an `Authorization` header.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Identity, ApiError> {
+        Ok(self.auth.verify_header(header)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_forgets_idle_keys() {
+        let l = KeyedLimiter::new(Rate {
+            per_second: 1.0,
+            burst: 2,
+        });
+        assert!(l.check("a", 0).is_ok());
+        assert!(l.check("a", 0).is_ok());
+        assert_eq!(l.check("a", 0), Err(1000));
+        assert!(l.check("b", 0).is_ok());
+        assert_eq!(l.tracked_keys(), 2);
+        // After the sweep interval, refilled buckets are dropped.
+        assert!(l.check("c", 20_000).is_ok());
+        assert_eq!(l.tracked_keys(), 1);
+    }
+
+    #[test]
+    fn error_table_matches_seed_codes() {
+        let cases = [
+            (ApiError::BadRequest("x".into()), 400),
+            (ApiError::Unauthorized(AuthError::Expired), 401),
+            (ApiError::Forbidden("x".into()), 403),
+            (ApiError::NotFound("x".into()), 404),
+            (ApiError::RateLimited { retry_after_ms: 5 }, 429),
+            (ApiError::Internal("x".into()), 500),
+            (ApiError::Unavailable("x".into()), 503),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.http_status(), code, "{e:?}");
+        }
+        assert_eq!(
+            ApiError::Internal("secret detail".into()).to_string(),
+            "internal error"
+        );
+    }
+}

@@ -1,0 +1,100 @@
+//! Where presence state lives. [`Store`] is the one interface the transports use; the
+//! embedded [`memory::MemoryStore`] is the default, and cluster backends (NATS, Redis)
+//! implement the same trait over the same pure transitions in [`crate::core::state`].
+
+pub mod clock;
+pub mod memory;
+pub mod persist;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::core::{Millis, Presence, Registered, Session, Status, UserId};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+
+/// Why a store operation failed. Input is validated before it reaches a store, so the
+/// only failures are the store's own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot take the operation now (disk or broker down); retry later.
+    #[error("presence store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// An explicit status write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetStatus {
+    pub status: Status,
+    pub message: Arc<str>,
+    /// `None`: the status holds until changed.
+    pub ttl_ms: Option<i64>,
+}
+
+/// Cheap counters for gauges and health (centrifuge's `PresenceStats` idea: never a listing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Users held in memory (known users).
+    pub users: u64,
+    /// Users with at least one live device session.
+    pub online_users: u64,
+    /// Live device sessions.
+    pub sessions: u64,
+    /// Reads that found a known user / an unknown one.
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// The presence store. Every method is safe to call concurrently from many tasks.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Presence of each id, in order; `None` for a user the service has never seen.
+    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError>;
+
+    /// Sets an explicit status and returns the resulting presence. Durable when it returns.
+    async fn set_status(&self, id: &UserId, req: SetStatus) -> Result<Presence, StoreError>;
+
+    /// Clears the explicit status: the derived status applies again.
+    async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError>;
+
+    /// Registers (or replaces) a device session alive for `ttl_ms` unless refreshed.
+    async fn register_session(
+        &self,
+        id: &UserId,
+        device: &str,
+        instance: &str,
+        ttl_ms: i64,
+    ) -> Result<Registered, StoreError>;
+
+    /// Extends a live session; `Ok(None)` when there is none (register again).
+    async fn refresh_session(
+        &self,
+        id: &UserId,
+        device: &str,
+    ) -> Result<Option<Millis>, StoreError>;
+
+    /// Removes a session; `Ok(false)` when there was none.
+    async fn unregister_session(&self, id: &UserId, device: &str) -> Result<bool, StoreError>;
+
+    /// The user's live device sessions.
+    async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError>;
+
+    /// Counters for metrics and health.
+    fn stats(&self) -> StoreStats;
+
+    /// `Ok` when the store can serve reads and writes.
+    async fn health(&self) -> Result<(), StoreError>;
+
+    /// Flushes what must be durable and stops background work. Idempotent.
+    async fn shutdown(&self);
+}
+
+/// Single-id read through [`Store::get_many`].
+pub async fn get_one(store: &dyn Store, id: &UserId) -> Result<Option<Presence>, StoreError> {
+    Ok(store
+        .get_many(std::slice::from_ref(id))
+        .await?
+        .pop()
+        .flatten())
+}
