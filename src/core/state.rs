@@ -53,13 +53,34 @@ pub struct Change {
     pub persist: bool,
 }
 
-/// The parts of a state a reader can see, compared before and after a transition.
+/// The parts of a state whose change is an event. A new expiry time for the same status
+/// and message (a client re-asserting its status) is stored but is not an event.
 #[derive(PartialEq, Eq)]
 struct Visible {
     status: Status,
     message: Arc<str>,
-    expires_at: Option<Millis>,
     online: bool,
+}
+
+impl Visible {
+    fn of(explicit: Option<&Explicit>, online: bool) -> Visible {
+        match explicit {
+            Some(e) => Visible {
+                status: e.status,
+                message: e.message.clone(),
+                online,
+            },
+            None => Visible {
+                status: if online {
+                    Status::Online
+                } else {
+                    Status::Offline
+                },
+                message: Arc::from(""),
+                online,
+            },
+        }
+    }
 }
 
 /// Result of registering a session.
@@ -113,25 +134,10 @@ impl UserState {
     }
 
     fn visible(&self, now: Millis) -> Visible {
-        let online = self.live_sessions(now).next().is_some();
-        match self.live_explicit(now) {
-            Some(e) => Visible {
-                status: e.status,
-                message: e.message.clone(),
-                expires_at: e.expires_at,
-                online,
-            },
-            None => Visible {
-                status: if online {
-                    Status::Online
-                } else {
-                    Status::Offline
-                },
-                message: Arc::from(""),
-                expires_at: None,
-                online,
-            },
-        }
+        Visible::of(
+            self.live_explicit(now),
+            self.live_sessions(now).next().is_some(),
+        )
     }
 
     /// Runs `op`, then decides the event by comparing what a reader saw before (as last
@@ -175,25 +181,7 @@ impl UserState {
     /// The visible state as last published: everything stored counts as live, because
     /// lapsed parts are only removed by [`UserState::expire`], which reports them itself.
     fn visible_as_stored(&self) -> Visible {
-        let online = !self.sessions.is_empty();
-        match &self.explicit {
-            Some(e) => Visible {
-                status: e.status,
-                message: e.message.clone(),
-                expires_at: e.expires_at,
-                online,
-            },
-            None => Visible {
-                status: if online {
-                    Status::Online
-                } else {
-                    Status::Offline
-                },
-                message: Arc::from(""),
-                expires_at: None,
-                online,
-            },
-        }
+        Visible::of(self.explicit.as_ref(), !self.sessions.is_empty())
     }
 
     /// Removes what has lapsed at `now`: expired sessions and an expired explicit status.
@@ -503,6 +491,11 @@ mod tests {
         let c = s.set_status(Status::Away, Arc::from("lunch"), None, &node(), 10);
         assert_eq!(c.event, None);
         assert_eq!(s.view(&uid(), 10).updated_at, Some(0));
+        // Re-asserting with a TTL extends it, stores it, but is not an event.
+        let c = s.set_status(Status::Away, Arc::from("lunch"), Some(60_000), &node(), 15);
+        assert_eq!(c.event, None);
+        assert!(c.persist);
+        assert_eq!(s.view(&uid(), 15).expires_at, Some(60_015));
         let c = s.set_status(Status::Away, Arc::from("back at 2"), None, &node(), 20);
         assert_eq!(c.event, Some(EventKind::PresenceUpdated));
         // Explicit `online` while connected: the status is the same but the message shows.
