@@ -30,7 +30,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration; see the README's config reference.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub service: ServiceConfig,
@@ -225,21 +225,6 @@ pub struct CacheConfig {
     pub num_counters: u64,
     pub buffer_items: u64,
     pub metrics: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            service: ServiceConfig::default(),
-            store: StoreConfig::default(),
-            presence: PresenceConfig::default(),
-            auth: AuthConfig::default(),
-            limits: LimitsConfig::default(),
-            logging: LoggingConfig::default(),
-            nats: NatsConfig::default(),
-            cache: CacheConfig::default(),
-        }
-    }
 }
 
 impl Default for ServiceConfig {
@@ -577,15 +562,13 @@ fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Resul
         }
         let mut node = &mut *tree;
         for (i, part) in path.iter().enumerate() {
-            let map = match node {
-                Value::Mapping(m) => m,
-                other => {
-                    *other = Value::Mapping(Default::default());
-                    match other {
-                        Value::Mapping(m) => m,
-                        _ => unreachable!("just assigned a mapping"),
-                    }
-                }
+            if !node.is_mapping() {
+                *node = Value::Mapping(Default::default());
+            }
+            let Value::Mapping(map) = node else {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}: cannot set a key below a scalar"
+                )));
             };
             let k = Value::String(part.clone());
             if i + 1 == path.len() {
@@ -841,7 +824,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
             ("service:\n  prot: 1\n", &[], &["service", "prot"]),
             ("bogus: 1\n", &[], &["bogus"]),
             ("", &[("PRESENCE_SERVICE__NOPE", "1")], &["service", "nope"]),

@@ -13,6 +13,16 @@
 //! - [`auth`]: JWT verification and minting. [`config`]: YAML + env configuration.
 //!   [`telemetry`]: logs and metrics. [`server`]: wiring and graceful shutdown.
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
 
 pub mod auth;
 pub mod bus;

@@ -1,6 +1,9 @@
 //! The `presenced` binary: parses the command line and config, sets up logging, binds,
 //! and hands over to [`presenced::server`].
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
