@@ -94,6 +94,7 @@ impl App {
             svc: self.svc.clone(),
             metrics: crate::telemetry::metrics_handle(),
             started: Instant::now(),
+            request_metrics: Default::default(),
             backend: self.backend,
             node_type: match self.config.service.node_type {
                 NodeType::Center => "center",

@@ -716,7 +716,7 @@ async fn health_cache_and_metrics() {
 }
 
 #[tokio::test]
-async fn graceful_shutdown_finishes_in_flight_and_persists() {
+async fn graceful_shutdown_closes_the_listener_and_persists() {
     let (config, dir) = common::test_config(&[]);
     let app = presenced::server::App::build(config.clone()).unwrap();
     let token = app

@@ -106,6 +106,12 @@ impl Serialize for UserId {
     }
 }
 
+/// The empty message, shared so that reads of users without one allocate nothing.
+pub fn empty_message() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
+}
+
 /// A device id, validated like a user id.
 pub type DeviceId = Arc<str>;
 
@@ -134,7 +140,7 @@ impl Presence {
         Presence {
             user_id,
             status: Status::Offline,
-            message: Arc::from(""),
+            message: empty_message(),
             last_seen: None,
             updated_at: None,
             node_id,

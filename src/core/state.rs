@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use super::event::EventKind;
-use super::model::{DeviceId, Millis, Presence, Session, Status, UserId};
+use super::model::{empty_message, DeviceId, Millis, Presence, Session, Status, UserId};
 
 /// A status the user set on purpose.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl Visible {
                 } else {
                     Status::Offline
                 },
-                message: Arc::from(""),
+                message: empty_message(),
                 online,
             },
         }
@@ -118,8 +118,8 @@ impl UserState {
         let device_count = self.live_sessions(now).count() as u32;
         let (status, message, expires_at) = match self.live_explicit(now) {
             Some(e) => (e.status, e.message.clone(), e.expires_at),
-            None if device_count > 0 => (Status::Online, Arc::from(""), None),
-            None => (Status::Offline, Arc::from(""), None),
+            None if device_count > 0 => (Status::Online, empty_message(), None),
+            None => (Status::Offline, empty_message(), None),
         };
         Presence {
             user_id: user_id.clone(),

@@ -7,21 +7,54 @@ use serde::{Serialize, Serializer};
 use crate::core::{Millis, Presence};
 use crate::service::ApiError;
 
-/// RFC 3339 in UTC with millisecond precision, e.g. `2024-01-15T10:30:00.123Z`.
+/// RFC 3339 in UTC with millisecond precision, e.g. `2024-01-15T10:30:00.123Z`
+/// (`.123` omitted when zero).
 pub fn rfc3339(ms: Millis) -> String {
+    let mut buf = [0u8; 24];
+    let n = write_rfc3339(ms, &mut buf);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Formats into a stack buffer; returns the length. Years outside 0..=9999 are clamped.
+fn write_rfc3339(ms: Millis, out: &mut [u8; 24]) -> usize {
     let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    match time::OffsetDateTime::from_unix_timestamp(secs) {
-        Ok(t) => {
-            let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
-            let (h, mi, s) = (t.hour(), t.minute(), t.second());
-            if millis == 0 {
-                format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
-            } else {
-                format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{millis:03}Z")
-            }
-        }
-        Err(_) => "1970-01-01T00:00:00Z".into(),
+    let millis = ms.rem_euclid(1000) as u32;
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let year = t.year().clamp(0, 9999) as u32;
+    let fields = [
+        (year / 100, 0),
+        (year % 100, 2),
+        (u32::from(u8::from(t.month())), 5),
+        (u32::from(t.day()), 8),
+        (u32::from(t.hour()), 11),
+        (u32::from(t.minute()), 14),
+        (u32::from(t.second()), 17),
+    ];
+    *out = *b"0000-00-00T00:00:00.000Z";
+    for (v, at) in fields {
+        out[at] = b'0' + (v / 10) as u8;
+        out[at + 1] = b'0' + (v % 10) as u8;
+    }
+    if millis == 0 {
+        out[19] = b'Z';
+        20
+    } else {
+        out[20] = b'0' + (millis / 100) as u8;
+        out[21] = b'0' + (millis / 10 % 10) as u8;
+        out[22] = b'0' + (millis % 10) as u8;
+        24
+    }
+}
+
+/// Serializes a time as an RFC 3339 string without allocating.
+struct Time(Millis);
+
+impl Serialize for Time {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 24];
+        let n = write_rfc3339(self.0, &mut buf);
+        s.serialize_str(std::str::from_utf8(&buf[..n]).unwrap_or("1970-01-01T00:00:00Z"))
     }
 }
 
@@ -43,13 +76,13 @@ impl Serialize for PresenceJson<'_> {
         } else {
             st.skip_field("message")?;
         }
-        st.serialize_field("last_seen", &p.last_seen.map(rfc3339))?;
-        st.serialize_field("updated_at", &p.updated_at.map(rfc3339))?;
+        st.serialize_field("last_seen", &p.last_seen.map(Time))?;
+        st.serialize_field("updated_at", &p.updated_at.map(Time))?;
         st.serialize_field("node_id", &*p.node_id)?;
         match p.expires_at {
             Some(t) => {
                 st.serialize_field("ttl", &((t - self.now).max(0) + 999).div_euclid(1000))?;
-                st.serialize_field("expires_at", &rfc3339(t))?;
+                st.serialize_field("expires_at", &Time(t))?;
             }
             None => {
                 st.skip_field("ttl")?;

@@ -5,12 +5,13 @@ mod health;
 pub mod json;
 mod presence;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,6 +28,7 @@ pub struct Http {
     pub started: Instant,
     pub backend: &'static str,
     pub node_type: &'static str,
+    pub request_metrics: Arc<RequestMetrics>,
 }
 
 /// The whole HTTP API; shared by `serve` and the tests.
@@ -51,26 +53,81 @@ pub fn router(state: Http) -> Router {
         .with_state(state)
 }
 
+/// Routes as registered, so a request's route label is a `&'static str`.
+const ROUTES: [&str; 7] = [
+    "/api/v2/presence",
+    "/api/v2/presence/batch",
+    "/api/v2/presence/{user_id}",
+    "/health",
+    "/health/cache",
+    "/metrics",
+    "/ws",
+];
+
+fn route_label(req: &Request) -> &'static str {
+    match req.extensions().get::<MatchedPath>() {
+        Some(m) => ROUTES
+            .iter()
+            .find(|r| **r == m.as_str())
+            .copied()
+            .unwrap_or("other"),
+        None => "unmatched",
+    }
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
+type HistKey = (&'static str, &'static str, u16);
+
+/// Histogram handles by (route, method, status): registering a labelled metric costs
+/// allocations and a registry lookup, so each combination is registered once.
+#[derive(Default)]
+pub struct RequestMetrics {
+    handles: parking_lot::RwLock<HashMap<HistKey, metrics::Histogram>>,
+}
+
+impl RequestMetrics {
+    fn record(&self, key: HistKey, secs: f64) {
+        if let Some(h) = self.handles.read().get(&key) {
+            h.record(secs);
+            return;
+        }
+        let h = metrics::histogram!(
+            "http_request_duration_seconds",
+            "route" => key.0,
+            "method" => key.1,
+            "status" => key.2.to_string()
+        );
+        h.record(secs);
+        self.handles.write().insert(key, h);
+    }
+}
+
 /// Records the request-duration histogram by route, method and status, and bounds the
 /// time a request may take (`limits.request_timeout`, answered 503).
 async fn observe(State(state): State<Http>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
-    let method = req.method().as_str().to_string();
+    let route = route_label(&req);
+    let method = method_label(req.method());
     let resp = match tokio::time::timeout(state.svc.limits.request_timeout.0, next.run(req)).await {
         Ok(r) => r,
         Err(_) => error(&ApiError::Unavailable("request timed out".into())),
     };
-    metrics::histogram!(
-        "http_request_duration_seconds",
-        "route" => route,
-        "method" => method,
-        "status" => resp.status().as_str().to_string()
-    )
-    .record(start.elapsed().as_secs_f64());
+    state.request_metrics.record(
+        (route, method, resp.status().as_u16()),
+        start.elapsed().as_secs_f64(),
+    );
     resp
 }
 
