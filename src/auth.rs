@@ -68,20 +68,16 @@ pub enum AuthError {
     Issuer,
     #[error("token lacks the required claim {0:?}")]
     MissingClaim(String),
+    #[error("missing X-User-ID header (auth.mode is gateway: the API gateway must set it)")]
+    MissingGatewayUser,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
     #[error("auth: cannot read or create the JWT secret file {path}: {source}")]
-    SecretFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    SecretFile { path: std::path::PathBuf, source: std::io::Error },
     #[error("auth: cannot read auth.public_key_file {path}: {source}")]
-    KeyFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    KeyFile { path: std::path::PathBuf, source: std::io::Error },
     #[error("auth.public_key: not a PEM RSA or EC (P-256) public key")]
     BadKey,
 }
@@ -99,18 +95,9 @@ impl Authenticator {
     /// Builds from config. With no `jwt_secret`, a random secret is kept in
     /// `data_dir/jwt.secret` (created mode 0600) so `serve` and `token` agree.
     pub fn from_config(cfg: &AuthConfig, data_dir: &Path) -> Result<Authenticator, AuthSetupError> {
-        let secret = if cfg.jwt_secret.is_empty() {
-            load_or_create_secret(data_dir)?
-        } else {
-            cfg.jwt_secret.clone()
-        };
+        let secret = if cfg.jwt_secret.is_empty() { load_or_create_secret(data_dir)? } else { cfg.jwt_secret.clone() };
         let pem = match &cfg.public_key_file {
-            Some(path) => Some(
-                std::fs::read(path).map_err(|source| AuthSetupError::KeyFile {
-                    path: path.clone(),
-                    source,
-                })?,
-            ),
+            Some(path) => Some(std::fs::read(path).map_err(|source| AuthSetupError::KeyFile { path: path.clone(), source })?),
             None if !cfg.public_key.is_empty() => Some(cfg.public_key.clone().into_bytes()),
             None => None,
         };
@@ -124,20 +111,10 @@ impl Authenticator {
                 return Err(AuthSetupError::BadKey);
             }),
         };
-        Ok(Authenticator::new(
-            &secret,
-            &cfg.jwt_issuer,
-            cfg.leeway.0,
-            public,
-        ))
+        Ok(Authenticator::new(&secret, &cfg.jwt_issuer, cfg.leeway.0, public))
     }
 
-    pub fn new(
-        secret: &str,
-        issuer: &str,
-        leeway: Duration,
-        public: Option<(Algorithm, DecodingKey)>,
-    ) -> Authenticator {
+    pub fn new(secret: &str, issuer: &str, leeway: Duration, public: Option<(Algorithm, DecodingKey)>) -> Authenticator {
         Authenticator {
             issuer: issuer.to_string(),
             leeway: leeway.as_secs(),
@@ -164,9 +141,7 @@ impl Authenticator {
         }
         let header = match jsonwebtoken::decode_header(token) {
             Ok(h) => h,
-            Err(_) if header_alg(token).is_some_and(|a| a.eq_ignore_ascii_case("none")) => {
-                return Err(AuthError::Unsigned)
-            }
+            Err(_) if header_alg(token).is_some_and(|a| a.eq_ignore_ascii_case("none")) => return Err(AuthError::Unsigned),
             Err(_) => {
                 return Err(match header_alg(token) {
                     Some(a) => AuthError::Algorithm(a),
@@ -197,20 +172,13 @@ impl Authenticator {
         if c.sub.is_empty() {
             return Err(AuthError::MissingClaim("sub".into()));
         }
-        let scopes = c
-            .scope
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
+        let scopes = c.scope.unwrap_or_default().split_whitespace().map(str::to_string).collect();
         Ok(Identity { sub: c.sub, scopes })
     }
 
     /// Mints an HS256 token for `sub`, valid for `ttl`, with optional space-separated scopes.
     pub fn mint(&self, sub: &str, ttl: Duration, scope: Option<&str>) -> Result<String, String> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let claims = Claims {
             sub: sub.to_string(),
             iat: Some(now),
@@ -218,8 +186,7 @@ impl Authenticator {
             iss: self.issuer.clone(),
             scope: scope.filter(|s| !s.is_empty()).map(str::to_string),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.hs_encode)
-            .map_err(|e| e.to_string())
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.hs_encode).map_err(|e| e.to_string())
     }
 }
 
@@ -257,10 +224,7 @@ fn base64url_decode(s: &str) -> Option<Vec<u8>> {
 fn load_or_create_secret(data_dir: &Path) -> Result<String, AuthSetupError> {
     use std::io::Write;
     let path = data_dir.join("jwt.secret");
-    let err = |source| AuthSetupError::SecretFile {
-        path: path.clone(),
-        source,
-    };
+    let err = |source| AuthSetupError::SecretFile { path: path.clone(), source };
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
         Ok(_) => {}
@@ -268,9 +232,7 @@ fn load_or_create_secret(data_dir: &Path) -> Result<String, AuthSetupError> {
         Err(e) => return Err(err(e)),
     }
     std::fs::create_dir_all(data_dir).map_err(err)?;
-    let secret: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
+    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -282,9 +244,9 @@ fn load_or_create_secret(data_dir: &Path) -> Result<String, AuthSetupError> {
             Ok(secret)
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path)
-            .map(|s| s.trim().to_string())
-            .map_err(err),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::read_to_string(&path).map(|s| s.trim().to_string()).map_err(err)
+        }
         Err(e) => Err(err(e)),
     }
 }
@@ -302,10 +264,7 @@ mod tests {
         let b = s.as_bytes();
         let mut out = String::new();
         for chunk in b.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |a, (i, &x)| a | (u32::from(x) << (16 - 8 * i)));
+            let n = chunk.iter().enumerate().fold(0u32, |a, (i, &x)| a | (u32::from(x) << (16 - 8 * i)));
             for i in 0..=chunk.len() {
                 out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
             }
@@ -316,13 +275,7 @@ mod tests {
     #[test]
     fn minted_tokens_verify_with_scopes() {
         let a = auth();
-        let t = a
-            .mint(
-                "alice",
-                Duration::from_secs(60),
-                Some("presence:admin other"),
-            )
-            .unwrap();
+        let t = a.mint("alice", Duration::from_secs(60), Some("presence:admin other")).unwrap();
         let id = a.verify_header(Some(&format!("Bearer {t}"))).unwrap();
         assert_eq!(id.sub, "alice");
         assert!(id.is_admin());
@@ -336,50 +289,22 @@ mod tests {
     fn refusals_say_why() {
         let a = auth();
         assert_eq!(a.verify_header(None), Err(AuthError::Missing));
-        assert_eq!(
-            a.verify_header(Some("Basic abc")),
-            Err(AuthError::BadScheme)
-        );
+        assert_eq!(a.verify_header(Some("Basic abc")), Err(AuthError::BadScheme));
         assert_eq!(a.verify_header(Some("Bearer ")), Err(AuthError::BadScheme));
         assert_eq!(a.verify("not.a.jwt"), Err(AuthError::Malformed));
         let other = Authenticator::new("other", "presence-service", Duration::ZERO, None);
-        assert_eq!(
-            a.verify(&other.mint("x", Duration::from_secs(60), None).unwrap()),
-            Err(AuthError::Signature)
-        );
+        assert_eq!(a.verify(&other.mint("x", Duration::from_secs(60), None).unwrap()), Err(AuthError::Signature));
         let wrong_iss = Authenticator::new("secret", "someone-else", Duration::ZERO, None);
-        assert_eq!(
-            a.verify(&wrong_iss.mint("x", Duration::from_secs(60), None).unwrap()),
-            Err(AuthError::Issuer)
-        );
+        assert_eq!(a.verify(&wrong_iss.mint("x", Duration::from_secs(60), None).unwrap()), Err(AuthError::Issuer));
         // Expired: exp in the past.
-        let claims = Claims {
-            sub: "x".into(),
-            exp: 1_000,
-            iat: None,
-            iss: "presence-service".into(),
-            scope: None,
-        };
-        let t = jsonwebtoken::encode(
-            &Header::default(),
-            &claims,
-            &EncodingKey::from_secret(b"secret"),
-        )
-        .unwrap();
+        let claims = Claims { sub: "x".into(), exp: 1_000, iat: None, iss: "presence-service".into(), scope: None };
+        let t = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(b"secret")).unwrap();
         assert_eq!(a.verify(&t), Err(AuthError::Expired));
         // alg none.
-        let none = format!(
-            "{}.{}.",
-            b64(r#"{"alg":"none","typ":"JWT"}"#),
-            b64(r#"{"sub":"x","exp":9999999999,"iss":"presence-service"}"#)
-        );
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"x","exp":9999999999,"iss":"presence-service"}"#));
         assert_eq!(a.verify(&none), Err(AuthError::Unsigned));
         // RS256 header with no public key configured.
-        let rs = format!(
-            "{}.{}.sig",
-            b64(r#"{"alg":"RS256"}"#),
-            b64(r#"{"sub":"x"}"#)
-        );
+        let rs = format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(r#"{"sub":"x"}"#));
         assert_eq!(a.verify(&rs), Err(AuthError::Algorithm("RS256".into())));
     }
 
@@ -393,10 +318,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("jwt.secret"))
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(dir.path().join("jwt.secret")).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

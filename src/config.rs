@@ -19,10 +19,7 @@ const ENV_PREFIX: &str = "PRESENCE_";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid YAML: {message}")]
     Yaml { path: PathBuf, message: String },
     #[error("config: {0}")]
@@ -134,14 +131,7 @@ impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthConfig")
             .field("mode", &self.mode)
-            .field(
-                "jwt_secret",
-                &if self.jwt_secret.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("jwt_secret", &if self.jwt_secret.is_empty() { "" } else { "<redacted>" })
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_ttl", &self.jwt_ttl)
             .field("public_key_file", &self.public_key_file)
@@ -168,6 +158,21 @@ pub struct LimitsConfig {
     pub event_bus_capacity: usize,
     /// Requests taking longer are answered 503.
     pub request_timeout: Dur,
+    /// Live device sessions one user may have.
+    pub max_devices_per_user: usize,
+    /// Users one WebSocket connection may subscribe to.
+    pub max_subscriptions_per_connection: usize,
+    /// Messages a WebSocket client may send per second (token bucket with `ws_message_burst`).
+    pub ws_messages_per_sec: f64,
+    pub ws_message_burst: u32,
+    /// Largest WebSocket frame/message a client may send; larger closes with 1009.
+    pub ws_max_message_bytes: ByteSize,
+    /// Pending outbound messages per connection (after coalescing) before it is closed with 1013.
+    pub ws_outbound_queue: usize,
+    /// Contacts per user.
+    pub max_contacts: usize,
+    /// Members per conversation.
+    pub max_conversation_members: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -245,12 +250,7 @@ impl Default for ServiceConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig {
-            backend: Backend::Memory,
-            persist: true,
-            shards: 64,
-            tick: Dur::millis(100),
-        }
+        StoreConfig { backend: Backend::Memory, persist: true, shards: 64, tick: Dur::millis(100) }
     }
 }
 
@@ -291,16 +291,21 @@ impl Default for LimitsConfig {
             write_burst: 20,
             event_bus_capacity: 65536,
             request_timeout: Dur::secs(10),
+            max_devices_per_user: 10,
+            max_subscriptions_per_connection: 1000,
+            ws_messages_per_sec: 20.0,
+            ws_message_burst: 40,
+            ws_max_message_bytes: ByteSize(16 * 1024),
+            ws_outbound_queue: 1024,
+            max_contacts: 5000,
+            max_conversation_members: 10_000,
         }
     }
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
+        LoggingConfig { level: "info".into(), format: LogFormat::Text }
     }
 }
 
@@ -318,33 +323,19 @@ impl Default for NatsConfig {
 
 impl Default for JetStreamConfig {
     fn default() -> Self {
-        JetStreamConfig {
-            max_memory: ByteSize(1 << 30),
-            max_file: ByteSize(10 << 30),
-            domain: String::new(),
-        }
+        JetStreamConfig { max_memory: ByteSize(1 << 30), max_file: ByteSize(10 << 30), domain: String::new() }
     }
 }
 
 impl Default for KvConfig {
     fn default() -> Self {
-        KvConfig {
-            bucket: "presence".into(),
-            ttl: Dur::secs(3600),
-            replicas: 1,
-        }
+        KvConfig { bucket: "presence".into(), ttl: Dur::secs(3600), replicas: 1 }
     }
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig {
-            kind: "tinylfu".into(),
-            max_cost: 1_000_000,
-            num_counters: 100_000,
-            buffer_items: 64,
-            metrics: true,
-        }
+        CacheConfig { kind: "tinylfu".into(), max_cost: 1_000_000, num_counters: 100_000, buffer_items: 64, metrics: true }
     }
 }
 
@@ -356,18 +347,12 @@ impl Config {
         K: Into<String>,
         V: Into<String>,
     {
-        let env: HashMap<String, String> =
-            env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let env: HashMap<String, String> = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         let mut tree = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.into(),
-                    source,
-                })?;
-                let mut v: Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::Yaml {
-                    path: path.into(),
-                    message: e.to_string(),
-                })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                let mut v: Value =
+                    serde_yaml::from_str(&text).map_err(|e| ConfigError::Yaml { path: path.into(), message: e.to_string() })?;
                 if v.is_null() {
                     v = Value::Mapping(Default::default());
                 }
@@ -377,13 +362,8 @@ impl Config {
             None => Value::Mapping(Default::default()),
         };
         apply_env_overrides(&mut tree, &env)?;
-        let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
-            ConfigError::Invalid(format!(
-                "{}: {}",
-                display_path(&e.path().to_string()),
-                e.inner()
-            ))
-        })?;
+        let mut config: Config = serde_path_to_error::deserialize(tree)
+            .map_err(|e| ConfigError::Invalid(format!("{}: {}", display_path(&e.path().to_string()), e.inner())))?;
         if config.service.node_id.is_empty() {
             config.service.node_id = default_node_id();
         }
@@ -398,10 +378,7 @@ impl Config {
             return bad("presence.session_ttl", "must be at least 1s");
         }
         if p.heartbeat_interval.0.is_zero() || p.heartbeat_interval.0 >= p.session_ttl.0 {
-            return bad(
-                "presence.heartbeat_interval",
-                "must be above 0 and below presence.session_ttl",
-            );
+            return bad("presence.heartbeat_interval", "must be above 0 and below presence.session_ttl");
         }
         if p.typing_ttl.0.is_zero() {
             return bad("presence.typing_ttl", "must be above 0");
@@ -422,25 +399,26 @@ impl Config {
         if l.max_body_bytes.0 < 64 {
             return bad("limits.max_body_bytes", "must be at least 64 bytes");
         }
+        if !(l.ws_messages_per_sec.is_finite() && l.ws_messages_per_sec > 0.0) || l.ws_message_burst == 0 {
+            return bad("limits.ws_messages_per_sec", "ws_messages_per_sec must be above 0 and ws_message_burst at least 1");
+        }
+        if l.ws_max_message_bytes.0 < 128 {
+            return bad("limits.ws_max_message_bytes", "must be at least 128 bytes");
+        }
+        if l.max_devices_per_user == 0 || l.ws_outbound_queue == 0 || l.max_subscriptions_per_connection == 0 {
+            return bad("limits", "max_devices_per_user, ws_outbound_queue and max_subscriptions_per_connection must be at least 1");
+        }
         if l.request_timeout.0.is_zero() {
             return bad("limits.request_timeout", "must be above 0");
         }
         if self.store.tick.0.is_zero() {
             return bad("store.tick", "must be above 0");
         }
-        if self.service.node_id.is_empty()
-            || crate::core::validate_id("node id", &self.service.node_id, 128).is_err()
-        {
-            return bad(
-                "service.node_id",
-                "must be 1-128 characters of letters, digits and . _ @ : + -",
-            );
+        if self.service.node_id.is_empty() || crate::core::validate_id("node id", &self.service.node_id, 128).is_err() {
+            return bad("service.node_id", "must be 1-128 characters of letters, digits and . _ @ : + -");
         }
         if !self.auth.public_key.is_empty() && self.auth.public_key_file.is_some() {
-            return bad(
-                "auth.public_key",
-                "set either auth.public_key or auth.public_key_file, not both",
-            );
+            return bad("auth.public_key", "set either auth.public_key or auth.public_key_file, not both");
         }
         Ok(())
     }
@@ -455,15 +433,9 @@ fn display_path(p: &str) -> String {
 }
 
 fn default_node_id() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default();
-    let cleaned: String = raw
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        .take(64)
-        .collect();
+    let raw =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").or_else(|_| std::fs::read_to_string("/etc/hostname")).unwrap_or_default();
+    let cleaned: String = raw.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')).take(64).collect();
     if cleaned.is_empty() {
         "presenced-1".into()
     } else {
@@ -473,30 +445,17 @@ fn default_node_id() -> String {
 
 /// Replaces `${VAR}` and `${VAR:-default}` in every string of the tree. A scalar that is
 /// exactly one reference is re-read as YAML, so `port: ${PORT}` yields a number.
-fn interpolate(
-    v: &mut Value,
-    env: &HashMap<String, String>,
-    path: &str,
-) -> Result<(), ConfigError> {
+fn interpolate(v: &mut Value, env: &HashMap<String, String>, path: &str) -> Result<(), ConfigError> {
     match v {
         Value::String(s) if s.contains("${") => {
             let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
-            let replaced = substitute(s, env)
-                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", display_path(path))))?;
-            *v = if whole {
-                scalar(&replaced)
-            } else {
-                Value::String(replaced)
-            };
+            let replaced = substitute(s, env).map_err(|e| ConfigError::Invalid(format!("{}: {e}", display_path(path))))?;
+            *v = if whole { scalar(&replaced) } else { Value::String(replaced) };
         }
         Value::Mapping(m) => {
             for (k, child) in m.iter_mut() {
                 let key = k.as_str().unwrap_or("?");
-                let p = if path.is_empty() {
-                    key.to_string()
-                } else {
-                    format!("{path}.{key}")
-                };
+                let p = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
                 interpolate(child, env, &p)?;
             }
         }
@@ -516,9 +475,7 @@ fn substitute(s: &str, env: &HashMap<String, String>) -> Result<String, String> 
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
+        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
         let expr = &after[..end];
         let (name, default) = match expr.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -551,14 +508,9 @@ fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Resul
     let mut keys: Vec<&String> = env.keys().filter(|k| k.starts_with(ENV_PREFIX)).collect();
     keys.sort();
     for key in keys {
-        let path: Vec<String> = key[ENV_PREFIX.len()..]
-            .split("__")
-            .map(|p| p.to_ascii_lowercase())
-            .collect();
+        let path: Vec<String> = key[ENV_PREFIX.len()..].split("__").map(|p| p.to_ascii_lowercase()).collect();
         if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
-            return Err(ConfigError::Invalid(format!(
-                "{key}: environment overrides are written PRESENCE_<SECTION>__<KEY>"
-            )));
+            return Err(ConfigError::Invalid(format!("{key}: environment overrides are written PRESENCE_<SECTION>__<KEY>")));
         }
         let mut node = &mut *tree;
         for (i, part) in path.iter().enumerate() {
@@ -566,18 +518,14 @@ fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Resul
                 *node = Value::Mapping(Default::default());
             }
             let Value::Mapping(map) = node else {
-                return Err(ConfigError::Invalid(format!(
-                    "{key}: cannot set a key below a scalar"
-                )));
+                return Err(ConfigError::Invalid(format!("{key}: cannot set a key below a scalar")));
             };
             let k = Value::String(part.clone());
             if i + 1 == path.len() {
                 map.insert(k, scalar(&env[key]));
                 break;
             }
-            node = map
-                .entry(k)
-                .or_insert_with(|| Value::Mapping(Default::default()));
+            node = map.entry(k).or_insert_with(|| Value::Mapping(Default::default()));
         }
     }
     Ok(())
@@ -612,9 +560,7 @@ impl Dur {
     }
 
     pub fn parse(s: &str) -> Result<Dur, String> {
-        let expected = || {
-            format!("invalid duration {s:?}: expected a number with a unit, such as 500ms, 60s, 5m, 24h or 7d")
-        };
+        let expected = || format!("invalid duration {s:?}: expected a number with a unit, such as 500ms, 60s, 5m, 24h or 7d");
         let t = s.trim();
         if t.is_empty() {
             return Err(expected());
@@ -625,17 +571,13 @@ impl Dur {
         let mut total: u128 = 0;
         let mut rest = t;
         while !rest.is_empty() {
-            let digits = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
             if digits == 0 {
                 return Err(expected());
             }
             let n: u128 = rest[..digits].parse().map_err(|_| expected())?;
             rest = &rest[digits..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit())
-                .unwrap_or(rest.len());
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
             let unit_ms: u128 = match &rest[..unit_len] {
                 "ms" => 1,
                 "s" => 1_000,
@@ -645,9 +587,7 @@ impl Dur {
                 _ => return Err(expected()),
             };
             rest = &rest[unit_len..];
-            total = total
-                .checked_add(n.checked_mul(unit_ms).ok_or_else(expected)?)
-                .ok_or_else(expected)?;
+            total = total.checked_add(n.checked_mul(unit_ms).ok_or_else(expected)?).ok_or_else(expected)?;
         }
         let ms = u64::try_from(total).map_err(|_| expected())?;
         Ok(Dur(Duration::from_millis(ms)))
@@ -675,7 +615,9 @@ impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
         match Value::deserialize(d)? {
             Value::String(s) => Dur::parse(&s).map_err(de::Error::custom),
-            Value::Number(n) => n.as_u64().map(Dur::secs).ok_or_else(|| de::Error::custom(format!("invalid duration {n}: expected a whole number of seconds or a value such as 60s"))),
+            Value::Number(n) => n.as_u64().map(Dur::secs).ok_or_else(|| {
+                de::Error::custom(format!("invalid duration {n}: expected a whole number of seconds or a value such as 60s"))
+            }),
             _ => Err(de::Error::custom("expected a duration such as 500ms, 60s, 5m, 24h or 7d")),
         }
     }
@@ -688,9 +630,7 @@ pub struct ByteSize(pub u64);
 
 impl ByteSize {
     pub fn parse(s: &str) -> Result<ByteSize, String> {
-        let expected = || {
-            format!("invalid size {s:?}: expected bytes, or a number with a unit such as 64KiB, 1MB, 10GB")
-        };
+        let expected = || format!("invalid size {s:?}: expected bytes, or a number with a unit such as 64KiB, 1MB, 10GB");
         let t = s.trim();
         let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         if digits == 0 {
@@ -721,10 +661,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
         match Value::deserialize(d)? {
             Value::String(s) => ByteSize::parse(&s).map_err(de::Error::custom),
-            Value::Number(n) => n
-                .as_u64()
-                .map(ByteSize)
-                .ok_or_else(|| de::Error::custom("expected a whole number of bytes")),
+            Value::Number(n) => n.as_u64().map(ByteSize).ok_or_else(|| de::Error::custom("expected a whole number of bytes")),
             _ => Err(de::Error::custom("expected a size such as 65536 or 64KiB")),
         }
     }
@@ -736,10 +673,7 @@ mod tests {
     use std::io::Write;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn file(text: &str) -> tempfile::NamedTempFile {
@@ -774,13 +708,8 @@ mod tests {
         assert_eq!(c.service.node_type, NodeType::Leaf);
         assert_eq!(c.nats.jetstream.max_file, ByteSize(10_000_000_000));
         assert_eq!(c.logging.format, LogFormat::Json);
-        let err = Config::load(Some(f.path()), env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("auth.jwt_secret") && err.contains("JWT_SECRET"),
-            "{err}"
-        );
+        let err = Config::load(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("auth.jwt_secret") && err.contains("JWT_SECRET"), "{err}");
     }
 
     #[test]
@@ -788,15 +717,8 @@ mod tests {
         let f = file("service:\n  port: ${PORT:-9000}\n  name: \"svc-${ENV_NAME:-dev}\"\n");
         let c = Config::load(Some(f.path()), env(&[])).unwrap();
         assert_eq!((c.service.port, c.service.name.as_str()), (9000, "svc-dev"));
-        let c = Config::load(
-            Some(f.path()),
-            env(&[("PORT", "8181"), ("ENV_NAME", "prod")]),
-        )
-        .unwrap();
-        assert_eq!(
-            (c.service.port, c.service.name.as_str()),
-            (8181, "svc-prod")
-        );
+        let c = Config::load(Some(f.path()), env(&[("PORT", "8181"), ("ENV_NAME", "prod")])).unwrap();
+        assert_eq!((c.service.port, c.service.name.as_str()), (8181, "svc-prod"));
     }
 
     #[test]
@@ -829,48 +751,19 @@ mod tests {
             ("service:\n  prot: 1\n", &[], &["service", "prot"]),
             ("bogus: 1\n", &[], &["bogus"]),
             ("", &[("PRESENCE_SERVICE__NOPE", "1")], &["service", "nope"]),
-            (
-                "presence:\n  session_ttl: 10 minutes\n",
-                &[],
-                &["presence.session_ttl", "500ms"],
-            ),
+            ("presence:\n  session_ttl: 10 minutes\n", &[], &["presence.session_ttl", "500ms"]),
             ("service:\n  port: 70000\n", &[], &["service.port"]),
-            (
-                "store:\n  backend: mongo\n",
-                &[],
-                &["store.backend", "memory"],
-            ),
-            (
-                "limits:\n  max_body_bytes: lots\n",
-                &[],
-                &["limits.max_body_bytes", "64KiB"],
-            ),
-            (
-                "presence:\n  heartbeat_interval: 90s\n",
-                &[],
-                &["presence.heartbeat_interval"],
-            ),
-            (
-                "limits:\n  write_rate_per_sec: 0\n",
-                &[],
-                &["limits.write_rate_per_sec"],
-            ),
-            (
-                "",
-                &[("PRESENCE_PORT", "1")],
-                &["PRESENCE_PORT", "PRESENCE_<SECTION>__<KEY>"],
-            ),
+            ("store:\n  backend: mongo\n", &[], &["store.backend", "memory"]),
+            ("limits:\n  max_body_bytes: lots\n", &[], &["limits.max_body_bytes", "64KiB"]),
+            ("presence:\n  heartbeat_interval: 90s\n", &[], &["presence.heartbeat_interval"]),
+            ("limits:\n  write_rate_per_sec: 0\n", &[], &["limits.write_rate_per_sec"]),
+            ("", &[("PRESENCE_PORT", "1")], &["PRESENCE_PORT", "PRESENCE_<SECTION>__<KEY>"]),
         ];
         for (text, vars, needles) in cases {
             let f = file(text);
-            let err = Config::load(Some(f.path()), env(vars))
-                .unwrap_err()
-                .to_string();
+            let err = Config::load(Some(f.path()), env(vars)).unwrap_err().to_string();
             for n in *needles {
-                assert!(
-                    err.contains(n),
-                    "error for {text:?} {vars:?} should mention {n:?}: {err}"
-                );
+                assert!(err.contains(n), "error for {text:?} {vars:?} should mention {n:?}: {err}");
             }
         }
     }

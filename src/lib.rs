@@ -9,27 +9,24 @@
 //! - [`bus`]: the in-process event bus every transport and backend subscribes to.
 //! - [`service`]: the application layer shared by all transports: validation, permissions,
 //!   rate limits, and the one error type with its wire mapping.
-//! - [`http`]: the REST API v2, health and metrics (thin adapters over [`service`]).
+//! - [`directory`]: contacts (who shares presence with whom), privacy settings and
+//!   conversation members, in memory for the fan-out path and persisted by the store.
+//! - [`http`]: the REST API v2, contacts/privacy/conversations, the seed 004 legacy
+//!   endpoints, health, metrics and the live page (thin adapters over [`service`]).
+//! - [`ws`]: `GET /ws`, the hub (indexes, coalescing outboxes, typing) and the protocol.
 //! - [`auth`]: JWT verification and minting. [`config`]: YAML + env configuration.
 //!   [`telemetry`]: logs and metrics. [`server`]: wiring and graceful shutdown.
 #![forbid(unsafe_code)]
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::todo,
-        clippy::unimplemented
-    )
-)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::todo, clippy::unimplemented))]
 
 pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod core;
+pub mod directory;
 pub mod http;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod ws;

@@ -28,7 +28,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the service (embedded store by default; no external service needed).
-    Serve,
+    Serve {
+        /// Development helpers: `GET /dev/token?sub=alice` mints tokens for the live page.
+        #[arg(long)]
+        dev: bool,
+    },
     /// Mint a development JWT signed with the configured HS256 secret.
     Token {
         /// The user the token speaks for (`sub`).
@@ -55,10 +59,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve => serve(config),
-        Command::Token { sub, ttl, scope } => {
-            token(&config, &sub, ttl.as_deref(), scope.as_deref())
-        }
+        Command::Serve { dev } => serve(config, dev),
+        Command::Token { sub, ttl, scope } => token(&config, &sub, ttl.as_deref(), scope.as_deref()),
         Command::Config => {
             let mut shown = config.clone();
             if !shown.auth.jwt_secret.is_empty() {
@@ -109,15 +111,12 @@ fn token(config: &Config, sub: &str, ttl: Option<&str>, scope: Option<&str>) -> 
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, dev: bool) -> ExitCode {
     if let Err(e) = presenced::telemetry::init_logging(&config.logging) {
         eprintln!("presenced: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("presenced: cannot start the runtime: {e}");
@@ -126,8 +125,14 @@ fn serve(config: Config) -> ExitCode {
     };
     rt.block_on(async move {
         let addr = format!("{}:{}", config.service.host, config.service.port);
-        let app = match App::build(config) {
-            Ok(a) => a,
+        let app = match App::build(config).await {
+            Ok(mut a) => {
+                a.dev = dev;
+                if dev {
+                    tracing::warn!("--dev: GET /dev/token mints tokens for anyone; never use this in production");
+                }
+                a
+            }
             Err(e) => {
                 tracing::error!("{e}");
                 eprintln!("presenced: {e}");

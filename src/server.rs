@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::bus::EventBus;
 use crate::config::{Backend, Config, NodeType};
+use crate::directory::Directory;
 use crate::http::{self, Http};
 use crate::service::Service;
 use crate::store::memory::{MemoryConfig, MemoryStore};
@@ -34,11 +35,13 @@ pub struct App {
     pub config: Config,
     pub svc: Arc<Service>,
     pub backend: &'static str,
+    /// `serve --dev`: development helpers (`GET /dev/token`).
+    pub dev: bool,
 }
 
 impl App {
     /// Opens the configured store and sets up auth. Must run inside a tokio runtime.
-    pub fn build(config: Config) -> Result<App, StartError> {
+    pub async fn build(config: Config) -> Result<App, StartError> {
         let bus = EventBus::new(config.limits.event_bus_capacity);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store: Arc<dyn Store> = match config.store.backend {
@@ -46,10 +49,7 @@ impl App {
                 let mem = MemoryStore::open(
                     MemoryConfig {
                         node_id: Arc::from(config.service.node_id.as_str()),
-                        data_dir: config
-                            .store
-                            .persist
-                            .then(|| config.service.data_dir.clone()),
+                        data_dir: config.store.persist.then(|| config.service.data_dir.clone()),
                         shards: config.store.shards,
                         tick_ms: config.store.tick.as_millis_i64().max(1),
                     },
@@ -62,31 +62,26 @@ impl App {
             Backend::Nats => return Err(StartError::Backend("nats")),
             Backend::Redis => return Err(StartError::Backend("redis")),
         };
-        App::with_store(config, store, bus, clock)
+        App::with_store(config, store, bus, clock).await
     }
 
     /// Builds around a given store (used by tests and by other backends' wiring).
-    pub fn with_store(
-        config: Config,
-        store: Arc<dyn Store>,
-        bus: EventBus,
-        clock: Arc<dyn Clock>,
-    ) -> Result<App, StartError> {
-        let auth = Arc::new(Authenticator::from_config(
-            &config.auth,
-            &config.service.data_dir,
-        )?);
-        let svc = Arc::new(Service::new(&config, store, bus, auth, clock));
+    pub async fn with_store(config: Config, store: Arc<dyn Store>, bus: EventBus, clock: Arc<dyn Clock>) -> Result<App, StartError> {
+        let auth = Arc::new(Authenticator::from_config(&config.auth, &config.service.data_dir)?);
+        let directory = match Directory::load(&*store).await {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not load contacts, privacy settings and conversations; starting empty");
+                Arc::new(Directory::default())
+            }
+        };
+        let svc = Arc::new(Service::new(&config, store, directory, bus, auth, clock));
         let backend = match config.store.backend {
             Backend::Memory => "memory",
             Backend::Nats => "nats",
             Backend::Redis => "redis",
         };
-        Ok(App {
-            config,
-            svc,
-            backend,
-        })
+        Ok(App { config, svc, backend, dev: false })
     }
 
     pub fn router(&self) -> axum::Router {
@@ -95,6 +90,7 @@ impl App {
             metrics: crate::telemetry::metrics_handle(),
             started: Instant::now(),
             request_metrics: Default::default(),
+            dev: self.dev,
             backend: self.backend,
             node_type: match self.config.service.node_type {
                 NodeType::Center => "center",
@@ -105,16 +101,14 @@ impl App {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
     /// finish (at most `service.shutdown_grace`), and flushes the store.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), StartError> {
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
         let grace = self.config.service.shutdown_grace.0;
         let (fired_tx, mut fired_rx) = tokio::sync::watch::channel(false);
+        let hub = self.svc.hub.clone();
         let signal = async move {
             shutdown.await;
-            tracing::info!("shutting down: draining in-flight requests");
+            tracing::info!("shutting down: draining in-flight requests and closing WebSockets");
+            hub.close_all();
             let _ = fired_tx.send(true);
         };
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(signal);
@@ -125,6 +119,16 @@ impl App {
         tokio::select! {
             r = server => r?,
             _ = deadline => tracing::warn!(?grace, "shutdown grace period over; closing remaining connections"),
+        }
+        // WebSocket tasks outlive their HTTP connection: let them end their sessions.
+        let drained = tokio::time::timeout(grace, async {
+            while self.svc.hub.connection_count() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(left = self.svc.hub.connection_count(), "WebSocket connections still open at shutdown");
         }
         self.svc.store.shutdown().await;
         tracing::info!("stopped");

@@ -12,10 +12,12 @@ use parking_lot::Mutex;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::bus::EventBus;
-use crate::config::{Config, LimitsConfig, PresenceConfig};
+use crate::config::{AuthMode, Config, LimitsConfig, PresenceConfig};
 use crate::core::ratelimit::{Rate, TokenBucket};
-use crate::core::{Millis, Presence, Status, UserId};
+use crate::core::{project, Millis, Presence, Privacy, Relation, Status, UserId};
+use crate::directory::Directory;
 use crate::store::{get_one, Clock, SetStatus, Store, StoreError};
+use crate::ws::hub::{Hub, HubLimits};
 
 /// Every failure a client can see.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +37,8 @@ pub enum ApiError {
     #[error("rate limit exceeded: retry in {retry_after_ms} ms")]
     RateLimited { retry_after_ms: u64 },
     #[error("{0}")]
+    LimitExceeded(String),
+    #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
     Internal(String),
@@ -50,7 +54,7 @@ impl ApiError {
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::PayloadTooLarge(_) => 413,
-            ApiError::RateLimited { .. } => 429,
+            ApiError::RateLimited { .. } | ApiError::LimitExceeded(_) => 429,
             ApiError::Internal(_) => 500,
             ApiError::Unavailable(_) => 503,
         }
@@ -66,6 +70,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::LimitExceeded(_) => "limit_exceeded",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -101,21 +106,12 @@ impl KeyedLimiter {
     const SWEEP_EVERY_MS: i64 = 10_000;
 
     pub fn new(rate: Rate) -> KeyedLimiter {
-        KeyedLimiter {
-            rate,
-            shards: (0..Self::SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
-            last_sweep: AtomicI64::new(0),
-        }
+        KeyedLimiter { rate, shards: (0..Self::SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), last_sweep: AtomicI64::new(0) }
     }
 
     /// Takes a token for `key`, or says how long to wait.
     pub fn check(&self, key: &str, now: Millis) -> Result<(), u64> {
-        let idx = key
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
-            % Self::SHARDS;
+        let idx = key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % Self::SHARDS;
         let r = {
             let mut shard = self.shards[idx].lock();
             match shard.get_mut(key) {
@@ -129,12 +125,7 @@ impl KeyedLimiter {
             }
         };
         let last = self.last_sweep.load(Ordering::Relaxed);
-        if now - last > Self::SWEEP_EVERY_MS
-            && self
-                .last_sweep
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if now - last > Self::SWEEP_EVERY_MS && self.last_sweep.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             for s in self.shards.iter() {
                 s.lock().retain(|_, b| !b.is_full(self.rate, now));
             }
@@ -150,6 +141,9 @@ impl KeyedLimiter {
 /// Everything a transport needs, shared behind an `Arc`.
 pub struct Service {
     pub store: Arc<dyn Store>,
+    pub directory: Arc<Directory>,
+    pub hub: Arc<Hub>,
+    pub auth_mode: AuthMode,
     pub bus: EventBus,
     pub auth: Arc<Authenticator>,
     pub clock: Arc<dyn Clock>,
@@ -163,47 +157,55 @@ impl Service {
     pub fn new(
         config: &Config,
         store: Arc<dyn Store>,
+        directory: Arc<Directory>,
         bus: EventBus,
         auth: Arc<Authenticator>,
         clock: Arc<dyn Clock>,
     ) -> Service {
-        let rate = Rate {
-            per_second: config.limits.write_rate_per_sec,
-            burst: config.limits.write_burst,
-        };
+        let rate = Rate { per_second: config.limits.write_rate_per_sec, burst: config.limits.write_burst };
+        let node_id: Arc<str> = Arc::from(config.service.node_id.as_str());
+        let hub = Arc::new(Hub::new(
+            node_id.clone(),
+            store.clone(),
+            directory.clone(),
+            clock.clone(),
+            HubLimits {
+                outbox: config.limits.ws_outbound_queue,
+                subscriptions_per_connection: config.limits.max_subscriptions_per_connection,
+                typing_ttl_ms: config.presence.typing_ttl.as_millis_i64(),
+                session_ttl_ms: config.presence.session_ttl.as_millis_i64(),
+            },
+        ));
+        hub.start(&bus);
         Service {
             store,
+            directory,
+            hub,
+            auth_mode: config.auth.mode,
             bus,
             auth,
             clock,
             limits: config.limits.clone(),
             presence: config.presence.clone(),
-            node_id: Arc::from(config.service.node_id.as_str()),
+            node_id,
             writes: KeyedLimiter::new(rate),
         }
     }
 
     pub fn parse_user(&self, raw: &str) -> Result<UserId, ApiError> {
-        UserId::parse(raw, self.limits.max_user_id_len)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))
+        UserId::parse(raw, self.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))
     }
 
     /// Validates a list of ids: not empty, at most `limits.max_batch_ids`, each valid;
     /// duplicates are answered once.
-    pub fn parse_ids<'a>(
-        &self,
-        raw: impl IntoIterator<Item = &'a str>,
-    ) -> Result<Vec<UserId>, ApiError> {
+    pub fn parse_ids<'a>(&self, raw: impl IntoIterator<Item = &'a str>) -> Result<Vec<UserId>, ApiError> {
         let mut seen = HashSet::new();
         let mut ids = Vec::new();
         let mut count = 0usize;
         for r in raw {
             count += 1;
             if count > self.limits.max_batch_ids {
-                return Err(ApiError::BadRequest(format!(
-                    "too many user ids: at most {} per request",
-                    self.limits.max_batch_ids
-                )));
+                return Err(ApiError::BadRequest(format!("too many user ids: at most {} per request", self.limits.max_batch_ids)));
             }
             let id = self.parse_user(r)?;
             if seen.insert(id.clone()) {
@@ -219,18 +221,12 @@ impl Service {
     /// Presence of each id; users never seen come back `offline` (seed 003 §12.2).
     pub async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Presence>, ApiError> {
         let found = self.store.get_many(ids).await?;
-        Ok(ids
-            .iter()
-            .zip(found)
-            .map(|(id, p)| p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone())))
-            .collect())
+        Ok(ids.iter().zip(found).map(|(id, p)| p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()))).collect())
     }
 
     /// Presence of one user; 404 for a user never seen.
     pub async fn get_one(&self, id: &UserId) -> Result<Presence, ApiError> {
-        get_one(&*self.store, id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("user {id} not found")))
+        get_one(&*self.store, id).await?.ok_or_else(|| ApiError::NotFound(format!("user {id} not found")))
     }
 
     /// `who` may act for `user`, else 403.
@@ -238,75 +234,43 @@ impl Service {
         if who.may_act_for(user.as_str()) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!(
-                "a token for {:?} cannot change the presence of {user}",
-                who.sub
-            )))
+            Err(ApiError::Forbidden(format!("a token for {:?} cannot change the presence of {user}", who.sub)))
         }
     }
 
     /// Per-user write rate limit (token bucket).
     pub fn check_write_rate(&self, user: &UserId) -> Result<(), ApiError> {
-        self.writes
-            .check(user.as_str(), self.clock.now())
-            .map_err(|retry_after_ms| {
-                metrics::counter!("presence_rate_limited_total", "scope" => "write").increment(1);
-                ApiError::RateLimited { retry_after_ms }
-            })
+        self.writes.check(user.as_str(), self.clock.now()).map_err(|retry_after_ms| {
+            metrics::counter!("presence_rate_limited_total", "scope" => "write").increment(1);
+            ApiError::RateLimited { retry_after_ms }
+        })
     }
 
     /// Validates a status write into what the store takes.
     pub fn validate_status(&self, w: StatusWrite) -> Result<SetStatus, ApiError> {
-        let raw = w.status.ok_or_else(|| {
-            ApiError::BadRequest("status is required (online, away, busy or offline)".into())
-        })?;
-        let status = Status::parse(&raw).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "invalid status {raw:?}: expected online, away, busy or offline"
-            ))
-        })?;
+        let raw = w.status.ok_or_else(|| ApiError::BadRequest("status is required (online, away, busy or offline)".into()))?;
+        let status = Status::parse(&raw)
+            .ok_or_else(|| ApiError::BadRequest(format!("invalid status {raw:?}: expected online, away, busy or offline")))?;
         let message = w.message.unwrap_or_default();
         if message.chars().count() > self.limits.max_message_len {
-            return Err(ApiError::BadRequest(format!(
-                "message is longer than {} characters",
-                self.limits.max_message_len
-            )));
+            return Err(ApiError::BadRequest(format!("message is longer than {} characters", self.limits.max_message_len)));
         }
         if message.chars().any(|c| c.is_control()) {
-            return Err(ApiError::BadRequest(
-                "message must not contain control characters".into(),
-            ));
+            return Err(ApiError::BadRequest("message must not contain control characters".into()));
         }
         let max_ttl = self.limits.max_status_ttl.0.as_secs() as i64;
         let ttl_ms = match w.ttl_seconds {
             None => Some(self.presence.default_status_ttl.as_millis_i64()).filter(|&t| t > 0),
             Some(0) => None,
-            Some(t) if t < 0 => {
-                return Err(ApiError::BadRequest(
-                    "ttl must be 0 (until changed) or a positive number of seconds".into(),
-                ))
-            }
-            Some(t) if t > max_ttl => {
-                return Err(ApiError::BadRequest(format!(
-                    "ttl must be at most {max_ttl} seconds"
-                )))
-            }
+            Some(t) if t < 0 => return Err(ApiError::BadRequest("ttl must be 0 (until changed) or a positive number of seconds".into())),
+            Some(t) if t > max_ttl => return Err(ApiError::BadRequest(format!("ttl must be at most {max_ttl} seconds"))),
             Some(t) => Some(t * 1000),
         };
-        Ok(SetStatus {
-            status,
-            message: Arc::from(message),
-            ttl_ms,
-        })
+        Ok(SetStatus { status, message: Arc::from(message), ttl_ms })
     }
 
     /// The whole write path: permission, input, rate limit, store.
-    pub async fn set_status(
-        &self,
-        who: &Identity,
-        user: &UserId,
-        write: StatusWrite,
-    ) -> Result<Presence, ApiError> {
+    pub async fn set_status(&self, who: &Identity, user: &UserId, write: StatusWrite) -> Result<Presence, ApiError> {
         self.authorize_write(who, user)?;
         let req = self.validate_status(write)?;
         self.check_write_rate(user)?;
@@ -324,6 +288,154 @@ impl Service {
         Ok(p)
     }
 
+    /// Who is calling. In `auth.mode: gateway` the API gateway's `X-User-ID` header is
+    /// trusted (seed 003 §2.2); otherwise a JWT from `Authorization: Bearer` or, for
+    /// browsers opening a WebSocket, the `token` query parameter.
+    pub fn identify(&self, headers: &axum::http::HeaderMap, token_param: Option<&str>) -> Result<Identity, ApiError> {
+        let header = |name: &str| match headers.get(name) {
+            None => Ok(None),
+            Some(v) => v.to_str().map(Some).map_err(|_| ApiError::Unauthorized(AuthError::Malformed)),
+        };
+        if self.auth_mode == AuthMode::Gateway {
+            let user = header("x-user-id")?.ok_or_else(|| ApiError::Unauthorized(AuthError::MissingGatewayUser))?;
+            self.parse_user(user)?;
+            return Ok(Identity { sub: user.to_string(), scopes: Vec::new() });
+        }
+        match (header("authorization")?, token_param) {
+            (Some(h), _) => Ok(self.auth.verify_header(Some(h))?),
+            (None, Some(t)) => Ok(self.auth.verify(t)?),
+            (None, None) => Err(ApiError::Unauthorized(AuthError::Missing)),
+        }
+    }
+
+    /// The reader's identity when it sent credentials; anonymous otherwise.
+    pub fn identify_optional(&self, headers: &axum::http::HeaderMap) -> Result<Option<Identity>, ApiError> {
+        let present = headers.contains_key("authorization") || (self.auth_mode == AuthMode::Gateway && headers.contains_key("x-user-id"));
+        if present {
+            self.identify(headers, None).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// How `viewer` relates to `owner` for privacy.
+    pub fn relation(&self, viewer: Option<&Identity>, owner: &UserId) -> Relation {
+        match viewer {
+            Some(v) if v.is_admin() || v.sub == owner.as_str() => Relation::Owner,
+            Some(v) => match UserId::parse(&v.sub, usize::MAX) {
+                Ok(vid) if self.directory.contacts(owner).contains(&vid) => Relation::Contact,
+                _ => Relation::Other,
+            },
+            None => Relation::Other,
+        }
+    }
+
+    /// `p` as `viewer` may see it.
+    pub fn view_as(&self, viewer: Option<&Identity>, p: Presence) -> Presence {
+        let rel = self.relation(viewer, &p.user_id);
+        if rel == Relation::Owner {
+            return p;
+        }
+        project(&p, &self.directory.privacy(&p.user_id), rel)
+    }
+
+    /// [`Service::get_many`] with privacy applied for `viewer`.
+    pub async fn get_many_as(&self, viewer: Option<&Identity>, ids: &[UserId]) -> Result<Vec<Presence>, ApiError> {
+        Ok(self.get_many(ids).await?.into_iter().map(|p| self.view_as(viewer, p)).collect())
+    }
+
+    /// [`Service::get_one`] with privacy applied for `viewer`.
+    pub async fn get_one_as(&self, viewer: Option<&Identity>, id: &UserId) -> Result<Presence, ApiError> {
+        Ok(self.view_as(viewer, self.get_one(id).await?))
+    }
+
+    /// Only the user (or a backend with `presence:admin`) may read or change their
+    /// contacts and privacy settings.
+    pub fn authorize_owner(&self, who: &Identity, user: &UserId, what: &str) -> Result<(), ApiError> {
+        if who.may_act_for(user.as_str()) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("a token for {:?} cannot access the {what} of {user}", who.sub)))
+        }
+    }
+
+    pub fn require_admin(&self, who: &Identity, what: &str) -> Result<(), ApiError> {
+        if who.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("{what} needs a service token with scope {}", crate::auth::ADMIN_SCOPE)))
+        }
+    }
+
+    /// Replaces the user's contacts (their audience); pushes the change to everyone whose
+    /// view of the user changed.
+    pub async fn set_contacts(&self, who: &Identity, user: &UserId, raw: &[String]) -> Result<Vec<UserId>, ApiError> {
+        self.authorize_owner(who, user, "contacts")?;
+        let ids = self.parse_id_list(raw, self.limits.max_contacts, "contacts")?;
+        let old = self.directory.set_contacts(&*self.store, user, ids.clone()).await?;
+        let mut sorted: Vec<UserId> = self.directory.contacts(user).iter().cloned().collect();
+        sorted.sort();
+        let dropped: Vec<UserId> = old.iter().filter(|c| !sorted.contains(c)).cloned().collect();
+        self.hub.refresh_views(user, &dropped).await?;
+        Ok(sorted)
+    }
+
+    pub fn contacts(&self, who: &Identity, user: &UserId) -> Result<Vec<UserId>, ApiError> {
+        self.authorize_owner(who, user, "contacts")?;
+        let mut v: Vec<UserId> = self.directory.contacts(user).iter().cloned().collect();
+        v.sort();
+        Ok(v)
+    }
+
+    pub fn privacy(&self, who: &Identity, user: &UserId) -> Result<Privacy, ApiError> {
+        self.authorize_owner(who, user, "privacy settings")?;
+        Ok(self.directory.privacy(user))
+    }
+
+    /// Changes privacy settings and pushes what watchers may now see.
+    pub async fn set_privacy(&self, who: &Identity, user: &UserId, p: Privacy) -> Result<Privacy, ApiError> {
+        self.authorize_owner(who, user, "privacy settings")?;
+        self.check_write_rate(user)?;
+        let old = self.directory.set_privacy(&*self.store, user, p).await?;
+        if old != p {
+            self.hub.refresh_views(user, &[]).await?;
+        }
+        Ok(p)
+    }
+
+    /// Sets a conversation's members (backends only).
+    pub async fn set_members(&self, who: &Identity, conversation: &str, raw: &[String]) -> Result<Vec<UserId>, ApiError> {
+        self.require_admin(who, "setting conversation members")?;
+        crate::core::validate_id("conversation id", conversation, self.limits.max_user_id_len)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let ids = self.parse_id_list(raw, self.limits.max_conversation_members, "members")?;
+        self.directory.set_members(&*self.store, conversation, ids.clone()).await?;
+        Ok(ids)
+    }
+
+    pub fn members(&self, who: &Identity, conversation: &str) -> Result<Vec<UserId>, ApiError> {
+        self.require_admin(who, "reading conversation members")?;
+        let mut v: Vec<UserId> = self.directory.members(conversation).map(|m| m.iter().cloned().collect()).unwrap_or_default();
+        v.sort();
+        Ok(v)
+    }
+
+    /// A list of ids that may be empty (unlike a read), bounded by `max`.
+    fn parse_id_list(&self, raw: &[String], max: usize, what: &str) -> Result<Vec<UserId>, ApiError> {
+        if raw.len() > max {
+            return Err(ApiError::BadRequest(format!("too many {what}: at most {max}")));
+        }
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for r in raw {
+            let id = self.parse_user(r)?;
+            if seen.insert(id.clone()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Verifies an `Authorization` header.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Identity, ApiError> {
         Ok(self.auth.verify_header(header)?)
@@ -336,10 +448,7 @@ mod tests {
 
     #[test]
     fn limiter_forgets_idle_keys() {
-        let l = KeyedLimiter::new(Rate {
-            per_second: 1.0,
-            burst: 2,
-        });
+        let l = KeyedLimiter::new(Rate { per_second: 1.0, burst: 2 });
         assert!(l.check("a", 0).is_ok());
         assert!(l.check("a", 0).is_ok());
         assert_eq!(l.check("a", 0), Err(1000));
@@ -364,9 +473,6 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(e.http_status(), code, "{e:?}");
         }
-        assert_eq!(
-            ApiError::Internal("secret detail".into()).to_string(),
-            "internal error"
-        );
+        assert_eq!(ApiError::Internal("secret detail".into()).to_string(), "internal error");
     }
 }

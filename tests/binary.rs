@@ -32,12 +32,7 @@ fn base_cmd(data_dir: &std::path::Path) -> Command {
 
 /// Starts `serve` and waits (bounded) for the "listening" log line with the bound address.
 fn serve(data_dir: &std::path::Path) -> Proc {
-    let mut child = base_cmd(data_dir)
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn presenced");
+    let mut child = base_cmd(data_dir).arg("serve").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn presenced");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -49,41 +44,25 @@ fn serve(data_dir: &std::path::Path) -> Proc {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("presenced did not report its address within 20s");
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("presenced did not report its address within 20s");
     Proc { child, addr }
 }
 
 fn token(data_dir: &std::path::Path, sub: &str) -> String {
-    let out = base_cmd(data_dir)
-        .args(["token", "--sub", sub, "--ttl", "1h"])
-        .output()
-        .expect("run token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = base_cmd(data_dir).args(["token", "--sub", sub, "--ttl", "1h"]).output().expect("run token");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn sigterm_and_wait(p: &mut Proc) -> std::process::ExitStatus {
     let pid = p.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let start = Instant::now();
     loop {
         if let Some(st) = p.child.try_wait().unwrap() {
             return st;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "presenced did not exit within 15s of SIGTERM"
-        );
+        assert!(start.elapsed() < Duration::from_secs(15), "presenced did not exit within 15s of SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -106,13 +85,7 @@ async fn token_write_sigterm_restart_keeps_status() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     // A token minted for another user is refused (403) by the same server.
-    let r = client
-        .put(&url)
-        .bearer_auth(token(dir.path(), "bob"))
-        .json(&serde_json::json!({"status": "away"}))
-        .send()
-        .await
-        .unwrap();
+    let r = client.put(&url).bearer_auth(token(dir.path(), "bob")).json(&serde_json::json!({"status": "away"})).send().await.unwrap();
     assert_eq!(r.status(), 403);
 
     let st = sigterm_and_wait(&mut p);
@@ -124,18 +97,9 @@ async fn token_write_sigterm_restart_keeps_status() {
     assert_eq!(body["data"]["alice"]["status"], "busy", "{body}");
     assert_eq!(body["data"]["alice"]["message"], "In a meeting");
     let ttl = body["data"]["alice"]["ttl"].as_i64().unwrap();
-    assert!(
-        ttl > 3500 && ttl <= 3600,
-        "expiry survives the restart: {ttl}"
-    );
+    assert!(ttl > 3500 && ttl <= 3600, "expiry survives the restart: {ttl}");
     // The secret survived too: the first token still writes.
-    let r = client
-        .put(&url)
-        .bearer_auth(&t)
-        .json(&serde_json::json!({"status": "online"}))
-        .send()
-        .await
-        .unwrap();
+    let r = client.put(&url).bearer_auth(&t).json(&serde_json::json!({"status": "online"})).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -144,31 +108,18 @@ fn bad_config_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.yaml");
     std::fs::write(&cfg, "service:\n  port: 8080\n  prot: 1\n").unwrap();
-    let out = base_cmd(dir.path())
-        .args(["--config", cfg.to_str().unwrap(), "serve"])
-        .output()
-        .unwrap();
+    let out = base_cmd(dir.path()).args(["--config", cfg.to_str().unwrap(), "serve"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("prot"), "{err}");
 
-    let out = base_cmd(dir.path())
-        .env("PRESENCE_PRESENCE__SESSION_TTL", "forever")
-        .arg("serve")
-        .output()
-        .unwrap();
+    let out = base_cmd(dir.path()).env("PRESENCE_PRESENCE__SESSION_TTL", "forever").arg("serve").output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("presence.session_ttl") && err.contains("60s"),
-        "{err}"
-    );
+    assert!(err.contains("presence.session_ttl") && err.contains("60s"), "{err}");
 
     std::fs::write(&cfg, "auth:\n  jwt_secret: ${MISSING_SECRET}\n").unwrap();
-    let out = base_cmd(dir.path())
-        .args(["--config", cfg.to_str().unwrap(), "token", "--sub", "a"])
-        .output()
-        .unwrap();
+    let out = base_cmd(dir.path()).args(["--config", cfg.to_str().unwrap(), "token", "--sub", "a"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("MISSING_SECRET"));
 }
@@ -177,11 +128,7 @@ fn bad_config_exits_64_naming_the_key() {
 fn config_subcommand_prints_effective_config_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        "auth:\n  jwt_secret: ${S}\nservice:\n  port: ${PORT:-7000}\n",
-    )
-    .unwrap();
+    std::fs::write(&cfg, "auth:\n  jwt_secret: ${S}\nservice:\n  port: ${PORT:-7000}\n").unwrap();
     let out = base_cmd(dir.path())
         .env_remove("PRESENCE_SERVICE__PORT")
         .env("S", "hunter2")

@@ -12,10 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 fn encode_path(s: &str) -> String {
@@ -32,24 +29,11 @@ fn encode_path(s: &str) -> String {
 
 /// Sends one request through the real router and checks the envelope contract.
 async fn check(app: &axum::Router, req: Request<Body>) -> Result<u16, TestCaseError> {
-    let resp = app
-        .clone()
-        .oneshot(req)
-        .await
-        .map_err(|e| TestCaseError::fail(format!("router error: {e}")))?;
+    let resp = app.clone().oneshot(req).await.map_err(|e| TestCaseError::fail(format!("router error: {e}")))?;
     let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| TestCaseError::fail(e.to_string()))?
-        .to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        TestCaseError::fail(format!(
-            "status {status}: not JSON ({e}): {:?}",
-            String::from_utf8_lossy(&bytes)
-        ))
-    })?;
+    let bytes = resp.into_body().collect().await.map_err(|e| TestCaseError::fail(e.to_string()))?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| TestCaseError::fail(format!("status {status}: not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes))))?;
     prop_assert!(status < 500, "server error {status}: {v}");
     if status == 200 {
         prop_assert_eq!(&v["success"], &serde_json::Value::Bool(true), "{}", v);
@@ -66,12 +50,9 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(serde_json::Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
         ".{0,40}".prop_map(serde_json::Value::from),
-        prop_oneof![Just("online"), Just("away"), Just("busy"), Just("offline")]
-            .prop_map(serde_json::Value::from),
+        prop_oneof![Just("online"), Just("away"), Just("busy"), Just("offline")].prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(3, 24, 6, |inner| {
         prop_oneof![
@@ -96,11 +77,8 @@ fn arb_token() -> impl Strategy<Value = Option<String>> {
     prop_oneof![
         Just(None),
         ".{0,60}".prop_map(Some),
-        "[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,40}"
-            .prop_map(|t| Some(format!("Bearer {t}"))),
-        Just(Some(
-            "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.".to_string()
-        )),
+        "[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,40}".prop_map(|t| Some(format!("Bearer {t}"))),
+        Just(Some("Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.".to_string())),
     ]
 }
 
@@ -118,7 +96,7 @@ proptest! {
         let rt = runtime();
         let (config, _dir) = common::test_config(&[]);
         rt.block_on(async {
-            let app = presenced::server::App::build(config).unwrap();
+            let app = presenced::server::App::build(config).await.unwrap();
             let router = app.router();
             let path_user = encode_path(&user);
             let (method, uri) = match which {
@@ -173,16 +151,9 @@ async fn garbage_on_the_wire_does_not_take_the_server_down() {
             let _ = sock.write_all(&bytes).await;
             let _ = sock.shutdown().await;
             let mut buf = Vec::new();
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                sock.read_to_end(&mut buf),
-            )
-            .await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sock.read_to_end(&mut buf)).await;
             let text = String::from_utf8_lossy(&buf);
-            assert!(
-                !text.starts_with("HTTP/1.1 5"),
-                "server error for {bytes:?}: {text}"
-            );
+            assert!(!text.starts_with("HTTP/1.1 5"), "server error for {bytes:?}: {text}");
         }
     }
     let (code, body) = s.get("/health").await;

@@ -9,20 +9,14 @@ use async_trait::async_trait;
 use common::{assert_error, decode, TestServer, ISSUER, SECRET};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use presenced::core::{EventKind, Millis, Presence, Registered, Session, UserId};
-use presenced::store::{SetStatus, Store, StoreError, StoreStats};
+use presenced::store::{DirTable, SetStatus, Store, StoreError, StoreStats};
 use serde_json::json;
 
 #[tokio::test]
 async fn put_then_get_single_multi_and_batch() {
     let s = TestServer::start(&[]).await;
     let t = s.token("alice");
-    let (code, body) = s
-        .put_status(
-            "alice",
-            Some(&t),
-            json!({"status": "busy", "message": "In a meeting", "ttl": 3600}),
-        )
-        .await;
+    let (code, body) = s.put_status("alice", Some(&t), json!({"status": "busy", "message": "In a meeting", "ttl": 3600})).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["success"], true);
     let p = &body["data"]["alice"];
@@ -32,11 +26,8 @@ async fn put_then_get_single_multi_and_batch() {
     assert_eq!(p["node_id"], "test-node");
     assert_eq!(p["ttl"], 3600);
     for field in ["last_seen", "updated_at", "expires_at"] {
-        let v = p[field]
-            .as_str()
-            .unwrap_or_else(|| panic!("{field} missing: {p}"));
-        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
-            .unwrap_or_else(|e| panic!("{field}={v}: {e}"));
+        let v = p[field].as_str().unwrap_or_else(|| panic!("{field} missing: {p}"));
+        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).unwrap_or_else(|e| panic!("{field}={v}: {e}"));
     }
 
     let (code, body) = s.get("/api/v2/presence/alice").await;
@@ -53,13 +44,7 @@ async fn put_then_get_single_multi_and_batch() {
     assert_eq!(data["ghost"]["status"], "offline");
     assert_eq!(data["ghost"]["last_seen"], serde_json::Value::Null);
 
-    let r = s
-        .client
-        .post(s.url("/api/v2/presence/batch"))
-        .json(&json!({"user_ids": ["ghost", "alice", "other"]}))
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.post(s.url("/api/v2/presence/batch")).json(&json!({"user_ids": ["ghost", "alice", "other"]})).send().await.unwrap();
     let (code, body) = decode(r).await;
     assert_eq!(code, 200);
     let keys: Vec<&String> = body["data"].as_object().unwrap().keys().collect();
@@ -68,13 +53,7 @@ async fn put_then_get_single_multi_and_batch() {
     assert_eq!(body["data"]["other"]["status"], "offline");
 
     // Reads need no token; a reader's token is accepted too.
-    let r = s
-        .client
-        .get(s.url("/api/v2/presence/alice"))
-        .bearer_auth(s.token("bob"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.get(s.url("/api/v2/presence/alice")).bearer_auth(s.token("bob")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     s.stop().await;
 }
@@ -84,39 +63,14 @@ async fn writes_publish_typed_events_and_no_op_writes_do_not() {
     let s = TestServer::start(&[]).await;
     let mut rx = s.svc.bus.subscribe();
     let t = s.token("carol");
-    assert_eq!(
-        s.put_status("carol", Some(&t), json!({"status": "away"}))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        s.put_status("carol", Some(&t), json!({"status": "away"}))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        s.put_status(
-            "carol",
-            Some(&t),
-            json!({"status": "online", "message": "back"})
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(s.put_status("carol", Some(&t), json!({"status": "away"})).await.0, 200);
+    assert_eq!(s.put_status("carol", Some(&t), json!({"status": "away"})).await.0, 200);
+    assert_eq!(s.put_status("carol", Some(&t), json!({"status": "online", "message": "back"})).await.0, 200);
     let mut kinds = Vec::new();
     while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
         kinds.push((e.kind, e.presence.status.as_str()));
     }
-    assert_eq!(
-        kinds,
-        vec![
-            (EventKind::PresenceUpdated, "away"),
-            (EventKind::PresenceUpdated, "online")
-        ]
-    );
+    assert_eq!(kinds, vec![(EventKind::PresenceUpdated, "away"), (EventKind::PresenceUpdated, "online")]);
     s.stop().await;
 }
 
@@ -125,9 +79,7 @@ async fn status_ttl_expires_back_to_derived_status() {
     let s = TestServer::start(&[]).await;
     let mut rx = s.svc.bus.subscribe();
     let t = s.token("dave");
-    let (code, body) = s
-        .put_status("dave", Some(&t), json!({"status": "busy", "ttl": 1}))
-        .await;
+    let (code, body) = s.put_status("dave", Some(&t), json!({"status": "busy", "ttl": 1})).await;
     assert_eq!(code, 200, "{body}");
     let e = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -145,22 +97,12 @@ async fn status_ttl_expires_back_to_derived_status() {
     assert!(body["data"]["dave"].get("ttl").is_none());
 
     // ttl 0 = until changed; absent = default_status_ttl (1h).
-    let (_, body) = s
-        .put_status("dave", Some(&t), json!({"status": "away", "ttl": 0}))
-        .await;
+    let (_, body) = s.put_status("dave", Some(&t), json!({"status": "away", "ttl": 0})).await;
     assert!(body["data"]["dave"].get("expires_at").is_none(), "{body}");
-    let (_, body) = s
-        .put_status("dave", Some(&t), json!({"status": "busy"}))
-        .await;
+    let (_, body) = s.put_status("dave", Some(&t), json!({"status": "busy"})).await;
     assert_eq!(body["data"]["dave"]["ttl"], 3600);
     // DELETE clears the explicit status.
-    let r = s
-        .client
-        .delete(s.url("/api/v2/presence/dave"))
-        .bearer_auth(&t)
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.delete(s.url("/api/v2/presence/dave")).bearer_auth(&t).send().await.unwrap();
     let (code, body) = decode(r).await;
     assert_eq!(code, 200);
     assert_eq!(body["data"]["dave"]["status"], "offline");
@@ -169,11 +111,7 @@ async fn status_ttl_expires_back_to_derived_status() {
 
 #[tokio::test]
 async fn bad_requests_are_400_envelopes() {
-    let s = TestServer::start(&[
-        ("PRESENCE_LIMITS__MAX_BATCH_IDS", "3"),
-        ("PRESENCE_LIMITS__MAX_MESSAGE_LEN", "10"),
-    ])
-    .await;
+    let s = TestServer::start(&[("PRESENCE_LIMITS__MAX_BATCH_IDS", "3"), ("PRESENCE_LIMITS__MAX_MESSAGE_LEN", "10")]).await;
     let t = s.token("alice");
     for body in [
         json!({"status": "sleeping"}),
@@ -187,56 +125,23 @@ async fn bad_requests_are_400_envelopes() {
         json!({"status": "busy", "stauts": "typo"}),
         json!(["not", "an", "object"]),
     ] {
-        assert_error(
-            &s.put_status("alice", Some(&t), body.clone()).await,
-            400,
-            "bad_request",
-        );
+        assert_error(&s.put_status("alice", Some(&t), body.clone()).await, 400, "bad_request");
     }
     // Malformed JSON and empty bodies.
     for raw in ["{", "", "null", "{\"status\": busy}"] {
-        let r = s
-            .client
-            .put(s.url("/api/v2/presence/alice"))
-            .bearer_auth(&t)
-            .body(raw)
-            .send()
-            .await
-            .unwrap();
+        let r = s.client.put(s.url("/api/v2/presence/alice")).bearer_auth(&t).body(raw).send().await.unwrap();
         assert_error(&decode(r).await, 400, "bad_request");
     }
     // Bad user ids in path, query and batch.
     let admin = s.admin_token("svc");
-    assert_error(
-        &s.put_status("bad%20id", Some(&admin), json!({"status": "busy"}))
-            .await,
-        400,
-        "bad_request",
-    );
-    assert_error(
-        &s.get("/api/v2/presence/bad%20id").await,
-        400,
-        "bad_request",
-    );
-    assert_error(
-        &s.get(&format!("/api/v2/presence/{}", "x".repeat(129)))
-            .await,
-        400,
-        "bad_request",
-    );
-    assert_error(
-        &s.get("/api/v2/presence?users=a,b%2Fc").await,
-        400,
-        "bad_request",
-    );
+    assert_error(&s.put_status("bad%20id", Some(&admin), json!({"status": "busy"})).await, 400, "bad_request");
+    assert_error(&s.get("/api/v2/presence/bad%20id").await, 400, "bad_request");
+    assert_error(&s.get(&format!("/api/v2/presence/{}", "x".repeat(129))).await, 400, "bad_request");
+    assert_error(&s.get("/api/v2/presence?users=a,b%2Fc").await, 400, "bad_request");
     assert_error(&s.get("/api/v2/presence?users=").await, 400, "bad_request");
     assert_error(&s.get("/api/v2/presence").await, 400, "bad_request");
     // Too many ids (limit 3 here).
-    assert_error(
-        &s.get("/api/v2/presence?users=a,b,c,d").await,
-        400,
-        "bad_request",
-    );
+    assert_error(&s.get("/api/v2/presence?users=a,b,c,d").await, 400, "bad_request");
     assert_eq!(s.get("/api/v2/presence?users=a,b,c").await.0, 200);
     for body in [
         json!({"user_ids": ["a", "b", "c", "d"]}),
@@ -245,22 +150,10 @@ async fn bad_requests_are_400_envelopes() {
         json!({}),
         json!({"user_ids": "a"}),
     ] {
-        let r = s
-            .client
-            .post(s.url("/api/v2/presence/batch"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = s.client.post(s.url("/api/v2/presence/batch")).json(&body).send().await.unwrap();
         assert_error(&decode(r).await, 400, "bad_request");
     }
-    let r = s
-        .client
-        .post(s.url("/api/v2/presence/batch"))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.post(s.url("/api/v2/presence/batch")).body("{not json").send().await.unwrap();
     assert_error(&decode(r).await, 400, "bad_request");
     s.stop().await;
 }
@@ -270,10 +163,7 @@ fn signed(alg: Algorithm, key: &EncodingKey, claims: serde_json::Value) -> Strin
 }
 
 fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 #[tokio::test]
@@ -286,10 +176,7 @@ async fn unauthenticated_writes_are_401() {
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for c in v.as_bytes().chunks(3) {
-            let n = c
-                .iter()
-                .enumerate()
-                .fold(0u32, |a, (i, &x)| a | (u32::from(x) << (16 - 8 * i)));
+            let n = c.iter().enumerate().fold(0u32, |a, (i, &x)| a | (u32::from(x) << (16 - 8 * i)));
             for i in 0..=c.len() {
                 let _ = write!(out, "{}", T[((n >> (18 - 6 * i)) & 63) as usize] as char);
             }
@@ -302,42 +189,15 @@ async fn unauthenticated_writes_are_401() {
         (Some("Basic YWxpY2U6cHc=".into()), "scheme"),
         (Some("Bearer garbage".into()), "malformed"),
         (
-            Some(format!(
-                "Bearer {}",
-                signed(
-                    Algorithm::HS256,
-                    &hs,
-                    json!({"sub": "alice", "exp": now_s() - 3600, "iss": ISSUER})
-                )
-            )),
+            Some(format!("Bearer {}", signed(Algorithm::HS256, &hs, json!({"sub": "alice", "exp": now_s() - 3600, "iss": ISSUER})))),
             "expired",
         ),
+        (Some(format!("Bearer {}", signed(Algorithm::HS256, &hs, json!({"sub": "alice", "exp": exp, "iss": "evil"})))), "issuer"),
+        (Some(format!("Bearer {}", signed(Algorithm::HS256, &hs, json!({"sub": "alice", "exp": exp})))), "iss"),
         (
             Some(format!(
                 "Bearer {}",
-                signed(
-                    Algorithm::HS256,
-                    &hs,
-                    json!({"sub": "alice", "exp": exp, "iss": "evil"})
-                )
-            )),
-            "issuer",
-        ),
-        (
-            Some(format!(
-                "Bearer {}",
-                signed(Algorithm::HS256, &hs, json!({"sub": "alice", "exp": exp}))
-            )),
-            "iss",
-        ),
-        (
-            Some(format!(
-                "Bearer {}",
-                signed(
-                    Algorithm::HS256,
-                    &EncodingKey::from_secret(b"wrong"),
-                    json!({"sub": "alice", "exp": exp, "iss": ISSUER})
-                )
+                signed(Algorithm::HS256, &EncodingKey::from_secret(b"wrong"), json!({"sub": "alice", "exp": exp, "iss": ISSUER}))
             )),
             "signature",
         ),
@@ -345,40 +205,19 @@ async fn unauthenticated_writes_are_401() {
             Some(format!(
                 "Bearer {}.{}.",
                 b64(r#"{"alg":"none","typ":"JWT"}"#),
-                b64(&format!(
-                    r#"{{"sub":"alice","exp":{exp},"iss":"{ISSUER}"}}"#
-                ))
+                b64(&format!(r#"{{"sub":"alice","exp":{exp},"iss":"{ISSUER}"}}"#))
             )),
             "alg none",
         ),
-        (
-            Some(format!(
-                "Bearer {}",
-                signed(
-                    Algorithm::HS512,
-                    &hs,
-                    json!({"sub": "alice", "exp": exp, "iss": ISSUER})
-                )
-            )),
-            "HS512",
-        ),
+        (Some(format!("Bearer {}", signed(Algorithm::HS512, &hs, json!({"sub": "alice", "exp": exp, "iss": ISSUER})))), "HS512"),
     ];
     for (header, why) in cases {
-        let mut req = s
-            .client
-            .put(s.url("/api/v2/presence/alice"))
-            .json(&json!({"status": "busy"}));
+        let mut req = s.client.put(s.url("/api/v2/presence/alice")).json(&json!({"status": "busy"}));
         if let Some(h) = &header {
             req = req.header("authorization", h);
         }
         let r = req.send().await.unwrap();
-        assert_eq!(
-            r.headers()
-                .get("www-authenticate")
-                .map(|v| v.to_str().unwrap()),
-            Some("Bearer"),
-            "{why}"
-        );
+        assert_eq!(r.headers().get("www-authenticate").map(|v| v.to_str().unwrap()), Some("Bearer"), "{why}");
         let resp = decode(r).await;
         assert_error(&resp, 401, "unauthorized");
         let msg = resp.1["error"].as_str().unwrap().to_lowercase();
@@ -402,29 +241,11 @@ async fn unauthenticated_writes_are_401() {
 #[tokio::test]
 async fn writing_someone_else_is_403_unless_admin_scope() {
     let s = TestServer::start(&[]).await;
-    let resp = s
-        .put_status(
-            "alice",
-            Some(&s.token("mallory")),
-            json!({"status": "offline"}),
-        )
-        .await;
+    let resp = s.put_status("alice", Some(&s.token("mallory")), json!({"status": "offline"})).await;
     assert_error(&resp, 403, "forbidden");
-    let r = s
-        .client
-        .delete(s.url("/api/v2/presence/alice"))
-        .bearer_auth(s.token("mallory"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.delete(s.url("/api/v2/presence/alice")).bearer_auth(s.token("mallory")).send().await.unwrap();
     assert_error(&decode(r).await, 403, "forbidden");
-    let (code, _) = s
-        .put_status(
-            "alice",
-            Some(&s.admin_token("backend")),
-            json!({"status": "away"}),
-        )
-        .await;
+    let (code, _) = s.put_status("alice", Some(&s.admin_token("backend")), json!({"status": "away"})).await;
     assert_eq!(code, 200);
     s.stop().await;
 }
@@ -432,10 +253,9 @@ async fn writing_someone_else_is_403_unless_admin_scope() {
 #[tokio::test]
 async fn rs256_and_es256_tokens_with_configured_public_keys() {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    for (alg, public, private) in [
-        (Algorithm::RS256, "rsa_public.pem", "rsa_private.pem"),
-        (Algorithm::ES256, "ec_public.pem", "ec_private.pem"),
-    ] {
+    for (alg, public, private) in
+        [(Algorithm::RS256, "rsa_public.pem", "rsa_private.pem"), (Algorithm::ES256, "ec_public.pem", "ec_private.pem")]
+    {
         let key_file = format!("{fixtures}/{public}");
         let s = TestServer::start(&[("PRESENCE_AUTH__PUBLIC_KEY_FILE", &key_file)]).await;
         let pem = std::fs::read(format!("{fixtures}/{private}")).unwrap();
@@ -443,53 +263,22 @@ async fn rs256_and_es256_tokens_with_configured_public_keys() {
             Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
             _ => EncodingKey::from_ec_pem(&pem).unwrap(),
         };
-        let token = signed(
-            alg,
-            &key,
-            json!({"sub": "erin", "exp": now_s() + 600, "iss": ISSUER}),
-        );
-        let (code, body) = s
-            .put_status("erin", Some(&token), json!({"status": "busy"}))
-            .await;
+        let token = signed(alg, &key, json!({"sub": "erin", "exp": now_s() + 600, "iss": ISSUER}));
+        let (code, body) = s.put_status("erin", Some(&token), json!({"status": "busy"})).await;
         assert_eq!(code, 200, "{alg:?}: {body}");
         // HS256 still works beside it.
-        assert_eq!(
-            s.put_status("erin", Some(&s.token("erin")), json!({"status": "away"}))
-                .await
-                .0,
-            200
-        );
+        assert_eq!(s.put_status("erin", Some(&s.token("erin")), json!({"status": "away"})).await.0, 200);
         // A token of the other asymmetric family is refused.
-        let other = if alg == Algorithm::RS256 {
-            Algorithm::ES256
-        } else {
-            Algorithm::RS256
-        };
-        let other_pem = std::fs::read(format!(
-            "{fixtures}/{}",
-            if alg == Algorithm::RS256 {
-                "ec_private.pem"
-            } else {
-                "rsa_private.pem"
-            }
-        ))
-        .unwrap();
+        let other = if alg == Algorithm::RS256 { Algorithm::ES256 } else { Algorithm::RS256 };
+        let other_pem =
+            std::fs::read(format!("{fixtures}/{}", if alg == Algorithm::RS256 { "ec_private.pem" } else { "rsa_private.pem" })).unwrap();
         let other_key = if other == Algorithm::RS256 {
             EncodingKey::from_rsa_pem(&other_pem).unwrap()
         } else {
             EncodingKey::from_ec_pem(&other_pem).unwrap()
         };
-        let bad = signed(
-            other,
-            &other_key,
-            json!({"sub": "erin", "exp": now_s() + 600, "iss": ISSUER}),
-        );
-        assert_error(
-            &s.put_status("erin", Some(&bad), json!({"status": "busy"}))
-                .await,
-            401,
-            "unauthorized",
-        );
+        let bad = signed(other, &other_key, json!({"sub": "erin", "exp": now_s() + 600, "iss": ISSUER}));
+        assert_error(&s.put_status("erin", Some(&bad), json!({"status": "busy"})).await, 401, "unauthorized");
         s.stop().await;
     }
 }
@@ -499,20 +288,10 @@ async fn single_get_of_unknown_user_is_404_and_unknown_routes_are_enveloped() {
     let s = TestServer::start(&[]).await;
     assert_error(&s.get("/api/v2/presence/nobody").await, 404, "not_found");
     assert_error(&s.get("/api/v2/nothing-here").await, 404, "not_found");
-    assert_error(&s.get("/").await, 404, "not_found");
-    let r = s
-        .client
-        .delete(s.url("/api/v2/presence/batch"))
-        .send()
-        .await
-        .unwrap();
+    assert_error(&s.get("/api").await, 404, "not_found");
+    let r = s.client.delete(s.url("/api/v2/presence/batch")).send().await.unwrap();
     assert_error(&decode(r).await, 405, "method_not_allowed");
-    let r = s
-        .client
-        .patch(s.url("/api/v2/presence/alice"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.patch(s.url("/api/v2/presence/alice")).send().await.unwrap();
     assert_error(&decode(r).await, 405, "method_not_allowed");
     s.stop().await;
 }
@@ -521,74 +300,25 @@ async fn single_get_of_unknown_user_is_404_and_unknown_routes_are_enveloped() {
 async fn oversized_bodies_are_413() {
     let s = TestServer::start(&[("PRESENCE_LIMITS__MAX_BODY_BYTES", "1KiB")]).await;
     let big = json!({"user_ids": vec!["abcdefgh"; 500]});
-    let r = s
-        .client
-        .post(s.url("/api/v2/presence/batch"))
-        .json(&big)
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.post(s.url("/api/v2/presence/batch")).json(&big).send().await.unwrap();
     assert_error(&decode(r).await, 413, "payload_too_large");
     s.stop().await;
 }
 
 #[tokio::test]
 async fn write_rate_limit_is_429_with_retry_after() {
-    let s = TestServer::start(&[
-        ("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "1"),
-        ("PRESENCE_LIMITS__WRITE_BURST", "2"),
-    ])
-    .await;
+    let s = TestServer::start(&[("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "1"), ("PRESENCE_LIMITS__WRITE_BURST", "2")]).await;
     let t = s.token("fast");
-    assert_eq!(
-        s.put_status("fast", Some(&t), json!({"status": "busy"}))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        s.put_status("fast", Some(&t), json!({"status": "away"}))
-            .await
-            .0,
-        200
-    );
-    let r = s
-        .client
-        .put(s.url("/api/v2/presence/fast"))
-        .bearer_auth(&t)
-        .json(&json!({"status": "online"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_string()),
-        Some("1".into())
-    );
+    assert_eq!(s.put_status("fast", Some(&t), json!({"status": "busy"})).await.0, 200);
+    assert_eq!(s.put_status("fast", Some(&t), json!({"status": "away"})).await.0, 200);
+    let r = s.client.put(s.url("/api/v2/presence/fast")).bearer_auth(&t).json(&json!({"status": "online"})).send().await.unwrap();
+    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("1".into()));
     let resp = decode(r).await;
     assert_error(&resp, 429, "rate_limited");
-    assert!(resp.1["retry_after_ms"]
-        .as_u64()
-        .is_some_and(|ms| ms > 0 && ms <= 1000));
+    assert!(resp.1["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0 && ms <= 1000));
     // Another user has their own bucket.
-    assert_eq!(
-        s.put_status("slow", Some(&s.token("slow")), json!({"status": "busy"}))
-            .await
-            .0,
-        200
-    );
-    let (_, metrics) = (
-        0,
-        s.client
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    assert_eq!(s.put_status("slow", Some(&s.token("slow")), json!({"status": "busy"})).await.0, 200);
+    let (_, metrics) = (0, s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap());
     assert!(metrics.contains("presence_rate_limited_total"), "{metrics}");
     s.stop().await;
 }
@@ -607,13 +337,7 @@ impl Store for DownStore {
     async fn clear_status(&self, _: &UserId) -> Result<Presence, StoreError> {
         Err(StoreError::Unavailable("backend down".into()))
     }
-    async fn register_session(
-        &self,
-        _: &UserId,
-        _: &str,
-        _: &str,
-        _: i64,
-    ) -> Result<Registered, StoreError> {
+    async fn register_session(&self, _: &UserId, _: &str, _: &str, _: i64) -> Result<Registered, StoreError> {
         Err(StoreError::Unavailable("backend down".into()))
     }
     async fn refresh_session(&self, _: &UserId, _: &str) -> Result<Option<Millis>, StoreError> {
@@ -631,6 +355,12 @@ impl Store for DownStore {
     async fn health(&self) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("backend down".into()))
     }
+    async fn put_directory(&self, _: DirTable, _: &str, _: Option<Vec<u8>>) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("backend down".into()))
+    }
+    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
+        Err(StoreError::Unavailable("backend down".into()))
+    }
     async fn shutdown(&self) {}
 }
 
@@ -638,17 +368,8 @@ impl Store for DownStore {
 async fn store_unavailable_is_503() {
     let s = TestServer::with_store(&[], Arc::new(DownStore)).await;
     assert_error(&s.get("/api/v2/presence/alice").await, 503, "unavailable");
-    assert_error(
-        &s.get("/api/v2/presence?users=a,b").await,
-        503,
-        "unavailable",
-    );
-    assert_error(
-        &s.put_status("alice", Some(&s.token("alice")), json!({"status": "busy"}))
-            .await,
-        503,
-        "unavailable",
-    );
+    assert_error(&s.get("/api/v2/presence?users=a,b").await, 503, "unavailable");
+    assert_error(&s.put_status("alice", Some(&s.token("alice")), json!({"status": "busy"})).await, 503, "unavailable");
     assert_error(&s.get("/health").await, 503, "unavailable");
     s.stop().await;
 }
@@ -663,22 +384,9 @@ async fn health_cache_and_metrics() {
     assert_eq!(body["data"]["node_id"], "test-node");
 
     let id = UserId::parse("sam", 64).unwrap();
-    s.svc
-        .store
-        .register_session(&id, "phone", "gw-1", 60_000)
-        .await
-        .unwrap();
-    s.svc
-        .store
-        .register_session(&id, "laptop", "gw-2", 60_000)
-        .await
-        .unwrap();
-    assert_eq!(
-        s.put_status("sam", Some(&s.token("sam")), json!({"status": "busy"}))
-            .await
-            .0,
-        200
-    );
+    s.svc.store.register_session(&id, "phone", "gw-1", 60_000).await.unwrap();
+    s.svc.store.register_session(&id, "laptop", "gw-2", 60_000).await.unwrap();
+    assert_eq!(s.put_status("sam", Some(&s.token("sam")), json!({"status": "busy"})).await.0, 200);
     s.get("/api/v2/presence/sam").await;
     s.get("/api/v2/presence/unknown-user").await;
 
@@ -690,10 +398,7 @@ async fn health_cache_and_metrics() {
 
     let r = s.client.get(s.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain"));
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = r.text().await.unwrap();
     let value = |name: &str| -> f64 {
         text.lines()
@@ -718,12 +423,8 @@ async fn health_cache_and_metrics() {
 #[tokio::test]
 async fn graceful_shutdown_closes_the_listener_and_persists() {
     let (config, dir) = common::test_config(&[]);
-    let app = presenced::server::App::build(config.clone()).unwrap();
-    let token = app
-        .svc
-        .auth
-        .mint("pat", Duration::from_secs(60), None)
-        .unwrap();
+    let app = presenced::server::App::build(config.clone()).await.unwrap();
+    let token = app.svc.auth.mint("pat", Duration::from_secs(60), None).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -740,19 +441,12 @@ async fn graceful_shutdown_closes_the_listener_and_persists() {
         .unwrap();
     assert_eq!(r.status(), 200);
     tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("server stops")
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("server stops").unwrap().unwrap();
     // The listener is closed...
     assert!(client.get(format!("{base}/health")).send().await.is_err());
     // ...and the status is on disk for the next start.
-    let app = presenced::server::App::build(config).unwrap();
-    let p = presenced::store::get_one(&*app.svc.store, &UserId::parse("pat", 64).unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let app = presenced::server::App::build(config).await.unwrap();
+    let p = presenced::store::get_one(&*app.svc.store, &UserId::parse("pat", 64).unwrap()).await.unwrap().unwrap();
     assert_eq!((p.status.as_str(), &*p.message), ("busy", "kept"));
     app.svc.store.shutdown().await;
     drop(dir);

@@ -3,9 +3,11 @@
 
 pub mod event;
 pub mod model;
+pub mod privacy;
 pub mod ratelimit;
 pub mod state;
 
 pub use event::{Event, EventKind};
-pub use model::{validate_id, DeviceId, IdError, Millis, Presence, Session, Status, UserId};
+pub use model::{empty_message, validate_id, DeviceId, IdError, Millis, Presence, Session, Status, UserId};
+pub use privacy::{project, Privacy, Relation, Visibility};
 pub use state::{Change, Explicit, Registered, UserState};

@@ -59,9 +59,7 @@ pub enum IdError {
     Empty { what: &'static str },
     #[error("{what} is longer than {max} bytes")]
     TooLong { what: &'static str, max: usize },
-    #[error(
-        "{what} contains an invalid character {ch:?} (allowed: letters, digits and . _ @ : + -)"
-    )]
+    #[error("{what} contains an invalid character {ch:?} (allowed: letters, digits and . _ @ : + -)")]
     BadChar { what: &'static str, ch: char },
 }
 
@@ -181,25 +179,10 @@ mod tests {
         assert!(UserId::parse("alice", 128).is_ok());
         assert!(UserId::parse("550e8400-e29b-41d4-a716-446655440000", 128).is_ok());
         assert!(UserId::parse("tenant:bob@example.com", 128).is_ok());
-        assert_eq!(
-            UserId::parse("", 128),
-            Err(IdError::Empty { what: "user id" })
-        );
-        assert!(matches!(
-            UserId::parse("a b", 128),
-            Err(IdError::BadChar { ch: ' ', .. })
-        ));
-        assert!(matches!(
-            UserId::parse("a/b", 128),
-            Err(IdError::BadChar { .. })
-        ));
-        assert!(matches!(
-            UserId::parse("é", 128),
-            Err(IdError::BadChar { .. })
-        ));
-        assert!(matches!(
-            UserId::parse(&"x".repeat(129), 128),
-            Err(IdError::TooLong { .. })
-        ));
+        assert_eq!(UserId::parse("", 128), Err(IdError::Empty { what: "user id" }));
+        assert!(matches!(UserId::parse("a b", 128), Err(IdError::BadChar { ch: ' ', .. })));
+        assert!(matches!(UserId::parse("a/b", 128), Err(IdError::BadChar { .. })));
+        assert!(matches!(UserId::parse("é", 128), Err(IdError::BadChar { .. })));
+        assert!(matches!(UserId::parse(&"x".repeat(129), 128), Err(IdError::TooLong { .. })));
     }
 }

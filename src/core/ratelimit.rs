@@ -18,10 +18,7 @@ pub struct Rate {
 impl TokenBucket {
     /// A full bucket.
     pub fn new(rate: Rate, now: Millis) -> TokenBucket {
-        TokenBucket {
-            tokens: f64::from(rate.burst),
-            last: now,
-        }
+        TokenBucket { tokens: f64::from(rate.burst), last: now }
     }
 
     /// Takes one token. `Err(wait_ms)` says how long until one is available.
@@ -50,10 +47,7 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
-    const R: Rate = Rate {
-        per_second: 10.0,
-        burst: 20,
-    };
+    const R: Rate = Rate { per_second: 10.0, burst: 20 };
 
     #[test]
     fn burst_then_steady_rate() {
@@ -75,30 +69,8 @@ mod tests {
 
     #[test]
     fn clock_going_backwards_does_not_mint_tokens() {
-        let mut b = TokenBucket::new(
-            Rate {
-                per_second: 1.0,
-                burst: 1,
-            },
-            1_000,
-        );
-        assert!(b
-            .try_take(
-                Rate {
-                    per_second: 1.0,
-                    burst: 1
-                },
-                1_000
-            )
-            .is_ok());
-        assert!(b
-            .try_take(
-                Rate {
-                    per_second: 1.0,
-                    burst: 1
-                },
-                0
-            )
-            .is_err());
+        let mut b = TokenBucket::new(Rate { per_second: 1.0, burst: 1 }, 1_000);
+        assert!(b.try_take(Rate { per_second: 1.0, burst: 1 }, 1_000).is_ok());
+        assert!(b.try_take(Rate { per_second: 1.0, burst: 1 }, 0).is_err());
     }
 }

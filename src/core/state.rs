@@ -65,20 +65,8 @@ struct Visible {
 impl Visible {
     fn of(explicit: Option<&Explicit>, online: bool) -> Visible {
         match explicit {
-            Some(e) => Visible {
-                status: e.status,
-                message: e.message.clone(),
-                online,
-            },
-            None => Visible {
-                status: if online {
-                    Status::Online
-                } else {
-                    Status::Offline
-                },
-                message: empty_message(),
-                online,
-            },
+            Some(e) => Visible { status: e.status, message: e.message.clone(), online },
+            None => Visible { status: if online { Status::Online } else { Status::Offline }, message: empty_message(), online },
         }
     }
 }
@@ -93,13 +81,7 @@ pub struct Registered {
 
 impl UserState {
     pub fn new(node_id: Arc<str>) -> UserState {
-        UserState {
-            explicit: None,
-            sessions: Vec::new(),
-            last_seen: None,
-            updated_at: None,
-            node_id,
-        }
+        UserState { explicit: None, sessions: Vec::new(), last_seen: None, updated_at: None, node_id }
     }
 
     /// The explicit status if it is still in force at `now`.
@@ -134,32 +116,19 @@ impl UserState {
     }
 
     fn visible(&self, now: Millis) -> Visible {
-        Visible::of(
-            self.live_explicit(now),
-            self.live_sessions(now).next().is_some(),
-        )
+        Visible::of(self.live_explicit(now), self.live_sessions(now).next().is_some())
     }
 
     /// Runs `op`, then decides the event by comparing what a reader saw before (as last
     /// published) with what a reader sees after.
-    fn transition(
-        &mut self,
-        node: &Arc<str>,
-        now: Millis,
-        persist: bool,
-        op: impl FnOnce(&mut Self) -> bool,
-    ) -> Change {
+    fn transition(&mut self, node: &Arc<str>, now: Millis, persist: bool, op: impl FnOnce(&mut Self) -> bool) -> Change {
         let before = self.visible_as_stored();
         let explicit_before = self.explicit.is_some();
         let expired = op(self);
         let after = self.visible(now);
         let explicit_expired = expired && explicit_before && self.explicit.is_none();
         let event = if before.online != after.online {
-            Some(if after.online {
-                EventKind::UserOnline
-            } else {
-                EventKind::UserOffline
-            })
+            Some(if after.online { EventKind::UserOnline } else { EventKind::UserOffline })
         } else if explicit_expired {
             Some(EventKind::PresenceExpired)
         } else if before != after {
@@ -171,11 +140,7 @@ impl UserState {
             self.updated_at = Some(now);
             self.node_id = node.clone();
         }
-        Change {
-            event,
-            previous: before.status,
-            persist: persist || explicit_expired,
-        }
+        Change { event, previous: before.status, persist: persist || explicit_expired }
     }
 
     /// The visible state as last published: everything stored counts as live, because
@@ -206,22 +171,10 @@ impl UserState {
     }
 
     /// Sets an explicit status. `ttl_ms: None` keeps it until changed.
-    pub fn set_status(
-        &mut self,
-        status: Status,
-        message: Arc<str>,
-        ttl_ms: Option<i64>,
-        node: &Arc<str>,
-        now: Millis,
-    ) -> Change {
+    pub fn set_status(&mut self, status: Status, message: Arc<str>, ttl_ms: Option<i64>, node: &Arc<str>, now: Millis) -> Change {
         self.transition(node, now, true, |s| {
             let lapsed = s.drop_lapsed(now);
-            s.explicit = Some(Explicit {
-                status,
-                message,
-                set_at: now,
-                expires_at: ttl_ms.map(|t| now.saturating_add(t)),
-            });
+            s.explicit = Some(Explicit { status, message, set_at: now, expires_at: ttl_ms.map(|t| now.saturating_add(t)) });
             s.last_seen = Some(now);
             lapsed
         })
@@ -237,27 +190,14 @@ impl UserState {
     }
 
     /// Registers (or replaces) the session of `device`; the user goes online if it was not.
-    pub fn register(
-        &mut self,
-        device: DeviceId,
-        instance: Arc<str>,
-        ttl_ms: i64,
-        node: &Arc<str>,
-        now: Millis,
-    ) -> (Registered, Change) {
+    pub fn register(&mut self, device: DeviceId, instance: Arc<str>, ttl_ms: i64, node: &Arc<str>, now: Millis) -> (Registered, Change) {
         let expires_at = now.saturating_add(ttl_ms);
         let known_before = self.updated_at.is_some() || self.last_seen.is_some();
         let mut created = true;
         let change = self.transition(node, now, false, |s| {
             let lapsed = s.drop_lapsed(now);
-            let session = Session {
-                device_id: device.clone(),
-                instance_id: instance,
-                connected_at: now,
-                last_heartbeat: now,
-                expires_at,
-                ttl_ms,
-            };
+            let session =
+                Session { device_id: device.clone(), instance_id: instance, connected_at: now, last_heartbeat: now, expires_at, ttl_ms };
             match s.sessions.iter_mut().find(|x| x.device_id == device) {
                 Some(existing) => {
                     created = false;
@@ -268,26 +208,14 @@ impl UserState {
             s.last_seen = Some(now);
             lapsed
         });
-        (
-            Registered {
-                created,
-                expires_at,
-            },
-            Change {
-                persist: change.persist || !known_before,
-                ..change
-            },
-        )
+        (Registered { created, expires_at }, Change { persist: change.persist || !known_before, ..change })
     }
 
     /// Extends a live session by its TTL. `None` when the device has no live session
     /// (never registered, unregistered or expired): the caller must register again.
     /// Produces no event: a heartbeat changes nothing a reader can see.
     pub fn refresh(&mut self, device: &str, now: Millis) -> Option<Millis> {
-        let s = self
-            .sessions
-            .iter_mut()
-            .find(|s| &*s.device_id == device && s.expires_at > now)?;
+        let s = self.sessions.iter_mut().find(|s| &*s.device_id == device && s.expires_at > now)?;
         s.last_heartbeat = now;
         s.expires_at = now.saturating_add(s.ttl_ms);
         let expires_at = s.expires_at;
@@ -414,16 +342,8 @@ mod tests {
         assert_eq!(s.view(&uid(), 110_000).status, Status::Offline);
         let c = s.expire(&node(), 110_500);
         assert_eq!(c.event, Some(EventKind::UserOffline));
-        assert_eq!(
-            s.last_seen,
-            Some(50_000),
-            "last_seen is the last heartbeat, not the reap time"
-        );
-        assert_eq!(
-            s.refresh("phone", 110_600),
-            None,
-            "an expired session must be registered again"
-        );
+        assert_eq!(s.last_seen, Some(50_000), "last_seen is the last heartbeat, not the reap time");
+        assert_eq!(s.refresh("phone", 110_600), None, "an expired session must be registered again");
     }
 
     #[test]
@@ -437,28 +357,15 @@ mod tests {
     fn explicit_status_wins_then_reverts_with_expiry_event() {
         let mut s = UserState::new(node());
         s.register(dev("phone"), Arc::from("gw"), TTL, &node(), 0);
-        let c = s.set_status(
-            Status::Busy,
-            Arc::from("In a meeting"),
-            Some(3_600),
-            &node(),
-            100,
-        );
+        let c = s.set_status(Status::Busy, Arc::from("In a meeting"), Some(3_600), &node(), 100);
         assert_eq!(c.event, Some(EventKind::PresenceUpdated));
         assert_eq!(c.previous, Status::Online);
         assert!(c.persist);
         let p = s.view(&uid(), 200);
-        assert_eq!(
-            (p.status, &*p.message, p.expires_at),
-            (Status::Busy, "In a meeting", Some(3_700))
-        );
+        assert_eq!((p.status, &*p.message, p.expires_at), (Status::Busy, "In a meeting", Some(3_700)));
         // Explicit status survives the device going away.
         let (_, c) = s.unregister("phone", &node(), 300);
-        assert_eq!(
-            c.event,
-            Some(EventKind::UserOffline),
-            "connectivity transitions are reported"
-        );
+        assert_eq!(c.event, Some(EventKind::UserOffline), "connectivity transitions are reported");
         assert_eq!(s.view(&uid(), 300).status, Status::Busy);
         // TTL lapses: reverts to derived (offline) with an expiry event.
         let c = s.expire(&node(), 3_700);
@@ -466,10 +373,7 @@ mod tests {
         assert_eq!(c.previous, Status::Busy);
         assert!(c.persist);
         let p = s.view(&uid(), 3_700);
-        assert_eq!(
-            (p.status, &*p.message, p.expires_at),
-            (Status::Offline, "", None)
-        );
+        assert_eq!((p.status, &*p.message, p.expires_at), (Status::Offline, "", None));
         assert_eq!(p.updated_at, Some(3_700));
     }
 
@@ -503,10 +407,7 @@ mod tests {
         let c = s.set_status(Status::Online, Arc::from(""), None, &node(), 40);
         assert_eq!(c.event, Some(EventKind::PresenceUpdated), "away -> online");
         let c = s.clear_status(&node(), 50);
-        assert_eq!(
-            c.event, None,
-            "explicit online with no message == derived online"
-        );
+        assert_eq!(c.event, None, "explicit online with no message == derived online");
     }
 
     #[test]
@@ -528,11 +429,7 @@ mod tests {
         assert_eq!(c.event, Some(EventKind::UserOffline));
         assert!(c.persist);
         assert!(s.explicit.is_none() && s.sessions.is_empty());
-        assert_eq!(
-            s.expire(&node(), 6_000).event,
-            None,
-            "nothing left to expire"
-        );
+        assert_eq!(s.expire(&node(), 6_000).event, None, "nothing left to expire");
     }
 
     #[test]

@@ -44,9 +44,6 @@ pub async fn metrics(State(state): State<Http>) -> Response {
     crate::telemetry::record_store_stats(&state.svc.store.stats());
     state.metrics.run_upkeep();
     let mut r = state.metrics.render().into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
 }

@@ -19,8 +19,7 @@ pub fn rfc3339(ms: Millis) -> String {
 fn write_rfc3339(ms: Millis, out: &mut [u8; 24]) -> usize {
     let secs = ms.div_euclid(1000);
     let millis = ms.rem_euclid(1000) as u32;
-    let t =
-        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t = time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let year = t.year().clamp(0, 9999) as u32;
     let fields = [
         (year / 100, 0),
@@ -118,11 +117,8 @@ pub struct Ok<T: Serialize> {
 }
 
 pub fn ok_body<T: Serialize>(data: T) -> Vec<u8> {
-    serde_json::to_vec(&Ok {
-        success: true,
-        data,
-    })
-    .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
+    serde_json::to_vec(&Ok { success: true, data })
+        .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
 }
 
 /// `{"success": false, "error": "...", "code": "..."}`
@@ -139,13 +135,7 @@ pub fn error_body(e: &ApiError) -> Vec<u8> {
         ApiError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
         _ => None,
     };
-    serde_json::to_vec(&Err {
-        success: false,
-        error: e.to_string(),
-        code: e.code(),
-        retry_after_ms,
-    })
-    .unwrap_or_default()
+    serde_json::to_vec(&Err { success: false, error: e.to_string(), code: e.code(), retry_after_ms }).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -157,11 +147,7 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_705_314_600_000), "2024-01-15T10:30:00Z");
         assert_eq!(rfc3339(1_705_314_600_123), "2024-01-15T10:30:00.123Z");
-        let parsed = time::OffsetDateTime::parse(
-            &rfc3339(1_705_314_600_123),
-            &time::format_description::well_known::Rfc3339,
-        )
-        .unwrap();
+        let parsed = time::OffsetDateTime::parse(&rfc3339(1_705_314_600_123), &time::format_description::well_known::Rfc3339).unwrap();
         assert_eq!(parsed.unix_timestamp_nanos(), 1_705_314_600_123_000_000);
     }
 }

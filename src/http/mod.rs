@@ -3,7 +3,9 @@
 
 mod health;
 pub mod json;
+mod legacy;
 mod presence;
+mod social;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,24 +31,34 @@ pub struct Http {
     pub backend: &'static str,
     pub node_type: &'static str,
     pub request_metrics: Arc<RequestMetrics>,
+    /// `serve --dev`: enables `GET /dev/token`.
+    pub dev: bool,
 }
 
 /// The whole HTTP API; shared by `serve` and the tests.
 pub fn router(state: Http) -> Router {
     let body_limit = state.svc.limits.max_body_bytes.0 as usize;
-    Router::new()
+    let mut r = Router::new()
+        .route("/", get(page))
+        .route("/ws", get(crate::ws::upgrade))
         .route("/api/v2/presence", get(presence::get_many))
         .route("/api/v2/presence/batch", post(presence::batch))
-        .route(
-            "/api/v2/presence/{user_id}",
-            get(presence::get_one)
-                .put(presence::put)
-                .delete(presence::delete),
-        )
+        .route("/api/v2/presence/{user_id}", get(presence::get_one).put(presence::put).delete(presence::delete))
+        .route("/api/v2/presence/{user_id}/privacy", get(social::get_privacy).put(social::put_privacy))
+        .route("/api/v2/contacts/{user_id}", get(social::get_contacts).put(social::put_contacts))
+        .route("/api/v2/conversations/{id}/members", get(social::get_members).put(social::put_members))
+        .route("/presence", post(legacy::update))
+        .route("/presence/bulk", post(legacy::bulk))
+        .route("/presence/heartbeat", post(legacy::heartbeat))
+        .route("/presence/typing", post(legacy::typing))
+        .route("/presence/{user_id}", get(legacy::get))
         .route("/health", get(health::health))
         .route("/health/cache", get(health::cache))
-        .route("/metrics", get(health::metrics))
-        .fallback(not_found)
+        .route("/metrics", get(health::metrics));
+    if state.dev {
+        r = r.route("/dev/token", get(dev_token));
+    }
+    r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
@@ -54,23 +66,12 @@ pub fn router(state: Http) -> Router {
 }
 
 /// Routes as registered, so a request's route label is a `&'static str`.
-const ROUTES: [&str; 7] = [
-    "/api/v2/presence",
-    "/api/v2/presence/batch",
-    "/api/v2/presence/{user_id}",
-    "/health",
-    "/health/cache",
-    "/metrics",
-    "/ws",
-];
+const ROUTES: [&str; 7] =
+    ["/api/v2/presence", "/api/v2/presence/batch", "/api/v2/presence/{user_id}", "/health", "/health/cache", "/metrics", "/ws"];
 
 fn route_label(req: &Request) -> &'static str {
     match req.extensions().get::<MatchedPath>() {
-        Some(m) => ROUTES
-            .iter()
-            .find(|r| **r == m.as_str())
-            .copied()
-            .unwrap_or("other"),
+        Some(m) => ROUTES.iter().find(|r| **r == m.as_str()).copied().unwrap_or("other"),
         None => "unmatched",
     }
 }
@@ -124,36 +125,50 @@ async fn observe(State(state): State<Http>, req: Request, next: Next) -> Respons
         Ok(r) => r,
         Err(_) => error(&ApiError::Unavailable("request timed out".into())),
     };
-    state.request_metrics.record(
-        (route, method, resp.status().as_u16()),
-        start.elapsed().as_secs_f64(),
-    );
+    state.request_metrics.record((route, method, resp.status().as_u16()), start.elapsed().as_secs_f64());
     resp
 }
 
+/// The live page: presence dots over `/ws`, embedded in the binary.
+async fn page() -> Response {
+    let mut r = Response::new(Body::from(include_str!("../../web/index.html")));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+#[derive(serde::Deserialize)]
+struct DevTokenQuery {
+    sub: Option<String>,
+}
+
+/// `GET /dev/token?sub=alice` (only with `serve --dev`): a token for trying the page.
+async fn dev_token(
+    State(state): State<Http>,
+    q: Result<axum::extract::Query<DevTokenQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let r: Result<Response, ApiError> = (|| {
+        let axum::extract::Query(q) = q.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let sub = q.sub.ok_or_else(|| ApiError::BadRequest("sub is required: /dev/token?sub=alice".into()))?;
+        let user = state.svc.parse_user(&sub)?;
+        let token = state.svc.auth.mint(user.as_str(), std::time::Duration::from_secs(24 * 3600), None).map_err(ApiError::Internal)?;
+        Ok(ok(serde_json::json!({ "sub": user.as_str(), "token": token })))
+    })();
+    r.unwrap_or_else(|e| error(&e))
+}
+
 async fn not_found(req: Request) -> Response {
-    error(&ApiError::NotFound(format!(
-        "no route for {} {}",
-        req.method(),
-        req.uri().path()
-    )))
+    error(&ApiError::NotFound(format!("no route for {} {}", req.method(), req.uri().path())))
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    error(&ApiError::MethodNotAllowed(format!(
-        "method {} is not allowed on {}",
-        req.method(),
-        req.uri().path()
-    )))
+    error(&ApiError::MethodNotAllowed(format!("method {} is not allowed on {}", req.method(), req.uri().path())))
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -179,8 +194,7 @@ pub fn error(e: &ApiError) -> Response {
         }
     }
     if let ApiError::Unauthorized(_) = e {
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     r
 }

@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 
@@ -13,29 +13,18 @@ use crate::auth::Identity;
 use crate::core::UserId;
 use crate::service::{ApiError, StatusWrite};
 
-type Res = Result<Response, ApiError>;
+pub(super) type Res = Result<Response, ApiError>;
 
-fn user_from_path(
-    state: &Http,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<UserId, ApiError> {
-    let Path(raw) =
-        path.map_err(|e| ApiError::BadRequest(format!("invalid user id in path: {e}")))?;
+pub(super) fn user_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::BadRequest(format!("invalid user id in path: {e}")))?;
     state.svc.parse_user(&raw)
 }
 
-fn identity(state: &Http, headers: &HeaderMap) -> Result<Identity, ApiError> {
-    let value = match headers.get(header::AUTHORIZATION) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::Unauthorized(crate::auth::AuthError::Malformed))?,
-        ),
-    };
-    state.svc.authenticate(value)
+pub(super) fn identity(state: &Http, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    state.svc.identify(headers, None)
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status().as_u16() == 413 {
             ApiError::PayloadTooLarge("request body is too large".into())
@@ -45,30 +34,23 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::BadRequest(
-            "request body is empty: a JSON object is expected".into(),
-        ));
+        return Err(ApiError::BadRequest("request body is empty: a JSON object is expected".into()));
     }
     serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
 }
 
-fn presence_map(state: &Http, items: &[crate::core::Presence]) -> Response {
-    ok(PresenceMap {
-        items,
-        now: state.svc.clock.now(),
-    })
+pub(super) fn presence_map(state: &Http, items: &[crate::core::Presence]) -> Response {
+    ok(PresenceMap { items, now: state.svc.clock.now() })
 }
 
 /// `GET /api/v2/presence/{user_id}`
-pub async fn get_one(
-    State(state): State<Http>,
-    path: Result<Path<String>, PathRejection>,
-) -> Response {
+pub async fn get_one(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Response {
     let r: Res = async {
+        let viewer = state.svc.identify_optional(&headers)?;
         let id = user_from_path(&state, path)?;
-        let p = state.svc.get_one(&id).await?;
+        let p = state.svc.get_one_as(viewer.as_ref(), &id).await?;
         Ok(presence_map(&state, std::slice::from_ref(&p)))
     }
     .await;
@@ -81,18 +63,13 @@ pub struct MultiQuery {
 }
 
 /// `GET /api/v2/presence?users=a,b,c`
-pub async fn get_many(
-    State(state): State<Http>,
-    query: Result<Query<MultiQuery>, QueryRejection>,
-) -> Response {
+pub async fn get_many(State(state): State<Http>, headers: HeaderMap, query: Result<Query<MultiQuery>, QueryRejection>) -> Response {
     let r: Res = async {
-        let Query(q) =
-            query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
-        let users = q.users.ok_or_else(|| {
-            ApiError::BadRequest("query parameter users is required (users=a,b,c)".into())
-        })?;
+        let viewer = state.svc.identify_optional(&headers)?;
+        let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+        let users = q.users.ok_or_else(|| ApiError::BadRequest("query parameter users is required (users=a,b,c)".into()))?;
         let ids = state.svc.parse_ids(users.split(',').map(str::trim))?;
-        let items = state.svc.get_many(&ids).await?;
+        let items = state.svc.get_many_as(viewer.as_ref(), &ids).await?;
         Ok(presence_map(&state, &items))
     }
     .await;
@@ -106,19 +83,19 @@ struct BatchBody {
 }
 
 /// `POST /api/v2/presence/batch` with `{"user_ids": [...]}`
-pub async fn batch(State(state): State<Http>, body: Result<Bytes, BytesRejection>) -> Response {
-    let r: Res = async {
-        let bytes = body_bytes(body)?;
-        let b: BatchBody = parse_json(&bytes)?;
-        let raw = b
-            .user_ids
-            .ok_or_else(|| ApiError::BadRequest("user_ids is required".into()))?;
-        let ids = state.svc.parse_ids(raw.iter().map(String::as_str))?;
-        let items = state.svc.get_many(&ids).await?;
-        Ok(presence_map(&state, &items))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+pub async fn batch(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    batch_read(&state, &headers, body).await.unwrap_or_else(|e| error(&e))
+}
+
+/// Shared by `POST /api/v2/presence/batch` and the legacy `POST /presence/bulk`.
+pub(super) async fn batch_read(state: &Http, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
+    let viewer = state.svc.identify_optional(headers)?;
+    let bytes = body_bytes(body)?;
+    let b: BatchBody = parse_json(&bytes)?;
+    let raw = b.user_ids.ok_or_else(|| ApiError::BadRequest("user_ids is required".into()))?;
+    let ids = state.svc.parse_ids(raw.iter().map(String::as_str))?;
+    let items = state.svc.get_many_as(viewer.as_ref(), &ids).await?;
+    Ok(presence_map(state, &items))
 }
 
 #[derive(Deserialize)]
@@ -142,18 +119,7 @@ pub async fn put(
         state.svc.authorize_write(&who, &id)?;
         let bytes = body_bytes(body)?;
         let b: PutBody = parse_json(&bytes)?;
-        let p = state
-            .svc
-            .set_status(
-                &who,
-                &id,
-                StatusWrite {
-                    status: b.status,
-                    message: b.message,
-                    ttl_seconds: b.ttl,
-                },
-            )
-            .await?;
+        let p = state.svc.set_status(&who, &id, StatusWrite { status: b.status, message: b.message, ttl_seconds: b.ttl }).await?;
         Ok(presence_map(&state, std::slice::from_ref(&p)))
     }
     .await;
@@ -161,18 +127,12 @@ pub async fn put(
 }
 
 /// `DELETE /api/v2/presence/{user_id}`: clears the explicit status.
-pub async fn delete(
-    State(state): State<Http>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-) -> Response {
+pub async fn delete(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Response {
     let r: Res = async {
         let who = identity(&state, &headers)?;
         let id = user_from_path(&state, path)?;
         let p = state.svc.clear_status(&who, &id).await?;
-        Ok(ok(
-            serde_json::json!({ id.as_str(): PresenceJson { p: &p, now: state.svc.clock.now() } }),
-        ))
+        Ok(ok(serde_json::json!({ id.as_str(): PresenceJson { p: &p, now: state.svc.clock.now() } })))
     }
     .await;
     r.unwrap_or_else(|e| error(&e))

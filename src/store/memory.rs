@@ -20,12 +20,10 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use super::persist::{Ack, PersistError, Persister, Record};
+use super::persist::{Ack, DirTable, Loaded, PersistError, Persister, Record};
 use super::{Clock, SetStatus, Store, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{
-    Change, Event, EventKind, Millis, Presence, Registered, Session, UserId, UserState,
-};
+use crate::core::{Change, Event, EventKind, Millis, Presence, Registered, Session, UserId, UserState};
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -41,12 +39,7 @@ pub struct MemoryConfig {
 
 impl MemoryConfig {
     pub fn new(node_id: &str) -> MemoryConfig {
-        MemoryConfig {
-            node_id: Arc::from(node_id),
-            data_dir: None,
-            shards: 64,
-            tick_ms: 100,
-        }
+        MemoryConfig { node_id: Arc::from(node_id), data_dir: None, shards: 64, tick_ms: 100 }
     }
 }
 
@@ -70,6 +63,8 @@ struct Inner {
     hits: AtomicU64,
     misses: AtomicU64,
     reaper: Mutex<Option<JoinHandle<()>>>,
+    /// Directory rows read at open, handed out once by `load_directory`.
+    directory: Mutex<Vec<(DirTable, String, Vec<u8>)>>,
 }
 
 struct Entry {
@@ -87,18 +82,14 @@ struct Shard {
 impl MemoryStore {
     /// Opens the store, loading persisted statuses when `data_dir` is set. Call
     /// [`MemoryStore::start`] from within a tokio runtime to run expiry and persistence.
-    pub fn open(
-        config: MemoryConfig,
-        clock: Arc<dyn Clock>,
-        bus: EventBus,
-    ) -> Result<MemoryStore, PersistError> {
+    pub fn open(config: MemoryConfig, clock: Arc<dyn Clock>, bus: EventBus) -> Result<MemoryStore, PersistError> {
         let n = config.shards.max(1).next_power_of_two();
-        let (persist, records) = match &config.data_dir {
+        let (persist, loaded) = match &config.data_dir {
             Some(dir) => {
-                let (p, r) = Persister::open(dir)?;
-                (Some(p), r)
+                let (p, l) = Persister::open(dir)?;
+                (Some(p), l)
             }
-            None => (None, Vec::new()),
+            None => (None, Loaded::default()),
         };
         let inner = Inner {
             shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
@@ -114,11 +105,10 @@ impl MemoryStore {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             reaper: Mutex::new(None),
+            directory: Mutex::new(loaded.directory),
         };
-        let store = MemoryStore {
-            inner: Arc::new(inner),
-        };
-        store.restore(records);
+        let store = MemoryStore { inner: Arc::new(inner) };
+        store.restore(loaded.users);
         Ok(store)
     }
 
@@ -130,11 +120,7 @@ impl MemoryStore {
                 continue;
             };
             let mut state = record.into_state();
-            if state
-                .explicit
-                .as_ref()
-                .is_some_and(|e| e.expires_at.is_some_and(|t| t <= now))
-            {
+            if state.explicit.as_ref().is_some_and(|e| e.expires_at.is_some_and(|t| t <= now)) {
                 // Lapsed while we were down: the derived status (offline) applies.
                 state.explicit = None;
                 if let Some(p) = &self.inner.persist {
@@ -227,13 +213,7 @@ impl MemoryStore {
             if !create {
                 return None;
             }
-            shard.users.insert(
-                id.clone(),
-                Entry {
-                    state: UserState::new(inner.node.clone()),
-                    armed: None,
-                },
-            );
+            shard.users.insert(id.clone(), Entry { state: UserState::new(inner.node.clone()), armed: None });
             inner.users.fetch_add(1, Ordering::Relaxed);
         }
         let entry = shard.users.get_mut(id)?;
@@ -249,21 +229,15 @@ impl MemoryStore {
             None => Ok(()),
             Some(rx) => match rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(StoreError::Unavailable(format!(
-                    "could not persist the change: {e}"
-                ))),
-                Err(_) => Err(StoreError::Unavailable(
-                    "persistence is shutting down".into(),
-                )),
+                Ok(Err(e)) => Err(StoreError::Unavailable(format!("could not persist the change: {e}"))),
+                Err(_) => Err(StoreError::Unavailable("persistence is shutting down".into())),
             },
         }
     }
 
     fn persist_health(&self) -> Result<(), StoreError> {
         match &self.inner.persist {
-            Some(p) => p
-                .health()
-                .map_err(|e| StoreError::Unavailable(format!("presence database: {e}"))),
+            Some(p) => p.health().map_err(|e| StoreError::Unavailable(format!("presence database: {e}"))),
             None => Ok(()),
         }
     }
@@ -277,37 +251,19 @@ impl Inner {
 
     /// Bookkeeping after a transition, under the shard lock so that events and
     /// persisted records of one user keep their order.
-    fn after_change(
-        &self,
-        id: &UserId,
-        entry: &Entry,
-        sessions_before: usize,
-        change: &Change,
-        now: Millis,
-        ack: bool,
-    ) -> Option<Ack> {
+    fn after_change(&self, id: &UserId, entry: &Entry, sessions_before: usize, change: &Change, now: Millis, ack: bool) -> Option<Ack> {
         let sessions_after = entry.state.sessions.len();
-        self.sessions.fetch_add(
-            sessions_after as i64 - sessions_before as i64,
-            Ordering::Relaxed,
-        );
+        self.sessions.fetch_add(sessions_after as i64 - sessions_before as i64, Ordering::Relaxed);
         if let Some(kind) = change.event {
             match kind {
                 EventKind::UserOnline => self.online.fetch_add(1, Ordering::Relaxed),
                 EventKind::UserOffline => self.online.fetch_sub(1, Ordering::Relaxed),
                 _ => 0,
             };
-            self.bus.publish(Event {
-                kind,
-                presence: entry.state.view(id, now),
-                previous: change.previous,
-                at: now,
-            });
+            self.bus.publish(Event { kind, presence: entry.state.view(id, now), previous: change.previous, at: now });
         }
         match &self.persist {
-            Some(p) if change.persist || ack => {
-                p.enqueue(id.as_str(), Some(&Record::of(&entry.state)), ack)
-            }
+            Some(p) if change.persist || ack => p.enqueue(id.as_str(), Some(&Record::of(&entry.state)), ack),
             _ => None,
         }
     }
@@ -352,12 +308,7 @@ impl Store for MemoryStore {
         self.persist_health()?;
         let node = self.inner.node.clone();
         let (_, presence, ack) = self
-            .update(id, true, true, |s, now| {
-                (
-                    (),
-                    s.set_status(req.status, req.message, req.ttl_ms, &node, now),
-                )
-            })
+            .update(id, true, true, |s, now| ((), s.set_status(req.status, req.message, req.ttl_ms, &node, now)))
             .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
         Self::durable(ack).await?;
         Ok(presence)
@@ -373,52 +324,31 @@ impl Store for MemoryStore {
         Ok(presence)
     }
 
-    async fn register_session(
-        &self,
-        id: &UserId,
-        device: &str,
-        instance: &str,
-        ttl_ms: i64,
-    ) -> Result<Registered, StoreError> {
+    async fn register_session(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64) -> Result<Registered, StoreError> {
         let node = self.inner.node.clone();
         let (reg, _, _) = self
-            .update(id, true, false, |s, now| {
-                s.register(Arc::from(device), Arc::from(instance), ttl_ms, &node, now)
-            })
+            .update(id, true, false, |s, now| s.register(Arc::from(device), Arc::from(instance), ttl_ms, &node, now))
             .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
         Ok(reg)
     }
 
-    async fn refresh_session(
-        &self,
-        id: &UserId,
-        device: &str,
-    ) -> Result<Option<Millis>, StoreError> {
+    async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
         let inner = &*self.inner;
         let now = inner.clock.now();
         let mut shard = inner.shard(id).lock();
         // Heartbeats are the hottest write: no event, no persistence, no timer work.
-        Ok(shard
-            .users
-            .get_mut(id)
-            .and_then(|e| e.state.refresh(device, now)))
+        Ok(shard.users.get_mut(id).and_then(|e| e.state.refresh(device, now)))
     }
 
     async fn unregister_session(&self, id: &UserId, device: &str) -> Result<bool, StoreError> {
         let node = self.inner.node.clone();
-        Ok(self
-            .update(id, false, false, |s, now| s.unregister(device, &node, now))
-            .is_some_and(|(removed, _, _)| removed))
+        Ok(self.update(id, false, false, |s, now| s.unregister(device, &node, now)).is_some_and(|(removed, _, _)| removed))
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         let now = self.inner.clock.now();
         let shard = self.inner.shard(id).lock();
-        Ok(shard
-            .users
-            .get(id)
-            .map(|e| e.state.live_sessions(now).cloned().collect())
-            .unwrap_or_default())
+        Ok(shard.users.get(id).map(|e| e.state.live_sessions(now).cloned().collect()).unwrap_or_default())
     }
 
     fn stats(&self) -> StoreStats {
@@ -434,6 +364,20 @@ impl Store for MemoryStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         self.persist_health()
+    }
+
+    async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        match &self.inner.persist {
+            Some(p) => {
+                self.persist_health()?;
+                Self::durable(Some(p.enqueue_dir(table, key, value))).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
+        Ok(std::mem::take(&mut *self.inner.directory.lock()))
     }
 
     async fn shutdown(&self) {
@@ -454,11 +398,7 @@ mod tests {
 
     const T0: Millis = 1_700_000_000_000;
 
-    fn setup() -> (
-        MemoryStore,
-        Arc<ManualClock>,
-        tokio::sync::broadcast::Receiver<Arc<Event>>,
-    ) {
+    fn setup() -> (MemoryStore, Arc<ManualClock>, tokio::sync::broadcast::Receiver<Arc<Event>>) {
         let clock = Arc::new(ManualClock::new(T0));
         let bus = EventBus::new(1024);
         let rx = bus.subscribe();
@@ -470,9 +410,7 @@ mod tests {
         UserId::parse(s, 128).unwrap()
     }
 
-    fn drain(
-        rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>,
-    ) -> Vec<(EventKind, String, Status)> {
+    fn drain(rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>) -> Vec<(EventKind, String, Status)> {
         let mut v = Vec::new();
         while let Ok(e) = rx.try_recv() {
             v.push((e.kind, e.presence.user_id.to_string(), e.presence.status));
@@ -484,22 +422,13 @@ mod tests {
     async fn session_ttl_expiry_through_the_wheel() {
         let (store, clock, mut rx) = setup();
         let alice = uid("alice");
-        store
-            .register_session(&alice, "phone", "gw1", 60_000)
-            .await
-            .unwrap();
-        assert_eq!(
-            drain(&mut rx),
-            vec![(EventKind::UserOnline, "alice".into(), Status::Online)]
-        );
+        store.register_session(&alice, "phone", "gw1", 60_000).await.unwrap();
+        assert_eq!(drain(&mut rx), vec![(EventKind::UserOnline, "alice".into(), Status::Online)]);
         assert_eq!(store.stats().online_users, 1);
         assert_eq!(store.stats().sessions, 1);
 
         clock.advance(30_000);
-        assert_eq!(
-            store.refresh_session(&alice, "phone").await.unwrap(),
-            Some(T0 + 90_000)
-        );
+        assert_eq!(store.refresh_session(&alice, "phone").await.unwrap(), Some(T0 + 90_000));
         // The original deadline passes: the stale wheel entry re-arms, nothing is emitted.
         clock.advance(30_000);
         assert_eq!(store.reap(clock.now()), 1);
@@ -507,10 +436,7 @@ mod tests {
         // The refreshed deadline passes: offline.
         clock.advance(30_000);
         store.reap(clock.now());
-        assert_eq!(
-            drain(&mut rx),
-            vec![(EventKind::UserOffline, "alice".into(), Status::Offline)]
-        );
+        assert_eq!(drain(&mut rx), vec![(EventKind::UserOffline, "alice".into(), Status::Offline)]);
         let p = get_one(&store, &alice).await.unwrap().unwrap();
         assert_eq!(p.last_seen, Some(T0 + 30_000));
         assert_eq!(store.stats().online_users, 0);
@@ -525,35 +451,16 @@ mod tests {
     async fn explicit_status_expires_into_derived_with_event() {
         let (store, clock, mut rx) = setup();
         let bob = uid("bob");
-        store
-            .register_session(&bob, "d1", "gw", 600_000)
-            .await
-            .unwrap();
-        let p = store
-            .set_status(
-                &bob,
-                SetStatus {
-                    status: Status::Busy,
-                    message: Arc::from("focus"),
-                    ttl_ms: Some(5_000),
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            (p.status, &*p.message, p.expires_at),
-            (Status::Busy, "focus", Some(T0 + 5_000))
-        );
+        store.register_session(&bob, "d1", "gw", 600_000).await.unwrap();
+        let p = store.set_status(&bob, SetStatus { status: Status::Busy, message: Arc::from("focus"), ttl_ms: Some(5_000) }).await.unwrap();
+        assert_eq!((p.status, &*p.message, p.expires_at), (Status::Busy, "focus", Some(T0 + 5_000)));
         drain(&mut rx);
         clock.advance(4_999);
         store.reap(clock.now());
         assert_eq!(drain(&mut rx), vec![]);
         clock.advance(1 + 100);
         store.reap(clock.now());
-        assert_eq!(
-            drain(&mut rx),
-            vec![(EventKind::PresenceExpired, "bob".into(), Status::Online)]
-        );
+        assert_eq!(drain(&mut rx), vec![(EventKind::PresenceExpired, "bob".into(), Status::Online)]);
     }
 
     #[tokio::test]
@@ -562,34 +469,18 @@ mod tests {
         let carol = uid("carol");
         assert_eq!(get_one(&store, &carol).await.unwrap(), None);
         assert!(!store.unregister_session(&carol, "x").await.unwrap());
-        assert_eq!(
-            store.stats().users,
-            0,
-            "reads and no-op writes do not create users"
-        );
-        store
-            .register_session(&carol, "phone", "gw1", 60_000)
-            .await
-            .unwrap();
-        store
-            .register_session(&carol, "laptop", "gw2", 60_000)
-            .await
-            .unwrap();
+        assert_eq!(store.stats().users, 0, "reads and no-op writes do not create users");
+        store.register_session(&carol, "phone", "gw1", 60_000).await.unwrap();
+        store.register_session(&carol, "laptop", "gw2", 60_000).await.unwrap();
         let devices = store.devices(&carol).await.unwrap();
         assert_eq!(devices.len(), 2);
         assert!(store.unregister_session(&carol, "phone").await.unwrap());
         assert!(store.unregister_session(&carol, "laptop").await.unwrap());
         assert_eq!(
             drain(&mut rx),
-            vec![
-                (EventKind::UserOnline, "carol".into(), Status::Online),
-                (EventKind::UserOffline, "carol".into(), Status::Offline)
-            ]
+            vec![(EventKind::UserOnline, "carol".into(), Status::Online), (EventKind::UserOffline, "carol".into(), Status::Offline)]
         );
-        let got = store
-            .get_many(&[carol.clone(), uid("nobody")])
-            .await
-            .unwrap();
+        let got = store.get_many(&[carol.clone(), uid("nobody")]).await.unwrap();
         assert_eq!(got[0].as_ref().map(|p| p.status), Some(Status::Offline));
         assert_eq!(got[1], None);
         assert_eq!(store.stats().hits, 1);
@@ -604,39 +495,17 @@ mod tests {
         {
             let store = MemoryStore::open(cfg.clone(), clock.clone(), EventBus::new(16)).unwrap();
             store.start();
-            let set = |s, ttl| SetStatus {
-                status: s,
-                message: Arc::from("msg"),
-                ttl_ms: ttl,
-            };
-            store
-                .set_status(&uid("long"), set(Status::Busy, Some(3_600_000)))
-                .await
-                .unwrap();
-            store
-                .set_status(&uid("short"), set(Status::Away, Some(1_000)))
-                .await
-                .unwrap();
-            store
-                .set_status(&uid("forever"), set(Status::Online, None))
-                .await
-                .unwrap();
-            store
-                .register_session(&uid("sess"), "d", "gw", 60_000)
-                .await
-                .unwrap();
+            let set = |s, ttl| SetStatus { status: s, message: Arc::from("msg"), ttl_ms: ttl };
+            store.set_status(&uid("long"), set(Status::Busy, Some(3_600_000))).await.unwrap();
+            store.set_status(&uid("short"), set(Status::Away, Some(1_000))).await.unwrap();
+            store.set_status(&uid("forever"), set(Status::Online, None)).await.unwrap();
+            store.register_session(&uid("sess"), "d", "gw", 60_000).await.unwrap();
             store.shutdown().await;
         }
         clock.advance(10_000);
         let store = MemoryStore::open(cfg, clock.clone(), EventBus::new(16)).unwrap();
-        let got = store
-            .get_many(&[uid("long"), uid("short"), uid("forever"), uid("sess")])
-            .await
-            .unwrap();
-        let got: Vec<_> = got
-            .into_iter()
-            .map(|p| p.map(|p| (p.status, p.message.to_string(), p.expires_at)))
-            .collect();
+        let got = store.get_many(&[uid("long"), uid("short"), uid("forever"), uid("sess")]).await.unwrap();
+        let got: Vec<_> = got.into_iter().map(|p| p.map(|p| (p.status, p.message.to_string(), p.expires_at))).collect();
         assert_eq!(
             got,
             vec![
@@ -650,10 +519,7 @@ mod tests {
         // The long status still expires on time after the restart.
         clock.set(T0 + 3_600_000);
         assert_eq!(store.reap(clock.now()), 1);
-        assert_eq!(
-            get_one(&store, &uid("long")).await.unwrap().unwrap().status,
-            Status::Offline
-        );
+        assert_eq!(get_one(&store, &uid("long")).await.unwrap().unwrap().status, Status::Offline);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,13 +551,7 @@ mod tests {
             n
         };
         assert_eq!(store.stats().sessions, total);
-        let online = store
-            .get_many(&ids)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|p| p.as_ref().unwrap().device_count > 0)
-            .count();
+        let online = store.get_many(&ids).await.unwrap().iter().filter(|p| p.as_ref().unwrap().device_count > 0).count();
         assert_eq!(store.stats().online_users, online as u64);
     }
 }

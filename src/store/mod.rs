@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use crate::core::{Millis, Presence, Registered, Session, Status, UserId};
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use persist::DirTable;
 
 /// Why a store operation failed. Input is validated before it reaches a store, so the
 /// only failures are the store's own.
@@ -59,20 +60,10 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError>;
 
     /// Registers (or replaces) a device session alive for `ttl_ms` unless refreshed.
-    async fn register_session(
-        &self,
-        id: &UserId,
-        device: &str,
-        instance: &str,
-        ttl_ms: i64,
-    ) -> Result<Registered, StoreError>;
+    async fn register_session(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64) -> Result<Registered, StoreError>;
 
     /// Extends a live session; `Ok(None)` when there is none (register again).
-    async fn refresh_session(
-        &self,
-        id: &UserId,
-        device: &str,
-    ) -> Result<Option<Millis>, StoreError>;
+    async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError>;
 
     /// Removes a session; `Ok(false)` when there was none.
     async fn unregister_session(&self, id: &UserId, device: &str) -> Result<bool, StoreError>;
@@ -86,15 +77,18 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok` when the store can serve reads and writes.
     async fn health(&self) -> Result<(), StoreError>;
 
+    /// Stores (or deletes) a directory row: contacts, privacy settings, conversation
+    /// members. Durable when it returns. The live copy is [`crate::directory::Directory`].
+    async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError>;
+
+    /// Every directory row, read once at start-up to fill the directory.
+    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError>;
+
     /// Flushes what must be durable and stops background work. Idempotent.
     async fn shutdown(&self);
 }
 
 /// Single-id read through [`Store::get_many`].
 pub async fn get_one(store: &dyn Store, id: &UserId) -> Result<Option<Presence>, StoreError> {
-    Ok(store
-        .get_many(std::slice::from_ref(id))
-        .await?
-        .pop()
-        .flatten())
+    Ok(store.get_many(std::slice::from_ref(id)).await?.pop().flatten())
 }

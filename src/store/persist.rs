@@ -24,6 +24,52 @@ use crate::core::{Explicit, Millis, Status, UserState};
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 
+/// Durable side data kept beside presence records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DirTable {
+    /// user id → JSON array of contact ids (the user's audience).
+    Contacts,
+    /// user id → JSON privacy settings.
+    Privacy,
+    /// conversation id → JSON array of member ids.
+    Conversations,
+}
+
+impl DirTable {
+    pub const ALL: [DirTable; 3] = [DirTable::Contacts, DirTable::Privacy, DirTable::Conversations];
+
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            DirTable::Contacts => TableDefinition::new("contacts"),
+            DirTable::Privacy => TableDefinition::new("privacy"),
+            DirTable::Conversations => TableDefinition::new("conversations"),
+        }
+    }
+}
+
+/// Which table a pending write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Table {
+    Users,
+    Dir(DirTable),
+}
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::Users => USERS,
+            Table::Dir(d) => d.def(),
+        }
+    }
+}
+
+/// Everything read back at open.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub users: Vec<(String, Record)>,
+    pub directory: Vec<(DirTable, String, Vec<u8>)>,
+}
+
 /// The durable part of a [`UserState`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -77,18 +123,15 @@ impl Record {
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
     #[error("cannot create data directory {path}: {source}")]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot open presence database {path}: {message}")]
     Open { path: PathBuf, message: String },
 }
 
 #[derive(Default)]
 struct Pending {
-    /// user id → record to write, or `None` to delete.
-    dirty: HashMap<String, Option<Vec<u8>>>,
+    /// (table, key) → value to write, or `None` to delete.
+    dirty: HashMap<(Table, String), Option<Vec<u8>>>,
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
@@ -111,35 +154,37 @@ pub struct Persister {
 pub type Ack = oneshot::Receiver<Result<(), String>>;
 
 impl Persister {
-    /// Opens (or creates) `dir/presence.redb` and returns every stored record.
-    pub fn open(dir: &Path) -> Result<(Persister, Vec<(String, Record)>), PersistError> {
-        std::fs::create_dir_all(dir).map_err(|source| PersistError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    /// Opens (or creates) `dir/presence.redb` and returns everything stored.
+    pub fn open(dir: &Path) -> Result<(Persister, Loaded), PersistError> {
+        std::fs::create_dir_all(dir).map_err(|source| PersistError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join("presence.redb");
-        let open_err = |e: &dyn std::fmt::Display| PersistError::Open {
-            path: path.clone(),
-            message: e.to_string(),
-        };
+        let open_err = |e: &dyn std::fmt::Display| PersistError::Open { path: path.clone(), message: e.to_string() };
         let db = Database::create(&path).map_err(|e| open_err(&e))?;
         let tx = db.begin_write().map_err(|e| open_err(&e))?;
         tx.open_table(USERS).map_err(|e| open_err(&e))?;
+        for t in DirTable::ALL {
+            tx.open_table(t.def()).map_err(|e| open_err(&e))?;
+        }
         tx.commit().map_err(|e| open_err(&e))?;
 
-        let mut records = Vec::new();
+        let mut loaded = Loaded::default();
         let rtx = db.begin_read().map_err(|e| open_err(&e))?;
         let table = rtx.open_table(USERS).map_err(|e| open_err(&e))?;
         for item in table.iter().map_err(|e| open_err(&e))? {
             let (k, v) = item.map_err(|e| open_err(&e))?;
             match serde_json::from_slice::<Record>(v.value()) {
-                Ok(r) => records.push((k.value().to_string(), r)),
-                Err(e) => {
-                    tracing::warn!(user = k.value(), error = %e, "skipping unreadable presence record")
-                }
+                Ok(r) => loaded.users.push((k.value().to_string(), r)),
+                Err(e) => tracing::warn!(user = k.value(), error = %e, "skipping unreadable presence record"),
             }
         }
         drop(table);
+        for t in DirTable::ALL {
+            let table = rtx.open_table(t.def()).map_err(|e| open_err(&e))?;
+            for item in table.iter().map_err(|e| open_err(&e))? {
+                let (k, v) = item.map_err(|e| open_err(&e))?;
+                loaded.directory.push((t, k.value().to_string(), v.value().to_vec()));
+            }
+        }
         drop(rtx);
 
         let shared = Arc::new(Shared {
@@ -149,13 +194,7 @@ impl Persister {
             closing: AtomicBool::new(false),
             failure: Mutex::new(None),
         });
-        Ok((
-            Persister {
-                shared,
-                writer: Mutex::new(None),
-            },
-            records,
-        ))
+        Ok((Persister { shared, writer: Mutex::new(None) }, loaded))
     }
 
     /// Starts the writer task on the current runtime.
@@ -168,8 +207,23 @@ impl Persister {
     /// resolves once it is committed.
     pub fn enqueue(&self, user: &str, record: Option<&Record>, ack: bool) -> Option<Ack> {
         let bytes = record.map(|r| serde_json::to_vec(r).unwrap_or_default());
+        self.push(Table::Users, user, bytes, ack)
+    }
+
+    /// Queues a directory value (or its deletion) and returns its commit acknowledgement.
+    pub fn enqueue_dir(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Ack {
+        let (tx, rx) = oneshot::channel();
         let mut p = self.shared.pending.lock();
-        p.dirty.insert(user.to_string(), bytes);
+        p.dirty.insert((Table::Dir(table), key.to_string()), value);
+        p.waiters.push(tx);
+        drop(p);
+        self.shared.wake.notify_one();
+        rx
+    }
+
+    fn push(&self, table: Table, key: &str, value: Option<Vec<u8>>, ack: bool) -> Option<Ack> {
+        let mut p = self.shared.pending.lock();
+        p.dirty.insert((table, key.to_string()), value);
         let rx = ack.then(|| {
             let (tx, rx) = oneshot::channel();
             p.waiters.push(tx);
@@ -259,21 +313,22 @@ async fn writer(shared: Arc<Shared>) {
     }
 }
 
-fn commit(db: &Database, dirty: &HashMap<String, Option<Vec<u8>>>) -> Result<(), String> {
+fn commit(db: &Database, dirty: &HashMap<(Table, String), Option<Vec<u8>>>) -> Result<(), String> {
     let mut tx = db.begin_write().map_err(|e| e.to_string())?;
-    tx.set_durability(Durability::Immediate)
-        .map_err(|e| e.to_string())?;
-    {
-        let mut table = tx.open_table(USERS).map_err(|e| e.to_string())?;
-        for (k, v) in dirty {
+    tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+    let mut by_table: HashMap<Table, Vec<(&str, &Option<Vec<u8>>)>> = HashMap::new();
+    for ((t, k), v) in dirty {
+        by_table.entry(*t).or_default().push((k.as_str(), v));
+    }
+    for (t, rows) in by_table {
+        let mut table = tx.open_table(t.def()).map_err(|e| e.to_string())?;
+        for (k, v) in rows {
             match v {
                 Some(bytes) => {
-                    table
-                        .insert(k.as_str(), bytes.as_slice())
-                        .map_err(|e| e.to_string())?;
+                    table.insert(k, bytes.as_slice()).map_err(|e| e.to_string())?;
                 }
                 None => {
-                    table.remove(k.as_str()).map_err(|e| e.to_string())?;
+                    table.remove(k).map_err(|e| e.to_string())?;
                 }
             }
         }
@@ -299,16 +354,20 @@ mod tests {
         };
         {
             let (p, loaded) = Persister::open(dir.path()).unwrap();
-            assert!(loaded.is_empty());
+            assert!(loaded.users.is_empty() && loaded.directory.is_empty());
             p.start();
             let ack = p.enqueue("alice", Some(&rec), true).unwrap();
             ack.await.unwrap().unwrap();
             p.enqueue("bob", Some(&rec), false);
             p.enqueue("bob", None, false);
+            p.enqueue_dir(DirTable::Contacts, "alice", Some(b"[\"bob\"]".to_vec())).await.unwrap().unwrap();
+            p.enqueue_dir(DirTable::Privacy, "gone", Some(b"{}".to_vec()));
+            p.enqueue_dir(DirTable::Privacy, "gone", None);
             p.close().await;
         }
         let (_p, loaded) = Persister::open(dir.path()).unwrap();
-        assert_eq!(loaded, vec![("alice".to_string(), rec.clone())]);
+        assert_eq!(loaded.users, vec![("alice".to_string(), rec.clone())]);
+        assert_eq!(loaded.directory, vec![(DirTable::Contacts, "alice".to_string(), b"[\"bob\"]".to_vec())]);
         let state = rec.into_state();
         assert_eq!(state.explicit.unwrap().status, Status::Busy);
         assert!(state.sessions.is_empty());
@@ -318,9 +377,7 @@ mod tests {
     fn a_second_process_cannot_open_the_same_database() {
         let dir = tempfile::tempdir().unwrap();
         let (_a, _) = Persister::open(dir.path()).unwrap();
-        let err = Persister::open(dir.path())
-            .err()
-            .expect("second open must fail");
+        let err = Persister::open(dir.path()).err().expect("second open must fail");
         assert!(err.to_string().contains("presence.redb"), "{err}");
     }
 }

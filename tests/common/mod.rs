@@ -31,38 +31,28 @@ pub fn test_config(extra_env: &[(&str, &str)]) -> (Config, tempfile::TempDir) {
         ("PRESENCE_AUTH__JWT_SECRET".into(), SECRET.into()),
         ("PRESENCE_SERVICE__HOST".into(), "127.0.0.1".into()),
         ("PRESENCE_SERVICE__NODE_ID".into(), "test-node".into()),
-        (
-            "PRESENCE_SERVICE__DATA_DIR".into(),
-            dir.path().display().to_string(),
-        ),
+        ("PRESENCE_SERVICE__DATA_DIR".into(), dir.path().display().to_string()),
     ];
-    env.extend(
-        extra_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
+    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     (Config::load(None, env).expect("test config"), dir)
 }
 
 impl TestServer {
     pub async fn start(extra_env: &[(&str, &str)]) -> TestServer {
         let (config, dir) = test_config(extra_env);
-        let app = App::build(config).expect("build app");
+        let app = App::build(config).await.expect("build app");
         Self::serve(app, Some(dir)).await
     }
 
     /// Serves around a given store (e.g. one that fails on purpose).
     pub async fn with_store(extra_env: &[(&str, &str)], store: Arc<dyn Store>) -> TestServer {
         let (config, dir) = test_config(extra_env);
-        let app = App::with_store(config, store, EventBus::new(1024), Arc::new(SystemClock))
-            .expect("build app");
+        let app = App::with_store(config, store, EventBus::new(1024), Arc::new(SystemClock)).await.expect("build app");
         Self::serve(app, Some(dir)).await
     }
 
     async fn serve(app: App, dir: Option<tempfile::TempDir>) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let svc = app.svc.clone();
         let (tx, rx) = oneshot::channel::<()>();
@@ -73,18 +63,8 @@ impl TestServer {
             .await
             .expect("serve");
         });
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("client");
-        TestServer {
-            base,
-            svc,
-            client,
-            stop: Some(tx),
-            task: Some(task),
-            _dir: dir,
-        }
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+        TestServer { base, svc, client, stop: Some(tx), task: Some(task), _dir: dir }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -93,39 +73,20 @@ impl TestServer {
 
     /// A token for `sub` signed with the test secret.
     pub fn token(&self, sub: &str) -> String {
-        self.svc
-            .auth
-            .mint(sub, Duration::from_secs(3600), None)
-            .expect("mint")
+        self.svc.auth.mint(sub, Duration::from_secs(3600), None).expect("mint")
     }
 
     pub fn admin_token(&self, sub: &str) -> String {
-        self.svc
-            .auth
-            .mint(sub, Duration::from_secs(3600), Some("presence:admin"))
-            .expect("mint")
+        self.svc.auth.mint(sub, Duration::from_secs(3600), Some("presence:admin")).expect("mint")
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = self
-            .client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request");
+        let r = self.client.get(self.url(path)).send().await.expect("request");
         decode(r).await
     }
 
-    pub async fn put_status(
-        &self,
-        user: &str,
-        token: Option<&str>,
-        body: serde_json::Value,
-    ) -> (u16, serde_json::Value) {
-        let mut req = self
-            .client
-            .put(self.url(&format!("/api/v2/presence/{user}")))
-            .json(&body);
+    pub async fn put_status(&self, user: &str, token: Option<&str>, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let mut req = self.client.put(self.url(&format!("/api/v2/presence/{user}"))).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -154,8 +115,7 @@ impl Drop for TestServer {
 pub async fn decode(r: reqwest::Response) -> (u16, serde_json::Value) {
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
-    let json = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
     (status, json)
 }
 
@@ -165,8 +125,5 @@ pub fn assert_error(resp: &(u16, serde_json::Value), status: u16, code: &str) {
     assert_eq!(*s, status, "unexpected status, body: {body}");
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["code"], code, "{body}");
-    assert!(
-        body["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{body}"
-    );
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
 }

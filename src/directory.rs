@@ -1,0 +1,185 @@
+//! The directory: who shares presence with whom (contacts), privacy settings, and
+//! conversation membership, held in memory for the hot paths (every fan-out consults it)
+//! and persisted through [`Store::put_directory`].
+//!
+//! A user's contacts are their *audience*: the people told of their changes, and the
+//! people who see them under `visibility: contacts`. The reverse index (`audiences`)
+//! answers "whose changes may this viewer follow", for the snapshot sent on connect.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::core::{Privacy, UserId};
+use crate::store::{DirTable, Store, StoreError};
+
+pub type Members = Arc<HashSet<UserId>>;
+
+#[derive(Default)]
+pub struct Directory {
+    contacts: RwLock<HashMap<UserId, Members>>,
+    /// viewer → users whose contacts include the viewer.
+    audiences: RwLock<HashMap<UserId, HashSet<UserId>>>,
+    privacy: RwLock<HashMap<UserId, Privacy>>,
+    conversations: RwLock<HashMap<Arc<str>, Members>>,
+}
+
+fn empty() -> Members {
+    static EMPTY: std::sync::OnceLock<Members> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Default::default).clone()
+}
+
+fn parse_ids(raw: &[u8]) -> Option<Vec<UserId>> {
+    let ids: Vec<String> = serde_json::from_slice(raw).ok()?;
+    Some(ids.iter().filter_map(|s| UserId::parse(s, usize::MAX).ok()).collect())
+}
+
+fn ids_json(ids: &[UserId]) -> Vec<u8> {
+    serde_json::to_vec(&ids.iter().map(UserId::as_str).collect::<Vec<_>>()).unwrap_or_default()
+}
+
+impl Directory {
+    /// Fills the directory from the store's rows (read once at start-up).
+    pub async fn load(store: &dyn Store) -> Result<Directory, StoreError> {
+        let dir = Directory::default();
+        for (table, key, value) in store.load_directory().await? {
+            match table {
+                DirTable::Contacts => {
+                    if let (Ok(user), Some(ids)) = (UserId::parse(&key, usize::MAX), parse_ids(&value)) {
+                        dir.apply_contacts(&user, ids);
+                    }
+                }
+                DirTable::Privacy => {
+                    if let (Ok(user), Ok(p)) = (UserId::parse(&key, usize::MAX), serde_json::from_slice::<Privacy>(&value)) {
+                        dir.privacy.write().insert(user, p);
+                    }
+                }
+                DirTable::Conversations => {
+                    if let Some(ids) = parse_ids(&value) {
+                        dir.conversations.write().insert(Arc::from(key.as_str()), Arc::new(ids.into_iter().collect()));
+                    }
+                }
+            }
+        }
+        Ok(dir)
+    }
+
+    /// The user's contacts (audience).
+    pub fn contacts(&self, user: &UserId) -> Members {
+        self.contacts.read().get(user).cloned().unwrap_or_else(empty)
+    }
+
+    /// Users whose contacts include `viewer`.
+    pub fn audience_of(&self, viewer: &UserId) -> Vec<UserId> {
+        self.audiences.read().get(viewer).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn privacy(&self, user: &UserId) -> Privacy {
+        self.privacy.read().get(user).copied().unwrap_or_default()
+    }
+
+    /// Members of a conversation; `None` when no backend has set them.
+    pub fn members(&self, conversation: &str) -> Option<Members> {
+        self.conversations.read().get(conversation).cloned()
+    }
+
+    /// Replaces the user's contacts durably; returns the previous set.
+    pub async fn set_contacts(&self, store: &dyn Store, user: &UserId, ids: Vec<UserId>) -> Result<Members, StoreError> {
+        let value = if ids.is_empty() { None } else { Some(ids_json(&ids)) };
+        store.put_directory(DirTable::Contacts, user.as_str(), value).await?;
+        Ok(self.apply_contacts(user, ids))
+    }
+
+    fn apply_contacts(&self, user: &UserId, ids: Vec<UserId>) -> Members {
+        let new: HashSet<UserId> = ids.into_iter().filter(|c| c != user).collect();
+        let new = Arc::new(new);
+        let old = {
+            let mut contacts = self.contacts.write();
+            if new.is_empty() {
+                contacts.remove(user)
+            } else {
+                contacts.insert(user.clone(), new.clone())
+            }
+        }
+        .unwrap_or_else(empty);
+        let mut aud = self.audiences.write();
+        for gone in old.difference(&new) {
+            if let Some(s) = aud.get_mut(gone) {
+                s.remove(user);
+                if s.is_empty() {
+                    aud.remove(gone);
+                }
+            }
+        }
+        for added in new.difference(&old) {
+            aud.entry(added.clone()).or_default().insert(user.clone());
+        }
+        old
+    }
+
+    /// Replaces the user's privacy settings durably; returns the previous ones.
+    pub async fn set_privacy(&self, store: &dyn Store, user: &UserId, p: Privacy) -> Result<Privacy, StoreError> {
+        let value = if p == Privacy::default() { None } else { serde_json::to_vec(&p).ok() };
+        store.put_directory(DirTable::Privacy, user.as_str(), value).await?;
+        let old = if p == Privacy::default() { self.privacy.write().remove(user) } else { self.privacy.write().insert(user.clone(), p) };
+        Ok(old.unwrap_or_default())
+    }
+
+    /// Replaces a conversation's members durably.
+    pub async fn set_members(&self, store: &dyn Store, conversation: &str, ids: Vec<UserId>) -> Result<(), StoreError> {
+        let value = if ids.is_empty() { None } else { Some(ids_json(&ids)) };
+        store.put_directory(DirTable::Conversations, conversation, value).await?;
+        let mut conv = self.conversations.write();
+        if ids.is_empty() {
+            conv.remove(conversation);
+        } else {
+            conv.insert(Arc::from(conversation), Arc::new(ids.into_iter().collect()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::EventBus;
+    use crate::core::Visibility;
+    use crate::store::memory::{MemoryConfig, MemoryStore};
+    use crate::store::SystemClock;
+
+    fn u(s: &str) -> UserId {
+        UserId::parse(s, 64).unwrap()
+    }
+
+    #[tokio::test]
+    async fn contacts_reverse_index_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = MemoryConfig::new("n");
+        cfg.data_dir = Some(dir.path().to_path_buf());
+        {
+            let store = MemoryStore::open(cfg.clone(), Arc::new(SystemClock), EventBus::new(8)).unwrap();
+            store.start();
+            let d = Directory::load(&store).await.unwrap();
+            d.set_contacts(&store, &u("alice"), vec![u("bob"), u("carol"), u("alice")]).await.unwrap();
+            d.set_contacts(&store, &u("dave"), vec![u("bob")]).await.unwrap();
+            let mut a = d.audience_of(&u("bob"));
+            a.sort();
+            assert_eq!(a, vec![u("alice"), u("dave")]);
+            assert!(!d.contacts(&u("alice")).contains(&u("alice")), "self is never a contact");
+            let old = d.set_contacts(&store, &u("alice"), vec![u("carol")]).await.unwrap();
+            assert_eq!(old.len(), 2);
+            assert_eq!(d.audience_of(&u("bob")), vec![u("dave")]);
+            d.set_privacy(&store, &u("alice"), Privacy { visibility: Visibility::Nobody, last_seen: Visibility::Contacts }).await.unwrap();
+            d.set_members(&store, "conv-1", vec![u("alice"), u("bob")]).await.unwrap();
+            store.shutdown().await;
+        }
+        let store = MemoryStore::open(cfg, Arc::new(SystemClock), EventBus::new(8)).unwrap();
+        let d = Directory::load(&store).await.unwrap();
+        assert_eq!(d.contacts(&u("alice")).iter().cloned().collect::<Vec<_>>(), vec![u("carol")]);
+        assert_eq!(d.audience_of(&u("bob")), vec![u("dave")]);
+        assert_eq!(d.privacy(&u("alice")).visibility, Visibility::Nobody);
+        assert!(d.members("conv-1").unwrap().contains(&u("bob")));
+        assert!(d.members("conv-2").is_none());
+    }
+}

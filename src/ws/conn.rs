@@ -1,0 +1,184 @@
+//! One WebSocket connection: a single task that reads client messages, writes what the
+//! hub queued, pings, and notices staleness. One task (not a reader and a writer) keeps
+//! an idle connection small.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+
+use super::hub::{close, Conn};
+use super::protocol::{self, ClientMsg};
+use crate::auth::Identity;
+use crate::core::ratelimit::{Rate, TokenBucket};
+use crate::core::{validate_id, DeviceId, UserId};
+use crate::service::{ApiError, Service, StatusWrite};
+
+/// Runs a connection to its end.
+pub async fn run(svc: Arc<Service>, who: Identity, user: UserId, device: DeviceId, mut socket: WebSocket) {
+    let hub = svc.hub.clone();
+    let conn = match hub.connect(user, device, who.is_admin()).await {
+        Ok(c) => c,
+        Err(e) => {
+            let frame = CloseFrame { code: 1011, reason: Utf8Bytes::from(e.to_string()) };
+            let _ = socket.send(Message::Close(Some(frame))).await;
+            return;
+        }
+    };
+    conn.push(protocol::connected(
+        conn.user.as_str(),
+        &conn.device,
+        &svc.node_id,
+        svc.presence.heartbeat_interval.0.as_secs(),
+        svc.presence.session_ttl.0.as_secs(),
+    ));
+    // The user's own presence, and everyone who shares theirs with this user.
+    let mut initial = vec![conn.user.clone()];
+    initial.extend(svc.directory.audience_of(&conn.user));
+    if let Err(e) = hub.snapshot(&conn, &initial).await {
+        conn.push(protocol::error(&None, e.code(), &e.to_string()));
+    }
+    let end = session(&svc, &conn, &who, &mut socket).await;
+    hub.disconnect(&conn).await;
+    if let Some((code, reason)) = end {
+        let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))).await;
+    }
+}
+
+/// The connection loop; returns the close frame to send, if any.
+async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &mut WebSocket) -> Option<(u16, &'static str)> {
+    let heartbeat = svc.presence.heartbeat_interval.0;
+    let ttl = svc.presence.session_ttl.0;
+    let rate = Rate { per_second: svc.limits.ws_messages_per_sec, burst: svc.limits.ws_message_burst };
+    let mut bucket = TokenBucket::new(rate, svc.clock.now());
+    let mut last_in = Instant::now();
+    let mut refreshed = last_in;
+    let tick = tokio::time::sleep(heartbeat.min(ttl));
+    tokio::pin!(tick);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.woken() => {
+                if let Some(c) = conn.drain(&mut batch) {
+                    return Some(c);
+                }
+                let n = batch.len() as u64;
+                for m in batch.drain(..) {
+                    if socket.feed(Message::Text(m)).await.is_err() {
+                        return None;
+                    }
+                }
+                if socket.flush().await.is_err() {
+                    return None;
+                }
+                metrics::counter!("ws_messages_out_total").increment(n);
+            }
+            msg = socket.recv() => {
+                let msg = match msg {
+                    None => return None,
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => return too_big(e).then_some((close::TOO_BIG, "message too big")),
+                };
+                last_in = Instant::now();
+                match msg {
+                    Message::Text(text) => {
+                        metrics::counter!("ws_messages_in_total").increment(1);
+                        if let Err(wait) = bucket.try_take(rate, svc.clock.now()) {
+                            metrics::counter!("presence_rate_limited_total", "scope" => "ws_message").increment(1);
+                            let e = ApiError::RateLimited { retry_after_ms: wait };
+                            conn.push(protocol::error(&protocol::parse(&text).id, e.code(), &e.to_string()));
+                            continue;
+                        }
+                        handle(svc, conn, who, &text).await;
+                    }
+                    Message::Binary(_) => {
+                        conn.push(protocol::error(&None, "bad_request", "binary frames are not supported: send JSON text frames"));
+                    }
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Close(_) => return None,
+                }
+            }
+            _ = &mut tick => {
+                let now = Instant::now();
+                if now.duration_since(last_in) >= ttl {
+                    metrics::counter!("ws_stale_closed_total").increment(1);
+                    return Some((close::STALE, "no traffic within session_ttl"));
+                }
+                if last_in > refreshed {
+                    if let Err(e) = svc.hub.refresh(conn).await {
+                        tracing::warn!(user = %conn.user, error = %e, "session refresh failed");
+                    }
+                    refreshed = now;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return None;
+                }
+                // Wake at the next ping, or exactly when the connection would turn stale.
+                let next = (now + heartbeat).min(last_in + ttl);
+                tick.as_mut().reset(tokio::time::Instant::from_std(next.max(now + std::time::Duration::from_millis(10))));
+            }
+        }
+    }
+}
+
+/// Whether a read error is an oversize frame/message (→ close 1009).
+fn too_big(e: axum::Error) -> bool {
+    match e.into_inner().downcast::<tokio_tungstenite::tungstenite::Error>() {
+        Ok(e) => matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)),
+        Err(_) => false,
+    }
+}
+
+async fn handle(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, text: &str) {
+    let inc = protocol::parse(text);
+    let msg = match inc.msg {
+        Ok(m) => m,
+        Err(e) => {
+            conn.push(protocol::error(&inc.id, e.code, &e.message));
+            return;
+        }
+    };
+    match apply(svc, conn, who, msg).await {
+        Ok(snapshot) => {
+            conn.push(protocol::ack(&inc.id, &inc.kind));
+            if let Some(ids) = snapshot {
+                if let Err(e) = svc.hub.snapshot(conn, &ids).await {
+                    conn.push(protocol::error(&inc.id, e.code(), &e.to_string()));
+                }
+            }
+        }
+        Err(e) => conn.push(protocol::error(&inc.id, e.code(), &e.to_string())),
+    }
+}
+
+/// Carries out one message; `Ok(Some(ids))` asks for a snapshot of `ids` after the ack.
+async fn apply(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, msg: ClientMsg) -> Result<Option<Vec<UserId>>, ApiError> {
+    match msg {
+        ClientMsg::PresenceUpdate { online_status, custom_status, ttl } => {
+            svc.set_status(who, &conn.user, StatusWrite { status: online_status, message: custom_status, ttl_seconds: ttl }).await?;
+            Ok(None)
+        }
+        ClientMsg::Heartbeat => {
+            svc.hub.refresh(conn).await?;
+            Ok(None)
+        }
+        ClientMsg::Typing { conversation_id, is_typing } => {
+            validate_id("conversation id", &conversation_id, svc.limits.max_user_id_len)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            svc.hub.typing(&conn.user, &conversation_id, is_typing)?;
+            Ok(None)
+        }
+        ClientMsg::Subscribe { user_ids } => {
+            let ids = svc.parse_ids(user_ids.iter().map(String::as_str))?;
+            svc.hub.subscribe(conn, &ids)?;
+            Ok(Some(ids))
+        }
+        ClientMsg::Unsubscribe { user_ids } => {
+            let ids = svc.parse_ids(user_ids.iter().map(String::as_str))?;
+            svc.hub.unsubscribe(conn, &ids);
+            Ok(None)
+        }
+    }
+}

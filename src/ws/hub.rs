@@ -1,0 +1,578 @@
+//! The hub: this node's WebSocket connections, who watches whom, and delivery.
+//!
+//! Two indexes, each sharded: `owners` (user → that user's connections, a handful) and
+//! `watchers` (watched user → subscribed connections, any number). A presence event for
+//! user U reaches, without scanning anything else: U's subscribers, the connections of
+//! U's contacts (U's audience), and U's own other devices. Each target gets the
+//! projection its relation to U allows (owner / contact / other), encoded once per
+//! relation per event.
+//!
+//! Every connection has an [`Outbox`]: a bounded queue in which presence pushes for the
+//! same watched user (and typing pushes for the same conversation and typist) replace
+//! each other, so a slow reader holds at most one pending presence per watched user. A
+//! connection whose outbox still overflows is closed with 1013.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::protocol;
+use crate::bus::EventBus;
+use crate::core::{project, DeviceId, Presence, Relation, UserId};
+use crate::directory::Directory;
+use crate::service::ApiError;
+use crate::store::{Clock, Store};
+
+/// Close codes the hub uses.
+pub mod close {
+    /// The client cannot keep up with what it is sent.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// A newer connection took over this device.
+    pub const REPLACED: u16 = 4001;
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// No inbound traffic (pong, heartbeat, any message) within `presence.session_ttl`.
+    pub const STALE: u16 = 4002;
+    /// A frame larger than `limits.ws_max_message_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// What the hub enforces.
+#[derive(Debug, Clone)]
+pub struct HubLimits {
+    pub outbox: usize,
+    pub subscriptions_per_connection: usize,
+    pub typing_ttl_ms: i64,
+    pub session_ttl_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Presence(UserId),
+    Typing(Arc<str>, UserId),
+}
+
+enum Entry {
+    Keyed(Key),
+    Msg(Utf8Bytes),
+}
+
+#[derive(Default)]
+struct Outbox {
+    queue: VecDeque<Entry>,
+    keyed: HashMap<Key, Utf8Bytes>,
+    close: Option<(u16, &'static str)>,
+}
+
+/// One WebSocket connection as the hub sees it.
+pub struct Conn {
+    pub id: u64,
+    pub user: UserId,
+    pub device: DeviceId,
+    /// A backend connection (`presence:admin`): sees everyone as their owner would.
+    pub admin: bool,
+    outbox: Mutex<Outbox>,
+    wake: Notify,
+    subs: Mutex<HashSet<UserId>>,
+    limit: usize,
+}
+
+impl Conn {
+    /// Queues a coalescable push: a pending push with the same key is replaced.
+    fn push_keyed(&self, key: Key, payload: Utf8Bytes) {
+        let mut o = self.outbox.lock();
+        if o.close.is_some() {
+            return;
+        }
+        if let Some(slot) = o.keyed.get_mut(&key) {
+            *slot = payload;
+            metrics::counter!("ws_coalesced_total").increment(1);
+            return;
+        }
+        if o.queue.len() >= self.limit {
+            Self::overflow(&mut o);
+        } else {
+            o.keyed.insert(key.clone(), payload);
+            o.queue.push_back(Entry::Keyed(key));
+        }
+        drop(o);
+        self.wake.notify_one();
+    }
+
+    /// Queues a message that is delivered as is, in order (acks, errors).
+    pub fn push(&self, payload: impl Into<Utf8Bytes>) {
+        let mut o = self.outbox.lock();
+        if o.close.is_some() {
+            return;
+        }
+        if o.queue.len() >= self.limit {
+            Self::overflow(&mut o);
+        } else {
+            o.queue.push_back(Entry::Msg(payload.into()));
+        }
+        drop(o);
+        self.wake.notify_one();
+    }
+
+    fn overflow(o: &mut Outbox) {
+        metrics::counter!("ws_dropped_total", "reason" => "slow_consumer").increment(1);
+        o.close = Some((close::TRY_AGAIN_LATER, "outbound queue full: client too slow"));
+        o.queue.clear();
+        o.keyed.clear();
+    }
+
+    /// Asks the connection's task to close with `code`.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let mut o = self.outbox.lock();
+        if o.close.is_none() {
+            o.close = Some((code, reason));
+        }
+        drop(o);
+        self.wake.notify_one();
+    }
+
+    /// Moves everything pending into `out`; returns the close request, if any.
+    pub fn drain(&self, out: &mut Vec<Utf8Bytes>) -> Option<(u16, &'static str)> {
+        let mut o = self.outbox.lock();
+        if let Some(c) = o.close {
+            return Some(c);
+        }
+        let o = &mut *o;
+        out.reserve(o.queue.len());
+        while let Some(e) = o.queue.pop_front() {
+            match e {
+                Entry::Msg(m) => out.push(m),
+                Entry::Keyed(k) => {
+                    if let Some(m) = o.keyed.remove(&k) {
+                        out.push(m);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Resolves when something was queued (or a close was requested) since the last drain.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subs.lock().len()
+    }
+}
+
+/// A map split over mutex-guarded shards by key hash.
+struct Sharded<K, V> {
+    shards: Box<[Mutex<HashMap<K, V>>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl<K: Hash + Eq, V> Sharded<K, V> {
+    fn new(n: usize) -> Self {
+        Sharded { shards: (0..n.next_power_of_two()).map(|_| Mutex::new(HashMap::new())).collect(), hasher: Default::default() }
+    }
+    fn shard(&self, k: &K) -> &Mutex<HashMap<K, V>> {
+        let h = self.hasher.hash_one(k) as usize;
+        &self.shards[h & (self.shards.len() - 1)]
+    }
+}
+
+struct TypingState {
+    /// (conversation, typist) → deadline.
+    active: HashMap<(Arc<str>, UserId), i64>,
+    wheel: BTreeMap<i64, Vec<(Arc<str>, UserId)>>,
+}
+
+pub struct Hub {
+    node_id: Arc<str>,
+    store: Arc<dyn Store>,
+    directory: Arc<Directory>,
+    clock: Arc<dyn Clock>,
+    limits: HubLimits,
+    next_id: AtomicU64,
+    owners: Sharded<UserId, Vec<Arc<Conn>>>,
+    watchers: Sharded<UserId, HashMap<u64, Arc<Conn>>>,
+    typing: Mutex<TypingState>,
+    connections: AtomicI64,
+    subscriptions: AtomicI64,
+}
+
+impl Hub {
+    pub fn new(node_id: Arc<str>, store: Arc<dyn Store>, directory: Arc<Directory>, clock: Arc<dyn Clock>, limits: HubLimits) -> Hub {
+        Hub {
+            node_id,
+            store,
+            directory,
+            clock,
+            limits,
+            next_id: AtomicU64::new(1),
+            owners: Sharded::new(64),
+            watchers: Sharded::new(64),
+            typing: Mutex::new(TypingState { active: HashMap::new(), wheel: BTreeMap::new() }),
+            connections: AtomicI64::new(0),
+            subscriptions: AtomicI64::new(0),
+        }
+    }
+
+    /// Starts delivering bus events and expiring typing indicators.
+    pub fn start(self: &Arc<Self>, bus: &EventBus) {
+        let mut rx = bus.subscribe();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => match weak.upgrade() {
+                        Some(hub) => hub.deliver(&ev.presence, &[]),
+                        None => return,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        metrics::counter!("ws_dropped_total", "reason" => "bus_lag").increment(n);
+                        tracing::warn!(missed = n, "hub fell behind the event bus; some pushes were skipped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(hub) = weak.upgrade() else { return };
+                hub.expire_typing(hub.clock.now());
+            }
+        });
+    }
+
+    pub fn connection_count(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn subscription_total(&self) -> i64 {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Registers a connection (and its device session). A previous connection of the same
+    /// device on this node is closed with 4001.
+    pub async fn connect(&self, user: UserId, device: DeviceId, admin: bool) -> Result<Arc<Conn>, ApiError> {
+        let conn = Arc::new(Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            user: user.clone(),
+            device: device.clone(),
+            admin,
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+            subs: Mutex::new(HashSet::new()),
+            limit: self.limits.outbox.max(1),
+        });
+        let replaced = {
+            let mut shard = self.owners.shard(&user).lock();
+            let conns = shard.entry(user.clone()).or_default();
+            let old = conns.iter().position(|c| c.device == device).map(|i| conns.swap_remove(i));
+            conns.push(conn.clone());
+            old
+        };
+        if let Some(old) = replaced {
+            old.close(close::REPLACED, "replaced by a newer connection of this device");
+        } else {
+            self.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.store.register_session(&user, &device, &self.node_id, self.limits.session_ttl_ms).await {
+            self.detach(&conn);
+            return Err(e.into());
+        }
+        metrics::gauge!("ws_connections").set(self.connection_count() as f64);
+        Ok(conn)
+    }
+
+    /// Removes the connection from the indexes; returns whether it still owned its device.
+    fn detach(&self, conn: &Arc<Conn>) -> bool {
+        let owned = {
+            let mut shard = self.owners.shard(&conn.user).lock();
+            let mut owned = false;
+            if let Some(conns) = shard.get_mut(&conn.user) {
+                if let Some(i) = conns.iter().position(|c| c.id == conn.id) {
+                    conns.swap_remove(i);
+                    owned = true;
+                }
+                if conns.is_empty() {
+                    shard.remove(&conn.user);
+                }
+            }
+            owned
+        };
+        if owned {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        let subs: Vec<UserId> = conn.subs.lock().drain().collect();
+        self.subscriptions.fetch_sub(subs.len() as i64, Ordering::Relaxed);
+        for u in subs {
+            let mut shard = self.watchers.shard(&u).lock();
+            if let Some(w) = shard.get_mut(&u) {
+                w.remove(&conn.id);
+                if w.is_empty() {
+                    shard.remove(&u);
+                }
+            }
+        }
+        metrics::gauge!("ws_connections").set(self.connection_count() as f64);
+        metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
+        owned
+    }
+
+    /// Unregisters the connection; its device session ends unless a newer connection took it.
+    pub async fn disconnect(&self, conn: &Arc<Conn>) {
+        if self.detach(conn) {
+            if let Err(e) = self.store.unregister_session(&conn.user, &conn.device).await {
+                tracing::warn!(user = %conn.user, error = %e, "could not end the device session; it will expire");
+            }
+        }
+    }
+
+    /// Keeps the connection's device session alive.
+    pub async fn refresh(&self, conn: &Conn) -> Result<(), ApiError> {
+        if self.store.refresh_session(&conn.user, &conn.device).await?.is_none() {
+            // Lapsed (e.g. the store was repaired): register again rather than drop the user.
+            self.store.register_session(&conn.user, &conn.device, &self.node_id, self.limits.session_ttl_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds subscriptions (limit per connection) and returns the ids newly watched.
+    pub fn subscribe(&self, conn: &Arc<Conn>, ids: &[UserId]) -> Result<(), ApiError> {
+        let added: Vec<UserId> = {
+            let mut subs = conn.subs.lock();
+            let new: Vec<&UserId> = ids.iter().filter(|id| !subs.contains(*id)).collect();
+            if subs.len() + new.len() > self.limits.subscriptions_per_connection {
+                return Err(ApiError::LimitExceeded(format!(
+                    "at most {} subscriptions per connection",
+                    self.limits.subscriptions_per_connection
+                )));
+            }
+            new.into_iter().filter(|id| subs.insert((*id).clone())).cloned().collect()
+        };
+        self.subscriptions.fetch_add(added.len() as i64, Ordering::Relaxed);
+        for u in added {
+            self.watchers.shard(&u).lock().entry(u).or_default().insert(conn.id, conn.clone());
+        }
+        metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, conn: &Arc<Conn>, ids: &[UserId]) {
+        let removed: Vec<UserId> = {
+            let mut subs = conn.subs.lock();
+            ids.iter().filter(|id| subs.remove(*id)).cloned().collect()
+        };
+        self.subscriptions.fetch_sub(removed.len() as i64, Ordering::Relaxed);
+        for u in removed {
+            let mut shard = self.watchers.shard(&u).lock();
+            if let Some(w) = shard.get_mut(&u) {
+                w.remove(&conn.id);
+                if w.is_empty() {
+                    shard.remove(&u);
+                }
+            }
+        }
+        metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
+    }
+
+    fn relation(&self, viewer: &Conn, owner: &UserId, audience: &HashSet<UserId>) -> Relation {
+        if viewer.admin || viewer.user == *owner {
+            Relation::Owner
+        } else if audience.contains(&viewer.user) {
+            Relation::Contact
+        } else {
+            Relation::Other
+        }
+    }
+
+    /// Sends `conn` the current presence of `ids` as its relation to each allows.
+    pub async fn snapshot(&self, conn: &Arc<Conn>, ids: &[UserId]) -> Result<(), ApiError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let found = self.store.get_many(ids).await?;
+        let now = self.clock.now();
+        for (id, p) in ids.iter().zip(found) {
+            let p = p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()));
+            let audience = self.directory.contacts(id);
+            let seen = project(&p, &self.directory.privacy(id), self.relation(conn, id, &audience));
+            conn.push_keyed(Key::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)));
+        }
+        Ok(())
+    }
+
+    /// Pushes `p` to everyone who watches its user (and to the connections of `extra`
+    /// users, e.g. contacts just removed, who must now see what strangers see).
+    pub fn deliver(&self, p: &Presence, extra: &[UserId]) {
+        let start = Instant::now();
+        let owner = &p.user_id;
+        let privacy = self.directory.privacy(owner);
+        let audience = self.directory.contacts(owner);
+        let now = self.clock.now();
+        let mut targets: Vec<Arc<Conn>> = Vec::new();
+        if let Some(w) = self.watchers.shard(owner).lock().get(owner) {
+            targets.extend(w.values().cloned());
+        }
+        for u in audience.iter().chain(extra.iter()).chain(std::iter::once(owner)) {
+            if let Some(conns) = self.owners.shard(u).lock().get(u) {
+                targets.extend(conns.iter().cloned());
+            }
+        }
+        let mut encoded: [Option<Utf8Bytes>; 3] = [None, None, None];
+        for conn in &targets {
+            let rel = self.relation(conn, owner, &audience);
+            let payload = encoded[rel.index()]
+                .get_or_insert_with(|| Utf8Bytes::from(protocol::presence_update(&project(p, &privacy, rel), now)))
+                .clone();
+            conn.push_keyed(Key::Presence(owner.clone()), payload);
+        }
+        if !targets.is_empty() {
+            metrics::histogram!("ws_fanout_seconds").record(start.elapsed().as_secs_f64());
+            metrics::counter!("ws_fanout_targets_total").increment(targets.len() as u64);
+        }
+    }
+
+    /// Re-sends the current presence of `user` to its watchers (after a privacy or
+    /// contacts change), including the connections of `extra` users.
+    pub async fn refresh_views(&self, user: &UserId, extra: &[UserId]) -> Result<(), ApiError> {
+        let p = crate::store::get_one(&*self.store, user).await?.unwrap_or_else(|| Presence::unknown(user.clone(), self.node_id.clone()));
+        self.deliver(&p, extra);
+        Ok(())
+    }
+
+    /// Starts or stops `user` typing in `conversation`; members only. Only transitions are
+    /// broadcast; a typist who goes quiet is reported stopped after `typing_ttl`.
+    pub fn typing(&self, user: &UserId, conversation: &str, is_typing: bool) -> Result<(), ApiError> {
+        let members = self
+            .directory
+            .members(conversation)
+            .filter(|m| m.contains(user))
+            .ok_or_else(|| ApiError::Forbidden(format!("{user} is not a member of conversation {conversation:?}")))?;
+        let conv: Arc<str> = Arc::from(conversation);
+        let now = self.clock.now();
+        let changed = {
+            let mut t = self.typing.lock();
+            let key = (conv.clone(), user.clone());
+            if is_typing {
+                let deadline = now + self.limits.typing_ttl_ms;
+                t.wheel.entry(deadline).or_default().push(key.clone());
+                t.active.insert(key, deadline).is_none()
+            } else {
+                t.active.remove(&key).is_some()
+            }
+        };
+        if changed {
+            self.broadcast_typing(&conv, &members, user, is_typing);
+        }
+        Ok(())
+    }
+
+    fn broadcast_typing(&self, conv: &Arc<str>, members: &HashSet<UserId>, user: &UserId, is_typing: bool) {
+        let payload = Utf8Bytes::from(protocol::typing_indicator(conv, user.as_str(), is_typing));
+        for m in members.iter().filter(|m| *m != user) {
+            if let Some(conns) = self.owners.shard(m).lock().get(m) {
+                for c in conns {
+                    c.push_keyed(Key::Typing(conv.clone(), user.clone()), payload.clone());
+                }
+            }
+        }
+    }
+
+    /// Ends typing indicators whose TTL passed; returns how many ended.
+    pub fn expire_typing(&self, now: i64) -> usize {
+        let ended: Vec<(Arc<str>, UserId)> = {
+            let mut t = self.typing.lock();
+            let later = t.wheel.split_off(&(now + 1));
+            let due = std::mem::replace(&mut t.wheel, later);
+            let mut ended = Vec::new();
+            for (deadline, keys) in due {
+                for k in keys {
+                    if t.active.get(&k) == Some(&deadline) {
+                        t.active.remove(&k);
+                        ended.push(k);
+                    }
+                }
+            }
+            ended
+        };
+        for (conv, user) in &ended {
+            if let Some(members) = self.directory.members(conv) {
+                self.broadcast_typing(conv, &members, user, false);
+            }
+        }
+        ended.len()
+    }
+
+    /// Asks every connection to close (server shutdown).
+    pub fn close_all(&self) {
+        for shard in self.owners.shards.iter() {
+            for conns in shard.lock().values() {
+                for c in conns {
+                    c.close(close::GOING_AWAY, "server shutting down");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(limit: usize) -> Conn {
+        Conn {
+            id: 1,
+            user: UserId::parse("v", 8).unwrap(),
+            device: Arc::from("d"),
+            admin: false,
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+            subs: Mutex::new(HashSet::new()),
+            limit,
+        }
+    }
+
+    fn key(u: &str) -> Key {
+        Key::Presence(UserId::parse(u, 8).unwrap())
+    }
+
+    #[test]
+    fn outbox_coalesces_per_watched_user_and_keeps_order() {
+        let c = conn(10);
+        c.push_keyed(key("a"), Utf8Bytes::from("a1"));
+        c.push("ack1".to_string());
+        c.push_keyed(key("b"), Utf8Bytes::from("b1"));
+        c.push_keyed(key("a"), Utf8Bytes::from("a2"));
+        let mut out = Vec::new();
+        assert_eq!(c.drain(&mut out), None);
+        let got: Vec<&str> = out.iter().map(|m| m.as_str()).collect();
+        assert_eq!(got, vec!["a2", "ack1", "b1"], "only the newest state of a, at a's place in line");
+        out.clear();
+        c.push_keyed(key("a"), Utf8Bytes::from("a3"));
+        assert_eq!(c.drain(&mut out), None);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn outbox_overflow_requests_close_1013() {
+        let c = conn(2);
+        c.push("1".to_string());
+        c.push("2".to_string());
+        // A new key at the limit overflows...
+        c.push_keyed(key("a"), Utf8Bytes::from("x"));
+        assert_eq!(c.drain(&mut Vec::new()), Some((close::TRY_AGAIN_LATER, "outbound queue full: client too slow")));
+        // ...and after a close request nothing more is queued.
+        c.push("3".to_string());
+        assert!(c.outbox.lock().queue.is_empty());
+    }
+}

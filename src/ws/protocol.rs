@@ -1,0 +1,201 @@
+//! The WebSocket message protocol (seed 004): JSON text frames `{"type", "payload", "id"?}`.
+//! Parsing and encoding only; no sockets.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::core::{Millis, Presence};
+use crate::http::json::PresenceJson;
+
+/// A message from a client, validated for shape (values are validated by the service).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMsg {
+    /// `{"online_status": "away", "custom_status": "In a meeting", "ttl"?: seconds}`
+    PresenceUpdate {
+        online_status: Option<String>,
+        custom_status: Option<String>,
+        ttl: Option<i64>,
+    },
+    Heartbeat,
+    Typing {
+        conversation_id: String,
+        is_typing: bool,
+    },
+    Subscribe {
+        user_ids: Vec<String>,
+    },
+    Unsubscribe {
+        user_ids: Vec<String>,
+    },
+}
+
+/// Why a frame could not be understood; sent back as an `error` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// A parsed frame: the client's correlation `id` (echoed in `ack`/`error`), its `type`,
+/// and the message or the reason it was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    pub id: Option<Value>,
+    pub kind: String,
+    pub msg: Result<ClientMsg, ProtoError>,
+}
+
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresencePayload {
+    online_status: Option<String>,
+    custom_status: Option<String>,
+    ttl: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypingPayload {
+    conversation_id: Option<String>,
+    is_typing: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersPayload {
+    user_ids: Option<Vec<String>>,
+}
+
+fn bad(message: impl Into<String>) -> ProtoError {
+    ProtoError { code: "bad_request", message: message.into() }
+}
+
+fn payload<T: for<'de> Deserialize<'de>>(kind: &str, v: Option<Value>) -> Result<T, ProtoError> {
+    let v = match v {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(v) => v,
+    };
+    serde_json::from_value(v).map_err(|e| bad(format!("invalid {kind} payload: {e}")))
+}
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Incoming {
+    let frame: Frame = match serde_json::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            return Incoming {
+                id: None,
+                kind: String::new(),
+                msg: Err(ProtoError { code: "malformed", message: format!("malformed JSON message: {e}") }),
+            }
+        }
+    };
+    let id = frame.id.filter(|v| v.is_string() || v.is_number());
+    let Some(kind) = frame.kind else {
+        return Incoming { id, kind: String::new(), msg: Err(ProtoError { code: "malformed", message: "message has no \"type\"".into() }) };
+    };
+    let msg = match kind.as_str() {
+        "presence_update" => payload::<PresencePayload>(&kind, frame.payload).map(|p| ClientMsg::PresenceUpdate {
+            online_status: p.online_status,
+            custom_status: p.custom_status,
+            ttl: p.ttl,
+        }),
+        "heartbeat" => Ok(ClientMsg::Heartbeat),
+        "typing" => payload::<TypingPayload>(&kind, frame.payload).and_then(|p| match (p.conversation_id, p.is_typing) {
+            (Some(c), Some(t)) => Ok(ClientMsg::Typing { conversation_id: c, is_typing: t }),
+            _ => Err(bad("typing needs conversation_id and is_typing")),
+        }),
+        "subscribe" | "unsubscribe" => payload::<UsersPayload>(&kind, frame.payload).and_then(|p| {
+            let ids = p.user_ids.ok_or_else(|| bad(format!("{kind} needs user_ids")))?;
+            Ok(if kind == "subscribe" { ClientMsg::Subscribe { user_ids: ids } } else { ClientMsg::Unsubscribe { user_ids: ids } })
+        }),
+        other => Err(ProtoError {
+            code: "unknown_type",
+            message: format!("unknown message type {other:?} (expected presence_update, heartbeat, typing, subscribe or unsubscribe)"),
+        }),
+    };
+    Incoming { id, kind, msg }
+}
+
+/// `presence_update` pushed to a watcher; `payload` is the presence as in the REST API.
+pub fn presence_update(p: &Presence, now: Millis) -> String {
+    json!({"type": "presence_update", "payload": PresenceJson { p, now }}).to_string()
+}
+
+pub fn typing_indicator(conversation_id: &str, user_id: &str, is_typing: bool) -> String {
+    json!({"type": "typing_indicator", "payload": {"conversation_id": conversation_id, "user_id": user_id, "is_typing": is_typing}})
+        .to_string()
+}
+
+pub fn ack(id: &Option<Value>, kind: &str) -> String {
+    json!({"type": "ack", "id": id, "payload": {"id": id, "type": kind}}).to_string()
+}
+
+pub fn error(id: &Option<Value>, code: &str, message: &str) -> String {
+    json!({"type": "error", "id": id, "payload": {"id": id, "code": code, "message": message}}).to_string()
+}
+
+/// First message on a new connection: who the server thinks you are and the timing to keep.
+pub fn connected(user_id: &str, device_id: &str, node_id: &str, heartbeat_secs: u64, session_ttl_secs: u64) -> String {
+    json!({"type": "connected", "payload": {
+        "user_id": user_id, "device_id": device_id, "node_id": node_id,
+        "heartbeat_interval": heartbeat_secs, "session_ttl": session_ttl_secs,
+    }})
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_seed_messages() {
+        let m = parse(r#"{"type": "presence_update", "payload": {"online_status": "away", "custom_status": "In a meeting"}}"#);
+        assert_eq!(
+            m.msg,
+            Ok(ClientMsg::PresenceUpdate { online_status: Some("away".into()), custom_status: Some("In a meeting".into()), ttl: None })
+        );
+        assert_eq!(parse(r#"{"type": "heartbeat", "payload": {}}"#).msg, Ok(ClientMsg::Heartbeat));
+        assert_eq!(parse(r#"{"type": "heartbeat"}"#).msg, Ok(ClientMsg::Heartbeat));
+        let t = parse(r#"{"type": "typing", "payload": {"conversation_id": "conv-uuid", "is_typing": true}, "id": 7}"#);
+        assert_eq!(t.msg, Ok(ClientMsg::Typing { conversation_id: "conv-uuid".into(), is_typing: true }));
+        assert_eq!(t.id, Some(json!(7)));
+        assert_eq!(
+            parse(r#"{"type":"subscribe","payload":{"user_ids":["a","b"]},"id":"x"}"#).msg,
+            Ok(ClientMsg::Subscribe { user_ids: vec!["a".into(), "b".into()] })
+        );
+    }
+
+    #[test]
+    fn refusals_have_codes() {
+        assert_eq!(parse("{").msg.unwrap_err().code, "malformed");
+        assert_eq!(parse("[]").msg.unwrap_err().code, "malformed");
+        assert_eq!(parse(r#"{"payload":{}}"#).msg.unwrap_err().code, "malformed");
+        assert_eq!(parse(r#"{"type":"dance"}"#).msg.unwrap_err().code, "unknown_type");
+        assert_eq!(parse(r#"{"type":"typing","payload":{"conversation_id":"c"}}"#).msg.unwrap_err().code, "bad_request");
+        assert_eq!(parse(r#"{"type":"subscribe","payload":{"user_ids":"a"}}"#).msg.unwrap_err().code, "bad_request");
+        assert_eq!(parse(r#"{"type":"presence_update","payload":{"status":"away"}}"#).msg.unwrap_err().code, "bad_request");
+        // Only scalar ids are echoed.
+        assert_eq!(parse(r#"{"type":"heartbeat","id":{"x":1}}"#).id, None);
+    }
+
+    #[test]
+    fn encodes_server_messages() {
+        let v: Value = serde_json::from_str(&ack(&Some(json!("abc")), "heartbeat")).unwrap();
+        assert_eq!(v, json!({"type":"ack","id":"abc","payload":{"id":"abc","type":"heartbeat"}}));
+        let v: Value = serde_json::from_str(&error(&None, "forbidden", "no")).unwrap();
+        assert_eq!(v["payload"]["code"], "forbidden");
+        let v: Value = serde_json::from_str(&typing_indicator("c1", "bob", false)).unwrap();
+        assert_eq!(v["payload"], json!({"conversation_id":"c1","user_id":"bob","is_typing":false}));
+    }
+}
