@@ -297,7 +297,7 @@ impl Service {
             Some(v) => v.to_str().map(Some).map_err(|_| ApiError::Unauthorized(AuthError::Malformed)),
         };
         if self.auth_mode == AuthMode::Gateway {
-            let user = header("x-user-id")?.ok_or_else(|| ApiError::Unauthorized(AuthError::MissingGatewayUser))?;
+            let user = header("x-user-id")?.ok_or(ApiError::Unauthorized(AuthError::MissingGatewayUser))?;
             self.parse_user(user)?;
             return Ok(Identity { sub: user.to_string(), scopes: Vec::new() });
         }
@@ -375,8 +375,10 @@ impl Service {
         let old = self.directory.set_contacts(&*self.store, user, ids.clone()).await?;
         let mut sorted: Vec<UserId> = self.directory.contacts(user).iter().cloned().collect();
         sorted.sort();
-        let dropped: Vec<UserId> = old.iter().filter(|c| !sorted.contains(c)).cloned().collect();
-        self.hub.refresh_views(user, &dropped).await?;
+        let now: HashSet<&UserId> = sorted.iter().collect();
+        let mut changed: Vec<UserId> = old.iter().filter(|c| !now.contains(c)).cloned().collect();
+        changed.extend(sorted.iter().filter(|c| !old.contains(*c)).cloned());
+        self.hub.contacts_changed(user, &changed).await?;
         Ok(sorted)
     }
 
@@ -398,7 +400,7 @@ impl Service {
         self.check_write_rate(user)?;
         let old = self.directory.set_privacy(&*self.store, user, p).await?;
         if old != p {
-            self.hub.refresh_views(user, &[]).await?;
+            self.hub.privacy_changed(user, old).await?;
         }
         Ok(p)
     }

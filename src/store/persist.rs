@@ -313,10 +313,13 @@ async fn writer(shared: Arc<Shared>) {
     }
 }
 
+/// Rows to write to one table: key and value (`None` deletes).
+type Rows<'a> = Vec<(&'a str, &'a Option<Vec<u8>>)>;
+
 fn commit(db: &Database, dirty: &HashMap<(Table, String), Option<Vec<u8>>>) -> Result<(), String> {
     let mut tx = db.begin_write().map_err(|e| e.to_string())?;
     tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-    let mut by_table: HashMap<Table, Vec<(&str, &Option<Vec<u8>>)>> = HashMap::new();
+    let mut by_table: HashMap<Table, Rows> = HashMap::new();
     for ((t, k), v) in dirty {
         by_table.entry(*t).or_default().push((k.as_str(), v));
     }

@@ -42,7 +42,8 @@ pub async fn run(svc: Arc<Service>, who: Identity, user: UserId, device: DeviceI
     let end = session(&svc, &conn, &who, &mut socket).await;
     hub.disconnect(&conn).await;
     if let Some((code, reason)) = end {
-        let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))).await;
+        let close = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
     }
 }
 
@@ -65,13 +66,21 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                     return Some(c);
                 }
                 let n = batch.len() as u64;
-                for m in batch.drain(..) {
-                    if socket.feed(Message::Text(m)).await.is_err() {
-                        return None;
+                // A client that stops reading must not pin this task (and its memory) forever.
+                let written = tokio::time::timeout(ttl, async {
+                    for m in batch.drain(..) {
+                        socket.feed(Message::Text(m)).await?;
                     }
-                }
-                if socket.flush().await.is_err() {
-                    return None;
+                    socket.flush().await
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        metrics::counter!("ws_dropped_total", "reason" => "write_timeout").increment(1);
+                        return Some((close::TRY_AGAIN_LATER, "client stopped reading"));
+                    }
                 }
                 metrics::counter!("ws_messages_out_total").increment(n);
             }

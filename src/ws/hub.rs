@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 
 use super::protocol;
 use crate::bus::EventBus;
-use crate::core::{project, DeviceId, Presence, Relation, UserId};
+use crate::core::{project, DeviceId, Presence, Privacy, Relation, UserId};
 use crate::directory::Directory;
 use crate::service::ApiError;
 use crate::store::{Clock, Store};
@@ -86,6 +86,12 @@ pub struct Conn {
 impl Conn {
     /// Queues a coalescable push: a pending push with the same key is replaced.
     fn push_keyed(&self, key: Key, payload: Utf8Bytes) {
+        self.push_keyed_inner(key, payload, true)
+    }
+
+    /// `checked: false` for snapshots the client asked for: bounded by its subscription
+    /// limit, they are not backlog and do not count against the outbox limit.
+    fn push_keyed_inner(&self, key: Key, payload: Utf8Bytes, checked: bool) {
         let mut o = self.outbox.lock();
         if o.close.is_some() {
             return;
@@ -95,7 +101,7 @@ impl Conn {
             metrics::counter!("ws_coalesced_total").increment(1);
             return;
         }
-        if o.queue.len() >= self.limit {
+        if checked && o.queue.len() >= self.limit {
             Self::overflow(&mut o);
         } else {
             o.keyed.insert(key.clone(), payload);
@@ -184,6 +190,16 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     }
 }
 
+/// Who a delivery goes to.
+#[derive(Clone, Copy)]
+enum Audience<'a> {
+    /// Everyone watching the user; with the privacy settings before a change, only those
+    /// whose view changed.
+    Watchers { previous_privacy: Option<&'a Privacy> },
+    /// The connections of exactly these users.
+    Users(&'a [UserId]),
+}
+
 struct TypingState {
     /// (conversation, typist) → deadline.
     active: HashMap<(Arc<str>, UserId), i64>,
@@ -229,7 +245,7 @@ impl Hub {
             loop {
                 match rx.recv().await {
                     Ok(ev) => match weak.upgrade() {
-                        Some(hub) => hub.deliver(&ev.presence, &[]),
+                        Some(hub) => hub.deliver(&ev.presence),
                         None => return,
                     },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -406,47 +422,83 @@ impl Hub {
             let p = p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()));
             let audience = self.directory.contacts(id);
             let seen = project(&p, &self.directory.privacy(id), self.relation(conn, id, &audience));
-            conn.push_keyed(Key::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)));
+            conn.push_keyed_inner(Key::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)), false);
         }
         Ok(())
     }
 
-    /// Pushes `p` to everyone who watches its user (and to the connections of `extra`
-    /// users, e.g. contacts just removed, who must now see what strangers see).
-    pub fn deliver(&self, p: &Presence, extra: &[UserId]) {
+    /// Pushes `p` (after a presence event) to everyone who watches its user: subscribers,
+    /// the connections of the user's contacts, and the user's own connections.
+    pub fn deliver(&self, p: &Presence) {
+        self.deliver_to(p, Audience::Watchers { previous_privacy: None });
+    }
+
+    fn deliver_to(&self, p: &Presence, audience_sel: Audience<'_>) {
         let start = Instant::now();
         let owner = &p.user_id;
         let privacy = self.directory.privacy(owner);
         let audience = self.directory.contacts(owner);
         let now = self.clock.now();
         let mut targets: Vec<Arc<Conn>> = Vec::new();
-        if let Some(w) = self.watchers.shard(owner).lock().get(owner) {
-            targets.extend(w.values().cloned());
-        }
-        for u in audience.iter().chain(extra.iter()).chain(std::iter::once(owner)) {
+        let users: Vec<&UserId> = match audience_sel {
+            Audience::Watchers { .. } => {
+                if let Some(w) = self.watchers.shard(owner).lock().get(owner) {
+                    targets.extend(w.values().cloned());
+                }
+                audience.iter().chain(std::iter::once(owner)).collect()
+            }
+            Audience::Users(users) => users.iter().collect(),
+        };
+        for u in users {
             if let Some(conns) = self.owners.shard(u).lock().get(u) {
                 targets.extend(conns.iter().cloned());
             }
         }
+        // After a privacy change, only viewers whose view changed are told.
+        let unchanged = |rel: Relation| match audience_sel {
+            Audience::Watchers { previous_privacy: Some(old) } => project(p, old, rel) == project(p, &privacy, rel),
+            _ => false,
+        };
+        let skip: [bool; 3] = [unchanged(Relation::Owner), unchanged(Relation::Contact), unchanged(Relation::Other)];
         let mut encoded: [Option<Utf8Bytes>; 3] = [None, None, None];
+        let mut sent = 0u64;
         for conn in &targets {
             let rel = self.relation(conn, owner, &audience);
+            if skip[rel.index()] {
+                continue;
+            }
             let payload = encoded[rel.index()]
                 .get_or_insert_with(|| Utf8Bytes::from(protocol::presence_update(&project(p, &privacy, rel), now)))
                 .clone();
             conn.push_keyed(Key::Presence(owner.clone()), payload);
+            sent += 1;
         }
-        if !targets.is_empty() {
+        if sent > 0 {
             metrics::histogram!("ws_fanout_seconds").record(start.elapsed().as_secs_f64());
-            metrics::counter!("ws_fanout_targets_total").increment(targets.len() as u64);
+            metrics::counter!("ws_fanout_targets_total").increment(sent);
         }
     }
 
-    /// Re-sends the current presence of `user` to its watchers (after a privacy or
-    /// contacts change), including the connections of `extra` users.
-    pub async fn refresh_views(&self, user: &UserId, extra: &[UserId]) -> Result<(), ApiError> {
-        let p = crate::store::get_one(&*self.store, user).await?.unwrap_or_else(|| Presence::unknown(user.clone(), self.node_id.clone()));
-        self.deliver(&p, extra);
+    async fn current(&self, user: &UserId) -> Result<Presence, ApiError> {
+        Ok(crate::store::get_one(&*self.store, user).await?.unwrap_or_else(|| Presence::unknown(user.clone(), self.node_id.clone())))
+    }
+
+    /// After `user`'s privacy settings changed from `previous`: pushes the user's presence
+    /// to the watchers whose view of it changed.
+    pub async fn privacy_changed(&self, user: &UserId, previous: Privacy) -> Result<(), ApiError> {
+        let p = self.current(user).await?;
+        self.deliver_to(&p, Audience::Watchers { previous_privacy: Some(&previous) });
+        Ok(())
+    }
+
+    /// After `user`'s contacts changed: the connections of the users who were added or
+    /// dropped get the user's presence as they may now see it.
+    pub async fn contacts_changed(&self, user: &UserId, changed: &[UserId]) -> Result<(), ApiError> {
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let p = self.current(user).await?;
+        self.deliver_to(&p, Audience::Users(changed));
         Ok(())
     }
 
