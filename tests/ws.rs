@@ -211,7 +211,7 @@ async fn subscribe_snapshot_then_updates_and_unsubscribe() {
     assert_eq!(s.put_status("carol", Some(&s.token("carol")), json!({"status":"busy","message":"focus"})).await.0, 200);
     let mut v = connect(&s, "viewer", "v").await;
     v.ack(json!({"type":"subscribe","payload":{"user_ids":["carol","nobody"]},"id":"s1"})).await;
-    let mut snap = vec![v.recv_type("presence_update").await, v.recv_type("presence_update").await];
+    let mut snap = [v.recv_type("presence_update").await, v.recv_type("presence_update").await];
     snap.sort_by_key(|m| m["payload"]["user_id"].as_str().unwrap().to_string());
     assert_eq!(snap[0]["payload"]["status"], "busy");
     assert_eq!(snap[0]["payload"]["message"], "focus");
@@ -251,7 +251,7 @@ async fn contacts_are_told_and_strangers_are_not() {
     carol.settle(300).await; // her own presence
                              // On connect bob gets a snapshot of who shares presence with him (alice, dave).
     let mut shared =
-        vec![bob.recv_type("presence_update").await, bob.recv_type("presence_update").await, bob.recv_type("presence_update").await];
+        [bob.recv_type("presence_update").await, bob.recv_type("presence_update").await, bob.recv_type("presence_update").await];
     shared.sort_by_key(|m| m["payload"]["user_id"].as_str().unwrap().to_string());
     let ids: Vec<&str> = shared.iter().map(|m| m["payload"]["user_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["alice", "bob", "dave"]);
