@@ -1,0 +1,229 @@
+//! The live page in real headless Chromium (Debian `chromium` + `chromium-driver`, which
+//! `.ci/run` installs): two browsers as two users; one changes status, the other sees the
+//! dot change. Spoken to over the W3C WebDriver protocol with plain HTTP.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Driver {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn find(bin: &str) -> Option<String> {
+    ["/usr/bin", "/usr/local/bin", "/usr/lib/chromium"].iter().map(|d| format!("{d}/{bin}")).find(|p| std::path::Path::new(p).exists())
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let bin = find("chromedriver").expect("chromedriver not found: install Debian's chromium and chromium-driver (.ci/run does)");
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let d = Driver { child, base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+        let start = Instant::now();
+        while d.http.get(format!("{}/status", d.base)).send().await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        d
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path)).timeout(Duration::from_secs(60));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let v: Value = req.send().await.expect("webdriver request").json().await.expect("webdriver JSON");
+        if v["value"].get("error").is_some() {
+            panic!("webdriver {path}: {}", v["value"]);
+        }
+        v["value"].clone()
+    }
+
+    /// A new browser (its own profile: a separate user).
+    async fn browser(&self, profile: &std::path::Path) -> Browser<'_> {
+        let chromium = find("chromium").expect("chromium not found");
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=900,700", format!("--user-data-dir={}", profile.display())]
+        }}}});
+        let v = self.call(reqwest::Method::POST, "/session", Some(caps)).await;
+        Browser { d: self, id: v["sessionId"].as_str().expect("session id").to_string() }
+    }
+}
+
+struct Browser<'a> {
+    d: &'a Driver,
+    id: String,
+}
+
+impl Browser<'_> {
+    async fn go(&self, url: &str) {
+        self.d.call(reqwest::Method::POST, &format!("/session/{}/url", self.id), Some(json!({"url": url}))).await;
+    }
+    async fn el(&self, css: &str) -> String {
+        let v = self
+            .d
+            .call(reqwest::Method::POST, &format!("/session/{}/element", self.id), Some(json!({"using": "css selector", "value": css})))
+            .await;
+        // A web element reference: an object with one `element-6066-…` key.
+        let id = v.as_object().and_then(|o| o.iter().find(|(k, _)| k.starts_with("element-6066")).map(|(_, v)| v.clone()));
+        id.and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| panic!("no element for {css}: {v}"))
+    }
+    async fn click(&self, css: &str) {
+        let e = self.el(css).await;
+        self.d.call(reqwest::Method::POST, &format!("/session/{}/element/{e}/click", self.id), Some(json!({}))).await;
+    }
+    async fn type_into(&self, css: &str, text: &str) {
+        let e = self.el(css).await;
+        self.d.call(reqwest::Method::POST, &format!("/session/{}/element/{e}/clear", self.id), Some(json!({}))).await;
+        self.d.call(reqwest::Method::POST, &format!("/session/{}/element/{e}/value", self.id), Some(json!({"text": text}))).await;
+    }
+    async fn js(&self, script: &str) -> Value {
+        self.d.call(reqwest::Method::POST, &format!("/session/{}/execute/sync", self.id), Some(json!({"script": script, "args": []}))).await
+    }
+    /// Polls `script` until it returns `want` (10 s).
+    async fn wait_for(&self, script: &str, want: Value) {
+        let start = Instant::now();
+        loop {
+            let got = self.js(script).await;
+            if got == want {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{script} stayed {got}, wanted {want}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    async fn screenshot(&self, path: &std::path::Path) {
+        use std::io::Write;
+        let b64 = self.d.call(reqwest::Method::GET, &format!("/session/{}/screenshot", self.id), None).await;
+        let bytes = decode_b64(b64.as_str().unwrap_or(""));
+        let _ = std::fs::File::create(path).and_then(|mut f| f.write_all(&bytes));
+    }
+    async fn quit(self) {
+        self.d.call(reqwest::Method::DELETE, &format!("/session/{}", self.id), None).await;
+    }
+}
+
+fn decode_b64(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn dot(user: &str) -> String {
+    format!("const d = document.querySelector('li[data-user=\"{user}\"] .dot'); return d ? d.dataset.status : null;")
+}
+
+#[tokio::test]
+async fn two_browsers_see_each_others_dots_change() {
+    let (config, dir) = common::test_config(&[]);
+    let mut app = presenced::server::App::build(config).await.unwrap();
+    app.dev = true;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+
+    let driver = Driver::start().await;
+    let alice = driver.browser(&dir.path().join("profile-alice")).await;
+    let bob = driver.browser(&dir.path().join("profile-bob")).await;
+
+    // Bob opens the page and watches alice: grey (never seen).
+    bob.go(&format!("{base}/?user=bob&watch=alice")).await;
+    bob.wait_for(&dot("alice"), json!("offline")).await;
+
+    // Alice opens the page (typing her name and clicking Connect): green for bob.
+    alice.go(&format!("{base}/")).await;
+    alice.type_into("#user", "alice").await;
+    alice.click("#connect").await;
+    bob.wait_for(&dot("alice"), json!("online")).await;
+    alice.wait_for(&dot("alice"), json!("online")).await;
+
+    // Alice sets herself busy with a message: red for bob, with the message.
+    alice.js("document.getElementById('status').value = 'busy';").await;
+    alice.type_into("#message", "In a meeting").await;
+    alice.click("#set").await;
+    bob.wait_for(&dot("alice"), json!("busy")).await;
+    bob.wait_for("return document.querySelector('li[data-user=\"alice\"] .msg').textContent;", json!("In a meeting")).await;
+    if let Ok(p) = std::env::var("PRESENCED_SCREENSHOT") {
+        bob.screenshot(std::path::Path::new(&p)).await;
+    }
+
+    // Away: yellow.
+    alice.js("document.getElementById('status').value = 'away';").await;
+    alice.type_into("#message", "back soon").await;
+    alice.click("#set").await;
+    bob.wait_for(&dot("alice"), json!("away")).await;
+    // Clearing the explicit status shows the derived one: online, she is connected...
+    let token = app_token(&base, "alice").await;
+    let r = reqwest::Client::new().delete(format!("{base}/api/v2/presence/alice")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    bob.wait_for(&dot("alice"), json!("online")).await;
+    // ...and closing her browser takes her offline.
+    alice.quit().await;
+    bob.wait_for(&dot("alice"), json!("offline")).await;
+    bob.wait_for("return document.querySelector('li[data-user=\"alice\"] .seen').textContent.startsWith('seen');", json!(true)).await;
+    bob.quit().await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+}
+
+async fn app_token(base: &str, sub: &str) -> String {
+    let v: Value = reqwest::get(format!("{base}/dev/token?sub={sub}")).await.unwrap().json().await.unwrap();
+    v["data"]["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn dev_token_only_with_dev_flag() {
+    let s = common::TestServer::start(&[]).await;
+    let (code, body) = s.get("/dev/token?sub=alice").await;
+    assert_eq!(code, 404, "{body}");
+    // The page itself is always served.
+    let r = s.client.get(s.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("new WebSocket"));
+    s.stop().await;
+}
