@@ -67,12 +67,14 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                 }
                 let n = batch.len() as u64;
                 // A client that stops reading must not pin this task (and its memory) forever.
-                let written = tokio::time::timeout(ttl, async {
+                // Boxed (like the handlers below): an idle connection's task then holds only
+                // the small loop state, not room for the largest future it might await.
+                let written = tokio::time::timeout(ttl, Box::pin(async {
                     for m in batch.drain(..) {
                         socket.feed(Message::Text(m)).await?;
                     }
                     socket.flush().await
-                })
+                }))
                 .await;
                 match written {
                     Ok(Ok(())) => {}
@@ -100,7 +102,7 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                             conn.push(protocol::error(&protocol::parse(&text).id, e.code(), &e.to_string()));
                             continue;
                         }
-                        handle(svc, conn, who, &text).await;
+                        Box::pin(handle(svc, conn, who, &text)).await;
                     }
                     Message::Binary(_) => {
                         conn.push(protocol::error(&None, "bad_request", "binary frames are not supported: send JSON text frames"));
@@ -116,7 +118,7 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                     return Some((close::STALE, "no traffic within session_ttl"));
                 }
                 if last_in > refreshed {
-                    if let Err(e) = svc.hub.refresh(conn).await {
+                    if let Err(e) = Box::pin(svc.hub.refresh(conn)).await {
                         tracing::warn!(user = %conn.user, error = %e, "session refresh failed");
                     }
                     refreshed = now;

@@ -1,0 +1,448 @@
+//! `presenced-bench`: WebSocket load generator for presenced, with a bare broadcast server
+//! as the baseline so the fan-out cost is measured side by side.
+//!
+//! `presenced-bench run --clients 10000 --watch 1 --changes 50 --rate 5` spawns
+//! `presenced serve` (gateway auth, generous limits, a temporary data dir), connects N
+//! subscriber clients spread over source addresses 127.0.0.2–127.0.0.60, subscribes each
+//! to M publisher users, drives status changes from the publishers' own connections, and
+//! reports connect rate, server RSS per connection and end-to-end fan-out latency.
+//! `--baseline` does the same against `presenced-bench baseline-server`, a bare
+//! tokio-tungstenite broadcast server. Loopback only.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{broadcast, watch, Semaphore};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+const MARK: &str = "@@T";
+
+#[derive(Parser)]
+#[command(name = "presenced-bench", about = "WebSocket load generator for presenced (loopback only)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a load test.
+    Run(RunArgs),
+    /// The bare broadcast server used by `run --baseline`: every text frame received is
+    /// sent to every connection.
+    BaselineServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Parser, Clone)]
+struct RunArgs {
+    /// Subscriber connections to open.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Publisher users each subscriber watches (0: idle connections only).
+    #[arg(long, default_value_t = 1)]
+    watch: usize,
+    /// Status changes to drive in total.
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// Status changes per second (over all publishers).
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Source addresses 127.0.0.2 ..= 127.0.0.<last> (each has ~28k ephemeral ports).
+    #[arg(long, default_value_t = 60)]
+    last_source: u8,
+    /// Run against the bare broadcast server instead of presenced.
+    #[arg(long)]
+    baseline: bool,
+    /// Target an already running server (ws://host:port) instead of spawning one;
+    /// with --server-pid to measure its RSS. presenced must run with auth.mode gateway.
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// How long to hold the idle connections before measuring RSS.
+    #[arg(long, default_value = "3")]
+    settle_secs: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let r = match cli.cmd {
+        Cmd::Run(args) => rt.block_on(run(args)),
+        Cmd::BaselineServer { listen } => rt.block_on(baseline_server(listen)),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("presenced-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(64 << 10)).max_frame_size(Some(64 << 10))
+}
+
+// ---------------------------------------------------------------- baseline server
+
+async fn baseline_server(listen: SocketAddr) -> Res<()> {
+    let listener = TcpListener::bind(listen).await.map_err(|e| e.to_string())?;
+    println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
+    let (tx, _) = broadcast::channel::<tokio_tungstenite::tungstenite::Utf8Bytes>(4096);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await else { return };
+            let mut rx = tx.subscribe();
+            loop {
+                tokio::select! {
+                    m = ws.next() => match m {
+                        Some(Ok(Message::Text(t))) => { let _ = tx.send(t); }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                        _ => {}
+                    },
+                    b = rx.recv() => match b {
+                        Ok(t) => if ws.send(Message::Text(t)).await.is_err() { return },
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------- server under test
+
+struct Server {
+    child: Option<Child>,
+    addr: String,
+    pid: Option<u32>,
+    _dir: Option<std::path::PathBuf>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(d) = &self._dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn sibling(name: &str) -> Res<std::path::PathBuf> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let p = me.with_file_name(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!("{} not found next to presenced-bench (cargo build --release builds both)", p.display()))
+    }
+}
+
+fn free_port() -> Res<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+async fn spawn_server(baseline: bool) -> Res<Server> {
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let (child, dir) = if baseline {
+        let c = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args(["baseline-server", "--listen", &addr])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        (c, None)
+    } else {
+        let dir = std::env::temp_dir().join(format!("presenced-bench-{}", std::process::id()));
+        let c = Command::new(sibling("presenced")?)
+            .arg("serve")
+            .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
+            .env("PRESENCE_SERVICE__PORT", port.to_string())
+            .env("PRESENCE_SERVICE__DATA_DIR", &dir)
+            .env("PRESENCE_AUTH__MODE", "gateway")
+            .env("PRESENCE_LOGGING__LEVEL", "warn")
+            .env("PRESENCE_LIMITS__WS_MESSAGES_PER_SEC", "100000")
+            .env("PRESENCE_LIMITS__WS_MESSAGE_BURST", "100000")
+            .env("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000")
+            .env("PRESENCE_LIMITS__WRITE_BURST", "100000")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        (c, Some(dir))
+    };
+    let pid = child.id();
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err("server did not start listening within 20s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Server { child: Some(child), addr, pid: Some(pid), _dir: dir })
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------- clients
+
+struct Shared {
+    start: Instant,
+    connected: AtomicU64,
+    failed: AtomicU64,
+    /// (change timestamp ns, latency µs) per delivery, merged at the end.
+    samples: parking_lot::Mutex<Vec<(u64, u32)>>,
+}
+
+async fn open(
+    addr: SocketAddr,
+    source: Ipv4Addr,
+    user: &str,
+    baseline: bool,
+) -> Res<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
+    let sock = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).map_err(|e| format!("bind {source}: {e}"))?;
+    let stream = sock.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let mut req = format!("ws://{addr}/ws").into_client_request().map_err(|e| e.to_string())?;
+    if !baseline {
+        req.headers_mut().insert("x-user-id", user.parse().map_err(|_| "bad user id")?);
+        req.headers_mut().insert("x-device-id", "bench".parse().map_err(|_| "bad device id")?);
+    }
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config())).await.map_err(|e| format!("handshake: {e}"))?;
+    Ok(ws)
+}
+
+fn marker_ts(text: &str) -> Option<u64> {
+    let i = text.find(MARK)? + MARK.len();
+    let digits: &str = &text[i..text[i..].find(|c: char| !c.is_ascii_digit()).map_or(text.len(), |e| i + e)];
+    digits.parse().ok()
+}
+
+async fn subscriber(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    source: Ipv4Addr,
+    id: usize,
+    watch_users: Arc<Vec<String>>,
+    baseline: bool,
+    mut stop: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let opened = open(addr, source, &format!("sub-{id}"), baseline).await;
+    drop(permit); // the next handshake may start
+    let mut ws = match opened {
+        Ok(ws) => ws,
+        Err(e) => {
+            if shared.failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                eprintln!("client {id}: {e}");
+            }
+            return;
+        }
+    };
+    if !baseline && !watch_users.is_empty() {
+        let sub = serde_json::json!({"type": "subscribe", "payload": {"user_ids": &*watch_users}}).to_string();
+        if ws.send(Message::text(sub)).await.is_err() {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    let mut local: Vec<(u64, u32)> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    if let Some(ts) = marker_ts(&t) {
+                        let now = shared.start.elapsed().as_nanos() as u64;
+                        local.push((ts, (now.saturating_sub(ts) / 1000) as u32));
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    }
+    shared.samples.lock().extend(local);
+    let _ = ws.close(None).await;
+}
+
+fn pct(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(us: u32) -> String {
+    format!("{:.2} ms", f64::from(us) / 1000.0)
+}
+
+async fn run(args: RunArgs) -> Res<()> {
+    let server = match &args.target {
+        Some(t) => {
+            let addr = t.trim_start_matches("ws://").trim_start_matches("http://").trim_end_matches('/').to_string();
+            Server { child: None, addr, pid: args.server_pid, _dir: None }
+        }
+        None => spawn_server(args.baseline).await?,
+    };
+    let addr: SocketAddr = server.addr.parse().map_err(|e| format!("target address: {e}"))?;
+    let mode = if args.baseline { "baseline (bare broadcast)" } else { "presenced" };
+    println!("mode: {mode}  server: {}  pid: {:?}", server.addr, server.pid);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = server.pid.and_then(rss_kib);
+
+    let shared =
+        Arc::new(Shared { start: Instant::now(), connected: AtomicU64::new(0), failed: AtomicU64::new(0), samples: Default::default() });
+    let publishers: Arc<Vec<String>> = Arc::new((0..args.watch).map(|i| format!("pub-{i}")).collect());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sources: Vec<Ipv4Addr> = (2..=args.last_source.max(2)).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+
+    // Connect the subscribers, `concurrency` handshakes at a time.
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(args.clients);
+    for id in 0..args.clients {
+        let permit = gate.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let (shared, publishers, stop) = (shared.clone(), publishers.clone(), stop_rx.clone());
+        let source = sources[id % sources.len()];
+        let baseline = args.baseline;
+        tasks.push(tokio::spawn(subscriber(shared, addr, source, id, publishers, baseline, stop, permit)));
+    }
+    while (shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)) < args.clients as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if t0.elapsed() > Duration::from_secs(600) {
+            return Err("connecting took over 10 minutes".into());
+        }
+    }
+    let connect_time = t0.elapsed();
+    let connected = shared.connected.load(Ordering::Relaxed);
+    println!(
+        "connected: {connected}/{} in {:.2}s ({:.0} conn/s), failed {}",
+        args.clients,
+        connect_time.as_secs_f64(),
+        connected as f64 / connect_time.as_secs_f64().max(1e-9),
+        shared.failed.load(Ordering::Relaxed)
+    );
+
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    if let (Some(pid), Some(before)) = (server.pid, rss_before) {
+        if let Some(after) = rss_kib(pid) {
+            let per = (after.saturating_sub(before)) as f64 / connected.max(1) as f64;
+            println!(
+                "server RSS: {:.1} MiB before, {:.1} MiB with {connected} connections: {per:.2} KiB per connection",
+                before as f64 / 1024.0,
+                after as f64 / 1024.0
+            );
+        }
+    }
+
+    // Drive the changes from the publishers' own connections.
+    let mut sent = 0usize;
+    if args.watch > 0 && args.changes > 0 {
+        let mut pubs = Vec::new();
+        for (i, u) in publishers.iter().enumerate() {
+            let source = sources[i % sources.len()];
+            pubs.push(open(addr, source, u, args.baseline).await?);
+        }
+        // Let subscriptions and the publishers' own online events settle.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        shared.samples.lock().clear();
+        let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
+        let mut tick = tokio::time::interval(interval);
+        for n in 0..args.changes {
+            tick.tick().await;
+            let ts = shared.start.elapsed().as_nanos() as u64;
+            let count = pubs.len();
+            let p = &mut pubs[n % count];
+            let text = if args.baseline {
+                // The same bytes presenced pushes for a change, so both servers move
+                // equal payloads and the comparison measures the server, not the size.
+                serde_json::json!({"type": "presence_update", "payload": {
+                    "user_id": "pub-0", "status": "busy", "message": format!("{MARK}{ts}"),
+                    "last_seen": "2026-11-24T01:20:00.123Z", "updated_at": "2026-11-24T01:20:00.123Z",
+                    "node_id": "bench-node", "device_count": 1}})
+                .to_string()
+            } else {
+                let status = if n % 2 == 0 { "busy" } else { "away" };
+                serde_json::json!({"type": "presence_update", "payload": {"online_status": status, "custom_status": format!("{MARK}{ts}")}})
+                    .to_string()
+            };
+            p.send(Message::text(text)).await.map_err(|e| format!("publish: {e}"))?;
+            sent += 1;
+        }
+        // Drain publisher sockets in the background so acks never back up.
+        for mut p in pubs {
+            tokio::spawn(async move { while let Some(Ok(_)) = p.next().await {} });
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+    }
+
+    if sent > 0 {
+        let samples = std::mem::take(&mut *shared.samples.lock());
+        // Every subscriber watches every publisher: each change reaches all of them.
+        let expected = sent as u64 * connected;
+        let mut lat: Vec<u32> = samples.iter().map(|s| s.1).collect();
+        lat.sort_unstable();
+        let mut per_change: HashMap<u64, u32> = HashMap::new();
+        for (ts, l) in &samples {
+            let e = per_change.entry(*ts).or_insert(0);
+            *e = (*e).max(*l);
+        }
+        let mut fan: Vec<u32> = per_change.into_values().collect();
+        fan.sort_unstable();
+        println!("changes: {sent} sent; deliveries {} of {expected} expected", samples.len());
+        println!(
+            "delivery latency: p50 {}  p99 {}  p999 {}  max {}",
+            ms(pct(&lat, 0.5)),
+            ms(pct(&lat, 0.99)),
+            ms(pct(&lat, 0.999)),
+            ms(lat.last().copied().unwrap_or(0))
+        );
+        println!(
+            "fan-out time (change sent → last subscriber has it): p50 {}  p99 {}  max {}",
+            ms(pct(&fan, 0.5)),
+            ms(pct(&fan, 0.99)),
+            ms(fan.last().copied().unwrap_or(0))
+        );
+    }
+    Ok(())
+}
