@@ -252,16 +252,17 @@ fn marker_ts(text: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-async fn subscriber(
-    shared: Arc<Shared>,
+/// One subscriber client's parameters.
+struct Sub {
     addr: SocketAddr,
     source: Ipv4Addr,
     id: usize,
     watch_users: Arc<Vec<String>>,
     baseline: bool,
-    mut stop: watch::Receiver<bool>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+}
+
+async fn subscriber(shared: Arc<Shared>, sub: Sub, mut stop: watch::Receiver<bool>, permit: tokio::sync::OwnedSemaphorePermit) {
+    let Sub { addr, source, id, watch_users, baseline } = sub;
     let opened = open(addr, source, &format!("sub-{id}"), baseline).await;
     drop(permit); // the next handshake may start
     let mut ws = match opened {
@@ -341,7 +342,8 @@ async fn run(args: RunArgs) -> Res<()> {
         let (shared, publishers, stop) = (shared.clone(), publishers.clone(), stop_rx.clone());
         let source = sources[id % sources.len()];
         let baseline = args.baseline;
-        tasks.push(tokio::spawn(subscriber(shared, addr, source, id, publishers, baseline, stop, permit)));
+        let sub = Sub { addr, source, id, watch_users: publishers, baseline };
+        tasks.push(tokio::spawn(subscriber(shared, sub, stop, permit)));
     }
     while (shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)) < args.clients as u64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
