@@ -14,6 +14,7 @@
 //! - [`http`]: the REST API v2, contacts/privacy/conversations, the seed 004 legacy
 //!   endpoints, health, metrics and the live page (thin adapters over [`service`]).
 //! - [`ws`]: `GET /ws`, the hub (indexes, coalescing outboxes, typing) and the protocol.
+//! - [`grpc`]: `realchat.presence.v1.PresenceApi` (seed 001), health and reflection.
 //! - [`auth`]: JWT verification and minting. [`config`]: YAML + env configuration.
 //!   [`telemetry`]: logs and metrics. [`server`]: wiring and graceful shutdown.
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod bus;
 pub mod config;
 pub mod core;
 pub mod directory;
+pub mod grpc;
 pub mod http;
 pub mod server;
 pub mod service;

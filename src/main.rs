@@ -147,9 +147,19 @@ fn serve(config: Config, dev: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let grpc_addr = format!("{}:{}", app.config.service.host, app.config.service.grpc_port);
+        let grpc = match tokio::net::TcpListener::bind(&grpc_addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("presenced: cannot listen on {grpc_addr} (service.grpc_port): {e}");
+                app.svc.store.shutdown().await;
+                return ExitCode::FAILURE;
+            }
+        };
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
-        tracing::info!(http = %local, node_id = %app.svc.node_id, backend = app.backend, "presenced listening");
-        match app.serve(listener, shutdown_signal()).await {
+        let grpc_local = grpc.local_addr().map(|a| a.to_string()).unwrap_or(grpc_addr);
+        tracing::info!(http = %local, grpc = %grpc_local, node_id = %app.svc.node_id, backend = app.backend, "presenced listening");
+        match app.serve_all(listener, Some(grpc), shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("presenced: {e}");

@@ -99,9 +99,37 @@ impl App {
         })
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
-    /// finish (at most `service.shutdown_grace`), and flushes the store.
+    /// Serves HTTP (and WebSocket) only; see [`App::serve_all`].
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        self.serve_all(listener, None, shutdown).await
+    }
+
+    /// Serves HTTP on `http` and gRPC on `grpc` until `shutdown` resolves, then stops
+    /// accepting, lets in-flight requests finish (at most `service.shutdown_grace`), closes
+    /// WebSockets and gRPC streams, and flushes the store.
+    pub async fn serve_all(
+        self,
+        listener: TcpListener,
+        grpc: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let grpc_task = grpc.map(|l| {
+            let svc = self.svc.clone();
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = crate::grpc::serve(svc, l, stop).await {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            })
+        });
         let grace = self.config.service.shutdown_grace.0;
         let (fired_tx, mut fired_rx) = tokio::sync::watch::channel(false);
         let hub = self.svc.hub.clone();
@@ -129,6 +157,11 @@ impl App {
         .await;
         if drained.is_err() {
             tracing::warn!(left = self.svc.hub.connection_count(), "WebSocket connections still open at shutdown");
+        }
+        if let Some(t) = grpc_task {
+            if tokio::time::timeout(grace, t).await.is_err() {
+                tracing::warn!("gRPC server still draining at shutdown");
+            }
         }
         self.svc.store.shutdown().await;
         tracing::info!("stopped");

@@ -24,6 +24,7 @@ fn base_cmd(data_dir: &std::path::Path) -> Command {
     c.env_clear()
         .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
         .env("PRESENCE_SERVICE__PORT", "0")
+        .env("PRESENCE_SERVICE__GRPC_PORT", "0")
         .env("PRESENCE_SERVICE__DATA_DIR", data_dir)
         .env("PRESENCE_SERVICE__NODE_ID", "bin-node")
         .env("PRESENCE_LOGGING__FORMAT", "json");

@@ -189,6 +189,7 @@ async fn spawn_server(baseline: bool) -> Res<Server> {
             .arg("serve")
             .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
             .env("PRESENCE_SERVICE__PORT", port.to_string())
+            .env("PRESENCE_SERVICE__GRPC_PORT", "0")
             .env("PRESENCE_SERVICE__DATA_DIR", &dir)
             .env("PRESENCE_AUTH__MODE", "gateway")
             .env("PRESENCE_LOGGING__LEVEL", "warn")

@@ -17,6 +17,8 @@ pub const ISSUER: &str = "presence-service";
 /// A server on 127.0.0.1:<ephemeral>, stopped when dropped or by [`TestServer::stop`].
 pub struct TestServer {
     pub base: String,
+    /// `http://127.0.0.1:<port>` of the gRPC listener.
+    pub grpc: String,
     pub svc: Arc<Service>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -54,17 +56,19 @@ impl TestServer {
     async fn serve(app: App, dir: Option<tempfile::TempDir>) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let grpc = format!("http://{}", grpc_listener.local_addr().expect("addr"));
         let svc = app.svc.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            app.serve(listener, async move {
+            app.serve_all(listener, Some(grpc_listener), async move {
                 let _ = rx.await;
             })
             .await
             .expect("serve");
         });
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
-        TestServer { base, svc, client, stop: Some(tx), task: Some(task), _dir: dir }
+        TestServer { base, grpc, svc, client, stop: Some(tx), task: Some(task), _dir: dir }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,430 @@
+//! gRPC transport: `realchat.presence.v1.PresenceApi` (seed 001) on `service.grpc_port`,
+//! with `grpc.health.v1.Health` and server reflection (v1 and v1alpha). A thin adapter
+//! over [`Service`]: sessions registered here are the same sessions the WebSocket and
+//! HTTP front ends see.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status as GrpcStatus};
+
+use crate::auth::Identity;
+use crate::core::{validate_id, Event, EventKind, Millis, Presence, Status, UserId};
+use crate::service::{ApiError, Service, StatusWrite};
+
+pub mod pb {
+    tonic::include_proto!("realchat.presence.v1");
+    /// Encoded descriptors of the API, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("presence_descriptor");
+}
+
+use pb::presence_api_server::{PresenceApi, PresenceApiServer};
+
+/// Longest TTL a session may be registered with.
+const MAX_SESSION_TTL_SECS: u32 = 24 * 3600;
+/// Pending (coalesced) users a `WatchPresence { all: true }` stream may hold.
+const MAX_PENDING_ALL: usize = 100_000;
+
+fn ts(ms: Millis) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+fn status_pb(s: Status) -> pb::Status {
+    match s {
+        Status::Online => pb::Status::Online,
+        Status::Away => pb::Status::Away,
+        Status::Busy => pb::Status::Busy,
+        Status::Offline => pb::Status::Offline,
+    }
+}
+
+fn kind_pb(k: EventKind) -> pb::presence_event::Kind {
+    match k {
+        EventKind::UserOnline => pb::presence_event::Kind::UserOnline,
+        EventKind::UserOffline => pb::presence_event::Kind::UserOffline,
+        EventKind::PresenceUpdated => pb::presence_event::Kind::PresenceUpdated,
+        EventKind::PresenceExpired => pb::presence_event::Kind::PresenceExpired,
+    }
+}
+
+fn presence_pb(p: &Presence) -> pb::UserPresence {
+    pb::UserPresence {
+        user_id: p.user_id.to_string(),
+        status: status_pb(p.status) as i32,
+        message: p.message.to_string(),
+        last_seen: p.last_seen.map(ts),
+        updated_at: p.updated_at.map(ts),
+        node_id: p.node_id.to_string(),
+        device_count: p.device_count,
+        expires_at: p.expires_at.map(ts),
+    }
+}
+
+/// The one mapping from the service's errors to gRPC codes (beside HTTP in `service.rs`).
+pub fn to_status(e: ApiError) -> GrpcStatus {
+    use tonic::Code;
+    let code = match &e {
+        ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_) => Code::InvalidArgument,
+        ApiError::Unauthorized(_) => Code::Unauthenticated,
+        ApiError::Forbidden(_) => Code::PermissionDenied,
+        ApiError::NotFound(_) => Code::NotFound,
+        ApiError::MethodNotAllowed(_) => Code::Unimplemented,
+        ApiError::RateLimited { .. } | ApiError::LimitExceeded(_) => Code::ResourceExhausted,
+        ApiError::Unavailable(_) => Code::Unavailable,
+        ApiError::Internal(detail) => {
+            tracing::error!(error = %detail, "internal error");
+            Code::Internal
+        }
+    };
+    GrpcStatus::new(code, e.to_string())
+}
+
+/// Counts a finished call by method and code.
+fn observe<T>(method: &'static str, start: Instant, r: &Result<T, GrpcStatus>) {
+    let code = match r {
+        Ok(_) => "OK",
+        Err(s) => code_name(s.code()),
+    };
+    metrics::counter!("grpc_requests_total", "method" => method, "code" => code).increment(1);
+    metrics::histogram!("grpc_request_duration_seconds", "method" => method).record(start.elapsed().as_secs_f64());
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The `PresenceApi` implementation.
+#[derive(Clone)]
+pub struct Api {
+    svc: Arc<Service>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Api {
+    fn caller<T>(&self, req: &Request<T>) -> Result<Identity, ApiError> {
+        self.svc.identify(&req.metadata().clone().into_headers(), None)
+    }
+
+    fn caller_optional<T>(&self, req: &Request<T>) -> Result<Option<Identity>, ApiError> {
+        self.svc.identify_optional(&req.metadata().clone().into_headers())
+    }
+
+    fn admin<T>(&self, req: &Request<T>, what: &str) -> Result<Identity, ApiError> {
+        let who = self.caller(req)?;
+        self.svc.require_admin(&who, what)?;
+        Ok(who)
+    }
+
+    fn device(&self, raw: &str) -> Result<(), ApiError> {
+        validate_id("device id", raw, self.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))
+    }
+}
+
+type Rpc<T> = Result<Response<T>, GrpcStatus>;
+
+#[tonic::async_trait]
+impl PresenceApi for Api {
+    async fn get_presence(&self, req: Request<pb::GetPresenceRequest>) -> Rpc<pb::GetPresenceResponse> {
+        let start = Instant::now();
+        let r = async {
+            let viewer = self.caller_optional(&req)?;
+            let ids = self.svc.parse_ids(req.get_ref().user_ids.iter().map(String::as_str))?;
+            let items = self.svc.get_many_as(viewer.as_ref(), &ids).await?;
+            Ok(pb::GetPresenceResponse { presences: items.iter().map(presence_pb).collect() })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("GetPresence", start, &r);
+        r
+    }
+
+    async fn register_session(&self, req: Request<pb::RegisterSessionRequest>) -> Rpc<pb::RegisterSessionResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "RegisterSession")?;
+            let m = req.get_ref();
+            let user = self.svc.parse_user(&m.user_id)?;
+            self.device(&m.device_id)?;
+            let instance = if m.instance_id.is_empty() { "grpc" } else { m.instance_id.as_str() };
+            validate_id("instance id", instance, self.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            if m.ttl_seconds > MAX_SESSION_TTL_SECS {
+                return Err(ApiError::BadRequest(format!("ttl_seconds must be at most {MAX_SESSION_TTL_SECS}")));
+            }
+            let ttl_ms = if m.ttl_seconds == 0 { self.svc.presence.session_ttl.as_millis_i64() } else { i64::from(m.ttl_seconds) * 1000 };
+            let devices = self.svc.store.devices(&user).await?;
+            if devices.len() >= self.svc.limits.max_devices_per_user && !devices.iter().any(|d| *d.device_id == *m.device_id) {
+                return Err(ApiError::LimitExceeded(format!("at most {} devices per user", self.svc.limits.max_devices_per_user)));
+            }
+            let reg = self.svc.store.register_session(&user, &m.device_id, instance, ttl_ms).await?;
+            Ok(pb::RegisterSessionResponse { created: reg.created, expires_at: Some(ts(reg.expires_at)) })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("RegisterSession", start, &r);
+        r
+    }
+
+    async fn unregister_session(&self, req: Request<pb::UnregisterSessionRequest>) -> Rpc<pb::UnregisterSessionResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "UnregisterSession")?;
+            let m = req.get_ref();
+            let user = self.svc.parse_user(&m.user_id)?;
+            self.device(&m.device_id)?;
+            let removed = self.svc.store.unregister_session(&user, &m.device_id).await?;
+            Ok(pb::UnregisterSessionResponse { removed })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("UnregisterSession", start, &r);
+        r
+    }
+
+    async fn refresh_session(&self, req: Request<pb::RefreshSessionRequest>) -> Rpc<pb::RefreshSessionResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "RefreshSession")?;
+            let m = req.get_ref();
+            let user = self.svc.parse_user(&m.user_id)?;
+            self.device(&m.device_id)?;
+            match self.svc.store.refresh_session(&user, &m.device_id).await? {
+                Some(t) => Ok(pb::RefreshSessionResponse { expires_at: Some(ts(t)) }),
+                None => Err(ApiError::NotFound(format!("no live session for {user} on device {}: register it again", m.device_id))),
+            }
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("RefreshSession", start, &r);
+        r
+    }
+
+    async fn get_user_devices(&self, req: Request<pb::GetUserDevicesRequest>) -> Rpc<pb::GetUserDevicesResponse> {
+        let start = Instant::now();
+        let r = async {
+            let who = self.caller(&req)?;
+            let user = self.svc.parse_user(&req.get_ref().user_id)?;
+            self.svc.authorize_owner(&who, &user, "devices")?;
+            let devices = self.svc.store.devices(&user).await?;
+            Ok(pb::GetUserDevicesResponse {
+                devices: devices
+                    .iter()
+                    .map(|d| pb::DeviceInfo {
+                        device_id: d.device_id.to_string(),
+                        instance_id: d.instance_id.to_string(),
+                        connected_at: Some(ts(d.connected_at)),
+                        last_seen: Some(ts(d.last_heartbeat)),
+                        expires_at: Some(ts(d.expires_at)),
+                    })
+                    .collect(),
+            })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("GetUserDevices", start, &r);
+        r
+    }
+
+    async fn set_presence(&self, req: Request<pb::SetPresenceRequest>) -> Rpc<pb::UserPresence> {
+        let start = Instant::now();
+        let r = async {
+            let who = self.caller(&req)?;
+            let m = req.get_ref();
+            let user = self.svc.parse_user(&m.user_id)?;
+            let status = match pb::Status::try_from(m.status) {
+                Ok(pb::Status::Online) => "online",
+                Ok(pb::Status::Away) => "away",
+                Ok(pb::Status::Busy) => "busy",
+                Ok(pb::Status::Offline) => "offline",
+                _ => return Err(ApiError::BadRequest("status must be STATUS_ONLINE, STATUS_AWAY, STATUS_BUSY or STATUS_OFFLINE".into())),
+            };
+            let ttl_seconds = if m.until_changed {
+                Some(0)
+            } else if m.ttl_seconds == 0 {
+                None
+            } else {
+                Some(i64::from(m.ttl_seconds))
+            };
+            let p = self
+                .svc
+                .set_status(&who, &user, StatusWrite { status: Some(status.into()), message: Some(m.message.clone()), ttl_seconds })
+                .await?;
+            Ok(presence_pb(&p))
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("SetPresence", start, &r);
+        r
+    }
+
+    type WatchPresenceStream = ReceiverStream<Result<pb::PresenceEvent, GrpcStatus>>;
+
+    async fn watch_presence(&self, req: Request<pb::WatchPresenceRequest>) -> Rpc<Self::WatchPresenceStream> {
+        let start = Instant::now();
+        let r = async {
+            let m = req.get_ref();
+            let (viewer, watched) = if m.all {
+                (Some(self.admin(&req, "WatchPresence with all: true")?), None)
+            } else {
+                let viewer = self.caller_optional(&req)?;
+                let ids = self.svc.parse_ids(m.user_ids.iter().map(String::as_str))?;
+                (viewer, Some(ids))
+            };
+            // Subscribe before reading the snapshot so no change falls in between.
+            let events = self.svc.bus.subscribe();
+            let snapshot = match &watched {
+                Some(ids) => self.svc.get_many_as(viewer.as_ref(), ids).await?,
+                None => Vec::new(),
+            };
+            let (tx, rx) = mpsc::channel(64);
+            let fwd = Forwarder {
+                svc: self.svc.clone(),
+                viewer,
+                watched: watched.map(|v| v.into_iter().collect()),
+                shutdown: self.shutdown.clone(),
+            };
+            tokio::spawn(fwd.run(events, snapshot, tx));
+            metrics::gauge!("grpc_watch_streams").increment(1.0);
+            Ok(ReceiverStream::new(rx))
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("WatchPresence", start, &r);
+        r
+    }
+}
+
+/// Feeds one `WatchPresence` stream: filters bus events to the watched users, applies
+/// privacy for the viewer, and coalesces per user while the reader is slow (at most one
+/// pending event per user: the newest). A reader that falls behind the bus itself, or an
+/// `all` stream with too many users pending, ends with RESOURCE_EXHAUSTED.
+struct Forwarder {
+    svc: Arc<Service>,
+    viewer: Option<Identity>,
+    watched: Option<HashSet<UserId>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Forwarder {
+    async fn run(
+        mut self,
+        mut events: broadcast::Receiver<Arc<Event>>,
+        snapshot: Vec<Presence>,
+        tx: mpsc::Sender<Result<pb::PresenceEvent, GrpcStatus>>,
+    ) {
+        let mut order: VecDeque<UserId> = VecDeque::new();
+        let mut pending: HashMap<UserId, pb::PresenceEvent> = HashMap::new();
+        let now = self.svc.clock.now();
+        for p in &snapshot {
+            let ev = pb::PresenceEvent {
+                kind: pb::presence_event::Kind::PresenceUpdated as i32,
+                presence: Some(presence_pb(p)),
+                at: Some(ts(now)),
+                snapshot: true,
+            };
+            order.push_back(p.user_id.clone());
+            pending.insert(p.user_id.clone(), ev);
+        }
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => break Some(GrpcStatus::unavailable("server shutting down")),
+                _ = tx.closed() => break None,
+                permit = tx.reserve(), if !order.is_empty() => {
+                    let Ok(permit) = permit else { break None };
+                    if let Some(ev) = order.pop_front().and_then(|u| pending.remove(&u)) {
+                        permit.send(Ok(ev));
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Ok(ev) => {
+                        let user = &ev.presence.user_id;
+                        if self.watched.as_ref().is_some_and(|w| !w.contains(user)) {
+                            continue;
+                        }
+                        let seen = self.svc.view_as(self.viewer.as_ref(), ev.presence.clone());
+                        let out = pb::PresenceEvent { kind: kind_pb(ev.kind) as i32, presence: Some(presence_pb(&seen)), at: Some(ts(ev.at)), snapshot: false };
+                        if pending.insert(user.clone(), out).is_some() {
+                            metrics::counter!("grpc_watch_coalesced_total").increment(1);
+                        } else {
+                            order.push_back(user.clone());
+                        }
+                        if self.watched.is_none() && pending.len() > MAX_PENDING_ALL {
+                            break Some(GrpcStatus::resource_exhausted("stream reader too slow: too many users pending"));
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        break Some(GrpcStatus::resource_exhausted(format!("stream reader too slow: {n} events missed; open a new stream")));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break Some(GrpcStatus::unavailable("server shutting down")),
+                }
+            }
+        };
+        if let Some(status) = end {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(Err(status))).await;
+        }
+        metrics::gauge!("grpc_watch_streams").decrement(1.0);
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` resolves.
+pub async fn serve(
+    svc: Arc<Service>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PresenceApiServer<Api>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1();
+    let reflection_v1alpha = reflection().build_v1alpha();
+    let mut router = tonic::transport::Server::builder().add_service(health_service);
+    match (reflection_v1, reflection_v1alpha) {
+        (Ok(v1), Ok(v1alpha)) => {
+            router = router.add_service(v1).add_service(v1alpha);
+        }
+        (Err(e), _) | (_, Err(e)) => tracing::error!(error = %e, "gRPC reflection disabled: descriptor set rejected"),
+    }
+    let api = PresenceApiServer::new(Api { svc, shutdown: stop_rx });
+    let signal = async move {
+        shutdown.await;
+        health.set_not_serving::<PresenceApiServer<Api>>().await;
+        let _ = stop_tx.send(true);
+    };
+    router.add_service(api).serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal).await
+}
