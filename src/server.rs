@@ -139,6 +139,10 @@ impl App {
             hub.close_all();
             let _ = fired_tx.send(true);
         };
+        // TCP_NODELAY, so multi-segment answers never wait for a delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(signal);
         let deadline = async move {
             let _ = fired_rx.wait_for(|f| *f).await;

@@ -288,22 +288,23 @@ impl Service {
         Ok(p)
     }
 
-    /// Who is calling. In `auth.mode: gateway` the API gateway's `X-User-ID` header is
-    /// trusted (seed 003 §2.2); otherwise a JWT from `Authorization: Bearer` or, for
-    /// browsers opening a WebSocket, the `token` query parameter.
+    /// Who is calling: a JWT from `Authorization: Bearer` or, for browsers opening a
+    /// WebSocket, the `token` query parameter. In `auth.mode: gateway` a request without a
+    /// token is trusted as the gateway's `X-User-ID` (seed 003 §2.2); backends calling with
+    /// a service token (`presence:admin`) are still verified.
     pub fn identify(&self, headers: &axum::http::HeaderMap, token_param: Option<&str>) -> Result<Identity, ApiError> {
         let header = |name: &str| match headers.get(name) {
             None => Ok(None),
             Some(v) => v.to_str().map(Some).map_err(|_| ApiError::Unauthorized(AuthError::Malformed)),
         };
-        if self.auth_mode == AuthMode::Gateway {
-            let user = header("x-user-id")?.ok_or(ApiError::Unauthorized(AuthError::MissingGatewayUser))?;
-            self.parse_user(user)?;
-            return Ok(Identity { sub: user.to_string(), scopes: Vec::new() });
-        }
         match (header("authorization")?, token_param) {
             (Some(h), _) => Ok(self.auth.verify_header(Some(h))?),
             (None, Some(t)) => Ok(self.auth.verify(t)?),
+            (None, None) if self.auth_mode == AuthMode::Gateway => {
+                let user = header("x-user-id")?.ok_or(ApiError::Unauthorized(AuthError::MissingGatewayUser))?;
+                self.parse_user(user)?;
+                Ok(Identity { sub: user.to_string(), scopes: Vec::new() })
+            }
             (None, None) => Err(ApiError::Unauthorized(AuthError::Missing)),
         }
     }

@@ -176,6 +176,27 @@ async fn handshake_auth_device_and_gateway_mode() {
     assert_eq!((hello["payload"]["user_id"].as_str(), hello["payload"]["device_id"].as_str()), (Some("user-uuid"), Some("device-123")));
     let e = connect_with(&s, "", &[("x-device-id", "d")]).await.err().unwrap();
     assert_eq!(e.0, 401);
+    // A backend's service token still works (and is still verified) behind the gateway.
+    let r = s
+        .client
+        .put(s.url("/api/v2/contacts/user-uuid"))
+        .bearer_auth(s.admin_token("backend"))
+        .json(&json!({"contacts":["x"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s.client.put(s.url("/api/v2/contacts/user-uuid")).bearer_auth("forged").json(&json!({"contacts":[]})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .client
+        .put(s.url("/api/v2/presence/user-uuid"))
+        .header("x-user-id", "user-uuid")
+        .json(&json!({"status":"busy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the gateway's user writes their own status");
     s.stop().await;
 }
 

@@ -38,6 +38,8 @@ struct Cli {
 enum Cmd {
     /// Run a load test.
     Run(RunArgs),
+    /// gRPC throughput over one HTTP/2 connection: RefreshSession and GetPresence(100 ids).
+    Grpc(GrpcArgs),
     /// The bare broadcast server used by `run --baseline`: every text frame received is
     /// sent to every connection.
     BaselineServer {
@@ -80,6 +82,19 @@ struct RunArgs {
     settle_secs: u64,
 }
 
+#[derive(Parser, Clone)]
+struct GrpcArgs {
+    /// Concurrent requests (HTTP/2 streams) on the one connection.
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Seconds per measured RPC.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Sessions registered (and refreshed round-robin).
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -91,6 +106,7 @@ fn main() -> std::process::ExitCode {
     };
     let r = match cli.cmd {
         Cmd::Run(args) => rt.block_on(run(args)),
+        Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
         Cmd::BaselineServer { listen } => rt.block_on(baseline_server(listen)),
     };
     match r {
@@ -173,7 +189,14 @@ fn free_port() -> Res<u16> {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
 }
 
+const BENCH_SECRET: &str = "presenced-bench-secret";
+
 async fn spawn_server(baseline: bool) -> Res<Server> {
+    spawn_server_with(baseline, None).await
+}
+
+/// With `grpc_port`, presenced also serves gRPC there (HS256 secret [`BENCH_SECRET`]).
+async fn spawn_server_with(baseline: bool, grpc_port: Option<u16>) -> Res<Server> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let (child, dir) = if baseline {
@@ -189,7 +212,8 @@ async fn spawn_server(baseline: bool) -> Res<Server> {
             .arg("serve")
             .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
             .env("PRESENCE_SERVICE__PORT", port.to_string())
-            .env("PRESENCE_SERVICE__GRPC_PORT", "0")
+            .env("PRESENCE_SERVICE__GRPC_PORT", grpc_port.map_or("0".to_string(), |p| p.to_string()))
+            .env("PRESENCE_AUTH__JWT_SECRET", BENCH_SECRET)
             .env("PRESENCE_SERVICE__DATA_DIR", &dir)
             .env("PRESENCE_AUTH__MODE", "gateway")
             .env("PRESENCE_LOGGING__LEVEL", "warn")
@@ -448,4 +472,97 @@ async fn run(args: RunArgs) -> Res<()> {
         );
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- gRPC
+
+async fn grpc_bench(args: GrpcArgs) -> Res<()> {
+    use presenced::grpc::pb;
+    use presenced::grpc::pb::presence_api_client::PresenceApiClient;
+
+    let port = free_port()?;
+    let _server = spawn_server_with(false, Some(port)).await?;
+    let auth = presenced::auth::Authenticator::new(BENCH_SECRET, "presence-service", Duration::from_secs(30), None);
+    let token = auth.mint("bench", Duration::from_secs(3600), Some(presenced::auth::ADMIN_SCOPE))?;
+    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}").parse().map_err(|_| "token")?;
+    let start = Instant::now();
+    let channel = loop {
+        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).map_err(|e| e.to_string())?.connect().await {
+            Ok(c) => break c,
+            Err(_) if start.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => return Err(format!("gRPC connect: {e}")),
+        }
+    };
+    let client = PresenceApiClient::new(channel);
+    for i in 0..args.sessions {
+        let req =
+            pb::RegisterSessionRequest { user_id: format!("u{i}"), device_id: "d".into(), instance_id: "bench".into(), ttl_seconds: 600 };
+        client.clone().register_session(authed(req, &bearer)).await.map_err(|e| e.to_string())?;
+    }
+    println!("one HTTP/2 connection, {} concurrent streams, {} sessions registered", args.concurrency, args.sessions);
+
+    let sessions = args.sessions;
+    let (c0, b0) = (client.clone(), bearer.clone());
+    let refresh = measure(&args, move |i| {
+        let mut c = c0.clone();
+        let req = authed(pb::RefreshSessionRequest { user_id: format!("u{}", i % sessions), device_id: "d".into() }, &b0);
+        async move { c.refresh_session(req).await.map(|_| ()).map_err(|e| e.to_string()) }
+    })
+    .await?;
+    println!("RefreshSession: {refresh}");
+    let ids: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+    let get = measure(&args, move |_| {
+        let mut c = client.clone();
+        let req = tonic::Request::new(pb::GetPresenceRequest { user_ids: ids.clone() });
+        async move {
+            let r = c.get_presence(req).await.map_err(|e| e.to_string())?;
+            if r.get_ref().presences.len() == 100 {
+                Ok(())
+            } else {
+                Err("short answer".into())
+            }
+        }
+    })
+    .await?;
+    println!("GetPresence (100 ids): {get}");
+    Ok(())
+}
+
+fn authed<T>(msg: T, bearer: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("authorization", bearer.clone());
+    r
+}
+
+/// Runs `call(i)` from `concurrency` workers for `seconds`; returns "N/s, p50, p99".
+async fn measure<F, Fut>(args: &GrpcArgs, call: F) -> Res<String>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let (call, counter) = (call.clone(), counter.clone());
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = w;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                call(i).await?;
+                lat.push(t.elapsed().as_micros() as u32);
+                counter.fetch_add(1, Ordering::Relaxed);
+                i += 7919;
+            }
+            Ok::<_, String>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.map_err(|e| e.to_string())??);
+    }
+    all.sort_unstable();
+    let n = counter.load(Ordering::Relaxed);
+    Ok(format!("{:.0}/s, p50 {}, p99 {}", n as f64 / args.seconds as f64, ms(pct(&all, 0.5)), ms(pct(&all, 0.99))))
 }

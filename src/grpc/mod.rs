@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::auth::Identity;
@@ -426,5 +426,8 @@ pub async fn serve(
         health.set_not_serving::<PresenceApiServer<Api>>().await;
         let _ = stop_tx.send(true);
     };
-    router.add_service(api).serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal).await
+    // TCP_NODELAY: multi-segment answers (a 100-id GetPresence is ~8 KB) must not wait
+    // for the client's delayed ACK (Nagle), which costs ~40 ms per call at low concurrency.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    router.add_service(api).serve_with_incoming_shutdown(incoming, signal).await
 }
