@@ -346,7 +346,7 @@ async fn slow_watch_reader_is_coalesced_to_the_latest_state() {
 
 #[tokio::test]
 async fn store_down_is_unavailable() {
-    let s = TestServer::with_store(&[], Arc::new(common_down::DownStore)).await;
+    let s = TestServer::with_store(&[], Arc::new(common::DownStore)).await;
     let mut c = client(&s).await;
     let e = c.get_presence(pb::GetPresenceRequest { user_ids: vec!["a".into()] }).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
@@ -412,54 +412,4 @@ async fn generic_client_through_reflection_alone() {
     assert_eq!(v["response"]["presences"][0]["status"], "STATUS_AWAY");
     assert_eq!(v["response"]["presences"][0]["message"], "lunch");
     s.stop().await;
-}
-
-mod common_down {
-    use async_trait::async_trait;
-    use presenced::core::{Millis, Presence, Registered, Session, UserId};
-    use presenced::store::{DirTable, SetStatus, Store, StoreError, StoreStats};
-
-    pub struct DownStore;
-
-    fn down<T>() -> Result<T, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-
-    #[async_trait]
-    impl Store for DownStore {
-        async fn get_many(&self, _: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
-            down()
-        }
-        async fn set_status(&self, _: &UserId, _: SetStatus) -> Result<Presence, StoreError> {
-            down()
-        }
-        async fn clear_status(&self, _: &UserId) -> Result<Presence, StoreError> {
-            down()
-        }
-        async fn register_session(&self, _: &UserId, _: &str, _: &str, _: i64) -> Result<Registered, StoreError> {
-            down()
-        }
-        async fn refresh_session(&self, _: &UserId, _: &str) -> Result<Option<Millis>, StoreError> {
-            down()
-        }
-        async fn unregister_session(&self, _: &UserId, _: &str) -> Result<bool, StoreError> {
-            down()
-        }
-        async fn devices(&self, _: &UserId) -> Result<Vec<Session>, StoreError> {
-            down()
-        }
-        fn stats(&self) -> StoreStats {
-            StoreStats::default()
-        }
-        async fn health(&self) -> Result<(), StoreError> {
-            down()
-        }
-        async fn put_directory(&self, _: DirTable, _: &str, _: Option<Vec<u8>>) -> Result<(), StoreError> {
-            down()
-        }
-        async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
-            down()
-        }
-        async fn shutdown(&self) {}
-    }
 }

@@ -5,11 +5,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::{assert_error, decode, TestServer, ISSUER, SECRET};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use presenced::core::{EventKind, Millis, Presence, Registered, Session, UserId};
-use presenced::store::{DirTable, SetStatus, Store, StoreError, StoreStats};
+use presenced::core::{EventKind, UserId};
 use serde_json::json;
 
 #[tokio::test]
@@ -323,50 +321,9 @@ async fn write_rate_limit_is_429_with_retry_after() {
     s.stop().await;
 }
 
-/// A store whose backend is down, to check the 503 mapping end to end.
-struct DownStore;
-
-#[async_trait]
-impl Store for DownStore {
-    async fn get_many(&self, _: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn set_status(&self, _: &UserId, _: SetStatus) -> Result<Presence, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn clear_status(&self, _: &UserId) -> Result<Presence, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn register_session(&self, _: &UserId, _: &str, _: &str, _: i64) -> Result<Registered, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn refresh_session(&self, _: &UserId, _: &str) -> Result<Option<Millis>, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn unregister_session(&self, _: &UserId, _: &str) -> Result<bool, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn devices(&self, _: &UserId) -> Result<Vec<Session>, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    fn stats(&self) -> StoreStats {
-        StoreStats::default()
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn put_directory(&self, _: DirTable, _: &str, _: Option<Vec<u8>>) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
-        Err(StoreError::Unavailable("backend down".into()))
-    }
-    async fn shutdown(&self) {}
-}
-
 #[tokio::test]
 async fn store_unavailable_is_503() {
-    let s = TestServer::with_store(&[], Arc::new(DownStore)).await;
+    let s = TestServer::with_store(&[], Arc::new(common::DownStore)).await;
     assert_error(&s.get("/api/v2/presence/alice").await, 503, "unavailable");
     assert_error(&s.get("/api/v2/presence?users=a,b").await, 503, "unavailable");
     assert_error(&s.put_status("alice", Some(&s.token("alice")), json!({"status": "busy"})).await, 503, "unavailable");

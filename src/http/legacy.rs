@@ -5,14 +5,13 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 
 use super::json::rfc3339;
-use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map, Res};
-use super::{error, Http};
+use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map};
+use super::{Http, Res};
 use crate::core::validate_id;
 use crate::service::{ApiError, StatusWrite};
 
@@ -25,30 +24,24 @@ struct UpdateBody {
 }
 
 /// `POST /presence` `{"online_status", "custom_status"}`: sets the caller's status.
-pub async fn update(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let r: Res = async {
-        let who = identity(&state, &headers)?;
-        let user = state.svc.parse_user(&who.sub)?;
-        let bytes = body_bytes(body)?;
-        let b: UpdateBody = parse_json(&bytes)?;
-        let p = state
-            .svc
-            .set_status(&who, &user, StatusWrite { status: b.online_status, message: b.custom_status, ttl_seconds: b.ttl })
-            .await?;
-        Ok(presence_map(&state, std::slice::from_ref(&p)))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+pub async fn update(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
+    let who = identity(&state, &headers)?;
+    let user = state.svc.parse_user(&who.sub)?;
+    let bytes = body_bytes(body)?;
+    let b: UpdateBody = parse_json(&bytes)?;
+    let p =
+        state.svc.set_status(&who, &user, StatusWrite { status: b.online_status, message: b.custom_status, ttl_seconds: b.ttl }).await?;
+    Ok(presence_map(&state, std::slice::from_ref(&p)))
 }
 
 /// `GET /presence/{user_id}`
-pub async fn get(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Response {
+pub async fn get(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
     super::presence::get_one(State(state), headers, path).await
 }
 
 /// `POST /presence/bulk` `{"user_ids": [...]}`
-pub async fn bulk(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    batch_read(&state, &headers, body).await.unwrap_or_else(|e| error(&e))
+pub async fn bulk(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
+    batch_read(&state, &headers, body).await
 }
 
 #[derive(Deserialize, Default)]
@@ -60,33 +53,29 @@ struct HeartbeatBody {
 /// `POST /presence/heartbeat`: keeps the caller's device session alive, opening it if
 /// needed (device from `X-Device-ID` or `device_id`; default `http`). A client that stops
 /// heartbeating goes offline after `presence.session_ttl`.
-pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let r: Res = async {
-        let who = identity(&state, &headers)?;
-        let user = state.svc.parse_user(&who.sub)?;
-        let bytes = body_bytes(body)?;
-        let b: HeartbeatBody = if bytes.iter().all(u8::is_ascii_whitespace) { HeartbeatBody::default() } else { parse_json(&bytes)? };
-        let device =
-            headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
-        validate_id("device id", &device, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let svc = &state.svc;
-        let expires_at = match svc.store.refresh_session(&user, &device).await? {
-            Some(t) => t,
-            None => {
-                let devices = svc.store.devices(&user).await?;
-                if devices.len() >= svc.limits.max_devices_per_user {
-                    return Err(ApiError::LimitExceeded(format!("at most {} devices per user", svc.limits.max_devices_per_user)));
-                }
-                svc.store
-                    .register_session(&user, &device, &format!("{}/http", svc.node_id), svc.presence.session_ttl.as_millis_i64())
-                    .await?
-                    .expires_at
+pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
+    let who = identity(&state, &headers)?;
+    let user = state.svc.parse_user(&who.sub)?;
+    let bytes = body_bytes(body)?;
+    let b: HeartbeatBody = if bytes.iter().all(u8::is_ascii_whitespace) { HeartbeatBody::default() } else { parse_json(&bytes)? };
+    let device =
+        headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
+    validate_id("device id", &device, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let svc = &state.svc;
+    let expires_at = match svc.store.refresh_session(&user, &device).await? {
+        Some(t) => t,
+        None => {
+            let devices = svc.store.devices(&user).await?;
+            if devices.len() >= svc.limits.max_devices_per_user {
+                return Err(ApiError::LimitExceeded(format!("at most {} devices per user", svc.limits.max_devices_per_user)));
             }
-        };
-        Ok(super::ok(json!({ "user_id": user.as_str(), "device_id": device, "expires_at": rfc3339(expires_at) })))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+            svc.store
+                .register_session(&user, &device, &format!("{}/http", svc.node_id), svc.presence.session_ttl.as_millis_i64())
+                .await?
+                .expires_at
+        }
+    };
+    Ok(super::ok(json!({ "user_id": user.as_str(), "device_id": device, "expires_at": rfc3339(expires_at) })))
 }
 
 #[derive(Deserialize)]
@@ -97,21 +86,17 @@ struct TypingBody {
 }
 
 /// `POST /presence/typing` `{"conversation_id", "is_typing"}`
-pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let r: Res = async {
-        let who = identity(&state, &headers)?;
-        let user = state.svc.parse_user(&who.sub)?;
-        let bytes = body_bytes(body)?;
-        let b: TypingBody = parse_json(&bytes)?;
-        let (Some(conv), Some(is_typing)) = (b.conversation_id, b.is_typing) else {
-            return Err(ApiError::BadRequest("typing needs conversation_id and is_typing".into()));
-        };
-        validate_id("conversation id", &conv, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        state.svc.check_write_rate(&user)?;
-        state.svc.hub.typing(&user, &conv, is_typing)?;
-        let conv: Arc<str> = Arc::from(conv);
-        Ok(super::ok(json!({ "conversation_id": &*conv, "user_id": user.as_str(), "is_typing": is_typing })))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
+    let who = identity(&state, &headers)?;
+    let user = state.svc.parse_user(&who.sub)?;
+    let bytes = body_bytes(body)?;
+    let b: TypingBody = parse_json(&bytes)?;
+    let (Some(conv), Some(is_typing)) = (b.conversation_id, b.is_typing) else {
+        return Err(ApiError::BadRequest("typing needs conversation_id and is_typing".into()));
+    };
+    validate_id("conversation id", &conv, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    state.svc.check_write_rate(&user)?;
+    state.svc.hub.typing(&user, &conv, is_typing)?;
+    let conv: Arc<str> = Arc::from(conv);
+    Ok(super::ok(json!({ "conversation_id": &*conv, "user_id": user.as_str(), "is_typing": is_typing })))
 }

@@ -22,6 +22,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::service::{ApiError, Service};
 
+/// What handlers return: an error leaves as the JSON envelope (`ApiError: IntoResponse`).
+pub type Res = Result<Response, ApiError>;
+
 /// State shared by the handlers.
 #[derive(Clone)]
 pub struct Http {
@@ -146,15 +149,12 @@ struct DevTokenQuery {
 async fn dev_token(
     State(state): State<Http>,
     q: Result<axum::extract::Query<DevTokenQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let r: Result<Response, ApiError> = (|| {
-        let axum::extract::Query(q) = q.map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let sub = q.sub.ok_or_else(|| ApiError::BadRequest("sub is required: /dev/token?sub=alice".into()))?;
-        let user = state.svc.parse_user(&sub)?;
-        let token = state.svc.auth.mint(user.as_str(), std::time::Duration::from_secs(24 * 3600), None).map_err(ApiError::Internal)?;
-        Ok(ok(serde_json::json!({ "sub": user.as_str(), "token": token })))
-    })();
-    r.unwrap_or_else(|e| error(&e))
+) -> Res {
+    let axum::extract::Query(q) = q.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let sub = q.sub.ok_or_else(|| ApiError::BadRequest("sub is required: /dev/token?sub=alice".into()))?;
+    let user = state.svc.parse_user(&sub)?;
+    let token = state.svc.auth.mint(user.as_str(), std::time::Duration::from_secs(24 * 3600), None).map_err(ApiError::Internal)?;
+    Ok(ok(serde_json::json!({ "sub": user.as_str(), "token": token })))
 }
 
 async fn not_found(req: Request) -> Response {

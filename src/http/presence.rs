@@ -8,12 +8,10 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::json::{PresenceJson, PresenceMap};
-use super::{error, ok, Http};
+use super::{ok, Http, Res};
 use crate::auth::Identity;
 use crate::core::UserId;
 use crate::service::{ApiError, StatusWrite};
-
-pub(super) type Res = Result<Response, ApiError>;
 
 pub(super) fn user_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
     let Path(raw) = path.map_err(|e| ApiError::BadRequest(format!("invalid user id in path: {e}")))?;
@@ -46,15 +44,11 @@ pub(super) fn presence_map(state: &Http, items: &[crate::core::Presence]) -> Res
 }
 
 /// `GET /api/v2/presence/{user_id}`
-pub async fn get_one(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Response {
-    let r: Res = async {
-        let viewer = state.svc.identify_optional(&headers)?;
-        let id = user_from_path(&state, path)?;
-        let p = state.svc.get_one_as(viewer.as_ref(), &id).await?;
-        Ok(presence_map(&state, std::slice::from_ref(&p)))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+pub async fn get_one(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
+    let viewer = state.svc.identify_optional(&headers)?;
+    let id = user_from_path(&state, path)?;
+    let p = state.svc.get_one_as(viewer.as_ref(), &id).await?;
+    Ok(presence_map(&state, std::slice::from_ref(&p)))
 }
 
 #[derive(Deserialize)]
@@ -63,17 +57,13 @@ pub struct MultiQuery {
 }
 
 /// `GET /api/v2/presence?users=a,b,c`
-pub async fn get_many(State(state): State<Http>, headers: HeaderMap, query: Result<Query<MultiQuery>, QueryRejection>) -> Response {
-    let r: Res = async {
-        let viewer = state.svc.identify_optional(&headers)?;
-        let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
-        let users = q.users.ok_or_else(|| ApiError::BadRequest("query parameter users is required (users=a,b,c)".into()))?;
-        let ids = state.svc.parse_ids(users.split(',').map(str::trim))?;
-        let items = state.svc.get_many_as(viewer.as_ref(), &ids).await?;
-        Ok(presence_map(&state, &items))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+pub async fn get_many(State(state): State<Http>, headers: HeaderMap, query: Result<Query<MultiQuery>, QueryRejection>) -> Res {
+    let viewer = state.svc.identify_optional(&headers)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let users = q.users.ok_or_else(|| ApiError::BadRequest("query parameter users is required (users=a,b,c)".into()))?;
+    let ids = state.svc.parse_ids(users.split(',').map(str::trim))?;
+    let items = state.svc.get_many_as(viewer.as_ref(), &ids).await?;
+    Ok(presence_map(&state, &items))
 }
 
 #[derive(Deserialize)]
@@ -83,8 +73,8 @@ struct BatchBody {
 }
 
 /// `POST /api/v2/presence/batch` with `{"user_ids": [...]}`
-pub async fn batch(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    batch_read(&state, &headers, body).await.unwrap_or_else(|e| error(&e))
+pub async fn batch(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
+    batch_read(&state, &headers, body).await
 }
 
 /// Shared by `POST /api/v2/presence/batch` and the legacy `POST /presence/bulk`.
@@ -112,28 +102,20 @@ pub async fn put(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let r: Res = async {
-        let who = identity(&state, &headers)?;
-        let id = user_from_path(&state, path)?;
-        state.svc.authorize_write(&who, &id)?;
-        let bytes = body_bytes(body)?;
-        let b: PutBody = parse_json(&bytes)?;
-        let p = state.svc.set_status(&who, &id, StatusWrite { status: b.status, message: b.message, ttl_seconds: b.ttl }).await?;
-        Ok(presence_map(&state, std::slice::from_ref(&p)))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+) -> Res {
+    let who = identity(&state, &headers)?;
+    let id = user_from_path(&state, path)?;
+    state.svc.authorize_write(&who, &id)?;
+    let bytes = body_bytes(body)?;
+    let b: PutBody = parse_json(&bytes)?;
+    let p = state.svc.set_status(&who, &id, StatusWrite { status: b.status, message: b.message, ttl_seconds: b.ttl }).await?;
+    Ok(presence_map(&state, std::slice::from_ref(&p)))
 }
 
 /// `DELETE /api/v2/presence/{user_id}`: clears the explicit status.
-pub async fn delete(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Response {
-    let r: Res = async {
-        let who = identity(&state, &headers)?;
-        let id = user_from_path(&state, path)?;
-        let p = state.svc.clear_status(&who, &id).await?;
-        Ok(ok(serde_json::json!({ id.as_str(): PresenceJson { p: &p, now: state.svc.clock.now() } })))
-    }
-    .await;
-    r.unwrap_or_else(|e| error(&e))
+pub async fn delete(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
+    let who = identity(&state, &headers)?;
+    let id = user_from_path(&state, path)?;
+    let p = state.svc.clear_status(&who, &id).await?;
+    Ok(ok(serde_json::json!({ id.as_str(): PresenceJson { p: &p, now: state.svc.clock.now() } })))
 }

@@ -4,10 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use presenced::bus::EventBus;
 use presenced::config::Config;
+use presenced::core::{Millis, Presence, Registered, Session, UserId};
 use presenced::server::App;
 use presenced::service::Service;
+use presenced::store::{DirTable, SetStatus, StoreError, StoreStats};
 use presenced::store::{Store, SystemClock};
 use tokio::sync::oneshot;
 
@@ -130,4 +133,49 @@ pub fn assert_error(resp: &(u16, serde_json::Value), status: u16, code: &str) {
     assert_eq!(body["success"], false, "{body}");
     assert_eq!(body["code"], code, "{body}");
     assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+}
+
+/// A store whose backend is down, to check the 503 / UNAVAILABLE mapping end to end.
+pub struct DownStore;
+
+fn down<T>() -> Result<T, StoreError> {
+    Err(StoreError::Unavailable("backend down".into()))
+}
+
+#[async_trait]
+impl Store for DownStore {
+    async fn get_many(&self, _: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
+        down()
+    }
+    async fn set_status(&self, _: &UserId, _: SetStatus) -> Result<Presence, StoreError> {
+        down()
+    }
+    async fn clear_status(&self, _: &UserId) -> Result<Presence, StoreError> {
+        down()
+    }
+    async fn register_session(&self, _: &UserId, _: &str, _: &str, _: i64) -> Result<Registered, StoreError> {
+        down()
+    }
+    async fn refresh_session(&self, _: &UserId, _: &str) -> Result<Option<Millis>, StoreError> {
+        down()
+    }
+    async fn unregister_session(&self, _: &UserId, _: &str) -> Result<bool, StoreError> {
+        down()
+    }
+    async fn devices(&self, _: &UserId) -> Result<Vec<Session>, StoreError> {
+        down()
+    }
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        down()
+    }
+    async fn put_directory(&self, _: DirTable, _: &str, _: Option<Vec<u8>>) -> Result<(), StoreError> {
+        down()
+    }
+    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
+        down()
+    }
+    async fn shutdown(&self) {}
 }
