@@ -329,19 +329,24 @@ impl Hub {
             self.connections.fetch_sub(1, Ordering::Relaxed);
         }
         let subs: Vec<UserId> = conn.subs.lock().drain().collect();
-        self.subscriptions.fetch_sub(subs.len() as i64, Ordering::Relaxed);
-        for u in subs {
+        self.drop_watches(conn.id, subs);
+        metrics::gauge!("ws_connections").set(self.connection_count() as f64);
+        owned
+    }
+
+    /// Removes connection `id` from the watcher index of `users` (which it watched).
+    fn drop_watches(&self, id: u64, users: Vec<UserId>) {
+        self.subscriptions.fetch_sub(users.len() as i64, Ordering::Relaxed);
+        for u in users {
             let mut shard = self.watchers.shard(&u).lock();
             if let Some(w) = shard.get_mut(&u) {
-                w.remove(&conn.id);
+                w.remove(&id);
                 if w.is_empty() {
                     shard.remove(&u);
                 }
             }
         }
-        metrics::gauge!("ws_connections").set(self.connection_count() as f64);
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
-        owned
     }
 
     /// Unregisters the connection; its device session ends unless a newer connection took it.
@@ -388,17 +393,7 @@ impl Hub {
             let mut subs = conn.subs.lock();
             ids.iter().filter(|id| subs.remove(*id)).cloned().collect()
         };
-        self.subscriptions.fetch_sub(removed.len() as i64, Ordering::Relaxed);
-        for u in removed {
-            let mut shard = self.watchers.shard(&u).lock();
-            if let Some(w) = shard.get_mut(&u) {
-                w.remove(&conn.id);
-                if w.is_empty() {
-                    shard.remove(&u);
-                }
-            }
-        }
-        metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
+        self.drop_watches(conn.id, removed);
     }
 
     fn relation(&self, viewer: &Conn, owner: &UserId, audience: &HashSet<UserId>) -> Relation {
