@@ -192,14 +192,76 @@ pub struct LoggingConfig {
 }
 
 /// Seed 003 §9.1 `nats` section; read by the NATS backend (`store.backend: nats`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     pub embedded: bool,
+    /// Servers to connect to; several = a cluster (the client fails over between them).
     pub urls: Vec<String>,
     pub data_dir: PathBuf,
     pub jetstream: JetStreamConfig,
     pub kv: KvConfig,
+    /// Credentials (seed 002: from the environment, e.g. `password: ${NATS_PASSWORD}` or
+    /// `PRESENCE_NATS__PASSWORD`). At most one of user/password, token, nkey_seed,
+    /// credentials_file.
+    #[serde(deserialize_with = "de_string")]
+    pub user: String,
+    #[serde(deserialize_with = "de_string")]
+    pub password: String,
+    #[serde(deserialize_with = "de_string")]
+    pub token: String,
+    #[serde(deserialize_with = "de_string")]
+    pub nkey_seed: String,
+    pub credentials_file: Option<PathBuf>,
+    pub tls: NatsTlsConfig,
+    /// Connection attempts time out after this.
+    pub connect_timeout: Dur,
+    /// Longest wait between reconnection attempts (backoff with jitter up to this).
+    pub max_reconnect_delay: Dur,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("NatsConfig")
+            .field("embedded", &self.embedded)
+            .field("urls", &self.urls)
+            .field("data_dir", &self.data_dir)
+            .field("jetstream", &self.jetstream)
+            .field("kv", &self.kv)
+            .field("user", &self.user)
+            .field("password", &redact(&self.password))
+            .field("token", &redact(&self.token))
+            .field("nkey_seed", &redact(&self.nkey_seed))
+            .field("credentials_file", &self.credentials_file)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// A copy safe to print: secrets replaced by `<redacted>`.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        for s in [&mut c.auth.jwt_secret, &mut c.nats.password, &mut c.nats.token, &mut c.nats.nkey_seed] {
+            if !s.is_empty() {
+                *s = "<redacted>".into();
+            }
+        }
+        c
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTlsConfig {
+    /// Require TLS even when the server does not ask for it.
+    pub required: bool,
+    /// CA bundle (PEM) to trust for the server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -317,6 +379,14 @@ impl Default for NatsConfig {
             data_dir: PathBuf::from("./nats-data"),
             jetstream: JetStreamConfig::default(),
             kv: KvConfig::default(),
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            nkey_seed: String::new(),
+            credentials_file: None,
+            tls: NatsTlsConfig::default(),
+            connect_timeout: Dur::secs(5),
+            max_reconnect_delay: Dur::secs(5),
         }
     }
 }
@@ -416,6 +486,18 @@ impl Config {
         }
         if self.service.node_id.is_empty() || crate::core::validate_id("node id", &self.service.node_id, 128).is_err() {
             return bad("service.node_id", "must be 1-128 characters of letters, digits and . _ @ : + -");
+        }
+        let n = &self.nats;
+        let methods =
+            [!n.user.is_empty() || !n.password.is_empty(), !n.token.is_empty(), !n.nkey_seed.is_empty(), n.credentials_file.is_some()];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return bad("nats", "set only one of user/password, token, nkey_seed or credentials_file");
+        }
+        if n.tls.cert_file.is_some() != n.tls.key_file.is_some() {
+            return bad("nats.tls", "cert_file and key_file go together");
+        }
+        if n.urls.is_empty() {
+            return bad("nats.urls", "needs at least one server URL, e.g. nats://127.0.0.1:4222");
         }
         if !self.auth.public_key.is_empty() && self.auth.public_key_file.is_some() {
             return bad("auth.public_key", "set either auth.public_key or auth.public_key_file, not both");
@@ -784,8 +866,17 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_not_printed_by_debug() {
-        let c = Config::load(None, env(&[("PRESENCE_AUTH__JWT_SECRET", "topsecret")])).unwrap();
-        assert!(!format!("{c:?}").contains("topsecret"));
+    fn secrets_are_not_printed() {
+        let c = Config::load(
+            None,
+            env(&[("PRESENCE_AUTH__JWT_SECRET", "topsecret"), ("PRESENCE_NATS__PASSWORD", "natspass"), ("PRESENCE_NATS__USER", "svc")]),
+        )
+        .unwrap();
+        assert_eq!(c.nats.password, "natspass");
+        let printed = format!("{c:?}\n{}", serde_yaml::to_string(&c.redacted()).unwrap());
+        assert!(!printed.contains("topsecret") && !printed.contains("natspass"), "{printed}");
+        assert!(printed.contains("svc"));
+        let err = Config::load(None, env(&[("PRESENCE_NATS__TOKEN", "t"), ("PRESENCE_NATS__PASSWORD", "p")])).unwrap_err().to_string();
+        assert!(err.contains("nats") && err.contains("only one"), "{err}");
     }
 }

@@ -15,6 +15,8 @@
 //!   endpoints, health, metrics and the live page (thin adapters over [`service`]).
 //! - [`ws`]: `GET /ws`, the hub (indexes, coalescing outboxes, typing) and the protocol.
 //! - [`grpc`]: `realchat.presence.v1.PresenceApi` (seed 001), health and reflection.
+//! - [`nats`]: cluster mode's NATS connection and JetStream KV (bucket set-up, key
+//!   encoding, compare-and-swap updates).
 //! - [`auth`]: JWT verification and minting. [`config`]: YAML + env configuration.
 //!   [`telemetry`]: logs and metrics. [`server`]: wiring and graceful shutdown.
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod core;
 pub mod directory;
 pub mod grpc;
 pub mod http;
+pub mod nats;
 pub mod server;
 pub mod service;
 pub mod store;

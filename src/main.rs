@@ -61,22 +61,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { dev } => serve(config, dev),
         Command::Token { sub, ttl, scope } => token(&config, &sub, ttl.as_deref(), scope.as_deref()),
-        Command::Config => {
-            let mut shown = config.clone();
-            if !shown.auth.jwt_secret.is_empty() {
-                shown.auth.jwt_secret = "<redacted>".into();
+        Command::Config => match serde_yaml::to_string(&config.redacted()) {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
             }
-            match serde_yaml::to_string(&shown) {
-                Ok(s) => {
-                    print!("{s}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("presenced: {e}");
-                    ExitCode::FAILURE
-                }
+            Err(e) => {
+                eprintln!("presenced: {e}");
+                ExitCode::FAILURE
             }
-        }
+        },
     }
 }
 

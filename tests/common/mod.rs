@@ -14,6 +14,8 @@ use presenced::store::{DirTable, SetStatus, StoreError, StoreStats};
 use presenced::store::{Store, SystemClock};
 use tokio::sync::oneshot;
 
+pub mod nats;
+
 pub const SECRET: &str = "test-secret";
 pub const ISSUER: &str = "presence-service";
 

@@ -1,0 +1,122 @@
+//! Cluster-mode foundations on a real `nats-server`: connection and health, credentials,
+//! KV bucket set-up on 2.9.10, and compare-and-swap updates from concurrent nodes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::nats::NatsServer;
+use presenced::config::Config;
+use presenced::nats::kv::{self, BucketConfig};
+use presenced::nats::Nats;
+use serde::{Deserialize, Serialize};
+
+fn cfg(url: &str, env: &[(&str, &str)]) -> presenced::config::NatsConfig {
+    let mut vars: Vec<(String, String)> =
+        vec![("PRESENCE_NATS__URLS".into(), format!("[\"{url}\"]")), ("PRESENCE_NATS__CONNECT_TIMEOUT".into(), "2s".into())];
+    vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::load(None, vars).expect("config").nats
+}
+
+fn bucket() -> BucketConfig {
+    BucketConfig { name: "presence".into(), replicas: 1, file_storage: true }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct Counter {
+    n: u64,
+    by: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_never_lose_a_cas_update() {
+    let server = NatsServer::start("");
+    // Two nodes: separate connections, each opening the bucket (the first creates it).
+    let a = Nats::connect(&cfg(&server.url(), &[]), "node-a").await.unwrap();
+    let b = Nats::connect(&cfg(&server.url(), &[]), "node-b").await.unwrap();
+    let kv_a = kv::open_bucket(&async_nats::jetstream::new(a.client.clone()), &bucket()).await.unwrap();
+    let kv_b = kv::open_bucket(&async_nats::jetstream::new(b.client.clone()), &bucket()).await.unwrap();
+    let key = kv::user_key(&presenced::core::UserId::parse("tenant:hot.user@x", 128).unwrap());
+    let writer = |store: async_nats::jetstream::kv::Store, me: &'static str| {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut conflicts = 0;
+            for _ in 0..150 {
+                let r = kv::update::<Counter, _>(&store, &key, |old| {
+                    let mut c = old.unwrap_or_default();
+                    c.n += 1;
+                    c.by.push(me.into());
+                    Some(c)
+                })
+                .await
+                .unwrap();
+                conflicts += r.conflicts;
+            }
+            conflicts
+        })
+    };
+    let (ca, cb) = (writer(kv_a.clone(), "a"), writer(kv_b, "b"));
+    let conflicts = ca.await.unwrap() + cb.await.unwrap();
+    let final_value: Counter = serde_json::from_slice(&kv_a.get(&key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(final_value.n, 300, "no update lost");
+    assert_eq!(final_value.by.iter().filter(|w| *w == "a").count(), 150);
+    assert_eq!(final_value.by.len(), 300);
+    eprintln!("{conflicts} CAS conflicts retried");
+    // A no-op update writes nothing.
+    let before = kv_a.entry(&key).await.unwrap().unwrap().revision;
+    let r = kv::update::<Counter, _>(&kv_a, &key, |_| None).await.unwrap();
+    assert_eq!((r.revision, kv_a.entry(&key).await.unwrap().unwrap().revision), (before, before));
+}
+
+#[tokio::test]
+async fn health_follows_the_server_through_a_restart() {
+    let mut server = NatsServer::start("");
+    let n = Nats::connect(&cfg(&server.url(), &[("PRESENCE_NATS__MAX_RECONNECT_DELAY", "200ms")]), "node").await.unwrap();
+    let h = n.health();
+    assert!(h.connected && h.state == "connected", "{h:?}");
+    assert!(h.server.contains("2."), "{h:?}");
+    let store = kv::open_bucket(&async_nats::jetstream::new(n.client.clone()), &bucket()).await.unwrap();
+    store.put("k", "v1".into()).await.unwrap();
+
+    server.stop();
+    wait_until(|| !n.health().connected, "disconnected").await;
+    assert_eq!(n.health().state, "disconnected");
+    server.restart();
+    wait_until(|| n.health().connected, "reconnected").await;
+    // JetStream state survived the restart and the client works again.
+    let v = tokio::time::timeout(Duration::from_secs(10), store.get("k")).await.unwrap().unwrap();
+    assert_eq!(v.as_deref(), Some(&b"v1"[..]));
+}
+
+async fn wait_until(f: impl Fn() -> bool, what: &str) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(15), "not {what} within 15s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn credentials_from_configuration() {
+    let server = NatsServer::start("authorization { user: presenced, password: \"s3cret pw\" }");
+    let ok =
+        Nats::connect(&cfg(&server.url(), &[("PRESENCE_NATS__USER", "presenced"), ("PRESENCE_NATS__PASSWORD", "s3cret pw")]), "n").await;
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let bad = Nats::connect(&cfg(&server.url(), &[("PRESENCE_NATS__USER", "presenced"), ("PRESENCE_NATS__PASSWORD", "wrong")]), "n").await;
+    let e = bad.err().expect("wrong password refused").to_string();
+    assert!(e.contains(&server.url()), "error names the servers: {e}");
+
+    let server = NatsServer::start("authorization { token: \"t0ken\" }");
+    assert!(Nats::connect(&cfg(&server.url(), &[("PRESENCE_NATS__TOKEN", "t0ken")]), "n").await.is_ok());
+    assert!(Nats::connect(&cfg(&server.url(), &[("PRESENCE_NATS__TOKEN", "nope")]), "n").await.is_err());
+}
+
+#[tokio::test]
+async fn unreachable_servers_fail_with_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let start = Instant::now();
+    let e = Nats::connect(&cfg(&url, &[]), "n").await.err().expect("nothing listens there").to_string();
+    assert!(e.contains("cannot connect") && e.contains(&url), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
