@@ -1,0 +1,206 @@
+//! The store conformance suite: the behaviour every `Store` backend must have, written once
+//! against a small harness (a store, a manual clock, a way to run expiry, the event bus) and
+//! instantiated per backend (centrifuge's `map_broker_shared_test.go` idea). The `memory`
+//! backend runs it here; cluster backends add their harness beside it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use presenced::bus::EventBus;
+use presenced::core::{Event, EventKind, Status, UserId};
+use presenced::store::memory::{MemoryConfig, MemoryStore};
+use presenced::store::{get_one, Clock, DirTable, ManualClock, SetStatus, Store};
+use tokio::sync::broadcast::Receiver;
+
+const T0: i64 = 1_800_000_000_000;
+
+/// What the suite needs from a backend.
+#[async_trait]
+trait Harness: Send + Sync {
+    fn store(&self) -> Arc<dyn Store>;
+    fn clock(&self) -> &ManualClock;
+    /// Runs the backend's expiry for the current clock time.
+    async fn expire(&self);
+    fn events(&self) -> Receiver<Arc<Event>>;
+}
+
+struct Memory {
+    store: MemoryStore,
+    clock: Arc<ManualClock>,
+    bus: EventBus,
+}
+
+#[async_trait]
+impl Harness for Memory {
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.store.clone())
+    }
+    fn clock(&self) -> &ManualClock {
+        &self.clock
+    }
+    async fn expire(&self) {
+        self.store.reap(self.clock.now());
+    }
+    fn events(&self) -> Receiver<Arc<Event>> {
+        self.bus.subscribe()
+    }
+}
+
+fn memory() -> Memory {
+    let clock = Arc::new(ManualClock::new(T0));
+    let bus = EventBus::new(4096);
+    let store = MemoryStore::open(MemoryConfig::new("node-a"), clock.clone(), bus.clone()).unwrap();
+    Memory { store, clock, bus }
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::parse(s, 128).unwrap()
+}
+
+fn drain(rx: &mut Receiver<Arc<Event>>) -> Vec<(EventKind, String)> {
+    let mut v = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        v.push((e.kind, e.presence.user_id.to_string()));
+    }
+    v
+}
+
+fn set(status: Status, msg: &str, ttl_ms: Option<i64>) -> SetStatus {
+    SetStatus { status, message: Arc::from(msg), ttl_ms }
+}
+
+// ---------------------------------------------------------------- the suite
+
+async fn unknown_users_and_ordered_batches(h: &dyn Harness) {
+    let s = h.store();
+    assert_eq!(get_one(&*s, &uid("nobody")).await.unwrap(), None);
+    s.set_status(&uid("b"), set(Status::Busy, "x", None)).await.unwrap();
+    let got = s.get_many(&[uid("a"), uid("b"), uid("c")]).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got[0].is_none() && got[2].is_none());
+    assert_eq!(got[1].as_ref().unwrap().status, Status::Busy);
+}
+
+async fn status_writes_emit_once_and_no_op_is_silent(h: &dyn Harness) {
+    let s = h.store();
+    let mut rx = h.events();
+    let p = s.set_status(&uid("al"), set(Status::Away, "lunch", None)).await.unwrap();
+    assert_eq!((p.status, &*p.message), (Status::Away, "lunch"));
+    s.set_status(&uid("al"), set(Status::Away, "lunch", None)).await.unwrap();
+    assert_eq!(drain(&mut rx), vec![(EventKind::PresenceUpdated, "al".into())]);
+    let p = s.clear_status(&uid("al")).await.unwrap();
+    assert_eq!(p.status, Status::Offline);
+    assert_eq!(drain(&mut rx), vec![(EventKind::PresenceUpdated, "al".into())]);
+}
+
+async fn multi_device_online_offline(h: &dyn Harness) {
+    let s = h.store();
+    let mut rx = h.events();
+    let u = uid("md");
+    let r = s.register_session(&u, "phone", "gw-1", 60_000).await.unwrap();
+    assert!(r.created);
+    assert_eq!(r.expires_at, h.clock().now() + 60_000);
+    assert!(!s.register_session(&u, "phone", "gw-1", 60_000).await.unwrap().created);
+    s.register_session(&u, "laptop", "gw-2", 60_000).await.unwrap();
+    let mut devices: Vec<(String, String)> =
+        s.devices(&u).await.unwrap().iter().map(|d| (d.device_id.to_string(), d.instance_id.to_string())).collect();
+    devices.sort();
+    assert_eq!(devices, vec![("laptop".into(), "gw-2".into()), ("phone".into(), "gw-1".into())]);
+    assert!(s.unregister_session(&u, "phone").await.unwrap());
+    assert!(!s.unregister_session(&u, "phone").await.unwrap());
+    assert!(s.unregister_session(&u, "laptop").await.unwrap());
+    assert_eq!(drain(&mut rx), vec![(EventKind::UserOnline, "md".into()), (EventKind::UserOffline, "md".into())]);
+    let p = get_one(&*s, &u).await.unwrap().unwrap();
+    assert_eq!((p.status, p.device_count, p.last_seen), (Status::Offline, 0, Some(h.clock().now())));
+    assert_eq!(s.stats().sessions, 0);
+}
+
+async fn sessions_expire_unless_refreshed(h: &dyn Harness) {
+    let s = h.store();
+    let mut rx = h.events();
+    let u = uid("ttl");
+    s.register_session(&u, "d", "gw", 10_000).await.unwrap();
+    h.clock().advance(6_000);
+    assert_eq!(s.refresh_session(&u, "d").await.unwrap(), Some(h.clock().now() + 10_000));
+    assert_eq!(s.refresh_session(&u, "other").await.unwrap(), None);
+    h.clock().advance(6_000);
+    h.expire().await;
+    assert_eq!(drain(&mut rx), vec![(EventKind::UserOnline, "ttl".into())], "refreshed: still online");
+    h.clock().advance(5_000);
+    h.expire().await;
+    assert_eq!(drain(&mut rx), vec![(EventKind::UserOffline, "ttl".into())]);
+    assert_eq!(s.refresh_session(&u, "d").await.unwrap(), None, "expired sessions must be registered again");
+}
+
+async fn explicit_status_ttl_reverts_with_expiry_event(h: &dyn Harness) {
+    let s = h.store();
+    let mut rx = h.events();
+    let u = uid("ex");
+    s.register_session(&u, "d", "gw", 600_000).await.unwrap();
+    let p = s.set_status(&u, set(Status::Busy, "focus", Some(3_000))).await.unwrap();
+    assert_eq!(p.expires_at, Some(h.clock().now() + 3_000));
+    h.clock().advance(3_500);
+    // Reads apply the rule at read time, whatever the reaper did.
+    assert_eq!(get_one(&*s, &u).await.unwrap().unwrap().status, Status::Online);
+    h.expire().await;
+    let kinds: Vec<EventKind> = drain(&mut rx).into_iter().map(|e| e.0).collect();
+    assert_eq!(kinds, vec![EventKind::UserOnline, EventKind::PresenceUpdated, EventKind::PresenceExpired]);
+}
+
+async fn directory_rows_round_trip(h: &dyn Harness) {
+    let s = h.store();
+    s.put_directory(DirTable::Contacts, "alice", Some(b"[\"bob\"]".to_vec())).await.unwrap();
+    s.put_directory(DirTable::Privacy, "alice", Some(b"{\"visibility\":\"nobody\"}".to_vec())).await.unwrap();
+    s.put_directory(DirTable::Privacy, "alice", None).await.unwrap();
+    // The memory backend without a data dir keeps directory rows in the directory only;
+    // durable backends return what was stored. Either way nothing errors.
+    let _ = s.load_directory().await.unwrap();
+}
+
+async fn run_suite(make: impl Fn() -> Box<dyn Harness>) {
+    unknown_users_and_ordered_batches(&*make()).await;
+    status_writes_emit_once_and_no_op_is_silent(&*make()).await;
+    multi_device_online_offline(&*make()).await;
+    sessions_expire_unless_refreshed(&*make()).await;
+    explicit_status_ttl_reverts_with_expiry_event(&*make()).await;
+    directory_rows_round_trip(&*make()).await;
+}
+
+#[tokio::test]
+async fn memory_backend_conforms() {
+    run_suite(|| Box::new(memory())).await;
+}
+
+#[tokio::test]
+async fn memory_backend_with_persistence_conforms_and_returns_directory_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run_suite(move || {
+        let clock = Arc::new(ManualClock::new(T0));
+        let bus = EventBus::new(4096);
+        let mut cfg = MemoryConfig::new("node-a");
+        // A fresh sub-directory per case: each case starts from an empty store.
+        cfg.data_dir = Some(path.join(format!("case-{}", rand_suffix())));
+        let store = MemoryStore::open(cfg, clock.clone(), bus.clone()).unwrap();
+        store.start();
+        Box::new(Memory { store, clock, bus })
+    })
+    .await;
+    // Durable directory rows come back on reopen.
+    let mut cfg = MemoryConfig::new("node-a");
+    cfg.data_dir = Some(dir.path().join("dir-check"));
+    {
+        let store = MemoryStore::open(cfg.clone(), Arc::new(ManualClock::new(T0)), EventBus::new(8)).unwrap();
+        store.start();
+        store.put_directory(DirTable::Contacts, "alice", Some(b"[\"bob\"]".to_vec())).await.unwrap();
+        store.shutdown().await;
+    }
+    let store = MemoryStore::open(cfg, Arc::new(ManualClock::new(T0)), EventBus::new(8)).unwrap();
+    assert_eq!(store.load_directory().await.unwrap(), vec![(DirTable::Contacts, "alice".to_string(), b"[\"bob\"]".to_vec())]);
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
