@@ -24,8 +24,10 @@ pub enum StartError {
     Auth(#[from] AuthSetupError),
     #[error(transparent)]
     Persist(#[from] PersistError),
-    #[error("store.backend {0}: this backend is not available in this build yet; use store.backend: memory")]
+    #[error("store.backend {0}: this backend is not available in this build yet; use store.backend: memory or nats")]
     Backend(&'static str),
+    #[error("store.backend nats: {0}")]
+    Cluster(crate::store::StoreError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -37,6 +39,8 @@ pub struct App {
     pub backend: &'static str,
     /// `serve --dev`: development helpers (`GET /dev/token`).
     pub dev: bool,
+    /// The NATS connection in cluster mode (for `/health/nats`).
+    pub nats: Option<crate::nats::Nats>,
 }
 
 impl App {
@@ -59,7 +63,22 @@ impl App {
                 mem.start();
                 Arc::new(mem)
             }
-            Backend::Nats => return Err(StartError::Backend("nats")),
+            Backend::Nats => {
+                let nats = crate::store::nats::NatsStore::open(
+                    &config.nats,
+                    &config.service.node_id,
+                    clock.clone(),
+                    bus.clone(),
+                    config.store.tick.as_millis_i64().max(1),
+                )
+                .await
+                .map_err(StartError::Cluster)?;
+                nats.start();
+                let handle = nats.nats().clone();
+                let mut app = App::with_store(config, Arc::new(nats), bus, clock).await?;
+                app.nats = Some(handle);
+                return Ok(app);
+            }
             Backend::Redis => return Err(StartError::Backend("redis")),
         };
         App::with_store(config, store, bus, clock).await
@@ -81,7 +100,7 @@ impl App {
             Backend::Nats => "nats",
             Backend::Redis => "redis",
         };
-        Ok(App { config, svc, backend, dev: false })
+        Ok(App { config, svc, backend, dev: false, nats: None })
     }
 
     pub fn router(&self) -> axum::Router {
@@ -91,6 +110,7 @@ impl App {
             started: Instant::now(),
             request_metrics: Default::default(),
             dev: self.dev,
+            nats: self.nats.clone(),
             backend: self.backend,
             node_type: match self.config.service.node_type {
                 NodeType::Center => "center",

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use async_trait::async_trait;
 use presenced::bus::EventBus;
 use presenced::core::{Event, EventKind, Status, UserId};
@@ -22,6 +24,10 @@ trait Harness: Send + Sync {
     /// Runs the backend's expiry for the current clock time.
     async fn expire(&self);
     fn events(&self) -> Receiver<Arc<Event>>;
+    /// Whether directory rows are stored by the backend (and so come back from `load_directory`).
+    fn durable_directory(&self) -> bool {
+        true
+    }
 }
 
 struct Memory {
@@ -43,6 +49,11 @@ impl Harness for Memory {
     }
     fn events(&self) -> Receiver<Arc<Event>> {
         self.bus.subscribe()
+    }
+    fn durable_directory(&self) -> bool {
+        // The memory store hands its rows out once, at start-up; written rows live in the
+        // directory. What it persists is checked by reopening, below.
+        false
     }
 }
 
@@ -152,9 +163,18 @@ async fn directory_rows_round_trip(h: &dyn Harness) {
     s.put_directory(DirTable::Contacts, "alice", Some(b"[\"bob\"]".to_vec())).await.unwrap();
     s.put_directory(DirTable::Privacy, "alice", Some(b"{\"visibility\":\"nobody\"}".to_vec())).await.unwrap();
     s.put_directory(DirTable::Privacy, "alice", None).await.unwrap();
-    // The memory backend without a data dir keeps directory rows in the directory only;
-    // durable backends return what was stored. Either way nothing errors.
-    let _ = s.load_directory().await.unwrap();
+    s.put_directory(DirTable::Conversations, "conv.1", Some(b"[\"a\"]".to_vec())).await.unwrap();
+    let mut rows = s.load_directory().await.unwrap();
+    if h.durable_directory() {
+        rows.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(
+            rows,
+            vec![
+                (DirTable::Contacts, "alice".into(), b"[\"bob\"]".to_vec()),
+                (DirTable::Conversations, "conv.1".into(), b"[\"a\"]".to_vec())
+            ]
+        );
+    }
 }
 
 async fn run_suite(make: impl Fn() -> Box<dyn Harness>) {
@@ -203,4 +223,45 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+struct Nats {
+    store: presenced::store::nats::NatsStore,
+    clock: Arc<ManualClock>,
+    bus: EventBus,
+}
+
+#[async_trait]
+impl Harness for Nats {
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.store.clone())
+    }
+    fn clock(&self) -> &ManualClock {
+        &self.clock
+    }
+    async fn expire(&self) {
+        self.store.reap(self.clock.now()).await;
+    }
+    fn events(&self) -> Receiver<Arc<Event>> {
+        self.bus.subscribe()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_backend_conforms() {
+    let server = common::nats::NatsServer::start("");
+    let mut cases = Vec::new();
+    for n in 0..6 {
+        let env = vec![
+            ("PRESENCE_NATS__URLS".to_string(), format!("[\"{}\"]", server.url())),
+            ("PRESENCE_NATS__KV__BUCKET".to_string(), format!("case{n}")),
+        ];
+        let cfg = presenced::config::Config::load(None, env).unwrap().nats;
+        let clock = Arc::new(ManualClock::new(T0));
+        let bus = EventBus::new(4096);
+        let store = presenced::store::nats::NatsStore::open(&cfg, "node-a", clock.clone(), bus.clone(), 100).await.unwrap();
+        cases.push(Some(Nats { store, clock, bus }));
+    }
+    let cases = std::sync::Mutex::new(cases.into_iter());
+    run_suite(|| Box::new(cases.lock().unwrap().next().flatten().expect("a prepared case"))).await;
 }

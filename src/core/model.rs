@@ -149,7 +149,7 @@ impl Presence {
 }
 
 /// One device session of a user (seed 001 `DeviceInfo`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub device_id: DeviceId,
     /// The instance (gateway / node) that owns the connection.
@@ -159,6 +159,9 @@ pub struct Session {
     pub expires_at: Millis,
     /// The TTL the session was registered with, reused by refreshes.
     pub ttl_ms: i64,
+    /// The presenced node that registered the session (cluster mode groups by it).
+    #[serde(default)]
+    pub node_id: Arc<str>,
 }
 
 #[cfg(test)]

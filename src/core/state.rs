@@ -16,7 +16,7 @@ use super::event::EventKind;
 use super::model::{empty_message, DeviceId, Millis, Presence, Session, Status, UserId};
 
 /// A status the user set on purpose.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Explicit {
     pub status: Status,
     pub message: Arc<str>,
@@ -31,8 +31,8 @@ impl Explicit {
     }
 }
 
-/// Everything the service knows about one user.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Everything the service knows about one user (cluster mode stores it as one KV value).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UserState {
     pub explicit: Option<Explicit>,
     /// Device sessions; a handful per user, so a small vector beats a map.
@@ -196,8 +196,15 @@ impl UserState {
         let mut created = true;
         let change = self.transition(node, now, false, |s| {
             let lapsed = s.drop_lapsed(now);
-            let session =
-                Session { device_id: device.clone(), instance_id: instance, connected_at: now, last_heartbeat: now, expires_at, ttl_ms };
+            let session = Session {
+                device_id: device.clone(),
+                instance_id: instance,
+                connected_at: now,
+                last_heartbeat: now,
+                expires_at,
+                ttl_ms,
+                node_id: node.clone(),
+            };
             match s.sessions.iter_mut().find(|x| x.device_id == device) {
                 Some(existing) => {
                     created = false;

@@ -47,3 +47,19 @@ pub async fn metrics(State(state): State<Http>) -> Response {
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
 }
+
+/// NATS connectivity (seed 003 §11): 200 when connected, 503 while disconnected; with the
+/// embedded store, says NATS is not in use.
+pub async fn nats(State(state): State<Http>) -> Response {
+    match &state.nats {
+        None => ok(json!({ "enabled": false, "backend": state.backend })),
+        Some(n) => {
+            let h = n.health();
+            if h.connected {
+                ok(json!({ "enabled": true, "state": h.state, "server": h.server, "urls": h.urls }))
+            } else {
+                error(&ApiError::Unavailable(format!("nats {} ({})", h.state, h.urls)))
+            }
+        }
+    }
+}

@@ -36,6 +36,8 @@ pub struct Http {
     pub request_metrics: Arc<RequestMetrics>,
     /// `serve --dev`: enables `GET /dev/token`.
     pub dev: bool,
+    /// Cluster mode's NATS connection, reported by `/health/nats`.
+    pub nats: Option<crate::nats::Nats>,
 }
 
 /// The whole HTTP API; shared by `serve` and the tests.
@@ -57,6 +59,7 @@ pub fn router(state: Http) -> Router {
         .route("/presence/{user_id}", get(legacy::get))
         .route("/health", get(health::health))
         .route("/health/cache", get(health::cache))
+        .route("/health/nats", get(health::nats))
         .route("/metrics", get(health::metrics));
     if state.dev {
         r = r.route("/dev/token", get(dev_token));

@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod memory;
+pub mod nats;
 pub mod persist;
 
 use std::sync::Arc;

@@ -1,0 +1,115 @@
+//! Two presenced nodes on one real nats-server (`store.backend: nats`): what one node
+//! learns, the other serves (REST, WebSocket, gRPC), and concurrent writers on different
+//! nodes never lose an update.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::nats::NatsServer;
+use common::TestServer;
+use futures_util::{SinkExt, StreamExt};
+use presenced::core::UserId;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn node(server: &NatsServer, id: &str) -> TestServer {
+    let urls = format!("[\"{}\"]", server.url());
+    TestServer::start(&[("PRESENCE_STORE__BACKEND", "nats"), ("PRESENCE_NATS__URLS", &urls), ("PRESENCE_SERVICE__NODE_ID", id)]).await
+}
+
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}: not within 5s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_node_learns_the_other_serves() {
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let b = node(&server, "node-b").await;
+    let (code, health) = b.get("/health/nats").await;
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["data"]["state"], "connected");
+    assert_eq!(b.get("/health").await.1["data"]["store"]["backend"], "nats");
+
+    // A WebSocket subscriber of alice on node B.
+    let url = format!("{}/ws?token={}&device_id=w", b.base.replace("http", "ws"), b.token("watcher"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::text(json!({"type":"subscribe","payload":{"user_ids":["alice"]}}).to_string())).await.unwrap();
+    let mut alice_on_b = async || loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a push within 5s").unwrap().unwrap();
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "presence_update" && v["payload"]["user_id"] == "alice" {
+                return v["payload"].clone();
+            }
+        }
+    };
+    assert_eq!(alice_on_b().await["status"], "offline");
+
+    // Alice connects on node A: B's subscriber and B's REST see her online.
+    let url = format!("{}/ws?token={}&device_id=phone", a.base.replace("http", "ws"), a.token("alice"));
+    let started = Instant::now();
+    let (alice_ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(alice_on_b().await["status"], "online");
+    let cross_node = started.elapsed();
+    assert_eq!(b.get("/api/v2/presence/alice").await.1["data"]["alice"]["device_count"], 1);
+    eprintln!("cross-node online seen by a WebSocket subscriber on the other node after {cross_node:?}");
+
+    // A status written on A (token minted by B: the nodes share the secret) reaches B.
+    let (code, _) = a.put_status("alice", Some(&b.token("alice")), json!({"status":"busy","message":"call"})).await;
+    assert_eq!(code, 200);
+    let p = alice_on_b().await;
+    assert_eq!((p["status"].as_str(), p["message"].as_str()), (Some("busy"), Some("call")));
+    // Leaving A: offline everywhere (the explicit status is cleared first).
+    let r = a.client.delete(a.url("/api/v2/presence/alice")).bearer_auth(a.token("alice")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(alice_on_b().await["status"], "online");
+    drop(alice_ws);
+    assert_eq!(alice_on_b().await["status"], "offline");
+
+    // A session registered over gRPC on B is seen by REST on A.
+    use presenced::grpc::pb;
+    let mut grpc = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
+    let mut req = tonic::Request::new(pb::RegisterSessionRequest {
+        user_id: "carol".into(),
+        device_id: "d".into(),
+        instance_id: "gw-b".into(),
+        ttl_seconds: 60,
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {}", b.admin_token("svc")).parse().unwrap());
+    grpc.register_session(req).await.unwrap();
+    eventually("carol online on A", async || a.get("/api/v2/presence/carol").await.1["data"]["carol"]["status"] == "online").await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_two_nodes_lose_nothing() {
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let b = node(&server, "node-b").await;
+    let user = UserId::parse("shared", 64).unwrap();
+    let spawn = |s: std::sync::Arc<dyn presenced::store::Store>, prefix: &'static str| {
+        let user = user.clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                s.register_session(&user, &format!("{prefix}-{i}"), prefix, 600_000).await.unwrap();
+            }
+        })
+    };
+    let (ta, tb) = (spawn(a.svc.store.clone(), "a"), spawn(b.svc.store.clone(), "b"));
+    ta.await.unwrap();
+    tb.await.unwrap();
+    assert_eq!(a.svc.store.devices(&user).await.unwrap().len(), 80, "every registration from both nodes kept");
+    assert_eq!(b.get("/api/v2/presence/shared").await.1["data"]["shared"]["device_count"], 80);
+    a.stop().await;
+    b.stop().await;
+}
