@@ -201,6 +201,7 @@ pub struct NatsConfig {
     pub data_dir: PathBuf,
     pub jetstream: JetStreamConfig,
     pub kv: KvConfig,
+    pub events: EventsConfig,
     /// Credentials (seed 002: from the environment, e.g. `password: ${NATS_PASSWORD}` or
     /// `PRESENCE_NATS__PASSWORD`). At most one of user/password, token, nkey_seed,
     /// credentials_file.
@@ -229,6 +230,7 @@ impl fmt::Debug for NatsConfig {
             .field("data_dir", &self.data_dir)
             .field("jetstream", &self.jetstream)
             .field("kv", &self.kv)
+            .field("events", &self.events)
             .field("user", &self.user)
             .field("password", &redact(&self.password))
             .field("token", &redact(&self.token))
@@ -249,6 +251,22 @@ impl Config {
             }
         }
         c
+    }
+}
+
+/// The `PRESENCE_EVENTS` stream that captures `presence.*` events for durable consumers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// How long events are kept for consumers to replay.
+    pub max_age: Dur,
+    /// Upper bound of the stream's size.
+    pub max_bytes: ByteSize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { max_age: Dur::secs(24 * 3600), max_bytes: ByteSize(1 << 30) }
     }
 }
 
@@ -379,6 +397,7 @@ impl Default for NatsConfig {
             data_dir: PathBuf::from("./nats-data"),
             jetstream: JetStreamConfig::default(),
             kv: KvConfig::default(),
+            events: EventsConfig::default(),
             user: String::new(),
             password: String::new(),
             token: String::new(),

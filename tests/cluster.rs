@@ -113,3 +113,65 @@ async fn concurrent_writers_on_two_nodes_lose_nothing() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_replay_durably_and_restarts_lose_nothing() {
+    let mut server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let alice = a.token("alice");
+    assert_eq!(a.put_status("alice", Some(&alice), json!({"status":"busy","message":"flight","ttl":0})).await.0, 200);
+    let r = a.client.put(a.url("/api/v2/contacts/alice")).bearer_auth(&alice).json(&json!({"contacts":["bob"]})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = a
+        .client
+        .put(a.url("/api/v2/presence/alice/privacy"))
+        .bearer_auth(&alice)
+        .json(&json!({"visibility":"contacts"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A delivery service that starts afterwards still gets every event, durably.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("PRESENCE_EVENTS").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config { durable_name: Some("delivery".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let mut msgs = consumer.fetch().max_messages(10).expires(Duration::from_secs(2)).messages().await.unwrap();
+    let first = msgs.next().await.expect("an event").unwrap();
+    assert_eq!(first.subject.as_str(), "presence.update.alice");
+    let ev: Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(
+        (ev["type"].as_str(), ev["user_id"].as_str(), ev["status"].as_str()),
+        (Some("presence_updated"), Some("alice"), Some("busy"))
+    );
+    assert_eq!(
+        (ev["message"].as_str(), ev["previous"].as_str(), ev["node_id"].as_str()),
+        (Some("flight"), Some("offline"), Some("node-a"))
+    );
+    assert!(ev["at"].as_i64().is_some());
+    first.ack().await.unwrap();
+    a.stop().await;
+
+    // Every process restarts: statuses, contacts and privacy are all still there.
+    server.stop();
+    server.restart();
+    let b = node(&server, "node-b").await;
+    let me =
+        b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token("alice")).send().await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!((me["data"]["alice"]["status"].as_str(), me["data"]["alice"]["message"].as_str()), (Some("busy"), Some("flight")));
+    let c =
+        b.client.get(b.url("/api/v2/contacts/alice")).bearer_auth(b.token("alice")).send().await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(c["data"]["contacts"], json!(["bob"]));
+    // Privacy survived too: a stranger sees her offline, her contact sees her busy.
+    let stranger =
+        b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token("carol")).send().await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(stranger["data"]["alice"]["status"], "offline");
+    let contact =
+        b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token("bob")).send().await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(contact["data"]["alice"]["status"], "busy");
+    b.stop().await;
+}

@@ -162,7 +162,8 @@ impl NatsStore {
         let events = stream::Config {
             name: "PRESENCE_EVENTS".into(),
             subjects: EVENT_SUBJECTS.iter().map(|s| s.to_string()).collect(),
-            max_age: cfg.kv.ttl.0.max(Duration::from_secs(60)),
+            max_age: cfg.events.max_age.0.max(Duration::from_secs(1)),
+            max_bytes: i64::try_from(cfg.events.max_bytes.0).unwrap_or(i64::MAX),
             storage: stream::StorageType::File,
             num_replicas: cfg.kv.replicas.max(1),
             ..Default::default()
