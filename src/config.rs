@@ -169,6 +169,9 @@ pub struct LimitsConfig {
     pub ws_max_message_bytes: ByteSize,
     /// Pending outbound messages per connection (after coalescing) before it is closed with 1013.
     pub ws_outbound_queue: usize,
+    /// Read buffer of each WebSocket connection: client messages are small, and larger
+    /// ones (up to `ws_max_message_bytes`) are still read, in several steps.
+    pub ws_read_buffer_bytes: ByteSize,
     /// Contacts per user.
     pub max_contacts: usize,
     /// Members per conversation.
@@ -377,6 +380,7 @@ impl Default for LimitsConfig {
             ws_message_burst: 40,
             ws_max_message_bytes: ByteSize(16 * 1024),
             ws_outbound_queue: 1024,
+            ws_read_buffer_bytes: ByteSize(2048),
             max_contacts: 5000,
             max_conversation_members: 10_000,
         }
@@ -490,6 +494,9 @@ impl Config {
         }
         if !(l.ws_messages_per_sec.is_finite() && l.ws_messages_per_sec > 0.0) || l.ws_message_burst == 0 {
             return bad("limits.ws_messages_per_sec", "ws_messages_per_sec must be above 0 and ws_message_burst at least 1");
+        }
+        if l.ws_read_buffer_bytes.0 < 256 {
+            return bad("limits.ws_read_buffer_bytes", "must be at least 256 bytes");
         }
         if l.ws_max_message_bytes.0 < 128 {
             return bad("limits.ws_max_message_bytes", "must be at least 128 bytes");

@@ -17,6 +17,9 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // chromedriver runs in its own process group: killing the group also ends the
+        // browsers it started, even when a failed test never quit its sessions.
+        let _ = Command::new("kill").args(["-KILL", &format!("-{}", self.child.id())]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -34,7 +37,9 @@ impl Driver {
     async fn start() -> Driver {
         let bin = find("chromedriver").expect("chromedriver not found: install Debian's chromium and chromium-driver (.ci/run does)");
         let port = free_port();
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdout(Stdio::null())

@@ -52,7 +52,7 @@ pub async fn upgrade(
     }
     let max = svc.limits.ws_max_message_bytes.0 as usize;
     Ok(ws
-        .read_buffer_size(4096)
+        .read_buffer_size(svc.limits.ws_read_buffer_bytes.0 as usize)
         .write_buffer_size(0)
         .max_write_buffer_size(1 << 20)
         .max_message_size(max)
