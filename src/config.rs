@@ -198,7 +198,14 @@ pub struct LoggingConfig {
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
+    /// Start and supervise a local `nats-server` (JetStream in `data_dir`), listening on
+    /// `embedded_listen`; the node connects to it.
     pub embedded: bool,
+    /// The `nats-server` executable for `embedded` (looked up on PATH, then /usr/sbin).
+    pub server_binary: PathBuf,
+    /// Where the embedded server listens (loopback by default).
+    #[serde(deserialize_with = "de_string")]
+    pub embedded_listen: String,
     /// Servers to connect to; several = a cluster (the client fails over between them).
     pub urls: Vec<String>,
     pub data_dir: PathBuf,
@@ -229,6 +236,7 @@ impl fmt::Debug for NatsConfig {
         let redact = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
         f.debug_struct("NatsConfig")
             .field("embedded", &self.embedded)
+            .field("embedded_listen", &self.embedded_listen)
             .field("urls", &self.urls)
             .field("data_dir", &self.data_dir)
             .field("jetstream", &self.jetstream)
@@ -397,6 +405,8 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             embedded: false,
+            server_binary: PathBuf::from("nats-server"),
+            embedded_listen: "127.0.0.1:4222".into(),
             urls: vec!["nats://127.0.0.1:4222".into()],
             data_dir: PathBuf::from("./nats-data"),
             jetstream: JetStreamConfig::default(),

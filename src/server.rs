@@ -28,6 +28,8 @@ pub enum StartError {
     Backend(&'static str),
     #[error("store.backend nats: {0}")]
     Cluster(crate::store::StoreError),
+    #[error("{0}")]
+    Embedded(String),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -41,6 +43,8 @@ pub struct App {
     pub dev: bool,
     /// The NATS connection in cluster mode (for `/health/nats`).
     pub nats: Option<crate::nats::Nats>,
+    /// The supervised local nats-server (`nats.embedded`).
+    pub embedded: Option<Arc<crate::nats::embedded::EmbeddedServer>>,
 }
 
 impl App {
@@ -64,8 +68,18 @@ impl App {
                 Arc::new(mem)
             }
             Backend::Nats => {
+                let mut nats_cfg = config.nats.clone();
+                let embedded = if config.nats.embedded {
+                    let e = crate::nats::embedded::EmbeddedServer::start(&config.nats)
+                        .await
+                        .map_err(|e| StartError::Embedded(e.to_string()))?;
+                    nats_cfg.urls = vec![e.url()];
+                    Some(Arc::new(e))
+                } else {
+                    None
+                };
                 let nats = crate::store::nats::NatsStore::open(
-                    &config.nats,
+                    &nats_cfg,
                     &config.service.node_id,
                     clock.clone(),
                     bus.clone(),
@@ -77,6 +91,7 @@ impl App {
                 let handle = nats.nats().clone();
                 let mut app = App::with_store(config, Arc::new(nats), bus, clock).await?;
                 app.nats = Some(handle);
+                app.embedded = embedded;
                 return Ok(app);
             }
             Backend::Redis => return Err(StartError::Backend("redis")),
@@ -100,7 +115,7 @@ impl App {
             Backend::Nats => "nats",
             Backend::Redis => "redis",
         };
-        Ok(App { config, svc, backend, dev: false, nats: None })
+        Ok(App { config, svc, backend, dev: false, nats: None, embedded: None })
     }
 
     pub fn router(&self) -> axum::Router {
@@ -188,6 +203,9 @@ impl App {
             }
         }
         self.svc.store.shutdown().await;
+        if let Some(e) = &self.embedded {
+            e.stop().await;
+        }
         tracing::info!("stopped");
         Ok(())
     }

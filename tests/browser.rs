@@ -19,7 +19,9 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // chromedriver runs in its own process group: killing the group also ends the
         // browsers it started, even when a failed test never quit its sessions.
-        let _ = Command::new("kill").args(["-KILL", &format!("-{}", self.child.id())]).status();
+        if self.child.id() > 1 {
+            let _ = Command::new("kill").args(["-KILL", &format!("-{}", self.child.id())]).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

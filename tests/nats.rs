@@ -183,3 +183,82 @@ async fn tls_with_a_configured_ca() {
         .expect("untrusted certificate refused");
     assert!(e.to_string().contains("cannot connect"), "{e}");
 }
+
+fn embedded_env(dir: &std::path::Path, port: u16) -> Vec<(String, String)> {
+    vec![
+        ("PRESENCE_STORE__BACKEND".into(), "nats".into()),
+        ("PRESENCE_NATS__EMBEDDED".into(), "true".into()),
+        ("PRESENCE_NATS__EMBEDDED_LISTEN".into(), format!("127.0.0.1:{port}")),
+        ("PRESENCE_NATS__DATA_DIR".into(), dir.join("nats").display().to_string()),
+        ("PRESENCE_NATS__MAX_RECONNECT_DELAY".into(), "200ms".into()),
+        ("PRESENCE_SERVICE__DATA_DIR".into(), dir.display().to_string()),
+        ("PRESENCE_AUTH__JWT_SECRET".into(), "s".into()),
+        ("PRESENCE_SERVICE__NODE_ID".into(), "solo".into()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_nats_server_is_started_restarted_and_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = Config::load(None, embedded_env(dir.path(), port)).unwrap();
+    let app = presenced::server::App::build(config).await.expect("starts its own nats-server");
+    let embedded = app.embedded.clone().expect("embedded server");
+    let svc = app.svc.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let token = svc.auth.mint("alice", Duration::from_secs(600), None).unwrap();
+    let r = http
+        .put(format!("{base}/api/v2/presence/alice"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"status":"busy","ttl":0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The server dies: the supervisor brings it back, the node reconnects, nothing is lost.
+    let pid = embedded.pid();
+    assert!(pid > 1, "a real child pid (never kill -9 0: that is our own process group)");
+    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    wait_until(|| embedded.restarts() == 1, "restarted").await;
+    assert_ne!(embedded.pid(), pid);
+    let start = Instant::now();
+    loop {
+        let r = http.get(format!("{base}/health/nats")).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v: serde_json::Value = http.get(format!("{base}/api/v2/presence/alice")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["data"]["alice"]["status"], "busy");
+
+    // Shutdown stops the child.
+    let pid = embedded.pid();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), server).await.unwrap().unwrap().unwrap();
+    wait_until(
+        || {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        },
+        "nats-server stopped",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn embedded_with_a_missing_binary_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = embedded_env(dir.path(), 1);
+    env.push(("PRESENCE_NATS__SERVER_BINARY".into(), "/nonexistent/nats-server".into()));
+    let e = presenced::server::App::build(Config::load(None, env).unwrap()).await.err().expect("refused").to_string();
+    assert!(e.contains("/nonexistent/nats-server") && e.contains("not found"), "{e}");
+}

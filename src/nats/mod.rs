@@ -2,6 +2,7 @@
 //! with backoff and jitter, lifecycle logging, credentials from configuration (and so from
 //! the environment), TLS, and the connection state for `/health/nats` and `/metrics`.
 
+pub mod embedded;
 pub mod kv;
 
 use std::sync::Arc;
