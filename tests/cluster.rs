@@ -175,3 +175,73 @@ async fn events_replay_durably_and_restarts_lose_nothing() {
     assert_eq!(contact["data"]["alice"]["status"], "busy");
     b.stop().await;
 }
+
+/// Seed 003's hub and spoke: a center nats-server (JetStream domain `hub`, leafnode port)
+/// and a leaf nats-server connected to it. A presenced node on the leaf reaches the
+/// center's KV through the domain; nodes on either side see each other's changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_a_leaf_shares_the_centers_state() {
+    let leaf_port = common::nats::port();
+    let center = NatsServer::start_with("domain: hub", &format!("leafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}"));
+    let leaf =
+        NatsServer::start_with("domain: leaf", &format!("leafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}"));
+    // Wait for the leaf link: core pub/sub crosses it once it is up.
+    let c = async_nats::connect(center.url()).await.unwrap();
+    let l = async_nats::connect(leaf.url()).await.unwrap();
+    let mut sub = c.subscribe("link.check").await.unwrap();
+    c.flush().await.unwrap();
+    let start = Instant::now();
+    loop {
+        l.publish("link.check", "x".into()).await.unwrap();
+        l.flush().await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(200), sub.next()).await.is_ok() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "leaf link never came up");
+    }
+
+    let on = |server: &NatsServer, id: &'static str| {
+        let urls = format!("[\"{}\"]", server.url());
+        async move {
+            TestServer::start(&[
+                ("PRESENCE_STORE__BACKEND", "nats"),
+                ("PRESENCE_NATS__URLS", &urls),
+                ("PRESENCE_NATS__JETSTREAM__DOMAIN", "hub"),
+                ("PRESENCE_SERVICE__NODE_ID", id),
+            ])
+            .await
+        }
+    };
+    let center_node = on(&center, "center-1").await;
+    let leaf_node = on(&leaf, "leaf-a").await;
+
+    // Written on the leaf, read on the center (one KV, at the center).
+    assert_eq!(
+        leaf_node.put_status("alice", Some(&leaf_node.token("alice")), json!({"status":"away","message":"from the leaf"})).await.0,
+        200
+    );
+    let v = center_node.get("/api/v2/presence/alice").await.1;
+    assert_eq!((v["data"]["alice"]["status"].as_str(), v["data"]["alice"]["node_id"].as_str()), (Some("away"), Some("leaf-a")));
+
+    // A WebSocket subscriber on the center sees a connection on the leaf come and go.
+    let url = format!("{}/ws?token={}&device_id=w", center_node.base.replace("http", "ws"), center_node.token("watcher"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::text(json!({"type":"subscribe","payload":{"user_ids":["bob"]}}).to_string())).await.unwrap();
+    let mut bob = async || loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a push within 5s").unwrap().unwrap();
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "presence_update" && v["payload"]["user_id"] == "bob" {
+                return v["payload"]["status"].as_str().unwrap_or("").to_string();
+            }
+        }
+    };
+    assert_eq!(bob().await, "offline");
+    let url = format!("{}/ws?token={}&device_id=phone", leaf_node.base.replace("http", "ws"), leaf_node.token("bob"));
+    let (bob_ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(bob().await, "online");
+    drop(bob_ws);
+    assert_eq!(bob().await, "offline");
+    center_node.stop().await;
+    leaf_node.stop().await;
+}

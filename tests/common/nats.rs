@@ -28,11 +28,20 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server; `extra` is appended to its config (e.g. an `authorization` block).
     pub fn start(extra: &str) -> NatsServer {
+        Self::start_with("", extra)
+    }
+
+    /// As [`NatsServer::start`], with `jetstream` lines (e.g. `domain: hub`).
+    pub fn start_with(jetstream: &str, extra: &str) -> NatsServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("nats.conf");
         let store = dir.path().join("js");
-        std::fs::write(&conf, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{extra}\n", store.display())).unwrap();
+        std::fs::write(
+            &conf,
+            format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\"\n{jetstream} }}\n{extra}\n", store.display()),
+        )
+        .unwrap();
         let mut s = NatsServer { child: None, port, conf, _dir: dir };
         s.restart();
         s
@@ -72,4 +81,9 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A free loopback port (for a leafnode listener).
+pub fn port() -> u16 {
+    free_port()
 }
