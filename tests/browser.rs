@@ -19,8 +19,10 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // chromedriver runs in its own process group: killing the group also ends the
         // browsers it started, even when a failed test never quit its sessions.
+        // `kill -s KILL -- -<pgid>`: procps reads `kill -KILL -<pgid>` as other arguments
+        // (seen here: kill(-1, SIGKILL), every process on the machine).
         if self.child.id() > 1 {
-            let _ = Command::new("kill").args(["-KILL", &format!("-{}", self.child.id())]).status();
+            let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", self.child.id())]).status();
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
