@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
 use common::TestServer;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use presenced::core::UserId;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 async fn node(server: &NatsServer, id: &str) -> TestServer {
     let urls = format!("[\"{}\"]", server.url());
@@ -40,25 +39,13 @@ async fn what_one_node_learns_the_other_serves() {
     assert_eq!(b.get("/health").await.1["data"]["store"]["backend"], "nats");
 
     // A WebSocket subscriber of alice on node B.
-    let url = format!("{}/ws?token={}&device_id=w", b.base.replace("http", "ws"), b.token("watcher"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::text(json!({"type":"subscribe","payload":{"user_ids":["alice"]}}).to_string())).await.unwrap();
-    let mut alice_on_b = async || loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a push within 5s").unwrap().unwrap();
-        if let Message::Text(t) = m {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "presence_update" && v["payload"]["user_id"] == "alice" {
-                return v["payload"].clone();
-            }
-        }
-    };
-    assert_eq!(alice_on_b().await["status"], "offline");
+    let mut watcher = b.watch("watcher", &["alice"]).await;
+    assert_eq!(watcher.next("alice").await["status"], "offline");
 
     // Alice connects on node A: B's subscriber and B's REST see her online.
-    let url = format!("{}/ws?token={}&device_id=phone", a.base.replace("http", "ws"), a.token("alice"));
     let started = Instant::now();
-    let (alice_ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    assert_eq!(alice_on_b().await["status"], "online");
+    let (alice_ws, _) = tokio_tungstenite::connect_async(a.ws_url("alice", "phone")).await.unwrap();
+    assert_eq!(watcher.next("alice").await["status"], "online");
     let cross_node = started.elapsed();
     assert_eq!(b.get("/api/v2/presence/alice").await.1["data"]["alice"]["device_count"], 1);
     eprintln!("cross-node online seen by a WebSocket subscriber on the other node after {cross_node:?}");
@@ -66,14 +53,14 @@ async fn what_one_node_learns_the_other_serves() {
     // A status written on A (token minted by B: the nodes share the secret) reaches B.
     let (code, _) = a.put_status("alice", Some(&b.token("alice")), json!({"status":"busy","message":"call"})).await;
     assert_eq!(code, 200);
-    let p = alice_on_b().await;
+    let p = watcher.next("alice").await;
     assert_eq!((p["status"].as_str(), p["message"].as_str()), (Some("busy"), Some("call")));
     // Leaving A: offline everywhere (the explicit status is cleared first).
     let r = a.client.delete(a.url("/api/v2/presence/alice")).bearer_auth(a.token("alice")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(alice_on_b().await["status"], "online");
+    assert_eq!(watcher.next("alice").await["status"], "online");
     drop(alice_ws);
-    assert_eq!(alice_on_b().await["status"], "offline");
+    assert_eq!(watcher.next("alice").await["status"], "offline");
 
     // A session registered over gRPC on B is seen by REST on A.
     use presenced::grpc::pb;
@@ -224,24 +211,12 @@ async fn a_node_on_a_leaf_shares_the_centers_state() {
     assert_eq!((v["data"]["alice"]["status"].as_str(), v["data"]["alice"]["node_id"].as_str()), (Some("away"), Some("leaf-a")));
 
     // A WebSocket subscriber on the center sees a connection on the leaf come and go.
-    let url = format!("{}/ws?token={}&device_id=w", center_node.base.replace("http", "ws"), center_node.token("watcher"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::text(json!({"type":"subscribe","payload":{"user_ids":["bob"]}}).to_string())).await.unwrap();
-    let mut bob = async || loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a push within 5s").unwrap().unwrap();
-        if let Message::Text(t) = m {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "presence_update" && v["payload"]["user_id"] == "bob" {
-                return v["payload"]["status"].as_str().unwrap_or("").to_string();
-            }
-        }
-    };
-    assert_eq!(bob().await, "offline");
-    let url = format!("{}/ws?token={}&device_id=phone", leaf_node.base.replace("http", "ws"), leaf_node.token("bob"));
-    let (bob_ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    assert_eq!(bob().await, "online");
+    let mut watcher = center_node.watch("watcher", &["bob"]).await;
+    assert_eq!(watcher.next("bob").await["status"], "offline");
+    let (bob_ws, _) = tokio_tungstenite::connect_async(leaf_node.ws_url("bob", "phone")).await.unwrap();
+    assert_eq!(watcher.next("bob").await["status"], "online");
     drop(bob_ws);
-    assert_eq!(bob().await, "offline");
+    assert_eq!(watcher.next("bob").await["status"], "offline");
     center_node.stop().await;
     leaf_node.stop().await;
 }

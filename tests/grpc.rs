@@ -74,28 +74,14 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
     let mut c = client(&s).await;
     let admin = s.admin_token("delivery-service");
     // A WebSocket subscriber of alice.
-    let url = format!("{}/ws?token={}&device_id=w", s.base.replace("http", "ws"), s.token("watcher"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    use futures_util::{SinkExt, StreamExt};
-    ws.send(tokio_tungstenite::tungstenite::Message::text(json!({"type":"subscribe","payload":{"user_ids":["alice"]}}).to_string()))
-        .await
-        .unwrap();
-    let mut next_alice = async || loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("ws message").unwrap().unwrap();
-        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "presence_update" && v["payload"]["user_id"] == "alice" {
-                return v["payload"].clone();
-            }
-        }
-    };
-    assert_eq!(next_alice().await["status"], "offline");
+    let mut watcher = s.watch("watcher", &["alice"]).await;
+    assert_eq!(watcher.next("alice").await["status"], "offline");
 
     let r = c.register_session(authed(register("alice", "phone", "gw-1", 60), &admin)).await.unwrap().into_inner();
     assert!(r.created);
     let exp = r.expires_at.unwrap().seconds;
     assert!((exp - now_s() - 60).abs() <= 2, "expires_at ≈ now + 60s");
-    assert_eq!(next_alice().await["status"], "online");
+    assert_eq!(watcher.next("alice").await["status"], "online");
     let rest = s.get("/api/v2/presence/alice").await.1;
     assert_eq!(rest["data"]["alice"]["status"], "online");
     assert_eq!(rest["data"]["alice"]["device_count"], 1);
@@ -146,7 +132,7 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
             .into_inner()
             .removed
     );
-    assert_eq!(next_alice().await["status"], "offline");
+    assert_eq!(watcher.next("alice").await["status"], "offline");
     assert!(
         !c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into() }, &admin))
             .await

@@ -1,6 +1,9 @@
 //! Time source for stores: the system clock in production, a manual one in tests.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::core::Millis;
@@ -39,4 +42,24 @@ impl Clock for ManualClock {
     fn now(&self) -> Millis {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// Runs `f` on the owner of `weak` every `every` (missed ticks are delayed, not bunched),
+/// until the owner is dropped. The task holds only a weak reference, so it never keeps
+/// its owner alive. Used by the stores' expiry reapers and the hub's typing expiry.
+pub fn spawn_periodic<T, F, Fut>(weak: Weak<T>, every: Duration, f: F) -> tokio::task::JoinHandle<()>
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(owner) = weak.upgrade() else { return };
+            f(owner).await;
+        }
+    })
 }

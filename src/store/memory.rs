@@ -144,17 +144,10 @@ impl MemoryStore {
         if let Some(p) = &self.inner.persist {
             p.start();
         }
-        let weak = Arc::downgrade(&self.inner);
         let tick = Duration::from_millis(self.inner.tick_ms as u64);
-        let handle = tokio::spawn(async move {
-            let mut interval = tokio::time::interval(tick);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                interval.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let now = inner.clock.now();
-                MemoryStore { inner }.reap(now);
-            }
+        let handle = super::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
+            let now = inner.clock.now();
+            MemoryStore { inner }.reap(now);
         });
         *self.inner.reaper.lock() = Some(handle);
     }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 use crate::core::{Millis, Presence, Registered, Session, Status, UserId};
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{spawn_periodic, Clock, ManualClock, SystemClock};
 pub use persist::DirTable;
 
 /// Why a store operation failed. Input is validated before it reaches a store, so the

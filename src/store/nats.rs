@@ -189,17 +189,10 @@ impl NatsStore {
 
     /// Starts the local expiry ticker (call within the runtime).
     pub fn start(&self) {
-        let weak = Arc::downgrade(&self.inner);
         let tick = Duration::from_millis(self.inner.tick_ms as u64);
-        let h = tokio::spawn(async move {
-            let mut interval = tokio::time::interval(tick);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                interval.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let now = inner.clock.now();
-                NatsStore { inner }.reap(now).await;
-            }
+        let h = super::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
+            let now = inner.clock.now();
+            NatsStore { inner }.reap(now).await;
         });
         self.inner.tasks.lock().push(h);
     }

@@ -256,15 +256,8 @@ impl Hub {
                 }
             }
         });
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(hub) = weak.upgrade() else { return };
-                hub.expire_typing(hub.clock.now());
-            }
+        crate::store::spawn_periodic(Arc::downgrade(self), Duration::from_millis(100), |hub: Arc<Hub>| async move {
+            hub.expire_typing(hub.clock.now());
         });
     }
 

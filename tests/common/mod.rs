@@ -181,3 +181,46 @@ impl Store for DownStore {
     }
     async fn shutdown(&self) {}
 }
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client subscribed to some users, reading the pushes about them.
+pub struct Watcher {
+    ws: WsStream,
+}
+
+impl TestServer {
+    /// `ws://…/ws` for `user` on `device`, with a token in the query.
+    pub fn ws_url(&self, user: &str, device: &str) -> String {
+        format!("{}/ws?token={}&device_id={device}", self.base.replace("http", "ws"), self.token(user))
+    }
+
+    /// Connects as `viewer` and subscribes to `users`.
+    pub async fn watch(&self, viewer: &str, users: &[&str]) -> Watcher {
+        use futures_util::SinkExt;
+        let (mut ws, _) = tokio_tungstenite::connect_async(self.ws_url(viewer, "watcher")).await.expect("ws connect");
+        let sub = serde_json::json!({"type": "subscribe", "payload": {"user_ids": users}}).to_string();
+        ws.send(tokio_tungstenite::tungstenite::Message::text(sub)).await.expect("subscribe");
+        Watcher { ws }
+    }
+}
+
+impl Watcher {
+    /// The next pushed presence of `user` (its `payload`), within 5 s.
+    pub async fn next(&mut self, user: &str) -> serde_json::Value {
+        use futures_util::StreamExt;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                .await
+                .expect("a push within 5s")
+                .expect("open")
+                .expect("frame");
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("JSON push");
+                if v["type"] == "presence_update" && v["payload"]["user_id"] == user {
+                    return v["payload"].clone();
+                }
+            }
+        }
+    }
+}
