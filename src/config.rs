@@ -98,6 +98,13 @@ pub struct PresenceConfig {
     pub typing_ttl: Dur,
     /// TTL of an explicit status written without `ttl`; `0s` = until changed.
     pub default_status_ttl: Dur,
+    /// Cluster mode: a node whose lease was not renewed for this long is dead; a
+    /// surviving node ends its sessions. Renewed every third of it.
+    pub node_lease_ttl: Dur,
+    /// Cluster mode: heartbeats stay in the owning node's memory; a connected user's
+    /// `last_seen` is also written to the store at most this often. `0s` (default):
+    /// only on disconnect (or, after a node loss, the dead node's last lease renewal).
+    pub last_seen_interval: Dur,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -352,6 +359,8 @@ impl Default for PresenceConfig {
             heartbeat_interval: Dur::secs(25),
             typing_ttl: Dur::secs(5),
             default_status_ttl: Dur::secs(3600),
+            node_lease_ttl: Dur::secs(15),
+            last_seen_interval: Dur::secs(0),
         }
     }
 }
@@ -479,6 +488,9 @@ impl Config {
         let p = &self.presence;
         if p.session_ttl.0 < Duration::from_secs(1) {
             return bad("presence.session_ttl", "must be at least 1s");
+        }
+        if p.node_lease_ttl.0 < Duration::from_secs(1) {
+            return bad("presence.node_lease_ttl", "must be at least 1s");
         }
         if p.heartbeat_interval.0.is_zero() || p.heartbeat_interval.0 >= p.session_ttl.0 {
             return bad("presence.heartbeat_interval", "must be above 0 and below presence.session_ttl");

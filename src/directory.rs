@@ -16,6 +16,15 @@ use crate::store::{DirTable, Store, StoreError};
 
 pub type Members = Arc<HashSet<UserId>>;
 
+/// What a directory row changed, for the watchers concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowChange {
+    /// `user`'s contacts changed; `changed` were added or dropped.
+    Contacts { user: UserId, changed: Vec<UserId> },
+    /// `user`'s privacy settings changed from `previous`.
+    Privacy { user: UserId, previous: Privacy },
+}
+
 #[derive(Default)]
 pub struct Directory {
     contacts: RwLock<HashMap<UserId, Members>>,
@@ -44,25 +53,50 @@ impl Directory {
     pub async fn load(store: &dyn Store) -> Result<Directory, StoreError> {
         let dir = Directory::default();
         for (table, key, value) in store.load_directory().await? {
-            match table {
-                DirTable::Contacts => {
-                    if let (Ok(user), Some(ids)) = (UserId::parse(&key, usize::MAX), parse_ids(&value)) {
-                        dir.apply_contacts(&user, ids);
-                    }
-                }
-                DirTable::Privacy => {
-                    if let (Ok(user), Ok(p)) = (UserId::parse(&key, usize::MAX), serde_json::from_slice::<Privacy>(&value)) {
-                        dir.privacy.write().insert(user, p);
-                    }
-                }
-                DirTable::Conversations => {
-                    if let Some(ids) = parse_ids(&value) {
-                        dir.conversations.write().insert(Arc::from(key.as_str()), Arc::new(ids.into_iter().collect()));
-                    }
-                }
-            }
+            dir.apply_row(table, &key, Some(&value));
         }
         Ok(dir)
+    }
+
+    /// Applies a stored row (`None`: deleted) as read from the store, e.g. one another
+    /// node wrote; returns what changed, for the hub to tell the watchers concerned.
+    pub fn apply_row(&self, table: DirTable, key: &str, value: Option<&[u8]>) -> Option<RowChange> {
+        match table {
+            DirTable::Contacts => {
+                let user = UserId::parse(key, usize::MAX).ok()?;
+                let ids = match value {
+                    Some(v) => parse_ids(v)?,
+                    None => Vec::new(),
+                };
+                let old = self.apply_contacts(&user, ids);
+                let new = self.contacts(&user);
+                let changed: Vec<UserId> = old.symmetric_difference(&new).cloned().collect();
+                Some(RowChange::Contacts { user, changed })
+            }
+            DirTable::Privacy => {
+                let user = UserId::parse(key, usize::MAX).ok()?;
+                let p = match value {
+                    Some(v) => serde_json::from_slice::<Privacy>(v).ok()?,
+                    None => Privacy::default(),
+                };
+                let old = if p == Privacy::default() { self.privacy.write().remove(&user) } else { self.privacy.write().insert(user.clone(), p) };
+                let previous = old.unwrap_or_default();
+                (previous != p).then_some(RowChange::Privacy { user, previous })
+            }
+            DirTable::Conversations => {
+                let ids = match value {
+                    Some(v) => parse_ids(v)?,
+                    None => Vec::new(),
+                };
+                let mut conv = self.conversations.write();
+                if ids.is_empty() {
+                    conv.remove(key);
+                } else {
+                    conv.insert(Arc::from(key), Arc::new(ids.into_iter().collect()));
+                }
+                None
+            }
+        }
     }
 
     /// The user's contacts (audience).

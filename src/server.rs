@@ -78,15 +78,14 @@ impl App {
                 } else {
                     None
                 };
-                let nats = crate::store::nats::NatsStore::open(
-                    &nats_cfg,
-                    &config.service.node_id,
-                    clock.clone(),
-                    bus.clone(),
-                    config.store.tick.as_millis_i64().max(1),
-                )
-                .await
-                .map_err(StartError::Cluster)?;
+                let opts = crate::store::nats::ClusterOptions {
+                    node_id: config.service.node_id.clone(),
+                    tick_ms: config.store.tick.as_millis_i64().max(1),
+                    lease_ttl_ms: config.presence.node_lease_ttl.as_millis_i64(),
+                    last_seen_interval_ms: config.presence.last_seen_interval.as_millis_i64(),
+                };
+                let nats =
+                    crate::store::nats::NatsStore::open(&nats_cfg, opts, clock.clone(), bus.clone()).await.map_err(StartError::Cluster)?;
                 nats.start();
                 let handle = nats.nats().clone();
                 let mut app = App::with_store(config, Arc::new(nats), bus, clock).await?;
@@ -102,6 +101,8 @@ impl App {
     /// Builds around a given store (used by tests and by other backends' wiring).
     pub async fn with_store(config: Config, store: Arc<dyn Store>, bus: EventBus, clock: Arc<dyn Clock>) -> Result<App, StartError> {
         let auth = Arc::new(Authenticator::from_config(&config.auth, &config.service.data_dir)?);
+        // Watch first, then load: a change made meanwhile is applied twice, never missed.
+        let changes = store.watch_directory().await;
         let directory = match Directory::load(&*store).await {
             Ok(d) => Arc::new(d),
             Err(e) => {
@@ -110,6 +111,9 @@ impl App {
             }
         };
         let svc = Arc::new(Service::new(&config, store, directory, bus, auth, clock));
+        if let Some(rx) = changes {
+            tokio::spawn(follow_directory(Arc::downgrade(&svc), rx));
+        }
         let backend = match config.store.backend {
             Backend::Memory => "memory",
             Backend::Nats => "nats",
@@ -208,6 +212,22 @@ impl App {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Applies directory rows other nodes wrote and tells the local watchers concerned.
+async fn follow_directory(svc: std::sync::Weak<Service>, mut rx: tokio::sync::mpsc::Receiver<crate::store::DirRow>) {
+    use crate::directory::RowChange;
+    while let Some((table, key, value)) = rx.recv().await {
+        let Some(svc) = svc.upgrade() else { return };
+        let r = match svc.directory.apply_row(table, &key, value.as_deref()) {
+            Some(RowChange::Privacy { user, previous }) => svc.hub.privacy_changed(&user, previous).await,
+            Some(RowChange::Contacts { user, changed }) => svc.hub.contacts_changed(&user, &changed).await,
+            None => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not push a directory change to local watchers");
+        }
     }
 }
 

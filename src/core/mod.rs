@@ -10,4 +10,4 @@ pub mod state;
 pub use event::{Event, EventKind};
 pub use model::{empty_message, validate_id, DeviceId, IdError, Millis, Presence, Session, Status, UserId};
 pub use privacy::{project, Privacy, Relation, Visibility};
-pub use state::{Change, Explicit, Registered, UserState};
+pub use state::{Change, Explicit, Registered, UserState, HELD};

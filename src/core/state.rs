@@ -15,6 +15,10 @@ use std::sync::Arc;
 use super::event::EventKind;
 use super::model::{empty_message, DeviceId, Millis, Presence, Session, Status, UserId};
 
+/// Stored expiry of a session held by its node's lease (cluster mode): it lives until the
+/// owning node ends it or the node's lease lapses and the janitor does.
+pub const HELD: Millis = Millis::MAX;
+
 /// A status the user set on purpose.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Explicit {
@@ -247,6 +251,61 @@ impl UserState {
         (removed, Change { persist, ..change })
     }
 
+    /// Marks the session of `device` as held by `owner`'s node lease (cluster mode): its
+    /// stored expiry becomes [`HELD`] and the owning node keeps the real deadline in
+    /// memory, so heartbeats cost no store write. Returns whether the session exists.
+    pub fn hold(&mut self, device: &str, owner: &Arc<str>) -> bool {
+        match self.sessions.iter_mut().find(|s| &*s.device_id == device) {
+            Some(s) => {
+                s.expires_at = HELD;
+                s.node_id = owner.clone();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends the session of `device` if `owner` still holds it (its deadline passed on the
+    /// owning node, or the owner is gone). `last_seen` is the session's last heartbeat.
+    pub fn release(&mut self, device: &str, owner: &str, last_seen: Millis, node: &Arc<str>, now: Millis) -> (bool, Change) {
+        self.release_where(|s| &*s.device_id == device && &*s.node_id == owner, last_seen, node, now)
+    }
+
+    /// Ends every session `owner` held that started at or before `until` (the janitor
+    /// after a node's lease lapsed; `until` keeps a newer incarnation's sessions).
+    pub fn release_node(&mut self, owner: &str, until: Millis, last_seen: Millis, node: &Arc<str>, now: Millis) -> Change {
+        self.release_where(|s| &*s.node_id == owner && s.connected_at <= until, last_seen, node, now).1
+    }
+
+    fn release_where(&mut self, doomed: impl Fn(&Session) -> bool, last_seen: Millis, node: &Arc<str>, now: Millis) -> (bool, Change) {
+        let mut removed = false;
+        let change = self.transition(node, now, false, |s| {
+            let lapsed = s.drop_lapsed(now);
+            let n = s.sessions.len();
+            s.sessions.retain(|x| !doomed(x));
+            removed = s.sessions.len() != n;
+            if removed {
+                s.last_seen = s.last_seen.max(Some(last_seen));
+            }
+            lapsed
+        });
+        let persist = change.persist || change.event == Some(EventKind::UserOffline);
+        (removed, Change { persist, ..change })
+    }
+
+    /// Records a heartbeat of a held session in the stored state (at most once per
+    /// `presence.last_seen_interval`). Returns whether the session exists.
+    pub fn touch(&mut self, device: &str, at: Millis) -> bool {
+        match self.sessions.iter_mut().find(|s| &*s.device_id == device) {
+            Some(s) => {
+                s.last_heartbeat = s.last_heartbeat.max(at);
+                self.last_seen = self.last_seen.max(Some(at));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Reaper entry point: drops what has lapsed at `now` and reports the transition.
     pub fn expire(&mut self, node: &Arc<str>, now: Millis) -> Change {
         let change = self.transition(node, now, false, |s| s.drop_lapsed(now));
@@ -256,7 +315,7 @@ impl UserState {
 
     /// The earliest instant at which something in this state lapses, for timer scheduling.
     pub fn next_deadline(&self) -> Option<Millis> {
-        let sessions = self.sessions.iter().map(|s| s.expires_at).min();
+        let sessions = self.sessions.iter().map(|s| s.expires_at).filter(|t| *t != HELD).min();
         let explicit = self.explicit.as_ref().and_then(|e| e.expires_at);
         match (sessions, explicit) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -284,6 +343,64 @@ mod tests {
     }
     fn dev(s: &str) -> DeviceId {
         Arc::from(s)
+    }
+
+    #[test]
+    fn held_sessions_never_lapse_and_release_goes_offline_once() {
+        let mut s = UserState::new(node());
+        let a: Arc<str> = Arc::from("node-a");
+        s.register(dev("phone"), Arc::from("gw"), TTL, &a, 0);
+        s.register(dev("laptop"), Arc::from("gw"), TTL, &a, 0);
+        assert!(s.hold("phone", &a) && s.hold("laptop", &a));
+        assert!(!s.hold("tablet", &a));
+        // Far past the TTL the held sessions are still live; no timer is due.
+        assert_eq!(s.view(&uid(), TTL * 1000).device_count, 2);
+        assert_eq!(s.next_deadline(), None);
+        // Another node cannot release what it does not hold.
+        assert!(!s.release("phone", "node-b", 5, &node(), 10).0);
+        let (removed, c) = s.release("phone", "node-a", 5, &node(), 10);
+        assert!(removed);
+        assert_eq!(c.event, None, "one device left: still online");
+        let (removed, c) = s.release("laptop", "node-a", 7, &node(), 20);
+        assert!(removed);
+        assert_eq!(c.event, Some(EventKind::UserOffline));
+        assert_eq!(s.last_seen, Some(7), "last_seen is the last heartbeat");
+        assert_eq!(s.release("laptop", "node-a", 9, &node(), 30).1.event, None, "released twice: no second event");
+    }
+
+    #[test]
+    fn release_node_keeps_newer_incarnations_and_other_nodes() {
+        let mut s = UserState::new(node());
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        s.register(dev("old"), Arc::from("gw"), TTL, &a, 10);
+        s.register(dev("other"), Arc::from("gw"), TTL, &b, 10);
+        s.register(dev("new"), Arc::from("gw"), TTL, &a, 500);
+        for d in ["old", "other", "new"] {
+            let owner = if d == "other" { &b } else { &a };
+            s.hold(d, owner);
+        }
+        let c = s.release_node("a", 100, 90, &node(), 600);
+        assert_eq!(c.event, None);
+        let left: Vec<&str> = s.sessions.iter().map(|x| &*x.device_id).collect();
+        assert_eq!(left, vec!["other", "new"]);
+        assert_eq!(s.last_seen, Some(500), "last_seen never moves back");
+        s.release_node("b", 100, 95, &node(), 600);
+        let c = s.release_node("a", 1000, 650, &node(), 700);
+        assert_eq!(c.event, Some(EventKind::UserOffline));
+        assert_eq!(s.last_seen, Some(650));
+    }
+
+    #[test]
+    fn touch_records_the_heartbeat_without_an_event() {
+        let mut s = UserState::new(node());
+        s.register(dev("phone"), Arc::from("gw"), TTL, &node(), 0);
+        s.hold("phone", &node());
+        let before = s.clone();
+        assert!(s.touch("phone", 40));
+        assert_eq!(s.sessions[0].last_heartbeat, 40);
+        assert_eq!(s.last_seen, Some(40));
+        assert_eq!(s.view(&uid(), 50).status, before.view(&uid(), 50).status);
+        assert!(!s.touch("tablet", 50));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct StoreStats {
     /// Reads that found a known user / an unknown one.
     pub hits: u64,
     pub misses: u64,
+    /// Writes to a shared store (cluster backends) since start: the `store_writes_total` metric.
+    pub writes: u64,
 }
 
 /// The presence store. Every method is safe to call concurrently from many tasks.
@@ -85,9 +87,18 @@ pub trait Store: Send + Sync + 'static {
     /// Every directory row, read once at start-up to fill the directory.
     async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError>;
 
+    /// Directory rows as other nodes change them (cluster backends), so every node's
+    /// directory stays current; `None` when this store has no other writers.
+    async fn watch_directory(&self) -> Option<tokio::sync::mpsc::Receiver<DirRow>> {
+        None
+    }
+
     /// Flushes what must be durable and stops background work. Idempotent.
     async fn shutdown(&self);
 }
+
+/// A directory row as stored: table, key, value (`None`: deleted).
+pub type DirRow = (DirTable, String, Option<Vec<u8>>);
 
 /// Single-id read through [`Store::get_many`].
 pub async fn get_one(store: &dyn Store, id: &UserId) -> Result<Option<Presence>, StoreError> {

@@ -208,6 +208,16 @@ impl TestServer {
 impl Watcher {
     /// The next pushed presence of `user` (its `payload`), within 5 s.
     pub async fn next(&mut self, user: &str) -> serde_json::Value {
+        loop {
+            let p = self.next_any().await;
+            if p["user_id"] == user {
+                return p;
+            }
+        }
+    }
+
+    /// The next pushed presence of anyone (its `payload`), within 5 s.
+    pub async fn next_any(&mut self) -> serde_json::Value {
         use futures_util::StreamExt;
         loop {
             let m = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
@@ -217,7 +227,7 @@ impl Watcher {
                 .expect("frame");
             if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
                 let v: serde_json::Value = serde_json::from_str(&t).expect("JSON push");
-                if v["type"] == "presence_update" && v["payload"]["user_id"] == user {
+                if v["type"] == "presence_update" {
                     return v["payload"].clone();
                 }
             }

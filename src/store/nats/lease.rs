@@ -1,0 +1,341 @@
+//! Node leases and the janitor.
+//!
+//! Each node keeps one key `node.<node>` in the `<bucket>_nodes` bucket, renewed every
+//! third of `presence.node_lease_ttl`; that is all a node writes while its users are
+//! connected and idle, so store writes are O(nodes), not O(sessions). The lease carries
+//! its own timestamps (KV TTL expiry is silent on nats-server 2.9, so liveness never
+//! depends on it).
+//!
+//! Which users a node holds sessions of is in the owner index (`<node>.<user>` in
+//! `<bucket>_owners`, written on a user's first session on the node and removed with the
+//! last). When a lease has not been renewed for its TTL, every surviving node's janitor
+//! sees it; each tries to claim it with a compare-and-swap that marks the lease
+//! `ended_by` itself, so exactly one wins and ends the dead node's sessions (one CAS per
+//! user, so one `UserOffline` per user), then removes the index entries and the lease.
+//! A claim not finished within two TTLs (the janitor died too) is claimed again.
+//!
+//! A node that was only cut off finds its lease claimed at the next renewal: it writes
+//! its sessions again (users come back online), takes a new lease and announces it on
+//! `presence.sync.<node>`. A restarted node ends its previous incarnation's sessions
+//! before taking its lease.
+//!
+//! Times are wall-clock milliseconds of the nodes: their clocks must agree to well
+//! within the lease TTL (NTP).
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{unavailable, wrote, NatsStore};
+use crate::core::{Change, DeviceId, Millis, Status, UserId};
+use crate::nats::kv::{decode_id, encode_id};
+use crate::store::StoreError;
+
+/// A node's lease, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub node_id: String,
+    pub started_at: Millis,
+    pub renewed_at: Millis,
+    pub ttl_ms: i64,
+    /// The node whose janitor claimed this lapsed lease, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Millis>,
+}
+
+impl Lease {
+    /// Whether a janitor at `now` may claim it: lapsed and unclaimed, or claimed by a
+    /// janitor that has not finished within two TTLs.
+    pub fn claimable(&self, now: Millis) -> bool {
+        match self.ended_at {
+            None => self.renewed_at.saturating_add(self.ttl_ms) < now,
+            Some(t) => t.saturating_add(2 * self.ttl_ms) < now,
+        }
+    }
+}
+
+/// This node's view of its own lease.
+#[derive(Debug, Default)]
+pub struct LeaseState {
+    /// Revision of our lease key as we last wrote it; `None` until written.
+    revision: Mutex<Option<u64>>,
+}
+
+/// A node resync announcement on `presence.sync.<node>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncNotice {
+    pub node_id: String,
+    pub sessions: usize,
+    pub at: Millis,
+}
+
+pub fn lease_key(node: &str) -> String {
+    format!("node.{}", encode_id(node))
+}
+
+pub fn owner_key(node: &str, user: &UserId) -> String {
+    format!("{}.{}", encode_id(node), encode_id(user.as_str()))
+}
+
+fn no_event() -> Change {
+    Change { event: None, previous: Status::Offline, persist: false }
+}
+
+impl NatsStore {
+    fn lease_value(&self, now: Millis) -> Result<Bytes, StoreError> {
+        let l = Lease {
+            node_id: self.inner.node.to_string(),
+            started_at: self.inner.started_at,
+            renewed_at: now,
+            ttl_ms: self.inner.opts.lease_ttl_ms,
+            ended_by: None,
+            ended_at: None,
+        };
+        serde_json::to_vec(&l).map(Bytes::from).map_err(unavailable)
+    }
+
+    /// At start-up: ends what a previous incarnation of this node left, then takes the lease.
+    pub(super) async fn take_lease(&self) -> Result<(), StoreError> {
+        let key = lease_key(&self.inner.node);
+        let now = self.inner.clock.now();
+        if let Some(entry) = self.inner.nodes.entry(&key).await.map_err(unavailable)? {
+            if let Ok(prev) = serde_json::from_slice::<Lease>(&entry.value) {
+                if prev.ended_at.is_none() && prev.renewed_at.saturating_add(prev.ttl_ms) > now {
+                    tracing::warn!(
+                        node = %self.inner.node,
+                        renewed_ms_ago = now - prev.renewed_at,
+                        "this node's lease is still live: a previous process just stopped, or another process runs with the same service.node_id"
+                    );
+                }
+                let n = self.end_sessions_of(&self.inner.node.clone(), self.inner.started_at, prev.renewed_at).await;
+                if n > 0 {
+                    tracing::info!(sessions = n, "ended the sessions of this node's previous run");
+                }
+            }
+        }
+        let rev = self.inner.nodes.put(&key, self.lease_value(now)?).await.map_err(unavailable)?;
+        wrote(&self.inner);
+        *self.inner.lease.revision.lock() = Some(rev);
+        Ok(())
+    }
+
+    /// Renews this node's lease; if a janitor claimed it meanwhile (this node was cut
+    /// off for longer than the TTL), writes this node's sessions again.
+    pub(super) async fn renew_lease(&self) {
+        let key = lease_key(&self.inner.node);
+        let now = self.inner.clock.now();
+        let Ok(value) = self.lease_value(now) else { return };
+        let rev = *self.inner.lease.revision.lock();
+        let r = match rev {
+            Some(rev) => self.inner.nodes.update(&key, value, rev).await.map_err(|e| {
+                let lost = e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision;
+                (lost, e.to_string())
+            }),
+            None => self.inner.nodes.put(&key, value).await.map_err(|e| (false, e.to_string())),
+        };
+        match r {
+            Ok(rev) => {
+                wrote(&self.inner);
+                *self.inner.lease.revision.lock() = Some(rev);
+                metrics::gauge!("nats_lease_renewed_at_seconds").set(now as f64 / 1000.0);
+            }
+            Err((true, _)) => {
+                tracing::warn!(node = %self.inner.node, "this node's lease was claimed while it was unreachable; writing its sessions again");
+                metrics::counter!("nats_lease_lost_total").increment(1);
+                *self.inner.lease.revision.lock() = None;
+                self.resync().await;
+            }
+            Err((false, e)) => tracing::warn!(error = %e, "could not renew this node's lease; retrying"),
+        }
+    }
+
+    /// Writes every session this node holds back into the KV (after its lease was lost).
+    async fn resync(&self) {
+        let key = lease_key(&self.inner.node);
+        let now = self.inner.clock.now();
+        match self.lease_value(now) {
+            Ok(v) => match self.inner.nodes.put(&key, v).await {
+                Ok(rev) => {
+                    wrote(&self.inner);
+                    *self.inner.lease.revision.lock() = Some(rev);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not take a new lease; retrying");
+                    return;
+                }
+            },
+            Err(_) => return,
+        }
+        let sessions = self.inner.owned.lock().all();
+        let node = self.inner.node.clone();
+        let mut written = 0;
+        for (user, device, o) in &sessions {
+            if self.inner.owners.put(owner_key(&node, user), Bytes::new()).await.is_ok() {
+                wrote(&self.inner);
+            }
+            let r = self
+                .apply(user, true, |s, now| {
+                    if s.live_sessions(now).any(|x| x.device_id == *device && x.node_id == node) {
+                        return ((), no_event());
+                    }
+                    let (_, change) = s.register(device.clone(), o.instance.clone(), o.ttl_ms, &node, now);
+                    s.hold(device, &node);
+                    ((), change)
+                })
+                .await;
+            match r {
+                Ok(_) => written += 1,
+                Err(e) => tracing::warn!(user = %user, error = %e, "could not write a session again"),
+            }
+        }
+        let notice = SyncNotice { node_id: node.to_string(), sessions: written, at: now };
+        if let Ok(body) = serde_json::to_vec(&notice) {
+            let _ = self.inner.nats.client.publish(format!("presence.sync.{}", encode_id(&node)), body.into()).await;
+        }
+        tracing::info!(sessions = written, "sessions written again after the lease was lost");
+    }
+
+    /// Looks for lapsed leases of other nodes and, for each one it wins the claim of,
+    /// ends that node's sessions. Returns how many sessions' users it handled.
+    pub async fn janitor(&self) -> usize {
+        let mut keys = match self.inner.nodes.keys().await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::debug!(error = %e, "janitor cannot list leases");
+                return 0;
+            }
+        };
+        let own = lease_key(&self.inner.node);
+        let mut candidates = Vec::new();
+        while let Some(k) = keys.next().await {
+            match k {
+                Ok(k) if k.starts_with("node.") && k != own => candidates.push(k),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let mut handled = 0;
+        for key in candidates {
+            let now = self.inner.clock.now();
+            let Ok(Some(entry)) = self.inner.nodes.entry(&key).await else { continue };
+            if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                continue;
+            }
+            let Ok(lease) = serde_json::from_slice::<Lease>(&entry.value) else { continue };
+            if !lease.claimable(now) {
+                continue;
+            }
+            // The claim: exactly one janitor's CAS on the lease key succeeds.
+            let claim = Lease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), ..lease.clone() };
+            let Ok(body) = serde_json::to_vec(&claim) else { continue };
+            let Ok(claim_rev) = self.inner.nodes.update(&key, body.into(), entry.revision).await else { continue };
+            wrote(&self.inner);
+            metrics::counter!("nats_janitor_claims_total").increment(1);
+            let n = self.end_sessions_of(&lease.node_id, now, lease.renewed_at).await;
+            handled += n;
+            tracing::warn!(node = %lease.node_id, users = n, last_renewal_ms_ago = now - lease.renewed_at, "node lease lapsed: ended its sessions");
+            if self.inner.nodes.purge_expect_revision(&key, Some(claim_rev)).await.is_ok() {
+                wrote(&self.inner);
+            }
+        }
+        handled
+    }
+
+    /// Ends the sessions `owner` held that started at or before `until`, with
+    /// `last_seen` = `last_alive`; removes the owner index entries. Returns the users.
+    async fn end_sessions_of(&self, owner: &str, until: Millis, last_alive: Millis) -> usize {
+        let prefix = format!("{}.", encode_id(owner));
+        let mut users = Vec::new();
+        match self.inner.owners.keys().await {
+            Ok(mut keys) => {
+                while let Some(k) = keys.next().await {
+                    match k {
+                        Ok(k) if k.starts_with(&prefix) => users.push(k),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not list the owner index completely");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list the owner index"),
+        }
+        let node = self.inner.node.clone();
+        let mut n = 0;
+        for key in users {
+            let Some(id) = decode_id(&key[prefix.len()..]).and_then(|s| UserId::parse(&s, usize::MAX).ok()) else { continue };
+            let rev = match self.inner.owners.entry(&key).await {
+                Ok(Some(e)) => e.revision,
+                _ => continue,
+            };
+            let r = self.apply(&id, false, |s, now| ((), s.release_node(owner, until, last_alive, &node, now))).await;
+            if let Err(e) = r {
+                tracing::warn!(user = %id, error = %e, "could not end a dead node's session");
+                continue;
+            }
+            n += 1;
+            // Only if nobody re-wrote it meanwhile (a new incarnation of that node).
+            if self.inner.owners.purge_expect_revision(&key, Some(rev)).await.is_ok() {
+                wrote(&self.inner);
+            }
+        }
+        n
+    }
+
+    /// At shutdown: ends every session this node still holds and gives up the lease.
+    pub(super) async fn release_all(&self) {
+        let sessions = self.inner.owned.lock().all();
+        let node = self.inner.node.clone();
+        let mut users: Vec<UserId> = Vec::new();
+        for (user, device, o) in sessions {
+            let dev: DeviceId = device.clone();
+            let r = self.apply(&user, false, |s, now| s.release(&dev, &node, o.last_heartbeat, &node, now)).await;
+            if r.is_ok() {
+                self.inner.owned.lock().remove(&user, &device);
+                users.push(user);
+            }
+        }
+        users.sort();
+        users.dedup();
+        for u in &users {
+            self.index_end(u).await;
+        }
+        let rev = *self.inner.lease.revision.lock();
+        if self.inner.owned.lock().session_count() == 0 {
+            if let Ok(()) = self.inner.nodes.purge_expect_revision(lease_key(&node), rev).await {
+                wrote(&self.inner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(renewed_at: Millis) -> Lease {
+        Lease { node_id: "a".into(), started_at: 0, renewed_at, ttl_ms: 1000, ended_by: None, ended_at: None }
+    }
+
+    #[test]
+    fn a_lease_is_claimable_after_its_ttl_and_a_claim_after_two() {
+        let l = lease(5000);
+        assert!(!l.claimable(5500));
+        assert!(!l.claimable(6000));
+        assert!(l.claimable(6001));
+        let claimed = Lease { ended_by: Some("b".into()), ended_at: Some(6001), ..l };
+        assert!(!claimed.claimable(7000), "someone is on it");
+        assert!(claimed.claimable(8002), "its janitor died: claim again");
+    }
+
+    #[test]
+    fn keys_are_legal_and_per_node() {
+        let u = UserId::parse("tenant:bob@x.com", 128).unwrap();
+        assert_eq!(owner_key("node.1", &u), "node=2E1.tenant=3Abob=40x=2Ecom");
+        assert_eq!(lease_key("node.1"), "node.node=2E1");
+    }
+}

@@ -1,0 +1,684 @@
+//! Cluster backend: presence in NATS JetStream KV (seed 003 §5), shared by every node.
+//!
+//! One key per user (`user.<encoded id>`, see [`crate::nats::kv::encode_id`]) holding the
+//! user's whole [`UserState`] (explicit status, message, expiry, `last_seen`, sessions with
+//! their owning node). Every change runs the same pure transition as the embedded store,
+//! inside a compare-and-swap on the key's revision ([`crate::nats::kv::update`]), so
+//! concurrent writers on different nodes never lose an update, and exactly one of them
+//! performs (and reports) each transition.
+//!
+//! Events go to this node's bus and to `presence.{update,expire,online,offline}.<id>`
+//! (JSON, captured by the `PRESENCE_EVENTS` stream for durable consumers); events from
+//! other nodes arrive on those subjects and are put on this node's bus, so local
+//! WebSocket and gRPC watchers see changes made anywhere.
+//!
+//! Sessions are held by node leases ([`lease`]): a session registered on this node is
+//! stored with expiry [`HELD`], its real deadline lives in this node's memory
+//! ([`owned::OwnedTable`]) and heartbeats never touch the KV. A heartbeat that reaches
+//! another node is forwarded to the owner (`presence.node.<node>.refresh`, request/reply);
+//! only when the owner does not answer does that node take the session over (one write).
+//! When a node dies its lease lapses and one surviving node ends its sessions.
+//!
+//! Explicit-status expiry: the node that wrote a status with a TTL keeps a local timer
+//! and applies `expire` (under CAS) when it passes; reads apply the rule at read time, so
+//! a lapsed status is never shown even before that.
+
+pub mod lease;
+pub mod owned;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv as jkv, stream};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::{Clock, DirTable, SetStatus, Store, StoreError, StoreStats};
+use crate::bus::EventBus;
+use crate::config::NatsConfig;
+use crate::core::{Change, DeviceId, Event, Millis, Presence, Registered, Session, Status, UserId, UserState, HELD};
+use crate::nats::kv::{self, decode_id, encode_id, user_key, BucketConfig, KvError};
+use crate::nats::Nats;
+use owned::{Owned, OwnedTable};
+pub use wire::{subject, WireEvent, EVENT_SUBJECTS};
+
+/// What a cluster node needs besides the connection settings.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub node_id: String,
+    /// Granularity of local timers.
+    pub tick_ms: i64,
+    /// `presence.node_lease_ttl`.
+    pub lease_ttl_ms: i64,
+    /// `presence.last_seen_interval` (`0`: never while connected).
+    pub last_seen_interval_ms: i64,
+}
+
+impl ClusterOptions {
+    pub fn new(node_id: &str, tick_ms: i64) -> ClusterOptions {
+        ClusterOptions { node_id: node_id.into(), tick_ms, lease_ttl_ms: 15_000, last_seen_interval_ms: 0 }
+    }
+}
+
+/// Counts one KV write (the `store_writes_total` metric and [`NatsStore::writes`]).
+fn wrote(inner: &Inner) {
+    inner.writes.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("store_writes_total", "backend" => "nats").increment(1);
+}
+
+/// A heartbeat forwarded to the owning node, and its answer.
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeRequest {
+    op: String,
+    user_id: String,
+    device_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RefreshReply {
+    expires_at: Option<Millis>,
+}
+
+fn node_subject(node: &str, op: &str) -> String {
+    format!("presence.node.{}.{op}", encode_id(node))
+}
+
+fn dir_key(table: DirTable, key: &str) -> String {
+    let t = match table {
+        DirTable::Contacts => "contacts",
+        DirTable::Privacy => "privacy",
+        DirTable::Conversations => "conversations",
+    };
+    format!("{t}.{}", encode_id(key))
+}
+
+fn parse_dir_key(k: &str) -> Option<(DirTable, String)> {
+    let (t, enc) = k.split_once('.')?;
+    let table = match t {
+        "contacts" => DirTable::Contacts,
+        "privacy" => DirTable::Privacy,
+        "conversations" => DirTable::Conversations,
+        _ => return None,
+    };
+    Some((table, decode_id(enc)?))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("nats: {e}"))
+}
+
+impl From<KvError> for StoreError {
+    fn from(e: KvError) -> Self {
+        unavailable(e)
+    }
+}
+
+/// The NATS JetStream KV store.
+#[derive(Clone)]
+pub struct NatsStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    nats: Nats,
+    users: jkv::Store,
+    dir: jkv::Store,
+    /// Node leases (`node.<node>`): O(nodes) keys.
+    nodes: jkv::Store,
+    /// Owner index (`<node>.<user>`): which users a node holds sessions of.
+    owners: jkv::Store,
+    node: Arc<str>,
+    opts: ClusterOptions,
+    started_at: Millis,
+    clock: Arc<dyn Clock>,
+    bus: EventBus,
+    /// Local deadlines of explicit statuses this node wrote: tick → users.
+    timers: Mutex<BTreeMap<i64, Vec<UserId>>>,
+    owned: Mutex<OwnedTable>,
+    /// Serialises owner-index writes per user shard (see [`NatsStore::index_begin`]).
+    index_locks: Vec<tokio::sync::Mutex<()>>,
+    lease: lease::LeaseState,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    writes: AtomicU64,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl NatsStore {
+    /// Connects, makes sure the buckets and the event stream exist, and starts relaying
+    /// other nodes' events to the local bus.
+    pub async fn open(cfg: &NatsConfig, opts: ClusterOptions, clock: Arc<dyn Clock>, bus: EventBus) -> Result<NatsStore, StoreError> {
+        let node = opts.node_id.clone();
+        let nats = Nats::connect(cfg, &format!("presenced-{node}")).await.map_err(unavailable)?;
+        let js = if cfg.jetstream.domain.is_empty() {
+            jetstream::new(nats.client.clone())
+        } else {
+            jetstream::with_domain(nats.client.clone(), &cfg.jetstream.domain)
+        };
+        let bucket = |name: String| BucketConfig { name, replicas: cfg.kv.replicas, file_storage: true };
+        let users = kv::open_bucket(&js, &bucket(cfg.kv.bucket.clone())).await?;
+        let dir = kv::open_bucket(&js, &bucket(format!("{}_directory", cfg.kv.bucket))).await?;
+        let nodes = kv::open_bucket(&js, &bucket(format!("{}_nodes", cfg.kv.bucket))).await?;
+        let owners = kv::open_bucket(&js, &bucket(format!("{}_owners", cfg.kv.bucket))).await?;
+        let events = stream::Config {
+            name: "PRESENCE_EVENTS".into(),
+            subjects: EVENT_SUBJECTS.iter().map(|s| s.to_string()).collect(),
+            max_age: cfg.events.max_age.0.max(Duration::from_secs(1)),
+            max_bytes: i64::try_from(cfg.events.max_bytes.0).unwrap_or(i64::MAX),
+            storage: stream::StorageType::File,
+            num_replicas: cfg.kv.replicas.max(1),
+            ..Default::default()
+        };
+        js.get_or_create_stream(events).await.map_err(|e| unavailable(format!("cannot create stream PRESENCE_EVENTS: {e}")))?;
+        let started_at = clock.now();
+        let inner = Arc::new(Inner {
+            nats,
+            users,
+            dir,
+            nodes,
+            owners,
+            node: Arc::from(node.as_str()),
+            owned: Mutex::new(OwnedTable::new(opts.tick_ms)),
+            opts,
+            started_at,
+            clock,
+            bus,
+            timers: Mutex::new(BTreeMap::new()),
+            index_locks: (0..16).map(|_| tokio::sync::Mutex::new(())).collect(),
+            lease: lease::LeaseState::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let store = NatsStore { inner };
+        store.relay_remote_events().await?;
+        store.serve_node_requests().await?;
+        // Sessions a previous incarnation of this node left behind end now, then the lease starts.
+        store.take_lease().await?;
+        Ok(store)
+    }
+
+    /// Starts the local timers, lease renewal and the janitor (call within the runtime).
+    pub fn start(&self) {
+        let tick = Duration::from_millis(self.inner.opts.tick_ms.max(1) as u64);
+        let h = super::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
+            let now = inner.clock.now();
+            NatsStore { inner }.reap(now).await;
+        });
+        let every = Duration::from_millis((self.inner.opts.lease_ttl_ms / 3).max(100) as u64);
+        let l = super::spawn_periodic(Arc::downgrade(&self.inner), every, |inner: Arc<Inner>| async move {
+            let store = NatsStore { inner };
+            store.renew_lease().await;
+            store.janitor().await;
+        });
+        self.inner.tasks.lock().extend([h, l]);
+    }
+
+    pub fn nats(&self) -> &Nats {
+        &self.inner.nats
+    }
+
+    /// KV writes this node made since it started (the `store_writes_total` metric).
+    pub fn writes(&self) -> u64 {
+        self.inner.writes.load(Ordering::Relaxed)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node
+    }
+
+    async fn relay_remote_events(&self) -> Result<(), StoreError> {
+        let mut sub = self.inner.nats.client.subscribe("presence.*.*").await.map_err(unavailable)?;
+        let weak = Arc::downgrade(&self.inner);
+        let h = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                if !EVENT_SUBJECTS.iter().any(|p| msg.subject.starts_with(p.trim_end_matches('>'))) {
+                    continue;
+                }
+                match serde_json::from_slice::<WireEvent>(&msg.payload) {
+                    Ok(w) if w.node_id != *inner.node => {
+                        if let Some(ev) = w.into_event() {
+                            metrics::counter!("nats_events_received_total").increment(1);
+                            inner.bus.publish(ev);
+                        }
+                    }
+                    Ok(_) => {} // our own event, already on the local bus
+                    Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "ignoring unreadable presence event"),
+                }
+            }
+        });
+        self.inner.tasks.lock().push(h);
+        Ok(())
+    }
+
+    /// Answers other nodes about the sessions this node owns: a forwarded heartbeat
+    /// (`refresh`, request/reply) and a session ended elsewhere (`drop`).
+    async fn serve_node_requests(&self) -> Result<(), StoreError> {
+        let prefix = format!("presence.node.{}.", encode_id(&self.inner.node));
+        let mut sub = self.inner.nats.client.subscribe(format!("{prefix}*")).await.map_err(unavailable)?;
+        let weak = Arc::downgrade(&self.inner);
+        let h = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                let store = NatsStore { inner };
+                let Ok(req) = serde_json::from_slice::<NodeRequest>(&msg.payload) else {
+                    tracing::warn!(subject = %msg.subject, "ignoring unreadable node request");
+                    continue;
+                };
+                let Ok(user) = UserId::parse(&req.user_id, usize::MAX) else { continue };
+                match req.op.as_str() {
+                    "refresh" => {
+                        let expires_at = store.beat(&user, &req.device_id).await;
+                        if let (Some(reply), Ok(body)) = (msg.reply, serde_json::to_vec(&RefreshReply { expires_at })) {
+                            let _ = store.inner.nats.client.publish(reply, body.into()).await;
+                        }
+                    }
+                    "drop" => {
+                        store.inner.owned.lock().remove(&user, &req.device_id);
+                        store.index_end(&user).await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        self.inner.tasks.lock().push(h);
+        Ok(())
+    }
+
+    fn index_lock(&self, user: &UserId) -> &tokio::sync::Mutex<()> {
+        let i = (fxhash(user.as_str()) as usize) % self.inner.index_locks.len();
+        &self.inner.index_locks[i]
+    }
+
+    /// Before a session of `user` is written as ours: makes sure the owner index names
+    /// this node for `user`, so the janitor finds the session if this node dies.
+    async fn index_begin(&self, user: &UserId) -> Result<(), StoreError> {
+        let _g = self.index_lock(user).lock().await;
+        let first = self.inner.owned.lock().begin(user);
+        if first {
+            let key = lease::owner_key(&self.inner.node, user);
+            if let Err(e) = self.inner.owners.put(key, bytes::Bytes::new()).await {
+                self.inner.owned.lock().finish(user, &DeviceId::from(""), None);
+                return Err(unavailable(e));
+            }
+            wrote(&self.inner);
+        }
+        Ok(())
+    }
+
+    /// After a session of `user` ended: drops the index entry when this node holds none.
+    async fn index_end(&self, user: &UserId) {
+        let _g = self.index_lock(user).lock().await;
+        if self.inner.owned.lock().is_unowned(user) {
+            match self.inner.owners.purge(lease::owner_key(&self.inner.node, user)).await {
+                Ok(()) => wrote(&self.inner),
+                Err(e) => tracing::debug!(user = %user, error = %e, "owner index entry left behind (harmless)"),
+            }
+        }
+    }
+
+    /// Runs `f` on the user's state inside a CAS loop; publishes the event of the
+    /// transition that was written and arms the local expiry timer.
+    async fn apply<R: Clone>(
+        &self,
+        id: &UserId,
+        create: bool,
+        mut f: impl FnMut(&mut UserState, Millis) -> (R, Change),
+    ) -> Result<Option<(R, Presence)>, StoreError> {
+        let inner = &*self.inner;
+        let key = user_key(id);
+        let mut result: Option<(R, Change, Millis)> = None;
+        let updated = kv::update::<UserState, _>(&inner.users, &key, |old| {
+            let now = inner.clock.now();
+            let mut st = match old.clone() {
+                Some(s) => s,
+                None if create => UserState::new(inner.node.clone()),
+                None => {
+                    result = None;
+                    return None;
+                }
+            };
+            let (r, change) = f(&mut st, now);
+            result = Some((r, change, now));
+            // Write only what changed.
+            (old.as_ref() != Some(&st)).then_some(st)
+        })
+        .await?;
+        let Some((r, change, now)) = result else { return Ok(None) };
+        let Some(state) = updated.after else { return Ok(None) };
+        if updated.revision != 0 && updated.before.as_ref() != Some(&state) {
+            wrote(inner);
+        }
+        let presence = state.view(id, now);
+        if let Some(kind) = change.event {
+            let ev = Event { kind, presence: presence.clone(), previous: change.previous, at: now };
+            self.publish(&ev).await;
+            inner.bus.publish(ev);
+        }
+        if let Some(deadline) = state.next_deadline() {
+            let tick = deadline.div_euclid(inner.opts.tick_ms.max(1)) + 1;
+            inner.timers.lock().entry(tick).or_default().push(id.clone());
+        }
+        Ok(Some((r, presence)))
+    }
+
+    async fn publish(&self, ev: &Event) {
+        let Ok(payload) = serde_json::to_vec(&WireEvent::of(ev)) else { return };
+        if let Err(e) = self.inner.nats.client.publish(subject(ev.kind, &ev.presence.user_id), payload.into()).await {
+            tracing::warn!(error = %e, "could not publish presence event");
+        }
+    }
+
+    /// A heartbeat of a session this node owns: memory only (plus `last_seen` at most
+    /// once per interval). `None` when this node does not hold a live session for it.
+    async fn beat(&self, id: &UserId, device: &str) -> Option<Millis> {
+        let now = self.inner.clock.now();
+        let beat = self.inner.owned.lock().beat(id, device, now, self.inner.opts.last_seen_interval_ms)?;
+        if beat.write_last_seen {
+            let r = self
+                .apply(id, false, |s, _| {
+                    s.touch(device, now);
+                    ((), Change { event: None, previous: Status::Offline, persist: false })
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(user = %id, error = %e, "could not write last_seen; will try at the next interval");
+            }
+        }
+        Some(beat.expires_at)
+    }
+
+    /// Ends, in the KV, sessions this node owned whose deadline passed, and explicit
+    /// statuses this node wrote whose TTL passed. Returns how many users were looked at.
+    pub async fn reap(&self, now: Millis) -> usize {
+        let lapsed = self.inner.owned.lock().lapsed(now);
+        let mut n = lapsed.len();
+        for (user, device, o) in lapsed {
+            let node = self.inner.node.clone();
+            let r = self.apply(&user, false, |s, now| s.release(&device, &node, o.last_heartbeat, &node, now)).await;
+            if let Err(e) = r {
+                tracing::warn!(user = %user, error = %e, "could not end a lapsed session; will retry");
+                let retry = Owned { expires_at: now, ..o };
+                let mut t = self.inner.owned.lock();
+                t.begin(&user);
+                t.finish(&user, &device, Some(retry));
+                continue;
+            }
+            self.index_end(&user).await;
+        }
+        let tick_ms = self.inner.opts.tick_ms.max(1);
+        let due: Vec<UserId> = {
+            let mut timers = self.inner.timers.lock();
+            let later = timers.split_off(&(now.div_euclid(tick_ms) + 1));
+            std::mem::replace(&mut *timers, later).into_values().flatten().collect()
+        };
+        let mut seen = std::collections::HashSet::new();
+        for id in due.into_iter().filter(|id| seen.insert(id.clone())) {
+            let node = self.inner.node.clone();
+            if let Err(e) = self.apply(&id, false, |s, now| ((), s.expire(&node, now))).await {
+                tracing::warn!(user = %id, error = %e, "expiry failed; will retry");
+                self.inner.timers.lock().entry(now.div_euclid(tick_ms) + 10).or_default().push(id);
+            }
+        }
+        n += seen.len();
+        n
+    }
+
+    async fn read(&self, id: &UserId) -> Result<Option<UserState>, StoreError> {
+        match self.inner.users.get(user_key(id)).await.map_err(unavailable)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| unavailable(format!("unreadable record of {id}: {e}"))),
+        }
+    }
+
+    /// Registers `device` as held by this node (a new session, or one taken over from a
+    /// node that no longer answers for it).
+    async fn own(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64, take_over: bool) -> Result<Option<Registered>, StoreError> {
+        self.index_begin(id).await?;
+        let node = self.inner.node.clone();
+        let (dev, inst): (DeviceId, Arc<str>) = (Arc::from(device), Arc::from(instance));
+        let r = self
+            .apply(id, !take_over, |s, now| {
+                if take_over {
+                    let Some(sess) = s.sessions.iter().find(|x| *x.device_id == *device && x.expires_at > now) else {
+                        return (None, Change { event: None, previous: Status::Offline, persist: false });
+                    };
+                    let ttl = sess.ttl_ms;
+                    s.hold(device, &node);
+                    s.touch(device, now);
+                    let reg = Registered { created: false, expires_at: now.saturating_add(ttl) };
+                    (Some((reg, ttl)), Change { event: None, previous: Status::Offline, persist: false })
+                } else {
+                    let (reg, change) = s.register(dev.clone(), inst.clone(), ttl_ms, &node, now);
+                    s.hold(device, &node);
+                    (Some((reg, ttl_ms)), change)
+                }
+            })
+            .await;
+        let now = self.inner.clock.now();
+        let done = match &r {
+            Ok(Some((Some((reg, ttl)), _))) => Some(Owned {
+                instance: inst.clone(),
+                ttl_ms: *ttl,
+                connected_at: now,
+                expires_at: reg.expires_at,
+                last_heartbeat: now,
+                written_at: now,
+            }),
+            _ => None,
+        };
+        let ok = done.is_some();
+        self.inner.owned.lock().finish(id, &dev, done);
+        if !ok {
+            self.index_end(id).await;
+        }
+        Ok(r?.and_then(|(x, _)| x).map(|(reg, _)| reg))
+    }
+}
+
+/// A stable, cheap hash for picking an index lock.
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[async_trait]
+impl Store for NatsStore {
+    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
+        let states = futures_util::future::join_all(ids.iter().map(|id| self.read(id))).await;
+        let now = self.inner.clock.now();
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, st) in ids.iter().zip(states) {
+            let p = st?.map(|s| s.view(id, now));
+            if p.is_some() {
+                self.inner.hits.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.inner.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    async fn set_status(&self, id: &UserId, req: SetStatus) -> Result<Presence, StoreError> {
+        let node = self.inner.node.clone();
+        let r = self.apply(id, true, |s, now| ((), s.set_status(req.status, req.message.clone(), req.ttl_ms, &node, now))).await?;
+        match r {
+            Some((_, p)) => Ok(p),
+            // Nothing changed (same status and expiry): answer the current state.
+            None => {
+                Ok(self.read(id).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
+            }
+        }
+    }
+
+    async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError> {
+        let node = self.inner.node.clone();
+        self.apply(id, true, |s, now| ((), s.clear_status(&node, now))).await?;
+        Ok(self.read(id).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
+    }
+
+    async fn register_session(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64) -> Result<Registered, StoreError> {
+        self.own(id, device, instance, ttl_ms, false).await?.ok_or_else(|| unavailable("registration was not written"))
+    }
+
+    async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
+        if let Some(t) = self.beat(id, device).await {
+            return Ok(Some(t));
+        }
+        // Not ours: find the owner.
+        let now = self.inner.clock.now();
+        let Some(state) = self.read(id).await? else { return Ok(None) };
+        let Some(owner) = state.live_sessions(now).find(|s| &*s.device_id == device).map(|s| s.node_id.clone()) else {
+            return Ok(None);
+        };
+        if *owner != *self.inner.node {
+            let req = NodeRequest { op: "refresh".into(), user_id: id.to_string(), device_id: device.into() };
+            let body = serde_json::to_vec(&req).map_err(unavailable)?;
+            let ask = self.inner.nats.client.request(node_subject(&owner, "refresh"), body.into());
+            match tokio::time::timeout(Duration::from_secs(1), ask).await {
+                Ok(Ok(msg)) => {
+                    if let Ok(RefreshReply { expires_at: Some(t) }) = serde_json::from_slice(&msg.payload) {
+                        metrics::counter!("nats_forwarded_heartbeats_total").increment(1);
+                        return Ok(Some(t));
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(owner = %owner, error = %e, "owner did not take the heartbeat; taking the session over"),
+                Err(_) => tracing::debug!(owner = %owner, "owner did not answer in time; taking the session over"),
+            }
+        }
+        let r = self.own(id, device, "", 0, true).await?;
+        Ok(r.map(|r| r.expires_at))
+    }
+
+    async fn unregister_session(&self, id: &UserId, device: &str) -> Result<bool, StoreError> {
+        let node = self.inner.node.clone();
+        let mut owner: Option<Arc<str>> = None;
+        let r = self
+            .apply(id, false, |s, now| {
+                owner = s.sessions.iter().find(|x| *x.device_id == *device).map(|x| x.node_id.clone());
+                s.unregister(device, &node, now)
+            })
+            .await?;
+        self.inner.owned.lock().remove(id, device);
+        self.index_end(id).await;
+        if let Some(o) = owner.filter(|o| **o != *node && !o.is_empty()) {
+            // The owner forgets it (no write): it would otherwise keep answering heartbeats.
+            let req = NodeRequest { op: "drop".into(), user_id: id.to_string(), device_id: device.into() };
+            if let Ok(body) = serde_json::to_vec(&req) {
+                let _ = self.inner.nats.client.publish(node_subject(&o, "drop"), body.into()).await;
+            }
+        }
+        Ok(r.is_some_and(|(removed, _)| removed))
+    }
+
+    async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
+        let now = self.inner.clock.now();
+        let Some(state) = self.read(id).await? else { return Ok(Vec::new()) };
+        let owned = self.inner.owned.lock();
+        let local = owned.all_of(id);
+        Ok(state
+            .live_sessions(now)
+            .map(|s| {
+                let mut s = s.clone();
+                if s.expires_at == HELD {
+                    // Held by a node lease: ours we know exactly; another node's lasts at
+                    // least one TTL past its last recorded heartbeat.
+                    s.expires_at = match local.iter().find(|(d, _)| *d == s.device_id) {
+                        Some((_, o)) => o.expires_at,
+                        None => s.last_heartbeat.saturating_add(s.ttl_ms).max(now),
+                    };
+                }
+                s
+            })
+            .collect())
+    }
+
+    fn stats(&self) -> StoreStats {
+        let owned = self.inner.owned.lock();
+        StoreStats {
+            hits: self.inner.hits.load(Ordering::Relaxed),
+            misses: self.inner.misses.load(Ordering::Relaxed),
+            sessions: owned.session_count(),
+            online_users: owned.user_count(),
+            writes: self.inner.writes.load(Ordering::Relaxed),
+            ..StoreStats::default()
+        }
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        let h = self.inner.nats.health();
+        if h.connected {
+            Ok(())
+        } else {
+            Err(unavailable(format!("{} ({})", h.state, h.urls)))
+        }
+    }
+
+    async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let k = dir_key(table, key);
+        match value {
+            Some(v) => self.inner.dir.put(k, v.into()).await.map(|_| ()).map_err(unavailable)?,
+            None => self.inner.dir.purge(k).await.map_err(unavailable)?,
+        }
+        wrote(&self.inner);
+        Ok(())
+    }
+
+    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
+        let mut keys = self.inner.dir.keys().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(unavailable)?;
+            let Some((table, id)) = parse_dir_key(&k) else { continue };
+            let Some(v) = self.inner.dir.get(&k).await.map_err(unavailable)? else { continue };
+            out.push((table, id, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    async fn watch_directory(&self) -> Option<tokio::sync::mpsc::Receiver<super::DirRow>> {
+        let mut watch = match self.inner.dir.watch_all().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the directory bucket: changes made on other nodes will not be seen");
+                return None;
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let h = tokio::spawn(async move {
+            while let Some(entry) = watch.next().await {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "directory watch error");
+                        continue;
+                    }
+                };
+                let Some((table, id)) = parse_dir_key(&entry.key) else { continue };
+                let value = (entry.operation == jkv::Operation::Put).then(|| entry.value.to_vec());
+                if tx.send((table, id, value)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.inner.tasks.lock().push(h);
+        Some(rx)
+    }
+
+    async fn shutdown(&self) {
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        // Sessions still held (gRPC/HTTP-registered ones) end now rather than at lease expiry.
+        self.release_all().await;
+        let _ = self.inner.nats.client.flush().await;
+    }
+}

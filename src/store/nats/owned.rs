@@ -1,0 +1,200 @@
+//! The sessions this node owns, in memory: their real deadlines, heartbeats and the
+//! owner index bookkeeping. No I/O; the store drives it under one lock.
+//!
+//! In the KV a session this node owns is stored with expiry [`crate::core::HELD`]: it
+//! lives while this node's lease does. Heartbeats only move the deadline here; when a
+//! deadline passes without one, the store ends the session in the KV.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::core::{DeviceId, Millis, UserId};
+
+/// One owned session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    pub instance: Arc<str>,
+    pub ttl_ms: i64,
+    pub connected_at: Millis,
+    pub expires_at: Millis,
+    pub last_heartbeat: Millis,
+    /// When `last_seen` was last written to the KV for it.
+    pub written_at: Millis,
+}
+
+#[derive(Debug, Default)]
+struct LocalUser {
+    devices: HashMap<DeviceId, Owned>,
+    /// Registrations in flight (index written, KV write not yet done).
+    pending: u32,
+}
+
+/// What a heartbeat did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    pub expires_at: Millis,
+    /// `last_seen` is due to be written (per `presence.last_seen_interval`).
+    pub write_last_seen: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct OwnedTable {
+    users: HashMap<UserId, LocalUser>,
+    /// Deadline tick → sessions to look at (lazy: a moved deadline is re-armed when due).
+    wheel: BTreeMap<i64, Vec<(UserId, DeviceId)>>,
+    tick_ms: i64,
+    sessions: u64,
+}
+
+impl OwnedTable {
+    pub fn new(tick_ms: i64) -> OwnedTable {
+        OwnedTable { tick_ms: tick_ms.max(1), ..Default::default() }
+    }
+
+    fn arm(&mut self, user: &UserId, device: &DeviceId, deadline: Millis) {
+        self.wheel.entry(deadline.div_euclid(self.tick_ms) + 1).or_default().push((user.clone(), device.clone()));
+    }
+
+    /// A registration is about to be written: keeps the owner index entry alive meanwhile.
+    /// Returns whether the user had no index entry yet (the caller writes it).
+    pub fn begin(&mut self, user: &UserId) -> bool {
+        let u = self.users.entry(user.clone()).or_default();
+        let first = u.devices.is_empty() && u.pending == 0;
+        u.pending += 1;
+        first
+    }
+
+    /// The registration was written (`Some`) or failed (`None`).
+    pub fn finish(&mut self, user: &UserId, device: &DeviceId, session: Option<Owned>) {
+        let Some(u) = self.users.get_mut(user) else { return };
+        u.pending = u.pending.saturating_sub(1);
+        if let Some(o) = session {
+            let deadline = o.expires_at;
+            if u.devices.insert(device.clone(), o).is_none() {
+                self.sessions += 1;
+            }
+            self.arm(user, device, deadline);
+        } else if u.devices.is_empty() && u.pending == 0 {
+            self.users.remove(user);
+        }
+    }
+
+    /// A heartbeat of an owned session alive at `now`; `None` if this node does not hold it.
+    pub fn beat(&mut self, user: &UserId, device: &str, now: Millis, last_seen_interval: i64) -> Option<Beat> {
+        let o = self.users.get_mut(user)?.devices.get_mut(device).filter(|o| o.expires_at > now)?;
+        o.expires_at = now.saturating_add(o.ttl_ms);
+        o.last_heartbeat = now;
+        let write_last_seen = last_seen_interval > 0 && now - o.written_at >= last_seen_interval;
+        if write_last_seen {
+            o.written_at = now;
+        }
+        Some(Beat { expires_at: o.expires_at, write_last_seen })
+    }
+
+    /// Forgets a session (ended by a client or by another node). Returns it if it was held.
+    pub fn remove(&mut self, user: &UserId, device: &str) -> Option<Owned> {
+        let u = self.users.get_mut(user)?;
+        let o = u.devices.remove(device)?;
+        self.sessions -= 1;
+        if u.devices.is_empty() && u.pending == 0 {
+            self.users.remove(user);
+        }
+        Some(o)
+    }
+
+    /// Whether this node holds nothing for `user` any more (its index entry can go).
+    pub fn is_unowned(&self, user: &UserId) -> bool {
+        !self.users.contains_key(user)
+    }
+
+    /// Removes and returns the sessions whose deadline passed at `now`.
+    pub fn lapsed(&mut self, now: Millis) -> Vec<(UserId, DeviceId, Owned)> {
+        let later = self.wheel.split_off(&(now.div_euclid(self.tick_ms) + 1));
+        let due = std::mem::replace(&mut self.wheel, later);
+        let mut out = Vec::new();
+        for (user, device) in due.into_values().flatten() {
+            let Some(o) = self.users.get(&user).and_then(|u| u.devices.get(&device)) else { continue };
+            if o.expires_at > now {
+                let deadline = o.expires_at;
+                self.arm(&user, &device, deadline);
+            } else if let Some(o) = self.remove(&user, &device) {
+                out.push((user, device, o));
+            }
+        }
+        out
+    }
+
+    /// Every owned session (to write them again after this node's lease was lost).
+    pub fn all(&self) -> Vec<(UserId, DeviceId, Owned)> {
+        self.users.iter().flat_map(|(u, lu)| lu.devices.iter().map(move |(d, o)| (u.clone(), d.clone(), o.clone()))).collect()
+    }
+
+    /// The sessions of `user` this node owns.
+    pub fn all_of(&self, user: &UserId) -> Vec<(DeviceId, Owned)> {
+        self.users.get(user).map(|u| u.devices.iter().map(|(d, o)| (d.clone(), o.clone())).collect()).unwrap_or_default()
+    }
+
+    pub fn session_count(&self) -> u64 {
+        self.sessions
+    }
+
+    pub fn user_count(&self) -> u64 {
+        self.users.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uid(s: &str) -> UserId {
+        UserId::parse(s, 64).unwrap()
+    }
+
+    fn owned(now: Millis, ttl: i64) -> Owned {
+        Owned { instance: Arc::from("gw"), ttl_ms: ttl, connected_at: now, expires_at: now + ttl, last_heartbeat: now, written_at: now }
+    }
+
+    #[test]
+    fn heartbeats_move_the_deadline_and_lapse_only_when_they_stop() {
+        let mut t = OwnedTable::new(10);
+        let (u, d): (UserId, DeviceId) = (uid("alice"), Arc::from("phone"));
+        assert!(t.begin(&u));
+        t.finish(&u, &d, Some(owned(0, 100)));
+        assert_eq!(t.session_count(), 1);
+        for now in [50, 100, 140] {
+            assert_eq!(t.beat(&u, "phone", now, 0), Some(Beat { expires_at: now + 100, write_last_seen: false }));
+        }
+        assert!(t.lapsed(200).is_empty(), "deadline moved to 240");
+        let gone = t.lapsed(250);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].2.last_heartbeat, 140);
+        assert!(t.is_unowned(&u));
+        assert_eq!(t.beat(&u, "phone", 260, 0), None);
+    }
+
+    #[test]
+    fn last_seen_is_due_once_per_interval() {
+        let mut t = OwnedTable::new(10);
+        let (u, d): (UserId, DeviceId) = (uid("bob"), Arc::from("web"));
+        t.begin(&u);
+        t.finish(&u, &d, Some(owned(0, 1000)));
+        let due: Vec<bool> = [100, 200, 300, 350, 500].iter().map(|n| t.beat(&u, "web", *n, 250).unwrap().write_last_seen).collect();
+        assert_eq!(due, vec![false, false, true, false, false]);
+        assert!(t.beat(&u, "web", 550, 250).unwrap().write_last_seen);
+    }
+
+    #[test]
+    fn a_pending_registration_keeps_the_index_entry() {
+        let mut t = OwnedTable::new(10);
+        let u = uid("carol");
+        let (a, b): (DeviceId, DeviceId) = (Arc::from("a"), Arc::from("b"));
+        assert!(t.begin(&u));
+        t.finish(&u, &a, Some(owned(0, 100)));
+        assert!(!t.begin(&u), "index already written");
+        assert!(t.remove(&u, "a").is_some());
+        assert!(!t.is_unowned(&u), "b's registration is in flight");
+        t.finish(&u, &b, None);
+        assert!(t.is_unowned(&u));
+    }
+}

@@ -1,0 +1,183 @@
+//! Node leases on real processes: a `presenced` node killed with SIGKILL has its users
+//! go offline everywhere within the lease TTL, with exactly one offline event per user
+//! (one janitor wins); heartbeats, wherever they land, cost no store write.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::nats::NatsServer;
+use common::TestServer;
+use futures_util::StreamExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_presenced");
+const LEASE: Duration = Duration::from_secs(2);
+
+fn cluster_env(server: &NatsServer, node: &str) -> Vec<(String, String)> {
+    vec![
+        ("PRESENCE_STORE__BACKEND".into(), "nats".into()),
+        ("PRESENCE_NATS__URLS".into(), format!("[\"{}\"]", server.url())),
+        ("PRESENCE_SERVICE__NODE_ID".into(), node.into()),
+        ("PRESENCE_PRESENCE__NODE_LEASE_TTL".into(), format!("{}ms", LEASE.as_millis())),
+    ]
+}
+
+async fn node(server: &NatsServer, id: &str) -> TestServer {
+    let env = cluster_env(server, id);
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    TestServer::start(&refs).await
+}
+
+/// A `presenced serve` process (killed when dropped).
+struct Proc {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(server: &NatsServer, id: &str) -> Proc {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
+        .env("PRESENCE_SERVICE__PORT", "0")
+        .env("PRESENCE_SERVICE__GRPC_PORT", "0")
+        .env("PRESENCE_SERVICE__DATA_DIR", dir.path())
+        .env("PRESENCE_AUTH__JWT_SECRET", common::SECRET)
+        .env("PRESENCE_LOGGING__FORMAT", "json");
+    for (k, v) in cluster_env(server, id) {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.arg("serve").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn presenced");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(addr) = v["http"].as_str() {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("presenced reports its address within 20s");
+    Proc { child, base: format!("http://{addr}"), _dir: dir }
+}
+
+fn ws_url(base: &str, token: &str, device: &str) -> String {
+    format!("{}/ws?token={token}&device_id={device}", base.replace("http", "ws"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let c = node(&server, "node-c").await;
+    let b = spawn_node(&server, "node-b");
+
+    // Every offline event on the bus, whoever publishes it.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut offline = client.subscribe("presence.offline.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let users = ["u1", "u2", "u3"];
+    let mut watcher = a.watch("watcher", &users).await;
+    for u in users {
+        assert_eq!(watcher.next(u).await["status"], "offline");
+    }
+    // The users connect to B (u3 on two devices) and stay connected.
+    let mut sockets = Vec::new();
+    for (u, dev) in [("u1", "phone"), ("u2", "phone"), ("u3", "phone"), ("u3", "laptop")] {
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url(&b.base, &a.token(u), dev)).await.expect("connect to B");
+        sockets.push(ws);
+    }
+    for u in users {
+        assert_eq!(watcher.next(u).await["status"], "online");
+    }
+    assert_eq!(c.get("/api/v2/presence/u3").await.1["data"]["u3"]["device_count"], 2);
+
+    // SIGKILL: no goodbye, no unregister.
+    let killed = Instant::now();
+    drop(b);
+    let mut seen = Vec::new();
+    while seen.len() < users.len() {
+        let p = watcher.next_any().await;
+        if p["status"] == "offline" {
+            seen.push(p["user_id"].as_str().unwrap().to_string());
+        }
+    }
+    let took = killed.elapsed();
+    eprintln!("users of the killed node offline on node A after {took:?} (lease TTL {LEASE:?})");
+    // Lapse after at most one TTL from the last renewal, found at the next janitor pass.
+    assert!(took < LEASE + LEASE / 3 + Duration::from_secs(2), "took {took:?}");
+    seen.sort();
+    assert_eq!(seen, users);
+
+    // Exactly one offline event per user, though two nodes run janitors.
+    tokio::time::sleep(LEASE).await;
+    let mut events = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), offline.next()).await {
+        events.push(m.subject.to_string());
+    }
+    events.sort();
+    assert_eq!(events, vec!["presence.offline.u1", "presence.offline.u2", "presence.offline.u3"]);
+    for u in users {
+        let (_, body) = c.get(&format!("/api/v2/presence/{u}")).await;
+        assert_eq!(body["data"][u]["status"], "offline", "{body}");
+        assert!(body["data"][u]["last_seen"].is_string(), "last_seen kept: {body}");
+    }
+    drop(sockets);
+    a.stop().await;
+    c.stop().await;
+}
+
+fn auth<T>(n: &TestServer, m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut().insert("authorization", format!("Bearer {}", n.admin_token("svc")).parse().unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_cost_no_store_writes_wherever_they_land() {
+    use presenced::grpc::pb;
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let c = node(&server, "node-c").await;
+    let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
+    let mut gc = pb::presence_api_client::PresenceApiClient::connect(c.grpc.clone()).await.unwrap();
+    let reg = pb::RegisterSessionRequest { user_id: "dana".into(), device_id: "d1".into(), instance_id: "gw".into(), ttl_seconds: 30 };
+    ga.register_session(auth(&a, reg)).await.unwrap();
+    let refresh = || pb::RefreshSessionRequest { user_id: "dana".into(), device_id: "d1".into() };
+    // Let the first lease renewals pass so only heartbeats could write.
+    let writes = || a.svc.store.stats().writes + c.svc.store.stats().writes;
+    let before = writes();
+    for _ in 0..50 {
+        assert!(ga.refresh_session(auth(&a, refresh())).await.unwrap().into_inner().expires_at.is_some());
+    }
+    // Heartbeats reaching a node that does not own the session go to the owner.
+    for _ in 0..20 {
+        assert!(gc.refresh_session(auth(&c, refresh())).await.unwrap().into_inner().expires_at.is_some());
+    }
+    let heartbeat_writes = writes() - before;
+    // At most the lease renewals that fell in the window (one per node per TTL/3).
+    assert!(heartbeat_writes <= 4, "{heartbeat_writes} writes for 70 heartbeats");
+    let devices = gc.get_user_devices(auth(&c, pb::GetUserDevicesRequest { user_id: "dana".into() })).await.unwrap().into_inner();
+    assert_eq!(devices.devices.len(), 1);
+
+    // The owner stops: the session ends with it (graceful shutdown releases what it holds).
+    a.stop().await;
+    let (_, body) = c.get("/api/v2/presence/dana").await;
+    assert_eq!(body["data"]["dana"]["status"], "offline", "{body}");
+    let lapsed = gc.refresh_session(auth(&c, refresh())).await.unwrap_err();
+    assert_eq!(lapsed.code(), tonic::Code::NotFound);
+    c.stop().await;
+}
