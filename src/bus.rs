@@ -1,22 +1,180 @@
 //! The in-process event bus: every presence transition, published once, read by every
 //! transport and backend that subscribed. A subscriber that falls behind by more than the
 //! capacity gets `Lagged` and must resynchronise from the store; publishers never block.
+//!
+//! Beside events the bus carries two things a cluster backend needs from the transports:
+//! typing indicators (ephemeral, never stored), and *interest*: which users this node's
+//! connections watch, so the backend subscribes to other nodes' events about those users
+//! only (interest-routed fan-out).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, mpsc};
 
-use crate::core::Event;
+use crate::core::{Event, UserId};
+
+/// A typing indicator, as the hub reports it and a cluster backend relays it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Typing {
+    /// The node the typist is connected to.
+    pub node_id: Arc<str>,
+    pub conversation: Arc<str>,
+    pub user_id: UserId,
+    pub is_typing: bool,
+}
+
+/// A change of this node's interest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterestChange {
+    /// A first local watcher of the user appeared.
+    Watch(UserId),
+    /// The last local watcher of the user left.
+    Unwatch(UserId),
+    /// Whether something here watches every user (a gRPC `WatchPresence { all: true }`).
+    All(bool),
+}
+
+#[derive(Default)]
+struct InterestState {
+    counts: HashMap<UserId, usize>,
+    all: usize,
+    /// Changes sent to the follower so far (their sequence numbers).
+    seq: u64,
+    follower: Option<mpsc::UnboundedSender<(u64, InterestChange)>>,
+}
+
+impl InterestState {
+    fn send(&mut self, change: InterestChange) {
+        if let Some(f) = &self.follower {
+            self.seq += 1;
+            let _ = f.send((self.seq, change));
+        }
+    }
+}
+
+/// Reference counts of watched users (each source adds a user at most once per reason).
+#[derive(Clone, Default)]
+pub struct Interest {
+    state: Arc<Mutex<InterestState>>,
+}
+
+impl std::fmt::Debug for Interest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interest").field("watched", &self.watched()).finish()
+    }
+}
+
+impl Interest {
+    pub fn add<'a>(&self, ids: impl IntoIterator<Item = &'a UserId>) {
+        let mut s = self.state.lock();
+        for id in ids {
+            let n = s.counts.entry(id.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                s.send(InterestChange::Watch(id.clone()));
+            }
+        }
+    }
+
+    pub fn remove<'a>(&self, ids: impl IntoIterator<Item = &'a UserId>) {
+        let mut s = self.state.lock();
+        for id in ids {
+            let Some(n) = s.counts.get_mut(id) else { continue };
+            *n -= 1;
+            if *n == 0 {
+                s.counts.remove(id);
+                s.send(InterestChange::Unwatch(id.clone()));
+            }
+        }
+    }
+
+    pub fn set_all(&self, on: bool) {
+        let mut s = self.state.lock();
+        let before = s.all > 0;
+        if on {
+            s.all += 1;
+        } else {
+            s.all = s.all.saturating_sub(1);
+        }
+        let after = s.all > 0;
+        if before != after {
+            s.send(InterestChange::All(after));
+        }
+    }
+
+    /// Users watched now.
+    pub fn watched(&self) -> usize {
+        self.state.lock().counts.len()
+    }
+
+    pub fn is_watched(&self, id: &UserId) -> bool {
+        let s = self.state.lock();
+        s.all > 0 || s.counts.contains_key(id)
+    }
+
+    /// Sequence number of the last change sent to the follower: once the follower has
+    /// applied it, events about every user watched before this call reach this node.
+    pub fn seq(&self) -> u64 {
+        self.state.lock().seq
+    }
+
+    /// The changes from now on, numbered, starting with the current state (one follower:
+    /// the backend).
+    pub fn follow(&self) -> mpsc::UnboundedReceiver<(u64, InterestChange)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut s = self.state.lock();
+        s.follower = Some(tx);
+        let ids: Vec<UserId> = s.counts.keys().cloned().collect();
+        for id in ids {
+            s.send(InterestChange::Watch(id));
+        }
+        if s.all > 0 {
+            s.send(InterestChange::All(true));
+        }
+        rx
+    }
+}
+
+/// Interest held until dropped (a gRPC watch stream's users).
+pub struct InterestGuard {
+    interest: Interest,
+    ids: Vec<UserId>,
+    all: bool,
+}
+
+impl InterestGuard {
+    pub fn new(interest: &Interest, ids: Vec<UserId>, all: bool) -> InterestGuard {
+        interest.add(&ids);
+        if all {
+            interest.set_all(true);
+        }
+        InterestGuard { interest: interest.clone(), ids, all }
+    }
+}
+
+impl Drop for InterestGuard {
+    fn drop(&mut self) {
+        self.interest.remove(&self.ids);
+        if self.all {
+            self.interest.set_all(false);
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Event>>,
+    typing: broadcast::Sender<Typing>,
+    interest: Interest,
 }
 
 impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
-        EventBus { tx }
+        let (typing, _) = broadcast::channel(capacity.max(1));
+        EventBus { tx, typing, interest: Interest::default() }
     }
 
     /// Publishes an event; with no subscriber it is simply dropped.
@@ -27,5 +185,59 @@ impl EventBus {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()
+    }
+
+    pub fn publish_typing(&self, t: Typing) {
+        let _ = self.typing.send(t);
+    }
+
+    pub fn subscribe_typing(&self) -> broadcast::Receiver<Typing> {
+        self.typing.subscribe()
+    }
+
+    pub fn interest(&self) -> &Interest {
+        &self.interest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(s: &str) -> UserId {
+        UserId::parse(s, 64).unwrap()
+    }
+
+    #[test]
+    fn interest_reports_only_first_and_last_watchers() {
+        let i = Interest::default();
+        i.add(&[u("early")]);
+        let mut rx = i.follow();
+        assert_eq!(rx.try_recv().unwrap(), (1, InterestChange::Watch(u("early"))), "current state first");
+        i.add(&[u("a"), u("a"), u("b")]);
+        i.remove(&[u("a")]);
+        i.remove(&[u("a"), u("b"), u("never")]);
+        let got: Vec<InterestChange> = std::iter::from_fn(|| rx.try_recv().ok().map(|(_, c)| c)).collect();
+        assert_eq!(
+            got,
+            vec![
+                InterestChange::Watch(u("a")),
+                InterestChange::Watch(u("b")),
+                InterestChange::Unwatch(u("a")),
+                InterestChange::Unwatch(u("b"))
+            ]
+        );
+        {
+            let _g1 = InterestGuard::new(&i, vec![u("c")], true);
+            let _g2 = InterestGuard::new(&i, vec![], true);
+            assert!(i.is_watched(&u("zzz")));
+        }
+        let got: Vec<InterestChange> = std::iter::from_fn(|| rx.try_recv().ok().map(|(_, c)| c)).collect();
+        assert_eq!(
+            got,
+            vec![InterestChange::Watch(u("c")), InterestChange::All(true), InterestChange::Unwatch(u("c")), InterestChange::All(false)]
+        );
+        assert_eq!(i.watched(), 1);
+        assert_eq!(i.seq(), 9, "every change numbered");
     }
 }

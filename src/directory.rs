@@ -79,7 +79,8 @@ impl Directory {
                     Some(v) => serde_json::from_slice::<Privacy>(v).ok()?,
                     None => Privacy::default(),
                 };
-                let old = if p == Privacy::default() { self.privacy.write().remove(&user) } else { self.privacy.write().insert(user.clone(), p) };
+                let old =
+                    if p == Privacy::default() { self.privacy.write().remove(&user) } else { self.privacy.write().insert(user.clone(), p) };
                 let previous = old.unwrap_or_default();
                 (previous != p).then_some(RowChange::Privacy { user, previous })
             }

@@ -175,8 +175,9 @@ impl Service {
                 typing_ttl_ms: config.presence.typing_ttl.as_millis_i64(),
                 session_ttl_ms: config.presence.session_ttl.as_millis_i64(),
             },
+            bus.clone(),
         ));
-        hub.start(&bus);
+        hub.start();
         Service {
             store,
             directory,

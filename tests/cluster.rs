@@ -220,3 +220,128 @@ async fn a_node_on_a_leaf_shares_the_centers_state() {
     center_node.stop().await;
     leaf_node.stop().await;
 }
+
+async fn interest(n: &TestServer) -> Value {
+    n.get("/health/nats").await.1["data"]["interest"].clone()
+}
+
+/// Interest-routed fan-out: a node receives other nodes' events only about users its
+/// connections watch, starting with the first watcher and ending with the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_receives_only_what_its_connections_watch() {
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let b = node(&server, "node-b").await;
+    let mut w = b.watch("watcher", &["vera"]).await;
+    assert_eq!(w.next("vera").await["status"], "offline");
+    // B follows its connected user and what it subscribed to.
+    assert_eq!(interest(&b).await["watched_users"], 2);
+    let received = async || interest(&b).await["events_received"].as_u64().unwrap();
+    let before = received().await;
+    // Nobody on B watches ulysses: none of his changes reach B.
+    for s in ["busy", "away", "busy", "away", "online"] {
+        assert_eq!(a.put_status("ulysses", Some(&a.token("ulysses")), json!({ "status": s })).await.0, 200);
+    }
+    // Vera's change does (published after his, so it would arrive after them).
+    a.put_status("vera", Some(&a.token("vera")), json!({"status":"busy"})).await;
+    assert_eq!(w.next("vera").await["status"], "busy");
+    assert_eq!(received().await - before, 1, "B received vera's event and nothing about ulysses");
+
+    // A first watcher of ulysses on B: his events flow, after a snapshot of the current state.
+    let mut w2 = b.watch("watcher2", &["ulysses"]).await;
+    assert_eq!(w2.next("ulysses").await["status"], "online");
+    a.put_status("ulysses", Some(&a.token("ulysses")), json!({"status":"away"})).await;
+    assert_eq!(w2.next("ulysses").await["status"], "away");
+    assert_eq!(received().await - before, 2);
+
+    // The last watcher leaves: B stops receiving them again.
+    drop(w2);
+    eventually("B drops ulysses", async || interest(&b).await["watched_users"] == 2).await;
+    a.put_status("ulysses", Some(&a.token("ulysses")), json!({"status":"busy"})).await;
+    a.put_status("vera", Some(&a.token("vera")), json!({"status":"away"})).await;
+    assert_eq!(w.next("vera").await["status"], "away");
+    assert_eq!(received().await - before, 3);
+    // The metric says the same.
+    let metrics = b.client.get(b.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nats_interest_users"), "{metrics}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// What the embedded mode does for one node holds across nodes: several devices on
+/// different nodes, status TTL, privacy (set on one node, enforced on another) and typing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_ttl_privacy_and_typing_hold_across_nodes() {
+    use common::wsclient::connect;
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let b = node(&server, "node-b").await;
+    let mut obs = a.watch("obs", &["alice"]).await;
+    assert_eq!(obs.next("alice").await["status"], "offline");
+
+    // Two devices on two nodes: online once, offline only when both are gone.
+    let phone = connect(&a, "alice", "phone").await;
+    assert_eq!(obs.next("alice").await["status"], "online");
+    let mut laptop = connect(&b, "alice", "laptop").await;
+    eventually("two devices", async || a.get("/api/v2/presence/alice").await.1["data"]["alice"]["device_count"] == 2).await;
+    drop(phone);
+    eventually("one device", async || b.get("/api/v2/presence/alice").await.1["data"]["alice"]["device_count"] == 1).await;
+    assert_eq!(a.get("/api/v2/presence/alice").await.1["data"]["alice"]["status"], "online");
+
+    // A status with a TTL, written on B, lapses on time and A's watcher is told.
+    let (code, _) = b.put_status("alice", Some(&b.token("alice")), json!({"status":"busy","ttl":1})).await;
+    assert_eq!(code, 200);
+    assert_eq!(obs.next("alice").await["status"], "busy");
+    let t = Instant::now();
+    assert_eq!(obs.next("alice").await["status"], "online");
+    assert!(t.elapsed() > Duration::from_millis(500), "lapsed early: {:?}", t.elapsed());
+
+    // Privacy set on A is enforced on B (contacts and settings reach every node).
+    let alice_t = a.token("alice");
+    let r = a.client.put(a.url("/api/v2/contacts/alice")).bearer_auth(&alice_t).json(&json!({"contacts":["bob"]})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = a
+        .client
+        .put(a.url("/api/v2/presence/alice/privacy"))
+        .bearer_auth(&alice_t)
+        .json(&json!({"visibility":"contacts"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let read_as = async |viewer: &str| {
+        let r = b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token(viewer)).send().await.unwrap();
+        common::decode(r).await.1["data"]["alice"]["status"].clone()
+    };
+    eventually("privacy reaches B", async || read_as("carol").await == "offline").await;
+    assert_eq!(read_as("bob").await, "online");
+
+    // Typing: members set on A; alice types on B; bob, connected to A, sees it start and stop.
+    let r = a
+        .client
+        .put(a.url("/api/v2/conversations/c1/members"))
+        .bearer_auth(a.admin_token("backend"))
+        .json(&json!({"members":["alice","bob"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut bob = connect(&a, "bob", "web").await;
+    let typing = json!({"type":"typing","payload":{"conversation_id":"c1","is_typing":true},"id":1});
+    let mut ack = laptop.ack(typing.clone()).await;
+    for _ in 0..50 {
+        if ack["type"] == "ack" {
+            break;
+        }
+        // Members written on A may reach B a moment later.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ack = laptop.ack(typing.clone()).await;
+    }
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let t = bob.recv_type("typing_indicator").await;
+    assert_eq!(t["payload"], json!({"conversation_id":"c1","user_id":"alice","is_typing":true}));
+    laptop.ack(json!({"type":"typing","payload":{"conversation_id":"c1","is_typing":false},"id":2})).await;
+    assert_eq!(bob.recv_type("typing_indicator").await["payload"]["is_typing"], false);
+    a.stop().await;
+    b.stop().await;
+}

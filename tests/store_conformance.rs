@@ -259,7 +259,14 @@ async fn nats_backend_conforms() {
         let cfg = presenced::config::Config::load(None, env).unwrap().nats;
         let clock = Arc::new(ManualClock::new(T0));
         let bus = EventBus::new(4096);
-        let store = presenced::store::nats::NatsStore::open(&cfg, presenced::store::nats::ClusterOptions::new("node-a", 100), clock.clone(), bus.clone()).await.unwrap();
+        let store = presenced::store::nats::NatsStore::open(
+            &cfg,
+            presenced::store::nats::ClusterOptions::new("node-a", 100),
+            clock.clone(),
+            bus.clone(),
+        )
+        .await
+        .unwrap();
         cases.push(Some(Nats { store, clock, bus }));
     }
     let cases = std::sync::Mutex::new(cases.into_iter());

@@ -306,11 +306,14 @@ impl PresenceApi for Api {
                 None => Vec::new(),
             };
             let (tx, rx) = mpsc::channel(64);
+            // Cluster mode: this node now follows other nodes' events about these users.
+            let interest = crate::bus::InterestGuard::new(self.svc.bus.interest(), watched.clone().unwrap_or_default(), m.all);
             let fwd = Forwarder {
                 svc: self.svc.clone(),
                 viewer,
                 watched: watched.map(|v| v.into_iter().collect()),
                 shutdown: self.shutdown.clone(),
+                _interest: interest,
             };
             tokio::spawn(fwd.run(events, snapshot, tx));
             metrics::gauge!("grpc_watch_streams").increment(1.0);
@@ -333,6 +336,7 @@ struct Forwarder {
     viewer: Option<Identity>,
     watched: Option<HashSet<UserId>>,
     shutdown: watch::Receiver<bool>,
+    _interest: crate::bus::InterestGuard,
 }
 
 impl Forwarder {

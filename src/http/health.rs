@@ -55,8 +55,19 @@ pub async fn nats(State(state): State<Http>) -> Response {
         None => ok(json!({ "enabled": false, "backend": state.backend })),
         Some(n) => {
             let h = n.health();
+            let s = state.svc.store.stats();
             if h.connected {
-                ok(json!({ "enabled": true, "state": h.state, "server": h.server, "urls": h.urls }))
+                ok(json!({
+                    "enabled": true,
+                    "state": h.state,
+                    "server": h.server,
+                    "urls": h.urls,
+                    "node_id": state.svc.node_id.as_ref(),
+                    // Interest-routed fan-out: users followed here, other nodes' events received.
+                    "interest": { "watched_users": s.watched_users, "events_received": s.remote_events },
+                    "store_writes": s.writes,
+                    "sessions_held": s.sessions,
+                }))
             } else {
                 error(&ApiError::Unavailable(format!("nats {} ({})", h.state, h.urls)))
             }

@@ -352,7 +352,7 @@ impl Store for MemoryStore {
             sessions: i.sessions.load(Ordering::Relaxed).max(0) as u64,
             hits: i.hits.load(Ordering::Relaxed),
             misses: i.misses.load(Ordering::Relaxed),
-            writes: 0,
+            ..StoreStats::default()
         }
     }
 

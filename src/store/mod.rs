@@ -48,6 +48,10 @@ pub struct StoreStats {
     pub misses: u64,
     /// Writes to a shared store (cluster backends) since start: the `store_writes_total` metric.
     pub writes: u64,
+    /// Cluster backends: other nodes' events received, and the users this node follows
+    /// (interest-routed fan-out).
+    pub remote_events: u64,
+    pub watched_users: u64,
 }
 
 /// The presence store. Every method is safe to call concurrently from many tasks.

@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::protocol;
-use crate::bus::EventBus;
+use crate::bus::{EventBus, Typing};
 use crate::core::{project, DeviceId, Presence, Privacy, Relation, UserId};
 use crate::directory::Directory;
 use crate::service::ApiError;
@@ -201,8 +201,8 @@ enum Audience<'a> {
 }
 
 struct TypingState {
-    /// (conversation, typist) → deadline.
-    active: HashMap<(Arc<str>, UserId), i64>,
+    /// (conversation, typist) → (deadline, typist connected here).
+    active: HashMap<(Arc<str>, UserId), (i64, bool)>,
     wheel: BTreeMap<i64, Vec<(Arc<str>, UserId)>>,
 }
 
@@ -218,10 +218,21 @@ pub struct Hub {
     typing: Mutex<TypingState>,
     connections: AtomicI64,
     subscriptions: AtomicI64,
+    bus: EventBus,
+    /// Connected user → the users whose contacts include them (their changes reach the
+    /// user's connections), as added to the bus's interest.
+    contact_interest: Mutex<HashMap<UserId, HashSet<UserId>>>,
 }
 
 impl Hub {
-    pub fn new(node_id: Arc<str>, store: Arc<dyn Store>, directory: Arc<Directory>, clock: Arc<dyn Clock>, limits: HubLimits) -> Hub {
+    pub fn new(
+        node_id: Arc<str>,
+        store: Arc<dyn Store>,
+        directory: Arc<Directory>,
+        clock: Arc<dyn Clock>,
+        limits: HubLimits,
+        bus: EventBus,
+    ) -> Hub {
         Hub {
             node_id,
             store,
@@ -234,12 +245,29 @@ impl Hub {
             typing: Mutex::new(TypingState { active: HashMap::new(), wheel: BTreeMap::new() }),
             connections: AtomicI64::new(0),
             subscriptions: AtomicI64::new(0),
+            bus,
+            contact_interest: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Starts delivering bus events and expiring typing indicators.
-    pub fn start(self: &Arc<Self>, bus: &EventBus) {
-        let mut rx = bus.subscribe();
+    /// Starts delivering bus events (and other nodes' typing) and expiring typing indicators.
+    pub fn start(self: &Arc<Self>) {
+        let mut typing = self.bus.subscribe_typing();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match typing.recv().await {
+                    Ok(t) => match weak.upgrade() {
+                        Some(hub) if *t.node_id != *hub.node_id => hub.remote_typing(&t),
+                        Some(_) => {}
+                        None => return,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let mut rx = self.bus.subscribe();
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -282,13 +310,21 @@ impl Hub {
             subs: Mutex::new(HashSet::new()),
             limit: self.limits.outbox.max(1),
         });
-        let replaced = {
+        let (replaced, first) = {
             let mut shard = self.owners.shard(&user).lock();
             let conns = shard.entry(user.clone()).or_default();
+            let first = conns.is_empty();
             let old = conns.iter().position(|c| c.device == device).map(|i| conns.swap_remove(i));
             conns.push(conn.clone());
-            old
+            (old, first)
         };
+        if first {
+            // The user's own changes (other devices) and those of whoever has them as a contact.
+            let audience: HashSet<UserId> = self.directory.audience_of(&user).into_iter().collect();
+            let interest = self.bus.interest();
+            interest.add(std::iter::once(&user).chain(audience.iter()));
+            self.contact_interest.lock().insert(user.clone(), audience);
+        }
         if let Some(old) = replaced {
             old.close(close::REPLACED, "replaced by a newer connection of this device");
         } else {
@@ -304,6 +340,7 @@ impl Hub {
 
     /// Removes the connection from the indexes; returns whether it still owned its device.
     fn detach(&self, conn: &Arc<Conn>) -> bool {
+        let mut last = false;
         let owned = {
             let mut shard = self.owners.shard(&conn.user).lock();
             let mut owned = false;
@@ -314,10 +351,15 @@ impl Hub {
                 }
                 if conns.is_empty() {
                     shard.remove(&conn.user);
+                    last = true;
                 }
             }
             owned
         };
+        if last {
+            let audience = self.contact_interest.lock().remove(&conn.user).unwrap_or_default();
+            self.bus.interest().remove(std::iter::once(&conn.user).chain(audience.iter()));
+        }
         if owned {
             self.connections.fetch_sub(1, Ordering::Relaxed);
         }
@@ -330,15 +372,18 @@ impl Hub {
     /// Removes connection `id` from the watcher index of `users` (which it watched).
     fn drop_watches(&self, id: u64, users: Vec<UserId>) {
         self.subscriptions.fetch_sub(users.len() as i64, Ordering::Relaxed);
+        let mut unwatched = Vec::new();
         for u in users {
             let mut shard = self.watchers.shard(&u).lock();
             if let Some(w) = shard.get_mut(&u) {
                 w.remove(&id);
                 if w.is_empty() {
                     shard.remove(&u);
+                    unwatched.push(u.clone());
                 }
             }
         }
+        self.bus.interest().remove(&unwatched);
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
     }
 
@@ -374,9 +419,16 @@ impl Hub {
             new.into_iter().filter(|id| subs.insert((*id).clone())).cloned().collect()
         };
         self.subscriptions.fetch_add(added.len() as i64, Ordering::Relaxed);
+        let mut watched = Vec::new();
         for u in added {
-            self.watchers.shard(&u).lock().entry(u).or_default().insert(conn.id, conn.clone());
+            let mut shard = self.watchers.shard(&u).lock();
+            let w = shard.entry(u.clone()).or_default();
+            if w.is_empty() {
+                watched.push(u);
+            }
+            w.insert(conn.id, conn.clone());
         }
+        self.bus.interest().add(&watched);
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
         Ok(())
     }
@@ -485,6 +537,24 @@ impl Hub {
         if changed.is_empty() {
             return Ok(());
         }
+        // Connected viewers who were added now follow `user`'s changes; dropped ones stop.
+        let contacts = self.directory.contacts(user);
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        {
+            let mut ci = self.contact_interest.lock();
+            for v in changed {
+                let Some(set) = ci.get_mut(v) else { continue };
+                if contacts.contains(v) {
+                    if set.insert(user.clone()) {
+                        add.push(user.clone());
+                    }
+                } else if set.remove(user) {
+                    remove.push(user.clone());
+                }
+            }
+        }
+        self.bus.interest().add(&add);
+        self.bus.interest().remove(&remove);
         let p = self.current(user).await?;
         self.deliver_to(&p, Audience::Users(changed));
         Ok(())
@@ -499,22 +569,34 @@ impl Hub {
             .filter(|m| m.contains(user))
             .ok_or_else(|| ApiError::Forbidden(format!("{user} is not a member of conversation {conversation:?}")))?;
         let conv: Arc<str> = Arc::from(conversation);
-        let now = self.clock.now();
-        let changed = {
-            let mut t = self.typing.lock();
-            let key = (conv.clone(), user.clone());
-            if is_typing {
-                let deadline = now + self.limits.typing_ttl_ms;
-                t.wheel.entry(deadline).or_default().push(key.clone());
-                t.active.insert(key, deadline).is_none()
-            } else {
-                t.active.remove(&key).is_some()
-            }
-        };
-        if changed {
+        if self.set_typing(&conv, user, is_typing, true) {
             self.broadcast_typing(&conv, &members, user, is_typing);
+            self.bus.publish_typing(Typing { node_id: self.node_id.clone(), conversation: conv, user_id: user.clone(), is_typing });
         }
         Ok(())
+    }
+
+    /// Records a typing transition; returns whether it changed anything.
+    fn set_typing(&self, conv: &Arc<str>, user: &UserId, is_typing: bool, local: bool) -> bool {
+        let now = self.clock.now();
+        let mut t = self.typing.lock();
+        let key = (conv.clone(), user.clone());
+        if is_typing {
+            let deadline = now + self.limits.typing_ttl_ms;
+            t.wheel.entry(deadline).or_default().push(key.clone());
+            t.active.insert(key, (deadline, local)).is_none()
+        } else {
+            t.active.remove(&key).is_some()
+        }
+    }
+
+    /// A typing transition of a member connected to another node (already checked there).
+    /// Remote starts expire here too, so a typist whose node dies does not type forever.
+    fn remote_typing(&self, t: &Typing) {
+        let Some(members) = self.directory.members(&t.conversation) else { return };
+        if self.set_typing(&t.conversation, &t.user_id, t.is_typing, false) {
+            self.broadcast_typing(&t.conversation, &members, &t.user_id, t.is_typing);
+        }
     }
 
     fn broadcast_typing(&self, conv: &Arc<str>, members: &HashSet<UserId>, user: &UserId, is_typing: bool) {
@@ -530,24 +612,30 @@ impl Hub {
 
     /// Ends typing indicators whose TTL passed; returns how many ended.
     pub fn expire_typing(&self, now: i64) -> usize {
-        let ended: Vec<(Arc<str>, UserId)> = {
+        let ended: Vec<((Arc<str>, UserId), bool)> = {
             let mut t = self.typing.lock();
             let later = t.wheel.split_off(&(now + 1));
             let due = std::mem::replace(&mut t.wheel, later);
             let mut ended = Vec::new();
             for (deadline, keys) in due {
                 for k in keys {
-                    if t.active.get(&k) == Some(&deadline) {
-                        t.active.remove(&k);
-                        ended.push(k);
+                    if let Some(&(d, local)) = t.active.get(&k) {
+                        if d == deadline {
+                            t.active.remove(&k);
+                            ended.push((k, local));
+                        }
                     }
                 }
             }
             ended
         };
-        for (conv, user) in &ended {
+        for ((conv, user), local) in &ended {
             if let Some(members) = self.directory.members(conv) {
                 self.broadcast_typing(conv, &members, user, false);
+            }
+            if *local {
+                let stop = Typing { node_id: self.node_id.clone(), conversation: conv.clone(), user_id: user.clone(), is_typing: false };
+                self.bus.publish_typing(stop);
             }
         }
         ended.len()

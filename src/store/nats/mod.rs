@@ -25,6 +25,7 @@
 
 pub mod lease;
 pub mod owned;
+mod relay;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -147,6 +148,11 @@ pub(crate) struct Inner {
     hits: AtomicU64,
     misses: AtomicU64,
     writes: AtomicU64,
+    /// Other nodes' events received (interest-routed) and the users watched here.
+    remote_events: AtomicU64,
+    watched: AtomicU64,
+    /// Sequence number of the last interest change whose subscriptions are in place.
+    interest_applied: tokio::sync::watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -195,10 +201,14 @@ impl NatsStore {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            remote_events: AtomicU64::new(0),
+            watched: AtomicU64::new(0),
+            interest_applied: tokio::sync::watch::Sender::new(0),
             tasks: Mutex::new(Vec::new()),
         });
         let store = NatsStore { inner };
         store.relay_remote_events().await?;
+        store.relay_typing().await?;
         store.serve_node_requests().await?;
         // Sessions a previous incarnation of this node left behind end now, then the lease starts.
         store.take_lease().await?;
@@ -232,31 +242,6 @@ impl NatsStore {
 
     pub fn node_id(&self) -> &str {
         &self.inner.node
-    }
-
-    async fn relay_remote_events(&self) -> Result<(), StoreError> {
-        let mut sub = self.inner.nats.client.subscribe("presence.*.*").await.map_err(unavailable)?;
-        let weak = Arc::downgrade(&self.inner);
-        let h = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Some(inner) = weak.upgrade() else { return };
-                if !EVENT_SUBJECTS.iter().any(|p| msg.subject.starts_with(p.trim_end_matches('>'))) {
-                    continue;
-                }
-                match serde_json::from_slice::<WireEvent>(&msg.payload) {
-                    Ok(w) if w.node_id != *inner.node => {
-                        if let Some(ev) = w.into_event() {
-                            metrics::counter!("nats_events_received_total").increment(1);
-                            inner.bus.publish(ev);
-                        }
-                    }
-                    Ok(_) => {} // our own event, already on the local bus
-                    Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "ignoring unreadable presence event"),
-                }
-            }
-        });
-        self.inner.tasks.lock().push(h);
-        Ok(())
     }
 
     /// Answers other nodes about the sessions this node owns: a forwarded heartbeat
@@ -492,6 +477,7 @@ fn fxhash(s: &str) -> u64 {
 #[async_trait]
 impl Store for NatsStore {
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
+        self.interest_settled().await;
         let states = futures_util::future::join_all(ids.iter().map(|id| self.read(id))).await;
         let now = self.inner.clock.now();
         let mut out = Vec::with_capacity(ids.len());
@@ -609,6 +595,8 @@ impl Store for NatsStore {
             sessions: owned.session_count(),
             online_users: owned.user_count(),
             writes: self.inner.writes.load(Ordering::Relaxed),
+            remote_events: self.inner.remote_events.load(Ordering::Relaxed),
+            watched_users: self.inner.watched.load(Ordering::Relaxed),
             ..StoreStats::default()
         }
     }

@@ -73,4 +73,3 @@ impl WireEvent {
         Some(Event { kind, presence, previous: self.previous, at: self.at })
     }
 }
-

@@ -1,0 +1,207 @@
+//! Cross-node fan-out, routed by interest.
+//!
+//! A node subscribes to `presence.*.<user>` only for the users its local connections
+//! watch (WebSocket subscriptions, the users connected here and the users whose contacts
+//! include them, gRPC watch streams), as the bus's [`Interest`](crate::bus::Interest)
+//! reports them, and drops the subscription with the last local watcher. nats-server
+//! then never sends this node (or, across a leaf link, this leaf) a message about a user
+//! nobody here watches. A `WatchPresence { all: true }` stream switches to one wildcard
+//! subscription while it lasts.
+//!
+//! Reads wait (briefly) until the subscriptions asked for before them are in place, so a
+//! client that subscribes and then reads its snapshot misses no change in between.
+//!
+//! Typing indicators travel on `presence.typing.<conversation>` to every node (they are
+//! ephemeral and never stored).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_stream::StreamMap;
+
+use super::{unavailable, Inner, NatsStore, WireEvent, EVENT_SUBJECTS};
+use crate::bus::{InterestChange, Typing};
+use crate::core::UserId;
+use crate::nats::kv::encode_id;
+use crate::store::StoreError;
+
+/// A typing indicator on the wire.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireTyping {
+    node_id: String,
+    conversation: String,
+    user_id: String,
+    is_typing: bool,
+}
+
+impl WireTyping {
+    fn of(t: &Typing) -> WireTyping {
+        WireTyping {
+            node_id: t.node_id.to_string(),
+            conversation: t.conversation.to_string(),
+            user_id: t.user_id.to_string(),
+            is_typing: t.is_typing,
+        }
+    }
+
+    fn into_typing(self) -> Option<Typing> {
+        Some(Typing {
+            node_id: Arc::from(self.node_id),
+            conversation: Arc::from(self.conversation),
+            user_id: UserId::parse(&self.user_id, usize::MAX).ok()?,
+            is_typing: self.is_typing,
+        })
+    }
+}
+
+fn user_subject(id: &UserId) -> String {
+    format!("presence.*.{}", encode_id(id.as_str()))
+}
+
+/// Puts an event received from NATS on the local bus unless this node published it.
+fn relay(inner: &Inner, msg: &async_nats::Message) {
+    if !EVENT_SUBJECTS.iter().any(|p| msg.subject.starts_with(p.trim_end_matches('>'))) {
+        return; // presence.sync / presence.typing with a name equal to a user's
+    }
+    match serde_json::from_slice::<WireEvent>(&msg.payload) {
+        Ok(w) if w.node_id != *inner.node => {
+            if let Some(ev) = w.into_event() {
+                inner.remote_events.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("nats_events_received_total").increment(1);
+                inner.bus.publish(ev);
+            }
+        }
+        Ok(_) => {} // our own event, already on the local bus
+        Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "ignoring unreadable presence event"),
+    }
+}
+
+impl NatsStore {
+    /// Follows the bus's interest with subscriptions and relays what arrives.
+    pub(super) async fn relay_remote_events(&self) -> Result<(), StoreError> {
+        let mut interest = self.inner.bus.interest().follow();
+        let client = self.inner.nats.client.clone();
+        let weak = Arc::downgrade(&self.inner);
+        let h = tokio::spawn(async move {
+            let mut subs: StreamMap<UserId, async_nats::Subscriber> = StreamMap::new();
+            let mut all: Option<async_nats::Subscriber> = None;
+            let mut watched: HashSet<UserId> = HashSet::new();
+            loop {
+                tokio::select! {
+                    first = interest.recv() => {
+                        let Some(first) = first else { return };
+                        let mut batch = vec![first];
+                        while let Ok(more) = interest.try_recv() {
+                            batch.push(more);
+                        }
+                        let mut last = 0;
+                        for (seq, change) in batch {
+                            last = seq;
+                            match change {
+                                InterestChange::Watch(u) => {
+                                    if all.is_none() {
+                                        match client.subscribe(user_subject(&u)).await {
+                                            Ok(s) => {
+                                                subs.insert(u.clone(), s);
+                                            }
+                                            Err(e) => tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events"),
+                                        }
+                                    }
+                                    watched.insert(u);
+                                }
+                                InterestChange::Unwatch(u) => {
+                                    watched.remove(&u);
+                                    subs.remove(&u); // dropping the subscriber unsubscribes
+                                }
+                                InterestChange::All(true) => {
+                                    match client.subscribe("presence.*.*").await {
+                                        Ok(s) => {
+                                            all = Some(s);
+                                            subs.clear();
+                                        }
+                                        Err(e) => tracing::warn!(error = %e, "cannot subscribe to every user's events"),
+                                    }
+                                }
+                                InterestChange::All(false) => {
+                                    all = None;
+                                    for u in &watched {
+                                        if let Ok(s) = client.subscribe(user_subject(u)).await {
+                                            subs.insert(u.clone(), s);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        // The server has the subscriptions once it answers the flush.
+                        let _ = client.flush().await;
+                        let Some(inner) = weak.upgrade() else { return };
+                        inner.watched.store(watched.len() as u64, Ordering::Relaxed);
+                        metrics::gauge!("nats_interest_users").set(watched.len() as f64);
+                        let _ = inner.interest_applied.send(last);
+                    }
+                    Some((_, msg)) = subs.next(), if !subs.is_empty() => {
+                        let Some(inner) = weak.upgrade() else { return };
+                        relay(&inner, &msg);
+                    }
+                    Some(msg) = async { all.as_mut()?.next().await }, if all.is_some() => {
+                        let Some(inner) = weak.upgrade() else { return };
+                        relay(&inner, &msg);
+                    }
+                }
+            }
+        });
+        self.inner.tasks.lock().push(h);
+        Ok(())
+    }
+
+    /// Waits (at most 250 ms) until the subscriptions asked for so far are in place.
+    pub(super) async fn interest_settled(&self) {
+        let want = self.inner.bus.interest().seq();
+        let mut rx = self.inner.interest_applied.subscribe();
+        if *rx.borrow() >= want {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(250), rx.wait_for(|applied| *applied >= want)).await;
+    }
+
+    /// Relays typing indicators: local ones out, other nodes' in.
+    pub(super) async fn relay_typing(&self) -> Result<(), StoreError> {
+        let mut local = self.inner.bus.subscribe_typing();
+        let client = self.inner.nats.client.clone();
+        let node = self.inner.node.clone();
+        let out = tokio::spawn(async move {
+            loop {
+                match local.recv().await {
+                    Ok(t) if t.node_id == node => {
+                        let subject = format!("presence.typing.{}", encode_id(&t.conversation));
+                        if let Ok(body) = serde_json::to_vec(&WireTyping::of(&t)) {
+                            if let Err(e) = client.publish(subject, body.into()).await {
+                                tracing::debug!(error = %e, "could not relay a typing indicator");
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let mut sub = self.inner.nats.client.subscribe("presence.typing.>").await.map_err(unavailable)?;
+        let weak = Arc::downgrade(&self.inner);
+        let inbound = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                match serde_json::from_slice::<WireTyping>(&msg.payload).map(WireTyping::into_typing) {
+                    Ok(Some(t)) if t.node_id != inner.node => inner.bus.publish_typing(t),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "ignoring an unreadable typing indicator"),
+                }
+            }
+        });
+        self.inner.tasks.lock().extend([out, inbound]);
+        Ok(())
+    }
+}
