@@ -236,6 +236,9 @@ pub struct NatsConfig {
     pub connect_timeout: Dur,
     /// Longest wait between reconnection attempts (backoff with jitter up to this).
     pub max_reconnect_delay: Dur,
+    /// Timeout of one JetStream/KV request; three failures in a row put the node in
+    /// degraded mode (circuit breaker) until a probe succeeds.
+    pub request_timeout: Dur,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -429,6 +432,7 @@ impl Default for NatsConfig {
             tls: NatsTlsConfig::default(),
             connect_timeout: Dur::secs(5),
             max_reconnect_delay: Dur::secs(5),
+            request_timeout: Dur::secs(2),
         }
     }
 }
@@ -447,7 +451,7 @@ impl Default for KvConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { kind: "tinylfu".into(), max_cost: 1_000_000, num_counters: 100_000, buffer_items: 64, metrics: true }
+        CacheConfig { kind: "tinylfu".into(), max_cost: 64 << 20, num_counters: 100_000, buffer_items: 64, metrics: true }
     }
 }
 

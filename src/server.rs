@@ -83,6 +83,8 @@ impl App {
                     tick_ms: config.store.tick.as_millis_i64().max(1),
                     lease_ttl_ms: config.presence.node_lease_ttl.as_millis_i64(),
                     last_seen_interval_ms: config.presence.last_seen_interval.as_millis_i64(),
+                    cache_max_cost: config.cache.max_cost,
+                    kv_timeout: config.nats.request_timeout.0.max(std::time::Duration::from_millis(100)),
                 };
                 let nats =
                     crate::store::nats::NatsStore::open(&nats_cfg, opts, clock.clone(), bus.clone()).await.map_err(StartError::Cluster)?;
@@ -131,6 +133,7 @@ impl App {
             dev: self.dev,
             nats: self.nats.clone(),
             backend: self.backend,
+            cache_max_cost: self.config.cache.max_cost,
             node_type: match self.config.service.node_type {
                 NodeType::Center => "center",
                 NodeType::Leaf => "leaf",

@@ -293,6 +293,32 @@ impl UserState {
         (removed, Change { persist, ..change })
     }
 
+    /// Makes the sessions `owner` holds exactly `held` (after the owner was cut off: what
+    /// it kept in memory is the truth for its own connections). Others' sessions stay.
+    pub fn sync_node(&mut self, owner: &Arc<str>, held: &[Session], node: &Arc<str>, now: Millis) -> Change {
+        let change = self.transition(node, now, false, |s| {
+            let lapsed = s.drop_lapsed(now);
+            let before = s.sessions.len();
+            s.sessions.retain(|x| x.node_id != *owner || held.iter().any(|h| h.device_id == x.device_id));
+            let mut last = s.last_seen;
+            if s.sessions.len() != before {
+                last = last.max(Some(now));
+            }
+            for h in held {
+                match s.sessions.iter_mut().find(|x| x.device_id == h.device_id) {
+                    Some(x) if x.node_id == *owner => {}
+                    Some(x) => *x = h.clone(),
+                    None => s.sessions.push(h.clone()),
+                }
+                last = last.max(Some(h.last_heartbeat));
+            }
+            s.last_seen = last;
+            lapsed
+        });
+        let persist = change.persist || change.event == Some(EventKind::UserOffline);
+        Change { persist, ..change }
+    }
+
     /// Records a heartbeat of a held session in the stored state (at most once per
     /// `presence.last_seen_interval`). Returns whether the session exists.
     pub fn touch(&mut self, device: &str, at: Millis) -> bool {
@@ -388,6 +414,38 @@ mod tests {
         let c = s.release_node("a", 1000, 650, &node(), 700);
         assert_eq!(c.event, Some(EventKind::UserOffline));
         assert_eq!(s.last_seen, Some(650));
+    }
+
+    #[test]
+    fn sync_node_adds_what_the_owner_holds_and_drops_what_it_does_not() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let held = |d: &str, at: Millis| Session {
+            device_id: dev(d),
+            instance_id: Arc::from("gw"),
+            connected_at: at,
+            last_heartbeat: at,
+            expires_at: HELD,
+            ttl_ms: TTL,
+            node_id: a.clone(),
+        };
+        let mut s = UserState::new(node());
+        // Offline in the store (the janitor ended a's sessions); a still holds two.
+        let c = s.sync_node(&a, &[held("phone", 10), held("web", 20)], &node(), 100);
+        assert_eq!(c.event, Some(EventKind::UserOnline));
+        assert_eq!(s.view(&uid(), 1000).device_count, 2);
+        // Another node's session is left alone; a's dropped device goes.
+        s.register(dev("tablet"), Arc::from("gw"), TTL, &b, 150);
+        let c = s.sync_node(&a, &[held("web", 20)], &node(), 200);
+        assert_eq!(c.event, None);
+        let mut left: Vec<&str> = s.sessions.iter().map(|x| &*x.device_id).collect();
+        left.sort();
+        assert_eq!(left, vec!["tablet", "web"]);
+        // Nothing changes when the store already agrees.
+        let before = s.clone();
+        assert_eq!(s.sync_node(&a, &[held("web", 20)], &node(), 300).event, None);
+        assert_eq!(s.sessions, before.sessions);
+        s.release_node("b", 1000, 250, &node(), 400);
+        assert_eq!(s.sync_node(&a, &[], &node(), 500).event, Some(EventKind::UserOffline));
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub async fn health(State(state): State<Http>) -> Response {
     let svc = &state.svc;
     match svc.store.health().await {
         Ok(()) => ok(json!({
-            "status": "ok",
+            // degraded: a leaf cut off from the center, still serving its local users.
+            "status": if svc.store.degraded().is_some() { "degraded" } else { "ok" },
+            "degraded": svc.store.degraded(),
             "node_id": &*svc.node_id,
             "node_type": state.node_type,
             "store": { "backend": state.backend, "ready": true },
@@ -35,7 +37,10 @@ pub async fn cache(State(state): State<Http>) -> Response {
         "misses": s.misses,
         "hit_ratio": if total == 0 { 0.0 } else { s.hits as f64 / total as f64 },
         "keys": s.users,
-        "evictions": 0,
+        "evictions": s.evictions,
+        "cost": s.cache_cost,
+        "max_cost": state.cache_max_cost,
+        "stale": state.svc.store.degraded().is_some(),
     }))
 }
 

@@ -121,6 +121,19 @@ pub fn ok_body<T: Serialize>(data: T) -> Vec<u8> {
         .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
 }
 
+/// The success envelope of a read served from a possibly stale cache.
+pub fn stale_body<T: Serialize>(data: T, reason: &str) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Stale<'a, T> {
+        success: bool,
+        data: T,
+        stale: bool,
+        warning: &'a str,
+    }
+    serde_json::to_vec(&Stale { success: true, data, stale: true, warning: reason })
+        .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
+}
+
 /// `{"success": false, "error": "...", "code": "..."}`
 pub fn error_body(e: &ApiError) -> Vec<u8> {
     #[derive(Serialize)]

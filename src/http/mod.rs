@@ -33,6 +33,8 @@ pub struct Http {
     pub started: Instant,
     pub backend: &'static str,
     pub node_type: &'static str,
+    /// `cache.max_cost`, reported by `/health/cache`.
+    pub cache_max_cost: u64,
     pub request_metrics: Arc<RequestMetrics>,
     /// `serve --dev`: enables `GET /dev/token`.
     pub dev: bool,
@@ -168,7 +170,7 @@ async fn method_not_allowed(req: Request) -> Response {
     error(&ApiError::MethodNotAllowed(format!("method {} is not allowed on {}", req.method(), req.uri().path())))
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -39,8 +39,22 @@ pub(super) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, A
     serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
 }
 
+/// The presence envelope; while the node is degraded (cut off from the center) the
+/// answer comes from its cache: marked `"stale": true` and `X-Presence-Stale`, and logged.
 pub(super) fn presence_map(state: &Http, items: &[crate::core::Presence]) -> Response {
-    ok(PresenceMap { items, now: state.svc.clock.now() })
+    match state.svc.store.degraded() {
+        None => ok(PresenceMap { items, now: state.svc.clock.now() }),
+        Some(reason) => {
+            tracing::debug!(users = items.len(), "stale read served from the cache (degraded mode)");
+            metrics::counter!("http_stale_reads_total").increment(1);
+            let mut r = super::json_response(
+                axum::http::StatusCode::OK,
+                super::json::stale_body(PresenceMap { items, now: state.svc.clock.now() }, &reason),
+            );
+            r.headers_mut().insert("x-presence-stale", axum::http::HeaderValue::from_static("true"));
+            r
+        }
+    }
 }
 
 /// `GET /api/v2/presence/{user_id}`

@@ -52,6 +52,9 @@ pub struct StoreStats {
     /// (interest-routed fan-out).
     pub remote_events: u64,
     pub watched_users: u64,
+    /// Read cache (cluster backends): entries evicted for space, and its cost (bytes).
+    pub evictions: u64,
+    pub cache_cost: u64,
 }
 
 /// The presence store. Every method is safe to call concurrently from many tasks.
@@ -90,6 +93,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every directory row, read once at start-up to fill the directory.
     async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError>;
+
+    /// As [`Store::get_many`], from the source of truth rather than a cache (a snapshot
+    /// that events will follow must not be older than the subscription).
+    async fn get_many_fresh(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
+        self.get_many(ids).await
+    }
+
+    /// `Some(reason)` while the store serves reads from a possibly stale copy (a cluster
+    /// node cut off from the center).
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 
     /// Directory rows as other nodes change them (cluster backends), so every node's
     /// directory stays current; `None` when this store has no other writers.

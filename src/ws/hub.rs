@@ -456,7 +456,7 @@ impl Hub {
         if ids.is_empty() {
             return Ok(());
         }
-        let found = self.store.get_many(ids).await?;
+        let found = self.store.get_many_fresh(ids).await?;
         let now = self.clock.now();
         for (id, p) in ids.iter().zip(found) {
             let p = p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()));

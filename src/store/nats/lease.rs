@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{unavailable, wrote, NatsStore};
-use crate::core::{Change, DeviceId, Millis, Status, UserId};
+use crate::core::{DeviceId, Millis, UserId};
 use crate::nats::kv::{decode_id, encode_id};
 use crate::store::StoreError;
 
@@ -80,10 +80,6 @@ pub fn owner_key(node: &str, user: &UserId) -> String {
     format!("{}.{}", encode_id(node), encode_id(user.as_str()))
 }
 
-fn no_event() -> Change {
-    Change { event: None, previous: Status::Offline, persist: false }
-}
-
 impl NatsStore {
     fn lease_value(&self, now: Millis) -> Result<Bytes, StoreError> {
         let l = Lease {
@@ -125,6 +121,9 @@ impl NatsStore {
     /// Renews this node's lease; if a janitor claimed it meanwhile (this node was cut
     /// off for longer than the TTL), writes this node's sessions again.
     pub(super) async fn renew_lease(&self) {
+        if !self.inner.breaker.allow(std::time::Instant::now()) {
+            return; // degraded: a probe goes through once the back-off has passed
+        }
         let key = lease_key(&self.inner.node);
         let now = self.inner.clock.now();
         let Ok(value) = self.lease_value(now) else { return };
@@ -136,11 +135,15 @@ impl NatsStore {
             }),
             None => self.inner.nodes.put(&key, value).await.map_err(|e| (false, e.to_string())),
         };
+        self.outcome(!matches!(r, Err((false, _))));
         match r {
             Ok(rev) => {
                 wrote(&self.inner);
                 *self.inner.lease.revision.lock() = Some(rev);
                 metrics::gauge!("nats_lease_renewed_at_seconds").set(now as f64 / 1000.0);
+                if !self.inner.dirty.lock().is_empty() {
+                    self.sync_dirty().await;
+                }
             }
             Err((true, _)) => {
                 tracing::warn!(node = %self.inner.node, "this node's lease was claimed while it was unreachable; writing its sessions again");
@@ -152,55 +155,36 @@ impl NatsStore {
         }
     }
 
-    /// Writes every session this node holds back into the KV (after its lease was lost).
+    /// After the lease was lost: takes a new one and writes every session this node holds
+    /// back into the KV (the janitor ended them meanwhile).
     async fn resync(&self) {
         let key = lease_key(&self.inner.node);
         let now = self.inner.clock.now();
-        match self.lease_value(now) {
-            Ok(v) => match self.inner.nodes.put(&key, v).await {
-                Ok(rev) => {
-                    wrote(&self.inner);
-                    *self.inner.lease.revision.lock() = Some(rev);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not take a new lease; retrying");
-                    return;
-                }
-            },
-            Err(_) => return,
-        }
-        let sessions = self.inner.owned.lock().all();
-        let node = self.inner.node.clone();
-        let mut written = 0;
-        for (user, device, o) in &sessions {
-            if self.inner.owners.put(owner_key(&node, user), Bytes::new()).await.is_ok() {
+        let Ok(v) = self.lease_value(now) else { return };
+        match self.inner.nodes.put(&key, v).await {
+            Ok(rev) => {
                 wrote(&self.inner);
+                *self.inner.lease.revision.lock() = Some(rev);
             }
-            let r = self
-                .apply(user, true, |s, now| {
-                    if s.live_sessions(now).any(|x| x.device_id == *device && x.node_id == node) {
-                        return ((), no_event());
-                    }
-                    let (_, change) = s.register(device.clone(), o.instance.clone(), o.ttl_ms, &node, now);
-                    s.hold(device, &node);
-                    ((), change)
-                })
-                .await;
-            match r {
-                Ok(_) => written += 1,
-                Err(e) => tracing::warn!(user = %user, error = %e, "could not write a session again"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take a new lease; retrying");
+                return;
             }
         }
-        let notice = SyncNotice { node_id: node.to_string(), sessions: written, at: now };
-        if let Ok(body) = serde_json::to_vec(&notice) {
-            let _ = self.inner.nats.client.publish(format!("presence.sync.{}", encode_id(&node)), body.into()).await;
-        }
-        tracing::info!(sessions = written, "sessions written again after the lease was lost");
+        let mut users: Vec<UserId> = self.inner.owned.lock().all().into_iter().map(|(u, _, _)| u).collect();
+        users.extend(self.inner.dirty.lock().drain());
+        users.sort();
+        users.dedup();
+        let n = self.sync_users(&users).await;
+        self.announce_sync(n).await;
     }
 
     /// Looks for lapsed leases of other nodes and, for each one it wins the claim of,
     /// ends that node's sessions. Returns how many sessions' users it handled.
     pub async fn janitor(&self) -> usize {
+        if self.inner.breaker.is_open() {
+            return 0;
+        }
         let mut keys = match self.inner.nodes.keys().await {
             Ok(k) => k,
             Err(e) => {

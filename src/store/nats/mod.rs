@@ -23,15 +23,16 @@
 //! and applies `expire` (under CAS) when it passes; reads apply the rule at read time, so
 //! a lapsed status is never shown even before that.
 
+pub mod cache;
 pub mod lease;
 pub mod owned;
 mod relay;
 pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv as jkv, stream};
 use async_trait::async_trait;
@@ -46,6 +47,7 @@ use crate::config::NatsConfig;
 use crate::core::{Change, DeviceId, Event, Millis, Presence, Registered, Session, Status, UserId, UserState, HELD};
 use crate::nats::kv::{self, decode_id, encode_id, user_key, BucketConfig, KvError};
 use crate::nats::Nats;
+use cache::{Breaker, Cached, PresenceCache, Transition, CACHE_TTL};
 use owned::{Owned, OwnedTable};
 pub use wire::{subject, WireEvent, EVENT_SUBJECTS};
 
@@ -59,11 +61,22 @@ pub struct ClusterOptions {
     pub lease_ttl_ms: i64,
     /// `presence.last_seen_interval` (`0`: never while connected).
     pub last_seen_interval_ms: i64,
+    /// `cache.max_cost`: bound of the read cache, in approximate bytes.
+    pub cache_max_cost: u64,
+    /// Timeout of one KV request; consecutive failures open the circuit breaker.
+    pub kv_timeout: Duration,
 }
 
 impl ClusterOptions {
     pub fn new(node_id: &str, tick_ms: i64) -> ClusterOptions {
-        ClusterOptions { node_id: node_id.into(), tick_ms, lease_ttl_ms: 15_000, last_seen_interval_ms: 0 }
+        ClusterOptions {
+            node_id: node_id.into(),
+            tick_ms,
+            lease_ttl_ms: 15_000,
+            last_seen_interval_ms: 0,
+            cache_max_cost: 64 << 20,
+            kv_timeout: Duration::from_secs(2),
+        }
     }
 }
 
@@ -85,6 +98,10 @@ struct NodeRequest {
 struct RefreshReply {
     expires_at: Option<Millis>,
 }
+
+/// Why a write is refused while the center is unreachable.
+pub const DEGRADED: &str = "the presence store at the center (NATS JetStream) is unreachable: this node is in degraded mode \
+     (reads come from its cache and are marked stale; statuses cannot be written until the center is back)";
 
 fn node_subject(node: &str, op: &str) -> String {
     format!("presence.node.{}.{op}", encode_id(node))
@@ -145,14 +162,16 @@ pub(crate) struct Inner {
     /// Serialises owner-index writes per user shard (see [`NatsStore::index_begin`]).
     index_locks: Vec<tokio::sync::Mutex<()>>,
     lease: lease::LeaseState,
-    hits: AtomicU64,
-    misses: AtomicU64,
     writes: AtomicU64,
     /// Other nodes' events received (interest-routed) and the users watched here.
     remote_events: AtomicU64,
     watched: AtomicU64,
     /// Sequence number of the last interest change whose subscriptions are in place.
     interest_applied: tokio::sync::watch::Sender<u64>,
+    cache: PresenceCache,
+    breaker: Breaker,
+    /// Users whose sessions changed here while degraded: written back on recovery.
+    dirty: Mutex<HashSet<UserId>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -162,11 +181,12 @@ impl NatsStore {
     pub async fn open(cfg: &NatsConfig, opts: ClusterOptions, clock: Arc<dyn Clock>, bus: EventBus) -> Result<NatsStore, StoreError> {
         let node = opts.node_id.clone();
         let nats = Nats::connect(cfg, &format!("presenced-{node}")).await.map_err(unavailable)?;
-        let js = if cfg.jetstream.domain.is_empty() {
+        let mut js = if cfg.jetstream.domain.is_empty() {
             jetstream::new(nats.client.clone())
         } else {
             jetstream::with_domain(nats.client.clone(), &cfg.jetstream.domain)
         };
+        js.set_timeout(opts.kv_timeout);
         let bucket = |name: String| BucketConfig { name, replicas: cfg.kv.replicas, file_storage: true };
         let users = kv::open_bucket(&js, &bucket(cfg.kv.bucket.clone())).await?;
         let dir = kv::open_bucket(&js, &bucket(format!("{}_directory", cfg.kv.bucket))).await?;
@@ -183,6 +203,7 @@ impl NatsStore {
         };
         js.get_or_create_stream(events).await.map_err(|e| unavailable(format!("cannot create stream PRESENCE_EVENTS: {e}")))?;
         let started_at = clock.now();
+        let opts_cache_cost = opts.cache_max_cost;
         let inner = Arc::new(Inner {
             nats,
             users,
@@ -198,17 +219,19 @@ impl NatsStore {
             timers: Mutex::new(BTreeMap::new()),
             index_locks: (0..16).map(|_| tokio::sync::Mutex::new(())).collect(),
             lease: lease::LeaseState::default(),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             remote_events: AtomicU64::new(0),
             watched: AtomicU64::new(0),
             interest_applied: tokio::sync::watch::Sender::new(0),
+            cache: PresenceCache::new(opts_cache_cost, CACHE_TTL),
+            breaker: Breaker::new(3, Duration::from_millis(500), Duration::from_secs(10)),
+            dirty: Mutex::new(HashSet::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let store = NatsStore { inner };
         store.relay_remote_events().await?;
         store.relay_typing().await?;
+        store.watch_users();
         store.serve_node_requests().await?;
         // Sessions a previous incarnation of this node left behind end now, then the lease starts.
         store.take_lease().await?;
@@ -290,11 +313,18 @@ impl NatsStore {
         let first = self.inner.owned.lock().begin(user);
         if first {
             let key = lease::owner_key(&self.inner.node, user);
-            if let Err(e) = self.inner.owners.put(key, bytes::Bytes::new()).await {
-                self.inner.owned.lock().finish(user, &DeviceId::from(""), None);
-                return Err(unavailable(e));
+            let put = self.guarded(async { self.inner.owners.put(key, bytes::Bytes::new()).await.map_err(|e| KvError::Backend(e.to_string())) });
+            match put.await {
+                Ok(_) => wrote(&self.inner),
+                // Degraded: written back with the user's sessions on recovery.
+                Err(_) if self.inner.breaker.is_open() => {
+                    self.inner.dirty.lock().insert(user.clone());
+                }
+                Err(e) => {
+                    self.inner.owned.lock().finish(user, &DeviceId::from(""), None);
+                    return Err(e);
+                }
             }
-            wrote(&self.inner);
         }
         Ok(())
     }
@@ -321,7 +351,7 @@ impl NatsStore {
         let inner = &*self.inner;
         let key = user_key(id);
         let mut result: Option<(R, Change, Millis)> = None;
-        let updated = kv::update::<UserState, _>(&inner.users, &key, |old| {
+        let updated = self.guarded(kv::update::<UserState, _>(&inner.users, &key, |old| {
             let now = inner.clock.now();
             let mut st = match old.clone() {
                 Some(s) => s,
@@ -335,13 +365,14 @@ impl NatsStore {
             result = Some((r, change, now));
             // Write only what changed.
             (old.as_ref() != Some(&st)).then_some(st)
-        })
+        }))
         .await?;
         let Some((r, change, now)) = result else { return Ok(None) };
         let Some(state) = updated.after else { return Ok(None) };
         if updated.revision != 0 && updated.before.as_ref() != Some(&state) {
             wrote(inner);
         }
+        inner.cache.offer(id, Cached { state: Some(state.clone()), revision: updated.revision });
         let presence = state.view(id, now);
         if let Some(kind) = change.event {
             let ev = Event { kind, presence: presence.clone(), previous: change.previous, at: now };
@@ -388,7 +419,7 @@ impl NatsStore {
         let mut n = lapsed.len();
         for (user, device, o) in lapsed {
             let node = self.inner.node.clone();
-            let r = self.apply(&user, false, |s, now| s.release(&device, &node, o.last_heartbeat, &node, now)).await;
+            let r = self.apply_session(&user, false, |s, now| s.release(&device, &node, o.last_heartbeat, &node, now)).await;
             if let Err(e) = r {
                 tracing::warn!(user = %user, error = %e, "could not end a lapsed session; will retry");
                 let retry = Owned { expires_at: now, ..o };
@@ -417,11 +448,198 @@ impl NatsStore {
         n
     }
 
-    async fn read(&self, id: &UserId) -> Result<Option<UserState>, StoreError> {
-        match self.inner.users.get(user_key(id)).await.map_err(unavailable)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| unavailable(format!("unreadable record of {id}: {e}"))),
+    /// The user's stored state: from the cache unless `fresh`, else from the KV; while
+    /// degraded, from the cache whatever `fresh` says (`None` when not cached: offline).
+    async fn read(&self, id: &UserId, fresh: bool) -> Result<Option<UserState>, StoreError> {
+        if !fresh || self.inner.breaker.is_open() {
+            if let Some(c) = self.inner.cache.get(id) {
+                return Ok(c.state.clone());
+            }
         }
+        let users = &self.inner.users;
+        let r = self
+            .guarded(async {
+                match users.entry(user_key(id)).await.map_err(|e| KvError::Backend(e.to_string()))? {
+                    Some(e) if e.operation == jkv::Operation::Put => {
+                        let state = serde_json::from_slice::<UserState>(&e.value)
+                            .map_err(|err| KvError::Corrupt { key: user_key(id), message: err.to_string() })?;
+                        Ok(Cached { state: Some(state), revision: e.revision })
+                    }
+                    Some(e) => Ok(Cached { state: None, revision: e.revision }),
+                    None => Ok(Cached { state: None, revision: 0 }),
+                }
+            })
+            .await;
+        match r {
+            Ok(c) => {
+                let state = c.state.clone();
+                if c.revision != 0 {
+                    self.inner.cache.offer(id, c);
+                }
+                Ok(state)
+            }
+            Err(_) if self.inner.breaker.is_open() => Ok(self.inner.cache.get(id).and_then(|c| c.state.clone())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs a KV call through the circuit breaker: refused at once while it is open.
+    async fn guarded<T>(&self, call: impl std::future::Future<Output = Result<T, KvError>>) -> Result<T, StoreError> {
+        if !self.inner.breaker.allow(Instant::now()) {
+            return Err(StoreError::Unavailable(DEGRADED.into()));
+        }
+        let r = call.await;
+        self.outcome(!matches!(r, Err(KvError::Backend(_))));
+        r.map_err(StoreError::from)
+    }
+
+    fn outcome(&self, ok: bool) {
+        match self.inner.breaker.record(ok, Instant::now()) {
+            Transition::None => {}
+            Transition::Opened => {
+                metrics::gauge!("nats_degraded").set(1.0);
+                tracing::warn!("center unreachable: degraded mode (reads from this node's cache, marked stale; status writes refused; local sessions kept in memory)");
+            }
+            Transition::Closed => {
+                metrics::gauge!("nats_degraded").set(0.0);
+                tracing::info!("center reachable again: leaving degraded mode and writing back local sessions");
+                // Missed watcher updates: read through again.
+                self.inner.cache.invalidate_all();
+                let store = self.clone();
+                tokio::spawn(async move { store.sync_dirty().await });
+            }
+        }
+    }
+
+    /// Like [`NatsStore::apply`] for session changes, which must not be lost while the
+    /// center is unreachable: then they are applied to the cached state, published
+    /// locally, and the user is marked for write-back.
+    async fn apply_session<R: Clone>(
+        &self,
+        id: &UserId,
+        create: bool,
+        mut f: impl FnMut(&mut UserState, Millis) -> (R, Change),
+    ) -> Result<Option<(R, Presence)>, StoreError> {
+        match self.apply(id, create, &mut f).await {
+            Err(_) if self.inner.breaker.is_open() => {}
+            other => return other,
+        }
+        let now = self.inner.clock.now();
+        let mut st = match self.inner.cache.get(id).and_then(|c| c.state.clone()) {
+            Some(s) => s,
+            None if create => UserState::new(self.inner.node.clone()),
+            None => return Ok(None),
+        };
+        let (r, change) = f(&mut st, now);
+        self.inner.cache.put_local(id, st.clone());
+        self.inner.dirty.lock().insert(id.clone());
+        metrics::counter!("nats_degraded_local_changes_total").increment(1);
+        let presence = st.view(id, now);
+        if let Some(kind) = change.event {
+            let ev = Event { kind, presence: presence.clone(), previous: change.previous, at: now };
+            self.publish(&ev).await;
+            self.inner.bus.publish(ev);
+        }
+        Ok(Some((r, presence)))
+    }
+
+    /// Writes back the sessions of users changed while degraded (this node's memory is
+    /// the truth for its own connections) and announces it on `presence.sync.<node>`.
+    pub(super) async fn sync_dirty(&self) {
+        let users: Vec<UserId> = self.inner.dirty.lock().drain().collect();
+        if users.is_empty() {
+            return;
+        }
+        let n = self.sync_users(&users).await;
+        self.announce_sync(n).await;
+    }
+
+    /// Makes the KV hold exactly this node's sessions of `users`; returns how many users
+    /// were written. Failures go back to the dirty set for the next attempt.
+    pub(super) async fn sync_users(&self, users: &[UserId]) -> usize {
+        let node = self.inner.node.clone();
+        let mut written = 0;
+        for user in users {
+            let held: Vec<Session> = self
+                .inner
+                .owned
+                .lock()
+                .all_of(user)
+                .into_iter()
+                .map(|(d, o)| Session {
+                    device_id: d,
+                    instance_id: o.instance,
+                    connected_at: o.connected_at,
+                    last_heartbeat: o.last_heartbeat,
+                    expires_at: HELD,
+                    ttl_ms: o.ttl_ms,
+                    node_id: node.clone(),
+                })
+                .collect();
+            if !held.is_empty() {
+                match self.guarded(async { self.inner.owners.put(lease::owner_key(&node, user), bytes::Bytes::new()).await.map_err(|e| KvError::Backend(e.to_string())) }).await {
+                    Ok(_) => wrote(&self.inner),
+                    Err(_) => {
+                        self.inner.dirty.lock().insert(user.clone());
+                        continue;
+                    }
+                }
+            }
+            match self.apply(user, !held.is_empty(), |s, now| ((), s.sync_node(&node, &held, &node, now))).await {
+                Ok(_) => written += 1,
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "could not write back a user's sessions; will retry");
+                    self.inner.dirty.lock().insert(user.clone());
+                }
+            }
+        }
+        written
+    }
+
+    pub(super) async fn announce_sync(&self, users: usize) {
+        let notice = lease::SyncNotice { node_id: self.inner.node.to_string(), sessions: users, at: self.inner.clock.now() };
+        if let Ok(body) = serde_json::to_vec(&notice) {
+            let _ = self.inner.nats.client.publish(format!("presence.sync.{}", encode_id(&self.inner.node)), body.into()).await;
+        }
+        tracing::info!(users, "this node's sessions written back to the center");
+    }
+
+    /// Keeps the cache current from the users bucket's changes (re-watching after errors).
+    fn watch_users(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let h = tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let watch = inner.users.watch_all().await;
+                drop(inner);
+                match watch {
+                    Ok(mut w) => {
+                        while let Some(entry) = w.next().await {
+                            let Some(inner) = weak.upgrade() else { return };
+                            let Ok(entry) = entry else { break };
+                            let Some(id) = entry.key.strip_prefix("user.").and_then(decode_id).and_then(|s| UserId::parse(&s, usize::MAX).ok())
+                            else {
+                                continue;
+                            };
+                            let state = match entry.operation {
+                                jkv::Operation::Put => match serde_json::from_slice::<UserState>(&entry.value) {
+                                    Ok(s) => Some(s),
+                                    Err(_) => {
+                                        inner.cache.invalidate(&id);
+                                        continue;
+                                    }
+                                },
+                                _ => None,
+                            };
+                            inner.cache.offer(&id, Cached { state, revision: entry.revision });
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot watch the users bucket yet"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        self.inner.tasks.lock().push(h);
     }
 
     /// Registers `device` as held by this node (a new session, or one taken over from a
@@ -431,7 +649,7 @@ impl NatsStore {
         let node = self.inner.node.clone();
         let (dev, inst): (DeviceId, Arc<str>) = (Arc::from(device), Arc::from(instance));
         let r = self
-            .apply(id, !take_over, |s, now| {
+            .apply_session(id, !take_over, |s, now| {
                 if take_over {
                     let Some(sess) = s.sessions.iter().find(|x| *x.device_id == *device && x.expires_at > now) else {
                         return (None, Change { event: None, previous: Status::Offline, persist: false });
@@ -469,6 +687,18 @@ impl NatsStore {
     }
 }
 
+impl NatsStore {
+    async fn read_many(&self, ids: &[UserId], fresh: bool) -> Result<Vec<Option<Presence>>, StoreError> {
+        let states = futures_util::future::join_all(ids.iter().map(|id| self.read(id, fresh))).await;
+        let now = self.inner.clock.now();
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, st) in ids.iter().zip(states) {
+            out.push(st?.map(|s| s.view(id, now)));
+        }
+        Ok(out)
+    }
+}
+
 /// A stable, cheap hash for picking an index lock.
 fn fxhash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
@@ -477,20 +707,16 @@ fn fxhash(s: &str) -> u64 {
 #[async_trait]
 impl Store for NatsStore {
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
+        self.read_many(ids, false).await
+    }
+
+    async fn get_many_fresh(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
         self.interest_settled().await;
-        let states = futures_util::future::join_all(ids.iter().map(|id| self.read(id))).await;
-        let now = self.inner.clock.now();
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, st) in ids.iter().zip(states) {
-            let p = st?.map(|s| s.view(id, now));
-            if p.is_some() {
-                self.inner.hits.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.inner.misses.fetch_add(1, Ordering::Relaxed);
-            }
-            out.push(p);
-        }
-        Ok(out)
+        self.read_many(ids, true).await
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.inner.breaker.is_open().then(|| DEGRADED.to_string())
     }
 
     async fn set_status(&self, id: &UserId, req: SetStatus) -> Result<Presence, StoreError> {
@@ -500,7 +726,7 @@ impl Store for NatsStore {
             Some((_, p)) => Ok(p),
             // Nothing changed (same status and expiry): answer the current state.
             None => {
-                Ok(self.read(id).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
+                Ok(self.read(id, true).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
             }
         }
     }
@@ -508,7 +734,7 @@ impl Store for NatsStore {
     async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError> {
         let node = self.inner.node.clone();
         self.apply(id, true, |s, now| ((), s.clear_status(&node, now))).await?;
-        Ok(self.read(id).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
+        Ok(self.read(id, false).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
     }
 
     async fn register_session(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64) -> Result<Registered, StoreError> {
@@ -521,7 +747,7 @@ impl Store for NatsStore {
         }
         // Not ours: find the owner.
         let now = self.inner.clock.now();
-        let Some(state) = self.read(id).await? else { return Ok(None) };
+        let Some(state) = self.read(id, true).await? else { return Ok(None) };
         let Some(owner) = state.live_sessions(now).find(|s| &*s.device_id == device).map(|s| s.node_id.clone()) else {
             return Ok(None);
         };
@@ -548,7 +774,7 @@ impl Store for NatsStore {
         let node = self.inner.node.clone();
         let mut owner: Option<Arc<str>> = None;
         let r = self
-            .apply(id, false, |s, now| {
+            .apply_session(id, false, |s, now| {
                 owner = s.sessions.iter().find(|x| *x.device_id == *device).map(|x| x.node_id.clone());
                 s.unregister(device, &node, now)
             })
@@ -567,7 +793,7 @@ impl Store for NatsStore {
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         let now = self.inner.clock.now();
-        let Some(state) = self.read(id).await? else { return Ok(Vec::new()) };
+        let Some(state) = self.read(id, false).await? else { return Ok(Vec::new()) };
         let owned = self.inner.owned.lock();
         let local = owned.all_of(id);
         Ok(state
@@ -588,10 +814,14 @@ impl Store for NatsStore {
     }
 
     fn stats(&self) -> StoreStats {
+        let c = self.inner.cache.stats();
         let owned = self.inner.owned.lock();
         StoreStats {
-            hits: self.inner.hits.load(Ordering::Relaxed),
-            misses: self.inner.misses.load(Ordering::Relaxed),
+            hits: c.hits,
+            misses: c.misses,
+            users: c.keys,
+            evictions: c.evictions,
+            cache_cost: c.cost,
             sessions: owned.session_count(),
             online_users: owned.user_count(),
             writes: self.inner.writes.load(Ordering::Relaxed),
@@ -612,10 +842,14 @@ impl Store for NatsStore {
 
     async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         let k = dir_key(table, key);
-        match value {
-            Some(v) => self.inner.dir.put(k, v.into()).await.map(|_| ()).map_err(unavailable)?,
-            None => self.inner.dir.purge(k).await.map_err(unavailable)?,
-        }
+        let dir = &self.inner.dir;
+        self.guarded(async {
+            match value {
+                Some(v) => dir.put(k, v.into()).await.map(|_| ()).map_err(|e| KvError::Backend(e.to_string())),
+                None => dir.purge(k).await.map_err(|e| KvError::Backend(e.to_string())),
+            }
+        })
+        .await?;
         wrote(&self.inner);
         Ok(())
     }

@@ -69,6 +69,8 @@ fn relay(inner: &Inner, msg: &async_nats::Message) {
     match serde_json::from_slice::<WireEvent>(&msg.payload) {
         Ok(w) if w.node_id != *inner.node => {
             if let Some(ev) = w.into_event() {
+                // The cached state is older than this event: read it again next time.
+                inner.cache.invalidate(&ev.presence.user_id);
                 inner.remote_events.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("nats_events_received_total").increment(1);
                 inner.bus.publish(ev);
