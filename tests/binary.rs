@@ -141,3 +141,26 @@ fn config_subcommand_prints_effective_config_without_secrets() {
     assert!(text.contains("port: 7000"), "{text}");
     assert!(!text.contains("hunter2"));
 }
+
+/// The sample cluster under `deploy/` (center + two leaves) is valid: every presenced
+/// config loads, and every nats-server config passes `nats-server -t`.
+#[test]
+fn deploy_samples_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for n in ["center", "leaf-a", "leaf-b"] {
+        let out = Command::new(BIN)
+            .env_clear()
+            .env("JWT_SECRET", "sample")
+            .current_dir(&root)
+            .args(["config", "--config", &format!("presenced/{n}.yaml")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{n}: {}", String::from_utf8_lossy(&out.stderr));
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(printed.contains("backend: nats") && printed.contains("domain: hub"), "{n}: {printed}");
+        let nats =
+            ["/usr/sbin/nats-server", "/usr/bin/nats-server"].into_iter().find(|p| std::path::Path::new(p).exists()).expect("nats-server");
+        let t = Command::new(nats).current_dir(&root).args(["-t", "-c", &format!("nats/{n}.conf")]).output().unwrap();
+        assert!(t.status.success(), "{n}.conf: {}", String::from_utf8_lossy(&t.stderr));
+    }
+}

@@ -15,6 +15,7 @@ use presenced::store::{Store, SystemClock};
 use tokio::sync::oneshot;
 
 pub mod nats;
+pub mod proxy;
 pub mod wsclient;
 
 pub const SECRET: &str = "test-secret";

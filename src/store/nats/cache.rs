@@ -125,10 +125,17 @@ impl PresenceCache {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    Closed { failures: u32 },
-    Open { until: Instant, backoff: Duration },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+        backoff: Duration,
+    },
     /// One probe is in flight.
-    HalfOpen { backoff: Duration },
+    HalfOpen {
+        backoff: Duration,
+    },
 }
 
 /// What a recorded outcome changed.

@@ -313,7 +313,8 @@ impl NatsStore {
         let first = self.inner.owned.lock().begin(user);
         if first {
             let key = lease::owner_key(&self.inner.node, user);
-            let put = self.guarded(async { self.inner.owners.put(key, bytes::Bytes::new()).await.map_err(|e| KvError::Backend(e.to_string())) });
+            let put =
+                self.guarded(async { self.inner.owners.put(key, bytes::Bytes::new()).await.map_err(|e| KvError::Backend(e.to_string())) });
             match put.await {
                 Ok(_) => wrote(&self.inner),
                 // Degraded: written back with the user's sessions on recovery.
@@ -351,22 +352,23 @@ impl NatsStore {
         let inner = &*self.inner;
         let key = user_key(id);
         let mut result: Option<(R, Change, Millis)> = None;
-        let updated = self.guarded(kv::update::<UserState, _>(&inner.users, &key, |old| {
-            let now = inner.clock.now();
-            let mut st = match old.clone() {
-                Some(s) => s,
-                None if create => UserState::new(inner.node.clone()),
-                None => {
-                    result = None;
-                    return None;
-                }
-            };
-            let (r, change) = f(&mut st, now);
-            result = Some((r, change, now));
-            // Write only what changed.
-            (old.as_ref() != Some(&st)).then_some(st)
-        }))
-        .await?;
+        let updated = self
+            .guarded(kv::update::<UserState, _>(&inner.users, &key, |old| {
+                let now = inner.clock.now();
+                let mut st = match old.clone() {
+                    Some(s) => s,
+                    None if create => UserState::new(inner.node.clone()),
+                    None => {
+                        result = None;
+                        return None;
+                    }
+                };
+                let (r, change) = f(&mut st, now);
+                result = Some((r, change, now));
+                // Write only what changed.
+                (old.as_ref() != Some(&st)).then_some(st)
+            }))
+            .await?;
         let Some((r, change, now)) = result else { return Ok(None) };
         let Some(state) = updated.after else { return Ok(None) };
         if updated.revision != 0 && updated.before.as_ref() != Some(&state) {
@@ -577,7 +579,16 @@ impl NatsStore {
                 })
                 .collect();
             if !held.is_empty() {
-                match self.guarded(async { self.inner.owners.put(lease::owner_key(&node, user), bytes::Bytes::new()).await.map_err(|e| KvError::Backend(e.to_string())) }).await {
+                match self
+                    .guarded(async {
+                        self.inner
+                            .owners
+                            .put(lease::owner_key(&node, user), bytes::Bytes::new())
+                            .await
+                            .map_err(|e| KvError::Backend(e.to_string()))
+                    })
+                    .await
+                {
                     Ok(_) => wrote(&self.inner),
                     Err(_) => {
                         self.inner.dirty.lock().insert(user.clone());
@@ -617,7 +628,8 @@ impl NatsStore {
                         while let Some(entry) = w.next().await {
                             let Some(inner) = weak.upgrade() else { return };
                             let Ok(entry) = entry else { break };
-                            let Some(id) = entry.key.strip_prefix("user.").and_then(decode_id).and_then(|s| UserId::parse(&s, usize::MAX).ok())
+                            let Some(id) =
+                                entry.key.strip_prefix("user.").and_then(decode_id).and_then(|s| UserId::parse(&s, usize::MAX).ok())
                             else {
                                 continue;
                             };
@@ -725,9 +737,11 @@ impl Store for NatsStore {
         match r {
             Some((_, p)) => Ok(p),
             // Nothing changed (same status and expiry): answer the current state.
-            None => {
-                Ok(self.read(id, true).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
-            }
+            None => Ok(self
+                .read(id, true)
+                .await?
+                .map(|s| s.view(id, self.inner.clock.now()))
+                .unwrap_or_else(|| Presence::unknown(id.clone(), node))),
         }
     }
 
@@ -827,7 +841,6 @@ impl Store for NatsStore {
             writes: self.inner.writes.load(Ordering::Relaxed),
             remote_events: self.inner.remote_events.load(Ordering::Relaxed),
             watched_users: self.inner.watched.load(Ordering::Relaxed),
-            ..StoreStats::default()
         }
     }
 

@@ -142,7 +142,7 @@ impl NatsStore {
                         let Some(inner) = weak.upgrade() else { return };
                         inner.watched.store(watched.len() as u64, Ordering::Relaxed);
                         metrics::gauge!("nats_interest_users").set(watched.len() as f64);
-                        let _ = inner.interest_applied.send(last);
+                        inner.interest_applied.send_replace(last);
                     }
                     Some((_, msg)) = subs.next(), if !subs.is_empty() => {
                         let Some(inner) = weak.upgrade() else { return };
