@@ -26,3 +26,21 @@ fn bench_measures_presenced_and_the_baseline() {
         assert!(text.contains("fan-out time"), "{text}");
     }
 }
+
+/// The cluster benchmark brings up center + two leaves and reports its three figures;
+/// every change reaches every subscriber on the other leaf, and idle heartbeats cost no
+/// write (a small run; only lease renewals may write while the users idle).
+#[test]
+fn cluster_bench_runs_the_hub_and_spoke_topology() {
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
+        .args(["cluster", "--subscribers", "5", "--publishers", "2", "--changes", "20", "--rate", "50"])
+        .args(["--idle", "50", "--idle-secs", "3", "--heartbeat-secs", "1", "--lease-ttl", "60s"])
+        .output()
+        .expect("run presenced-bench cluster");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("100 deliveries of 100 expected"), "{text}");
+    assert!(text.contains("KV writes per status change: 1.000"), "{text}");
+    let idle = text.lines().find(|l| l.starts_with("store writes with 50 idle users")).unwrap_or_else(|| panic!("{text}"));
+    assert!(idle.contains(": 0.00 writes/s"), "{idle}");
+}

@@ -8,7 +8,13 @@
 //! reports connect rate, server RSS per connection and end-to-end fan-out latency.
 //! `--baseline` does the same against `presenced-bench baseline-server`, a bare
 //! tokio-tungstenite broadcast server. Loopback only.
+//!
+//! `presenced-bench cluster` runs the hub-and-spoke topology (center + two leaves, real
+//! nats-servers) and measures cross-node fan-out, KV writes per change and store writes
+//! with idle users (see `cluster.rs`).
 #![forbid(unsafe_code)]
+
+mod cluster;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -38,6 +44,9 @@ struct Cli {
 enum Cmd {
     /// Run a load test.
     Run(RunArgs),
+    /// Hub and spoke on real nats-servers: cross-node fan-out latency, KV writes per
+    /// status change, store writes per second with idle connected users.
+    Cluster(cluster::ClusterArgs),
     /// gRPC throughput over one HTTP/2 connection: RefreshSession and GetPresence(100 ids).
     Grpc(GrpcArgs),
     /// The bare broadcast server used by `run --baseline`: every text frame received is
@@ -107,6 +116,7 @@ fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
+        Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::BaselineServer { listen } => rt.block_on(baseline_server(listen)),
     };
     match r {

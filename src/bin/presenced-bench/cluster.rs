@@ -1,0 +1,337 @@
+//! `presenced-bench cluster`: the hub-and-spoke topology on this machine (a center
+//! nats-server with JetStream domain `hub`, two leaf nats-servers, one `presenced` on each)
+//! and three measurements:
+//!
+//! 1. cross-node fan-out: publishers connected to leaf A change their status; subscribers
+//!    connected to leaf B watch them; latency from the change sent to its delivery;
+//! 2. KV writes per status change (the nodes' `store_writes` counters);
+//! 3. store writes per second with many idle connected users heartbeating (leases absorb
+//!    heartbeats: it must be O(nodes), not O(sessions)).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{free_port, ms, open, pct, sibling, subscriber, Res, Shared, Sub, MARK};
+
+#[derive(Parser, Clone)]
+pub struct ClusterArgs {
+    /// Subscriber connections on leaf B (each watches every publisher).
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Publisher users connected to leaf A.
+    #[arg(long, default_value_t = 10)]
+    publishers: usize,
+    /// Status changes to drive (round robin over the publishers).
+    #[arg(long, default_value_t = 1000)]
+    changes: usize,
+    /// Status changes per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Idle users connected to leaf A for the store-write measurement.
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// How long to count store writes with the idle users connected.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+    /// Each idle client sends a `heartbeat` message this often.
+    #[arg(long, default_value_t = 5)]
+    heartbeat_secs: u64,
+    /// `presence.node_lease_ttl` of the nodes (renewed every third of it).
+    #[arg(long, default_value = "15s")]
+    lease_ttl: String,
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nats_binary() -> Res<PathBuf> {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| "nats-server not found: apt-get install nats-server".to_string())
+}
+
+fn nats_server(dir: &Path, name: &str, body: &str) -> Res<(Proc, u16)> {
+    let port = free_port()?;
+    let conf = dir.join(format!("{name}.conf"));
+    let store = dir.join(format!("js-{name}"));
+    let text = format!("listen: 127.0.0.1:{port}\n{}", body.replace("@STORE@", &store.display().to_string()));
+    std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+    let child = Command::new(nats_binary()?)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("nats-server: {e}"))?;
+    Ok((Proc(child), port))
+}
+
+async fn wait_port(port: u16) -> Res<()> {
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(format!("nothing listens on {port} after 20s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Waits until core messages cross from `from` to `to` (the leaf link is up).
+async fn linked(from: u16, to: u16) -> Res<()> {
+    let t = async_nats::connect(format!("127.0.0.1:{to}")).await.map_err(|e| e.to_string())?;
+    let f = async_nats::connect(format!("127.0.0.1:{from}")).await.map_err(|e| e.to_string())?;
+    let mut sub = t.subscribe("bench.link").await.map_err(|e| e.to_string())?;
+    t.flush().await.map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    loop {
+        f.publish("bench.link", "x".into()).await.map_err(|e| e.to_string())?;
+        f.flush().await.map_err(|e| e.to_string())?;
+        if tokio::time::timeout(Duration::from_millis(200), sub.next()).await.is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err("leaf link not up after 20s".into());
+        }
+    }
+}
+
+fn presenced(dir: &Path, id: &str, node_type: &str, nats_port: u16, lease: &str) -> Res<(Proc, u16)> {
+    let port = free_port()?;
+    let child = Command::new(sibling("presenced")?)
+        .arg("serve")
+        .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
+        .env("PRESENCE_SERVICE__PORT", port.to_string())
+        .env("PRESENCE_SERVICE__GRPC_PORT", "0")
+        .env("PRESENCE_SERVICE__NODE_ID", id)
+        .env("PRESENCE_SERVICE__NODE_TYPE", node_type)
+        .env("PRESENCE_SERVICE__DATA_DIR", dir.join(id))
+        .env("PRESENCE_STORE__BACKEND", "nats")
+        .env("PRESENCE_NATS__URLS", format!("[\"nats://127.0.0.1:{nats_port}\"]"))
+        .env("PRESENCE_NATS__JETSTREAM__DOMAIN", "hub")
+        .env("PRESENCE_PRESENCE__NODE_LEASE_TTL", lease)
+        .env("PRESENCE_PRESENCE__SESSION_TTL", "30s")
+        .env("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "10s")
+        .env("PRESENCE_AUTH__MODE", "gateway")
+        .env("PRESENCE_AUTH__JWT_SECRET", super::BENCH_SECRET)
+        .env("PRESENCE_LOGGING__LEVEL", "warn")
+        .env("PRESENCE_LIMITS__WS_MESSAGES_PER_SEC", "100000")
+        .env("PRESENCE_LIMITS__WS_MESSAGE_BURST", "100000")
+        .env("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000")
+        .env("PRESENCE_LIMITS__WRITE_BURST", "100000")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("presenced: {e}"))?;
+    Ok((Proc(child), port))
+}
+
+/// `GET path` on 127.0.0.1:port, the JSON body.
+async fn get_json(port: u16, path: &str) -> Res<serde_json::Value> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split("\r\n\r\n").nth(1).ok_or("no HTTP body")?;
+    // Chunked or not, the JSON object is the span between the first '{' and the last '}'.
+    let (a, b) = (body.find('{').ok_or("no JSON")?, body.rfind('}').ok_or("no JSON")?);
+    serde_json::from_str(&body[a..=b]).map_err(|e| e.to_string())
+}
+
+async fn total_writes(ports: &[u16]) -> Res<u64> {
+    let mut n = 0;
+    for p in ports {
+        n += get_json(*p, "/health/nats").await?["data"]["store_writes"].as_u64().ok_or("no store_writes")?;
+    }
+    Ok(n)
+}
+
+pub async fn run(args: ClusterArgs) -> Res<()> {
+    let dir = std::env::temp_dir().join(format!("presenced-bench-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let _cleanup = Cleanup(dir.clone());
+    let leaf_listen = free_port()?;
+    let (_center_nats, center) = nats_server(
+        &dir,
+        "center",
+        &format!("jetstream {{ domain: hub, store_dir: \"@STORE@\" }}\nleafnodes {{ listen: \"127.0.0.1:{leaf_listen}\" }}\n"),
+    )?;
+    let leaf = |name: &str| {
+        nats_server(
+            &dir,
+            name,
+            &format!(
+                "jetstream {{ domain: {name}, store_dir: \"@STORE@\" }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{leaf_listen}\" }} ] }}\n"
+            ),
+        )
+    };
+    let (_leaf_a_nats, leaf_a) = leaf("leafa")?;
+    let (_leaf_b_nats, leaf_b) = leaf("leafb")?;
+    for p in [center, leaf_a, leaf_b] {
+        wait_port(p).await?;
+    }
+    linked(leaf_a, center).await?;
+    linked(leaf_b, center).await?;
+    let (_c, c_http) = presenced(&dir, "center-1", "center", center, &args.lease_ttl)?;
+    wait_port(c_http).await?;
+    let (_a, a_http) = presenced(&dir, "leaf-a", "leaf", leaf_a, &args.lease_ttl)?;
+    let (_b, b_http) = presenced(&dir, "leaf-b", "leaf", leaf_b, &args.lease_ttl)?;
+    wait_port(a_http).await?;
+    wait_port(b_http).await?;
+    let nodes = [c_http, a_http, b_http];
+    println!("cluster: center nats :{center} (domain hub), leaf nats :{leaf_a} :{leaf_b}; presenced http :{c_http} (center) :{a_http} (leaf A) :{b_http} (leaf B)");
+
+    // 1. Cross-node fan-out: subscribers on leaf B, publishers on leaf A.
+    let shared =
+        Arc::new(Shared { start: Instant::now(), connected: AtomicU64::new(0), failed: AtomicU64::new(0), samples: Default::default() });
+    let publishers: Arc<Vec<String>> = Arc::new((0..args.publishers.max(1)).map(|i| format!("pub-{i}")).collect());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let b_addr: SocketAddr = format!("127.0.0.1:{b_http}").parse().map_err(|e| format!("{e}"))?;
+    let a_addr: SocketAddr = format!("127.0.0.1:{a_http}").parse().map_err(|e| format!("{e}"))?;
+    let gate = Arc::new(Semaphore::new(128));
+    let mut tasks = Vec::new();
+    for id in 0..args.subscribers {
+        let permit = gate.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let sub = Sub {
+            addr: b_addr,
+            source: Ipv4Addr::new(127, 0, 0, 2 + (id % 50) as u8),
+            id,
+            watch_users: publishers.clone(),
+            baseline: false,
+        };
+        tasks.push(tokio::spawn(subscriber(shared.clone(), sub, stop_rx.clone(), permit)));
+    }
+    while shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) < args.subscribers as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut pubs = Vec::new();
+    for (i, u) in publishers.iter().enumerate() {
+        pubs.push(open(a_addr, Ipv4Addr::new(127, 0, 0, 2 + (i % 50) as u8), u, false).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    shared.samples.lock().clear();
+    let writes_before = total_writes(&nodes).await?;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate.max(0.001)));
+    for n in 0..args.changes {
+        tick.tick().await;
+        let ts = shared.start.elapsed().as_nanos() as u64;
+        let count = pubs.len();
+        let status = if (n / count) % 2 == 0 { "busy" } else { "away" };
+        let text =
+            serde_json::json!({"type": "presence_update", "payload": {"online_status": status, "custom_status": format!("{MARK}{ts}")}});
+        pubs[n % count].send(Message::text(text.to_string())).await.map_err(|e| format!("publish: {e}"))?;
+    }
+    for mut p in pubs {
+        tokio::spawn(async move { while let Some(Ok(_)) = p.next().await {} });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let change_secs = started.elapsed().as_secs_f64();
+    let writes = total_writes(&nodes).await? - writes_before;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let samples = std::mem::take(&mut *shared.samples.lock());
+    let mut lat: Vec<u32> = samples.iter().map(|s| s.1).collect();
+    lat.sort_unstable();
+    let connected = shared.connected.load(Ordering::Relaxed);
+    println!(
+        "cross-node fan-out (change on leaf A → subscriber on leaf B): {} changes × {connected} subscribers: {} deliveries of {} expected",
+        args.changes,
+        samples.len(),
+        args.changes as u64 * connected
+    );
+    println!(
+        "  latency p50 {}  p90 {}  p99 {}  max {}",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.9)),
+        ms(pct(&lat, 0.99)),
+        ms(lat.last().copied().unwrap_or(0))
+    );
+    println!(
+        "KV writes per status change: {:.3} ({writes} writes over {:.1}s for {} changes, lease renewals included)",
+        writes as f64 / args.changes.max(1) as f64,
+        change_secs,
+        args.changes
+    );
+
+    // 3. Idle users heartbeating on leaf A.
+    let connected = Arc::new(AtomicU64::new(0));
+    let beats = Arc::new(AtomicU64::new(0));
+    let (idle_stop, idle_rx) = watch::channel(false);
+    let mut idle = Vec::new();
+    let t0 = Instant::now();
+    for id in 0..args.idle {
+        let permit = gate.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let (connected, beats, mut stop) = (connected.clone(), beats.clone(), idle_rx.clone());
+        let every = Duration::from_secs(args.heartbeat_secs.max(1));
+        idle.push(tokio::spawn(async move {
+            let source = Ipv4Addr::new(127, 0, 0, 2 + (id % 58) as u8);
+            let ws = open(a_addr, source, &format!("idle-{id}"), false).await;
+            drop(permit);
+            let Ok(mut ws) = ws else { return };
+            connected.fetch_add(1, Ordering::Relaxed);
+            // Spread the heartbeats over the interval.
+            let offset = every.mul_f64((id % 1000) as f64 / 1000.0);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tick.tick() => {
+                        if ws.send(Message::text(r#"{"type":"heartbeat"}"#)).await.is_err() { break; }
+                        beats.fetch_add(1, Ordering::Relaxed);
+                    }
+                    m = ws.next() => if !matches!(m, Some(Ok(_))) { break },
+                }
+            }
+            let _ = ws.close(None).await;
+        }));
+    }
+    while connected.load(Ordering::Relaxed) < args.idle as u64 && t0.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let online = connected.load(Ordering::Relaxed);
+    println!("idle: {online} users connected to leaf A in {:.1}s", t0.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (w0, b0, s0) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let (w1, b1, secs) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), s0.elapsed().as_secs_f64());
+    let held = get_json(a_http, "/health/nats").await?["data"]["sessions_held"].as_u64().unwrap_or(0);
+    println!(
+        "store writes with {online} idle users ({held} sessions held by leaf A): {:.2} writes/s over {secs:.0}s, while they sent {:.0} heartbeats/s",
+        (w1 - w0) as f64 / secs,
+        (b1 - b0) as f64 / secs
+    );
+    let _ = idle_stop.send(true);
+    for t in idle {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    Ok(())
+}
+
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
