@@ -21,7 +21,8 @@ impl Drop for Driver {
         // browsers it started, even when a failed test never quit its sessions.
         // `kill -s KILL -- -<pgid>`: procps reads `kill -KILL -<pgid>` as other arguments
         // (seen here: kill(-1, SIGKILL), every process on the machine).
-        if self.child.id() > 1 {
+        // Only while it runs: once reaped, its id may belong to someone else.
+        if self.child.id() > 1 && matches!(self.child.try_wait(), Ok(None)) {
             let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", self.child.id())]).status();
         }
         let _ = self.child.kill();
@@ -40,23 +41,32 @@ fn find(bin: &str) -> Option<String> {
 impl Driver {
     async fn start() -> Driver {
         let bin = find("chromedriver").expect("chromedriver not found: install Debian's chromium and chromium-driver (.ci/run does)");
-        let port = free_port();
-        let mut cmd = Command::new(bin);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let d = Driver { child, base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
-        let start = Instant::now();
-        while d.http.get(format!("{}/status", d.base)).send().await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // A port taken between choosing and binding it (tests run in parallel): try another.
+        for _ in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new(&bin);
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            let child = cmd
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver");
+            let mut d = Driver { child, base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+            let start = Instant::now();
+            loop {
+                if d.http.get(format!("{}/status", d.base)).send().await.is_ok() {
+                    return d;
+                }
+                if matches!(d.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        d
+        panic!("chromedriver did not start (3 attempts)");
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {

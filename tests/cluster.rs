@@ -96,7 +96,8 @@ async fn concurrent_writers_on_two_nodes_lose_nothing() {
     ta.await.unwrap();
     tb.await.unwrap();
     assert_eq!(a.svc.store.devices(&user).await.unwrap().len(), 80, "every registration from both nodes kept");
-    assert_eq!(b.get("/api/v2/presence/shared").await.1["data"]["shared"]["device_count"], 80);
+    // REST reads come from B's cache, which follows the KV within milliseconds.
+    eventually("B's cached view", async || b.get("/api/v2/presence/shared").await.1["data"]["shared"]["device_count"] == 80).await;
     a.stop().await;
     b.stop().await;
 }
@@ -342,6 +343,63 @@ async fn devices_ttl_privacy_and_typing_hold_across_nodes() {
     assert_eq!(t["payload"], json!({"conversation_id":"c1","user_id":"alice","is_typing":true}));
     laptop.ack(json!({"type":"typing","payload":{"conversation_id":"c1","is_typing":false},"id":2})).await;
     assert_eq!(bob.recv_type("typing_indicator").await["payload"]["is_typing"], false);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// gRPC across nodes: a `WatchPresence` stream on B follows a session registered over gRPC
+/// on A, including its TTL lapsing in A's memory (no heartbeat: offline after 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_watch_on_one_node_follows_sessions_on_another() {
+    use presenced::grpc::pb;
+    use presenced::grpc::pb::presence_event::Kind;
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let b = node(&server, "node-b").await;
+    let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
+    let mut gb = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
+    let mut stream = gb.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false }).await.unwrap().into_inner();
+    let mut next =
+        async || tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("event in time").unwrap().expect("open");
+    assert!(next().await.snapshot);
+    let mut req = tonic::Request::new(pb::RegisterSessionRequest {
+        user_id: "gina".into(),
+        device_id: "d".into(),
+        instance_id: "gw-a".into(),
+        ttl_seconds: 1,
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {}", a.admin_token("svc")).parse().unwrap());
+    ga.register_session(req).await.unwrap();
+    let online = next().await;
+    assert_eq!(online.kind, Kind::UserOnline as i32);
+    let offline = next().await;
+    assert_eq!(offline.kind, Kind::UserOffline as i32, "the lapsed TTL reaches B");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A node's read cache follows writes made on other nodes through the KV watcher, even
+/// for users nobody on it watches (no event reaches it about them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_follow_other_nodes_writes() {
+    let server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let b = node(&server, "node-b").await;
+    a.put_status("hugo", Some(&a.token("hugo")), json!({"status":"away"})).await;
+    let status = async || b.get("/api/v2/presence/hugo").await.1["data"]["hugo"]["status"].clone();
+    assert_eq!(status().await, "away");
+    let hits = b.get("/health/cache").await.1["data"]["hits"].as_u64().unwrap();
+    assert_eq!(status().await, "away");
+    assert!(b.get("/health/cache").await.1["data"]["hits"].as_u64().unwrap() > hits, "second read served by the cache");
+    for s in ["busy", "online", "away"] {
+        a.put_status("hugo", Some(&a.token("hugo")), json!({ "status": s })).await;
+        // Far below the cache's 30 s TTL: only the watcher can make this true.
+        let took = eventually(&format!("B reads {s}"), async || status().await == s).await;
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    let cache = b.get("/health/cache").await.1;
+    assert_eq!(cache["data"]["type"], "nats", "{cache}");
+    assert!(cache["data"]["keys"].as_u64().unwrap() >= 1, "{cache}");
     a.stop().await;
     b.stop().await;
 }

@@ -77,12 +77,11 @@ async fn center_and_two_leaves_survive_a_partition_with_nothing_lost() {
     let leaf_port = common::nats::port();
     // The center advertises the proxy as its leafnode address: a leaf that learned the
     // real one from the INFO would reconnect around the partition.
-    let proxy_port = common::nats::port();
+    let proxy = Proxy::start(leaf_port).await;
     let center = NatsServer::start_with(
         "domain: hub",
-        &format!("leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", advertise: \"127.0.0.1:{proxy_port}\" }}"),
+        &format!("leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", advertise: \"127.0.0.1:{}\" }}", proxy.port),
     );
-    let proxy = Proxy::start_on(proxy_port, leaf_port).await;
     let leaf1 = leaf_server("leaf1", proxy.port);
     let leaf2 = leaf_server("leaf2", leaf_port);
     linked(&leaf1, &center).await;

@@ -31,20 +31,26 @@ impl NatsServer {
         Self::start_with("", extra)
     }
 
-    /// As [`NatsServer::start`], with `jetstream` lines (e.g. `domain: hub`).
+    /// As [`NatsServer::start`], with `jetstream` lines (e.g. `domain: hub`). A port taken
+    /// between choosing it and binding it (other tests run in parallel) is chosen again.
     pub fn start_with(jetstream: &str, extra: &str) -> NatsServer {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let conf = dir.path().join("nats.conf");
         let store = dir.path().join("js");
-        std::fs::write(
-            &conf,
-            format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\"\n{jetstream} }}\n{extra}\n", store.display()),
-        )
-        .unwrap();
-        let mut s = NatsServer { child: None, port, conf, _dir: dir };
-        s.restart();
-        s
+        for _ in 0..5 {
+            let port = free_port();
+            std::fs::write(
+                &conf,
+                format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\"\n{jetstream} }}\n{extra}\n", store.display()),
+            )
+            .unwrap();
+            let mut s = NatsServer { child: None, port, conf: conf.clone(), _dir: tempfile::tempdir().unwrap() };
+            if s.spawn_and_wait() {
+                s._dir = dir;
+                return s;
+            }
+        }
+        panic!("nats-server did not start (5 attempts)");
     }
 
     pub fn url(&self) -> String {
@@ -53,20 +59,35 @@ impl NatsServer {
 
     /// (Re)starts on the same port with the same JetStream store.
     pub fn restart(&mut self) {
+        assert!(self.spawn_and_wait(), "nats-server did not listen on {}", self.port);
+    }
+
+    /// Starts the process and waits until it listens; `false` if it exited first (its
+    /// port was taken).
+    fn spawn_and_wait(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("-c")
             .arg(&self.conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn nats-server");
-        self.child = Some(child);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
             assert!(start.elapsed() < Duration::from_secs(15), "nats-server did not listen on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Something else may own the port: ours must still be running.
+        std::thread::sleep(Duration::from_millis(30));
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return false;
+        }
+        self.child = Some(child);
+        true
     }
 
     pub fn stop(&mut self) {

@@ -16,14 +16,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Forwards `127.0.0.1:<port>` (any free port) to `127.0.0.1:<target>`.
+    /// Forwards `127.0.0.1:<port>` (a free port, bound now) to `127.0.0.1:<target>`.
     pub async fn start(target: u16) -> Proxy {
-        Self::start_on(0, target).await
-    }
-
-    /// Forwards `127.0.0.1:<port>` to `127.0.0.1:<target>`.
-    pub async fn start_on(port: u16, target: u16) -> Proxy {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();

@@ -310,12 +310,17 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let online = connected.load(Ordering::Relaxed);
-    println!("idle: {online} users connected to leaf A in {:.1}s", t0.elapsed().as_secs_f64());
+    // A handshake completes before its session is written: wait for all of them.
+    let held = async || get_json(a_http, "/health/nats").await.ok().and_then(|v| v["data"]["sessions_held"].as_u64()).unwrap_or(0);
+    while held().await < online + args.publishers as u64 && t0.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("idle: {online} users connected to leaf A and their sessions written in {:.1}s", t0.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (w0, b0, s0) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let (w1, b1, secs) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), s0.elapsed().as_secs_f64());
-    let held = get_json(a_http, "/health/nats").await?["data"]["sessions_held"].as_u64().unwrap_or(0);
+    let held = held().await;
     println!(
         "store writes with {online} idle users ({held} sessions held by leaf A): {:.2} writes/s over {secs:.0}s, while they sent {:.0} heartbeats/s",
         (w1 - w0) as f64 / secs,

@@ -113,7 +113,7 @@ impl NatsStore {
             }
         }
         let rev = self.inner.nodes.put(&key, self.lease_value(now)?).await.map_err(unavailable)?;
-        wrote(&self.inner);
+        wrote(&self.inner, "lease");
         *self.inner.lease.revision.lock() = Some(rev);
         Ok(())
     }
@@ -138,7 +138,7 @@ impl NatsStore {
         self.outcome(!matches!(r, Err((false, _))));
         match r {
             Ok(rev) => {
-                wrote(&self.inner);
+                wrote(&self.inner, "lease");
                 *self.inner.lease.revision.lock() = Some(rev);
                 metrics::gauge!("nats_lease_renewed_at_seconds").set(now as f64 / 1000.0);
                 if !self.inner.dirty.lock().is_empty() {
@@ -163,7 +163,7 @@ impl NatsStore {
         let Ok(v) = self.lease_value(now) else { return };
         match self.inner.nodes.put(&key, v).await {
             Ok(rev) => {
-                wrote(&self.inner);
+                wrote(&self.inner, "lease");
                 *self.inner.lease.revision.lock() = Some(rev);
             }
             Err(e) => {
@@ -216,13 +216,13 @@ impl NatsStore {
             let claim = Lease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), ..lease.clone() };
             let Ok(body) = serde_json::to_vec(&claim) else { continue };
             let Ok(claim_rev) = self.inner.nodes.update(&key, body.into(), entry.revision).await else { continue };
-            wrote(&self.inner);
+            wrote(&self.inner, "lease");
             metrics::counter!("nats_janitor_claims_total").increment(1);
             let n = self.end_sessions_of(&lease.node_id, now, lease.renewed_at).await;
             handled += n;
             tracing::warn!(node = %lease.node_id, users = n, last_renewal_ms_ago = now - lease.renewed_at, "node lease lapsed: ended its sessions");
             if self.inner.nodes.purge_expect_revision(&key, Some(claim_rev)).await.is_ok() {
-                wrote(&self.inner);
+                wrote(&self.inner, "lease");
             }
         }
         handled
@@ -264,7 +264,7 @@ impl NatsStore {
             n += 1;
             // Only if nobody re-wrote it meanwhile (a new incarnation of that node).
             if self.inner.owners.purge_expect_revision(&key, Some(rev)).await.is_ok() {
-                wrote(&self.inner);
+                wrote(&self.inner, "index");
             }
         }
         n
@@ -291,7 +291,7 @@ impl NatsStore {
         let rev = *self.inner.lease.revision.lock();
         if self.inner.owned.lock().session_count() == 0 {
             if let Ok(()) = self.inner.nodes.purge_expect_revision(lease_key(&node), rev).await {
-                wrote(&self.inner);
+                wrote(&self.inner, "lease");
             }
         }
     }

@@ -80,10 +80,11 @@ impl ClusterOptions {
     }
 }
 
-/// Counts one KV write (the `store_writes_total` metric and [`NatsStore::writes`]).
-fn wrote(inner: &Inner) {
+/// Counts one KV write (the `store_writes_total{kind}` metric and [`NatsStore::writes`]):
+/// `user` (a user's record), `index` (owner index), `lease`, `directory`.
+fn wrote(inner: &Inner, kind: &'static str) {
     inner.writes.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("store_writes_total", "backend" => "nats").increment(1);
+    metrics::counter!("store_writes_total", "backend" => "nats", "kind" => kind).increment(1);
 }
 
 /// A heartbeat forwarded to the owning node, and its answer.
@@ -316,7 +317,7 @@ impl NatsStore {
             let put =
                 self.guarded(async { self.inner.owners.put(key, bytes::Bytes::new()).await.map_err(|e| KvError::Backend(e.to_string())) });
             match put.await {
-                Ok(_) => wrote(&self.inner),
+                Ok(_) => wrote(&self.inner, "index"),
                 // Degraded: written back with the user's sessions on recovery.
                 Err(_) if self.inner.breaker.is_open() => {
                     self.inner.dirty.lock().insert(user.clone());
@@ -333,9 +334,10 @@ impl NatsStore {
     /// After a session of `user` ended: drops the index entry when this node holds none.
     async fn index_end(&self, user: &UserId) {
         let _g = self.index_lock(user).lock().await;
-        if self.inner.owned.lock().is_unowned(user) {
+        // While degraded the entry stays (harmless: the janitor finds nothing to end there).
+        if self.inner.owned.lock().is_unowned(user) && !self.inner.breaker.is_open() {
             match self.inner.owners.purge(lease::owner_key(&self.inner.node, user)).await {
-                Ok(()) => wrote(&self.inner),
+                Ok(()) => wrote(&self.inner, "index"),
                 Err(e) => tracing::debug!(user = %user, error = %e, "owner index entry left behind (harmless)"),
             }
         }
@@ -372,7 +374,7 @@ impl NatsStore {
         let Some((r, change, now)) = result else { return Ok(None) };
         let Some(state) = updated.after else { return Ok(None) };
         if updated.revision != 0 && updated.before.as_ref() != Some(&state) {
-            wrote(inner);
+            wrote(inner, "user");
         }
         inner.cache.offer(id, Cached { state: Some(state.clone()), revision: updated.revision });
         let presence = state.view(id, now);
@@ -589,7 +591,7 @@ impl NatsStore {
                     })
                     .await
                 {
-                    Ok(_) => wrote(&self.inner),
+                    Ok(_) => wrote(&self.inner, "index"),
                     Err(_) => {
                         self.inner.dirty.lock().insert(user.clone());
                         continue;
@@ -807,7 +809,9 @@ impl Store for NatsStore {
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         let now = self.inner.clock.now();
-        let Some(state) = self.read(id, false).await? else { return Ok(Vec::new()) };
+        // The device list is read from the KV: it is not a hot path, and callers use it
+        // right after registering elsewhere.
+        let Some(state) = self.read(id, true).await? else { return Ok(Vec::new()) };
         let owned = self.inner.owned.lock();
         let local = owned.all_of(id);
         Ok(state
@@ -863,7 +867,7 @@ impl Store for NatsStore {
             }
         })
         .await?;
-        wrote(&self.inner);
+        wrote(&self.inner, "directory");
         Ok(())
     }
 

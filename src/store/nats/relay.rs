@@ -8,19 +8,19 @@
 //! nobody here watches. A `WatchPresence { all: true }` stream switches to one wildcard
 //! subscription while it lasts.
 //!
-//! Reads wait (briefly) until the subscriptions asked for before them are in place, so a
+//! Snapshot reads wait until the subscriptions asked for before them are in place, so a
 //! client that subscribes and then reads its snapshot misses no change in between.
 //!
 //! Typing indicators travel on `presence.typing.<conversation>` to every node (they are
 //! ephemeral and never stored).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio_stream::StreamMap;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::{unavailable, Inner, NatsStore, WireEvent, EVENT_SUBJECTS};
 use crate::bus::{InterestChange, Typing};
@@ -57,6 +57,15 @@ impl WireTyping {
     }
 }
 
+/// A subscription's forwarding task, stopped (and the subscription dropped) with it.
+struct Forwarder(JoinHandle<()>);
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn user_subject(id: &UserId) -> String {
     format!("presence.*.{}", encode_id(id.as_str()))
 }
@@ -88,8 +97,22 @@ impl NatsStore {
         let client = self.inner.nats.client.clone();
         let weak = Arc::downgrade(&self.inner);
         let h = tokio::spawn(async move {
-            let mut subs: StreamMap<UserId, async_nats::Subscriber> = StreamMap::new();
-            let mut all: Option<async_nats::Subscriber> = None;
+            // One forwarding task per subscription into one channel: O(1) per message
+            // however many users are watched (aborting a task drops, so unsubscribes, it).
+            let (tx, mut rx) = mpsc::channel::<async_nats::Message>(4096);
+            let forward = |sub: async_nats::Subscriber| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut sub = sub;
+                    while let Some(m) = sub.next().await {
+                        if tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            };
+            let mut subs: HashMap<UserId, Forwarder> = HashMap::new();
+            let mut all: Option<Forwarder> = None;
             let mut watched: HashSet<UserId> = HashSet::new();
             loop {
                 tokio::select! {
@@ -107,7 +130,7 @@ impl NatsStore {
                                     if all.is_none() {
                                         match client.subscribe(user_subject(&u)).await {
                                             Ok(s) => {
-                                                subs.insert(u.clone(), s);
+                                                subs.insert(u.clone(), Forwarder(forward(s)));
                                             }
                                             Err(e) => tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events"),
                                         }
@@ -116,12 +139,12 @@ impl NatsStore {
                                 }
                                 InterestChange::Unwatch(u) => {
                                     watched.remove(&u);
-                                    subs.remove(&u); // dropping the subscriber unsubscribes
+                                    subs.remove(&u);
                                 }
                                 InterestChange::All(true) => {
                                     match client.subscribe("presence.*.*").await {
                                         Ok(s) => {
-                                            all = Some(s);
+                                            all = Some(Forwarder(forward(s)));
                                             subs.clear();
                                         }
                                         Err(e) => tracing::warn!(error = %e, "cannot subscribe to every user's events"),
@@ -131,7 +154,7 @@ impl NatsStore {
                                     all = None;
                                     for u in &watched {
                                         if let Ok(s) = client.subscribe(user_subject(u)).await {
-                                            subs.insert(u.clone(), s);
+                                            subs.insert(u.clone(), Forwarder(forward(s)));
                                         }
                                     }
                                 }
@@ -144,11 +167,7 @@ impl NatsStore {
                         metrics::gauge!("nats_interest_users").set(watched.len() as f64);
                         inner.interest_applied.send_replace(last);
                     }
-                    Some((_, msg)) = subs.next(), if !subs.is_empty() => {
-                        let Some(inner) = weak.upgrade() else { return };
-                        relay(&inner, &msg);
-                    }
-                    Some(msg) = async { all.as_mut()?.next().await }, if all.is_some() => {
+                    Some(msg) = rx.recv() => {
                         let Some(inner) = weak.upgrade() else { return };
                         relay(&inner, &msg);
                     }
@@ -159,14 +178,17 @@ impl NatsStore {
         Ok(())
     }
 
-    /// Waits (at most 250 ms) until the subscriptions asked for so far are in place.
+    /// Waits until the subscriptions asked for so far are in place (normally well under a
+    /// millisecond; at most `nats.request_timeout` on a starved machine).
     pub(super) async fn interest_settled(&self) {
         let want = self.inner.bus.interest().seq();
         let mut rx = self.inner.interest_applied.subscribe();
         if *rx.borrow() >= want {
             return;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(250), rx.wait_for(|applied| *applied >= want)).await;
+        if tokio::time::timeout(self.inner.opts.kv_timeout, rx.wait_for(|applied| *applied >= want)).await.is_err() {
+            tracing::warn!("subscriptions for newly watched users not confirmed in time; a change made meanwhile may be missed");
+        }
     }
 
     /// Relays typing indicators: local ones out, other nodes' in.
