@@ -53,23 +53,15 @@ fn spawn_node(server: &NatsServer, id: &str) -> Proc {
         .env("PRESENCE_SERVICE__GRPC_PORT", "0")
         .env("PRESENCE_SERVICE__DATA_DIR", dir.path())
         .env("PRESENCE_AUTH__JWT_SECRET", common::SECRET)
-        .env("PRESENCE_LOGGING__FORMAT", "json")
-        .env("PRESENCE_LOGGING__LEVEL", "debug");
+        .env("PRESENCE_LOGGING__FORMAT", "json");
     for (k, v) in cluster_env(server, id) {
         cmd.env(k, v);
     }
     let mut child = cmd.arg("serve").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn presenced");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let log = std::env::temp_dir().join(format!("node-loss-{id}-{}.log", std::process::id()));
-    eprintln!("{id} logs to {}", log.display());
     std::thread::spawn(move || {
-        use std::io::Write;
-        let mut f = std::fs::File::create(log).ok();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(f) = f.as_mut() {
-                let _ = writeln!(f, "{line}");
-            }
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                 if let Some(addr) = v["http"].as_str() {
                     let _ = tx.send(addr.to_string());
@@ -102,18 +94,19 @@ async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
     for u in users {
         assert_eq!(watcher.next(u).await["status"], "offline");
     }
-    eprintln!("stage: snapshot received");
     // The users connect to B (u3 on two devices) and stay connected.
     let mut sockets = Vec::new();
     for (u, dev) in [("u1", "phone"), ("u2", "phone"), ("u3", "phone"), ("u3", "laptop")] {
         let (ws, _) = tokio_tungstenite::connect_async(ws_url(&b.base, &a.token(u), dev)).await.expect("connect to B");
         sockets.push(ws);
     }
-    eprintln!("stage: users connected to B");
-    for u in users {
-        assert_eq!(watcher.next(u).await["status"], "online");
+    // Their online events arrive in any order.
+    let mut online = std::collections::BTreeSet::new();
+    while online.len() < users.len() {
+        let p = watcher.next_any().await;
+        assert_eq!(p["status"], "online", "{p}");
+        online.insert(p["user_id"].as_str().unwrap().to_string());
     }
-    eprintln!("stage: online seen on A");
     // (C's REST read comes from its cache, which follows the KV within milliseconds.)
     let start = Instant::now();
     while c.get("/api/v2/presence/u3").await.1["data"]["u3"]["device_count"] != 2 {
