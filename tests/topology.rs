@@ -167,13 +167,22 @@ async fn center_and_two_leaves_survive_a_partition_with_nothing_lost() {
         panic!("center did not end leaf 1's sessions");
     }
 
-    // Healed: leaf 1 writes back what it kept; the center's view is repaired.
+    // Healed: leaf 1 writes back what it kept, announces it on presence.sync.<node>, and
+    // the center's view is repaired.
+    let nc = async_nats::connect(center.url()).await.unwrap();
+    let mut sync = nc.subscribe("presence.sync.>").await.unwrap();
+    nc.flush().await.unwrap();
     proxy.heal();
     let repaired = eventually("repair", Duration::from_secs(20), async || {
         status_on(&c, "alice").await == "online" && status_on(&c, "bob").await == "online" && status_on(&c, "carol").await == "offline"
     })
     .await;
     eprintln!("center view repaired {repaired:?} after the partition healed");
+    let notice = tokio::time::timeout(Duration::from_secs(5), sync.next()).await.expect("a sync notice").unwrap();
+    assert_eq!(notice.subject.as_str(), "presence.sync.leaf-1");
+    let notice: Value = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice["node_id"], "leaf-1");
+    assert!(notice["sessions"].as_u64().unwrap() >= 2, "{notice}");
     eventually("leaf 1 healthy", Duration::from_secs(5), async || l1.get("/health").await.1["data"]["status"] == "ok").await;
     // Leaf 2's subscriber hears about bob too, and writes work again on leaf 1.
     assert_eq!(far.next("bob").await["status"], "online");
