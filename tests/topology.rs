@@ -133,6 +133,11 @@ async fn center_and_two_leaves_survive_a_partition_with_nothing_lost() {
     assert_eq!(r.headers()["x-presence-stale"], "true");
     let (_, body) = common::decode(r).await;
     assert_eq!((body["stale"].as_bool(), body["data"]["alice"]["status"].as_str()), (Some(true), Some("online")), "{body}");
+    // gRPC reads say so too.
+    let mut g = presenced::grpc::pb::presence_api_client::PresenceApiClient::connect(l1.grpc.clone()).await.unwrap();
+    let r = g.get_presence(presenced::grpc::pb::GetPresenceRequest { user_ids: vec!["alice".into()] }).await.unwrap();
+    assert_eq!(r.metadata().get("x-presence-stale").map(|v| v.to_str().unwrap()), Some("true"));
+    assert_eq!(r.into_inner().presences[0].status, presenced::grpc::pb::Status::Online as i32);
     let cache = l1.get("/health/cache").await.1;
     assert_eq!(cache["data"]["stale"], true, "{cache}");
     assert!(cache["data"]["hits"].as_u64().unwrap() > 0, "{cache}");

@@ -157,7 +157,14 @@ impl PresenceApi for Api {
             Ok(pb::GetPresenceResponse { presences: items.iter().map(presence_pb).collect() })
         }
         .await
-        .map(Response::new)
+        .map(|body| {
+            let mut r = Response::new(body);
+            // Degraded cluster node: answered from its cache (as REST's `"stale": true`).
+            if self.svc.store.degraded().is_some() {
+                r.metadata_mut().insert("x-presence-stale", tonic::metadata::MetadataValue::from_static("true"));
+            }
+            r
+        })
         .map_err(to_status);
         observe("GetPresence", start, &r);
         r
