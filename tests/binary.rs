@@ -1,8 +1,9 @@
 //! The real `presenced` binary: `serve` with no config file, `token`, SIGTERM, restart
 //! with persisted statuses, and bad configuration.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_presenced");
@@ -33,19 +34,7 @@ fn base_cmd(data_dir: &std::path::Path) -> Command {
 
 /// Starts `serve` and waits (bounded) for the "listening" log line with the bound address.
 fn serve(data_dir: &std::path::Path) -> Proc {
-    let mut child = base_cmd(data_dir).arg("serve").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn presenced");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = v["http"].as_str() {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("presenced did not report its address within 20s");
+    let (child, addr) = common::spawn_serve(base_cmd(data_dir).arg("serve"));
     Proc { child, addr }
 }
 

@@ -17,15 +17,8 @@ async fn node(server: &NatsServer, id: &str) -> TestServer {
     TestServer::start(&[("PRESENCE_STORE__BACKEND", "nats"), ("PRESENCE_NATS__URLS", &urls), ("PRESENCE_SERVICE__NODE_ID", id)]).await
 }
 
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if f().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{what}: not within 5s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn eventually(what: &str, f: impl AsyncFnMut() -> bool) -> Duration {
+    common::eventually(what, Duration::from_secs(5), f).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
@@ -57,19 +56,7 @@ fn spawn_node(server: &NatsServer, id: &str) -> Proc {
     for (k, v) in cluster_env(server, id) {
         cmd.env(k, v);
     }
-    let mut child = cmd.arg("serve").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn presenced");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = v["http"].as_str() {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("presenced reports its address within 20s");
+    let (child, addr) = common::spawn_serve(cmd.arg("serve"));
     Proc { child, base: format!("http://{addr}"), _dir: dir }
 }
 
@@ -108,11 +95,8 @@ async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
         online.insert(p["user_id"].as_str().unwrap().to_string());
     }
     // (C's REST read comes from its cache, which follows the KV within milliseconds.)
-    let start = Instant::now();
-    while c.get("/api/v2/presence/u3").await.1["data"]["u3"]["device_count"] != 2 {
-        assert!(start.elapsed() < Duration::from_secs(5), "u3's two devices not seen on C");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let two = async || c.get("/api/v2/presence/u3").await.1["data"]["u3"]["device_count"] == 2;
+    common::eventually("u3's two devices seen on C", Duration::from_secs(5), two).await;
 
     // SIGKILL: no goodbye, no unregister.
     let killed = Instant::now();

@@ -9,22 +9,11 @@ use std::time::{Duration, Instant};
 use common::nats::NatsServer;
 use common::proxy::Proxy;
 use common::wsclient::connect;
-use common::TestServer;
+use common::{eventually, TestServer};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 const LEASE: &str = "2s";
-
-async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if f().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 fn leaf_server(domain: &str, remote_port: u16) -> NatsServer {
     NatsServer::start_with(

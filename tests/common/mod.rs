@@ -19,6 +19,38 @@ pub mod proxy;
 pub mod wsclient;
 
 pub const SECRET: &str = "test-secret";
+
+/// Polls `f` until it holds; panics naming `what` after `within`. Returns how long it took.
+pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        if f().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Spawns a `presenced serve` command (stderr piped, JSON logs) and waits, at most 20 s,
+/// for the log line giving its bound HTTP address.
+pub fn spawn_serve(cmd: &mut std::process::Command) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().expect("spawn presenced");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(addr) = v["http"].as_str() {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("presenced did not report its address within 20s");
+    (child, addr)
+}
 pub const ISSUER: &str = "presence-service";
 
 /// A server on 127.0.0.1:<ephemeral>, stopped when dropped or by [`TestServer::stop`].

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{free_port, ms, open, pct, sibling, subscriber, Res, Shared, Sub, MARK};
+use super::{free_port, open, percentiles, sibling, subscriber, Res, Shared, Sub, MARK};
 
 #[derive(Parser, Clone)]
 pub struct ClusterArgs {
@@ -260,13 +260,7 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
         samples.len(),
         args.changes as u64 * connected
     );
-    println!(
-        "  latency p50 {}  p90 {}  p99 {}  max {}",
-        ms(pct(&lat, 0.5)),
-        ms(pct(&lat, 0.9)),
-        ms(pct(&lat, 0.99)),
-        ms(lat.last().copied().unwrap_or(0))
-    );
+    println!("  latency {}", percentiles(&lat, &[("p50", 0.5), ("p90", 0.9), ("p99", 0.99)]));
     println!(
         "KV writes per status change: {:.3} ({writes} writes over {:.1}s for {} changes, lease renewals included)",
         writes as f64 / args.changes.max(1) as f64,

@@ -378,16 +378,21 @@ impl NatsStore {
         }
         inner.cache.offer(id, Cached { state: Some(state.clone()), revision: updated.revision });
         let presence = state.view(id, now);
-        if let Some(kind) = change.event {
-            let ev = Event { kind, presence: presence.clone(), previous: change.previous, at: now };
-            self.publish(&ev).await;
-            inner.bus.publish(ev);
-        }
+        self.emit(&change, &presence, now).await;
         if let Some(deadline) = state.next_deadline() {
             let tick = deadline.div_euclid(inner.opts.tick_ms.max(1)) + 1;
             inner.timers.lock().entry(tick).or_default().push(id.clone());
         }
         Ok(Some((r, presence)))
+    }
+
+    /// Publishes the event of a transition (if it has one) on NATS and the local bus.
+    async fn emit(&self, change: &Change, presence: &Presence, now: Millis) {
+        if let Some(kind) = change.event {
+            let ev = Event { kind, presence: presence.clone(), previous: change.previous, at: now };
+            self.publish(&ev).await;
+            self.inner.bus.publish(ev);
+        }
     }
 
     async fn publish(&self, ev: &Event) {
@@ -539,11 +544,7 @@ impl NatsStore {
         self.inner.dirty.lock().insert(id.clone());
         metrics::counter!("nats_degraded_local_changes_total").increment(1);
         let presence = st.view(id, now);
-        if let Some(kind) = change.event {
-            let ev = Event { kind, presence: presence.clone(), previous: change.previous, at: now };
-            self.publish(&ev).await;
-            self.inner.bus.publish(ev);
-        }
+        self.emit(&change, &presence, now).await;
         Ok(Some((r, presence)))
     }
 
