@@ -167,19 +167,7 @@ async fn a_node_on_a_leaf_shares_the_centers_state() {
     let leaf =
         NatsServer::start_with("domain: leaf", &format!("leafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}"));
     // Wait for the leaf link: core pub/sub crosses it once it is up.
-    let c = async_nats::connect(center.url()).await.unwrap();
-    let l = async_nats::connect(leaf.url()).await.unwrap();
-    let mut sub = c.subscribe("link.check").await.unwrap();
-    c.flush().await.unwrap();
-    let start = Instant::now();
-    loop {
-        l.publish("link.check", "x".into()).await.unwrap();
-        l.flush().await.unwrap();
-        if tokio::time::timeout(Duration::from_millis(200), sub.next()).await.is_ok() {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(15), "leaf link never came up");
-    }
+    common::nats::linked(&leaf, &center).await;
 
     let on = |server: &NatsServer, id: &'static str| {
         let urls = format!("[\"{}\"]", server.url());

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::nats::NatsServer;
+use common::nats::{linked, NatsServer};
 use common::proxy::Proxy;
 use common::wsclient::connect;
 use common::{eventually, TestServer};
@@ -20,23 +20,6 @@ fn leaf_server(domain: &str, remote_port: u16) -> NatsServer {
         &format!("domain: {domain}"),
         &format!("leafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{remote_port}\" }} ] }}"),
     )
-}
-
-/// Waits until core messages published on `from` reach a subscriber on `to`.
-async fn linked(from: &NatsServer, to: &NatsServer) {
-    let t = async_nats::connect(to.url()).await.unwrap();
-    let f = async_nats::connect(from.url()).await.unwrap();
-    let mut sub = t.subscribe("link.check").await.unwrap();
-    t.flush().await.unwrap();
-    let start = Instant::now();
-    loop {
-        f.publish("link.check", "x".into()).await.unwrap();
-        f.flush().await.unwrap();
-        if tokio::time::timeout(Duration::from_millis(200), sub.next()).await.is_ok() {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(15), "leaf link never came up");
-    }
 }
 
 async fn presenced(server: &NatsServer, id: &str, node_type: &str) -> TestServer {

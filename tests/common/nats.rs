@@ -108,3 +108,22 @@ impl Drop for NatsServer {
 pub fn port() -> u16 {
     free_port()
 }
+
+/// Waits (at most 15 s) until core messages published on `from` reach a subscriber on
+/// `to`: the leafnode link between the two servers is up.
+pub async fn linked(from: &NatsServer, to: &NatsServer) {
+    use futures_util::StreamExt;
+    let t = async_nats::connect(to.url()).await.unwrap();
+    let f = async_nats::connect(from.url()).await.unwrap();
+    let mut sub = t.subscribe("link.check").await.unwrap();
+    t.flush().await.unwrap();
+    let start = Instant::now();
+    loop {
+        f.publish("link.check", "x".into()).await.unwrap();
+        f.flush().await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(200), sub.next()).await.is_ok() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "leaf link never came up");
+    }
+}

@@ -201,6 +201,18 @@ fn free_port() -> Res<u16> {
 
 const BENCH_SECRET: &str = "presenced-bench-secret";
 
+/// How the bench runs presenced: gateway auth (clients name themselves), quiet logs, and
+/// rate limits out of the way.
+const BENCH_ENV: [(&str, &str); 7] = [
+    ("PRESENCE_AUTH__JWT_SECRET", BENCH_SECRET),
+    ("PRESENCE_AUTH__MODE", "gateway"),
+    ("PRESENCE_LOGGING__LEVEL", "warn"),
+    ("PRESENCE_LIMITS__WS_MESSAGES_PER_SEC", "100000"),
+    ("PRESENCE_LIMITS__WS_MESSAGE_BURST", "100000"),
+    ("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000"),
+    ("PRESENCE_LIMITS__WRITE_BURST", "100000"),
+];
+
 async fn spawn_server(baseline: bool) -> Res<Server> {
     spawn_server_with(baseline, None).await
 }
@@ -223,14 +235,8 @@ async fn spawn_server_with(baseline: bool, grpc_port: Option<u16>) -> Res<Server
             .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
             .env("PRESENCE_SERVICE__PORT", port.to_string())
             .env("PRESENCE_SERVICE__GRPC_PORT", grpc_port.map_or("0".to_string(), |p| p.to_string()))
-            .env("PRESENCE_AUTH__JWT_SECRET", BENCH_SECRET)
+            .envs(BENCH_ENV)
             .env("PRESENCE_SERVICE__DATA_DIR", &dir)
-            .env("PRESENCE_AUTH__MODE", "gateway")
-            .env("PRESENCE_LOGGING__LEVEL", "warn")
-            .env("PRESENCE_LIMITS__WS_MESSAGES_PER_SEC", "100000")
-            .env("PRESENCE_LIMITS__WS_MESSAGE_BURST", "100000")
-            .env("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000")
-            .env("PRESENCE_LIMITS__WRITE_BURST", "100000")
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?;
