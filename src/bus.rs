@@ -69,6 +69,9 @@ impl std::fmt::Debug for Interest {
 impl Interest {
     pub fn add<'a>(&self, ids: impl IntoIterator<Item = &'a UserId>) {
         let mut s = self.state.lock();
+        if s.follower.is_none() {
+            return; // nobody routes by interest (the embedded store): nothing to count
+        }
         for id in ids {
             let n = s.counts.entry(id.clone()).or_insert(0);
             *n += 1;
@@ -80,6 +83,9 @@ impl Interest {
 
     pub fn remove<'a>(&self, ids: impl IntoIterator<Item = &'a UserId>) {
         let mut s = self.state.lock();
+        if s.follower.is_none() {
+            return;
+        }
         for id in ids {
             let Some(n) = s.counts.get_mut(id) else { continue };
             *n -= 1;
@@ -92,6 +98,9 @@ impl Interest {
 
     pub fn set_all(&self, on: bool) {
         let mut s = self.state.lock();
+        if s.follower.is_none() {
+            return;
+        }
         let before = s.all > 0;
         if on {
             s.all += 1;
@@ -120,8 +129,8 @@ impl Interest {
         self.state.lock().seq
     }
 
-    /// The changes from now on, numbered, starting with the current state (one follower:
-    /// the backend).
+    /// The changes from now on, numbered (one follower: the backend, which calls this
+    /// before any transport exists; without a follower nothing is counted).
     pub fn follow(&self) -> mpsc::UnboundedReceiver<(u64, InterestChange)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut s = self.state.lock();
@@ -211,9 +220,11 @@ mod tests {
     #[test]
     fn interest_reports_only_first_and_last_watchers() {
         let i = Interest::default();
-        i.add(&[u("early")]);
+        i.add(&[u("unrouted")]);
+        assert_eq!(i.watched(), 0, "without a follower nothing is counted");
         let mut rx = i.follow();
-        assert_eq!(rx.try_recv().unwrap(), (1, InterestChange::Watch(u("early"))), "current state first");
+        i.add(&[u("early")]);
+        assert_eq!(rx.try_recv().unwrap(), (1, InterestChange::Watch(u("early"))));
         i.add(&[u("a"), u("a"), u("b")]);
         i.remove(&[u("a")]);
         i.remove(&[u("a"), u("b"), u("never")]);
