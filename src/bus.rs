@@ -8,6 +8,7 @@
 //! only (interest-routed fan-out).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -58,6 +59,8 @@ impl InterestState {
 #[derive(Clone, Default)]
 pub struct Interest {
     state: Arc<Mutex<InterestState>>,
+    /// Set once a backend follows: until then reports cost one atomic load.
+    followed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Interest {
@@ -68,10 +71,10 @@ impl std::fmt::Debug for Interest {
 
 impl Interest {
     pub fn add<'a>(&self, ids: impl IntoIterator<Item = &'a UserId>) {
-        let mut s = self.state.lock();
-        if s.follower.is_none() {
+        if !self.is_followed() {
             return; // nobody routes by interest (the embedded store): nothing to count
         }
+        let mut s = self.state.lock();
         for id in ids {
             let n = s.counts.entry(id.clone()).or_insert(0);
             *n += 1;
@@ -82,10 +85,10 @@ impl Interest {
     }
 
     pub fn remove<'a>(&self, ids: impl IntoIterator<Item = &'a UserId>) {
-        let mut s = self.state.lock();
-        if s.follower.is_none() {
+        if !self.is_followed() {
             return;
         }
+        let mut s = self.state.lock();
         for id in ids {
             let Some(n) = s.counts.get_mut(id) else { continue };
             *n -= 1;
@@ -97,10 +100,10 @@ impl Interest {
     }
 
     pub fn set_all(&self, on: bool) {
-        let mut s = self.state.lock();
-        if s.follower.is_none() {
+        if !self.is_followed() {
             return;
         }
+        let mut s = self.state.lock();
         let before = s.all > 0;
         if on {
             s.all += 1;
@@ -111,6 +114,11 @@ impl Interest {
         if before != after {
             s.send(InterestChange::All(after));
         }
+    }
+
+    /// Whether a backend routes by interest (otherwise transports need not report it).
+    pub fn is_followed(&self) -> bool {
+        self.followed.load(Ordering::Acquire)
     }
 
     /// Users watched now.
@@ -135,6 +143,7 @@ impl Interest {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut s = self.state.lock();
         s.follower = Some(tx);
+        self.followed.store(true, Ordering::Release);
         let ids: Vec<UserId> = s.counts.keys().cloned().collect();
         for id in ids {
             s.send(InterestChange::Watch(id));

@@ -318,7 +318,7 @@ impl Hub {
             conns.push(conn.clone());
             (old, first)
         };
-        if first {
+        if first && self.bus.interest().is_followed() {
             // The user's own changes (other devices) and those of whoever has them as a contact.
             let audience: HashSet<UserId> = self.directory.audience_of(&user).into_iter().collect();
             let interest = self.bus.interest();
@@ -356,7 +356,7 @@ impl Hub {
             }
             owned
         };
-        if last {
+        if last && self.bus.interest().is_followed() {
             let audience = self.contact_interest.lock().remove(&conn.user).unwrap_or_default();
             self.bus.interest().remove(std::iter::once(&conn.user).chain(audience.iter()));
         }
