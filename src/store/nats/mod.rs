@@ -244,7 +244,13 @@ impl NatsStore {
         let tick = Duration::from_millis(self.inner.opts.tick_ms.max(1) as u64);
         let h = super::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
             let now = inner.clock.now();
-            NatsStore { inner }.reap(now).await;
+            let store = NatsStore { inner };
+            store.reap(now).await;
+            // Degraded: probe the center (a lease renewal) as soon as the back-off allows,
+            // rather than at the next renewal period.
+            if store.inner.breaker.is_open() {
+                store.renew_lease().await;
+            }
         });
         let every = Duration::from_millis((self.inner.opts.lease_ttl_ms / 3).max(100) as u64);
         let l = super::spawn_periodic(Arc::downgrade(&self.inner), every, |inner: Arc<Inner>| async move {
