@@ -106,9 +106,12 @@ impl NatsStore {
                         "this node's lease is still live: a previous process just stopped, or another process runs with the same service.node_id"
                     );
                 }
-                let n = self.end_sessions_of(&self.inner.node.clone(), self.inner.started_at, prev.renewed_at).await;
+                let (n, failed) = self.end_sessions_of(&self.inner.node.clone(), self.inner.started_at, prev.renewed_at).await;
                 if n > 0 {
-                    tracing::info!(sessions = n, "ended the sessions of this node's previous run");
+                    tracing::info!(users = n, "ended the sessions of this node's previous run");
+                }
+                if failed > 0 {
+                    return Err(unavailable(format!("could not end {failed} sessions of this node's previous run")));
                 }
             }
         }
@@ -218,10 +221,13 @@ impl NatsStore {
             let Ok(claim_rev) = self.inner.nodes.update(&key, body.into(), entry.revision).await else { continue };
             wrote(&self.inner, "lease");
             metrics::counter!("nats_janitor_claims_total").increment(1);
-            let n = self.end_sessions_of(&lease.node_id, now, lease.renewed_at).await;
+            let (n, failed) = self.end_sessions_of(&lease.node_id, now, lease.renewed_at).await;
             handled += n;
             tracing::warn!(node = %lease.node_id, users = n, last_renewal_ms_ago = now - lease.renewed_at, "node lease lapsed: ended its sessions");
-            if self.inner.nodes.purge_expect_revision(&key, Some(claim_rev)).await.is_ok() {
+            if failed > 0 {
+                // The claim stays: after two TTLs a janitor claims it again and retries.
+                tracing::warn!(node = %lease.node_id, failed, "some of a dead node's sessions could not be ended yet");
+            } else if self.inner.nodes.purge_expect_revision(&key, Some(claim_rev)).await.is_ok() {
                 wrote(&self.inner, "lease");
             }
         }
@@ -229,10 +235,12 @@ impl NatsStore {
     }
 
     /// Ends the sessions `owner` held that started at or before `until`, with
-    /// `last_seen` = `last_alive`; removes the owner index entries. Returns the users.
-    async fn end_sessions_of(&self, owner: &str, until: Millis, last_alive: Millis) -> usize {
+    /// `last_seen` = `last_alive`; removes the owner index entries. Returns the users
+    /// handled and those that failed (or could not be listed).
+    async fn end_sessions_of(&self, owner: &str, until: Millis, last_alive: Millis) -> (usize, usize) {
         let prefix = format!("{}.", encode_id(owner));
         let mut users = Vec::new();
+        let mut failed = 0;
         match self.inner.owners.keys().await {
             Ok(mut keys) => {
                 while let Some(k) = keys.next().await {
@@ -241,12 +249,16 @@ impl NatsStore {
                         Ok(_) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "could not list the owner index completely");
+                            failed += 1;
                             break;
                         }
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "could not list the owner index"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the owner index");
+                failed += 1;
+            }
         }
         let node = self.inner.node.clone();
         let mut n = 0;
@@ -254,11 +266,16 @@ impl NatsStore {
             let Some(id) = decode_id(&key[prefix.len()..]).and_then(|s| UserId::parse(&s, usize::MAX).ok()) else { continue };
             let rev = match self.inner.owners.entry(&key).await {
                 Ok(Some(e)) => e.revision,
-                _ => continue,
+                Ok(None) => continue,
+                Err(_) => {
+                    failed += 1;
+                    continue;
+                }
             };
             let r = self.apply(&id, false, |s, now| ((), s.release_node(owner, until, last_alive, &node, now))).await;
             if let Err(e) = r {
                 tracing::warn!(user = %id, error = %e, "could not end a dead node's session");
+                failed += 1;
                 continue;
             }
             n += 1;
@@ -267,7 +284,7 @@ impl NatsStore {
                 wrote(&self.inner, "index");
             }
         }
-        n
+        (n, failed)
     }
 
     /// At shutdown: ends every session this node still holds and gives up the lease.
