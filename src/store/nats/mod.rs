@@ -173,6 +173,8 @@ pub(crate) struct Inner {
     breaker: Breaker,
     /// Users whose sessions changed here while degraded: written back on recovery.
     dirty: Mutex<HashSet<UserId>>,
+    /// Directory key → newest revision applied here (own writes included).
+    dir_revisions: Mutex<std::collections::HashMap<String, u64>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -227,6 +229,7 @@ impl NatsStore {
             cache: PresenceCache::new(opts_cache_cost, CACHE_TTL),
             breaker: Breaker::new(3, Duration::from_millis(500), Duration::from_secs(10)),
             dirty: Mutex::new(HashSet::new()),
+            dir_revisions: Mutex::new(std::collections::HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let store = NatsStore { inner };
@@ -867,14 +870,14 @@ impl Store for NatsStore {
     async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         let k = dir_key(table, key);
         let dir = &self.inner.dir;
-        self.guarded(async {
-            match value {
-                Some(v) => dir.put(k, v.into()).await.map(|_| ()).map_err(|e| KvError::Backend(e.to_string())),
-                None => dir.purge(k).await.map_err(|e| KvError::Backend(e.to_string())),
-            }
-        })
-        .await?;
+        // A deleted row is an empty value (a put, so it has a revision like any other).
+        let bytes = bytes::Bytes::from(value.unwrap_or_default());
+        let rev = self.guarded(async { dir.put(&k, bytes).await.map_err(|e| KvError::Backend(e.to_string())) }).await?;
         wrote(&self.inner, "directory");
+        // Our own write's echo (or an older one arriving late) must not be applied again.
+        let mut revs = self.inner.dir_revisions.lock();
+        let seen = revs.entry(k).or_insert(0);
+        *seen = (*seen).max(rev);
         Ok(())
     }
 
@@ -885,7 +888,9 @@ impl Store for NatsStore {
             let k = k.map_err(unavailable)?;
             let Some((table, id)) = parse_dir_key(&k) else { continue };
             let Some(v) = self.inner.dir.get(&k).await.map_err(unavailable)? else { continue };
-            out.push((table, id, v.to_vec()));
+            if !v.is_empty() {
+                out.push((table, id, v.to_vec()));
+            }
         }
         Ok(out)
     }
@@ -899,6 +904,7 @@ impl Store for NatsStore {
             }
         };
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let weak = Arc::downgrade(&self.inner);
         let h = tokio::spawn(async move {
             while let Some(entry) = watch.next().await {
                 let entry = match entry {
@@ -909,7 +915,16 @@ impl Store for NatsStore {
                     }
                 };
                 let Some((table, id)) = parse_dir_key(&entry.key) else { continue };
-                let value = (entry.operation == jkv::Operation::Put).then(|| entry.value.to_vec());
+                {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let mut revs = inner.dir_revisions.lock();
+                    let seen = revs.entry(entry.key.clone()).or_insert(0);
+                    if entry.revision <= *seen {
+                        continue; // this node's own write, or older than what it applied
+                    }
+                    *seen = entry.revision;
+                }
+                let value = (entry.operation == jkv::Operation::Put && !entry.value.is_empty()).then(|| entry.value.to_vec());
                 if tx.send((table, id, value)).await.is_err() {
                     return;
                 }
