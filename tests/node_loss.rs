@@ -52,6 +52,8 @@ fn spawn_node(server: &NatsServer, id: &str) -> Proc {
         .env("PRESENCE_SERVICE__GRPC_PORT", "0")
         .env("PRESENCE_SERVICE__DATA_DIR", dir.path())
         .env("PRESENCE_AUTH__JWT_SECRET", common::SECRET)
+        .env("PRESENCE_SERVICE__SHUTDOWN_GRACE", "1s")
+        .env("PRESENCE_NATS__REQUEST_TIMEOUT", "500ms")
         .env("PRESENCE_LOGGING__FORMAT", "json");
     for (k, v) in cluster_env(server, id) {
         cmd.env(k, v);
@@ -173,4 +175,32 @@ async fn heartbeats_cost_no_store_writes_wherever_they_land() {
     let lapsed = gc.refresh_session(auth(&c, refresh())).await.unwrap_err();
     assert_eq!(lapsed.code(), tonic::Code::NotFound);
     c.stop().await;
+}
+
+/// SIGTERM while NATS is gone: the node still exits, in bounded time (its sessions are
+/// left to its lease and the janitor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_nats_is_gone() {
+    let mut server = NatsServer::start("");
+    let mut b = spawn_node(&server, "node-b");
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url(&b.base, &b_token("u9"), "phone")).await.expect("connect to B");
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = b.child.id().to_string();
+    assert!(Command::new("kill").args(["-s", "TERM", &pid]).status().unwrap().success());
+    let start = Instant::now();
+    loop {
+        if b.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(12), "presenced did not exit within 12s of SIGTERM with NATS down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("exited {:?} after SIGTERM with NATS down", start.elapsed());
+    drop(ws);
+}
+
+fn b_token(sub: &str) -> String {
+    let auth = presenced::auth::Authenticator::new(common::SECRET, common::ISSUER, Duration::from_secs(30), None);
+    auth.mint(sub, Duration::from_secs(3600), None).expect("mint")
 }

@@ -938,8 +938,13 @@ impl Store for NatsStore {
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }
-        // Sessions still held (gRPC/HTTP-registered ones) end now rather than at lease expiry.
-        self.release_all().await;
-        let _ = self.inner.nats.client.flush().await;
+        // Sessions still held (gRPC/HTTP-registered ones) end now rather than at lease
+        // expiry. Bounded: with NATS unreachable the lease simply lapses instead.
+        let limit = self.inner.opts.kv_timeout * 2;
+        if self.inner.nats.health().connected && tokio::time::timeout(limit, self.release_all()).await.is_err() {
+            tracing::warn!("could not release this node's sessions in time; its lease will lapse and the janitor will end them");
+        }
+        // A flush waits for a connection: never longer than the limit.
+        let _ = tokio::time::timeout(limit, self.inner.nats.client.flush()).await;
     }
 }
