@@ -216,9 +216,16 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
     while shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) < args.subscribers as u64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let connected_subs = shared.connected.load(Ordering::Relaxed);
     let mut pubs = Vec::new();
     for (i, u) in publishers.iter().enumerate() {
         pubs.push(open(a_addr, Ipv4Addr::new(127, 0, 0, 2 + (i % 50) as u8), u, false).await?);
+    }
+    // A handshake completes before its session is written: wait for all of them.
+    let held = async |port: u16| get_json(port, "/health/nats").await.ok().and_then(|v| v["data"]["sessions_held"].as_u64()).unwrap_or(0);
+    let t1 = Instant::now();
+    while (held(b_http).await < connected_subs || held(a_http).await < publishers.len() as u64) && t1.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(2000)).await;
     shared.samples.lock().clear();
@@ -298,9 +305,7 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let online = connected.load(Ordering::Relaxed);
-    // A handshake completes before its session is written: wait for all of them.
-    let held = async || get_json(a_http, "/health/nats").await.ok().and_then(|v| v["data"]["sessions_held"].as_u64()).unwrap_or(0);
-    while held().await < online + args.publishers as u64 && t0.elapsed() < Duration::from_secs(300) {
+    while held(a_http).await < online + args.publishers as u64 && t0.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("idle: {online} users connected to leaf A and their sessions written in {:.1}s", t0.elapsed().as_secs_f64());
@@ -308,7 +313,7 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
     let (w0, b0, s0) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let (w1, b1, secs) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), s0.elapsed().as_secs_f64());
-    let held = held().await;
+    let held = held(a_http).await;
     println!(
         "store writes with {online} idle users ({held} sessions held by leaf A): {:.2} writes/s over {secs:.0}s, while they sent {:.0} heartbeats/s",
         (w1 - w0) as f64 / secs,
