@@ -79,9 +79,7 @@ impl Directory {
                     Some(v) => serde_json::from_slice::<Privacy>(v).ok()?,
                     None => Privacy::default(),
                 };
-                let old =
-                    if p == Privacy::default() { self.privacy.write().remove(&user) } else { self.privacy.write().insert(user.clone(), p) };
-                let previous = old.unwrap_or_default();
+                let previous = self.apply_privacy(&user, p);
                 (previous != p).then_some(RowChange::Privacy { user, previous })
             }
             DirTable::Conversations => {
@@ -89,12 +87,7 @@ impl Directory {
                     Some(v) => parse_ids(v)?,
                     None => Vec::new(),
                 };
-                let mut conv = self.conversations.write();
-                if ids.is_empty() {
-                    conv.remove(key);
-                } else {
-                    conv.insert(Arc::from(key), Arc::new(ids.into_iter().collect()));
-                }
+                self.apply_members(key, ids);
                 None
             }
         }
@@ -157,21 +150,31 @@ impl Directory {
     pub async fn set_privacy(&self, store: &dyn Store, user: &UserId, p: Privacy) -> Result<Privacy, StoreError> {
         let value = if p == Privacy::default() { None } else { serde_json::to_vec(&p).ok() };
         store.put_directory(DirTable::Privacy, user.as_str(), value).await?;
+        Ok(self.apply_privacy(user, p))
+    }
+
+    /// Sets the user's privacy in memory (defaults are not kept); returns the previous one.
+    fn apply_privacy(&self, user: &UserId, p: Privacy) -> Privacy {
         let old = if p == Privacy::default() { self.privacy.write().remove(user) } else { self.privacy.write().insert(user.clone(), p) };
-        Ok(old.unwrap_or_default())
+        old.unwrap_or_default()
     }
 
     /// Replaces a conversation's members durably.
     pub async fn set_members(&self, store: &dyn Store, conversation: &str, ids: Vec<UserId>) -> Result<(), StoreError> {
         let value = if ids.is_empty() { None } else { Some(ids_json(&ids)) };
         store.put_directory(DirTable::Conversations, conversation, value).await?;
+        self.apply_members(conversation, ids);
+        Ok(())
+    }
+
+    /// Sets a conversation's members in memory (none: the conversation is forgotten).
+    fn apply_members(&self, conversation: &str, ids: Vec<UserId>) {
         let mut conv = self.conversations.write();
         if ids.is_empty() {
             conv.remove(conversation);
         } else {
             conv.insert(Arc::from(conversation), Arc::new(ids.into_iter().collect()));
         }
-        Ok(())
     }
 }
 

@@ -58,14 +58,8 @@ async fn what_one_node_learns_the_other_serves() {
     // A session registered over gRPC on B is seen by REST on A.
     use presenced::grpc::pb;
     let mut grpc = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
-    let mut req = tonic::Request::new(pb::RegisterSessionRequest {
-        user_id: "carol".into(),
-        device_id: "d".into(),
-        instance_id: "gw-b".into(),
-        ttl_seconds: 60,
-    });
-    req.metadata_mut().insert("authorization", format!("Bearer {}", b.admin_token("svc")).parse().unwrap());
-    grpc.register_session(req).await.unwrap();
+    let reg = pb::RegisterSessionRequest { user_id: "carol".into(), device_id: "d".into(), instance_id: "gw-b".into(), ttl_seconds: 60 };
+    grpc.register_session(b.admin_request(reg)).await.unwrap();
     eventually("carol online on A", async || a.get("/api/v2/presence/carol").await.1["data"]["carol"]["status"] == "online").await;
     a.stop().await;
     b.stop().await;
@@ -343,14 +337,8 @@ async fn grpc_watch_on_one_node_follows_sessions_on_another() {
     let mut next =
         async || tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("event in time").unwrap().expect("open");
     assert!(next().await.snapshot);
-    let mut req = tonic::Request::new(pb::RegisterSessionRequest {
-        user_id: "gina".into(),
-        device_id: "d".into(),
-        instance_id: "gw-a".into(),
-        ttl_seconds: 1,
-    });
-    req.metadata_mut().insert("authorization", format!("Bearer {}", a.admin_token("svc")).parse().unwrap());
-    ga.register_session(req).await.unwrap();
+    let reg = pb::RegisterSessionRequest { user_id: "gina".into(), device_id: "d".into(), instance_id: "gw-a".into(), ttl_seconds: 1 };
+    ga.register_session(a.admin_request(reg)).await.unwrap();
     let online = next().await;
     assert_eq!(online.kind, Kind::UserOnline as i32);
     let offline = next().await;

@@ -139,12 +139,6 @@ async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
     c.stop().await;
 }
 
-fn auth<T>(n: &TestServer, m: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.metadata_mut().insert("authorization", format!("Bearer {}", n.admin_token("svc")).parse().unwrap());
-    r
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_cost_no_store_writes_wherever_they_land() {
     use presenced::grpc::pb;
@@ -155,27 +149,27 @@ async fn heartbeats_cost_no_store_writes_wherever_they_land() {
     let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
     let mut gc = pb::presence_api_client::PresenceApiClient::connect(c.grpc.clone()).await.unwrap();
     let reg = pb::RegisterSessionRequest { user_id: "dana".into(), device_id: "d1".into(), instance_id: "gw".into(), ttl_seconds: 30 };
-    ga.register_session(auth(&a, reg)).await.unwrap();
+    ga.register_session(a.admin_request(reg)).await.unwrap();
     let refresh = || pb::RefreshSessionRequest { user_id: "dana".into(), device_id: "d1".into() };
     let writes = || a.svc.store.stats().writes + c.svc.store.stats().writes;
     let before = writes();
     for _ in 0..50 {
-        assert!(ga.refresh_session(auth(&a, refresh())).await.unwrap().into_inner().expires_at.is_some());
+        assert!(ga.refresh_session(a.admin_request(refresh())).await.unwrap().into_inner().expires_at.is_some());
     }
     // Heartbeats reaching a node that does not own the session go to the owner.
     for _ in 0..20 {
-        assert!(gc.refresh_session(auth(&c, refresh())).await.unwrap().into_inner().expires_at.is_some());
+        assert!(gc.refresh_session(c.admin_request(refresh())).await.unwrap().into_inner().expires_at.is_some());
     }
     let heartbeat_writes = writes() - before;
     assert_eq!(heartbeat_writes, 0, "{heartbeat_writes} writes for 70 heartbeats");
-    let devices = gc.get_user_devices(auth(&c, pb::GetUserDevicesRequest { user_id: "dana".into() })).await.unwrap().into_inner();
+    let devices = gc.get_user_devices(c.admin_request(pb::GetUserDevicesRequest { user_id: "dana".into() })).await.unwrap().into_inner();
     assert_eq!(devices.devices.len(), 1);
 
     // The owner stops: the session ends with it (graceful shutdown releases what it holds).
     a.stop().await;
     let (_, body) = c.get("/api/v2/presence/dana").await;
     assert_eq!(body["data"]["dana"]["status"], "offline", "{body}");
-    let lapsed = gc.refresh_session(auth(&c, refresh())).await.unwrap_err();
+    let lapsed = gc.refresh_session(c.admin_request(refresh())).await.unwrap_err();
     assert_eq!(lapsed.code(), tonic::Code::NotFound);
     c.stop().await;
 }

@@ -123,6 +123,13 @@ impl TestServer {
         self.svc.auth.mint(sub, Duration::from_secs(3600), Some("presence:admin")).expect("mint")
     }
 
+    /// A gRPC request carrying a backend's (`presence:admin`) token.
+    pub fn admin_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert("authorization", format!("Bearer {}", self.admin_token("svc")).parse().expect("header"));
+        r
+    }
+
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         let r = self.client.get(self.url(path)).send().await.expect("request");
         decode(r).await
