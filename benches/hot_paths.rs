@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::http::Request;
 use divan::Bencher;
 use presenced::bus::EventBus;
+use presenced::core::NewSession;
 use presenced::core::{Status, UserId};
 use presenced::store::memory::{MemoryConfig, MemoryStore};
 use presenced::store::{SetStatus, Store, SystemClock};
@@ -36,7 +37,7 @@ fn populated(rt: &tokio::runtime::Runtime, data_dir: Option<std::path::PathBuf>)
     rt.block_on(async {
         store.start();
         for id in &ids {
-            store.register_session(id, "phone", "gw-1", 600_000).await.unwrap();
+            store.register_session(id, NewSession::new("phone", "gw-1", 600_000)).await.unwrap();
         }
     });
     (store, ids)
@@ -143,7 +144,7 @@ fn router_fixture(rt: &tokio::runtime::Runtime) -> (axum::Router, presenced::ser
     rt.block_on(async {
         for i in 0..1000 {
             let id = UserId::parse(&format!("user-{i}"), 128).unwrap();
-            app.svc.store.register_session(&id, "phone", "gw", 600_000).await.unwrap();
+            app.svc.store.register_session(&id, NewSession::new("phone", "gw", 600_000)).await.unwrap();
         }
     });
     (app.router(), app, dir)

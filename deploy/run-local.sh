@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 BIN=${PRESENCED:-../target/release/presenced}
 [ -x "$BIN" ] || { echo "build first: cargo build --release (or set PRESENCED=/path/to/presenced)"; exit 1; }
 NATS=$(command -v nats-server || echo /usr/sbin/nats-server)
-export JWT_SECRET=${JWT_SECRET:-local-cluster-secret}
+export JWT_SECRET=${JWT_SECRET:-local-cluster-secret-change-me-0123456789}
 mkdir -p .run
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT INT TERM

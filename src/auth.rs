@@ -14,6 +14,9 @@ use crate::config::AuthConfig;
 /// The scope that lets a backend act for any user (contacts, sessions, conversations).
 pub const ADMIN_SCOPE: &str = "presence:admin";
 
+/// Shortest HS256 secret accepted (RFC 7518 §3.2: a key at least as long as the hash).
+pub const MIN_SECRET_BYTES: usize = 32;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     pub sub: String,
@@ -80,6 +83,13 @@ pub enum AuthSetupError {
     KeyFile { path: std::path::PathBuf, source: std::io::Error },
     #[error("auth.public_key: not a PEM RSA or EC (P-256) public key")]
     BadKey,
+    #[error(
+        "auth: the JWT secret in {path} is shorter than {min} bytes (empty or damaged?): refusing to sign or accept tokens with it. \
+         Put a secret of at least {min} bytes there (`openssl rand -hex 32`), or delete the file to have a new one made \
+         (tokens issued with the old secret stop working)",
+        min = MIN_SECRET_BYTES
+    )]
+    WeakSecretFile { path: std::path::PathBuf },
 }
 
 /// Verifies tokens and mints development tokens.
@@ -172,7 +182,9 @@ impl Authenticator {
         if c.sub.is_empty() {
             return Err(AuthError::MissingClaim("sub".into()));
         }
-        let scopes = c.scope.unwrap_or_default().split_whitespace().map(str::to_string).collect();
+        // RFC 6749 §3.3: scopes are separated by U+0020 only (so "a\u{a0}presence:admin" is
+        // one unknown scope, not the admin scope).
+        let scopes = c.scope.unwrap_or_default().split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
         Ok(Identity { sub: c.sub, scopes })
     }
 
@@ -221,32 +233,56 @@ fn base64url_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Reads `data_dir/jwt.secret`, or creates it with a random 256-bit secret: written to
+/// a temporary file (mode 0600), synced, then linked into place only if no other process
+/// made one meanwhile (so two processes never end up with different secrets), and the
+/// directory synced. A file holding fewer than [`MIN_SECRET_BYTES`] is refused.
 fn load_or_create_secret(data_dir: &Path) -> Result<String, AuthSetupError> {
     use std::io::Write;
     let path = data_dir.join("jwt.secret");
     let err = |source| AuthSetupError::SecretFile { path: path.clone(), source };
+    let checked = |s: String| {
+        let s = s.trim().to_string();
+        if s.len() < MIN_SECRET_BYTES {
+            Err(AuthSetupError::WeakSecretFile { path: path.clone() })
+        } else {
+            Ok(s)
+        }
+    };
     match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
-        Ok(_) => {}
+        Ok(s) => return checked(s),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(AuthSetupError::WeakSecretFile { path: path.clone() }),
         Err(e) => return Err(err(e)),
     }
     std::fs::create_dir_all(data_dir).map_err(err)?;
     let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let tmp = data_dir.join(format!(".jwt.secret.{}.{:08x}", std::process::id(), rand::random::<u32>()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    match opts.open(&path) {
-        Ok(mut f) => {
-            f.write_all(secret.as_bytes()).map_err(err)?;
+    let written = (|| {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(secret.as_bytes())?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Ok(dir) = std::fs::File::open(data_dir) {
+                let _ = dir.sync_all();
+            }
             tracing::info!(path = %path.display(), "created a random JWT secret (set auth.jwt_secret to choose one)");
             Ok(secret)
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::read_to_string(&path).map(|s| s.trim().to_string()).map_err(err)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => checked(std::fs::read_to_string(&path).map_err(err)?),
         Err(e) => Err(err(e)),
     }
 }
@@ -306,6 +342,55 @@ mod tests {
         // RS256 header with no public key configured.
         let rs = format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(r#"{"sub":"x"}"#));
         assert_eq!(a.verify(&rs), Err(AuthError::Algorithm("RS256".into())));
+    }
+
+    #[test]
+    fn scopes_split_on_spaces_only() {
+        let a = auth();
+        for (scope, admin) in [
+            ("presence:admin", true),
+            ("read presence:admin", true),
+            ("  presence:admin  ", true),
+            ("foo\u{a0}presence:admin", false),
+            ("foo\tpresence:admin", false),
+            ("foo\npresence:admin", false),
+            ("presence:admin\u{3000}", false),
+        ] {
+            let t = a.mint("x", Duration::from_secs(60), Some(scope)).unwrap();
+            assert_eq!(a.verify(&t).unwrap().is_admin(), admin, "{scope:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_or_empty_secret_file_is_refused() {
+        for content in ["", "   \n", "abc", &"x".repeat(31)] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("jwt.secret"), content).unwrap();
+            let e = load_or_create_secret(dir.path()).expect_err("refused");
+            assert!(matches!(e, AuthSetupError::WeakSecretFile { .. }), "{content:?}: {e}");
+            assert!(e.to_string().contains("jwt.secret"), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jwt.secret"), "y".repeat(32)).unwrap();
+        assert_eq!(load_or_create_secret(dir.path()).unwrap(), "y".repeat(32));
+    }
+
+    #[test]
+    fn concurrent_creators_agree_and_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let secrets: Vec<String> = (0..8)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || load_or_create_secret(&p).unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert!(secrets.windows(2).all(|w| w[0] == w[1]), "{secrets:?}");
+        let names: Vec<String> = std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, vec!["jwt.secret".to_string()]);
     }
 
     #[test]

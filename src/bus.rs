@@ -164,6 +164,8 @@ pub struct InterestGuard {
 
 impl InterestGuard {
     pub fn new(interest: &Interest, ids: Vec<UserId>, all: bool) -> InterestGuard {
+        // Without a backend routing by interest nothing is counted: keep no copy of the ids.
+        let ids = if interest.is_followed() { ids } else { Vec::new() };
         interest.add(&ids);
         if all {
             interest.set_all(true);

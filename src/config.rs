@@ -86,6 +86,9 @@ pub struct StoreConfig {
     pub shards: usize,
     /// Expiry timer resolution.
     pub tick: Dur,
+    /// Start with an empty store when the database file is empty or damaged beyond
+    /// repair (it is moved aside first). Off: such a file stops the start (exit 64).
+    pub start_fresh: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +108,9 @@ pub struct PresenceConfig {
     /// `last_seen` is also written to the store at most this often. `0s` (default):
     /// only on disconnect (or, after a node loss, the dead node's last lease renewal).
     pub last_seen_interval: Dur,
+    /// Forget a user who has had no session and no status for this long (their
+    /// `last_seen` goes too), so churning ids do not grow the store; `0s`: never.
+    pub forget_after: Dur,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -183,6 +189,25 @@ pub struct LimitsConfig {
     pub max_contacts: usize,
     /// Members per conversation.
     pub max_conversation_members: usize,
+    /// New connections per client IP per second, on `/ws` and on the gRPC port (token
+    /// bucket with `connection_burst_per_ip`); `0` turns the limit off.
+    pub connections_per_ip_per_sec: f64,
+    pub connection_burst_per_ip: u32,
+    /// HTTP and gRPC: a client must send a whole request head (HTTP/2: open its first
+    /// stream) within this time of starting one, or of connecting.
+    pub header_read_timeout: Dur,
+    /// HTTP keep-alive and gRPC: a connection with no request in flight for this long is
+    /// closed (WebSockets are not affected: they have their own heartbeat).
+    pub idle_timeout: Dur,
+    /// gRPC: concurrent streams (calls) per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub grpc_max_concurrent_streams: u32,
+    /// gRPC: `WatchPresence` streams open at once in this process.
+    pub grpc_max_watch_streams: usize,
+    /// gRPC: user ids watched by all `WatchPresence` streams together.
+    pub grpc_max_watched_ids: usize,
+    /// gRPC: events one `WatchPresence` stream may hold for a slow reader (after
+    /// coalescing per user) before it is ended with `RESOURCE_EXHAUSTED`.
+    pub grpc_watch_buffer: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -351,7 +376,7 @@ impl Default for ServiceConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { backend: Backend::Memory, persist: true, shards: 64, tick: Dur::millis(100) }
+        StoreConfig { backend: Backend::Memory, persist: true, shards: 64, tick: Dur::millis(100), start_fresh: false }
     }
 }
 
@@ -364,6 +389,7 @@ impl Default for PresenceConfig {
             default_status_ttl: Dur::secs(3600),
             node_lease_ttl: Dur::secs(15),
             last_seen_interval: Dur::secs(0),
+            forget_after: Dur::secs(30 * 24 * 3600),
         }
     }
 }
@@ -403,6 +429,14 @@ impl Default for LimitsConfig {
             ws_read_buffer_bytes: ByteSize(2048),
             max_contacts: 5000,
             max_conversation_members: 10_000,
+            connections_per_ip_per_sec: 20.0,
+            connection_burst_per_ip: 100,
+            header_read_timeout: Dur::secs(10),
+            idle_timeout: Dur::secs(120),
+            grpc_max_concurrent_streams: 100,
+            grpc_max_watch_streams: 4096,
+            grpc_max_watched_ids: 1_000_000,
+            grpc_watch_buffer: 10_000,
         }
     }
 }
@@ -535,6 +569,27 @@ impl Config {
         }
         if self.store.tick.0.is_zero() {
             return bad("store.tick", "must be above 0");
+        }
+        if !(l.connections_per_ip_per_sec.is_finite() && l.connections_per_ip_per_sec >= 0.0) {
+            return bad("limits.connections_per_ip_per_sec", "must be 0 (off) or a number above 0");
+        }
+        if l.header_read_timeout.0 < Duration::from_millis(100) || l.idle_timeout.0 < Duration::from_millis(100) {
+            return bad("limits.header_read_timeout", "header_read_timeout and idle_timeout must be at least 100ms");
+        }
+        if l.grpc_max_concurrent_streams == 0 || l.grpc_max_watch_streams == 0 || l.grpc_max_watched_ids == 0 || l.grpc_watch_buffer == 0 {
+            return bad(
+                "limits.grpc_max_watch_streams",
+                "grpc_max_concurrent_streams, grpc_max_watch_streams, grpc_max_watched_ids and grpc_watch_buffer must be at least 1",
+            );
+        }
+        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.trim().len() < crate::auth::MIN_SECRET_BYTES {
+            return bad(
+                "auth.jwt_secret",
+                &format!(
+                    "must be at least {} bytes (a short HMAC key can be guessed; `openssl rand -hex 32` makes a good one)",
+                    crate::auth::MIN_SECRET_BYTES
+                ),
+            );
         }
         if self.service.node_id.is_empty() || crate::core::validate_id("node id", &self.service.node_id, 128).is_err() {
             return bad("service.node_id", "must be 1-128 characters of letters, digits and . _ @ : + -");
@@ -836,8 +891,8 @@ mod tests {
              auth:\n  jwt_secret: ${JWT_SECRET}\n  jwt_issuer: presence-service\n  jwt_ttl: 24h\n\
              logging:\n  level: info\n  format: json\n",
         );
-        let c = Config::load(Some(f.path()), env(&[("JWT_SECRET", "s3cret")])).unwrap();
-        assert_eq!(c.auth.jwt_secret, "s3cret");
+        let c = Config::load(Some(f.path()), env(&[("JWT_SECRET", "s3cret-s3cret-s3cret-s3cret-s3cret")])).unwrap();
+        assert_eq!(c.auth.jwt_secret, "s3cret-s3cret-s3cret-s3cret-s3cret");
         assert_eq!(c.auth.jwt_ttl, Dur::secs(86_400));
         assert_eq!(c.service.node_type, NodeType::Leaf);
         assert_eq!(c.nats.jetstream.max_file, ByteSize(10_000_000_000));
@@ -863,7 +918,7 @@ mod tests {
             env(&[
                 ("PRESENCE_SERVICE__PORT", "8081"),
                 ("PRESENCE_PRESENCE__SESSION_TTL", "90s"),
-                ("PRESENCE_AUTH__JWT_SECRET", "12345"),
+                ("PRESENCE_AUTH__JWT_SECRET", "12345678901234567890123456789012345"),
                 ("PRESENCE_NATS__KV__BUCKET", "other"),
                 ("PRESENCE_LIMITS__MAX_BODY_BYTES", "1MiB"),
                 ("UNRELATED", "x"),
@@ -872,7 +927,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.service.port, 8081);
         assert_eq!(c.presence.session_ttl, Dur::secs(90));
-        assert_eq!(c.auth.jwt_secret, "12345");
+        assert_eq!(c.auth.jwt_secret, "12345678901234567890123456789012345");
         assert_eq!(c.nats.kv.bucket, "other");
         assert_eq!(c.limits.write_burst, 5);
         assert_eq!(c.limits.max_body_bytes, ByteSize(1 << 20));
@@ -892,6 +947,9 @@ mod tests {
             ("presence:\n  heartbeat_interval: 90s\n", &[], &["presence.heartbeat_interval"]),
             ("limits:\n  write_rate_per_sec: 0\n", &[], &["limits.write_rate_per_sec"]),
             ("", &[("PRESENCE_PORT", "1")], &["PRESENCE_PORT", "PRESENCE_<SECTION>__<KEY>"]),
+            ("auth:\n  jwt_secret: short\n", &[], &["auth.jwt_secret", "32 bytes"]),
+            ("", &[("PRESENCE_AUTH__JWT_SECRET", "                                      ")], &["auth.jwt_secret"]),
+            ("limits:\n  header_read_timeout: 0s\n", &[], &["limits.header_read_timeout"]),
         ];
         for (text, vars, needles) in cases {
             let f = file(text);
@@ -921,7 +979,11 @@ mod tests {
     fn secrets_are_not_printed() {
         let c = Config::load(
             None,
-            env(&[("PRESENCE_AUTH__JWT_SECRET", "topsecret"), ("PRESENCE_NATS__PASSWORD", "natspass"), ("PRESENCE_NATS__USER", "svc")]),
+            env(&[
+                ("PRESENCE_AUTH__JWT_SECRET", "topsecret-topsecret-topsecret-topsecret"),
+                ("PRESENCE_NATS__PASSWORD", "natspass"),
+                ("PRESENCE_NATS__USER", "svc"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.nats.password, "natspass");

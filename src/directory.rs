@@ -4,7 +4,12 @@
 //!
 //! A user's contacts are their *audience*: the people told of their changes, and the
 //! people who see them under `visibility: contacts`. The reverse index (`audiences`)
-//! answers "whose changes may this viewer follow", for the snapshot sent on connect.
+//! answers "whose changes may this viewer follow", for the snapshot sent on connect; it
+//! lives under the same lock as the contacts, so no update can leave them disagreeing.
+//!
+//! Writes are serialised (one async lock for all of them: they are rare): each stores its
+//! row, then applies it in memory, before the next one starts, so memory and disk end in
+//! the same order; rows written by other nodes are applied under the same lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,11 +32,19 @@ pub enum RowChange {
 
 #[derive(Default)]
 pub struct Directory {
-    contacts: RwLock<HashMap<UserId, Members>>,
-    /// viewer → users whose contacts include the viewer.
-    audiences: RwLock<HashMap<UserId, HashSet<UserId>>>,
+    graph: RwLock<Graph>,
     privacy: RwLock<HashMap<UserId, Privacy>>,
     conversations: RwLock<HashMap<Arc<str>, Members>>,
+    /// Held from a write's store call to its application in memory.
+    writes: tokio::sync::Mutex<()>,
+}
+
+/// Contacts and their reverse index, changed together.
+#[derive(Default)]
+struct Graph {
+    contacts: HashMap<UserId, Members>,
+    /// viewer → users whose contacts include the viewer.
+    audiences: HashMap<UserId, HashSet<UserId>>,
 }
 
 fn empty() -> Members {
@@ -56,6 +69,13 @@ impl Directory {
             dir.apply_row(table, &key, Some(&value));
         }
         Ok(dir)
+    }
+
+    /// [`Directory::apply_row`] for a row another node wrote: in turn with this node's
+    /// own writes.
+    pub async fn apply_remote_row(&self, table: DirTable, key: &str, value: Option<&[u8]>) -> Option<RowChange> {
+        let _turn = self.writes.lock().await;
+        self.apply_row(table, key, value)
     }
 
     /// Applies a stored row (`None`: deleted) as read from the store, e.g. one another
@@ -95,12 +115,12 @@ impl Directory {
 
     /// The user's contacts (audience).
     pub fn contacts(&self, user: &UserId) -> Members {
-        self.contacts.read().get(user).cloned().unwrap_or_else(empty)
+        self.graph.read().contacts.get(user).cloned().unwrap_or_else(empty)
     }
 
     /// Users whose contacts include `viewer`.
     pub fn audience_of(&self, viewer: &UserId) -> Vec<UserId> {
-        self.audiences.read().get(viewer).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+        self.graph.read().audiences.get(viewer).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
     pub fn privacy(&self, user: &UserId) -> Privacy {
@@ -115,6 +135,7 @@ impl Directory {
     /// Replaces the user's contacts durably; returns the previous set.
     pub async fn set_contacts(&self, store: &dyn Store, user: &UserId, ids: Vec<UserId>) -> Result<Members, StoreError> {
         let value = if ids.is_empty() { None } else { Some(ids_json(&ids)) };
+        let _turn = self.writes.lock().await;
         store.put_directory(DirTable::Contacts, user.as_str(), value).await?;
         Ok(self.apply_contacts(user, ids))
     }
@@ -122,16 +143,10 @@ impl Directory {
     fn apply_contacts(&self, user: &UserId, ids: Vec<UserId>) -> Members {
         let new: HashSet<UserId> = ids.into_iter().filter(|c| c != user).collect();
         let new = Arc::new(new);
-        let old = {
-            let mut contacts = self.contacts.write();
-            if new.is_empty() {
-                contacts.remove(user)
-            } else {
-                contacts.insert(user.clone(), new.clone())
-            }
-        }
-        .unwrap_or_else(empty);
-        let mut aud = self.audiences.write();
+        let mut graph = self.graph.write();
+        let old = if new.is_empty() { graph.contacts.remove(user) } else { graph.contacts.insert(user.clone(), new.clone()) };
+        let old = old.unwrap_or_else(empty);
+        let aud = &mut graph.audiences;
         for gone in old.difference(&new) {
             if let Some(s) = aud.get_mut(gone) {
                 s.remove(user);
@@ -149,6 +164,7 @@ impl Directory {
     /// Replaces the user's privacy settings durably; returns the previous ones.
     pub async fn set_privacy(&self, store: &dyn Store, user: &UserId, p: Privacy) -> Result<Privacy, StoreError> {
         let value = if p == Privacy::default() { None } else { serde_json::to_vec(&p).ok() };
+        let _turn = self.writes.lock().await;
         store.put_directory(DirTable::Privacy, user.as_str(), value).await?;
         Ok(self.apply_privacy(user, p))
     }
@@ -162,6 +178,7 @@ impl Directory {
     /// Replaces a conversation's members durably.
     pub async fn set_members(&self, store: &dyn Store, conversation: &str, ids: Vec<UserId>) -> Result<(), StoreError> {
         let value = if ids.is_empty() { None } else { Some(ids_json(&ids)) };
+        let _turn = self.writes.lock().await;
         store.put_directory(DirTable::Conversations, conversation, value).await?;
         self.apply_members(conversation, ids);
         Ok(())
@@ -219,5 +236,49 @@ mod tests {
         assert_eq!(d.privacy(&u("alice")).visibility, Visibility::Nobody);
         assert!(d.members("conv-1").unwrap().contains(&u("bob")));
         assert!(d.members("conv-2").is_none());
+    }
+
+    /// Many writers changing one user's contacts at once: the reverse index agrees with
+    /// the contacts, and what is on disk is what is in memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_contact_updates_keep_index_memory_and_disk_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = MemoryConfig::new("n");
+        cfg.data_dir = Some(dir.path().to_path_buf());
+        let pool: Vec<UserId> = (0..12).map(|i| u(&format!("v{i}"))).collect();
+        let owner = u("owner");
+        {
+            let store = Arc::new(MemoryStore::open(cfg.clone(), Arc::new(SystemClock), EventBus::new(8)).unwrap());
+            store.start();
+            let d = Arc::new(Directory::load(&*store).await.unwrap());
+            let mut tasks = Vec::new();
+            for t in 0..8u64 {
+                let (d, store, pool, owner) = (d.clone(), store.clone(), pool.clone(), owner.clone());
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..60u64 {
+                        let pick: Vec<UserId> =
+                            pool.iter().enumerate().filter(|(j, _)| (t * 7 + i * 3 + *j as u64) % 3 == 0).map(|(_, v)| v.clone()).collect();
+                        d.set_contacts(&*store, &owner, pick).await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let contacts = d.contacts(&owner);
+            for v in &pool {
+                assert_eq!(d.audience_of(v).contains(&owner), contacts.contains(v), "reverse index of {v}");
+            }
+            let mut in_memory: Vec<UserId> = contacts.iter().cloned().collect();
+            in_memory.sort();
+            store.shutdown().await;
+            drop(store);
+            let store = MemoryStore::open(cfg, Arc::new(SystemClock), EventBus::new(8)).unwrap();
+            let reloaded = Directory::load(&store).await.unwrap();
+            let mut on_disk: Vec<UserId> = reloaded.contacts(&owner).iter().cloned().collect();
+            on_disk.sort();
+            assert_eq!(on_disk, in_memory, "memory and disk agree");
+        }
     }
 }

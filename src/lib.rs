@@ -17,6 +17,8 @@
 //! - [`grpc`]: `realchat.presence.v1.PresenceApi` (seed 001), health and reflection.
 //! - [`nats`]: cluster mode's NATS connection and JetStream KV (bucket set-up, key
 //!   encoding, compare-and-swap updates).
+//! - [`listener`]: accepting connections: header-read and idle timeouts, the per-IP
+//!   connection rate on the gRPC port, the HTTP accept loop.
 //! - [`auth`]: JWT verification and minting. [`config`]: YAML + env configuration.
 //!   [`telemetry`]: logs and metrics. [`server`]: wiring and graceful shutdown.
 #![forbid(unsafe_code)]
@@ -29,6 +31,7 @@ pub mod core;
 pub mod directory;
 pub mod grpc;
 pub mod http;
+pub mod listener;
 pub mod nats;
 pub mod server;
 pub mod service;

@@ -50,6 +50,8 @@ pub struct App {
 impl App {
     /// Opens the configured store and sets up auth. Must run inside a tokio runtime.
     pub async fn build(config: Config) -> Result<App, StartError> {
+        // The recorder first: values recorded before it is installed are lost.
+        crate::telemetry::register(config.store.backend == Backend::Nats);
         let bus = EventBus::new(config.limits.event_bus_capacity);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store: Arc<dyn Store> = match config.store.backend {
@@ -60,6 +62,8 @@ impl App {
                         data_dir: config.store.persist.then(|| config.service.data_dir.clone()),
                         shards: config.store.shards,
                         tick_ms: config.store.tick.as_millis_i64().max(1),
+                        forget_after_ms: Some(config.presence.forget_after.as_millis_i64()).filter(|f| *f > 0),
+                        start_fresh: config.store.start_fresh,
                     },
                     clock.clone(),
                     bus.clone(),
@@ -181,11 +185,9 @@ impl App {
             hub.close_all();
             let _ = fired_tx.send(true);
         };
-        // TCP_NODELAY, so multi-segment answers never wait for a delayed ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(listener, self.router()).with_graceful_shutdown(signal);
+        // TCP_NODELAY (multi-segment answers never wait for a delayed ACK), header-read and
+        // idle timeouts, ConnectInfo for the per-IP limit on /ws.
+        let server = crate::listener::serve_http(listener, self.router(), crate::listener::Timeouts::of(&self.config.limits), signal);
         let deadline = async move {
             let _ = fired_rx.wait_for(|f| *f).await;
             tokio::time::sleep(grace).await;
@@ -223,7 +225,7 @@ async fn follow_directory(svc: std::sync::Weak<Service>, mut rx: tokio::sync::mp
     use crate::directory::RowChange;
     while let Some((table, key, value)) = rx.recv().await {
         let Some(svc) = svc.upgrade() else { return };
-        let r = match svc.directory.apply_row(table, &key, value.as_deref()) {
+        let r = match svc.directory.apply_remote_row(table, &key, value.as_deref()).await {
             Some(RowChange::Privacy { user, previous }) => svc.hub.privacy_changed(&user, previous).await,
             Some(RowChange::Contacts { user, changed }) => svc.hub.contacts_changed(&user, &changed).await,
             None => Ok(()),

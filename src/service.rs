@@ -14,7 +14,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::bus::EventBus;
 use crate::config::{AuthMode, Config, LimitsConfig, PresenceConfig};
 use crate::core::ratelimit::{Rate, TokenBucket};
-use crate::core::{project, Millis, Presence, Privacy, Relation, Status, UserId};
+use crate::core::{project, Millis, NewSession, Platform, Presence, Privacy, Registered, Relation, Status, UserId};
 use crate::directory::Directory;
 use crate::store::{get_one, Clock, SetStatus, Store, StoreError};
 use crate::ws::hub::{Hub, HubLimits};
@@ -81,6 +81,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(m) => ApiError::Unavailable(m),
+            StoreError::TooManyDevices { max } => ApiError::LimitExceeded(format!("at most {max} devices per user")),
         }
     }
 }
@@ -151,6 +152,8 @@ pub struct Service {
     pub presence: PresenceConfig,
     pub node_id: Arc<str>,
     writes: KeyedLimiter,
+    /// New connections per client IP (`/ws` upgrades; the gRPC listener has its own).
+    connects: Option<KeyedLimiter>,
 }
 
 impl Service {
@@ -171,6 +174,7 @@ impl Service {
             clock.clone(),
             HubLimits {
                 outbox: config.limits.ws_outbound_queue,
+                max_devices: config.limits.max_devices_per_user,
                 subscriptions_per_connection: config.limits.max_subscriptions_per_connection,
                 typing_ttl_ms: config.presence.typing_ttl.as_millis_i64(),
                 session_ttl_ms: config.presence.session_ttl.as_millis_i64(),
@@ -190,6 +194,56 @@ impl Service {
             presence: config.presence.clone(),
             node_id,
             writes: KeyedLimiter::new(rate),
+            connects: crate::listener::ip_limiter(&config.limits),
+        }
+    }
+
+    /// Per-IP rate limit on new connections (429 / `RESOURCE_EXHAUSTED`).
+    pub fn check_connect_rate(&self, ip: std::net::IpAddr) -> Result<(), ApiError> {
+        let Some(l) = &self.connects else { return Ok(()) };
+        l.check(&ip.to_string(), self.clock.now()).map_err(|retry_after_ms| {
+            metrics::counter!("presence_rate_limited_total", "scope" => "connect").increment(1);
+            ApiError::RateLimited { retry_after_ms }
+        })
+    }
+
+    /// A device's declared platform (`desktop`, `mobile`, `web`); absent is fine.
+    pub fn parse_platform(&self, raw: Option<&str>) -> Result<Option<Platform>, ApiError> {
+        match raw.map(str::trim).filter(|r| !r.is_empty()) {
+            None => Ok(None),
+            Some(r) => Platform::parse(r)
+                .map(Some)
+                .ok_or_else(|| ApiError::BadRequest(format!("invalid platform {r:?}: expected desktop, mobile or web"))),
+        }
+    }
+
+    /// Opens (or replaces) a device session for a gateway or an HTTP client. The device
+    /// limit is enforced by the store in the same step (429 `limit_exceeded` beyond it).
+    pub async fn open_session(
+        &self,
+        user: &UserId,
+        device: &str,
+        instance: &str,
+        ttl_ms: i64,
+        platform: Option<Platform>,
+    ) -> Result<Registered, ApiError> {
+        let req =
+            NewSession::new(device, instance, ttl_ms).platform(platform).sid(rand::random()).max_devices(self.limits.max_devices_per_user);
+        Ok(self.store.register_session(user, req).await?)
+    }
+
+    /// A heartbeat: extends the session, or opens it when there is none (as the legacy
+    /// `POST /presence/heartbeat` does). Returns the new expiry.
+    pub async fn heartbeat_or_open(
+        &self,
+        user: &UserId,
+        device: &str,
+        instance: &str,
+        platform: Option<Platform>,
+    ) -> Result<Millis, ApiError> {
+        match self.store.refresh_session(user, device).await? {
+            Some(t) => Ok(t),
+            None => Ok(self.open_session(user, device, instance, self.presence.session_ttl.as_millis_i64(), platform).await?.expires_at),
         }
     }
 
@@ -222,6 +276,12 @@ impl Service {
     /// Presence of each id; users never seen come back `offline` (seed 003 §12.2).
     pub async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Presence>, ApiError> {
         let found = self.store.get_many(ids).await?;
+        Ok(ids.iter().zip(found).map(|(id, p)| p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()))).collect())
+    }
+
+    /// As [`Service::get_many`], from the source of truth (a snapshot that events follow).
+    pub async fn get_many_fresh(&self, ids: &[UserId]) -> Result<Vec<Presence>, ApiError> {
+        let found = self.store.get_many_fresh(ids).await?;
         Ok(ids.iter().zip(found).map(|(id, p)| p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()))).collect())
     }
 

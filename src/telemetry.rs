@@ -1,4 +1,9 @@
 //! Logs (`tracing`, text or JSON) and metrics (Prometheus text at `/metrics`).
+//!
+//! Every metric the service exports is listed once, in [`METRICS`], with its help text
+//! and the label sets it is created with: [`register`] describes them all and creates
+//! them at zero when the node starts (after the recorder is installed), so a scrape
+//! sees every documented series from the first second, not only once it was used.
 
 use std::sync::OnceLock;
 
@@ -19,7 +24,8 @@ pub fn init_logging(cfg: &LoggingConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// The process-wide Prometheus recorder, installed on first use. Call it before anything
+/// records a metric (values recorded earlier are lost).
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -29,10 +35,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             let builder =
                 builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets).unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(h) => {
-                    describe();
-                    h
-                }
+                Ok(h) => h,
                 // Another recorder is installed (embedding applications): render ours anyway.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
@@ -40,19 +43,228 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("presence_updates_total", "Accepted presence writes (status set or cleared).");
-    describe_counter!("presence_events_total", "Presence transitions published on the event bus, by kind.");
-    describe_gauge!("presence_sessions", "Live device sessions on this node.");
-    describe_gauge!("presence_online_users", "Users with at least one live device session.");
-    describe_gauge!("presence_known_users", "Users held by the store.");
-    describe_counter!("presence_cache_hits_total", "Presence reads that found the user.");
-    describe_counter!("presence_cache_misses_total", "Presence reads of users never seen.");
-    describe_counter!("presence_rate_limited_total", "Requests refused by a rate limit.");
-    describe_counter!("presence_persist_commits_total", "Commits of the embedded store's database.");
-    describe_counter!("presence_persist_failures_total", "Failed commits of the embedded store's database.");
-    describe_histogram!("http_request_duration_seconds", Unit::Seconds, "HTTP request latency by route, method and status.");
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Which nodes export a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// The embedded store.
+    Memory,
+    /// Cluster mode on NATS.
+    Nats,
+}
+
+/// One exported metric: name, kind, where, help text, and the label sets created at start.
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub scope: Scope,
+    pub help: &'static str,
+    pub labels: &'static [&'static [(&'static str, &'static str)]],
+}
+
+const NONE: &[&[(&str, &str)]] = &[&[]];
+
+macro_rules! m {
+    ($name:literal, $kind:ident, $scope:ident, $help:literal) => {
+        Metric { name: $name, kind: Kind::$kind, scope: Scope::$scope, help: $help, labels: NONE }
+    };
+    ($name:literal, $kind:ident, $scope:ident, $help:literal, $labels:expr) => {
+        Metric { name: $name, kind: Kind::$kind, scope: Scope::$scope, help: $help, labels: $labels }
+    };
+}
+
+/// Every metric, as the README's operations section lists them.
+pub const METRICS: &[Metric] = &[
+    m!("presence_updates_total", Counter, All, "Accepted presence writes (status set or cleared)."),
+    m!(
+        "presence_events_total",
+        Counter,
+        All,
+        "Presence transitions published on the event bus, by kind.",
+        &[&[("kind", "user_online")], &[("kind", "user_offline")], &[("kind", "presence_updated")], &[("kind", "presence_expired")]]
+    ),
+    m!("presence_sessions", Gauge, All, "Live device sessions on this node (all users, hidden ones included)."),
+    m!("presence_online_users", Gauge, All, "Users with at least one live device session on this node (all users, hidden ones included)."),
+    m!("presence_known_users", Gauge, All, "Users held by the store (embedded) or by the read cache (cluster)."),
+    m!(
+        "presence_reads_total",
+        Counter,
+        Memory,
+        "Presence lookups by the embedded store: of a user it knows, or of one never seen.",
+        &[&[("result", "known")], &[("result", "unknown")]]
+    ),
+    m!("presence_users_forgotten_total", Counter, Memory, "Users forgotten after presence.forget_after with no session and no status."),
+    m!(
+        "presence_rate_limited_total",
+        Counter,
+        All,
+        "Requests and connections refused by a rate limit, by scope.",
+        &[&[("scope", "write")], &[("scope", "ws_message")], &[("scope", "connect")], &[("scope", "grpc_connect")]]
+    ),
+    m!("presence_persist_commits_total", Counter, Memory, "Commits of the embedded store's database."),
+    m!(
+        "presence_persist_failures_total",
+        Counter,
+        Memory,
+        "Failed commits of the embedded store's database (retried; the database is reopened)."
+    ),
+    m!(
+        "http_request_duration_seconds",
+        Histogram,
+        All,
+        "HTTP request latency by route template, method and status.",
+        &[&[("route", "/metrics"), ("method", "GET"), ("status", "200")]]
+    ),
+    m!("http_stale_reads_total", Counter, Nats, "Reads answered from a degraded node's cache (marked stale)."),
+    m!(
+        "connections_timed_out_total",
+        Counter,
+        All,
+        "HTTP and gRPC connections closed by limits.header_read_timeout or limits.idle_timeout.",
+        &[&[("reason", "header_read")], &[("reason", "idle")]]
+    ),
+    m!("accept_errors_total", Counter, All, "Failed accepts (e.g. out of file descriptors); retried."),
+    m!("ws_connections", Gauge, All, "Open WebSocket connections."),
+    m!("ws_subscriptions", Gauge, All, "WebSocket subscriptions (watched users, summed over connections)."),
+    m!("ws_messages_in_total", Counter, All, "WebSocket text messages received."),
+    m!("ws_messages_out_total", Counter, All, "WebSocket messages sent."),
+    m!("ws_coalesced_total", Counter, All, "Pushes that replaced a pending push about the same user in an outbox."),
+    m!(
+        "ws_dropped_total",
+        Counter,
+        All,
+        "WebSocket connections closed or pushes lost, by reason.",
+        &[&[("reason", "slow_consumer")], &[("reason", "write_timeout")], &[("reason", "bus_lag")]]
+    ),
+    m!("ws_resyncs_total", Counter, All, "Fresh snapshots sent to every connection after the hub fell behind the event bus."),
+    m!("ws_stale_closed_total", Counter, All, "WebSocket connections closed with 4002 (no traffic within session_ttl)."),
+    m!(
+        "ws_protocol_errors_total",
+        Counter,
+        All,
+        "WebSocket connections closed for a bad frame, by close code (1002 protocol, 1007 bad UTF-8, 1009 too big).",
+        &[&[("close_code", "1002")], &[("close_code", "1007")], &[("close_code", "1009")]]
+    ),
+    m!("ws_fanout_seconds", Histogram, All, "Time to queue one change for all its WebSocket targets."),
+    m!("ws_fanout_targets_total", Counter, All, "WebSocket pushes queued by fan-out."),
+    m!(
+        "grpc_requests_total",
+        Counter,
+        All,
+        "gRPC calls by method and status code.",
+        &[
+            &[("method", "GetPresence"), ("code", "OK")],
+            &[("method", "RegisterSession"), ("code", "OK")],
+            &[("method", "RefreshSession"), ("code", "OK")],
+            &[("method", "UnregisterSession"), ("code", "OK")],
+            &[("method", "GetUserDevices"), ("code", "OK")],
+            &[("method", "SetPresence"), ("code", "OK")],
+            &[("method", "WatchPresence"), ("code", "OK")]
+        ]
+    ),
+    m!(
+        "grpc_request_duration_seconds",
+        Histogram,
+        All,
+        "gRPC call latency by method (a WatchPresence call: until its stream starts).",
+        &[
+            &[("method", "GetPresence")],
+            &[("method", "RegisterSession")],
+            &[("method", "RefreshSession")],
+            &[("method", "UnregisterSession")],
+            &[("method", "GetUserDevices")],
+            &[("method", "SetPresence")],
+            &[("method", "WatchPresence")]
+        ]
+    ),
+    m!("grpc_watch_streams", Gauge, All, "Open WatchPresence streams."),
+    m!("grpc_watch_coalesced_total", Counter, All, "WatchPresence events that replaced a pending event about the same user."),
+    m!(
+        "grpc_watch_refused_total",
+        Counter,
+        All,
+        "WatchPresence calls refused (RESOURCE_EXHAUSTED) by limits.grpc_max_watch_streams or limits.grpc_max_watched_ids.",
+        &[&[("reason", "streams")], &[("reason", "ids")]]
+    ),
+    m!("nats_connected", Gauge, Nats, "1 while connected to NATS."),
+    m!("nats_degraded", Gauge, Nats, "1 while the circuit breaker is open (degraded mode)."),
+    m!(
+        "store_writes_total",
+        Counter,
+        Nats,
+        "Writes to the shared store, by kind (user record, owner index, lease, directory).",
+        &[
+            &[("backend", "nats"), ("kind", "user")],
+            &[("backend", "nats"), ("kind", "index")],
+            &[("backend", "nats"), ("kind", "lease")],
+            &[("backend", "nats"), ("kind", "directory")]
+        ]
+    ),
+    m!("nats_kv_writes_total", Counter, Nats, "Compare-and-swap writes to the users bucket."),
+    m!("nats_kv_cas_conflicts_total", Counter, Nats, "Compare-and-swap conflicts (retried)."),
+    m!("nats_interest_users", Gauge, Nats, "Users this node follows other nodes' events about."),
+    m!("nats_events_received_total", Counter, Nats, "Other nodes' events received."),
+    m!("nats_events_out_of_order_total", Counter, Nats, "Events dropped as older than one already published or relayed here."),
+    m!("nats_publish_timeouts_total", Counter, Nats, "Publishes to NATS dropped after nats.request_timeout."),
+    m!("nats_forwarded_heartbeats_total", Counter, Nats, "Heartbeats forwarded to the node that holds the session."),
+    m!("nats_janitor_claims_total", Counter, Nats, "Lapsed node leases claimed by this node's janitor."),
+    m!("nats_lease_lost_total", Counter, Nats, "Times this node found its lease claimed (it was cut off too long)."),
+    m!("nats_lease_renewed_at_seconds", Gauge, Nats, "Unix time of this node's last lease renewal."),
+    m!("nats_degraded_local_changes_total", Counter, Nats, "Session changes kept locally while degraded."),
+    m!("nats_directory_rewatch_total", Counter, Nats, "Times the directory watch was opened again after it ended."),
+    m!("nats_slow_consumer_total", Counter, Nats, "NATS slow-consumer notices."),
+    m!("nats_embedded_restarts_total", Counter, Nats, "Restarts of the embedded nats-server."),
+    m!("cache_hits_total", Counter, Nats, "Reads served by the node's read cache."),
+    m!("cache_misses_total", Counter, Nats, "Reads the read cache did not hold."),
+    m!("cache_evictions_total", Counter, Nats, "Read-cache entries evicted for space."),
+];
+
+/// Installs the recorder, then describes every metric and creates it at zero (histograms
+/// with zero observations, for the label sets listed).
+pub fn register(nats: bool) -> PrometheusHandle {
+    let handle = metrics_handle();
+    for m in METRICS {
+        let applies = match m.scope {
+            Scope::All => true,
+            Scope::Memory => !nats,
+            Scope::Nats => nats,
+        };
+        if !applies {
+            continue;
+        }
+        match m.kind {
+            Kind::Counter => {
+                metrics::describe_counter!(m.name, m.help);
+                for labels in m.labels {
+                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
+                    metrics::counter!(m.name, l).increment(0);
+                }
+            }
+            Kind::Gauge => {
+                metrics::describe_gauge!(m.name, m.help);
+                for labels in m.labels {
+                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
+                    metrics::gauge!(m.name, l).increment(0.0);
+                }
+            }
+            Kind::Histogram => {
+                metrics::describe_histogram!(m.name, metrics::Unit::Seconds, m.help);
+                for labels in m.labels {
+                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
+                    // A registered histogram renders (with zero counts) before its first sample.
+                    let _ = metrics::histogram!(m.name, l);
+                }
+            }
+        }
+    }
+    handle
 }
 
 /// Copies the store's counters into gauges (called at scrape time).
@@ -60,6 +272,56 @@ pub fn record_store_stats(s: &StoreStats) {
     metrics::gauge!("presence_sessions").set(s.sessions as f64);
     metrics::gauge!("presence_online_users").set(s.online_users as f64);
     metrics::gauge!("presence_known_users").set(s.users as f64);
-    metrics::counter!("presence_cache_hits_total").absolute(s.hits);
-    metrics::counter!("presence_cache_misses_total").absolute(s.misses);
+    if !s.read_cache {
+        // Cluster backends count their cache's hits themselves (`cache_hits_total`).
+        metrics::counter!("presence_reads_total", "result" => "known").absolute(s.hits);
+        metrics::counter!("presence_reads_total", "result" => "unknown").absolute(s.misses);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_listed_once_with_help() {
+        let mut names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
+        names.sort();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "a metric is listed twice");
+        for m in METRICS {
+            assert!(!m.help.is_empty(), "{}", m.name);
+            assert!(m.kind != Kind::Counter || m.name.ends_with("_total"), "{}: counters end in _total", m.name);
+        }
+    }
+
+    /// Every metric the code records is in the table (so it is described, registered
+    /// and documented).
+    #[test]
+    fn every_recorded_metric_is_in_the_table() {
+        let listed: std::collections::HashSet<&str> = METRICS.iter().map(|m| m.name).collect();
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut missing = Vec::new();
+        let mut stack = vec![src];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for kind in ["counter!(\"", "gauge!(\"", "histogram!(\""] {
+                    for part in text.split(kind).skip(1) {
+                        let name = part.split('"').next().unwrap();
+                        if !listed.contains(name) && !path.ends_with("telemetry.rs") {
+                            missing.push(format!("{name} ({})", path.display()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in telemetry::METRICS: {missing:?}");
+    }
 }

@@ -121,14 +121,14 @@ fn config_subcommand_prints_effective_config_without_secrets() {
     std::fs::write(&cfg, "auth:\n  jwt_secret: ${S}\nservice:\n  port: ${PORT:-7000}\n").unwrap();
     let out = base_cmd(dir.path())
         .env_remove("PRESENCE_SERVICE__PORT")
-        .env("S", "hunter2")
+        .env("S", "hunter2-hunter2-hunter2-hunter2-hunter2")
         .args(["--config", cfg.to_str().unwrap(), "config"])
         .output()
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("port: 7000"), "{text}");
-    assert!(!text.contains("hunter2"));
+    assert!(!text.contains("hunter2"), "{text}");
 }
 
 /// The sample cluster under `deploy/` (center + two leaves) is valid: every presenced
@@ -139,7 +139,7 @@ fn deploy_samples_are_valid() {
     for n in ["center", "leaf-a", "leaf-b"] {
         let out = Command::new(BIN)
             .env_clear()
-            .env("JWT_SECRET", "sample")
+            .env("JWT_SECRET", "sample-secret-sample-secret-sample-secret")
             .current_dir(&root)
             .args(["config", "--config", &format!("presenced/{n}.yaml")])
             .output()

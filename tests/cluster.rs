@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::nats::NatsServer;
 use common::TestServer;
 use futures_util::StreamExt;
+use presenced::core::NewSession;
 use presenced::core::UserId;
 use serde_json::{json, Value};
 
@@ -58,7 +59,13 @@ async fn what_one_node_learns_the_other_serves() {
     // A session registered over gRPC on B is seen by REST on A.
     use presenced::grpc::pb;
     let mut grpc = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
-    let reg = pb::RegisterSessionRequest { user_id: "carol".into(), device_id: "d".into(), instance_id: "gw-b".into(), ttl_seconds: 60 };
+    let reg = pb::RegisterSessionRequest {
+        user_id: "carol".into(),
+        device_id: "d".into(),
+        instance_id: "gw-b".into(),
+        ttl_seconds: 60,
+        platform: String::new(),
+    };
     grpc.register_session(b.admin_request(reg)).await.unwrap();
     eventually("carol online on A", async || a.get("/api/v2/presence/carol").await.1["data"]["carol"]["status"] == "online").await;
     a.stop().await;
@@ -75,7 +82,7 @@ async fn concurrent_writers_on_two_nodes_lose_nothing() {
         let user = user.clone();
         tokio::spawn(async move {
             for i in 0..40 {
-                s.register_session(&user, &format!("{prefix}-{i}"), prefix, 600_000).await.unwrap();
+                s.register_session(&user, NewSession::new(&format!("{prefix}-{i}"), prefix, 600_000)).await.unwrap();
             }
         })
     };
@@ -265,6 +272,9 @@ async fn devices_ttl_privacy_and_typing_hold_across_nodes() {
     assert_eq!(a.get("/api/v2/presence/alice").await.1["data"]["alice"]["status"], "online");
 
     // A status with a TTL, written on B, lapses on time and A's watcher is told.
+    // Device changes on either node reach A's watcher.
+    let p = obs.until("alice", |p| p["device_count"] == 1 && p["devices"][0]["device_id"] == "laptop").await;
+    assert_eq!(p["status"], "online");
     let (code, _) = b.put_status("alice", Some(&b.token("alice")), json!({"status":"busy","ttl":1})).await;
     assert_eq!(code, 200);
     assert_eq!(obs.next("alice").await["status"], "busy");
@@ -337,7 +347,13 @@ async fn grpc_watch_on_one_node_follows_sessions_on_another() {
     let mut next =
         async || tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("event in time").unwrap().expect("open");
     assert!(next().await.snapshot);
-    let reg = pb::RegisterSessionRequest { user_id: "gina".into(), device_id: "d".into(), instance_id: "gw-a".into(), ttl_seconds: 1 };
+    let reg = pb::RegisterSessionRequest {
+        user_id: "gina".into(),
+        device_id: "d".into(),
+        instance_id: "gw-a".into(),
+        ttl_seconds: 1,
+        platform: String::new(),
+    };
     ga.register_session(a.admin_request(reg)).await.unwrap();
     let online = next().await;
     assert_eq!(online.kind, Kind::UserOnline as i32);

@@ -26,7 +26,13 @@ fn authed<T>(msg: T, token: &str) -> Request<T> {
 }
 
 fn register(user: &str, device: &str, instance: &str, ttl: u32) -> pb::RegisterSessionRequest {
-    pb::RegisterSessionRequest { user_id: user.into(), device_id: device.into(), instance_id: instance.into(), ttl_seconds: ttl }
+    pb::RegisterSessionRequest {
+        user_id: user.into(),
+        device_id: device.into(),
+        instance_id: instance.into(),
+        ttl_seconds: ttl,
+        platform: String::new(),
+    }
 }
 
 fn now_s() -> i64 {
@@ -125,6 +131,8 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
             .removed
     );
     assert_eq!(s.get("/api/v2/presence/alice").await.1["data"]["alice"]["status"], "online");
+    let p = watcher.until("alice", |p| p["device_count"] == 1).await;
+    assert_eq!(p["status"], "online", "one device fewer is pushed: {p}");
     assert!(
         c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into() }, &admin))
             .await

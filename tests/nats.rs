@@ -192,7 +192,7 @@ fn embedded_env(dir: &std::path::Path, port: u16) -> Vec<(String, String)> {
         ("PRESENCE_NATS__DATA_DIR".into(), dir.join("nats").display().to_string()),
         ("PRESENCE_NATS__MAX_RECONNECT_DELAY".into(), "200ms".into()),
         ("PRESENCE_SERVICE__DATA_DIR".into(), dir.display().to_string()),
-        ("PRESENCE_AUTH__JWT_SECRET".into(), "s".into()),
+        ("PRESENCE_AUTH__JWT_SECRET".into(), "s".repeat(32)),
         ("PRESENCE_SERVICE__NODE_ID".into(), "solo".into()),
     ]
 }

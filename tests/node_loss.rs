@@ -148,7 +148,13 @@ async fn heartbeats_cost_no_store_writes_wherever_they_land() {
     let c = node_with_lease(&server, "node-c", Duration::from_secs(60)).await;
     let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
     let mut gc = pb::presence_api_client::PresenceApiClient::connect(c.grpc.clone()).await.unwrap();
-    let reg = pb::RegisterSessionRequest { user_id: "dana".into(), device_id: "d1".into(), instance_id: "gw".into(), ttl_seconds: 30 };
+    let reg = pb::RegisterSessionRequest {
+        user_id: "dana".into(),
+        device_id: "d1".into(),
+        instance_id: "gw".into(),
+        ttl_seconds: 30,
+        platform: String::new(),
+    };
     ga.register_session(a.admin_request(reg)).await.unwrap();
     let refresh = || pb::RefreshSessionRequest { user_id: "dana".into(), device_id: "d1".into() };
     let writes = || a.svc.store.stats().writes + c.svc.store.stats().writes;

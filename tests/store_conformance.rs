@@ -9,9 +9,10 @@ mod common;
 
 use async_trait::async_trait;
 use presenced::bus::EventBus;
-use presenced::core::{Event, EventKind, Status, UserId};
+use presenced::core::NewSession;
+use presenced::core::{Event, EventKind, Platform, Status, UserId};
 use presenced::store::memory::{MemoryConfig, MemoryStore};
-use presenced::store::{get_one, Clock, DirTable, ManualClock, SetStatus, Store};
+use presenced::store::{get_one, Clock, DirTable, ManualClock, SetStatus, Store, StoreError};
 use tokio::sync::broadcast::Receiver;
 
 const T0: i64 = 1_800_000_000_000;
@@ -108,19 +109,31 @@ async fn multi_device_online_offline(h: &dyn Harness) {
     let s = h.store();
     let mut rx = h.events();
     let u = uid("md");
-    let r = s.register_session(&u, "phone", "gw-1", 60_000).await.unwrap();
+    let r = s.register_session(&u, NewSession::new("phone", "gw-1", 60_000)).await.unwrap();
     assert!(r.created);
     assert_eq!(r.expires_at, h.clock().now() + 60_000);
-    assert!(!s.register_session(&u, "phone", "gw-1", 60_000).await.unwrap().created);
-    s.register_session(&u, "laptop", "gw-2", 60_000).await.unwrap();
+    assert!(!s.register_session(&u, NewSession::new("phone", "gw-1", 60_000)).await.unwrap().created);
+    s.register_session(&u, NewSession::new("laptop", "gw-2", 60_000)).await.unwrap();
     let mut devices: Vec<(String, String)> =
         s.devices(&u).await.unwrap().iter().map(|d| (d.device_id.to_string(), d.instance_id.to_string())).collect();
     devices.sort();
     assert_eq!(devices, vec![("laptop".into(), "gw-2".into()), ("phone".into(), "gw-1".into())]);
-    assert!(s.unregister_session(&u, "phone").await.unwrap());
-    assert!(!s.unregister_session(&u, "phone").await.unwrap());
-    assert!(s.unregister_session(&u, "laptop").await.unwrap());
-    assert_eq!(drain(&mut rx), vec![(EventKind::UserOnline, "md".into()), (EventKind::UserOffline, "md".into())]);
+    let p = get_one(&*s, &u).await.unwrap().unwrap();
+    let ids: Vec<&str> = p.devices.iter().map(|d| &*d.device_id).collect();
+    assert_eq!(ids, vec!["laptop", "phone"]);
+    assert!(s.unregister_session(&u, "phone", None).await.unwrap());
+    assert!(!s.unregister_session(&u, "phone", None).await.unwrap());
+    assert!(s.unregister_session(&u, "laptop", None).await.unwrap());
+    // The second device coming and the first going are changes watchers see.
+    assert_eq!(
+        drain(&mut rx),
+        vec![
+            (EventKind::UserOnline, "md".into()),
+            (EventKind::PresenceUpdated, "md".into()),
+            (EventKind::PresenceUpdated, "md".into()),
+            (EventKind::UserOffline, "md".into())
+        ]
+    );
     let p = get_one(&*s, &u).await.unwrap().unwrap();
     assert_eq!((p.status, p.device_count, p.last_seen), (Status::Offline, 0, Some(h.clock().now())));
     assert_eq!(s.stats().sessions, 0);
@@ -130,7 +143,7 @@ async fn sessions_expire_unless_refreshed(h: &dyn Harness) {
     let s = h.store();
     let mut rx = h.events();
     let u = uid("ttl");
-    s.register_session(&u, "d", "gw", 10_000).await.unwrap();
+    s.register_session(&u, NewSession::new("d", "gw", 10_000)).await.unwrap();
     h.clock().advance(6_000);
     assert_eq!(s.refresh_session(&u, "d").await.unwrap(), Some(h.clock().now() + 10_000));
     assert_eq!(s.refresh_session(&u, "other").await.unwrap(), None);
@@ -147,7 +160,7 @@ async fn explicit_status_ttl_reverts_with_expiry_event(h: &dyn Harness) {
     let s = h.store();
     let mut rx = h.events();
     let u = uid("ex");
-    s.register_session(&u, "d", "gw", 600_000).await.unwrap();
+    s.register_session(&u, NewSession::new("d", "gw", 600_000)).await.unwrap();
     let p = s.set_status(&u, set(Status::Busy, "focus", Some(3_000))).await.unwrap();
     assert_eq!(p.expires_at, Some(h.clock().now() + 3_000));
     h.clock().advance(3_500);
@@ -156,6 +169,77 @@ async fn explicit_status_ttl_reverts_with_expiry_event(h: &dyn Harness) {
     h.expire().await;
     let kinds: Vec<EventKind> = drain(&mut rx).into_iter().map(|e| e.0).collect();
     assert_eq!(kinds, vec![EventKind::UserOnline, EventKind::PresenceUpdated, EventKind::PresenceExpired]);
+}
+
+/// A status set while connected is a preference: the last device going makes the user
+/// offline (every event says so), and a device coming back shows it again.
+async fn last_device_gone_means_offline_and_the_preference_returns(h: &dyn Harness) {
+    let s = h.store();
+    let u = uid("pref");
+    s.register_session(&u, NewSession::new("phone", "gw", 600_000)).await.unwrap();
+    s.set_status(&u, set(Status::Away, "lunch", Some(3_600_000))).await.unwrap();
+    let mut rx = h.events();
+    h.clock().advance(1_000);
+    assert!(s.unregister_session(&u, "phone", None).await.unwrap());
+    let ev = rx.try_recv().unwrap();
+    assert_eq!((ev.kind, ev.presence.status, ev.previous()), (EventKind::UserOffline, Status::Offline, Status::Away));
+    let p = get_one(&*s, &u).await.unwrap().unwrap();
+    assert_eq!((p.status, &*p.message, p.device_count, p.last_seen), (Status::Offline, "", 0, Some(h.clock().now())));
+    s.register_session(&u, NewSession::new("laptop", "gw", 600_000)).await.unwrap();
+    let ev = rx.try_recv().unwrap();
+    assert_eq!((ev.kind, ev.presence.status, &*ev.presence.message), (EventKind::UserOnline, Status::Away, "lunch"));
+    // Session expiry ends it too.
+    h.clock().advance(700_000);
+    h.expire().await;
+    assert_eq!(get_one(&*s, &u).await.unwrap().unwrap().status, Status::Offline);
+    // Written with no session at all (a backend's calendar): shown as written.
+    let cal = uid("calendar");
+    assert_eq!(s.set_status(&cal, set(Status::Busy, "meeting", None)).await.unwrap().status, Status::Busy);
+    assert_eq!(get_one(&*s, &cal).await.unwrap().unwrap().status, Status::Busy);
+}
+
+/// The device limit is part of the registration: concurrent new devices never pass it,
+/// and an old registration's goodbye does not end a newer one of the same device.
+async fn device_limit_and_registration_tags(h: &dyn Harness) {
+    let s = h.store();
+    let u = uid("lim");
+    let mut ok = 0;
+    let tries = (0..12).map(|i| s.register_session(&u, NewSession::new(&format!("d{i}"), "gw", 600_000).max_devices(5)));
+    for r in futures_util::future::join_all(tries).await {
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e, StoreError::TooManyDevices { max: 5 }),
+        }
+    }
+    assert_eq!(ok, 5);
+    assert_eq!(s.devices(&u).await.unwrap().len(), 5);
+    let v = uid("tags");
+    let old = s.register_session(&v, NewSession::new("phone", "gw", 600_000).sid(1)).await.unwrap();
+    let new = s.register_session(&v, NewSession::new("phone", "gw", 600_000).sid(2)).await.unwrap();
+    assert_eq!((old.sid, new.sid), (1, 2));
+    assert!(!s.unregister_session(&v, "phone", Some(1)).await.unwrap(), "the old connection's goodbye");
+    assert_eq!(get_one(&*s, &v).await.unwrap().unwrap().device_count, 1);
+    assert!(s.unregister_session(&v, "phone", Some(2)).await.unwrap());
+}
+
+/// Revisions grow with every visible change; events carry the state before and after.
+async fn revisions_order_each_users_changes(h: &dyn Harness) {
+    let s = h.store();
+    let u = uid("revs");
+    let mut rx = h.events();
+    s.register_session(&u, NewSession::new("a", "gw", 600_000).platform(Some(Platform::Mobile))).await.unwrap();
+    s.set_status(&u, set(Status::Busy, "", None)).await.unwrap();
+    s.register_session(&u, NewSession::new("b", "gw", 600_000)).await.unwrap();
+    let events: Vec<Arc<Event>> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert_eq!(events.len(), 3);
+    for w in events.windows(2) {
+        assert!(w[1].presence.revision > w[0].presence.revision, "{} then {}", w[0].presence.revision, w[1].presence.revision);
+        assert_eq!(w[1].before.revision, w[0].presence.revision);
+        assert_eq!(w[1].before.status, w[0].presence.status);
+    }
+    assert_eq!(events[0].presence.devices[0].platform, Some(Platform::Mobile));
+    let read = get_one(&*s, &u).await.unwrap().unwrap();
+    assert_eq!(read.revision, events[2].presence.revision, "a read carries the revision of the state it shows");
 }
 
 async fn directory_rows_round_trip(h: &dyn Harness) {
@@ -184,6 +268,9 @@ async fn run_suite(make: impl Fn() -> Box<dyn Harness>) {
     sessions_expire_unless_refreshed(&*make()).await;
     explicit_status_ttl_reverts_with_expiry_event(&*make()).await;
     directory_rows_round_trip(&*make()).await;
+    last_device_gone_means_offline_and_the_preference_returns(&*make()).await;
+    device_limit_and_registration_tags(&*make()).await;
+    revisions_order_each_users_changes(&*make()).await;
 }
 
 #[tokio::test]
@@ -251,7 +338,7 @@ impl Harness for Nats {
 async fn nats_backend_conforms() {
     let server = common::nats::NatsServer::start("");
     let mut cases = Vec::new();
-    for n in 0..6 {
+    for n in 0..9 {
         let env = vec![
             ("PRESENCE_NATS__URLS".to_string(), format!("[\"{}\"]", server.url())),
             ("PRESENCE_NATS__KV__BUCKET".to_string(), format!("case{n}")),

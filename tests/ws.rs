@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::wsclient::{connect, connect_with, Client};
+use common::wsclient::{connect, connect_platform, connect_with, Client};
 use common::{assert_error, decode, TestServer};
 use futures_util::SinkExt;
 use presenced::core::UserId;
@@ -88,19 +88,32 @@ async fn multi_device_online_offline_seen_by_subscriber() {
     let snap = bob.presence_of("alice").await;
     assert_eq!(snap["status"], "offline");
 
-    let phone = connect(&s, "alice", "phone").await;
-    assert_eq!(bob.presence_of("alice").await["status"], "online");
-    let laptop = connect(&s, "alice", "laptop").await;
+    let phone = connect_platform(&s, "alice", "phone", "mobile").await;
+    let p = bob.presence_of("alice").await;
+    assert_eq!((p["status"].as_str(), p["device_count"].as_i64()), (Some("online"), Some(1)));
+    assert_eq!(p["devices"], json!([{"device_id":"phone","platform":"mobile"}]));
+    // A second device is news: watchers can show "on phone and laptop".
+    let laptop = connect_platform(&s, "alice", "laptop", "desktop").await;
+    let p = bob.presence_of("alice").await;
+    assert_eq!((p["status"].as_str(), p["device_count"].as_i64()), (Some("online"), Some(2)));
+    assert_eq!(p["devices"], json!([{"device_id":"laptop","platform":"desktop"},{"device_id":"phone","platform":"mobile"}]));
     let r = s.get("/api/v2/presence/alice").await;
     assert_eq!(r.1["data"]["alice"]["device_count"], 2);
-    bob.silent(300).await; // a second device is not news
     drop(phone);
-    bob.silent(300).await; // still online on the laptop
-    assert_eq!(s.get("/api/v2/presence/alice").await.1["data"]["alice"]["device_count"], 1);
+    let p = bob.presence_of("alice").await;
+    assert_eq!((p["status"].as_str(), p["device_count"].as_i64()), (Some("online"), Some(1)), "still online on the laptop");
     drop(laptop);
     let p = bob.presence_of("alice").await;
     assert_eq!(p["status"], "offline");
+    assert_eq!(p["devices"], json!([]));
     assert!(p["last_seen"].is_string(), "last_seen recorded: {p}");
+    bob.silent(300).await;
+    // A platform the server does not know is refused before the upgrade.
+    let e = connect_with(&s, "?device_id=x&platform=fridge", &[("authorization", &format!("Bearer {}", s.token("alice")))])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!((e.0, e.1["code"].as_str()), (400, Some("bad_request")));
     s.stop().await;
 }
 

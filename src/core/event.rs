@@ -9,7 +9,7 @@ pub enum EventKind {
     UserOnline,
     /// The user's last live device session ended (unregistered or expired).
     UserOffline,
-    /// The visible status, message or status expiry changed.
+    /// The visible status or message changed, or the set of live devices did.
     PresenceUpdated,
     /// An explicit status ran out of TTL and the derived status applies again.
     PresenceExpired,
@@ -26,13 +26,24 @@ impl EventKind {
     }
 }
 
-/// A transition and the presence after it.
+/// A transition, with the presence before and after it.
+///
+/// Both sides travel with the event so that every receiver can apply the privacy rule
+/// "a viewer is told only when what *they* may see changed": it projects `before` and
+/// `presence` for the viewer and stays silent when the two look the same.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub kind: EventKind,
     /// The presence after the transition, as seen by a reader with full visibility.
     pub presence: Presence,
-    /// Visible status before the transition.
-    pub previous: Status,
+    /// The presence before it (as last published), with full visibility.
+    pub before: Presence,
     pub at: Millis,
+}
+
+impl Event {
+    /// Visible status before the transition.
+    pub fn previous(&self) -> Status {
+        self.before.status
+    }
 }

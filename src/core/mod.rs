@@ -8,6 +8,8 @@ pub mod ratelimit;
 pub mod state;
 
 pub use event::{Event, EventKind};
-pub use model::{empty_message, validate_id, DeviceId, IdError, Millis, Presence, Session, Status, UserId};
-pub use privacy::{project, Privacy, Relation, Visibility};
-pub use state::{Change, Explicit, Registered, UserState, HELD};
+pub use model::{
+    empty_message, no_devices, validate_id, DeviceId, DeviceSummary, IdError, Millis, Platform, Presence, Session, Status, UserId,
+};
+pub use privacy::{project, visible_change, Privacy, Relation, Visibility};
+pub use state::{Change, Explicit, NewSession, Registered, UserState, HELD};

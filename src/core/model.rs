@@ -113,6 +113,47 @@ pub fn empty_message() -> Arc<str> {
 /// A device id, validated like a user id.
 pub type DeviceId = Arc<str>;
 
+/// The kind of client a device session comes from, as the client declares it on connect
+/// (`?platform=` / `X-Device-Platform`), so readers can say "on phone and laptop"
+/// (Discord's `client_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Desktop,
+    Mobile,
+    Web,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 3] = [Platform::Desktop, Platform::Mobile, Platform::Web];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Desktop => "desktop",
+            Platform::Mobile => "mobile",
+            Platform::Web => "web",
+        }
+    }
+
+    /// Parses the wire name; `None` for anything else (callers turn that into a 400).
+    pub fn parse(s: &str) -> Option<Platform> {
+        Platform::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// One live device of a user, as readers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSummary {
+    pub device_id: DeviceId,
+    pub platform: Option<Platform>,
+}
+
+/// The empty device list, shared so that views of users without devices allocate nothing.
+pub fn no_devices() -> Arc<[DeviceSummary]> {
+    static EMPTY: std::sync::OnceLock<Arc<[DeviceSummary]>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from(Vec::new())).clone()
+}
+
 /// What a reader sees of one user: the shape of seed 003 §3.2, plus `device_count`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
@@ -130,6 +171,15 @@ pub struct Presence {
     pub expires_at: Option<Millis>,
     /// Live device sessions.
     pub device_count: u32,
+    /// The live devices, ordered by device id.
+    pub devices: Arc<[DeviceSummary]>,
+    /// An explicit `offline` ("appear offline") is in force: everyone but the user sees
+    /// them as a hidden user (see [`crate::core::privacy::project`]).
+    pub appear_offline: bool,
+    /// Revision of the stored state this view was taken from: increases with every
+    /// visible change of the user (per store); `0` when unknown. Lets receivers drop
+    /// events older than what they already have.
+    pub revision: u64,
 }
 
 impl Presence {
@@ -144,7 +194,24 @@ impl Presence {
             node_id,
             expires_at: None,
             device_count: 0,
+            devices: no_devices(),
+            appear_offline: false,
+            revision: 0,
         }
+    }
+
+    /// Whether `self` and `other` show a reader the same thing (the revision aside).
+    pub fn same_view(&self, other: &Presence) -> bool {
+        self.user_id == other.user_id
+            && self.status == other.status
+            && self.message == other.message
+            && self.last_seen == other.last_seen
+            && self.updated_at == other.updated_at
+            && self.node_id == other.node_id
+            && self.expires_at == other.expires_at
+            && self.device_count == other.device_count
+            && self.devices == other.devices
+            && self.appear_offline == other.appear_offline
     }
 }
 
@@ -162,6 +229,13 @@ pub struct Session {
     /// The presenced node that registered the session (cluster mode groups by it).
     #[serde(default)]
     pub node_id: Arc<str>,
+    /// What kind of client the device is, when it said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    /// Tag of this registration (random): ending a session "as registered by this
+    /// connection" leaves a newer registration of the same device alone.
+    #[serde(default)]
+    pub sid: u64,
 }
 
 #[cfg(test)]

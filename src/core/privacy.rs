@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{empty_message, Presence, Status};
+use super::model::{empty_message, no_devices, Presence, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -19,7 +19,8 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    fn allows(self, rel: Relation) -> bool {
+    /// Whether a viewer with relation `rel` may see what this setting covers.
+    pub fn allows(self, rel: Relation) -> bool {
         match self {
             Visibility::Everyone => true,
             Visibility::Contacts => rel != Relation::Other,
@@ -63,22 +64,28 @@ impl Relation {
 
 /// What `rel` may see of `p`.
 ///
-/// Hidden status: `offline`, no message, no devices, no expiry, and no times at all (a
-/// `last_seen` that keeps moving would give an invisible user away). Visible status with
-/// hidden `last_seen`: `last_seen` is `null`.
+/// Hidden (the user's `visibility` does not allow `rel`, or the user is appearing
+/// offline): `offline`, no message, no devices, no expiry, no node and no times at all,
+/// the same answer whatever the user does, so neither content nor the moment of a
+/// change gives them away (a `last_seen` that keeps moving would betray an invisible
+/// user). Visible status with hidden `last_seen`: `last_seen` is `null`.
 pub fn project(p: &Presence, privacy: &Privacy, rel: Relation) -> Presence {
     if rel == Relation::Owner {
         return p.clone();
     }
-    if !privacy.visibility.allows(rel) {
+    if !privacy.visibility.allows(rel) || p.appear_offline {
         return Presence {
+            user_id: p.user_id.clone(),
             status: Status::Offline,
             message: empty_message(),
             last_seen: None,
             updated_at: None,
+            node_id: empty_message(),
             expires_at: None,
             device_count: 0,
-            ..p.clone()
+            devices: no_devices(),
+            appear_offline: false,
+            revision: p.revision,
         };
     }
     let mut out = p.clone();
@@ -88,10 +95,16 @@ pub fn project(p: &Presence, privacy: &Privacy, rel: Relation) -> Presence {
     out
 }
 
+/// Whether a change from `before` to `after` shows `rel` anything: the rule that keeps
+/// the *moment* of a hidden change from reaching a viewer (no push, no event).
+pub fn visible_change(before: &Presence, after: &Presence, privacy: &Privacy, rel: Relation) -> bool {
+    rel == Relation::Owner || !project(before, privacy, rel).same_view(&project(after, privacy, rel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::UserId;
+    use crate::core::{DeviceSummary, Platform, UserId};
     use std::sync::Arc;
 
     fn busy() -> Presence {
@@ -104,6 +117,12 @@ mod tests {
             node_id: Arc::from("n"),
             expires_at: Some(100),
             device_count: 2,
+            devices: Arc::from(vec![
+                DeviceSummary { device_id: Arc::from("laptop"), platform: Some(Platform::Desktop) },
+                DeviceSummary { device_id: Arc::from("phone"), platform: None },
+            ]),
+            appear_offline: false,
+            revision: 3,
         }
     }
 
@@ -120,6 +139,7 @@ mod tests {
         assert_eq!(project(&busy(), &p, Relation::Contact), busy());
         let other = project(&busy(), &p, Relation::Other);
         assert_eq!((other.status, &*other.message, other.device_count, other.last_seen), (Status::Offline, "", 0, None));
+        assert!(other.devices.is_empty() && other.node_id.is_empty());
     }
 
     #[test]
@@ -142,5 +162,34 @@ mod tests {
         let p = Privacy { visibility: Visibility::Everyone, last_seen: Visibility::Contacts };
         assert_eq!(project(&busy(), &p, Relation::Contact).last_seen, Some(10));
         assert_eq!(project(&busy(), &p, Relation::Other).last_seen, None);
+    }
+
+    #[test]
+    fn appearing_offline_looks_like_a_hidden_user_to_others() {
+        let p = Presence { status: Status::Offline, message: Arc::from(""), appear_offline: true, ..busy() };
+        assert_eq!(project(&p, &Privacy::default(), Relation::Owner), p);
+        for rel in [Relation::Contact, Relation::Other] {
+            let seen = project(&p, &Privacy::default(), rel);
+            assert_eq!((seen.status, seen.device_count, seen.last_seen, seen.updated_at), (Status::Offline, 0, None, None));
+            assert!(!seen.appear_offline, "that the user is hiding is not shown either");
+        }
+    }
+
+    #[test]
+    fn only_changes_a_viewer_can_see_are_changes_for_them() {
+        let hidden = Privacy { visibility: Visibility::Contacts, last_seen: Visibility::Everyone };
+        let before = busy();
+        let mut after = busy();
+        after.device_count = 1;
+        after.last_seen = Some(20);
+        after.updated_at = Some(20);
+        after.node_id = Arc::from("other-node");
+        after.revision = 4;
+        assert!(visible_change(&before, &after, &hidden, Relation::Owner));
+        assert!(visible_change(&before, &after, &hidden, Relation::Contact));
+        assert!(!visible_change(&before, &after, &hidden, Relation::Other), "not even the moment");
+        // A revision alone is not a change.
+        let bumped = Presence { revision: 9, ..busy() };
+        assert!(!visible_change(&busy(), &bumped, &Privacy::default(), Relation::Other));
     }
 }

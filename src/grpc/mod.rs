@@ -3,8 +3,9 @@
 //! over [`Service`]: sessions registered here are the same sessions the WebSocket and
 //! HTTP front ends see.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::auth::Identity;
-use crate::core::{validate_id, Event, EventKind, Millis, Presence, Status, UserId};
+use crate::core::{validate_id, visible_change, Event, EventKind, Millis, Presence, Status, UserId};
 use crate::service::{ApiError, Service, StatusWrite};
 
 pub mod pb {
@@ -27,8 +28,8 @@ use pb::presence_api_server::{PresenceApi, PresenceApiServer};
 
 /// Longest TTL a session may be registered with.
 const MAX_SESSION_TTL_SECS: u32 = 24 * 3600;
-/// Pending (coalesced) users a `WatchPresence { all: true }` stream may hold.
-const MAX_PENDING_ALL: usize = 100_000;
+/// Snapshot presences read from the store at once for a `WatchPresence` stream.
+const SNAPSHOT_CHUNK: usize = 64;
 
 fn ts(ms: Millis) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
@@ -62,6 +63,14 @@ fn presence_pb(p: &Presence) -> pb::UserPresence {
         node_id: p.node_id.to_string(),
         device_count: p.device_count,
         expires_at: p.expires_at.map(ts),
+        devices: p
+            .devices
+            .iter()
+            .map(|d| pb::DeviceSummary {
+                device_id: d.device_id.to_string(),
+                platform: d.platform.map(|p| p.as_str().to_string()).unwrap_or_default(),
+            })
+            .collect(),
     }
 }
 
@@ -117,11 +126,55 @@ fn code_name(c: tonic::Code) -> &'static str {
     }
 }
 
+/// How many `WatchPresence` streams are open, and how many ids they watch together
+/// (`limits.grpc_max_watch_streams`, `limits.grpc_max_watched_ids`).
+#[derive(Default)]
+pub struct WatchBudget {
+    streams: AtomicUsize,
+    ids: AtomicUsize,
+}
+
+/// One stream's share of the budget, given back when the stream ends.
+struct WatchPermit {
+    budget: Arc<WatchBudget>,
+    ids: usize,
+}
+
+impl WatchBudget {
+    /// Takes a stream watching `ids` users, or says which cap it would exceed.
+    fn take(self: &Arc<Self>, ids: usize, max_streams: usize, max_ids: usize) -> Result<WatchPermit, ApiError> {
+        let refuse = |reason: &'static str, msg: String| {
+            metrics::counter!("grpc_watch_refused_total", "reason" => reason).increment(1);
+            Err(ApiError::LimitExceeded(msg))
+        };
+        if self.streams.fetch_add(1, Ordering::AcqRel) >= max_streams {
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return refuse("streams", format!("too many WatchPresence streams open on this server (limit {max_streams}); retry later"));
+        }
+        if self.ids.fetch_add(ids, Ordering::AcqRel).saturating_add(ids) > max_ids {
+            self.ids.fetch_sub(ids, Ordering::AcqRel);
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return refuse("ids", format!("too many users watched by WatchPresence streams on this server (limit {max_ids}); retry later"));
+        }
+        metrics::gauge!("grpc_watch_streams").increment(1.0);
+        Ok(WatchPermit { budget: self.clone(), ids })
+    }
+}
+
+impl Drop for WatchPermit {
+    fn drop(&mut self) {
+        self.budget.streams.fetch_sub(1, Ordering::AcqRel);
+        self.budget.ids.fetch_sub(self.ids, Ordering::AcqRel);
+        metrics::gauge!("grpc_watch_streams").decrement(1.0);
+    }
+}
+
 /// The `PresenceApi` implementation.
 #[derive(Clone)]
 pub struct Api {
     svc: Arc<Service>,
     shutdown: watch::Receiver<bool>,
+    watches: Arc<WatchBudget>,
 }
 
 impl Api {
@@ -183,11 +236,8 @@ impl PresenceApi for Api {
                 return Err(ApiError::BadRequest(format!("ttl_seconds must be at most {MAX_SESSION_TTL_SECS}")));
             }
             let ttl_ms = if m.ttl_seconds == 0 { self.svc.presence.session_ttl.as_millis_i64() } else { i64::from(m.ttl_seconds) * 1000 };
-            let devices = self.svc.store.devices(&user).await?;
-            if devices.len() >= self.svc.limits.max_devices_per_user && !devices.iter().any(|d| *d.device_id == *m.device_id) {
-                return Err(ApiError::LimitExceeded(format!("at most {} devices per user", self.svc.limits.max_devices_per_user)));
-            }
-            let reg = self.svc.store.register_session(&user, &m.device_id, instance, ttl_ms).await?;
+            let platform = self.svc.parse_platform(Some(&m.platform))?;
+            let reg = self.svc.open_session(&user, &m.device_id, instance, ttl_ms, platform).await?;
             Ok(pb::RegisterSessionResponse { created: reg.created, expires_at: Some(ts(reg.expires_at)) })
         }
         .await
@@ -204,7 +254,7 @@ impl PresenceApi for Api {
             let m = req.get_ref();
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
-            let removed = self.svc.store.unregister_session(&user, &m.device_id).await?;
+            let removed = self.svc.store.unregister_session(&user, &m.device_id, None).await?;
             Ok(pb::UnregisterSessionResponse { removed })
         }
         .await
@@ -249,6 +299,7 @@ impl PresenceApi for Api {
                         connected_at: Some(ts(d.connected_at)),
                         last_seen: Some(ts(d.last_heartbeat)),
                         expires_at: Some(ts(d.expires_at)),
+                        platform: d.platform.map(|p| p.as_str().to_string()).unwrap_or_default(),
                     })
                     .collect(),
             })
@@ -303,27 +354,28 @@ impl PresenceApi for Api {
                 (Some(self.admin(&req, "WatchPresence with all: true")?), None)
             } else {
                 let viewer = self.caller_optional(&req)?;
-                let ids = self.svc.parse_ids(m.user_ids.iter().map(String::as_str))?;
+                let mut ids = self.svc.parse_ids(m.user_ids.iter().map(String::as_str))?;
+                ids.sort();
                 (viewer, Some(ids))
             };
-            // Subscribe before reading the snapshot so no change falls in between.
+            let limits = &self.svc.limits;
+            let permit =
+                self.watches.take(watched.as_ref().map_or(0, Vec::len), limits.grpc_max_watch_streams, limits.grpc_max_watched_ids)?;
+            // Subscribe before any snapshot is read, so no change falls in between.
             let events = self.svc.bus.subscribe();
-            let snapshot = match &watched {
-                Some(ids) => self.svc.get_many_as(viewer.as_ref(), ids).await?,
-                None => Vec::new(),
-            };
-            let (tx, rx) = mpsc::channel(64);
+            let (tx, rx) = mpsc::channel(16);
             // Cluster mode: this node now follows other nodes' events about these users.
             let interest = crate::bus::InterestGuard::new(self.svc.bus.interest(), watched.clone().unwrap_or_default(), m.all);
             let fwd = Forwarder {
                 svc: self.svc.clone(),
                 viewer,
-                watched: watched.map(|v| v.into_iter().collect()),
+                watched: watched.unwrap_or_default(),
+                all: m.all,
                 shutdown: self.shutdown.clone(),
                 _interest: interest,
+                _permit: permit,
             };
-            tokio::spawn(fwd.run(events, snapshot, tx));
-            metrics::gauge!("grpc_watch_streams").increment(1.0);
+            tokio::spawn(fwd.run(events, tx));
             Ok(ReceiverStream::new(rx))
         }
         .await
@@ -334,64 +386,93 @@ impl PresenceApi for Api {
     }
 }
 
-/// Feeds one `WatchPresence` stream: filters bus events to the watched users, applies
-/// privacy for the viewer, and coalesces per user while the reader is slow (at most one
-/// pending event per user: the newest). A reader that falls behind the bus itself, or an
-/// `all` stream with too many users pending, ends with RESOURCE_EXHAUSTED.
+/// Feeds one `WatchPresence` stream: first the snapshot of the watched users (read from
+/// the store in small chunks as the reader takes them, so a parked stream holds its
+/// ids, not their presences), then the events about them that change what the viewer
+/// may see (privacy hides the moment of a change, not only its content), coalesced per
+/// user while the reader is slow: at most one pending event per user, the newest. A
+/// stream holding more than `limits.grpc_watch_buffer` pending users, or whose reader
+/// falls behind the bus itself, ends with `RESOURCE_EXHAUSTED`.
 struct Forwarder {
     svc: Arc<Service>,
     viewer: Option<Identity>,
-    watched: Option<HashSet<UserId>>,
+    /// Sorted; empty with `all`.
+    watched: Vec<UserId>,
+    all: bool,
     shutdown: watch::Receiver<bool>,
     _interest: crate::bus::InterestGuard,
+    _permit: WatchPermit,
 }
 
 impl Forwarder {
-    async fn run(
-        mut self,
-        mut events: broadcast::Receiver<Arc<Event>>,
-        snapshot: Vec<Presence>,
-        tx: mpsc::Sender<Result<pb::PresenceEvent, GrpcStatus>>,
-    ) {
+    fn watches(&self, user: &UserId) -> bool {
+        self.all || self.watched.binary_search(user).is_ok()
+    }
+
+    fn encode(&self, p: Presence, kind: pb::presence_event::Kind, at: Millis, snapshot: bool) -> pb::PresenceEvent {
+        let seen = self.svc.view_as(self.viewer.as_ref(), p);
+        pb::PresenceEvent { kind: kind as i32, presence: Some(presence_pb(&seen)), at: Some(ts(at)), snapshot }
+    }
+
+    async fn run(self, mut events: broadcast::Receiver<Arc<Event>>, tx: mpsc::Sender<Result<pb::PresenceEvent, GrpcStatus>>) {
+        let mut shutdown = self.shutdown.clone();
+        let buffer = self.svc.limits.grpc_watch_buffer;
+        // Snapshot still to send: `watched[cursor..]`, and a chunk read ahead.
+        let mut cursor = 0usize;
+        let mut ready: VecDeque<pb::PresenceEvent> = VecDeque::new();
+        // Events to send, oldest user first, the newest event per user.
         let mut order: VecDeque<UserId> = VecDeque::new();
-        let mut pending: HashMap<UserId, pb::PresenceEvent> = HashMap::new();
-        let now = self.svc.clock.now();
-        for p in &snapshot {
-            let ev = pb::PresenceEvent {
-                kind: pb::presence_event::Kind::PresenceUpdated as i32,
-                presence: Some(presence_pb(p)),
-                at: Some(ts(now)),
-                snapshot: true,
-            };
-            order.push_back(p.user_id.clone());
-            pending.insert(p.user_id.clone(), ev);
-        }
+        let mut pending: HashMap<UserId, Arc<Event>> = HashMap::new();
         let end = loop {
+            let has_output = !ready.is_empty() || cursor < self.watched.len() || !order.is_empty();
             tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => break Some(GrpcStatus::unavailable("server shutting down")),
+                _ = shutdown.changed() => break Some(GrpcStatus::unavailable("server shutting down")),
                 _ = tx.closed() => break None,
-                permit = tx.reserve(), if !order.is_empty() => {
+                permit = tx.reserve(), if has_output => {
                     let Ok(permit) = permit else { break None };
-                    if let Some(ev) = order.pop_front().and_then(|u| pending.remove(&u)) {
+                    if ready.is_empty() && cursor < self.watched.len() {
+                        let chunk = &self.watched[cursor..(cursor + SNAPSHOT_CHUNK).min(self.watched.len())];
+                        cursor += chunk.len();
+                        let now = self.svc.clock.now();
+                        match self.svc.get_many_fresh(chunk).await {
+                            Ok(found) => {
+                                for p in found {
+                                    // The snapshot is as new as any event queued before it.
+                                    if pending.remove(&p.user_id).is_some() {
+                                        order.retain(|u| *u != p.user_id);
+                                    }
+                                    ready.push_back(self.encode(p, pb::presence_event::Kind::PresenceUpdated, now, true));
+                                }
+                            }
+                            Err(e) => break Some(to_status(e)),
+                        }
+                    }
+                    if let Some(ev) = ready.pop_front() {
                         permit.send(Ok(ev));
+                    } else if let Some(ev) = order.pop_front().and_then(|u| pending.remove(&u)) {
+                        permit.send(Ok(self.encode(ev.presence.clone(), kind_pb(ev.kind), ev.at, false)));
                     }
                 }
                 ev = events.recv() => match ev {
                     Ok(ev) => {
                         let user = &ev.presence.user_id;
-                        if self.watched.as_ref().is_some_and(|w| !w.contains(user)) {
+                        if !self.watches(user) {
                             continue;
                         }
-                        let seen = self.svc.view_as(self.viewer.as_ref(), ev.presence.clone());
-                        let out = pb::PresenceEvent { kind: kind_pb(ev.kind) as i32, presence: Some(presence_pb(&seen)), at: Some(ts(ev.at)), snapshot: false };
-                        if pending.insert(user.clone(), out).is_some() {
+                        let rel = self.svc.relation(self.viewer.as_ref(), user);
+                        if !visible_change(&ev.before, &ev.presence, &self.svc.directory.privacy(user), rel) {
+                            continue; // nothing this viewer may see changed: not even the moment
+                        }
+                        if pending.insert(user.clone(), ev.clone()).is_some() {
                             metrics::counter!("grpc_watch_coalesced_total").increment(1);
                         } else {
                             order.push_back(user.clone());
                         }
-                        if self.watched.is_none() && pending.len() > MAX_PENDING_ALL {
-                            break Some(GrpcStatus::resource_exhausted("stream reader too slow: too many users pending"));
+                        if pending.len() > buffer {
+                            break Some(GrpcStatus::resource_exhausted(format!(
+                                "stream reader too slow: more than {buffer} users pending (limits.grpc_watch_buffer)"
+                            )));
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -404,7 +485,6 @@ impl Forwarder {
         if let Some(status) = end {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(Err(status))).await;
         }
-        metrics::gauge!("grpc_watch_streams").decrement(1.0);
     }
 }
 
@@ -424,21 +504,29 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1();
     let reflection_v1alpha = reflection().build_v1alpha();
-    let mut router = tonic::transport::Server::builder().add_service(health_service);
+    let mut router = tonic::transport::Server::builder()
+        // Calls per connection; pings find dead peers (an idle connection is closed by
+        // the listener's idle timeout).
+        .max_concurrent_streams(svc.limits.grpc_max_concurrent_streams)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .layer(crate::listener::GrpcConnLayer)
+        .add_service(health_service);
     match (reflection_v1, reflection_v1alpha) {
         (Ok(v1), Ok(v1alpha)) => {
             router = router.add_service(v1).add_service(v1alpha);
         }
         (Err(e), _) | (_, Err(e)) => tracing::error!(error = %e, "gRPC reflection disabled: descriptor set rejected"),
     }
-    let api = PresenceApiServer::new(Api { svc, shutdown: stop_rx });
+    let limits = svc.limits.clone();
+    let clock = svc.clock.clone();
+    let api = PresenceApiServer::new(Api { svc, shutdown: stop_rx, watches: Arc::default() });
     let signal = async move {
         shutdown.await;
         health.set_not_serving::<PresenceApiServer<Api>>().await;
         let _ = stop_tx.send(true);
     };
-    // TCP_NODELAY: multi-segment answers (a 100-id GetPresence is ~8 KB) must not wait
-    // for the client's delayed ACK (Nagle), which costs ~40 ms per call at low concurrency.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming =
+        crate::listener::grpc_incoming(listener, crate::listener::Timeouts::of(&limits), crate::listener::ip_limiter(&limits), clock);
     router.add_service(api).serve_with_incoming_shutdown(incoming, signal).await
 }

@@ -4,7 +4,7 @@
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 
-use crate::core::{Millis, Presence};
+use crate::core::{DeviceSummary, Millis, Presence};
 use crate::service::ApiError;
 
 /// RFC 3339 in UTC with millisecond precision, e.g. `2024-01-15T10:30:00.123Z`
@@ -58,7 +58,7 @@ impl Serialize for Time {
 }
 
 /// A presence as JSON: seed 003 §3.2 fields, plus `expires_at`/`ttl` (remaining seconds of
-/// an explicit status) and `device_count`.
+/// an explicit status), `device_count` and `devices`.
 pub struct PresenceJson<'a> {
     pub p: &'a Presence,
     pub now: Millis,
@@ -67,7 +67,7 @@ pub struct PresenceJson<'a> {
 impl Serialize for PresenceJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let p = self.p;
-        let mut st = s.serialize_struct("Presence", 9)?;
+        let mut st = s.serialize_struct("Presence", 10)?;
         st.serialize_field("user_id", p.user_id.as_str())?;
         st.serialize_field("status", p.status.as_str())?;
         if !p.message.is_empty() {
@@ -89,6 +89,36 @@ impl Serialize for PresenceJson<'_> {
             }
         }
         st.serialize_field("device_count", &p.device_count)?;
+        st.serialize_field("devices", &Devices(&p.devices))?;
+        st.end()
+    }
+}
+
+/// The live devices: `[{"device_id": "phone", "platform": "mobile"}, ...]` (`platform`
+/// only when the client declared one).
+struct Devices<'a>(&'a [DeviceSummary]);
+
+impl Serialize for Devices<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for d in self.0 {
+            seq.serialize_element(&Device(d))?;
+        }
+        seq.end()
+    }
+}
+
+struct Device<'a>(&'a DeviceSummary);
+
+impl Serialize for Device<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Device", 2)?;
+        st.serialize_field("device_id", &*self.0.device_id)?;
+        match self.0.platform {
+            Some(p) => st.serialize_field("platform", p.as_str())?,
+            None => st.skip_field("platform")?,
+        }
         st.end()
     }
 }

@@ -48,6 +48,7 @@ pub async fn bulk(State(state): State<Http>, headers: HeaderMap, body: Result<By
 #[serde(deny_unknown_fields)]
 struct HeartbeatBody {
     device_id: Option<String>,
+    platform: Option<String>,
 }
 
 /// `POST /presence/heartbeat`: keeps the caller's device session alive, opening it if
@@ -62,19 +63,9 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
         headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
     validate_id("device id", &device, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let svc = &state.svc;
-    let expires_at = match svc.store.refresh_session(&user, &device).await? {
-        Some(t) => t,
-        None => {
-            let devices = svc.store.devices(&user).await?;
-            if devices.len() >= svc.limits.max_devices_per_user {
-                return Err(ApiError::LimitExceeded(format!("at most {} devices per user", svc.limits.max_devices_per_user)));
-            }
-            svc.store
-                .register_session(&user, &device, &format!("{}/http", svc.node_id), svc.presence.session_ttl.as_millis_i64())
-                .await?
-                .expires_at
-        }
-    };
+    let platform_header = headers.get("x-device-platform").and_then(|v| v.to_str().ok());
+    let platform = svc.parse_platform(platform_header.or(b.platform.as_deref()))?;
+    let expires_at = svc.heartbeat_or_open(&user, &device, &format!("{}/http", svc.node_id), platform).await?;
     Ok(super::ok(json!({ "user_id": user.as_str(), "device_id": device, "expires_at": rfc3339(expires_at) })))
 }
 
@@ -96,7 +87,7 @@ pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<
     };
     validate_id("conversation id", &conv, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     state.svc.check_write_rate(&user)?;
-    state.svc.hub.typing(&user, &conv, is_typing)?;
+    state.svc.hub.typing(&user, &conv, is_typing).await?;
     let conv: Arc<str> = Arc::from(conv);
     Ok(super::ok(json!({ "conversation_id": &*conv, "user_id": user.as_str(), "is_typing": is_typing })))
 }

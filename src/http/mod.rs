@@ -73,9 +73,28 @@ pub fn router(state: Http) -> Router {
         .with_state(state)
 }
 
-/// Routes as registered, so a request's route label is a `&'static str`.
-const ROUTES: [&str; 7] =
-    ["/api/v2/presence", "/api/v2/presence/batch", "/api/v2/presence/{user_id}", "/health", "/health/cache", "/metrics", "/ws"];
+/// Every route template, so a request's route label is a `&'static str` (a test checks
+/// that every route the router serves is here).
+pub const ROUTES: [&str; 18] = [
+    "/",
+    "/ws",
+    "/api/v2/presence",
+    "/api/v2/presence/batch",
+    "/api/v2/presence/{user_id}",
+    "/api/v2/presence/{user_id}/privacy",
+    "/api/v2/contacts/{user_id}",
+    "/api/v2/conversations/{id}/members",
+    "/presence",
+    "/presence/bulk",
+    "/presence/heartbeat",
+    "/presence/typing",
+    "/presence/{user_id}",
+    "/health",
+    "/health/cache",
+    "/health/nats",
+    "/metrics",
+    "/dev/token",
+];
 
 fn route_label(req: &Request) -> &'static str {
     match req.extensions().get::<MatchedPath>() {

@@ -101,6 +101,8 @@ pub struct Updated<T> {
     pub after: Option<T>,
     /// Revision after the write (or of the value read when nothing was written).
     pub revision: u64,
+    /// Revision of `before` (`0`: the key did not exist).
+    pub prev_revision: u64,
     /// Conflicting writers met (and retried past).
     pub conflicts: usize,
 }
@@ -128,7 +130,8 @@ where
             None => (None, None),
         };
         let Some(after) = f(before.clone()) else {
-            return Ok(Updated { before: before.clone(), after: before, revision: revision.unwrap_or(0), conflicts });
+            let rev = revision.unwrap_or(0);
+            return Ok(Updated { before: before.clone(), after: before, revision: rev, prev_revision: rev, conflicts });
         };
         let bytes = Bytes::from(serde_json::to_vec(&after).map_err(|e| KvError::Backend(e.to_string()))?);
         let written = match revision {
@@ -140,7 +143,7 @@ where
         match written {
             Ok(rev) => {
                 metrics::counter!("nats_kv_writes_total").increment(1);
-                return Ok(Updated { before, after: Some(after), revision: rev, conflicts });
+                return Ok(Updated { before, after: Some(after), revision: rev, prev_revision: revision.unwrap_or(0), conflicts });
             }
             Err((true, _)) => {
                 conflicts += 1;

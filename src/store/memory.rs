@@ -7,7 +7,17 @@
 //! `tick_ms`) to the users due then. Each user has at most one live ("armed") entry, at its
 //! earliest deadline: a heartbeat that pushes the deadline later touches no timer at all;
 //! when the entry fires, the reaper re-evaluates the user and re-arms it at its new earliest
-//! deadline. Expiry is therefore O(expiring users), never a scan of all users.
+//! deadline. Expiry is therefore O(expiring users), never a scan of all users. The same
+//! wheel forgets users who have had no session and no status for `forget_after` (their
+//! `last_seen` is then dropped, in memory and on disk), so churning ids do not grow the
+//! store without bound.
+//!
+//! Every visible change takes the next value of one store-wide counter as the user's
+//! revision, carried by its event and by reads, so receivers can drop what is older
+//! than what they already have.
+//!
+//! Durable writes (statuses) are committed before they are applied: a write answered
+//! 503 because the disk refused it was never visible.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -23,7 +33,7 @@ use tokio::task::JoinHandle;
 use super::persist::{Ack, DirTable, Loaded, PersistError, Persister, Record};
 use super::{Clock, SetStatus, Store, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{Change, Event, EventKind, Millis, Presence, Registered, Session, UserId, UserState};
+use crate::core::{Change, Event, EventKind, Millis, NewSession, Presence, Registered, Session, UserId, UserState};
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -35,11 +45,16 @@ pub struct MemoryConfig {
     pub shards: usize,
     /// Timer resolution: how late at most an expiry is processed.
     pub tick_ms: i64,
+    /// Forget a user with no session and no status this long after their last activity
+    /// (`presence.forget_after`); `None` keeps everyone.
+    pub forget_after_ms: Option<i64>,
+    /// `store.start_fresh`: an empty or damaged database file is moved aside.
+    pub start_fresh: bool,
 }
 
 impl MemoryConfig {
     pub fn new(node_id: &str) -> MemoryConfig {
-        MemoryConfig { node_id: Arc::from(node_id), data_dir: None, shards: 64, tick_ms: 100 }
+        MemoryConfig { node_id: Arc::from(node_id), data_dir: None, shards: 64, tick_ms: 100, forget_after_ms: None, start_fresh: false }
     }
 }
 
@@ -56,7 +71,11 @@ struct Inner {
     bus: EventBus,
     node: Arc<str>,
     tick_ms: i64,
+    forget_after_ms: Option<i64>,
     persist: Option<Persister>,
+    /// The last revision handed out (store-wide, so a forgotten user's later revisions
+    /// still grow).
+    revisions: AtomicU64,
     users: AtomicI64,
     online: AtomicI64,
     sessions: AtomicI64,
@@ -71,6 +90,8 @@ struct Entry {
     state: UserState,
     /// Tick of this user's live wheel entry, if any; entries at other ticks are stale.
     armed: Option<i64>,
+    /// Revision of the user's last visible change.
+    rev: u64,
 }
 
 #[derive(Default)]
@@ -86,7 +107,7 @@ impl MemoryStore {
         let n = config.shards.max(1).next_power_of_two();
         let (persist, loaded) = match &config.data_dir {
             Some(dir) => {
-                let (p, l) = Persister::open(dir)?;
+                let (p, l) = Persister::open(dir, config.start_fresh)?;
                 (Some(p), l)
             }
             None => (None, Loaded::default()),
@@ -98,7 +119,9 @@ impl MemoryStore {
             bus,
             node: config.node_id,
             tick_ms: config.tick_ms.max(1),
+            forget_after_ms: config.forget_after_ms.filter(|f| *f > 0),
             persist,
+            revisions: AtomicU64::new(0),
             users: AtomicI64::new(0),
             online: AtomicI64::new(0),
             sessions: AtomicI64::new(0),
@@ -128,8 +151,9 @@ impl MemoryStore {
                 }
             }
             let mut shard = self.inner.shard(&user).lock();
-            let mut entry = Entry { state, armed: None };
-            arm(&mut shard.wheel, &user, &mut entry, self.inner.tick_ms);
+            let rev = self.inner.revisions.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut entry = Entry { state, armed: None, rev };
+            self.inner.arm(&mut shard.wheel, &user, &mut entry);
             shard.users.insert(user, entry);
             loaded += 1;
         }
@@ -179,50 +203,95 @@ impl MemoryStore {
                     }
                     entry.armed = None;
                     evaluated += 1;
-                    let before = entry.state.sessions.len();
+                    let sessions = entry.state.sessions.len();
+                    let before = entry.state.published(&id);
                     let change = entry.state.expire(&inner.node, now);
-                    inner.after_change(&id, entry, before, &change, now, false);
-                    arm(&mut shard.wheel, &id, entry, inner.tick_ms);
+                    inner.after_change(&id, entry, sessions, before, &change, now, Persist::IfChanged);
+                    if inner.forgettable(&entry.state, now) {
+                        shard.users.remove(&id);
+                        inner.users.fetch_sub(1, Ordering::Relaxed);
+                        if let Some(p) = &inner.persist {
+                            p.enqueue(id.as_str(), None, false);
+                        }
+                        metrics::counter!("presence_users_forgotten_total").increment(1);
+                        continue;
+                    }
+                    inner.arm(&mut shard.wheel, &id, entry);
                 }
             }
         }
         evaluated
     }
 
-    /// Runs `f` on the user's state under its shard lock, then accounts, publishes,
-    /// persists and re-arms. With `create: false` an unknown user is left alone (`None`).
+    /// Runs `f` on the user's state under its shard lock at `now`, then accounts,
+    /// publishes, persists (as `persist` says) and re-arms. With `create: false` an unknown
+    /// user is left alone (`None`).
     fn update<R>(
         &self,
         id: &UserId,
         create: bool,
-        ack: bool,
+        persist: Persist,
+        now: Millis,
         f: impl FnOnce(&mut UserState, Millis) -> (R, Change),
-    ) -> Option<(R, Presence, Option<Ack>)> {
+    ) -> Option<(R, Presence)> {
         let inner = &*self.inner;
-        let now = inner.clock.now();
         let mut guard = inner.shard(id).lock();
         let shard = &mut *guard;
         if !shard.users.contains_key(id) {
             if !create {
                 return None;
             }
-            shard.users.insert(id.clone(), Entry { state: UserState::new(inner.node.clone()), armed: None });
+            shard.users.insert(id.clone(), Entry { state: UserState::new(inner.node.clone()), armed: None, rev: 0 });
             inner.users.fetch_add(1, Ordering::Relaxed);
         }
         let entry = shard.users.get_mut(id)?;
-        let before = entry.state.sessions.len();
+        let sessions = entry.state.sessions.len();
+        let before = entry.state.published(id);
         let (r, change) = f(&mut entry.state, now);
-        let ack = inner.after_change(id, entry, before, &change, now, ack);
-        arm(&mut shard.wheel, id, entry, inner.tick_ms);
-        Some((r, entry.state.view(id, now), ack))
+        inner.after_change(id, entry, sessions, before, &change, now, persist);
+        inner.arm(&mut shard.wheel, id, entry);
+        let mut view = entry.state.view(id, now);
+        view.revision = entry.rev;
+        Some((r, view))
     }
 
+    /// Makes `f`'s effect on the stored record durable, then applies it: a write the disk
+    /// refuses is answered 503 and was never visible. Without persistence, just applies.
+    async fn durable_update(&self, id: &UserId, f: impl Fn(&mut UserState, Millis) -> Change) -> Result<Presence, StoreError> {
+        self.persist_health()?;
+        let now = self.inner.clock.now();
+        let staged = match &self.inner.persist {
+            None => None,
+            Some(p) => {
+                let mut st = {
+                    let shard = self.inner.shard(id).lock();
+                    shard.users.get(id).map(|e| e.state.clone())
+                }
+                .unwrap_or_else(|| UserState::new(self.inner.node.clone()));
+                f(&mut st, now);
+                let record = Record::of(&st);
+                Self::durable(p.enqueue(id.as_str(), Some(&record), true)).await?;
+                Some(record)
+            }
+        };
+        let persist = match staged {
+            Some(r) => Persist::UnlessAlready(r),
+            None => Persist::IfChanged,
+        };
+        let (_, presence) = self
+            .update(id, true, persist, now, |s, now| ((), f(s, now)))
+            .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
+        Ok(presence)
+    }
+
+    /// Waits for a commit. The database's own message is logged by the writer, never
+    /// passed to clients.
     async fn durable(ack: Option<Ack>) -> Result<(), StoreError> {
         match ack {
             None => Ok(()),
             Some(rx) => match rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(StoreError::Unavailable(format!("could not persist the change: {e}"))),
+                Ok(Err(_)) => Err(StoreError::Unavailable(DB_FAILING.into())),
                 Err(_) => Err(StoreError::Unavailable("persistence is shutting down".into())),
             },
         }
@@ -230,10 +299,21 @@ impl MemoryStore {
 
     fn persist_health(&self) -> Result<(), StoreError> {
         match &self.inner.persist {
-            Some(p) => p.health().map_err(|e| StoreError::Unavailable(format!("presence database: {e}"))),
+            Some(p) => p.health().map_err(|_| StoreError::Unavailable(DB_FAILING.into())),
             None => Ok(()),
         }
     }
+}
+
+/// What clients are told while the database cannot commit (the detail is in the log).
+const DB_FAILING: &str = "the presence database cannot commit right now (see the server log); retry later";
+
+/// When a transition's record is written to disk.
+enum Persist {
+    /// When the transition says its durable part changed.
+    IfChanged,
+    /// Likewise, unless the record is this one (already committed before applying).
+    UnlessAlready(Record),
 }
 
 impl Inner {
@@ -244,7 +324,17 @@ impl Inner {
 
     /// Bookkeeping after a transition, under the shard lock so that events and
     /// persisted records of one user keep their order.
-    fn after_change(&self, id: &UserId, entry: &Entry, sessions_before: usize, change: &Change, now: Millis, ack: bool) -> Option<Ack> {
+    #[allow(clippy::too_many_arguments)]
+    fn after_change(
+        &self,
+        id: &UserId,
+        entry: &mut Entry,
+        sessions_before: usize,
+        before: Presence,
+        change: &Change,
+        now: Millis,
+        persist: Persist,
+    ) {
         let sessions_after = entry.state.sessions.len();
         self.sessions.fetch_add(sessions_after as i64 - sessions_before as i64, Ordering::Relaxed);
         if let Some(kind) = change.event {
@@ -253,24 +343,48 @@ impl Inner {
                 EventKind::UserOffline => self.online.fetch_sub(1, Ordering::Relaxed),
                 _ => 0,
             };
-            self.bus.publish(Event { kind, presence: entry.state.view(id, now), previous: change.previous, at: now });
+            let before = Presence { revision: entry.rev, ..before };
+            entry.rev = self.revisions.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut presence = entry.state.view(id, now);
+            presence.revision = entry.rev;
+            self.bus.publish(Event { kind, presence, before, at: now });
         }
-        match &self.persist {
-            Some(p) if change.persist || ack => p.enqueue(id.as_str(), Some(&Record::of(&entry.state)), ack),
-            _ => None,
+        if let (Some(p), true) = (&self.persist, change.persist) {
+            let record = Record::of(&entry.state);
+            if !matches!(&persist, Persist::UnlessAlready(done) if *done == record) {
+                p.enqueue(id.as_str(), Some(&record), false);
+            }
         }
     }
-}
 
-/// Arms the user's wheel entry at its earliest deadline unless one is armed at or before it.
-fn arm(wheel: &mut BTreeMap<i64, Vec<UserId>>, id: &UserId, entry: &mut Entry, tick_ms: i64) {
-    let Some(deadline) = entry.state.next_deadline() else {
-        return;
-    };
-    let tick = deadline.div_euclid(tick_ms) + i64::from(deadline.rem_euclid(tick_ms) != 0);
-    if entry.armed.is_none_or(|a| a > tick) {
-        wheel.entry(tick).or_default().push(id.clone());
-        entry.armed = Some(tick);
+    /// Whether the user holds nothing and was last heard of `forget_after` ago.
+    fn forgettable(&self, state: &UserState, now: Millis) -> bool {
+        match (self.forget_after_ms, state.idle_since()) {
+            (Some(f), Some(idle)) => idle.saturating_add(f) <= now,
+            _ => false,
+        }
+    }
+
+    /// Arms the user's wheel entry at its earliest deadline (expiry, or the moment it may
+    /// be forgotten) unless one is armed at or before it.
+    fn arm(&self, wheel: &mut BTreeMap<i64, Vec<UserId>>, id: &UserId, entry: &mut Entry) {
+        let forget = match (self.forget_after_ms, entry.state.idle_since()) {
+            (Some(f), Some(idle)) => Some(idle.saturating_add(f)),
+            _ => None,
+        };
+        let deadline = match (entry.state.next_deadline(), forget) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        let tick_ms = self.tick_ms;
+        let tick = deadline.div_euclid(tick_ms) + i64::from(deadline.rem_euclid(tick_ms) != 0);
+        if entry.armed.is_none_or(|a| a > tick) {
+            wheel.entry(tick).or_default().push(id.clone());
+            entry.armed = Some(tick);
+        }
     }
 }
 
@@ -283,7 +397,7 @@ impl Store for MemoryStore {
         let (mut hits, mut misses) = (0, 0);
         for id in ids {
             let shard = inner.shard(id).lock();
-            let p = shard.users.get(id).map(|e| e.state.view(id, now));
+            let p = shard.users.get(id).map(|e| Presence { revision: e.rev, ..e.state.view(id, now) });
             drop(shard);
             if p.is_some() {
                 hits += 1;
@@ -298,31 +412,25 @@ impl Store for MemoryStore {
     }
 
     async fn set_status(&self, id: &UserId, req: SetStatus) -> Result<Presence, StoreError> {
-        self.persist_health()?;
         let node = self.inner.node.clone();
-        let (_, presence, ack) = self
-            .update(id, true, true, |s, now| ((), s.set_status(req.status, req.message, req.ttl_ms, &node, now)))
-            .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
-        Self::durable(ack).await?;
-        Ok(presence)
+        self.durable_update(id, |s, now| s.set_status(req.status, req.message.clone(), req.ttl_ms, &node, now)).await
     }
 
     async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError> {
-        self.persist_health()?;
         let node = self.inner.node.clone();
-        let (_, presence, ack) = self
-            .update(id, true, true, |s, now| ((), s.clear_status(&node, now)))
-            .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
-        Self::durable(ack).await?;
-        Ok(presence)
+        self.durable_update(id, |s, now| s.clear_status(&node, now)).await
     }
 
-    async fn register_session(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64) -> Result<Registered, StoreError> {
+    async fn register_session(&self, id: &UserId, req: NewSession) -> Result<Registered, StoreError> {
         let node = self.inner.node.clone();
-        let (reg, _, _) = self
-            .update(id, true, false, |s, now| s.register(Arc::from(device), Arc::from(instance), ttl_ms, &node, now))
+        let now = self.inner.clock.now();
+        let (reg, _) = self
+            .update(id, true, Persist::IfChanged, now, |s, now| match s.register(req, &node, now) {
+                Ok((reg, change)) => (Ok(reg), change),
+                Err(limit) => (Err(StoreError::TooManyDevices { max: limit.max }), Change::none()),
+            })
             .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
-        Ok(reg)
+        reg
     }
 
     async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
@@ -333,9 +441,12 @@ impl Store for MemoryStore {
         Ok(shard.users.get_mut(id).and_then(|e| e.state.refresh(device, now)))
     }
 
-    async fn unregister_session(&self, id: &UserId, device: &str) -> Result<bool, StoreError> {
+    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
         let node = self.inner.node.clone();
-        Ok(self.update(id, false, false, |s, now| s.unregister(device, &node, now)).is_some_and(|(removed, _, _)| removed))
+        let now = self.inner.clock.now();
+        Ok(self
+            .update(id, false, Persist::IfChanged, now, |s, now| s.unregister(device, sid, &node, now))
+            .is_some_and(|(removed, _)| removed))
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
@@ -352,6 +463,7 @@ impl Store for MemoryStore {
             sessions: i.sessions.load(Ordering::Relaxed).max(0) as u64,
             hits: i.hits.load(Ordering::Relaxed),
             misses: i.misses.load(Ordering::Relaxed),
+            read_cache: false,
             ..StoreStats::default()
         }
     }
@@ -416,7 +528,7 @@ mod tests {
     async fn session_ttl_expiry_through_the_wheel() {
         let (store, clock, mut rx) = setup();
         let alice = uid("alice");
-        store.register_session(&alice, "phone", "gw1", 60_000).await.unwrap();
+        store.register_session(&alice, NewSession::new("phone", "gw1", 60_000)).await.unwrap();
         assert_eq!(drain(&mut rx), vec![(EventKind::UserOnline, "alice".into(), Status::Online)]);
         assert_eq!(store.stats().online_users, 1);
         assert_eq!(store.stats().sessions, 1);
@@ -445,7 +557,7 @@ mod tests {
     async fn explicit_status_expires_into_derived_with_event() {
         let (store, clock, mut rx) = setup();
         let bob = uid("bob");
-        store.register_session(&bob, "d1", "gw", 600_000).await.unwrap();
+        store.register_session(&bob, NewSession::new("d1", "gw", 600_000)).await.unwrap();
         let p = store.set_status(&bob, SetStatus { status: Status::Busy, message: Arc::from("focus"), ttl_ms: Some(5_000) }).await.unwrap();
         assert_eq!((p.status, &*p.message, p.expires_at), (Status::Busy, "focus", Some(T0 + 5_000)));
         drain(&mut rx);
@@ -462,17 +574,22 @@ mod tests {
         let (store, _clock, mut rx) = setup();
         let carol = uid("carol");
         assert_eq!(get_one(&store, &carol).await.unwrap(), None);
-        assert!(!store.unregister_session(&carol, "x").await.unwrap());
+        assert!(!store.unregister_session(&carol, "x", None).await.unwrap());
         assert_eq!(store.stats().users, 0, "reads and no-op writes do not create users");
-        store.register_session(&carol, "phone", "gw1", 60_000).await.unwrap();
-        store.register_session(&carol, "laptop", "gw2", 60_000).await.unwrap();
+        store.register_session(&carol, NewSession::new("phone", "gw1", 60_000)).await.unwrap();
+        store.register_session(&carol, NewSession::new("laptop", "gw2", 60_000)).await.unwrap();
         let devices = store.devices(&carol).await.unwrap();
         assert_eq!(devices.len(), 2);
-        assert!(store.unregister_session(&carol, "phone").await.unwrap());
-        assert!(store.unregister_session(&carol, "laptop").await.unwrap());
+        assert!(store.unregister_session(&carol, "phone", None).await.unwrap());
+        assert!(store.unregister_session(&carol, "laptop", None).await.unwrap());
         assert_eq!(
             drain(&mut rx),
-            vec![(EventKind::UserOnline, "carol".into(), Status::Online), (EventKind::UserOffline, "carol".into(), Status::Offline)]
+            vec![
+                (EventKind::UserOnline, "carol".into(), Status::Online),
+                (EventKind::PresenceUpdated, "carol".into(), Status::Online),
+                (EventKind::PresenceUpdated, "carol".into(), Status::Online),
+                (EventKind::UserOffline, "carol".into(), Status::Offline)
+            ]
         );
         let got = store.get_many(&[carol.clone(), uid("nobody")]).await.unwrap();
         assert_eq!(got[0].as_ref().map(|p| p.status), Some(Status::Offline));
@@ -493,7 +610,7 @@ mod tests {
             store.set_status(&uid("long"), set(Status::Busy, Some(3_600_000))).await.unwrap();
             store.set_status(&uid("short"), set(Status::Away, Some(1_000))).await.unwrap();
             store.set_status(&uid("forever"), set(Status::Online, None)).await.unwrap();
-            store.register_session(&uid("sess"), "d", "gw", 60_000).await.unwrap();
+            store.register_session(&uid("sess"), NewSession::new("d", "gw", 60_000)).await.unwrap();
             store.shutdown().await;
         }
         clock.advance(10_000);
@@ -526,9 +643,9 @@ mod tests {
                 for i in 0..500 {
                     let u = uid(&format!("u{}", i % 50));
                     let d = format!("t{t}");
-                    store.register_session(&u, &d, "gw", 60_000).await.unwrap();
+                    store.register_session(&u, NewSession::new(&d, "gw", 60_000)).await.unwrap();
                     if i % 3 == 0 {
-                        store.unregister_session(&u, &d).await.unwrap();
+                        store.unregister_session(&u, &d, None).await.unwrap();
                     }
                 }
             }));
@@ -547,5 +664,71 @@ mod tests {
         assert_eq!(store.stats().sessions, total);
         let online = store.get_many(&ids).await.unwrap().iter().filter(|p| p.as_ref().unwrap().device_count > 0).count();
         assert_eq!(store.stats().online_users, online as u64);
+    }
+
+    #[tokio::test]
+    async fn every_visible_change_takes_a_higher_revision_and_events_carry_both_sides() {
+        let (store, _clock, mut rx) = setup();
+        let u = uid("rev");
+        store.register_session(&u, NewSession::new("a", "gw", 60_000)).await.unwrap();
+        let r1 = get_one(&store, &u).await.unwrap().unwrap().revision;
+        store.refresh_session(&u, "a").await.unwrap();
+        assert_eq!(get_one(&store, &u).await.unwrap().unwrap().revision, r1, "a heartbeat is not a change");
+        store.register_session(&u, NewSession::new("b", "gw", 60_000)).await.unwrap();
+        let r2 = get_one(&store, &u).await.unwrap().unwrap().revision;
+        assert!(r2 > r1);
+        let events: Vec<Arc<Event>> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(events.len(), 2);
+        assert_eq!((events[0].before.revision, events[0].presence.revision), (0, r1));
+        assert_eq!((events[1].before.revision, events[1].presence.revision), (r1, r2));
+        assert_eq!((events[1].before.device_count, events[1].presence.device_count), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn users_with_nothing_left_are_forgotten_after_the_retention() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let mut cfg = MemoryConfig::new("node-a");
+        cfg.forget_after_ms = Some(60_000);
+        let store = MemoryStore::open(cfg, clock.clone(), EventBus::new(64)).unwrap();
+        for i in 0..100 {
+            let u = uid(&format!("churn-{i}"));
+            store.register_session(&u, NewSession::new("d", "gw", 10_000)).await.unwrap();
+            store.unregister_session(&u, "d", None).await.unwrap();
+        }
+        store.set_status(&uid("keeps-a-status"), SetStatus { status: Status::Busy, message: Arc::from(""), ttl_ms: None }).await.unwrap();
+        assert_eq!(store.stats().users, 101);
+        clock.advance(59_000);
+        store.reap(clock.now());
+        assert_eq!(store.stats().users, 101, "not before the retention");
+        clock.advance(2_000);
+        store.reap(clock.now());
+        assert_eq!(store.stats().users, 1, "only the user with a status is left");
+        assert_eq!(get_one(&store, &uid("churn-1")).await.unwrap(), None);
+        // A forgotten user coming back gets a higher revision than ever before.
+        store.register_session(&uid("churn-1"), NewSession::new("d", "gw", 10_000)).await.unwrap();
+        assert!(get_one(&store, &uid("churn-1")).await.unwrap().unwrap().revision > 100);
+    }
+
+    #[tokio::test]
+    async fn concurrent_registrations_never_pass_the_device_limit() {
+        let (store, _clock, _rx) = setup();
+        let u = uid("limited");
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let (store, u) = (store.clone(), u.clone());
+                tokio::spawn(
+                    async move { store.register_session(&u, NewSession::new(&format!("d{i}"), "gw", 60_000).max_devices(10)).await },
+                )
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => assert_eq!(e, StoreError::TooManyDevices { max: 10 }),
+            }
+        }
+        assert_eq!(ok, 10);
+        assert_eq!(store.devices(&u).await.unwrap().len(), 10);
     }
 }

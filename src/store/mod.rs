@@ -3,6 +3,7 @@
 //! implement the same trait over the same pure transitions in [`crate::core::state`].
 
 pub mod clock;
+pub mod locks;
 pub mod memory;
 pub mod nats;
 pub mod persist;
@@ -11,18 +12,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{Millis, Presence, Registered, Session, Status, UserId};
+use crate::core::{Millis, NewSession, Presence, Registered, Session, Status, UserId};
 
 pub use clock::{spawn_periodic, Clock, ManualClock, SystemClock};
 pub use persist::DirTable;
 
 /// Why a store operation failed. Input is validated before it reaches a store, so the
-/// only failures are the store's own.
+/// failures are the store's own, and the limits the store enforces atomically.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// The backend cannot take the operation now (disk or broker down); retry later.
+    /// The backend cannot take the operation now (disk or broker down); retry later. The
+    /// message is safe to show clients: backends log their internal detail themselves.
     #[error("presence store unavailable: {0}")]
     Unavailable(String),
+    /// A new device session was refused: the user already has `max` live ones.
+    #[error("at most {max} devices per user")]
+    TooManyDevices { max: usize },
 }
 
 /// An explicit status write.
@@ -43,9 +48,12 @@ pub struct StoreStats {
     pub online_users: u64,
     /// Live device sessions.
     pub sessions: u64,
-    /// Reads that found a known user / an unknown one.
+    /// Reads that found a known user / an unknown one (embedded store), or read-cache
+    /// hits / misses (cluster backends: see `read_cache`).
     pub hits: u64,
     pub misses: u64,
+    /// Whether `hits`/`misses` count a read cache (cluster backends) rather than lookups.
+    pub read_cache: bool,
     /// Writes to a shared store (cluster backends) since start: the `store_writes_total` metric.
     pub writes: u64,
     /// Cluster backends: other nodes' events received, and the users this node follows
@@ -69,14 +77,18 @@ pub trait Store: Send + Sync + 'static {
     /// Clears the explicit status: the derived status applies again.
     async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError>;
 
-    /// Registers (or replaces) a device session alive for `ttl_ms` unless refreshed.
-    async fn register_session(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64) -> Result<Registered, StoreError>;
+    /// Registers (or replaces) a device session alive for `req.ttl_ms` unless refreshed.
+    /// A new device beyond `req.max_devices` live sessions is refused with
+    /// [`StoreError::TooManyDevices`], atomically with the registration.
+    async fn register_session(&self, id: &UserId, req: NewSession) -> Result<Registered, StoreError>;
 
     /// Extends a live session; `Ok(None)` when there is none (register again).
     async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError>;
 
-    /// Removes a session; `Ok(false)` when there was none.
-    async fn unregister_session(&self, id: &UserId, device: &str) -> Result<bool, StoreError>;
+    /// Removes a session; `Ok(false)` when there was none. With `sid`, only the
+    /// registration with that tag (a connection ending its own session must not end a
+    /// newer connection's registration of the same device).
+    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError>;
 
     /// The user's live device sessions.
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError>;

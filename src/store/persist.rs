@@ -6,7 +6,17 @@
 //! transaction: group commit, so a burst of status writes costs one fsync, and a writer that
 //! asked for it is told when its record is on disk. A failed commit keeps the records
 //! dirty and is retried with backoff; until one succeeds the store reports itself
-//! unavailable, so writes answer 503 instead of being acknowledged and lost.
+//! unavailable, so writes answer 503 instead of being acknowledged and lost. After a
+//! failed commit (a full disk, say) redb refuses every later operation until the file is
+//! opened again, so the writer reopens it before retrying: the store recovers by itself
+//! once space is back.
+//!
+//! Opening is careful with the file: a 0-byte file (which redb would silently turn into
+//! an empty database, making invisible users visible) is refused, the file's integrity is
+//! checked (and repaired by redb where it can be) at every open, a damaged file that
+//! cannot be repaired is refused with a message naming it, never a panic, and a file
+//! locked by another process says so. `store.start_fresh` moves such a file aside and
+//! starts empty instead.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -87,6 +97,10 @@ pub struct Record {
     pub updated_at: Option<Millis>,
     #[serde(default)]
     pub node_id: String,
+    /// The status was written while the user had no live session (see
+    /// [`Explicit::standalone`]); records written before this field read as preferences.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standalone: bool,
 }
 
 impl Record {
@@ -100,6 +114,7 @@ impl Record {
             last_seen: state.last_seen,
             updated_at: state.updated_at,
             node_id: state.node_id.to_string(),
+            standalone: e.is_some_and(|e| e.standalone),
         }
     }
 
@@ -111,6 +126,7 @@ impl Record {
                 message: Arc::from(self.message),
                 set_at: self.set_at,
                 expires_at: self.expires_at,
+                standalone: self.standalone,
             }),
             sessions: Vec::new(),
             last_seen: self.last_seen,
@@ -126,6 +142,22 @@ pub enum PersistError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot open presence database {path}: {message}")]
     Open { path: PathBuf, message: String },
+    #[error(
+        "another presenced is using {dir} (its presence database is locked): stop it, or give this one its own \
+         service.data_dir"
+    )]
+    InUse { dir: PathBuf },
+    #[error(
+        "the presence database {path} is empty (0 bytes): it was truncated, so the statuses, last_seen and privacy \
+         settings it held are gone. Restore it from a backup, or start with an empty store: set store.start_fresh: true \
+         (PRESENCE_STORE__START_FRESH=true), which moves the file aside"
+    )]
+    Empty { path: PathBuf },
+    #[error(
+        "the presence database {path} is damaged and could not be repaired ({detail}). Restore it from a backup, or start \
+         with an empty store: set store.start_fresh: true (PRESENCE_STORE__START_FRESH=true), which moves the damaged file aside"
+    )]
+    Damaged { path: PathBuf, detail: String },
 }
 
 #[derive(Default)]
@@ -136,7 +168,9 @@ struct Pending {
 }
 
 struct Shared {
-    db: Database,
+    /// `None` while it is being reopened after a failed commit.
+    db: Mutex<Option<Database>>,
+    path: PathBuf,
     pending: Mutex<Pending>,
     wake: Notify,
     closing: AtomicBool,
@@ -154,41 +188,26 @@ pub struct Persister {
 pub type Ack = oneshot::Receiver<Result<(), String>>;
 
 impl Persister {
-    /// Opens (or creates) `dir/presence.redb` and returns everything stored.
-    pub fn open(dir: &Path) -> Result<(Persister, Loaded), PersistError> {
+    /// Opens (or creates) `dir/presence.redb` and returns everything stored. With
+    /// `start_fresh`, an empty or damaged file is moved aside (`presence.redb.<reason>-<ms>`)
+    /// and an empty database created instead of refusing to start.
+    pub fn open(dir: &Path, start_fresh: bool) -> Result<(Persister, Loaded), PersistError> {
         std::fs::create_dir_all(dir).map_err(|source| PersistError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join("presence.redb");
-        let open_err = |e: &dyn std::fmt::Display| PersistError::Open { path: path.clone(), message: e.to_string() };
-        let db = Database::create(&path).map_err(|e| open_err(&e))?;
-        let tx = db.begin_write().map_err(|e| open_err(&e))?;
-        tx.open_table(USERS).map_err(|e| open_err(&e))?;
-        for t in DirTable::ALL {
-            tx.open_table(t.def()).map_err(|e| open_err(&e))?;
-        }
-        tx.commit().map_err(|e| open_err(&e))?;
-
-        let mut loaded = Loaded::default();
-        let rtx = db.begin_read().map_err(|e| open_err(&e))?;
-        let table = rtx.open_table(USERS).map_err(|e| open_err(&e))?;
-        for item in table.iter().map_err(|e| open_err(&e))? {
-            let (k, v) = item.map_err(|e| open_err(&e))?;
-            match serde_json::from_slice::<Record>(v.value()) {
-                Ok(r) => loaded.users.push((k.value().to_string(), r)),
-                Err(e) => tracing::warn!(user = k.value(), error = %e, "skipping unreadable presence record"),
+        let (db, loaded) = match open_and_load(dir, &path) {
+            Err(e @ (PersistError::Empty { .. } | PersistError::Damaged { .. })) if start_fresh => {
+                let reason = if matches!(e, PersistError::Empty { .. }) { "empty" } else { "damaged" };
+                let aside = dir.join(format!("presence.redb.{reason}-{}", crate::store::Clock::now(&crate::store::SystemClock)));
+                std::fs::rename(&path, &aside)
+                    .map_err(|e| PersistError::Open { path: path.clone(), message: format!("cannot move it aside: {e}") })?;
+                tracing::warn!(path = %path.display(), moved_to = %aside.display(), error = %e, "store.start_fresh: starting with an empty presence database");
+                open_and_load(dir, &path)?
             }
-        }
-        drop(table);
-        for t in DirTable::ALL {
-            let table = rtx.open_table(t.def()).map_err(|e| open_err(&e))?;
-            for item in table.iter().map_err(|e| open_err(&e))? {
-                let (k, v) = item.map_err(|e| open_err(&e))?;
-                loaded.directory.push((t, k.value().to_string(), v.value().to_vec()));
-            }
-        }
-        drop(rtx);
-
+            other => other?,
+        };
         let shared = Arc::new(Shared {
-            db,
+            db: Mutex::new(Some(db)),
+            path,
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
@@ -271,7 +290,24 @@ async fn writer(shared: Arc<Shared>) {
         let db_shared = shared.clone();
         let dirty = batch.dirty;
         let result = tokio::task::spawn_blocking(move || {
-            let r = commit(&db_shared.db, &dirty);
+            let mut db = db_shared.db.lock();
+            if db.is_none() {
+                // A commit failed before: redb wants the file opened again.
+                match reopen(&db_shared.path) {
+                    Ok(fresh) => {
+                        tracing::info!(path = %db_shared.path.display(), "presence database reopened");
+                        *db = Some(fresh);
+                    }
+                    Err(e) => return (dirty, Err(format!("cannot reopen the database: {e}"))),
+                }
+            }
+            let r = match db.as_ref() {
+                Some(d) => commit(d, &dirty),
+                None => Err("database closed".to_string()),
+            };
+            if r.is_err() {
+                *db = None; // closed now, reopened before the next try
+            }
             (dirty, r)
         })
         .await;
@@ -311,6 +347,92 @@ async fn writer(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Opens the database with an integrity check (redb repairs what it can), never letting
+/// a damaged file panic the process.
+fn open_checked(path: &Path) -> Result<Database, PersistError> {
+    let damaged = |detail: String| PersistError::Damaged { path: path.to_path_buf(), detail };
+    match quietly(|| Database::builder().set_check_integrity_on_open(true).create(path)) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(PersistError::InUse { dir: path.parent().unwrap_or(path).to_path_buf() }),
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) if e.kind() != std::io::ErrorKind::InvalidData => {
+            Err(PersistError::Open { path: path.to_path_buf(), message: e.to_string() })
+        }
+        Ok(Err(e)) => Err(damaged(e.to_string())),
+        Err(panic) => Err(damaged(panic)),
+    }
+}
+
+fn reopen(path: &Path) -> Result<Database, PersistError> {
+    open_checked(path)
+}
+
+/// Opens `path` (refusing a 0-byte file), makes sure the tables exist, and reads
+/// everything; a panic inside redb on a damaged page is reported as damage.
+fn open_and_load(dir: &Path, path: &Path) -> Result<(Database, Loaded), PersistError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return Err(PersistError::Empty { path: path.to_path_buf() });
+    }
+    let db = open_checked(path)?;
+    let damaged = |detail: String| PersistError::Damaged { path: path.to_path_buf(), detail };
+    let loaded = quietly(|| load(&db)).map_err(damaged)?.map_err(damaged)?;
+    let _ = dir;
+    Ok((db, loaded))
+}
+
+fn load(db: &Database) -> Result<Loaded, String> {
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
+    tx.open_table(USERS).map_err(|e| e.to_string())?;
+    for t in DirTable::ALL {
+        tx.open_table(t.def()).map_err(|e| e.to_string())?;
+    }
+    tx.commit().map_err(|e| e.to_string())?;
+    let mut loaded = Loaded::default();
+    let rtx = db.begin_read().map_err(|e| e.to_string())?;
+    let table = rtx.open_table(USERS).map_err(|e| e.to_string())?;
+    for item in table.iter().map_err(|e| e.to_string())? {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        match serde_json::from_slice::<Record>(v.value()) {
+            Ok(r) => loaded.users.push((k.value().to_string(), r)),
+            Err(e) => tracing::warn!(user = k.value(), error = %e, "skipping unreadable presence record"),
+        }
+    }
+    drop(table);
+    for t in DirTable::ALL {
+        let table = rtx.open_table(t.def()).map_err(|e| e.to_string())?;
+        for item in table.iter().map_err(|e| e.to_string())? {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            loaded.directory.push((t, k.value().to_string(), v.value().to_vec()));
+        }
+    }
+    Ok(loaded)
+}
+
+thread_local! {
+    /// Set while this thread runs [`quietly`]: its panics are reported as errors.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into `Err(message)` without the default hook printing it
+/// (redb may panic on a page damaged outside it). Other threads' panics print as usual.
+fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    r.map_err(|p| {
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        format!("redb: {}", msg.unwrap_or_else(|| "internal error".into()))
+    })
 }
 
 /// Rows to write to one table: key and value (`None` deletes).
@@ -354,9 +476,10 @@ mod tests {
             last_seen: Some(5),
             updated_at: Some(5),
             node_id: "n1".into(),
+            standalone: true,
         };
         {
-            let (p, loaded) = Persister::open(dir.path()).unwrap();
+            let (p, loaded) = Persister::open(dir.path(), false).unwrap();
             assert!(loaded.users.is_empty() && loaded.directory.is_empty());
             p.start();
             let ack = p.enqueue("alice", Some(&rec), true).unwrap();
@@ -368,7 +491,7 @@ mod tests {
             p.enqueue_dir(DirTable::Privacy, "gone", None);
             p.close().await;
         }
-        let (_p, loaded) = Persister::open(dir.path()).unwrap();
+        let (_p, loaded) = Persister::open(dir.path(), false).unwrap();
         assert_eq!(loaded.users, vec![("alice".to_string(), rec.clone())]);
         assert_eq!(loaded.directory, vec![(DirTable::Contacts, "alice".to_string(), b"[\"bob\"]".to_vec())]);
         let state = rec.into_state();
@@ -379,8 +502,76 @@ mod tests {
     #[test]
     fn a_second_process_cannot_open_the_same_database() {
         let dir = tempfile::tempdir().unwrap();
-        let (_a, _) = Persister::open(dir.path()).unwrap();
-        let err = Persister::open(dir.path()).err().expect("second open must fail");
-        assert!(err.to_string().contains("presence.redb"), "{err}");
+        let (_a, _) = Persister::open(dir.path(), false).unwrap();
+        let err = Persister::open(dir.path(), false).err().expect("second open must fail");
+        assert!(matches!(err, PersistError::InUse { .. }), "{err}");
+        assert!(
+            err.to_string().contains("another presenced is using") && err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_zero_byte_database_is_refused_unless_starting_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("presence.redb"), b"").unwrap();
+        let err = Persister::open(dir.path(), false).err().expect("refused");
+        assert!(matches!(err, PersistError::Empty { .. }), "{err}");
+        assert!(err.to_string().contains("start_fresh"), "{err}");
+        let (_p, loaded) = Persister::open(dir.path(), true).unwrap();
+        assert!(loaded.users.is_empty());
+        let moved = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("presence.redb.empty-"))
+            .count();
+        assert_eq!(moved, 1, "the empty file is kept aside");
+    }
+
+    /// Zeroes one 4 KiB page of a database holding data, for every page: opening never
+    /// panics, and either repairs (the data that survived is read) or refuses clearly.
+    #[test]
+    fn a_damaged_page_never_panics_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Record {
+            status: Some(Status::Busy),
+            message: "m".repeat(100),
+            set_at: 1,
+            expires_at: None,
+            last_seen: Some(1),
+            updated_at: Some(1),
+            node_id: "n".into(),
+            standalone: false,
+        };
+        {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (p, _) = Persister::open(dir.path(), false).unwrap();
+                p.start();
+                for i in 0..300 {
+                    p.enqueue(&format!("user-{i}"), Some(&rec), false);
+                }
+                p.enqueue("last", Some(&rec), true).unwrap().await.unwrap().unwrap();
+                p.close().await;
+            });
+        }
+        let pristine = std::fs::read(dir.path().join("presence.redb")).unwrap();
+        let pages = pristine.len() / 4096;
+        assert!(pages > 4, "{pages} pages");
+        let (mut repaired, mut refused) = (0, 0);
+        for page in 0..pages {
+            let case = tempfile::tempdir().unwrap();
+            let mut bytes = pristine.clone();
+            bytes[page * 4096..(page + 1) * 4096].fill(0);
+            std::fs::write(case.path().join("presence.redb"), &bytes).unwrap();
+            match Persister::open(case.path(), false) {
+                Ok(_) => repaired += 1,
+                Err(e) => {
+                    assert!(matches!(e, PersistError::Damaged { .. }), "page {page}: {e}");
+                    assert!(e.to_string().contains("presence.redb") && e.to_string().contains("start_fresh"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(repaired + refused, pages);
     }
 }

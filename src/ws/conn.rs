@@ -12,27 +12,12 @@ use super::hub::{close, Conn};
 use super::protocol::{self, ClientMsg};
 use crate::auth::Identity;
 use crate::core::ratelimit::{Rate, TokenBucket};
-use crate::core::{validate_id, DeviceId, UserId};
+use crate::core::{validate_id, UserId};
 use crate::service::{ApiError, Service, StatusWrite};
 
-/// Runs a connection to its end.
-pub async fn run(svc: Arc<Service>, who: Identity, user: UserId, device: DeviceId, mut socket: WebSocket) {
+/// Runs a connection (connected to the hub before the upgrade) to its end.
+pub async fn run(svc: Arc<Service>, who: Identity, conn: Arc<Conn>, mut socket: WebSocket) {
     let hub = svc.hub.clone();
-    let conn = match hub.connect(user, device, who.is_admin()).await {
-        Ok(c) => c,
-        Err(e) => {
-            let frame = CloseFrame { code: 1011, reason: Utf8Bytes::from(e.to_string()) };
-            let _ = socket.send(Message::Close(Some(frame))).await;
-            return;
-        }
-    };
-    conn.push(protocol::connected(
-        conn.user.as_str(),
-        &conn.device,
-        &svc.node_id,
-        svc.presence.heartbeat_interval.0.as_secs(),
-        svc.presence.session_ttl.0.as_secs(),
-    ));
     // The user's own presence, and everyone who shares theirs with this user.
     let mut initial = vec![conn.user.clone()];
     initial.extend(svc.directory.audience_of(&conn.user));
@@ -90,7 +75,7 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                 let msg = match msg {
                     None => return None,
                     Some(Ok(m)) => m,
-                    Some(Err(e)) => return too_big(e).then_some((close::TOO_BIG, "message too big")),
+                    Some(Err(e)) => return read_error(e),
                 };
                 last_in = Instant::now();
                 match msg {
@@ -134,12 +119,21 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
     }
 }
 
-/// Whether a read error is an oversize frame/message (→ close 1009).
-fn too_big(e: axum::Error) -> bool {
-    match e.into_inner().downcast::<tokio_tungstenite::tungstenite::Error>() {
-        Ok(e) => matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)),
-        Err(_) => false,
-    }
+/// The close frame a read error calls for (RFC 6455 §7.4.1): 1009 for an oversize
+/// frame or message, 1002 for a protocol violation, 1007 for a text frame that is not
+/// UTF-8. `None` when the connection is simply gone.
+fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    let e = e.into_inner().downcast::<Error>().ok()?;
+    let close = match *e {
+        Error::Capacity(_) => (close::TOO_BIG, "message too big"),
+        Error::Utf8(_) => (close::INVALID_DATA, "text frame is not valid UTF-8"),
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
+        Error::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
+        _ => return None,
+    };
+    metrics::counter!("ws_protocol_errors_total", "close_code" => close.0.to_string()).increment(1);
+    Some(close)
 }
 
 async fn handle(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, text: &str) {
@@ -178,7 +172,7 @@ async fn apply(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, msg: Client
         ClientMsg::Typing { conversation_id, is_typing } => {
             validate_id("conversation id", &conversation_id, svc.limits.max_user_id_len)
                 .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            svc.hub.typing(&conn.user, &conversation_id, is_typing)?;
+            svc.hub.typing(&conn.user, &conversation_id, is_typing).await?;
             Ok(None)
         }
         ClientMsg::Subscribe { user_ids } => {

@@ -5,16 +5,24 @@
 //! user U reaches, without scanning anything else: U's subscribers, the connections of
 //! U's contacts (U's audience), and U's own other devices. Each target gets the
 //! projection its relation to U allows (owner / contact / other), encoded once per
-//! relation per event.
+//! relation per event, and only if that projection changed: a viewer who may not see U
+//! is not told the *moment* U changed either (privacy hides timing, not just content).
 //!
 //! Every connection has an [`Outbox`]: a bounded queue in which presence pushes for the
 //! same watched user (and typing pushes for the same conversation and typist) replace
 //! each other, so a slow reader holds at most one pending presence per watched user. A
 //! connection whose outbox still overflows is closed with 1013.
+//!
+//! A connection starts with `connected` (queued before the connection is indexed, so
+//! nothing can come first), then its own presence exactly once: pushes of the user's
+//! own presence carry the state's revision, and one not newer than what the connection
+//! already got is dropped (the registration's own event and the snapshot are the same
+//! state). If the hub falls behind the event bus, every connection gets a fresh snapshot
+//! of everything it watches.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +32,7 @@ use tokio::sync::Notify;
 
 use super::protocol;
 use crate::bus::{EventBus, Typing};
-use crate::core::{project, DeviceId, Presence, Privacy, Relation, UserId};
+use crate::core::{project, visible_change, DeviceId, Event, NewSession, Platform, Presence, Privacy, Relation, UserId};
 use crate::directory::Directory;
 use crate::service::ApiError;
 use crate::store::{Clock, Store};
@@ -41,12 +49,20 @@ pub mod close {
     pub const STALE: u16 = 4002;
     /// A frame larger than `limits.ws_max_message_bytes`.
     pub const TOO_BIG: u16 = 1009;
+    /// A frame that breaks RFC 6455 (bad opcode, reserved bits, unmasked, bad fragments).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not valid UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// The server could not set the connection up (its store failed).
+    pub const INTERNAL_ERROR: u16 = 1011;
 }
 
 /// What the hub enforces.
 #[derive(Debug, Clone)]
 pub struct HubLimits {
     pub outbox: usize,
+    /// `limits.max_devices_per_user`, enforced by the store when a session opens.
+    pub max_devices: usize,
     pub subscriptions_per_connection: usize,
     pub typing_ttl_ms: i64,
     pub session_ttl_ms: i64,
@@ -77,6 +93,11 @@ pub struct Conn {
     pub device: DeviceId,
     /// A backend connection (`presence:admin`): sees everyone as their owner would.
     pub admin: bool,
+    pub platform: Option<Platform>,
+    /// Tag of this connection's session registration (see [`crate::core::Session::sid`]).
+    sid: AtomicU64,
+    /// Revision of the newest own presence queued: an older or equal one is not news.
+    own_rev: AtomicU64,
     outbox: Mutex<Outbox>,
     wake: Notify,
     subs: Mutex<HashSet<UserId>>,
@@ -164,6 +185,12 @@ impl Conn {
         None
     }
 
+    /// Whether a push of the connection's own presence at `revision` is news (newer than
+    /// any queued before); records it. Revision `0` (unknown) always is.
+    fn admit_own(&self, revision: u64) -> bool {
+        revision == 0 || self.own_rev.fetch_max(revision, Ordering::AcqRel) < revision
+    }
+
     /// Resolves when something was queued (or a close was requested) since the last drain.
     pub async fn woken(&self) {
         self.wake.notified().await
@@ -193,9 +220,8 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
 /// Who a delivery goes to.
 #[derive(Clone, Copy)]
 enum Audience<'a> {
-    /// Everyone watching the user; with the privacy settings before a change, only those
-    /// whose view changed.
-    Watchers { previous_privacy: Option<&'a Privacy> },
+    /// Everyone watching the user: subscribers, contacts' connections, own devices.
+    Watchers,
     /// The connections of exactly these users.
     Users(&'a [UserId]),
 }
@@ -222,6 +248,9 @@ pub struct Hub {
     /// Connected user → the users whose contacts include them (their changes reach the
     /// user's connections), as added to the bus's interest.
     contact_interest: Mutex<HashMap<UserId, HashSet<UserId>>>,
+    /// A resynchronisation after bus lag is running / was asked for again meanwhile.
+    resyncing: AtomicBool,
+    resync_again: AtomicBool,
 }
 
 impl Hub {
@@ -247,6 +276,8 @@ impl Hub {
             subscriptions: AtomicI64::new(0),
             bus,
             contact_interest: Mutex::new(HashMap::new()),
+            resyncing: AtomicBool::new(false),
+            resync_again: AtomicBool::new(false),
         }
     }
 
@@ -273,12 +304,16 @@ impl Hub {
             loop {
                 match rx.recv().await {
                     Ok(ev) => match weak.upgrade() {
-                        Some(hub) => hub.deliver(&ev.presence),
+                        Some(hub) => hub.deliver(&ev),
                         None => return,
                     },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         metrics::counter!("ws_dropped_total", "reason" => "bus_lag").increment(n);
-                        tracing::warn!(missed = n, "hub fell behind the event bus; some pushes were skipped");
+                        tracing::warn!(missed = n, "hub fell behind the event bus; sending every connection a fresh snapshot");
+                        match weak.upgrade() {
+                            Some(hub) => hub.resync(),
+                            None => return,
+                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
@@ -297,19 +332,32 @@ impl Hub {
         self.subscriptions.load(Ordering::Relaxed)
     }
 
-    /// Registers a connection (and its device session). A previous connection of the same
-    /// device on this node is closed with 4001.
-    pub async fn connect(&self, user: UserId, device: DeviceId, admin: bool) -> Result<Arc<Conn>, ApiError> {
+    /// Registers a connection and its device session (the store enforces the device
+    /// limit atomically: [`ApiError::LimitExceeded`] beyond it). `hello` is queued first,
+    /// before anything else can be. A previous connection of the same device on this
+    /// node is closed with 4001.
+    pub async fn connect(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        platform: Option<Platform>,
+        admin: bool,
+        hello: String,
+    ) -> Result<Arc<Conn>, ApiError> {
         let conn = Arc::new(Conn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             user: user.clone(),
             device: device.clone(),
             admin,
+            platform,
+            sid: AtomicU64::new(0),
+            own_rev: AtomicU64::new(0),
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),
             subs: Mutex::new(HashSet::new()),
             limit: self.limits.outbox.max(1),
         });
+        conn.push(hello);
         let (replaced, first) = {
             let mut shard = self.owners.shard(&user).lock();
             let conns = shard.entry(user.clone()).or_default();
@@ -330,12 +378,28 @@ impl Hub {
         } else {
             self.connections.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(e) = self.store.register_session(&user, &device, &self.node_id, self.limits.session_ttl_ms).await {
-            self.detach(&conn);
-            return Err(e.into());
+        match self.store.register_session(&user, self.session(&conn)).await {
+            Ok(reg) => conn.sid.store(reg.sid, Ordering::Release),
+            Err(e) => {
+                self.detach(&conn);
+                return Err(e.into());
+            }
         }
         metrics::gauge!("ws_connections").set(self.connection_count() as f64);
         Ok(conn)
+    }
+
+    /// The session a connection registers: a fresh tag, so that only this connection's
+    /// goodbye can end it.
+    fn session(&self, conn: &Conn) -> NewSession {
+        NewSession {
+            device: conn.device.clone(),
+            instance: self.node_id.clone(),
+            ttl_ms: self.limits.session_ttl_ms,
+            platform: conn.platform,
+            sid: rand::random(),
+            max_devices: self.limits.max_devices,
+        }
     }
 
     /// Removes the connection from the indexes; returns whether it still owned its device.
@@ -387,10 +451,12 @@ impl Hub {
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
     }
 
-    /// Unregisters the connection; its device session ends unless a newer connection took it.
+    /// Unregisters the connection; its device session ends unless a newer connection took
+    /// it (here, or by registering the device again anywhere since: the session's tag).
     pub async fn disconnect(&self, conn: &Arc<Conn>) {
         if self.detach(conn) {
-            if let Err(e) = self.store.unregister_session(&conn.user, &conn.device).await {
+            let sid = conn.sid.load(Ordering::Acquire);
+            if let Err(e) = self.store.unregister_session(&conn.user, &conn.device, Some(sid)).await {
                 tracing::warn!(user = %conn.user, error = %e, "could not end the device session; it will expire");
             }
         }
@@ -400,7 +466,8 @@ impl Hub {
     pub async fn refresh(&self, conn: &Conn) -> Result<(), ApiError> {
         if self.store.refresh_session(&conn.user, &conn.device).await?.is_none() {
             // Lapsed (e.g. the store was repaired): register again rather than drop the user.
-            self.store.register_session(&conn.user, &conn.device, &self.node_id, self.limits.session_ttl_ms).await?;
+            let reg = self.store.register_session(&conn.user, self.session(conn)).await?;
+            conn.sid.store(reg.sid, Ordering::Release);
         }
         Ok(())
     }
@@ -460,6 +527,9 @@ impl Hub {
         let now = self.clock.now();
         for (id, p) in ids.iter().zip(found) {
             let p = p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()));
+            if *id == conn.user && !conn.admit_own(p.revision) {
+                continue; // the connection already has this state of its own presence
+            }
             let audience = self.directory.contacts(id);
             let seen = project(&p, &self.directory.privacy(id), self.relation(conn, id, &audience));
             conn.push_keyed_inner(Key::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)), false);
@@ -467,21 +537,29 @@ impl Hub {
         Ok(())
     }
 
-    /// Pushes `p` (after a presence event) to everyone who watches its user: subscribers,
-    /// the connections of the user's contacts, and the user's own connections.
-    pub fn deliver(&self, p: &Presence) {
-        self.deliver_to(p, Audience::Watchers { previous_privacy: None });
+    /// Pushes an event's presence to everyone who watches its user (subscribers, the
+    /// connections of the user's contacts, the user's own connections) whose view of the
+    /// user changed with it.
+    pub fn deliver(&self, ev: &Event) {
+        let privacy = self.directory.privacy(&ev.presence.user_id);
+        let changed = |rel: Relation| visible_change(&ev.before, &ev.presence, &privacy, rel);
+        let include = [true, changed(Relation::Contact), changed(Relation::Other)];
+        self.deliver_to(&ev.presence, &privacy, Audience::Watchers, include);
     }
 
-    fn deliver_to(&self, p: &Presence, audience_sel: Audience<'_>) {
+    /// Queues `p` for the targets `sel` picks, as each one's relation allows, for the
+    /// relations `include` lets through (indexed by [`Relation::index`]).
+    fn deliver_to(&self, p: &Presence, privacy: &Privacy, sel: Audience<'_>, include: [bool; 3]) {
+        if !include.iter().any(|i| *i) {
+            return;
+        }
         let start = Instant::now();
         let owner = &p.user_id;
-        let privacy = self.directory.privacy(owner);
         let audience = self.directory.contacts(owner);
         let now = self.clock.now();
         let mut targets: Vec<Arc<Conn>> = Vec::new();
-        let users: Vec<&UserId> = match audience_sel {
-            Audience::Watchers { .. } => {
+        let users: Vec<&UserId> = match sel {
+            Audience::Watchers => {
                 if let Some(w) = self.watchers.shard(owner).lock().get(owner) {
                     targets.extend(w.values().cloned());
                 }
@@ -494,21 +572,15 @@ impl Hub {
                 targets.extend(conns.iter().cloned());
             }
         }
-        // After a privacy change, only viewers whose view changed are told.
-        let unchanged = |rel: Relation| match audience_sel {
-            Audience::Watchers { previous_privacy: Some(old) } => project(p, old, rel) == project(p, &privacy, rel),
-            _ => false,
-        };
-        let skip: [bool; 3] = [unchanged(Relation::Owner), unchanged(Relation::Contact), unchanged(Relation::Other)];
         let mut encoded: [Option<Utf8Bytes>; 3] = [None, None, None];
         let mut sent = 0u64;
         for conn in &targets {
             let rel = self.relation(conn, owner, &audience);
-            if skip[rel.index()] {
+            if !include[rel.index()] || (conn.user == *owner && !conn.admit_own(p.revision)) {
                 continue;
             }
             let payload = encoded[rel.index()]
-                .get_or_insert_with(|| Utf8Bytes::from(protocol::presence_update(&project(p, &privacy, rel), now)))
+                .get_or_insert_with(|| Utf8Bytes::from(protocol::presence_update(&project(p, privacy, rel), now)))
                 .clone();
             conn.push_keyed(Key::Presence(owner.clone()), payload);
             sent += 1;
@@ -527,12 +599,16 @@ impl Hub {
     /// to the watchers whose view of it changed.
     pub async fn privacy_changed(&self, user: &UserId, previous: Privacy) -> Result<(), ApiError> {
         let p = self.current(user).await?;
-        self.deliver_to(&p, Audience::Watchers { previous_privacy: Some(&previous) });
+        let privacy = self.directory.privacy(user);
+        let changed = |rel: Relation| !project(&p, &previous, rel).same_view(&project(&p, &privacy, rel));
+        let include = [false, changed(Relation::Contact), changed(Relation::Other)];
+        self.deliver_to(&p, &privacy, Audience::Watchers, include);
         Ok(())
     }
 
     /// After `user`'s contacts changed: the connections of the users who were added or
-    /// dropped get the user's presence as they may now see it.
+    /// dropped get the user's presence as they may now see it, if that differs from what
+    /// they saw.
     pub async fn contacts_changed(&self, user: &UserId, changed: &[UserId]) -> Result<(), ApiError> {
         if changed.is_empty() {
             return Ok(());
@@ -556,18 +632,65 @@ impl Hub {
         self.bus.interest().add(&add);
         self.bus.interest().remove(&remove);
         let p = self.current(user).await?;
-        self.deliver_to(&p, Audience::Users(changed));
+        let privacy = self.directory.privacy(user);
+        // Added viewers went from "other" to "contact", dropped ones the other way.
+        let differs = !project(&p, &privacy, Relation::Contact).same_view(&project(&p, &privacy, Relation::Other));
+        self.deliver_to(&p, &privacy, Audience::Users(changed), [false, differs, differs]);
         Ok(())
     }
 
+    /// After the hub missed events (it fell behind the bus): every connection gets a fresh
+    /// snapshot of everything it watches. Runs in the background; a request made while
+    /// one runs makes it run once more.
+    pub fn resync(self: &Arc<Self>) {
+        if self.resyncing.swap(true, Ordering::AcqRel) {
+            self.resync_again.store(true, Ordering::Release);
+            return;
+        }
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                hub.resync_again.store(false, Ordering::Release);
+                let conns: Vec<Arc<Conn>> =
+                    hub.owners.shards.iter().flat_map(|s| s.lock().values().flatten().cloned().collect::<Vec<_>>()).collect();
+                for conn in conns {
+                    let mut ids = vec![conn.user.clone()];
+                    ids.extend(hub.directory.audience_of(&conn.user));
+                    ids.extend(conn.subs.lock().iter().cloned());
+                    ids.sort();
+                    ids.dedup();
+                    if let Err(e) = hub.snapshot(&conn, &ids).await {
+                        tracing::warn!(error = %e, "could not resynchronise a connection after bus lag");
+                    }
+                }
+                metrics::counter!("ws_resyncs_total").increment(1);
+                if hub.resync_again.load(Ordering::Acquire) {
+                    continue;
+                }
+                hub.resyncing.store(false, Ordering::Release);
+                // A request that arrived between the check and the store above found the
+                // flag still set and only asked again: take it up unless another task did.
+                if hub.resync_again.load(Ordering::Acquire) && !hub.resyncing.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                return;
+            }
+        });
+    }
+
     /// Starts or stops `user` typing in `conversation`; members only. Only transitions are
-    /// broadcast; a typist who goes quiet is reported stopped after `typing_ttl`.
-    pub fn typing(&self, user: &UserId, conversation: &str, is_typing: bool) -> Result<(), ApiError> {
+    /// broadcast; a typist who goes quiet is reported stopped after `typing_ttl`. Members
+    /// who may not see the user's presence are not told; nor is anyone while the user
+    /// appears offline (typing would give them away).
+    pub async fn typing(&self, user: &UserId, conversation: &str, is_typing: bool) -> Result<(), ApiError> {
         let members = self
             .directory
             .members(conversation)
             .filter(|m| m.contains(user))
             .ok_or_else(|| ApiError::Forbidden(format!("{user} is not a member of conversation {conversation:?}")))?;
+        if self.current(user).await?.appear_offline {
+            return Ok(());
+        }
         let conv: Arc<str> = Arc::from(conversation);
         if self.set_typing(&conv, user, is_typing, true) {
             self.broadcast_typing(&conv, &members, user, is_typing);
@@ -599,12 +722,18 @@ impl Hub {
         }
     }
 
+    /// Tells the members' connections, those whose relation to the typist lets them see
+    /// the typist's presence.
     fn broadcast_typing(&self, conv: &Arc<str>, members: &HashSet<UserId>, user: &UserId, is_typing: bool) {
         let payload = Utf8Bytes::from(protocol::typing_indicator(conv, user.as_str(), is_typing));
+        let visibility = self.directory.privacy(user).visibility;
+        let audience = self.directory.contacts(user);
         for m in members.iter().filter(|m| *m != user) {
             if let Some(conns) = self.owners.shard(m).lock().get(m) {
                 for c in conns {
-                    c.push_keyed(Key::Typing(conv.clone(), user.clone()), payload.clone());
+                    if visibility.allows(self.relation(c, user, &audience)) {
+                        c.push_keyed(Key::Typing(conv.clone(), user.clone()), payload.clone());
+                    }
                 }
             }
         }
@@ -663,6 +792,9 @@ mod tests {
             user: UserId::parse("v", 8).unwrap(),
             device: Arc::from("d"),
             admin: false,
+            platform: None,
+            sid: AtomicU64::new(0),
+            own_rev: AtomicU64::new(0),
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),
             subs: Mutex::new(HashSet::new()),

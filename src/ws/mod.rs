@@ -5,13 +5,17 @@ pub mod conn;
 pub mod hub;
 pub mod protocol;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
+use axum::Extension;
 use serde::Deserialize;
-use std::sync::Arc;
 
 use crate::core::validate_id;
 use crate::http::{Http, Res};
@@ -21,20 +25,27 @@ use crate::service::ApiError;
 pub struct WsQuery {
     token: Option<String>,
     device_id: Option<String>,
+    platform: Option<String>,
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// `GET /ws`: authenticates before upgrading (a refusal is the JSON envelope, 401/400/429).
+/// `GET /ws`: authenticates, applies the per-IP connection rate limit and opens the
+/// device session (the device limit is enforced there, atomically) before upgrading, so
+/// a refusal is the JSON envelope (401/400/429).
 pub async fn upgrade(
     State(state): State<Http>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Res {
     let svc = state.svc.clone();
+    if let Some(Extension(ConnectInfo(addr))) = peer {
+        svc.check_connect_rate(addr.ip())?;
+    }
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let who = svc.identify(&headers, q.token.as_deref())?;
     let user = svc.parse_user(&who.sub)?;
@@ -45,17 +56,29 @@ pub async fn upgrade(
         }
         None => Arc::from(format!("dev-{:016x}", rand::random::<u64>()).as_str()),
     };
+    let platform = svc.parse_platform(header(&headers, "x-device-platform").or(q.platform.as_deref()))?;
     let ws = ws.map_err(|e| ApiError::BadRequest(format!("GET /ws needs a WebSocket upgrade request: {e}")))?;
-    let devices = svc.store.devices(&user).await?;
-    if devices.len() >= svc.limits.max_devices_per_user && !devices.iter().any(|s| s.device_id == device) {
-        return Err(ApiError::LimitExceeded(format!("at most {} devices per user", svc.limits.max_devices_per_user)));
-    }
+    let hello = protocol::connected(
+        user.as_str(),
+        &device,
+        platform,
+        &svc.node_id,
+        svc.presence.heartbeat_interval.0.as_secs(),
+        svc.presence.session_ttl.0.as_secs(),
+    );
+    let conn = svc.hub.connect(user, device, platform, who.is_admin(), hello).await?;
     let max = svc.limits.ws_max_message_bytes.0 as usize;
+    let failed = (svc.hub.clone(), conn.clone());
     Ok(ws
         .read_buffer_size(svc.limits.ws_read_buffer_bytes.0 as usize)
         .write_buffer_size(0)
         .max_write_buffer_size(1 << 20)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| conn::run(svc, who, user, device, socket)))
+        .on_failed_upgrade(move |e| {
+            tracing::debug!(error = %e, "WebSocket upgrade failed; ending the session it opened");
+            let (hub, conn) = failed;
+            tokio::spawn(async move { hub.disconnect(&conn).await });
+        })
+        .on_upgrade(move |socket| conn::run(svc, who, conn, socket)))
 }

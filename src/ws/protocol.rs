@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::core::{Millis, Presence};
+use crate::core::{Millis, Platform, Presence};
 use crate::http::json::PresenceJson;
 
 /// A message from a client, validated for shape (values are validated by the service).
@@ -146,12 +146,22 @@ pub fn error(id: &Option<Value>, code: &str, message: &str) -> String {
 }
 
 /// First message on a new connection: who the server thinks you are and the timing to keep.
-pub fn connected(user_id: &str, device_id: &str, node_id: &str, heartbeat_secs: u64, session_ttl_secs: u64) -> String {
-    json!({"type": "connected", "payload": {
+pub fn connected(
+    user_id: &str,
+    device_id: &str,
+    platform: Option<Platform>,
+    node_id: &str,
+    heartbeat_secs: u64,
+    session_ttl_secs: u64,
+) -> String {
+    let mut payload = json!({
         "user_id": user_id, "device_id": device_id, "node_id": node_id,
         "heartbeat_interval": heartbeat_secs, "session_ttl": session_ttl_secs,
-    }})
-    .to_string()
+    });
+    if let (Some(p), Some(map)) = (platform, payload.as_object_mut()) {
+        map.insert("platform".into(), json!(p.as_str()));
+    }
+    json!({"type": "connected", "payload": payload}).to_string()
 }
 
 #[cfg(test)]

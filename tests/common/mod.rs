@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use presenced::bus::EventBus;
 use presenced::config::Config;
-use presenced::core::{Millis, Presence, Registered, Session, UserId};
+use presenced::core::{Millis, NewSession, Presence, Registered, Session, UserId};
 use presenced::server::App;
 use presenced::service::Service;
 use presenced::store::{DirTable, SetStatus, StoreError, StoreStats};
@@ -18,7 +18,7 @@ pub mod nats;
 pub mod proxy;
 pub mod wsclient;
 
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "test-secret-test-secret-test-secret";
 
 /// Polls `f` until it holds; panics naming `what` after `within`. Returns how long it took.
 pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) -> Duration {
@@ -196,13 +196,13 @@ impl Store for DownStore {
     async fn clear_status(&self, _: &UserId) -> Result<Presence, StoreError> {
         down()
     }
-    async fn register_session(&self, _: &UserId, _: &str, _: &str, _: i64) -> Result<Registered, StoreError> {
+    async fn register_session(&self, _: &UserId, _: NewSession) -> Result<Registered, StoreError> {
         down()
     }
     async fn refresh_session(&self, _: &UserId, _: &str) -> Result<Option<Millis>, StoreError> {
         down()
     }
-    async fn unregister_session(&self, _: &UserId, _: &str) -> Result<bool, StoreError> {
+    async fn unregister_session(&self, _: &UserId, _: &str, _: Option<u64>) -> Result<bool, StoreError> {
         down()
     }
     async fn devices(&self, _: &UserId) -> Result<Vec<Session>, StoreError> {
@@ -252,6 +252,17 @@ impl Watcher {
         loop {
             let p = self.next_any().await;
             if p["user_id"] == user {
+                return p;
+            }
+        }
+    }
+
+    /// The first pushed presence of `user` for which `pred` holds (skipping others, e.g.
+    /// device-count changes on the way), within 5 s each.
+    pub async fn until(&mut self, user: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        loop {
+            let p = self.next(user).await;
+            if pred(&p) {
                 return p;
             }
         }

@@ -51,6 +51,18 @@ pub async fn connect(s: &TestServer, user: &str, device: &str) -> Client {
     c
 }
 
+/// As [`connect`], declaring the device's platform (`X-Device-Platform`).
+pub async fn connect_platform(s: &TestServer, user: &str, device: &str, platform: &str) -> Client {
+    let token = s.token(user);
+    let auth = format!("Bearer {token}");
+    let mut c = connect_with(s, &format!("?device_id={device}"), &[("authorization", &auth), ("x-device-platform", platform)])
+        .await
+        .expect("handshake");
+    let hello = c.recv_type("connected").await;
+    assert_eq!(hello["payload"]["platform"], platform);
+    c
+}
+
 impl Client {
     pub async fn send(&mut self, v: Value) {
         self.ws.send(Message::text(v.to_string())).await.unwrap();

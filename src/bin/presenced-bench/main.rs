@@ -199,7 +199,7 @@ fn free_port() -> Res<u16> {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
 }
 
-const BENCH_SECRET: &str = "presenced-bench-secret";
+const BENCH_SECRET: &str = "presenced-bench-secret-presenced-bench-secret";
 
 /// How the bench runs presenced: gateway auth (clients name themselves), quiet logs, and
 /// rate limits out of the way.
@@ -507,8 +507,13 @@ async fn grpc_bench(args: GrpcArgs) -> Res<()> {
     };
     let client = PresenceApiClient::new(channel);
     for i in 0..args.sessions {
-        let req =
-            pb::RegisterSessionRequest { user_id: format!("u{i}"), device_id: "d".into(), instance_id: "bench".into(), ttl_seconds: 600 };
+        let req = pb::RegisterSessionRequest {
+            user_id: format!("u{i}"),
+            device_id: "d".into(),
+            instance_id: "bench".into(),
+            ttl_seconds: 600,
+            platform: String::new(),
+        };
         client.clone().register_session(authed(req, &bearer)).await.map_err(|e| e.to_string())?;
     }
     println!("one HTTP/2 connection, {} concurrent streams, {} sessions registered", args.concurrency, args.sessions);

@@ -219,7 +219,7 @@ mod tests {
     fn state(devices: usize) -> UserState {
         let mut s = UserState::new(A::from("n"));
         for d in 0..devices {
-            s.register(A::from(format!("d{d}").as_str()), A::from("gw"), 1000, &A::from("n"), 0);
+            s.register(crate::core::NewSession::new(&format!("d{d}"), "gw", 1000), &A::from("n"), 0).unwrap();
         }
         s
     }

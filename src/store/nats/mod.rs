@@ -25,6 +25,7 @@
 
 pub mod cache;
 pub mod lease;
+pub mod order;
 pub mod owned;
 mod relay;
 pub mod wire;
@@ -44,9 +45,10 @@ use tokio::task::JoinHandle;
 use super::{Clock, DirTable, SetStatus, Store, StoreError, StoreStats};
 use crate::bus::EventBus;
 use crate::config::NatsConfig;
-use crate::core::{Change, DeviceId, Event, Millis, Presence, Registered, Session, Status, UserId, UserState, HELD};
+use crate::core::{Change, Event, Millis, NewSession, Presence, Registered, Session, UserId, UserState, HELD};
 use crate::nats::kv::{self, decode_id, encode_id, user_key, BucketConfig, KvError};
 use crate::nats::Nats;
+use crate::store::locks::UserLocks;
 use cache::{Breaker, Cached, PresenceCache, Transition, CACHE_TTL};
 use owned::{Owned, OwnedTable};
 pub use wire::{subject, WireEvent, EVENT_SUBJECTS};
@@ -160,8 +162,13 @@ pub(crate) struct Inner {
     /// Local deadlines of explicit statuses this node wrote: tick → users.
     timers: Mutex<BTreeMap<i64, Vec<UserId>>>,
     owned: Mutex<OwnedTable>,
-    /// Serialises owner-index writes per user shard (see [`NatsStore::index_begin`]).
-    index_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Serialise owner-index writes per user (see [`NatsStore::index_begin`]), and each
+    /// user's compare-and-swap with the event it publishes, so this node publishes one
+    /// user's events in revision order.
+    index_locks: UserLocks,
+    write_locks: UserLocks,
+    /// The newest event revision admitted here per user (drops late, older events).
+    order: Mutex<order::EventOrder>,
     lease: lease::LeaseState,
     writes: AtomicU64,
     /// Other nodes' events received (interest-routed) and the users watched here.
@@ -220,7 +227,9 @@ impl NatsStore {
             clock,
             bus,
             timers: Mutex::new(BTreeMap::new()),
-            index_locks: (0..16).map(|_| tokio::sync::Mutex::new(())).collect(),
+            index_locks: UserLocks::default(),
+            write_locks: UserLocks::default(),
+            order: Mutex::new(order::EventOrder::new(60_000)),
             lease: lease::LeaseState::default(),
             writes: AtomicU64::new(0),
             remote_events: AtomicU64::new(0),
@@ -292,34 +301,33 @@ impl NatsStore {
                     continue;
                 };
                 let Ok(user) = UserId::parse(&req.user_id, usize::MAX) else { continue };
-                match req.op.as_str() {
-                    "refresh" => {
-                        let expires_at = store.beat(&user, &req.device_id).await;
-                        if let (Some(reply), Ok(body)) = (msg.reply, serde_json::to_vec(&RefreshReply { expires_at })) {
-                            let _ = store.inner.nats.client.publish(reply, body.into()).await;
+                // Each request in its own task: one slow answer (a last_seen write) must
+                // not hold up the heartbeats queued behind it.
+                tokio::spawn(async move {
+                    match req.op.as_str() {
+                        "refresh" => {
+                            let expires_at = store.beat(&user, &req.device_id).await;
+                            if let (Some(reply), Ok(body)) = (msg.reply, serde_json::to_vec(&RefreshReply { expires_at })) {
+                                store.publish_bounded(reply.to_string(), body).await;
+                            }
                         }
+                        "drop" => {
+                            store.inner.owned.lock().remove(&user, &req.device_id);
+                            store.index_end(&user).await;
+                        }
+                        _ => {}
                     }
-                    "drop" => {
-                        store.inner.owned.lock().remove(&user, &req.device_id);
-                        store.index_end(&user).await;
-                    }
-                    _ => {}
-                }
+                });
             }
         });
         self.inner.tasks.lock().push(h);
         Ok(())
     }
 
-    fn index_lock(&self, user: &UserId) -> &tokio::sync::Mutex<()> {
-        let i = (fxhash(user.as_str()) as usize) % self.inner.index_locks.len();
-        &self.inner.index_locks[i]
-    }
-
     /// Before a session of `user` is written as ours: makes sure the owner index names
     /// this node for `user`, so the janitor finds the session if this node dies.
     async fn index_begin(&self, user: &UserId) -> Result<(), StoreError> {
-        let _g = self.index_lock(user).lock().await;
+        let _g = self.inner.index_locks.lock(user).await;
         let first = self.inner.owned.lock().begin(user);
         if first {
             let key = lease::owner_key(&self.inner.node, user);
@@ -332,7 +340,7 @@ impl NatsStore {
                     self.inner.dirty.lock().insert(user.clone());
                 }
                 Err(e) => {
-                    self.inner.owned.lock().finish(user, &DeviceId::from(""), None);
+                    self.inner.owned.lock().finish(user, &crate::core::DeviceId::from(""), None);
                     return Err(e);
                 }
             }
@@ -342,7 +350,7 @@ impl NatsStore {
 
     /// After a session of `user` ended: drops the index entry when this node holds none.
     async fn index_end(&self, user: &UserId) {
-        let _g = self.index_lock(user).lock().await;
+        let _g = self.inner.index_locks.lock(user).await;
         // While degraded the entry stays (harmless: the janitor finds nothing to end there).
         if self.inner.owned.lock().is_unowned(user) && !self.inner.breaker.is_open() {
             match self.inner.owners.purge(lease::owner_key(&self.inner.node, user)).await {
@@ -362,6 +370,7 @@ impl NatsStore {
     ) -> Result<Option<(R, Presence)>, StoreError> {
         let inner = &*self.inner;
         let key = user_key(id);
+        let _order = inner.write_locks.lock(id).await;
         let mut result: Option<(R, Change, Millis)> = None;
         let updated = self
             .guarded(kv::update::<UserState, _>(&inner.users, &key, |old| {
@@ -386,8 +395,14 @@ impl NatsStore {
             wrote(inner, "user");
         }
         inner.cache.offer(id, Cached { state: Some(state.clone()), revision: updated.revision });
-        let presence = state.view(id, now);
-        self.emit(&change, &presence, now).await;
+        let presence = Presence { revision: updated.revision, ..state.view(id, now) };
+        if change.event.is_some() {
+            let before = match &updated.before {
+                Some(b) => Presence { revision: updated.prev_revision, ..b.published(id) },
+                None => Presence::unknown(id.clone(), inner.node.clone()),
+            };
+            self.emit(&change, &presence, before, now).await;
+        }
         if let Some(deadline) = state.next_deadline() {
             let tick = deadline.div_euclid(inner.opts.tick_ms.max(1)) + 1;
             inner.timers.lock().entry(tick).or_default().push(id.clone());
@@ -395,19 +410,31 @@ impl NatsStore {
         Ok(Some((r, presence)))
     }
 
-    /// Publishes the event of a transition (if it has one) on NATS and the local bus.
-    async fn emit(&self, change: &Change, presence: &Presence, now: Millis) {
-        if let Some(kind) = change.event {
-            let ev = Event { kind, presence: presence.clone(), previous: change.previous, at: now };
-            self.publish(&ev).await;
-            self.inner.bus.publish(ev);
+    /// Publishes the event of a transition (if it has one) on NATS and the local bus,
+    /// unless a newer event of the user was already admitted here.
+    async fn emit(&self, change: &Change, presence: &Presence, before: Presence, now: Millis) {
+        let Some(kind) = change.event else { return };
+        if !self.inner.order.lock().admit(&presence.user_id, presence.revision, now) {
+            metrics::counter!("nats_events_out_of_order_total").increment(1);
+            return;
         }
+        let ev = Event { kind, presence: presence.clone(), before, at: now };
+        if let Ok(payload) = serde_json::to_vec(&WireEvent::of(&ev)) {
+            self.publish_bounded(subject(ev.kind, &ev.presence.user_id), payload).await;
+        }
+        self.inner.bus.publish(ev);
     }
 
-    async fn publish(&self, ev: &Event) {
-        let Ok(payload) = serde_json::to_vec(&WireEvent::of(ev)) else { return };
-        if let Err(e) = self.inner.nats.client.publish(subject(ev.kind, &ev.presence.user_id), payload.into()).await {
-            tracing::warn!(error = %e, "could not publish presence event");
+    /// Publishes on NATS, waiting at most `nats.request_timeout` (a publish waits while
+    /// the client's outgoing buffer is full, e.g. during a reconnect).
+    async fn publish_bounded(&self, subject: String, payload: Vec<u8>) {
+        match tokio::time::timeout(self.inner.opts.kv_timeout, self.inner.nats.client.publish(subject, payload.into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not publish on NATS"),
+            Err(_) => {
+                metrics::counter!("nats_publish_timeouts_total").increment(1);
+                tracing::warn!("publishing on NATS timed out; the message was dropped");
+            }
         }
     }
 
@@ -420,7 +447,7 @@ impl NatsStore {
             let r = self
                 .apply(id, false, |s, _| {
                     s.touch(device, now);
-                    ((), Change { event: None, previous: Status::Offline, persist: false })
+                    ((), Change::none())
                 })
                 .await;
             if let Err(e) = r {
@@ -468,10 +495,11 @@ impl NatsStore {
 
     /// The user's stored state: from the cache unless `fresh`, else from the KV; while
     /// degraded, from the cache whatever `fresh` says (`None` when not cached: offline).
-    async fn read(&self, id: &UserId, fresh: bool) -> Result<Option<UserState>, StoreError> {
+    /// With the state, its KV revision (`0` for a state changed here while degraded).
+    async fn read(&self, id: &UserId, fresh: bool) -> Result<Option<(UserState, u64)>, StoreError> {
         if !fresh || self.inner.breaker.is_open() {
             if let Some(c) = self.inner.cache.get(id) {
-                return Ok(c.state.clone());
+                return Ok(c.state.clone().map(|s| (s, c.revision)));
             }
         }
         let users = &self.inner.users;
@@ -490,13 +518,13 @@ impl NatsStore {
             .await;
         match r {
             Ok(c) => {
-                let state = c.state.clone();
+                let state = c.state.clone().map(|s| (s, c.revision));
                 if c.revision != 0 {
                     self.inner.cache.offer(id, c);
                 }
                 Ok(state)
             }
-            Err(_) if self.inner.breaker.is_open() => Ok(self.inner.cache.get(id).and_then(|c| c.state.clone())),
+            Err(_) if self.inner.breaker.is_open() => Ok(self.inner.cache.get(id).and_then(|c| c.state.clone().map(|s| (s, c.revision)))),
             Err(e) => Err(e),
         }
     }
@@ -548,12 +576,14 @@ impl NatsStore {
             None if create => UserState::new(self.inner.node.clone()),
             None => return Ok(None),
         };
+        let before = st.published(id);
         let (r, change) = f(&mut st, now);
         self.inner.cache.put_local(id, st.clone());
         self.inner.dirty.lock().insert(id.clone());
         metrics::counter!("nats_degraded_local_changes_total").increment(1);
+        // Revision 0: not in the KV yet (the write-back gives it one).
         let presence = st.view(id, now);
-        self.emit(&change, &presence, now).await;
+        self.emit(&change, &presence, before, now).await;
         Ok(Some((r, presence)))
     }
 
@@ -588,6 +618,8 @@ impl NatsStore {
                     expires_at: HELD,
                     ttl_ms: o.ttl_ms,
                     node_id: node.clone(),
+                    platform: o.platform,
+                    sid: o.sid,
                 })
                 .collect();
             if !held.is_empty() {
@@ -666,34 +698,40 @@ impl NatsStore {
         self.inner.tasks.lock().push(h);
     }
 
-    /// Registers `device` as held by this node (a new session, or one taken over from a
-    /// node that no longer answers for it).
-    async fn own(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64, take_over: bool) -> Result<Option<Registered>, StoreError> {
+    /// Registers `req.device` as held by this node (a new session, or, with
+    /// `take_over`, one taken over from a node that no longer answers for it).
+    async fn own(&self, id: &UserId, req: NewSession, take_over: bool) -> Result<Option<Registered>, StoreError> {
         self.index_begin(id).await?;
         let node = self.inner.node.clone();
-        let (dev, inst): (DeviceId, Arc<str>) = (Arc::from(device), Arc::from(instance));
+        let (dev, inst) = (req.device.clone(), req.instance.clone());
         let r = self
             .apply_session(id, !take_over, |s, now| {
                 if take_over {
-                    let Some(sess) = s.sessions.iter().find(|x| *x.device_id == *device && x.expires_at > now) else {
-                        return (None, Change { event: None, previous: Status::Offline, persist: false });
+                    let Some(sess) = s.sessions.iter().find(|x| x.device_id == dev && x.expires_at > now) else {
+                        return (None, Change::none());
                     };
-                    let ttl = sess.ttl_ms;
-                    s.hold(device, &node);
-                    s.touch(device, now);
-                    let reg = Registered { created: false, expires_at: now.saturating_add(ttl) };
-                    (Some((reg, ttl)), Change { event: None, previous: Status::Offline, persist: false })
+                    let (ttl, sid, platform) = (sess.ttl_ms, sess.sid, sess.platform);
+                    s.hold(&dev, &node);
+                    s.touch(&dev, now);
+                    let reg = Registered { created: false, expires_at: now.saturating_add(ttl), sid };
+                    (Some(Ok((reg, ttl, platform))), Change::none())
                 } else {
-                    let (reg, change) = s.register(dev.clone(), inst.clone(), ttl_ms, &node, now);
-                    s.hold(device, &node);
-                    (Some((reg, ttl_ms)), change)
+                    match s.register(req.clone(), &node, now) {
+                        Ok((reg, change)) => {
+                            s.hold(&dev, &node);
+                            (Some(Ok((reg, req.ttl_ms, req.platform))), change)
+                        }
+                        Err(limit) => (Some(Err(StoreError::TooManyDevices { max: limit.max })), Change::none()),
+                    }
                 }
             })
             .await;
         let now = self.inner.clock.now();
         let done = match &r {
-            Ok(Some((Some((reg, ttl)), _))) => Some(Owned {
+            Ok(Some((Some(Ok((reg, ttl, platform))), _))) => Some(Owned {
                 instance: inst.clone(),
+                platform: *platform,
+                sid: reg.sid,
                 ttl_ms: *ttl,
                 connected_at: now,
                 expires_at: reg.expires_at,
@@ -707,7 +745,11 @@ impl NatsStore {
         if !ok {
             self.index_end(id).await;
         }
-        Ok(r?.and_then(|(x, _)| x).map(|(reg, _)| reg))
+        match r?.and_then(|(x, _)| x) {
+            Some(Ok((reg, _, _))) => Ok(Some(reg)),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
     }
 }
 
@@ -717,15 +759,10 @@ impl NatsStore {
         let now = self.inner.clock.now();
         let mut out = Vec::with_capacity(ids.len());
         for (id, st) in ids.iter().zip(states) {
-            out.push(st?.map(|s| s.view(id, now)));
+            out.push(st?.map(|(s, revision)| Presence { revision, ..s.view(id, now) }));
         }
         Ok(out)
     }
-}
-
-/// A stable, cheap hash for picking an index lock.
-fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[async_trait]
@@ -750,9 +787,10 @@ impl Store for NatsStore {
             Some((_, p)) => Ok(p),
             // Nothing changed (same status and expiry): answer the current state.
             None => Ok(self
-                .read(id, true)
+                .read_many(std::slice::from_ref(id), true)
                 .await?
-                .map(|s| s.view(id, self.inner.clock.now()))
+                .pop()
+                .flatten()
                 .unwrap_or_else(|| Presence::unknown(id.clone(), node))),
         }
     }
@@ -760,11 +798,11 @@ impl Store for NatsStore {
     async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError> {
         let node = self.inner.node.clone();
         self.apply(id, true, |s, now| ((), s.clear_status(&node, now))).await?;
-        Ok(self.read(id, false).await?.map(|s| s.view(id, self.inner.clock.now())).unwrap_or_else(|| Presence::unknown(id.clone(), node)))
+        Ok(self.read_many(std::slice::from_ref(id), false).await?.pop().flatten().unwrap_or_else(|| Presence::unknown(id.clone(), node)))
     }
 
-    async fn register_session(&self, id: &UserId, device: &str, instance: &str, ttl_ms: i64) -> Result<Registered, StoreError> {
-        self.own(id, device, instance, ttl_ms, false).await?.ok_or_else(|| unavailable("registration was not written"))
+    async fn register_session(&self, id: &UserId, req: NewSession) -> Result<Registered, StoreError> {
+        self.own(id, req, false).await?.ok_or_else(|| unavailable("registration was not written"))
     }
 
     async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
@@ -773,7 +811,7 @@ impl Store for NatsStore {
         }
         // Not ours: find the owner.
         let now = self.inner.clock.now();
-        let Some(state) = self.read(id, true).await? else { return Ok(None) };
+        let Some((state, _)) = self.read(id, true).await? else { return Ok(None) };
         let Some(owner) = state.live_sessions(now).find(|s| &*s.device_id == device).map(|s| s.node_id.clone()) else {
             return Ok(None);
         };
@@ -792,19 +830,24 @@ impl Store for NatsStore {
                 Err(_) => tracing::debug!(owner = %owner, "owner did not answer in time; taking the session over"),
             }
         }
-        let r = self.own(id, device, "", 0, true).await?;
+        let r = self.own(id, NewSession::new(device, "", 0), true).await?;
         Ok(r.map(|r| r.expires_at))
     }
 
-    async fn unregister_session(&self, id: &UserId, device: &str) -> Result<bool, StoreError> {
+    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
         let node = self.inner.node.clone();
         let mut owner: Option<Arc<str>> = None;
         let r = self
             .apply_session(id, false, |s, now| {
-                owner = s.sessions.iter().find(|x| *x.device_id == *device).map(|x| x.node_id.clone());
-                s.unregister(device, &node, now)
+                owner = s.sessions.iter().find(|x| *x.device_id == *device && sid.is_none_or(|t| t == x.sid)).map(|x| x.node_id.clone());
+                s.unregister(device, sid, &node, now)
             })
             .await?;
+        let removed = r.as_ref().is_some_and(|(removed, _)| *removed);
+        if !removed {
+            // A newer registration of the device (or none at all): nothing of ours ended.
+            return Ok(false);
+        }
         self.inner.owned.lock().remove(id, device);
         self.index_end(id).await;
         if let Some(o) = owner.filter(|o| **o != *node && !o.is_empty()) {
@@ -814,14 +857,14 @@ impl Store for NatsStore {
                 let _ = self.inner.nats.client.publish(node_subject(&o, "drop"), body.into()).await;
             }
         }
-        Ok(r.is_some_and(|(removed, _)| removed))
+        Ok(true)
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         let now = self.inner.clock.now();
         // The device list is read from the KV: it is not a hot path, and callers use it
         // right after registering elsewhere.
-        let Some(state) = self.read(id, true).await? else { return Ok(Vec::new()) };
+        let Some((state, _)) = self.read(id, true).await? else { return Ok(Vec::new()) };
         let owned = self.inner.owned.lock();
         let local = owned.all_of(id);
         Ok(state
@@ -847,6 +890,7 @@ impl Store for NatsStore {
         StoreStats {
             hits: c.hits,
             misses: c.misses,
+            read_cache: true,
             users: c.keys,
             evictions: c.evictions,
             cache_cost: c.cost,
@@ -896,7 +940,7 @@ impl Store for NatsStore {
     }
 
     async fn watch_directory(&self) -> Option<tokio::sync::mpsc::Receiver<super::DirRow>> {
-        let mut watch = match self.inner.dir.watch_all().await {
+        let first = match self.inner.dir.watch_all().await {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch the directory bucket: changes made on other nodes will not be seen");
@@ -906,27 +950,46 @@ impl Store for NatsStore {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let weak = Arc::downgrade(&self.inner);
         let h = tokio::spawn(async move {
-            while let Some(entry) = watch.next().await {
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "directory watch error");
-                        continue;
+            // The watch ends when the connection to the stream is lost; it is opened again
+            // from the revision after the last one seen, so no change falls in between.
+            let mut watch = Some(first);
+            let mut last: u64 = 0;
+            loop {
+                if let Some(mut w) = watch.take() {
+                    while let Some(entry) = w.next().await {
+                        let entry = match entry {
+                            Ok(e) => e,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "directory watch error");
+                                continue;
+                            }
+                        };
+                        last = last.max(entry.revision);
+                        let Some((table, id)) = parse_dir_key(&entry.key) else { continue };
+                        {
+                            let Some(inner) = weak.upgrade() else { return };
+                            let mut revs = inner.dir_revisions.lock();
+                            let seen = revs.entry(entry.key.clone()).or_insert(0);
+                            if entry.revision <= *seen {
+                                continue; // this node's own write, or older than what it applied
+                            }
+                            *seen = entry.revision;
+                        }
+                        let value = (entry.operation == jkv::Operation::Put && !entry.value.is_empty()).then(|| entry.value.to_vec());
+                        if tx.send((table, id, value)).await.is_err() {
+                            return;
+                        }
                     }
-                };
-                let Some((table, id)) = parse_dir_key(&entry.key) else { continue };
-                {
-                    let Some(inner) = weak.upgrade() else { return };
-                    let mut revs = inner.dir_revisions.lock();
-                    let seen = revs.entry(entry.key.clone()).or_insert(0);
-                    if entry.revision <= *seen {
-                        continue; // this node's own write, or older than what it applied
-                    }
-                    *seen = entry.revision;
+                    tracing::warn!(last_revision = last, "the directory watch ended; watching again");
+                    metrics::counter!("nats_directory_rewatch_total").increment(1);
                 }
-                let value = (entry.operation == jkv::Operation::Put && !entry.value.is_empty()).then(|| entry.value.to_vec());
-                if tx.send((table, id, value)).await.is_err() {
-                    return;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let again =
+                    if last > 0 { inner.dir.watch_all_from_revision(last + 1).await } else { inner.dir.watch_with_history(">").await };
+                match again {
+                    Ok(w) => watch = Some(w),
+                    Err(e) => tracing::debug!(error = %e, "cannot watch the directory bucket yet"),
                 }
             }
         });

@@ -14,6 +14,9 @@ use crate::core::{DeviceId, Millis, UserId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owned {
     pub instance: Arc<str>,
+    pub platform: Option<crate::core::Platform>,
+    /// Tag of the registration (see [`crate::core::Session::sid`]).
+    pub sid: u64,
     pub ttl_ms: i64,
     pub connected_at: Millis,
     pub expires_at: Millis,
@@ -152,7 +155,16 @@ mod tests {
     }
 
     fn owned(now: Millis, ttl: i64) -> Owned {
-        Owned { instance: Arc::from("gw"), ttl_ms: ttl, connected_at: now, expires_at: now + ttl, last_heartbeat: now, written_at: now }
+        Owned {
+            instance: Arc::from("gw"),
+            platform: None,
+            sid: 0,
+            ttl_ms: ttl,
+            connected_at: now,
+            expires_at: now + ttl,
+            last_heartbeat: now,
+            written_at: now,
+        }
     }
 
     #[test]

@@ -76,12 +76,17 @@ fn relay(inner: &Inner, msg: &async_nats::Message) {
         return; // presence.sync / presence.typing with a name equal to a user's
     }
     match serde_json::from_slice::<WireEvent>(&msg.payload) {
-        Ok(w) if w.node_id != *inner.node => {
+        Ok(w) if w.presence.node_id != *inner.node => {
             if let Some(ev) = w.into_event() {
                 // The cached state is older than this event: read it again next time.
                 inner.cache.invalidate(&ev.presence.user_id);
                 inner.remote_events.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("nats_events_received_total").increment(1);
+                // Older than what this node already published or relayed: a late arrival.
+                if !inner.order.lock().admit(&ev.presence.user_id, ev.presence.revision, inner.clock.now()) {
+                    metrics::counter!("nats_events_out_of_order_total").increment(1);
+                    return;
+                }
                 inner.bus.publish(ev);
             }
         }
