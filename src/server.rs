@@ -106,6 +106,7 @@ impl App {
 
     /// Builds around a given store (used by tests and by other backends' wiring).
     pub async fn with_store(config: Config, store: Arc<dyn Store>, bus: EventBus, clock: Arc<dyn Clock>) -> Result<App, StartError> {
+        crate::telemetry::register(config.store.backend == Backend::Nats);
         let auth = Arc::new(Authenticator::from_config(&config.auth, &config.service.data_dir)?);
         // Watch first, then load: a change made meanwhile is applied twice, never missed.
         let changes = store.watch_directory().await;

@@ -87,8 +87,13 @@ impl TestServer {
 
     /// Serves around a given store (e.g. one that fails on purpose).
     pub async fn with_store(extra_env: &[(&str, &str)], store: Arc<dyn Store>) -> TestServer {
+        Self::with_store_and_bus(extra_env, store, EventBus::new(1024)).await
+    }
+
+    /// Serves around a given store that publishes its events on `bus`.
+    pub async fn with_store_and_bus(extra_env: &[(&str, &str)], store: Arc<dyn Store>, bus: EventBus) -> TestServer {
         let (config, dir) = test_config(extra_env);
-        let app = App::with_store(config, store, EventBus::new(1024), Arc::new(SystemClock)).await.expect("build app");
+        let app = App::with_store(config, store, bus, Arc::new(SystemClock)).await.expect("build app");
         Self::serve(app, Some(dir)).await
     }
 
