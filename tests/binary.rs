@@ -153,3 +153,187 @@ fn deploy_samples_are_valid() {
         assert!(t.status.success(), "{n}.conf: {}", String::from_utf8_lossy(&t.stderr));
     }
 }
+
+/// Starts `cmd` and waits (at most 20 s) until it listens (`Ok`) or exits (`Err` with its
+/// exit code and stderr).
+fn start_or_exit(cmd: &mut Command) -> Result<Proc, (Option<i32>, String)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    let mut lines = Vec::new();
+    loop {
+        while let Ok(l) = rx.try_recv() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                if let Some(addr) = v["http"].as_str() {
+                    return Ok(Proc { child, addr: addr.to_string() });
+                }
+            }
+            lines.push(l);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(50));
+            lines.extend(rx.try_iter());
+            return Err((st.code(), lines.join("\n")));
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "neither listening nor exited in 20s: {lines:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+async fn put(addr: &str, token: &str, user: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r =
+        reqwest::Client::new().put(format!("http://{addr}/api/v2/presence/{user}")).bearer_auth(token).json(&body).send().await.unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap())
+}
+
+async fn get_status(addr: &str, user: &str) -> serde_json::Value {
+    reqwest::get(format!("http://{addr}/api/v2/presence/{user}")).await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test]
+async fn damaged_or_missing_data_stops_the_start_clearly_never_with_a_panic() {
+    // An empty or whitespace-only JWT secret file: forged tokens would verify. Refused.
+    for content in ["", "  \n"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jwt.secret"), content).unwrap();
+        let (code, err) = start_or_exit(base_cmd(dir.path()).arg("serve")).err().expect("refused");
+        assert_eq!(code, Some(64), "{err}");
+        assert!(err.contains("jwt.secret") && err.contains("32 bytes"), "{err}");
+        let out = base_cmd(dir.path()).args(["token", "--sub", "a"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "token refuses it too");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = start_or_exit(base_cmd(dir.path()).env("PRESENCE_AUTH__JWT_SECRET", "too-short").arg("serve")).err().unwrap();
+    assert_eq!(code, Some(64));
+    assert!(err.contains("auth.jwt_secret"), "{err}");
+
+    // A database with data in it.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = {
+        let out = base_cmd(dir.path()).args(["token", "--sub", "svc", "--scope", "presence:admin"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    {
+        let mut p = serve(dir.path());
+        for i in 0..200 {
+            let (code, _) =
+                put(&p.addr, &admin, &format!("user-{i}"), serde_json::json!({"status":"busy","message":"m".repeat(200)})).await;
+            assert_eq!(code, 200);
+        }
+        assert!(sigterm_and_wait(&mut p).success());
+    }
+    // A second process on the same data dir is told who holds it.
+    {
+        let _first = serve(dir.path());
+        let (code, err) = start_or_exit(base_cmd(dir.path()).arg("serve")).err().expect("refused");
+        assert_eq!(code, Some(64), "{err}");
+        assert!(err.contains("another presenced is using") && err.contains(&dir.path().display().to_string()), "{err}");
+    }
+    let db = dir.path().join("presence.redb");
+    let pristine = std::fs::read(&db).unwrap();
+    // One zeroed 4 KiB page at a time: repaired, or refused with the file's name and the
+    // way out; never a panic (exit 101).
+    let pages = pristine.len() / 4096;
+    let (mut started, mut refused) = (0, 0);
+    for page in 0..pages.min(24) {
+        let mut bytes = pristine.clone();
+        bytes[page * 4096..(page + 1) * 4096].fill(0);
+        std::fs::write(&db, &bytes).unwrap();
+        match start_or_exit(base_cmd(dir.path()).arg("serve")) {
+            Ok(p) => {
+                started += 1;
+                drop(p);
+            }
+            Err((code, err)) => {
+                assert_eq!(code, Some(64), "page {page}: {err}");
+                assert!(err.contains("presence.redb") && err.contains("start_fresh") && !err.contains("panicked"), "page {page}: {err}");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("{pages} pages: {started} repaired and started, {refused} refused");
+    assert!(started + refused > 0);
+    // A 0-byte database would start empty (and make invisible users visible): refused,
+    // unless told to start fresh (the file is kept aside).
+    std::fs::write(&db, b"").unwrap();
+    let (code, err) = start_or_exit(base_cmd(dir.path()).arg("serve")).err().expect("refused");
+    assert_eq!(code, Some(64));
+    assert!(err.contains("empty (0 bytes)") && err.contains("start_fresh"), "{err}");
+    let p = start_or_exit(base_cmd(dir.path()).env("PRESENCE_STORE__START_FRESH", "true").arg("serve")).expect("starts fresh");
+    assert_eq!(get_status(&p.addr, "user-1").await["code"], "not_found");
+    assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("presence.redb.empty-")));
+}
+
+/// The disk fills up (a file-size limit set on the running process with prlimit, as a
+/// full disk would: writes fail with an I/O error): status writes answer 503 without the
+/// database's own message and are not applied; once space is back the store recovers by
+/// itself, and what was refused never reaches the disk.
+#[tokio::test]
+async fn a_full_disk_is_503_then_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = {
+        let out = base_cmd(dir.path()).args(["token", "--sub", "svc", "--scope", "presence:admin"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    // SIGXFSZ ignored (as a shell does with trap), so the write fails instead of killing.
+    let mut cmd = base_cmd(dir.path());
+    cmd.env("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000").env("PRESENCE_LIMITS__WRITE_BURST", "100000");
+    let mut sh = Command::new("/bin/sh");
+    sh.args(["-c", "trap '' XFSZ; exec \"$0\" serve", BIN]).env_clear();
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            sh.env(k, v);
+        }
+    }
+    let mut p = start_or_exit(&mut sh).expect("starts");
+    let pid = p.child.id().to_string();
+    let db = dir.path().join("presence.redb");
+    let size = std::fs::metadata(&db).unwrap().len();
+    let limit = |soft: &str| {
+        let st =
+            Command::new("prlimit").args(["--pid", &pid, &format!("--fsize={soft}:unlimited")]).status().expect("prlimit (util-linux)");
+        assert!(st.success());
+    };
+    limit(&size.to_string());
+    let big = "m".repeat(250);
+    let mut refused = None;
+    for i in 0..2000 {
+        let (code, body) = put(&p.addr, &admin, &format!("u{i}"), serde_json::json!({"status":"busy","message": big})).await;
+        if code != 200 {
+            assert_eq!(code, 503, "{body}");
+            assert_eq!(body["code"], "unavailable");
+            let msg = body["error"].as_str().unwrap();
+            assert!(!msg.contains("I/O") && !msg.contains("large") && !msg.contains("redb"), "no internal detail: {msg}");
+            refused = Some(i);
+            break;
+        }
+    }
+    let i = refused.expect("the file-size limit was reached");
+    assert_eq!(get_status(&p.addr, &format!("u{i}")).await["code"], "not_found", "a write answered 503 is not visible");
+    let h = reqwest::get(format!("http://{}/health", p.addr)).await.unwrap();
+    assert_eq!(h.status(), 503);
+    // Space is back.
+    limit("unlimited");
+    let start = Instant::now();
+    loop {
+        let (code, _) = put(&p.addr, &admin, "after", serde_json::json!({"status":"away"})).await;
+        if code == 200 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the store did not recover by itself");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(reqwest::get(format!("http://{}/health", p.addr)).await.unwrap().status(), 200);
+    assert!(sigterm_and_wait(&mut p).success());
+    let p = serve(dir.path());
+    assert_eq!(get_status(&p.addr, "after").await["data"]["after"]["status"], "away");
+    assert_eq!(get_status(&p.addr, &format!("u{i}")).await["code"], "not_found", "the refused write never reached the disk");
+}

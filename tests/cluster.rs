@@ -388,3 +388,72 @@ async fn cached_reads_follow_other_nodes_writes() {
     a.stop().await;
     b.stop().await;
 }
+
+/// An event that arrives late (its node's link to NATS is slow) must not roll watchers
+/// back: events carry the KV revision, and every node drops an event older than one it
+/// already passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_event_from_a_slow_node_does_not_roll_watchers_back() {
+    use presenced::core::Status;
+    use presenced::store::SetStatus;
+    let server = NatsServer::start("");
+    let proxy = common::proxy::Proxy::start(server.port).await;
+    let via_proxy = format!("[\"nats://127.0.0.1:{}\"]", proxy.port);
+    let a = TestServer::start(&[
+        ("PRESENCE_STORE__BACKEND", "nats"),
+        ("PRESENCE_NATS__URLS", &via_proxy),
+        ("PRESENCE_SERVICE__NODE_ID", "node-a"),
+    ])
+    .await;
+    let b = node(&server, "node-b").await;
+    let c = node(&server, "node-c").await;
+    let mut wb = b.watch("w", &["hot"]).await;
+    let mut wc = c.watch("w", &["hot"]).await;
+    assert_eq!(wb.next("hot").await["status"], "offline");
+    assert_eq!(wc.next("hot").await["status"], "offline");
+    let hot = UserId::parse("hot", 64).unwrap();
+    proxy.delay(Duration::from_millis(300));
+    // A writes first; its event is still on the slow link when B writes a newer state.
+    a.svc.store.set_status(&hot, SetStatus { status: Status::Away, message: "from-a".into(), ttl_ms: None }).await.unwrap();
+    b.svc.store.set_status(&hot, SetStatus { status: Status::Busy, message: "from-b".into(), ttl_ms: None }).await.unwrap();
+    for (name, w) in [("B", &mut wb), ("C", &mut wc)] {
+        let mut last = Value::Null;
+        while let Ok(p) = tokio::time::timeout(Duration::from_millis(1_000), w.next("hot")).await {
+            last = p;
+        }
+        assert_eq!(
+            (last["status"].as_str(), last["message"].as_str()),
+            (Some("busy"), Some("from-b")),
+            "the watcher on {name} was rolled back"
+        );
+    }
+    proxy.delay(Duration::ZERO);
+}
+
+/// The directory watch survives its nats-server restarting: a contact list changed on one
+/// node after the restart still reaches the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_changes_reach_other_nodes_after_a_nats_restart() {
+    let mut server = NatsServer::start("");
+    let a = node(&server, "node-a").await;
+    let b = node(&server, "node-b").await;
+    let admin = a.admin_token("backend");
+    let put = async |n: &TestServer, contacts: Value| {
+        let r =
+            n.client.put(n.url("/api/v2/contacts/alice")).bearer_auth(&admin).json(&json!({"contacts": contacts})).send().await.unwrap();
+        r.status().as_u16()
+    };
+    assert_eq!(put(&a, json!(["bob"])).await, 200);
+    eventually("B learns alice's contacts", async || b.svc.directory.contacts(&UserId::parse("alice", 64).unwrap()).len() == 1).await;
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart();
+    common::eventually("A writes again", Duration::from_secs(20), async || put(&a, json!(["bob", "carol"])).await == 200).await;
+    common::eventually("B follows A after the restart", Duration::from_secs(20), async || {
+        b.svc.directory.contacts(&UserId::parse("alice", 64).unwrap()).len() == 2
+    })
+    .await;
+    // The NATS gauges are exported (the recorder exists before the connection is made).
+    let text = b.client.get(b.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("nats_connected 1") && text.contains("nats_degraded 0"), "{text}");
+}

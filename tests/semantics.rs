@@ -104,7 +104,13 @@ async fn the_last_device_gone_means_offline_and_the_preference_comes_back() {
         platform: "web".into(),
     };
     grpc.register_session(authed(reg, &admin)).await.unwrap();
-    let set = pb::SetPresenceRequest { user_id: "dora".into(), status: pb::Status::Busy as i32, message: "x".into(), ttl_seconds: 0, until_changed: true };
+    let set = pb::SetPresenceRequest {
+        user_id: "dora".into(),
+        status: pb::Status::Busy as i32,
+        message: "x".into(),
+        ttl_seconds: 0,
+        until_changed: true,
+    };
     grpc.set_presence(authed(set, &admin)).await.unwrap();
     grpc.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "d".into() }, &admin)).await.unwrap();
     let r = grpc.get_presence(pb::GetPresenceRequest { user_ids: vec!["dora".into()] }).await.unwrap().into_inner();
@@ -329,7 +335,13 @@ async fn concurrent_connects_never_pass_the_device_limit() {
         let mut g = grpc.clone();
         let admin = admin.clone();
         async move {
-            let reg = pb::RegisterSessionRequest { user_id: "gina".into(), device_id: format!("g{i}"), instance_id: "gw".into(), ttl_seconds: 60, platform: String::new() };
+            let reg = pb::RegisterSessionRequest {
+                user_id: "gina".into(),
+                device_id: format!("g{i}"),
+                instance_id: "gw".into(),
+                ttl_seconds: 60,
+                platform: String::new(),
+            };
             g.register_session(authed(reg, &admin)).await
         }
     });
@@ -377,12 +389,21 @@ async fn a_hub_that_falls_behind_the_bus_resends_what_its_watchers_watch() {
     c.ack(json!({"type":"subscribe","payload":{"user_ids": users},"id":"s"})).await;
     for u in &users {
         let id = UserId::parse(u, 64).unwrap();
-        s.svc.store.set_status(&id, SetStatus { status: Status::Away, message: Arc::from(format!("final-{u}")), ttl_ms: None }).await.unwrap();
+        s.svc
+            .store
+            .set_status(&id, SetStatus { status: Status::Away, message: Arc::from(format!("final-{u}")), ttl_ms: None })
+            .await
+            .unwrap();
     }
     let mut last = std::collections::HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while last.values().filter(|m: &&String| m.starts_with("final-")).count() < users.len() {
-        assert!(tokio::time::Instant::now() < deadline, "watcher missed changes: {} of {} final", last.values().filter(|m: &&String| m.starts_with("final-")).count(), users.len());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watcher missed changes: {} of {} final",
+            last.values().filter(|m: &&String| m.starts_with("final-")).count(),
+            users.len()
+        );
         let m = c.recv_type("presence_update").await;
         last.insert(m["payload"]["user_id"].as_str().unwrap().to_string(), m["payload"]["message"].as_str().unwrap_or("").to_string());
     }

@@ -270,7 +270,13 @@ impl MemoryStore {
                 .unwrap_or_else(|| UserState::new(self.inner.node.clone()));
                 f(&mut st, now);
                 let record = Record::of(&st);
-                Self::durable(p.enqueue(id.as_str(), Some(&record), true)).await?;
+                if let Err(e) = Self::durable(p.enqueue(id.as_str(), Some(&record), true)).await {
+                    // The client is told 503: the record it staged must not reach the disk
+                    // when the writer retries. What memory holds goes there instead.
+                    let current = self.inner.shard(id).lock().users.get(id).map(|e| Record::of(&e.state));
+                    p.enqueue(id.as_str(), current.as_ref(), false);
+                    return Err(e);
+                }
                 Some(record)
             }
         };
