@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::wsclient::connect;
 use common::TestServer;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 use serde_json::json;
