@@ -9,12 +9,16 @@
 //! `--baseline` does the same against `presenced-bench baseline-server`, a bare
 //! tokio-tungstenite broadcast server. Loopback only.
 //!
+//! `presenced-bench hostile --attack watch|stall` measures what hostile clients cost the
+//! server (parked gRPC watch streams, stalled request heads; see `hostile.rs`).
+//!
 //! `presenced-bench cluster` runs the hub-and-spoke topology (center + two leaves, real
 //! nats-servers) and measures cross-node fan-out, KV writes per change and store writes
 //! with idle users (see `cluster.rs`).
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod hostile;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -49,6 +53,8 @@ enum Cmd {
     Cluster(cluster::ClusterArgs),
     /// gRPC throughput over one HTTP/2 connection: RefreshSession and GetPresence(100 ids).
     Grpc(GrpcArgs),
+    /// What hostile clients cost: parked WatchPresence streams, stalled request heads.
+    Hostile(hostile::HostileArgs),
     /// The bare broadcast server used by `run --baseline`: every text frame received is
     /// sent to every connection.
     BaselineServer {
@@ -117,6 +123,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
+        Cmd::Hostile(args) => rt.block_on(hostile::run(args)),
         Cmd::BaselineServer { listen } => rt.block_on(baseline_server(listen)),
     };
     match r {
@@ -203,7 +210,7 @@ const BENCH_SECRET: &str = "presenced-bench-secret-presenced-bench-secret";
 
 /// How the bench runs presenced: gateway auth (clients name themselves), quiet logs, and
 /// rate limits out of the way.
-const BENCH_ENV: [(&str, &str); 7] = [
+const BENCH_ENV: [(&str, &str); 8] = [
     ("PRESENCE_AUTH__JWT_SECRET", BENCH_SECRET),
     ("PRESENCE_AUTH__MODE", "gateway"),
     ("PRESENCE_LOGGING__LEVEL", "warn"),
@@ -211,6 +218,8 @@ const BENCH_ENV: [(&str, &str); 7] = [
     ("PRESENCE_LIMITS__WS_MESSAGE_BURST", "100000"),
     ("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000"),
     ("PRESENCE_LIMITS__WRITE_BURST", "100000"),
+    // The load generator opens thousands of connections per second from 59 addresses.
+    ("PRESENCE_LIMITS__CONNECTIONS_PER_IP_PER_SEC", "0"),
 ];
 
 async fn spawn_server(baseline: bool) -> Res<Server> {
