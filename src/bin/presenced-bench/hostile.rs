@@ -133,11 +133,19 @@ async fn watch(target: &Target, pid: u32, idle: u64, args: &HostileArgs) -> Res<
             }
         }
     }
-    println!("opened in {:.1}s: {accepted} streams accepted, {refused} refused (RESOURCE_EXHAUSTED), {other} other errors", start.elapsed().as_secs_f64());
+    println!(
+        "opened in {:.1}s: {accepted} streams accepted, {refused} refused (RESOURCE_EXHAUSTED), {other} other errors",
+        start.elapsed().as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let rss = rss_kib(pid).ok_or("server gone")?;
     let per = if accepted > 0 { (rss.saturating_sub(idle)) as f64 / accepted as f64 } else { 0.0 };
-    println!("RSS with the streams parked: {} (+{} over idle; {per:.1} KiB per accepted stream of {} ids)", mib(rss), mib(rss.saturating_sub(idle)), args.ids);
+    println!(
+        "RSS with the streams parked: {} (+{} over idle; {per:.1} KiB per accepted stream of {} ids)",
+        mib(rss),
+        mib(rss.saturating_sub(idle)),
+        args.ids
+    );
     drop(held);
     Ok(())
 }
@@ -170,6 +178,11 @@ async fn stall(target: &Target, pid: u32, idle: u64, args: &HostileArgs) -> Res<
         }
     }
     let after = rss_kib(pid).ok_or("server gone")?;
-    println!("15 s after opening: {closed} of {} closed by the server; RSS {} (+{} over idle)", socks.len(), mib(after), mib(after.saturating_sub(idle)));
+    println!(
+        "15 s after opening: {closed} of {} closed by the server; RSS {} (+{} over idle)",
+        socks.len(),
+        mib(after),
+        mib(after.saturating_sub(idle))
+    );
     Ok(())
 }
