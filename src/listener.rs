@@ -34,6 +34,9 @@ use crate::config::LimitsConfig;
 use crate::core::ratelimit::Rate;
 use crate::service::KeyedLimiter;
 
+/// How long a connection over the per-IP rate stays open (its calls are refused).
+const LIMITED_GRACE: Duration = Duration::from_secs(1);
+
 /// The two timeouts of a listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -52,6 +55,8 @@ pub struct Activity {
     start: Instant,
     /// HTTP/2 only (gRPC): bytes between streams are pings and settings, not a request.
     h2: bool,
+    /// Over the per-IP connection rate: answered (every call refused), then closed soon.
+    limited: bool,
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
     /// A request was seen on this connection.
@@ -64,10 +69,11 @@ pub struct Activity {
 }
 
 impl Activity {
-    fn new(h2: bool) -> Arc<Activity> {
+    fn new(h2: bool, limited: bool) -> Arc<Activity> {
         Arc::new(Activity {
             start: Instant::now(),
             h2,
+            limited,
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicBool::new(false),
             served: AtomicBool::new(false),
@@ -112,6 +118,10 @@ impl Activity {
     /// When the connection must be closed if nothing changes; `None` while a request is
     /// in flight or after an upgrade.
     fn deadline(&self, t: &Timeouts) -> Option<Instant> {
+        if self.limited {
+            // Long enough to tell the client why; it must not hold the socket.
+            return Some(self.start + t.header_read.min(LIMITED_GRACE));
+        }
         if self.upgraded.load(Ordering::Acquire) || self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -147,7 +157,7 @@ pub struct ConnMeta {
 
 impl<T> TimedIo<T> {
     fn new(inner: T, remote: SocketAddr, timeouts: Timeouts, h2: bool, limited: bool) -> TimedIo<T> {
-        let activity = Activity::new(h2);
+        let activity = Activity::new(h2, limited);
         TimedIo { inner, activity: activity.clone(), timeouts, sleep: None, meta: ConnMeta { remote, activity, limited } }
     }
 
@@ -157,7 +167,9 @@ impl<T> TimedIo<T> {
 }
 
 fn timed_out(t: &Timeouts, a: &Activity) -> io::Error {
-    let (reason, d) = if a.served.load(Ordering::Acquire) && (a.h2 || a.first_byte.load(Ordering::Acquire) == u64::MAX) {
+    let (reason, d) = if a.limited {
+        ("rate_limited", LIMITED_GRACE)
+    } else if a.served.load(Ordering::Acquire) && (a.h2 || a.first_byte.load(Ordering::Acquire) == u64::MAX) {
         ("idle", t.idle)
     } else {
         ("header_read", t.header_read)
@@ -426,7 +438,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deadlines_follow_requests() {
         let t = Timeouts { header_read: Duration::from_secs(10), idle: Duration::from_secs(60) };
-        let a = Activity::new(false);
+        let a = Activity::new(false, false);
         let start = a.start;
         assert_eq!(a.deadline(&t), Some(start + Duration::from_secs(10)), "a new connection must send a request soon");
         a.begin();
@@ -440,10 +452,14 @@ mod tests {
         a.upgraded();
         assert_eq!(a.deadline(&t), None, "WebSockets have their own heartbeat");
         // HTTP/2: bytes between streams (pings) do not start the header clock.
-        let h2 = Activity::new(true);
+        let h2 = Activity::new(true, false);
         h2.begin();
         h2.end();
         h2.on_bytes();
         assert_eq!(h2.deadline(&t), Some(h2.start + Duration::from_secs(60)));
+        // Over the per-IP rate: closed a second after it was accepted, calls or not.
+        let limited = Activity::new(true, true);
+        limited.begin();
+        assert_eq!(limited.deadline(&t), Some(limited.start + LIMITED_GRACE));
     }
 }

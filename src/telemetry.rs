@@ -127,8 +127,8 @@ pub const METRICS: &[Metric] = &[
         "connections_timed_out_total",
         Counter,
         All,
-        "HTTP and gRPC connections closed by limits.header_read_timeout or limits.idle_timeout.",
-        &[&[("reason", "header_read")], &[("reason", "idle")]]
+        "HTTP and gRPC connections closed by limits.header_read_timeout, limits.idle_timeout, or (gRPC) a second after being refused for the per-IP connection rate.",
+        &[&[("reason", "header_read")], &[("reason", "idle")], &[("reason", "rate_limited")]]
     ),
     m!("accept_errors_total", Counter, All, "Failed accepts (e.g. out of file descriptors); retried."),
     m!("ws_connections", Gauge, All, "Open WebSocket connections."),
