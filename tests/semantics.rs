@@ -305,16 +305,14 @@ async fn a_reconnecting_device_is_not_taken_offline_by_its_old_connection() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_connects_never_pass_the_device_limit() {
-    let s = Arc::new(
-        TestServer::start(&[("PRESENCE_LIMITS__MAX_DEVICES_PER_USER", "3"), ("PRESENCE_LIMITS__CONNECTIONS_PER_IP_PER_SEC", "0")]).await,
-    );
-    let tries: Vec<_> = (0..16)
+/// `n` devices of `user` connecting at once; the connections that got in (the others
+/// must have been refused with 429).
+async fn connect_devices_at_once(s: &Arc<TestServer>, user: &str, n: usize) -> Vec<Client> {
+    let tries: Vec<_> = (0..n)
         .map(|i| {
-            let s = s.clone();
+            let (s, user) = (s.clone(), user.to_string());
             tokio::spawn(async move {
-                let auth = format!("Bearer {}", s.token("alice"));
+                let auth = format!("Bearer {}", s.token(&user));
                 connect_with(&s, &format!("?device_id=d{i}"), &[("authorization", &auth)]).await.map_err(|r| r.0)
             })
         })
@@ -326,6 +324,15 @@ async fn concurrent_connects_never_pass_the_device_limit() {
             Err(code) => assert_eq!(code, 429),
         }
     }
+    open
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_never_pass_the_device_limit() {
+    let s = Arc::new(
+        TestServer::start(&[("PRESENCE_LIMITS__MAX_DEVICES_PER_USER", "3"), ("PRESENCE_LIMITS__CONNECTIONS_PER_IP_PER_SEC", "0")]).await,
+    );
+    let open = connect_devices_at_once(&s, "alice", 16).await;
     assert_eq!(open.len(), 3);
     assert_eq!(rest(&s, "alice", Some("alice")).await["device_count"], 3);
     // gRPC registrations share the limit, atomically too.
@@ -360,22 +367,7 @@ async fn concurrent_connects_through_a_slow_store_never_pass_the_device_limit() 
     let (store, bus) = Slow::around(100, 0);
     let env = [("PRESENCE_LIMITS__MAX_DEVICES_PER_USER", "3"), ("PRESENCE_LIMITS__CONNECTIONS_PER_IP_PER_SEC", "0")];
     let s = Arc::new(TestServer::with_store_and_bus(&env, store, bus).await);
-    let tries: Vec<_> = (0..10)
-        .map(|i| {
-            let s = s.clone();
-            tokio::spawn(async move {
-                let auth = format!("Bearer {}", s.token("alice"));
-                connect_with(&s, &format!("?device_id=d{i}"), &[("authorization", &auth)]).await.map_err(|r| r.0)
-            })
-        })
-        .collect();
-    let mut open = Vec::new();
-    for t in tries {
-        match t.await.unwrap() {
-            Ok(c) => open.push(c),
-            Err(code) => assert_eq!(code, 429),
-        }
-    }
+    let open = connect_devices_at_once(&s, "alice", 10).await;
     assert_eq!(open.len(), 3);
     assert_eq!(s.svc.store.devices(&UserId::parse("alice", 64).unwrap()).await.unwrap().len(), 3);
 }
