@@ -149,7 +149,7 @@ async fn handle(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, text: &str
         Ok(snapshot) => {
             conn.push(protocol::ack(&inc.id, &inc.kind));
             if let Some(ids) = snapshot {
-                if let Err(e) = svc.hub.snapshot(conn, &ids).await {
+                if let Err(e) = svc.hub.snapshot_asked(conn, &ids).await {
                     conn.push(protocol::error(&inc.id, e.code(), &e.to_string()));
                 }
             }

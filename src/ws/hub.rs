@@ -518,8 +518,19 @@ impl Hub {
         }
     }
 
-    /// Sends `conn` the current presence of `ids` as its relation to each allows.
+    /// Sends `conn` the current presence of `ids` as its relation to each allows; the
+    /// connection's own presence only if it is newer than what it already got (on connect
+    /// and resync; see [`Hub::snapshot_asked`] for a snapshot the client asked for).
     pub async fn snapshot(&self, conn: &Arc<Conn>, ids: &[UserId]) -> Result<(), ApiError> {
+        self.snapshot_with(conn, ids, true).await
+    }
+
+    /// A snapshot the client asked for (`subscribe`): every id, its own included.
+    pub async fn snapshot_asked(&self, conn: &Arc<Conn>, ids: &[UserId]) -> Result<(), ApiError> {
+        self.snapshot_with(conn, ids, false).await
+    }
+
+    async fn snapshot_with(&self, conn: &Arc<Conn>, ids: &[UserId], only_newer_own: bool) -> Result<(), ApiError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -527,7 +538,7 @@ impl Hub {
         let now = self.clock.now();
         for (id, p) in ids.iter().zip(found) {
             let p = p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()));
-            if *id == conn.user && !conn.admit_own(p.revision) {
+            if *id == conn.user && !conn.admit_own(p.revision) && only_newer_own {
                 continue; // the connection already has this state of its own presence
             }
             let audience = self.directory.contacts(id);
