@@ -134,7 +134,7 @@ fn store_status_write_durable_256_concurrent(b: Bencher) {
 fn router_fixture(rt: &tokio::runtime::Runtime) -> (axum::Router, presenced::server::App, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let env = vec![
-        ("PRESENCE_AUTH__JWT_SECRET".to_string(), "bench".to_string()),
+        ("PRESENCE_AUTH__JWT_SECRET".to_string(), "bench-secret-bench-secret-bench-secret".to_string()),
         ("PRESENCE_SERVICE__DATA_DIR".to_string(), dir.path().display().to_string()),
         ("PRESENCE_LIMITS__WRITE_RATE_PER_SEC".to_string(), "1000000000".to_string()),
         ("PRESENCE_LIMITS__WRITE_BURST".to_string(), "1000000000".to_string()),

@@ -185,11 +185,17 @@ impl UserState {
     /// `revision` is left `0`: the store that holds the state fills it in.
     pub fn view(&self, user_id: &UserId, now: Millis) -> Presence {
         let live = self.live_sessions(now).count();
+        let summary = |s: &Session| DeviceSummary { device_id: s.device_id.clone(), platform: s.platform };
         let devices: Arc<[DeviceSummary]> = if live == 0 {
             no_devices()
+        } else if live == 1 {
+            // The common case, in one allocation.
+            match self.live_sessions(now).next() {
+                Some(s) => Arc::new([summary(s)]),
+                None => no_devices(),
+            }
         } else {
-            let mut v: Vec<DeviceSummary> =
-                self.live_sessions(now).map(|s| DeviceSummary { device_id: s.device_id.clone(), platform: s.platform }).collect();
+            let mut v: Vec<DeviceSummary> = self.live_sessions(now).map(summary).collect();
             v.sort_by(|a, b| a.device_id.cmp(&b.device_id));
             Arc::from(v)
         };
