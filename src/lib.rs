@@ -29,6 +29,7 @@ pub mod bus;
 pub mod config;
 pub mod core;
 pub mod directory;
+pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod listener;

@@ -1,6 +1,6 @@
 //! The application layer shared by every transport: input validation, permissions, rate
-//! limits, defaults, and the one error type ([`ApiError`]) whose mapping to HTTP status,
-//! envelope code (and later gRPC code / WebSocket error) is decided in one place.
+//! limits and defaults. Its error type is [`crate::error::ApiError`], whose mapping to
+//! every transport is decided in one table there.
 //!
 //! Transports extract, call a method here, and encode the result; they hold no rules.
 
@@ -16,75 +16,9 @@ use crate::config::{AuthMode, Config, LimitsConfig, PresenceConfig};
 use crate::core::ratelimit::{Rate, TokenBucket};
 use crate::core::{project, Millis, NewSession, Platform, Presence, Privacy, Registered, Relation, Status, UserId};
 use crate::directory::Directory;
-use crate::store::{get_one, Clock, SetStatus, Store, StoreError};
+use crate::error::ApiError;
+use crate::store::{get_one, Clock, SetStatus, Store};
 use crate::ws::hub::{Hub, HubLimits};
-
-/// Every failure a client can see.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(#[from] AuthError),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    MethodNotAllowed(String),
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("rate limit exceeded: retry in {retry_after_ms} ms")]
-    RateLimited { retry_after_ms: u64 },
-    #[error("{0}")]
-    LimitExceeded(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("internal error")]
-    Internal(String),
-}
-
-impl ApiError {
-    /// HTTP status for this error (seed 003 §12.1).
-    pub fn http_status(&self) -> u16 {
-        match self {
-            ApiError::BadRequest(_) => 400,
-            ApiError::Unauthorized(_) => 401,
-            ApiError::Forbidden(_) => 403,
-            ApiError::NotFound(_) => 404,
-            ApiError::MethodNotAllowed(_) => 405,
-            ApiError::PayloadTooLarge(_) => 413,
-            ApiError::RateLimited { .. } | ApiError::LimitExceeded(_) => 429,
-            ApiError::Internal(_) => 500,
-            ApiError::Unavailable(_) => 503,
-        }
-    }
-
-    /// Stable machine-readable code, sent beside the human-readable `error`.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed(_) => "method_not_allowed",
-            ApiError::PayloadTooLarge(_) => "payload_too_large",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::LimitExceeded(_) => "limit_exceeded",
-            ApiError::Unavailable(_) => "unavailable",
-            ApiError::Internal(_) => "internal",
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable(m) => ApiError::Unavailable(m),
-            StoreError::TooManyDevices { max } => ApiError::LimitExceeded(format!("at most {max} devices per user")),
-        }
-    }
-}
 
 /// An explicit status write as received from a client, before validation.
 #[derive(Debug, Clone, Default)]
@@ -248,7 +182,12 @@ impl Service {
     }
 
     pub fn parse_user(&self, raw: &str) -> Result<UserId, ApiError> {
-        UserId::parse(raw, self.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))
+        Ok(UserId::parse(raw, self.limits.max_user_id_len)?)
+    }
+
+    /// Validates a device, instance or conversation id (400 with the reason).
+    pub fn check_id(&self, what: &'static str, raw: &str) -> Result<(), ApiError> {
+        Ok(crate::core::validate_id(what, raw, self.limits.max_user_id_len)?)
     }
 
     /// Validates a list of ids: not empty, at most `limits.max_batch_ids`, each valid;
@@ -470,8 +409,7 @@ impl Service {
     /// Sets a conversation's members (backends only).
     pub async fn set_members(&self, who: &Identity, conversation: &str, raw: &[String]) -> Result<Vec<UserId>, ApiError> {
         self.require_admin(who, "setting conversation members")?;
-        crate::core::validate_id("conversation id", conversation, self.limits.max_user_id_len)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.check_id("conversation id", conversation)?;
         let ids = self.parse_id_list(raw, self.limits.max_conversation_members, "members")?;
         self.directory.set_members(&*self.store, conversation, ids.clone()).await?;
         Ok(ids)
@@ -521,22 +459,5 @@ mod tests {
         // After the sweep interval, refilled buckets are dropped.
         assert!(l.check("c", 20_000).is_ok());
         assert_eq!(l.tracked_keys(), 1);
-    }
-
-    #[test]
-    fn error_table_matches_seed_codes() {
-        let cases = [
-            (ApiError::BadRequest("x".into()), 400),
-            (ApiError::Unauthorized(AuthError::Expired), 401),
-            (ApiError::Forbidden("x".into()), 403),
-            (ApiError::NotFound("x".into()), 404),
-            (ApiError::RateLimited { retry_after_ms: 5 }, 429),
-            (ApiError::Internal("x".into()), 500),
-            (ApiError::Unavailable("x".into()), 503),
-        ];
-        for (e, code) in cases {
-            assert_eq!(e.http_status(), code, "{e:?}");
-        }
-        assert_eq!(ApiError::Internal("secret detail".into()).to_string(), "internal error");
     }
 }

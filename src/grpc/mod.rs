@@ -15,8 +15,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::auth::Identity;
-use crate::core::{validate_id, visible_change, Event, EventKind, Millis, Presence, Status, UserId};
-use crate::service::{ApiError, Service, StatusWrite};
+use crate::core::{visible_change, Event, EventKind, Millis, Presence, Status, UserId};
+use crate::error::ApiError;
+use crate::service::{Service, StatusWrite};
 
 pub mod pb {
     tonic::include_proto!("realchat.presence.v1");
@@ -74,23 +75,11 @@ fn presence_pb(p: &Presence) -> pb::UserPresence {
     }
 }
 
-/// The one mapping from the service's errors to gRPC codes (beside HTTP in `service.rs`).
+/// An error as a gRPC status (the code from [`crate::error::TABLE`]); what the client is
+/// not told is logged once.
 pub fn to_status(e: ApiError) -> GrpcStatus {
-    use tonic::Code;
-    let code = match &e {
-        ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_) => Code::InvalidArgument,
-        ApiError::Unauthorized(_) => Code::Unauthenticated,
-        ApiError::Forbidden(_) => Code::PermissionDenied,
-        ApiError::NotFound(_) => Code::NotFound,
-        ApiError::MethodNotAllowed(_) => Code::Unimplemented,
-        ApiError::RateLimited { .. } | ApiError::LimitExceeded(_) => Code::ResourceExhausted,
-        ApiError::Unavailable(_) => Code::Unavailable,
-        ApiError::Internal(detail) => {
-            tracing::error!(error = %detail, "internal error");
-            Code::Internal
-        }
-    };
-    GrpcStatus::new(code, e.to_string())
+    e.report("grpc");
+    GrpcStatus::new(e.wire().grpc, e.to_string())
 }
 
 /// Counts a finished call by method and code.
@@ -193,7 +182,7 @@ impl Api {
     }
 
     fn device(&self, raw: &str) -> Result<(), ApiError> {
-        validate_id("device id", raw, self.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))
+        self.svc.check_id("device id", raw)
     }
 }
 
@@ -231,7 +220,7 @@ impl PresenceApi for Api {
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
             let instance = if m.instance_id.is_empty() { "grpc" } else { m.instance_id.as_str() };
-            validate_id("instance id", instance, self.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            self.svc.check_id("instance id", instance)?;
             if m.ttl_seconds > MAX_SESSION_TTL_SECS {
                 return Err(ApiError::BadRequest(format!("ttl_seconds must be at most {MAX_SESSION_TTL_SECS}")));
             }

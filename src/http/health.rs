@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::{error, ok, Http};
-use crate::service::ApiError;
+use crate::error::ApiError;
 
 /// Liveness plus store readiness: 200 when the store can serve, 503 otherwise.
 pub async fn health(State(state): State<Http>) -> Response {

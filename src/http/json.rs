@@ -5,7 +5,7 @@ use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 
 use crate::core::{DeviceSummary, Millis, Presence};
-use crate::service::ApiError;
+use crate::error::ApiError;
 
 /// RFC 3339 in UTC with millisecond precision, e.g. `2024-01-15T10:30:00.123Z`
 /// (`.123` omitted when zero).

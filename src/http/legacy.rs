@@ -12,8 +12,8 @@ use std::sync::Arc;
 use super::json::rfc3339;
 use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map};
 use super::{Http, Res};
-use crate::core::validate_id;
-use crate::service::{ApiError, StatusWrite};
+use crate::error::ApiError;
+use crate::service::StatusWrite;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,7 +61,7 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
     let b: HeartbeatBody = if bytes.iter().all(u8::is_ascii_whitespace) { HeartbeatBody::default() } else { parse_json(&bytes)? };
     let device =
         headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
-    validate_id("device id", &device, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    state.svc.check_id("device id", &device)?;
     let svc = &state.svc;
     let platform_header = headers.get("x-device-platform").and_then(|v| v.to_str().ok());
     let platform = svc.parse_platform(platform_header.or(b.platform.as_deref()))?;
@@ -85,7 +85,7 @@ pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<
     let (Some(conv), Some(is_typing)) = (b.conversation_id, b.is_typing) else {
         return Err(ApiError::BadRequest("typing needs conversation_id and is_typing".into()));
     };
-    validate_id("conversation id", &conv, state.svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    state.svc.check_id("conversation id", &conv)?;
     state.svc.check_write_rate(&user)?;
     state.svc.hub.typing(&user, &conv, is_typing).await?;
     let conv: Arc<str> = Arc::from(conv);

@@ -20,7 +20,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::service::{ApiError, Service};
+use crate::error::ApiError;
+use crate::service::Service;
 
 /// What handlers return: an error leaves as the JSON envelope (`ApiError: IntoResponse`).
 pub type Res = Result<Response, ApiError>;
@@ -204,11 +205,7 @@ pub fn ok<T: serde::Serialize>(data: T) -> Response {
 /// The error envelope with the status from the error table. Internal errors are logged
 /// here, once, and never leak their detail.
 pub fn error(e: &ApiError) -> Response {
-    match e {
-        ApiError::Internal(detail) => tracing::error!(error = %detail, "internal error"),
-        ApiError::Unavailable(detail) => tracing::warn!(error = %detail, "service unavailable"),
-        _ => {}
-    }
+    e.report("http");
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json_response(status, json::error_body(e));
     if let ApiError::RateLimited { retry_after_ms } = e {

@@ -11,7 +11,8 @@ use super::json::{PresenceJson, PresenceMap};
 use super::{ok, Http, Res};
 use crate::auth::Identity;
 use crate::core::UserId;
-use crate::service::{ApiError, StatusWrite};
+use crate::error::ApiError;
+use crate::service::StatusWrite;
 
 pub(super) fn user_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
     let Path(raw) = path.map_err(|e| ApiError::BadRequest(format!("invalid user id in path: {e}")))?;

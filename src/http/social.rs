@@ -10,7 +10,7 @@ use serde_json::json;
 use super::presence::{body_bytes, identity, parse_json, user_from_path};
 use super::{ok, Http, Res};
 use crate::core::{Privacy, UserId};
-use crate::service::ApiError;
+use crate::error::ApiError;
 
 fn names(ids: &[UserId]) -> Vec<&str> {
     ids.iter().map(UserId::as_str).collect()

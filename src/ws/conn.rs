@@ -8,12 +8,14 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 
-use super::hub::{close, Conn};
+use super::hub::Conn;
 use super::protocol::{self, ClientMsg};
 use crate::auth::Identity;
 use crate::core::ratelimit::{Rate, TokenBucket};
-use crate::core::{validate_id, UserId};
-use crate::service::{ApiError, Service, StatusWrite};
+use crate::core::UserId;
+use crate::error::close;
+use crate::error::ApiError;
+use crate::service::{Service, StatusWrite};
 
 /// Runs a connection (connected to the hub before the upgrade) to its end.
 pub async fn run(svc: Arc<Service>, who: Identity, conn: Arc<Conn>, mut socket: WebSocket) {
@@ -22,7 +24,7 @@ pub async fn run(svc: Arc<Service>, who: Identity, conn: Arc<Conn>, mut socket: 
     let mut initial = vec![conn.user.clone()];
     initial.extend(svc.directory.audience_of(&conn.user));
     if let Err(e) = hub.snapshot(&conn, &initial).await {
-        conn.push(protocol::error(&None, e.code(), &e.to_string()));
+        conn.push(protocol::error_of(&None, &e));
     }
     let end = session(&svc, &conn, &who, &mut socket).await;
     hub.disconnect(&conn).await;
@@ -84,7 +86,7 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                         if let Err(wait) = bucket.try_take(rate, svc.clock.now()) {
                             metrics::counter!("presence_rate_limited_total", "scope" => "ws_message").increment(1);
                             let e = ApiError::RateLimited { retry_after_ms: wait };
-                            conn.push(protocol::error(&protocol::parse(&text).id, e.code(), &e.to_string()));
+                            conn.push(protocol::error_of(&protocol::parse(&text).id, &e));
                             continue;
                         }
                         Box::pin(handle(svc, conn, who, &text)).await;
@@ -150,11 +152,11 @@ async fn handle(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, text: &str
             conn.push(protocol::ack(&inc.id, &inc.kind));
             if let Some(ids) = snapshot {
                 if let Err(e) = svc.hub.snapshot_asked(conn, &ids).await {
-                    conn.push(protocol::error(&inc.id, e.code(), &e.to_string()));
+                    conn.push(protocol::error_of(&inc.id, &e));
                 }
             }
         }
-        Err(e) => conn.push(protocol::error(&inc.id, e.code(), &e.to_string())),
+        Err(e) => conn.push(protocol::error_of(&inc.id, &e)),
     }
 }
 
@@ -170,8 +172,7 @@ async fn apply(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, msg: Client
             Ok(None)
         }
         ClientMsg::Typing { conversation_id, is_typing } => {
-            validate_id("conversation id", &conversation_id, svc.limits.max_user_id_len)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            svc.check_id("conversation id", &conversation_id)?;
             svc.hub.typing(&conn.user, &conversation_id, is_typing).await?;
             Ok(None)
         }

@@ -34,28 +34,8 @@ use super::protocol;
 use crate::bus::{EventBus, Typing};
 use crate::core::{project, visible_change, DeviceId, Event, NewSession, Platform, Presence, Privacy, Relation, UserId};
 use crate::directory::Directory;
-use crate::service::ApiError;
+use crate::error::{close, ApiError};
 use crate::store::{Clock, Store};
-
-/// Close codes the hub uses.
-pub mod close {
-    /// The client cannot keep up with what it is sent.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// A newer connection took over this device.
-    pub const REPLACED: u16 = 4001;
-    /// The server is shutting down.
-    pub const GOING_AWAY: u16 = 1001;
-    /// No inbound traffic (pong, heartbeat, any message) within `presence.session_ttl`.
-    pub const STALE: u16 = 4002;
-    /// A frame larger than `limits.ws_max_message_bytes`.
-    pub const TOO_BIG: u16 = 1009;
-    /// A frame that breaks RFC 6455 (bad opcode, reserved bits, unmasked, bad fragments).
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A text frame that is not valid UTF-8.
-    pub const INVALID_DATA: u16 = 1007;
-    /// The server could not set the connection up (its store failed).
-    pub const INTERNAL_ERROR: u16 = 1011;
-}
 
 /// What the hub enforces.
 #[derive(Debug, Clone)]

@@ -17,9 +17,8 @@ use axum::http::HeaderMap;
 use axum::Extension;
 use serde::Deserialize;
 
-use crate::core::validate_id;
+use crate::error::ApiError;
 use crate::http::{Http, Res};
-use crate::service::ApiError;
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -51,7 +50,7 @@ pub async fn upgrade(
     let user = svc.parse_user(&who.sub)?;
     let device = match header(&headers, "x-device-id").or(q.device_id.as_deref()) {
         Some(d) => {
-            validate_id("device id", d, svc.limits.max_user_id_len).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            svc.check_id("device id", d)?;
             Arc::from(d)
         }
         None => Arc::from(format!("dev-{:016x}", rand::random::<u64>()).as_str()),

@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::core::{Millis, Platform, Presence};
+use crate::error::ApiError;
 use crate::http::json::PresenceJson;
 
 /// A message from a client, validated for shape (values are validated by the service).
@@ -139,6 +140,13 @@ pub fn typing_indicator(conversation_id: &str, user_id: &str, is_typing: bool) -
 
 pub fn ack(id: &Option<Value>, kind: &str) -> String {
     json!({"type": "ack", "id": id, "payload": {"id": id, "type": kind}}).to_string()
+}
+
+/// An `error` message for a refused request (the code from [`crate::error::TABLE`]); what
+/// the client is not told is logged once.
+pub fn error_of(id: &Option<Value>, e: &ApiError) -> String {
+    e.report("ws");
+    error(id, e.code(), &e.to_string())
 }
 
 pub fn error(id: &Option<Value>, code: &str, message: &str) -> String {
