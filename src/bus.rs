@@ -2,10 +2,12 @@
 //! transport and backend that subscribed. A subscriber that falls behind by more than the
 //! capacity gets `Lagged` and must resynchronise from the store; publishers never block.
 //!
-//! Beside events the bus carries two things a cluster backend needs from the transports:
-//! typing indicators (ephemeral, never stored), and *interest*: which users this node's
-//! connections watch, so the backend subscribes to other nodes' events about those users
-//! only (interest-routed fan-out).
+//! Beside events the bus carries typing indicators (ephemeral, never stored: the service
+//! publishes them, the WebSocket hub delivers them, a cluster backend relays them),
+//! directory changes (a user's contacts or privacy settings changed, here or on another
+//! node: the hub tells the watchers whose view changed), and *interest*: which users
+//! this node's connections watch, so a cluster backend subscribes to other nodes' events
+//! about those users only (interest-routed fan-out).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::core::{Event, UserId};
+use crate::core::{Event, Privacy, UserId};
 
 /// A typing indicator, as the hub reports it and a cluster backend relays it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,15 @@ pub struct Typing {
     pub conversation: Arc<str>,
     pub user_id: UserId,
     pub is_typing: bool,
+}
+
+/// A directory row changed what someone may see of a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryChanged {
+    /// `user`'s contacts changed; `changed` were added or dropped.
+    Contacts { user: UserId, changed: Vec<UserId> },
+    /// `user`'s privacy settings changed from `previous`.
+    Privacy { user: UserId, previous: Privacy },
 }
 
 /// A change of this node's interest.
@@ -187,6 +198,7 @@ impl Drop for InterestGuard {
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Event>>,
     typing: broadcast::Sender<Typing>,
+    directory: broadcast::Sender<DirectoryChanged>,
     interest: Interest,
 }
 
@@ -194,7 +206,8 @@ impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
         let (typing, _) = broadcast::channel(capacity.max(1));
-        EventBus { tx, typing, interest: Interest::default() }
+        let (directory, _) = broadcast::channel(capacity.clamp(1, 4096));
+        EventBus { tx, typing, directory, interest: Interest::default() }
     }
 
     /// Publishes an event; with no subscriber it is simply dropped.
@@ -213,6 +226,14 @@ impl EventBus {
 
     pub fn subscribe_typing(&self) -> broadcast::Receiver<Typing> {
         self.typing.subscribe()
+    }
+
+    pub fn publish_directory(&self, c: DirectoryChanged) {
+        let _ = self.directory.send(c);
+    }
+
+    pub fn subscribe_directory(&self) -> broadcast::Receiver<DirectoryChanged> {
+        self.directory.subscribe()
     }
 
     pub fn interest(&self) -> &Interest {

@@ -16,19 +16,14 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use crate::bus::DirectoryChanged;
 use crate::core::{Privacy, UserId};
 use crate::store::{DirTable, Store, StoreError};
 
 pub type Members = Arc<HashSet<UserId>>;
 
-/// What a directory row changed, for the watchers concerned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RowChange {
-    /// `user`'s contacts changed; `changed` were added or dropped.
-    Contacts { user: UserId, changed: Vec<UserId> },
-    /// `user`'s privacy settings changed from `previous`.
-    Privacy { user: UserId, previous: Privacy },
-}
+/// What a directory row changed, for the watchers concerned (published on the bus).
+pub type RowChange = DirectoryChanged;
 
 #[derive(Default)]
 pub struct Directory {

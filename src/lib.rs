@@ -32,6 +32,7 @@ pub mod directory;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod json;
 pub mod listener;
 pub mod nats;
 pub mod server;

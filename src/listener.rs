@@ -31,7 +31,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::LimitsConfig;
-use crate::core::ratelimit::Rate;
 use crate::service::KeyedLimiter;
 
 /// How long a connection over the per-IP rate stays open (its calls are refused).
@@ -235,12 +234,6 @@ impl tonic::transport::server::Connected for TimedIo<TcpStream> {
     fn connect_info(&self) -> ConnMeta {
         self.meta.clone()
     }
-}
-
-/// A per-IP connection limiter from `limits.connections_per_ip_per_sec` (`None`: off).
-pub fn ip_limiter(l: &LimitsConfig) -> Option<KeyedLimiter> {
-    (l.connections_per_ip_per_sec > 0.0)
-        .then(|| KeyedLimiter::new(Rate { per_second: l.connections_per_ip_per_sec, burst: l.connection_burst_per_ip.max(1) }))
 }
 
 /// Accepts with back-off on errors such as EMFILE (out of file descriptors), which would

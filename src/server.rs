@@ -17,6 +17,7 @@ use crate::service::Service;
 use crate::store::memory::{MemoryConfig, MemoryStore};
 use crate::store::persist::PersistError;
 use crate::store::{Clock, Store, SystemClock};
+use crate::ws::hub::{Hub, HubLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -38,6 +39,8 @@ pub enum StartError {
 pub struct App {
     pub config: Config,
     pub svc: Arc<Service>,
+    /// This node's WebSocket connections.
+    pub hub: Arc<Hub>,
     pub backend: &'static str,
     /// `serve --dev`: development helpers (`GET /dev/token`).
     pub dev: bool,
@@ -118,6 +121,8 @@ impl App {
             }
         };
         let svc = Arc::new(Service::new(&config, store, directory, bus, auth, clock));
+        let hub = Arc::new(Hub::new(svc.clone(), HubLimits::of(&config.limits)));
+        hub.start();
         if let Some(rx) = changes {
             tokio::spawn(follow_directory(Arc::downgrade(&svc), rx));
         }
@@ -126,11 +131,12 @@ impl App {
             Backend::Nats => "nats",
             Backend::Redis => "redis",
         };
-        Ok(App { config, svc, backend, dev: false, nats: None, embedded: None })
+        Ok(App { config, svc, hub, backend, dev: false, nats: None, embedded: None })
     }
 
+    /// Everything served on the HTTP port: the HTTP API and `/ws`.
     pub fn router(&self) -> axum::Router {
-        http::router(Http {
+        let state = Http {
             svc: self.svc.clone(),
             metrics: crate::telemetry::metrics_handle(),
             started: Instant::now(),
@@ -143,7 +149,9 @@ impl App {
                 NodeType::Center => "center",
                 NodeType::Leaf => "leaf",
             },
-        })
+        };
+        let ws = crate::ws::router(crate::ws::Ws { svc: self.svc.clone(), hub: self.hub.clone() });
+        http::layered(http::routes(state.clone()).merge(ws), state)
     }
 
     /// Serves HTTP (and WebSocket) only; see [`App::serve_all`].
@@ -179,7 +187,7 @@ impl App {
         });
         let grace = self.config.service.shutdown_grace.0;
         let (fired_tx, mut fired_rx) = tokio::sync::watch::channel(false);
-        let hub = self.svc.hub.clone();
+        let hub = self.hub.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight requests and closing WebSockets");
@@ -199,13 +207,13 @@ impl App {
         }
         // WebSocket tasks outlive their HTTP connection: let them end their sessions.
         let drained = tokio::time::timeout(grace, async {
-            while self.svc.hub.connection_count() > 0 {
+            while self.hub.connection_count() > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(left = self.svc.hub.connection_count(), "WebSocket connections still open at shutdown");
+            tracing::warn!(left = self.hub.connection_count(), "WebSocket connections still open at shutdown");
         }
         if let Some(t) = grpc_task {
             if tokio::time::timeout(grace, t).await.is_err() {
@@ -221,18 +229,13 @@ impl App {
     }
 }
 
-/// Applies directory rows other nodes wrote and tells the local watchers concerned.
+/// Applies directory rows other nodes wrote, and puts what they changed on the bus (the
+/// hub tells the local watchers concerned).
 async fn follow_directory(svc: std::sync::Weak<Service>, mut rx: tokio::sync::mpsc::Receiver<crate::store::DirRow>) {
-    use crate::directory::RowChange;
     while let Some((table, key, value)) = rx.recv().await {
         let Some(svc) = svc.upgrade() else { return };
-        let r = match svc.directory.apply_remote_row(table, &key, value.as_deref()).await {
-            Some(RowChange::Privacy { user, previous }) => svc.hub.privacy_changed(&user, previous).await,
-            Some(RowChange::Contacts { user, changed }) => svc.hub.contacts_changed(&user, &changed).await,
-            None => Ok(()),
-        };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "could not push a directory change to local watchers");
+        if let Some(change) = svc.directory.apply_remote_row(table, &key, value.as_deref()).await {
+            svc.bus.publish_directory(change);
         }
     }
 }

@@ -224,9 +224,9 @@ impl PresenceApi for Api {
             if m.ttl_seconds > MAX_SESSION_TTL_SECS {
                 return Err(ApiError::BadRequest(format!("ttl_seconds must be at most {MAX_SESSION_TTL_SECS}")));
             }
-            let ttl_ms = if m.ttl_seconds == 0 { self.svc.presence.session_ttl.as_millis_i64() } else { i64::from(m.ttl_seconds) * 1000 };
+            let ttl_ms = (m.ttl_seconds > 0).then(|| i64::from(m.ttl_seconds) * 1000);
             let platform = self.svc.parse_platform(Some(&m.platform))?;
-            let reg = self.svc.open_session(&user, &m.device_id, instance, ttl_ms, platform).await?;
+            let reg = self.svc.sessions.open(&user, &m.device_id, instance, ttl_ms, platform).await?;
             Ok(pb::RegisterSessionResponse { created: reg.created, expires_at: Some(ts(reg.expires_at)) })
         }
         .await
@@ -243,7 +243,7 @@ impl PresenceApi for Api {
             let m = req.get_ref();
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
-            let removed = self.svc.store.unregister_session(&user, &m.device_id, None).await?;
+            let removed = self.svc.sessions.close(&user, &m.device_id, None).await?;
             Ok(pb::UnregisterSessionResponse { removed })
         }
         .await
@@ -260,7 +260,7 @@ impl PresenceApi for Api {
             let m = req.get_ref();
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
-            match self.svc.store.refresh_session(&user, &m.device_id).await? {
+            match self.svc.sessions.refresh(&user, &m.device_id).await? {
                 Some(t) => Ok(pb::RefreshSessionResponse { expires_at: Some(ts(t)) }),
                 None => Err(ApiError::NotFound(format!("no live session for {user} on device {}: register it again", m.device_id))),
             }
@@ -278,7 +278,7 @@ impl PresenceApi for Api {
             let who = self.caller(&req)?;
             let user = self.svc.parse_user(&req.get_ref().user_id)?;
             self.svc.authorize_owner(&who, &user, "devices")?;
-            let devices = self.svc.store.devices(&user).await?;
+            let devices = self.svc.sessions.devices(&user).await?;
             Ok(pb::GetUserDevicesResponse {
                 devices: devices
                     .iter()
@@ -516,6 +516,6 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     };
     let incoming =
-        crate::listener::grpc_incoming(listener, crate::listener::Timeouts::of(&limits), crate::listener::ip_limiter(&limits), clock);
+        crate::listener::grpc_incoming(listener, crate::listener::Timeouts::of(&limits), crate::service::limiter::per_ip(&limits), clock);
     router.add_service(api).serve_with_incoming_shutdown(incoming, signal).await
 }

@@ -9,10 +9,10 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 
-use super::json::rfc3339;
 use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map};
 use super::{Http, Res};
 use crate::error::ApiError;
+use crate::json::rfc3339;
 use crate::service::StatusWrite;
 
 #[derive(Deserialize)]
@@ -65,7 +65,7 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
     let svc = &state.svc;
     let platform_header = headers.get("x-device-platform").and_then(|v| v.to_str().ok());
     let platform = svc.parse_platform(platform_header.or(b.platform.as_deref()))?;
-    let expires_at = svc.heartbeat_or_open(&user, &device, &format!("{}/http", svc.node_id), platform).await?;
+    let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &format!("{}/http", svc.node_id), platform).await?;
     Ok(super::ok(json!({ "user_id": user.as_str(), "device_id": device, "expires_at": rfc3339(expires_at) })))
 }
 
@@ -87,7 +87,7 @@ pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<
     };
     state.svc.check_id("conversation id", &conv)?;
     state.svc.check_write_rate(&user)?;
-    state.svc.hub.typing(&user, &conv, is_typing).await?;
+    state.svc.typists.set(&user, &conv, is_typing).await?;
     let conv: Arc<str> = Arc::from(conv);
     Ok(super::ok(json!({ "conversation_id": &*conv, "user_id": user.as_str(), "is_typing": is_typing })))
 }

@@ -1,8 +1,8 @@
 //! HTTP transport: REST API v2 (seed 003 §4), health and metrics. Thin: handlers extract,
 //! call [`Service`], and encode; every error leaves as the JSON envelope.
 
+pub mod envelope;
 mod health;
-pub mod json;
 mod legacy;
 mod presence;
 mod social;
@@ -43,12 +43,10 @@ pub struct Http {
     pub nats: Option<crate::nats::Nats>,
 }
 
-/// The whole HTTP API; shared by `serve` and the tests.
-pub fn router(state: Http) -> Router {
-    let body_limit = state.svc.limits.max_body_bytes.0 as usize;
+/// The HTTP API's routes (without the layers: see [`layered`]).
+pub fn routes(state: Http) -> Router {
     let mut r = Router::new()
         .route("/", get(page))
-        .route("/ws", get(crate::ws::upgrade))
         .route("/api/v2/presence", get(presence::get_many))
         .route("/api/v2/presence/batch", post(presence::batch))
         .route("/api/v2/presence/{user_id}", get(presence::get_one).put(presence::put).delete(presence::delete))
@@ -67,11 +65,19 @@ pub fn router(state: Http) -> Router {
     if state.dev {
         r = r.route("/dev/token", get(dev_token));
     }
-    r.fallback(not_found)
+    r.with_state(state)
+}
+
+/// Everything served on the HTTP port (these routes merged with others, e.g. `/ws`),
+/// with what every route gets: the envelope for unknown routes and methods, the
+/// request-duration histogram by route template, `limits.request_timeout`, the body limit.
+pub fn layered(router: Router, state: Http) -> Router {
+    let body_limit = state.svc.limits.max_body_bytes.0 as usize;
+    router
+        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::middleware::from_fn_with_state(state, observe))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .with_state(state)
 }
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
@@ -199,7 +205,7 @@ pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 
 /// `{"success":true,"data":...}` with 200.
 pub fn ok<T: serde::Serialize>(data: T) -> Response {
-    json_response(StatusCode::OK, json::ok_body(data))
+    json_response(StatusCode::OK, envelope::ok_body(data))
 }
 
 /// The error envelope with the status from the error table. Internal errors are logged
@@ -207,7 +213,7 @@ pub fn ok<T: serde::Serialize>(data: T) -> Response {
 pub fn error(e: &ApiError) -> Response {
     e.report("http");
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = json_response(status, json::error_body(e));
+    let mut r = json_response(status, envelope::error_body(e));
     if let ApiError::RateLimited { retry_after_ms } = e {
         let secs = retry_after_ms.div_ceil(1000).max(1);
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

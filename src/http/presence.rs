@@ -7,11 +7,11 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::json::{PresenceJson, PresenceMap};
 use super::{ok, Http, Res};
 use crate::auth::Identity;
 use crate::core::UserId;
 use crate::error::ApiError;
+use crate::json::{PresenceJson, PresenceMap};
 use crate::service::StatusWrite;
 
 pub(super) fn user_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
@@ -50,7 +50,7 @@ pub(super) fn presence_map(state: &Http, items: &[crate::core::Presence]) -> Res
             metrics::counter!("http_stale_reads_total").increment(1);
             let mut r = super::json_response(
                 axum::http::StatusCode::OK,
-                super::json::stale_body(PresenceMap { items, now: state.svc.clock.now() }, &reason),
+                super::envelope::stale_body(PresenceMap { items, now: state.svc.clock.now() }, &reason),
             );
             r.headers_mut().insert("x-presence-stale", axum::http::HeaderValue::from_static("true"));
             r

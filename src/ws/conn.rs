@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 
-use super::hub::Conn;
+use super::hub::{Conn, Hub};
 use super::protocol::{self, ClientMsg};
 use crate::auth::Identity;
 use crate::core::ratelimit::{Rate, TokenBucket};
@@ -18,15 +18,14 @@ use crate::error::ApiError;
 use crate::service::{Service, StatusWrite};
 
 /// Runs a connection (connected to the hub before the upgrade) to its end.
-pub async fn run(svc: Arc<Service>, who: Identity, conn: Arc<Conn>, mut socket: WebSocket) {
-    let hub = svc.hub.clone();
+pub async fn run(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, conn: Arc<Conn>, mut socket: WebSocket) {
     // The user's own presence, and everyone who shares theirs with this user.
     let mut initial = vec![conn.user.clone()];
     initial.extend(svc.directory.audience_of(&conn.user));
     if let Err(e) = hub.snapshot(&conn, &initial).await {
         conn.push(protocol::error_of(&None, &e));
     }
-    let end = session(&svc, &conn, &who, &mut socket).await;
+    let end = session(&svc, &hub, &conn, &who, &mut socket).await;
     hub.disconnect(&conn).await;
     if let Some((code, reason)) = end {
         let close = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })));
@@ -35,7 +34,13 @@ pub async fn run(svc: Arc<Service>, who: Identity, conn: Arc<Conn>, mut socket: 
 }
 
 /// The connection loop; returns the close frame to send, if any.
-async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &mut WebSocket) -> Option<(u16, &'static str)> {
+async fn session(
+    svc: &Arc<Service>,
+    hub: &Arc<Hub>,
+    conn: &Arc<Conn>,
+    who: &Identity,
+    socket: &mut WebSocket,
+) -> Option<(u16, &'static str)> {
     let heartbeat = svc.presence.heartbeat_interval.0;
     let ttl = svc.presence.session_ttl.0;
     let rate = Rate { per_second: svc.limits.ws_messages_per_sec, burst: svc.limits.ws_message_burst };
@@ -89,7 +94,7 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                             conn.push(protocol::error_of(&protocol::parse(&text).id, &e));
                             continue;
                         }
-                        Box::pin(handle(svc, conn, who, &text)).await;
+                        Box::pin(handle(svc, hub, conn, who, &text)).await;
                     }
                     Message::Binary(_) => {
                         conn.push(protocol::error(&None, "bad_request", "binary frames are not supported: send JSON text frames"));
@@ -105,7 +110,7 @@ async fn session(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, socket: &
                     return Some((close::STALE, "no traffic within session_ttl"));
                 }
                 if last_in > refreshed {
-                    if let Err(e) = Box::pin(svc.hub.refresh(conn)).await {
+                    if let Err(e) = Box::pin(hub.refresh(conn)).await {
                         tracing::warn!(user = %conn.user, error = %e, "session refresh failed");
                     }
                     refreshed = now;
@@ -138,7 +143,7 @@ fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
     Some(close)
 }
 
-async fn handle(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, text: &str) {
+async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, text: &str) {
     let inc = protocol::parse(text);
     let msg = match inc.msg {
         Ok(m) => m,
@@ -147,11 +152,11 @@ async fn handle(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, text: &str
             return;
         }
     };
-    match apply(svc, conn, who, msg).await {
+    match apply(svc, hub, conn, who, msg).await {
         Ok(snapshot) => {
             conn.push(protocol::ack(&inc.id, &inc.kind));
             if let Some(ids) = snapshot {
-                if let Err(e) = svc.hub.snapshot_asked(conn, &ids).await {
+                if let Err(e) = hub.snapshot_asked(conn, &ids).await {
                     conn.push(protocol::error_of(&inc.id, &e));
                 }
             }
@@ -161,29 +166,35 @@ async fn handle(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, text: &str
 }
 
 /// Carries out one message; `Ok(Some(ids))` asks for a snapshot of `ids` after the ack.
-async fn apply(svc: &Arc<Service>, conn: &Arc<Conn>, who: &Identity, msg: ClientMsg) -> Result<Option<Vec<UserId>>, ApiError> {
+async fn apply(
+    svc: &Arc<Service>,
+    hub: &Arc<Hub>,
+    conn: &Arc<Conn>,
+    who: &Identity,
+    msg: ClientMsg,
+) -> Result<Option<Vec<UserId>>, ApiError> {
     match msg {
         ClientMsg::PresenceUpdate { online_status, custom_status, ttl } => {
             svc.set_status(who, &conn.user, StatusWrite { status: online_status, message: custom_status, ttl_seconds: ttl }).await?;
             Ok(None)
         }
         ClientMsg::Heartbeat => {
-            svc.hub.refresh(conn).await?;
+            hub.refresh(conn).await?;
             Ok(None)
         }
         ClientMsg::Typing { conversation_id, is_typing } => {
             svc.check_id("conversation id", &conversation_id)?;
-            svc.hub.typing(&conn.user, &conversation_id, is_typing).await?;
+            svc.typists.set(&conn.user, &conversation_id, is_typing).await?;
             Ok(None)
         }
         ClientMsg::Subscribe { user_ids } => {
             let ids = svc.parse_ids(user_ids.iter().map(String::as_str))?;
-            svc.hub.subscribe(conn, &ids)?;
+            hub.subscribe(conn, &ids)?;
             Ok(Some(ids))
         }
         ClientMsg::Unsubscribe { user_ids } => {
             let ids = svc.parse_ids(user_ids.iter().map(String::as_str))?;
-            svc.hub.unsubscribe(conn, &ids);
+            hub.unsubscribe(conn, &ids);
             Ok(None)
         }
     }

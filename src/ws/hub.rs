@@ -20,32 +20,33 @@
 //! state). If the hub falls behind the event bus, every connection gets a fresh snapshot
 //! of everything it watches.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::protocol;
-use crate::bus::{EventBus, Typing};
-use crate::core::{project, visible_change, DeviceId, Event, NewSession, Platform, Presence, Privacy, Relation, UserId};
-use crate::directory::Directory;
+use crate::bus::{DirectoryChanged, Typing};
+use crate::core::{project, visible_change, DeviceId, Event, Platform, Presence, Privacy, Relation, UserId};
 use crate::error::{close, ApiError};
-use crate::store::{Clock, Store};
+use crate::service::Service;
 
 /// What the hub enforces.
 #[derive(Debug, Clone)]
 pub struct HubLimits {
     pub outbox: usize,
-    /// `limits.max_devices_per_user`, enforced by the store when a session opens.
-    pub max_devices: usize,
     pub subscriptions_per_connection: usize,
-    pub typing_ttl_ms: i64,
-    pub session_ttl_ms: i64,
+}
+
+impl HubLimits {
+    pub fn of(l: &crate::config::LimitsConfig) -> HubLimits {
+        HubLimits { outbox: l.ws_outbound_queue, subscriptions_per_connection: l.max_subscriptions_per_connection }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -206,25 +207,16 @@ enum Audience<'a> {
     Users(&'a [UserId]),
 }
 
-struct TypingState {
-    /// (conversation, typist) → (deadline, typist connected here).
-    active: HashMap<(Arc<str>, UserId), (i64, bool)>,
-    wheel: BTreeMap<i64, Vec<(Arc<str>, UserId)>>,
-}
-
+/// The hub reads presence, sessions, the directory and the bus through the service
+/// (transports → service → store): it holds no rule of its own but who is told what.
 pub struct Hub {
-    node_id: Arc<str>,
-    store: Arc<dyn Store>,
-    directory: Arc<Directory>,
-    clock: Arc<dyn Clock>,
+    svc: Arc<Service>,
     limits: HubLimits,
     next_id: AtomicU64,
     owners: Sharded<UserId, Vec<Arc<Conn>>>,
     watchers: Sharded<UserId, HashMap<u64, Arc<Conn>>>,
-    typing: Mutex<TypingState>,
     connections: AtomicI64,
     subscriptions: AtomicI64,
-    bus: EventBus,
     /// Connected user → the users whose contacts include them (their changes reach the
     /// user's connections), as added to the bus's interest.
     contact_interest: Mutex<HashMap<UserId, HashSet<UserId>>>,
@@ -234,43 +226,32 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(
-        node_id: Arc<str>,
-        store: Arc<dyn Store>,
-        directory: Arc<Directory>,
-        clock: Arc<dyn Clock>,
-        limits: HubLimits,
-        bus: EventBus,
-    ) -> Hub {
+    pub fn new(svc: Arc<Service>, limits: HubLimits) -> Hub {
         Hub {
-            node_id,
-            store,
-            directory,
-            clock,
+            svc,
             limits,
             next_id: AtomicU64::new(1),
             owners: Sharded::new(64),
             watchers: Sharded::new(64),
-            typing: Mutex::new(TypingState { active: HashMap::new(), wheel: BTreeMap::new() }),
             connections: AtomicI64::new(0),
             subscriptions: AtomicI64::new(0),
-            bus,
             contact_interest: Mutex::new(HashMap::new()),
             resyncing: AtomicBool::new(false),
             resync_again: AtomicBool::new(false),
         }
     }
 
-    /// Starts delivering bus events (and other nodes' typing) and expiring typing indicators.
+    /// Starts delivering from the bus: presence events, typing indicators (this node's
+    /// and other nodes'), and directory changes.
     pub fn start(self: &Arc<Self>) {
-        let mut typing = self.bus.subscribe_typing();
+        let bus = &self.svc.bus;
+        let mut typing = bus.subscribe_typing();
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 match typing.recv().await {
                     Ok(t) => match weak.upgrade() {
-                        Some(hub) if *t.node_id != *hub.node_id => hub.remote_typing(&t),
-                        Some(_) => {}
+                        Some(hub) => hub.deliver_typing(&t),
                         None => return,
                     },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -278,7 +259,29 @@ impl Hub {
                 }
             }
         });
-        let mut rx = self.bus.subscribe();
+        let mut directory = bus.subscribe_directory();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let change = match directory.recv().await {
+                    Ok(c) => c,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "hub fell behind the directory changes; some pushes were skipped");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(hub) = weak.upgrade() else { return };
+                let r = match &change {
+                    DirectoryChanged::Privacy { user, previous } => hub.privacy_changed(user, *previous).await,
+                    DirectoryChanged::Contacts { user, changed } => hub.contacts_changed(user, changed).await,
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "could not push a directory change to local watchers");
+                }
+            }
+        });
+        let mut rx = bus.subscribe();
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -298,9 +301,6 @@ impl Hub {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
-        });
-        crate::store::spawn_periodic(Arc::downgrade(self), Duration::from_millis(100), |hub: Arc<Hub>| async move {
-            hub.expire_typing(hub.clock.now());
         });
     }
 
@@ -346,10 +346,10 @@ impl Hub {
             conns.push(conn.clone());
             (old, first)
         };
-        if first && self.bus.interest().is_followed() {
+        let interest = self.svc.bus.interest();
+        if first && interest.is_followed() {
             // The user's own changes (other devices) and those of whoever has them as a contact.
-            let audience: HashSet<UserId> = self.directory.audience_of(&user).into_iter().collect();
-            let interest = self.bus.interest();
+            let audience: HashSet<UserId> = self.svc.directory.audience_of(&user).into_iter().collect();
             interest.add(std::iter::once(&user).chain(audience.iter()));
             self.contact_interest.lock().insert(user.clone(), audience);
         }
@@ -358,28 +358,15 @@ impl Hub {
         } else {
             self.connections.fetch_add(1, Ordering::Relaxed);
         }
-        match self.store.register_session(&user, self.session(&conn)).await {
+        match self.svc.sessions.open(&user, &device, &self.svc.node_id, None, platform).await {
             Ok(reg) => conn.sid.store(reg.sid, Ordering::Release),
             Err(e) => {
                 self.detach(&conn);
-                return Err(e.into());
+                return Err(e);
             }
         }
         metrics::gauge!("ws_connections").set(self.connection_count() as f64);
         Ok(conn)
-    }
-
-    /// The session a connection registers: a fresh tag, so that only this connection's
-    /// goodbye can end it.
-    fn session(&self, conn: &Conn) -> NewSession {
-        NewSession {
-            device: conn.device.clone(),
-            instance: self.node_id.clone(),
-            ttl_ms: self.limits.session_ttl_ms,
-            platform: conn.platform,
-            sid: rand::random(),
-            max_devices: self.limits.max_devices,
-        }
     }
 
     /// Removes the connection from the indexes; returns whether it still owned its device.
@@ -400,9 +387,9 @@ impl Hub {
             }
             owned
         };
-        if last && self.bus.interest().is_followed() {
+        if last && self.svc.bus.interest().is_followed() {
             let audience = self.contact_interest.lock().remove(&conn.user).unwrap_or_default();
-            self.bus.interest().remove(std::iter::once(&conn.user).chain(audience.iter()));
+            self.svc.bus.interest().remove(std::iter::once(&conn.user).chain(audience.iter()));
         }
         if owned {
             self.connections.fetch_sub(1, Ordering::Relaxed);
@@ -427,7 +414,7 @@ impl Hub {
                 }
             }
         }
-        self.bus.interest().remove(&unwatched);
+        self.svc.bus.interest().remove(&unwatched);
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
     }
 
@@ -436,7 +423,7 @@ impl Hub {
     pub async fn disconnect(&self, conn: &Arc<Conn>) {
         if self.detach(conn) {
             let sid = conn.sid.load(Ordering::Acquire);
-            if let Err(e) = self.store.unregister_session(&conn.user, &conn.device, Some(sid)).await {
+            if let Err(e) = self.svc.sessions.close(&conn.user, &conn.device, Some(sid)).await {
                 tracing::warn!(user = %conn.user, error = %e, "could not end the device session; it will expire");
             }
         }
@@ -444,9 +431,9 @@ impl Hub {
 
     /// Keeps the connection's device session alive.
     pub async fn refresh(&self, conn: &Conn) -> Result<(), ApiError> {
-        if self.store.refresh_session(&conn.user, &conn.device).await?.is_none() {
-            // Lapsed (e.g. the store was repaired): register again rather than drop the user.
-            let reg = self.store.register_session(&conn.user, self.session(conn)).await?;
+        // Lapsed (e.g. the store was repaired): registered again rather than drop the user.
+        let (_, opened) = self.svc.sessions.heartbeat_or_open(&conn.user, &conn.device, &self.svc.node_id, conn.platform).await?;
+        if let Some(reg) = opened {
             conn.sid.store(reg.sid, Ordering::Release);
         }
         Ok(())
@@ -475,7 +462,7 @@ impl Hub {
             }
             w.insert(conn.id, conn.clone());
         }
-        self.bus.interest().add(&watched);
+        self.svc.bus.interest().add(&watched);
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
         Ok(())
     }
@@ -514,15 +501,14 @@ impl Hub {
         if ids.is_empty() {
             return Ok(());
         }
-        let found = self.store.get_many_fresh(ids).await?;
-        let now = self.clock.now();
+        let found = self.svc.get_many_fresh(ids).await?;
+        let now = self.svc.clock.now();
         for (id, p) in ids.iter().zip(found) {
-            let p = p.unwrap_or_else(|| Presence::unknown(id.clone(), self.node_id.clone()));
             if *id == conn.user && !conn.admit_own(p.revision) && only_newer_own {
                 continue; // the connection already has this state of its own presence
             }
-            let audience = self.directory.contacts(id);
-            let seen = project(&p, &self.directory.privacy(id), self.relation(conn, id, &audience));
+            let audience = self.svc.directory.contacts(id);
+            let seen = project(&p, &self.svc.directory.privacy(id), self.relation(conn, id, &audience));
             conn.push_keyed_inner(Key::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)), false);
         }
         Ok(())
@@ -532,7 +518,7 @@ impl Hub {
     /// connections of the user's contacts, the user's own connections) whose view of the
     /// user changed with it.
     pub fn deliver(&self, ev: &Event) {
-        let privacy = self.directory.privacy(&ev.presence.user_id);
+        let privacy = self.svc.directory.privacy(&ev.presence.user_id);
         let changed = |rel: Relation| visible_change(&ev.before, &ev.presence, &privacy, rel);
         let include = [true, changed(Relation::Contact), changed(Relation::Other)];
         self.deliver_to(&ev.presence, &privacy, Audience::Watchers, include);
@@ -546,8 +532,8 @@ impl Hub {
         }
         let start = Instant::now();
         let owner = &p.user_id;
-        let audience = self.directory.contacts(owner);
-        let now = self.clock.now();
+        let audience = self.svc.directory.contacts(owner);
+        let now = self.svc.clock.now();
         let mut targets: Vec<Arc<Conn>> = Vec::new();
         let users: Vec<&UserId> = match sel {
             Audience::Watchers => {
@@ -583,14 +569,19 @@ impl Hub {
     }
 
     async fn current(&self, user: &UserId) -> Result<Presence, ApiError> {
-        Ok(crate::store::get_one(&*self.store, user).await?.unwrap_or_else(|| Presence::unknown(user.clone(), self.node_id.clone())))
+        Ok(self
+            .svc
+            .get_many(std::slice::from_ref(user))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Presence::unknown(user.clone(), self.svc.node_id.clone())))
     }
 
     /// After `user`'s privacy settings changed from `previous`: pushes the user's presence
     /// to the watchers whose view of it changed.
     pub async fn privacy_changed(&self, user: &UserId, previous: Privacy) -> Result<(), ApiError> {
         let p = self.current(user).await?;
-        let privacy = self.directory.privacy(user);
+        let privacy = self.svc.directory.privacy(user);
         let changed = |rel: Relation| !project(&p, &previous, rel).same_view(&project(&p, &privacy, rel));
         let include = [false, changed(Relation::Contact), changed(Relation::Other)];
         self.deliver_to(&p, &privacy, Audience::Watchers, include);
@@ -605,7 +596,7 @@ impl Hub {
             return Ok(());
         }
         // Connected viewers who were added now follow `user`'s changes; dropped ones stop.
-        let contacts = self.directory.contacts(user);
+        let contacts = self.svc.directory.contacts(user);
         let (mut add, mut remove) = (Vec::new(), Vec::new());
         {
             let mut ci = self.contact_interest.lock();
@@ -620,10 +611,10 @@ impl Hub {
                 }
             }
         }
-        self.bus.interest().add(&add);
-        self.bus.interest().remove(&remove);
+        self.svc.bus.interest().add(&add);
+        self.svc.bus.interest().remove(&remove);
         let p = self.current(user).await?;
-        let privacy = self.directory.privacy(user);
+        let privacy = self.svc.directory.privacy(user);
         // Added viewers went from "other" to "contact", dropped ones the other way.
         let differs = !project(&p, &privacy, Relation::Contact).same_view(&project(&p, &privacy, Relation::Other));
         self.deliver_to(&p, &privacy, Audience::Users(changed), [false, differs, differs]);
@@ -646,7 +637,7 @@ impl Hub {
                     hub.owners.shards.iter().flat_map(|s| s.lock().values().flatten().cloned().collect::<Vec<_>>()).collect();
                 for conn in conns {
                     let mut ids = vec![conn.user.clone()];
-                    ids.extend(hub.directory.audience_of(&conn.user));
+                    ids.extend(hub.svc.directory.audience_of(&conn.user));
                     ids.extend(conn.subs.lock().iter().cloned());
                     ids.sort();
                     ids.dedup();
@@ -669,56 +660,15 @@ impl Hub {
         });
     }
 
-    /// Starts or stops `user` typing in `conversation`; members only. Only transitions are
-    /// broadcast; a typist who goes quiet is reported stopped after `typing_ttl`. Members
-    /// who may not see the user's presence are not told; nor is anyone while the user
-    /// appears offline (typing would give them away).
-    pub async fn typing(&self, user: &UserId, conversation: &str, is_typing: bool) -> Result<(), ApiError> {
-        let members = self
-            .directory
-            .members(conversation)
-            .filter(|m| m.contains(user))
-            .ok_or_else(|| ApiError::Forbidden(format!("{user} is not a member of conversation {conversation:?}")))?;
-        if self.current(user).await?.appear_offline {
-            return Ok(());
-        }
-        let conv: Arc<str> = Arc::from(conversation);
-        if self.set_typing(&conv, user, is_typing, true) {
-            self.broadcast_typing(&conv, &members, user, is_typing);
-            self.bus.publish_typing(Typing { node_id: self.node_id.clone(), conversation: conv, user_id: user.clone(), is_typing });
-        }
-        Ok(())
-    }
-
-    /// Records a typing transition; returns whether it changed anything.
-    fn set_typing(&self, conv: &Arc<str>, user: &UserId, is_typing: bool, local: bool) -> bool {
-        let now = self.clock.now();
-        let mut t = self.typing.lock();
-        let key = (conv.clone(), user.clone());
-        if is_typing {
-            let deadline = now + self.limits.typing_ttl_ms;
-            t.wheel.entry(deadline).or_default().push(key.clone());
-            t.active.insert(key, (deadline, local)).is_none()
-        } else {
-            t.active.remove(&key).is_some()
-        }
-    }
-
-    /// A typing transition of a member connected to another node (already checked there).
-    /// Remote starts expire here too, so a typist whose node dies does not type forever.
-    fn remote_typing(&self, t: &Typing) {
-        let Some(members) = self.directory.members(&t.conversation) else { return };
-        if self.set_typing(&t.conversation, &t.user_id, t.is_typing, false) {
-            self.broadcast_typing(&t.conversation, &members, &t.user_id, t.is_typing);
-        }
-    }
-
-    /// Tells the members' connections, those whose relation to the typist lets them see
-    /// the typist's presence.
-    fn broadcast_typing(&self, conv: &Arc<str>, members: &HashSet<UserId>, user: &UserId, is_typing: bool) {
-        let payload = Utf8Bytes::from(protocol::typing_indicator(conv, user.as_str(), is_typing));
-        let visibility = self.directory.privacy(user).visibility;
-        let audience = self.directory.contacts(user);
+    /// Tells the connections of a conversation's members about a typist (this node's or
+    /// another's, from the bus): those whose relation to the typist lets them see the
+    /// typist's presence.
+    fn deliver_typing(&self, t: &Typing) {
+        let Some(members) = self.svc.directory.members(&t.conversation) else { return };
+        let (conv, user) = (&t.conversation, &t.user_id);
+        let payload = Utf8Bytes::from(protocol::typing_indicator(conv, user.as_str(), t.is_typing));
+        let visibility = self.svc.directory.privacy(user).visibility;
+        let audience = self.svc.directory.contacts(user);
         for m in members.iter().filter(|m| *m != user) {
             if let Some(conns) = self.owners.shard(m).lock().get(m) {
                 for c in conns {
@@ -728,37 +678,6 @@ impl Hub {
                 }
             }
         }
-    }
-
-    /// Ends typing indicators whose TTL passed; returns how many ended.
-    pub fn expire_typing(&self, now: i64) -> usize {
-        let ended: Vec<((Arc<str>, UserId), bool)> = {
-            let mut t = self.typing.lock();
-            let later = t.wheel.split_off(&(now + 1));
-            let due = std::mem::replace(&mut t.wheel, later);
-            let mut ended = Vec::new();
-            for (deadline, keys) in due {
-                for k in keys {
-                    if let Some(&(d, local)) = t.active.get(&k) {
-                        if d == deadline {
-                            t.active.remove(&k);
-                            ended.push((k, local));
-                        }
-                    }
-                }
-            }
-            ended
-        };
-        for ((conv, user), local) in &ended {
-            if let Some(members) = self.directory.members(conv) {
-                self.broadcast_typing(conv, &members, user, false);
-            }
-            if *local {
-                let stop = Typing { node_id: self.node_id.clone(), conversation: conv.clone(), user_id: user.clone(), is_typing: false };
-                self.bus.publish_typing(stop);
-            }
-        }
-        ended.len()
     }
 
     /// Asks every connection to close (server shutdown).

@@ -1,5 +1,6 @@
-//! WebSocket transport (seed 004): `GET /ws`, the hub that fans presence out to local
-//! connections, and the message protocol.
+//! WebSocket transport (seed 004): `GET /ws` (its own router, merged with the HTTP API's
+//! in `server.rs`), the hub that fans presence out to local connections, and the message
+//! protocol.
 
 pub mod conn;
 pub mod hub;
@@ -14,11 +15,26 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::Extension;
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Extension, Router};
 use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::http::{Http, Res};
+use crate::service::Service;
+use hub::Hub;
+
+/// What the `/ws` handler needs.
+#[derive(Clone)]
+pub struct Ws {
+    pub svc: Arc<Service>,
+    pub hub: Arc<Hub>,
+}
+
+/// `GET /ws`.
+pub fn router(state: Ws) -> Router {
+    Router::new().route("/ws", get(upgrade)).with_state(state)
+}
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -35,13 +51,13 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// device session (the device limit is enforced there, atomically) before upgrading, so
 /// a refusal is the JSON envelope (401/400/429).
 pub async fn upgrade(
-    State(state): State<Http>,
+    State(state): State<Ws>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Res {
-    let svc = state.svc.clone();
+) -> Result<Response, ApiError> {
+    let (svc, hub) = (state.svc.clone(), state.hub.clone());
     if let Some(Extension(ConnectInfo(addr))) = peer {
         svc.check_connect_rate(addr.ip())?;
     }
@@ -65,9 +81,9 @@ pub async fn upgrade(
         svc.presence.heartbeat_interval.0.as_secs(),
         svc.presence.session_ttl.0.as_secs(),
     );
-    let conn = svc.hub.connect(user, device, platform, who.is_admin(), hello).await?;
+    let conn = hub.connect(user, device, platform, who.is_admin(), hello).await?;
     let max = svc.limits.ws_max_message_bytes.0 as usize;
-    let failed = (svc.hub.clone(), conn.clone());
+    let failed = (hub.clone(), conn.clone());
     Ok(ws
         .read_buffer_size(svc.limits.ws_read_buffer_bytes.0 as usize)
         .write_buffer_size(0)
@@ -79,5 +95,5 @@ pub async fn upgrade(
             let (hub, conn) = failed;
             tokio::spawn(async move { hub.disconnect(&conn).await });
         })
-        .on_upgrade(move |socket| conn::run(svc, who, conn, socket)))
+        .on_upgrade(move |socket| conn::run(svc, hub, who, conn, socket)))
 }

@@ -3,22 +3,30 @@
 //! every transport is decided in one table there.
 //!
 //! Transports extract, call a method here, and encode the result; they hold no rules.
+//! Rooms: [`sessions`] (device sessions for every transport), [`typing`] (typing
+//! indicators), [`limiter`] (per-key token buckets). The service depends on nothing
+//! above it: what the WebSocket hub must learn (presence events, typing, directory
+//! changes) goes on the bus.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+pub mod limiter;
+pub mod sessions;
+pub mod typing;
+
+pub use limiter::KeyedLimiter;
+
+use std::collections::HashSet;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::bus::EventBus;
+use crate::bus::{DirectoryChanged, EventBus};
 use crate::config::{AuthMode, Config, LimitsConfig, PresenceConfig};
-use crate::core::ratelimit::{Rate, TokenBucket};
-use crate::core::{project, Millis, NewSession, Platform, Presence, Privacy, Registered, Relation, Status, UserId};
+use crate::core::ratelimit::Rate;
+use crate::core::{project, Platform, Presence, Privacy, Relation, Status, UserId};
 use crate::directory::Directory;
 use crate::error::ApiError;
 use crate::store::{get_one, Clock, SetStatus, Store};
-use crate::ws::hub::{Hub, HubLimits};
+use sessions::Sessions;
+use typing::Typists;
 
 /// An explicit status write as received from a client, before validation.
 #[derive(Debug, Clone, Default)]
@@ -29,55 +37,12 @@ pub struct StatusWrite {
     pub ttl_seconds: Option<i64>,
 }
 
-/// Per-key token buckets, sharded; full buckets are forgotten so memory tracks active keys.
-pub struct KeyedLimiter {
-    rate: Rate,
-    shards: Box<[Mutex<HashMap<String, TokenBucket>>]>,
-    last_sweep: AtomicI64,
-}
-
-impl KeyedLimiter {
-    const SHARDS: usize = 16;
-    const SWEEP_EVERY_MS: i64 = 10_000;
-
-    pub fn new(rate: Rate) -> KeyedLimiter {
-        KeyedLimiter { rate, shards: (0..Self::SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), last_sweep: AtomicI64::new(0) }
-    }
-
-    /// Takes a token for `key`, or says how long to wait.
-    pub fn check(&self, key: &str, now: Millis) -> Result<(), u64> {
-        let idx = key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % Self::SHARDS;
-        let r = {
-            let mut shard = self.shards[idx].lock();
-            match shard.get_mut(key) {
-                Some(b) => b.try_take(self.rate, now),
-                None => {
-                    let mut b = TokenBucket::new(self.rate, now);
-                    let r = b.try_take(self.rate, now);
-                    shard.insert(key.to_string(), b);
-                    r
-                }
-            }
-        };
-        let last = self.last_sweep.load(Ordering::Relaxed);
-        if now - last > Self::SWEEP_EVERY_MS && self.last_sweep.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            for s in self.shards.iter() {
-                s.lock().retain(|_, b| !b.is_full(self.rate, now));
-            }
-        }
-        r
-    }
-
-    pub fn tracked_keys(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
-    }
-}
-
 /// Everything a transport needs, shared behind an `Arc`.
 pub struct Service {
     pub store: Arc<dyn Store>,
     pub directory: Arc<Directory>,
-    pub hub: Arc<Hub>,
+    pub sessions: Sessions,
+    pub typists: Arc<Typists>,
     pub auth_mode: AuthMode,
     pub bus: EventBus,
     pub auth: Arc<Authenticator>,
@@ -101,25 +66,21 @@ impl Service {
     ) -> Service {
         let rate = Rate { per_second: config.limits.write_rate_per_sec, burst: config.limits.write_burst };
         let node_id: Arc<str> = Arc::from(config.service.node_id.as_str());
-        let hub = Arc::new(Hub::new(
+        let sessions = Sessions::new(store.clone(), config.limits.max_devices_per_user, config.presence.session_ttl.as_millis_i64());
+        let typists = Arc::new(Typists::new(
             node_id.clone(),
             store.clone(),
             directory.clone(),
-            clock.clone(),
-            HubLimits {
-                outbox: config.limits.ws_outbound_queue,
-                max_devices: config.limits.max_devices_per_user,
-                subscriptions_per_connection: config.limits.max_subscriptions_per_connection,
-                typing_ttl_ms: config.presence.typing_ttl.as_millis_i64(),
-                session_ttl_ms: config.presence.session_ttl.as_millis_i64(),
-            },
             bus.clone(),
+            clock.clone(),
+            config.presence.typing_ttl.as_millis_i64(),
         ));
-        hub.start();
+        typists.start();
         Service {
             store,
             directory,
-            hub,
+            sessions,
+            typists,
             auth_mode: config.auth.mode,
             bus,
             auth,
@@ -128,7 +89,7 @@ impl Service {
             presence: config.presence.clone(),
             node_id,
             writes: KeyedLimiter::new(rate),
-            connects: crate::listener::ip_limiter(&config.limits),
+            connects: limiter::per_ip(&config.limits),
         }
     }
 
@@ -148,36 +109,6 @@ impl Service {
             Some(r) => Platform::parse(r)
                 .map(Some)
                 .ok_or_else(|| ApiError::BadRequest(format!("invalid platform {r:?}: expected desktop, mobile or web"))),
-        }
-    }
-
-    /// Opens (or replaces) a device session for a gateway or an HTTP client. The device
-    /// limit is enforced by the store in the same step (429 `limit_exceeded` beyond it).
-    pub async fn open_session(
-        &self,
-        user: &UserId,
-        device: &str,
-        instance: &str,
-        ttl_ms: i64,
-        platform: Option<Platform>,
-    ) -> Result<Registered, ApiError> {
-        let req =
-            NewSession::new(device, instance, ttl_ms).platform(platform).sid(rand::random()).max_devices(self.limits.max_devices_per_user);
-        Ok(self.store.register_session(user, req).await?)
-    }
-
-    /// A heartbeat: extends the session, or opens it when there is none (as the legacy
-    /// `POST /presence/heartbeat` does). Returns the new expiry.
-    pub async fn heartbeat_or_open(
-        &self,
-        user: &UserId,
-        device: &str,
-        instance: &str,
-        platform: Option<Platform>,
-    ) -> Result<Millis, ApiError> {
-        match self.store.refresh_session(user, device).await? {
-            Some(t) => Ok(t),
-            None => Ok(self.open_session(user, device, instance, self.presence.session_ttl.as_millis_i64(), platform).await?.expires_at),
         }
     }
 
@@ -379,7 +310,9 @@ impl Service {
         let now: HashSet<&UserId> = sorted.iter().collect();
         let mut changed: Vec<UserId> = old.iter().filter(|c| !now.contains(c)).cloned().collect();
         changed.extend(sorted.iter().filter(|c| !old.contains(*c)).cloned());
-        self.hub.contacts_changed(user, &changed).await?;
+        if !changed.is_empty() {
+            self.bus.publish_directory(DirectoryChanged::Contacts { user: user.clone(), changed });
+        }
         Ok(sorted)
     }
 
@@ -401,7 +334,7 @@ impl Service {
         self.check_write_rate(user)?;
         let old = self.directory.set_privacy(&*self.store, user, p).await?;
         if old != p {
-            self.hub.privacy_changed(user, old).await?;
+            self.bus.publish_directory(DirectoryChanged::Privacy { user: user.clone(), previous: old });
         }
         Ok(p)
     }
@@ -441,23 +374,5 @@ impl Service {
     /// Verifies an `Authorization` header.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Identity, ApiError> {
         Ok(self.auth.verify_header(header)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn limiter_forgets_idle_keys() {
-        let l = KeyedLimiter::new(Rate { per_second: 1.0, burst: 2 });
-        assert!(l.check("a", 0).is_ok());
-        assert!(l.check("a", 0).is_ok());
-        assert_eq!(l.check("a", 0), Err(1000));
-        assert!(l.check("b", 0).is_ok());
-        assert_eq!(l.tracked_keys(), 2);
-        // After the sweep interval, refilled buckets are dropped.
-        assert!(l.check("c", 20_000).is_ok());
-        assert_eq!(l.tracked_keys(), 1);
     }
 }

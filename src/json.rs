@@ -1,11 +1,11 @@
-//! Wire encoding shared by the HTTP and WebSocket transports: the seed 003 envelope
-//! `{"success","data","error"}` and the presence object with RFC 3339 times.
+//! The presence as JSON, shared by the HTTP and WebSocket transports (seed 003 §3.2 with
+//! RFC 3339 times, plus `ttl`/`expires_at`, `device_count` and `devices`), so that a push
+//! and a read of the same state are the same bytes.
 
-use serde::ser::{SerializeMap, SerializeStruct};
+use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
 use serde::{Serialize, Serializer};
 
 use crate::core::{DeviceSummary, Millis, Presence};
-use crate::error::ApiError;
 
 /// RFC 3339 in UTC with millisecond precision, e.g. `2024-01-15T10:30:00.123Z`
 /// (`.123` omitted when zero).
@@ -100,7 +100,6 @@ struct Devices<'a>(&'a [DeviceSummary]);
 
 impl Serialize for Devices<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for d in self.0 {
             seq.serialize_element(&Device(d))?;
@@ -137,48 +136,6 @@ impl Serialize for PresenceMap<'_> {
         }
         m.end()
     }
-}
-
-/// `{"success": true, "data": ...}`
-#[derive(Serialize)]
-pub struct Ok<T: Serialize> {
-    pub success: bool,
-    pub data: T,
-}
-
-pub fn ok_body<T: Serialize>(data: T) -> Vec<u8> {
-    serde_json::to_vec(&Ok { success: true, data })
-        .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
-}
-
-/// The success envelope of a read served from a possibly stale cache.
-pub fn stale_body<T: Serialize>(data: T, reason: &str) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Stale<'a, T> {
-        success: bool,
-        data: T,
-        stale: bool,
-        warning: &'a str,
-    }
-    serde_json::to_vec(&Stale { success: true, data, stale: true, warning: reason })
-        .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
-}
-
-/// `{"success": false, "error": "...", "code": "..."}`
-pub fn error_body(e: &ApiError) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Err<'a> {
-        success: bool,
-        error: String,
-        code: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        retry_after_ms: Option<u64>,
-    }
-    let retry_after_ms = match e {
-        ApiError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
-        _ => None,
-    };
-    serde_json::to_vec(&Err { success: false, error: e.to_string(), code: e.code(), retry_after_ms }).unwrap_or_default()
 }
 
 #[cfg(test)]

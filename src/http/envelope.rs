@@ -1,0 +1,47 @@
+//! The seed 003 envelope `{"success","data","error"}` of every HTTP answer.
+
+use serde::Serialize;
+
+use crate::error::ApiError;
+
+/// `{"success": true, "data": ...}`
+#[derive(Serialize)]
+pub struct Ok<T: Serialize> {
+    pub success: bool,
+    pub data: T,
+}
+
+pub fn ok_body<T: Serialize>(data: T) -> Vec<u8> {
+    serde_json::to_vec(&Ok { success: true, data })
+        .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
+}
+
+/// The success envelope of a read served from a possibly stale cache.
+pub fn stale_body<T: Serialize>(data: T, reason: &str) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Stale<'a, T> {
+        success: bool,
+        data: T,
+        stale: bool,
+        warning: &'a str,
+    }
+    serde_json::to_vec(&Stale { success: true, data, stale: true, warning: reason })
+        .unwrap_or_else(|_| br#"{"success":false,"error":"internal error","code":"internal"}"#.to_vec())
+}
+
+/// `{"success": false, "error": "...", "code": "..."}`
+pub fn error_body(e: &ApiError) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Err<'a> {
+        success: bool,
+        error: String,
+        code: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    }
+    let retry_after_ms = match e {
+        ApiError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+        _ => None,
+    };
+    serde_json::to_vec(&Err { success: false, error: e.to_string(), code: e.code(), retry_after_ms }).unwrap_or_default()
+}
