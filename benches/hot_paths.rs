@@ -4,6 +4,7 @@
 //! metrics middleware; no socket). The socket-level throughput figure comes from `wrk`,
 //! see the README's benchmark section.
 
+use presenced::store::PresenceStore as _;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use presenced::bus::EventBus;
 use presenced::core::NewSession;
 use presenced::core::{Status, UserId};
 use presenced::store::memory::{MemoryConfig, MemoryStore};
-use presenced::store::{SetStatus, Store, SystemClock};
+use presenced::store::{SetStatus, SystemClock};
 use tower::ServiceExt;
 
 fn main() {

@@ -196,7 +196,7 @@ mod tests {
     use crate::bus::EventBus;
     use crate::core::Visibility;
     use crate::store::memory::{MemoryConfig, MemoryStore};
-    use crate::store::SystemClock;
+    use crate::store::{PresenceStore as _, SystemClock};
 
     fn u(s: &str) -> UserId {
         UserId::parse(s, 64).unwrap()

@@ -15,7 +15,7 @@
 //!   endpoints, health, metrics and the live page (thin adapters over [`service`]).
 //! - [`ws`]: `GET /ws`, the hub (indexes, coalescing outboxes, typing) and the protocol.
 //! - [`grpc`]: `realchat.presence.v1.PresenceApi` (seed 001), health and reflection.
-//! - [`nats`]: cluster mode's NATS connection and JetStream KV (bucket set-up, key
+//! - [`natsio`]: cluster mode's NATS connection and JetStream KV (bucket set-up, key
 //!   encoding, compare-and-swap updates).
 //! - [`listener`]: accepting connections: header-read and idle timeouts, the per-IP
 //!   connection rate on the gRPC port, the HTTP accept loop.
@@ -34,7 +34,7 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod listener;
-pub mod nats;
+pub mod natsio;
 pub mod server;
 pub mod service;
 pub mod store;

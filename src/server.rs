@@ -45,9 +45,9 @@ pub struct App {
     /// `serve --dev`: development helpers (`GET /dev/token`).
     pub dev: bool,
     /// The NATS connection in cluster mode (for `/health/nats`).
-    pub nats: Option<crate::nats::Nats>,
+    pub nats: Option<crate::natsio::Nats>,
     /// The supervised local nats-server (`nats.embedded`).
-    pub embedded: Option<Arc<crate::nats::embedded::EmbeddedServer>>,
+    pub embedded: Option<Arc<crate::natsio::embedded::EmbeddedServer>>,
 }
 
 impl App {
@@ -77,7 +77,7 @@ impl App {
             Backend::Nats => {
                 let mut nats_cfg = config.nats.clone();
                 let embedded = if config.nats.embedded {
-                    let e = crate::nats::embedded::EmbeddedServer::start(&config.nats)
+                    let e = crate::natsio::embedded::EmbeddedServer::start(&config.nats)
                         .await
                         .map_err(|e| StartError::Embedded(e.to_string()))?;
                     nats_cfg.urls = vec![e.url()];

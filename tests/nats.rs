@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
 use presenced::config::Config;
-use presenced::nats::kv::{self, BucketConfig};
-use presenced::nats::Nats;
+use presenced::natsio::kv::{self, BucketConfig};
+use presenced::natsio::Nats;
 use serde::{Deserialize, Serialize};
 
 fn cfg(url: &str, env: &[(&str, &str)]) -> presenced::config::NatsConfig {

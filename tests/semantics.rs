@@ -18,7 +18,7 @@ use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 use presenced::grpc::pb::presence_event::Kind;
 use presenced::store::memory::{MemoryConfig, MemoryStore};
-use presenced::store::{DirTable, SetStatus, Store, StoreError, StoreStats, SystemClock};
+use presenced::store::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats, SystemClock};
 use serde_json::{json, Value};
 use tonic::Request;
 
@@ -247,44 +247,58 @@ impl Slow {
 }
 
 #[async_trait]
-impl Store for Slow {
+impl PresenceStore for Slow {
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
         self.inner.get_many(ids).await
     }
+
     async fn set_status(&self, id: &UserId, req: SetStatus) -> Result<Presence, StoreError> {
         self.inner.set_status(id, req).await
     }
+
     async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError> {
         self.inner.clear_status(id).await
     }
+
     async fn register_session(&self, id: &UserId, req: NewSession) -> Result<Registered, StoreError> {
         tokio::time::sleep(self.register).await;
         self.inner.register_session(id, req).await
     }
+
     async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
         self.inner.refresh_session(id, device).await
     }
+
     async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
         tokio::time::sleep(self.unregister).await;
         self.inner.unregister_session(id, device, sid).await
     }
+
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         self.inner.devices(id).await
     }
+
     fn stats(&self) -> StoreStats {
         self.inner.stats()
     }
+
     async fn health(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn shutdown(&self) {
+        self.inner.shutdown().await
+    }
+}
+
+#[async_trait]
+impl DirectoryStore for Slow {
     async fn put_directory(&self, t: DirTable, k: &str, v: Option<Vec<u8>>) -> Result<(), StoreError> {
         self.inner.put_directory(t, k, v).await
     }
+
     async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
         self.inner.load_directory().await
-    }
-    async fn shutdown(&self) {
-        self.inner.shutdown().await
     }
 }
 

@@ -12,7 +12,7 @@ use presenced::bus::EventBus;
 use presenced::core::NewSession;
 use presenced::core::{Event, EventKind, Platform, Status, UserId};
 use presenced::store::memory::{MemoryConfig, MemoryStore};
-use presenced::store::{get_one, Clock, DirTable, ManualClock, SetStatus, Store, StoreError};
+use presenced::store::{get_one, Clock, DirTable, DirectoryStore as _, ManualClock, PresenceStore as _, SetStatus, Store, StoreError};
 use tokio::sync::broadcast::Receiver;
 
 const T0: i64 = 1_800_000_000_000;

@@ -40,7 +40,7 @@ pub struct Http {
     /// `serve --dev`: enables `GET /dev/token`.
     pub dev: bool,
     /// Cluster mode's NATS connection, reported by `/health/nats`.
-    pub nats: Option<crate::nats::Nats>,
+    pub nats: Option<crate::natsio::Nats>,
 }
 
 /// The HTTP API's routes (without the layers: see [`layered`]).

@@ -30,8 +30,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use super::persist::{Ack, DirTable, Loaded, PersistError, Persister, Record};
-use super::{Clock, SetStatus, Store, StoreError, StoreStats};
+use super::persist::{Ack, Loaded, PersistError, Persister, Record};
+use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
 use crate::core::{Change, Event, EventKind, Millis, NewSession, Presence, Registered, Session, UserId, UserState};
 
@@ -395,7 +395,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl PresenceStore for MemoryStore {
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
         let inner = &*self.inner;
         let now = inner.clock.now();
@@ -478,6 +478,18 @@ impl Store for MemoryStore {
         self.persist_health()
     }
 
+    async fn shutdown(&self) {
+        if let Some(h) = self.inner.reaper.lock().take() {
+            h.abort();
+        }
+        if let Some(p) = &self.inner.persist {
+            p.close().await;
+        }
+    }
+}
+
+#[async_trait]
+impl DirectoryStore for MemoryStore {
     async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         match &self.inner.persist {
             Some(p) => {
@@ -490,15 +502,6 @@ impl Store for MemoryStore {
 
     async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
         Ok(std::mem::take(&mut *self.inner.directory.lock()))
-    }
-
-    async fn shutdown(&self) {
-        if let Some(h) = self.inner.reaper.lock().take() {
-            h.abort();
-        }
-        if let Some(p) = &self.inner.persist {
-            p.close().await;
-        }
     }
 }
 

@@ -1,6 +1,9 @@
-//! Where presence state lives. [`Store`] is the one interface the transports use; the
-//! embedded [`memory::MemoryStore`] is the default, and cluster backends (NATS, Redis)
-//! implement the same trait over the same pure transitions in [`crate::core::state`].
+//! Where presence state lives. A backend implements two small traits:
+//! [`PresenceStore`] (users' statuses and device sessions, over the pure transitions in
+//! [`crate::core::state`]) and [`DirectoryStore`] (the rows of the directory: contacts,
+//! privacy settings, conversation members); [`Store`] is both, the one interface the
+//! service uses. The embedded [`memory::MemoryStore`] is the default; the cluster backend
+//! is [`nats::NatsStore`]. One conformance suite (tests/store_conformance.rs) runs on each.
 
 pub mod clock;
 pub mod locks;
@@ -15,7 +18,34 @@ use async_trait::async_trait;
 use crate::core::{Millis, NewSession, Presence, Registered, Session, Status, UserId};
 
 pub use clock::{spawn_periodic, Clock, ManualClock, SystemClock};
-pub use persist::DirTable;
+
+/// The directory's tables (durable side data kept beside presence records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DirTable {
+    /// user id → JSON array of contact ids (the user's audience).
+    Contacts,
+    /// user id → JSON privacy settings.
+    Privacy,
+    /// conversation id → JSON array of member ids.
+    Conversations,
+}
+
+impl DirTable {
+    pub const ALL: [DirTable; 3] = [DirTable::Contacts, DirTable::Privacy, DirTable::Conversations];
+
+    /// The table's name (redb table, NATS key prefix).
+    pub fn name(self) -> &'static str {
+        match self {
+            DirTable::Contacts => "contacts",
+            DirTable::Privacy => "privacy",
+            DirTable::Conversations => "conversations",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<DirTable> {
+        DirTable::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
 
 /// Why a store operation failed. Input is validated before it reaches a store, so the
 /// failures are the store's own, and the limits the store enforces atomically.
@@ -65,9 +95,10 @@ pub struct StoreStats {
     pub cache_cost: u64,
 }
 
-/// The presence store. Every method is safe to call concurrently from many tasks.
+/// Users' presence: explicit statuses and device sessions. Every method is safe to call
+/// concurrently from many tasks.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait PresenceStore: Send + Sync + 'static {
     /// Presence of each id, in order; `None` for a user the service has never seen.
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError>;
 
@@ -99,15 +130,8 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok` when the store can serve reads and writes.
     async fn health(&self) -> Result<(), StoreError>;
 
-    /// Stores (or deletes) a directory row: contacts, privacy settings, conversation
-    /// members. Durable when it returns. The live copy is [`crate::directory::Directory`].
-    async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError>;
-
-    /// Every directory row, read once at start-up to fill the directory.
-    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError>;
-
-    /// As [`Store::get_many`], from the source of truth rather than a cache (a snapshot
-    /// that events will follow must not be older than the subscription).
+    /// As [`PresenceStore::get_many`], from the source of truth rather than a cache (a
+    /// snapshot that events will follow must not be older than the subscription).
     async fn get_many_fresh(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
         self.get_many(ids).await
     }
@@ -118,20 +142,37 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// Directory rows as other nodes change them (cluster backends), so every node's
-    /// directory stays current; `None` when this store has no other writers.
-    async fn watch_directory(&self) -> Option<tokio::sync::mpsc::Receiver<DirRow>> {
-        None
-    }
-
     /// Flushes what must be durable and stops background work. Idempotent.
     async fn shutdown(&self);
 }
 
+/// The directory's rows: contacts, privacy settings, conversation members. The live copy
+/// is [`crate::directory::Directory`]; the store keeps them durable and, in a cluster,
+/// shared.
+#[async_trait]
+pub trait DirectoryStore: Send + Sync + 'static {
+    /// Stores (or deletes) a row. Durable when it returns.
+    async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError>;
+
+    /// Every row, read once at start-up to fill the directory.
+    async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError>;
+
+    /// Rows as other nodes change them (cluster backends), so every node's directory
+    /// stays current; `None` when this store has no other writers.
+    async fn watch_directory(&self) -> Option<tokio::sync::mpsc::Receiver<DirRow>> {
+        None
+    }
+}
+
+/// A whole backend: presence and directory.
+pub trait Store: PresenceStore + DirectoryStore {}
+
+impl<T: PresenceStore + DirectoryStore> Store for T {}
+
 /// A directory row as stored: table, key, value (`None`: deleted).
 pub type DirRow = (DirTable, String, Option<Vec<u8>>);
 
-/// Single-id read through [`Store::get_many`].
+/// Single-id read through [`PresenceStore::get_many`].
 pub async fn get_one(store: &dyn Store, id: &UserId) -> Result<Option<Presence>, StoreError> {
     Ok(store.get_many(std::slice::from_ref(id)).await?.pop().flatten())
 }

@@ -30,31 +30,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use super::DirTable;
 use crate::core::{Explicit, Millis, Status, UserState};
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 
-/// Durable side data kept beside presence records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DirTable {
-    /// user id → JSON array of contact ids (the user's audience).
-    Contacts,
-    /// user id → JSON privacy settings.
-    Privacy,
-    /// conversation id → JSON array of member ids.
-    Conversations,
-}
-
-impl DirTable {
-    pub const ALL: [DirTable; 3] = [DirTable::Contacts, DirTable::Privacy, DirTable::Conversations];
-
-    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
-        match self {
-            DirTable::Contacts => TableDefinition::new("contacts"),
-            DirTable::Privacy => TableDefinition::new("privacy"),
-            DirTable::Conversations => TableDefinition::new("conversations"),
-        }
-    }
+/// The redb table of a directory table.
+fn dir_def(t: DirTable) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    TableDefinition::new(t.name())
 }
 
 /// Which table a pending write goes to.
@@ -68,7 +51,7 @@ impl Table {
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         match self {
             Table::Users => USERS,
-            Table::Dir(d) => d.def(),
+            Table::Dir(d) => dir_def(d),
         }
     }
 }
@@ -385,7 +368,7 @@ fn load(db: &Database) -> Result<Loaded, String> {
     let tx = db.begin_write().map_err(|e| e.to_string())?;
     tx.open_table(USERS).map_err(|e| e.to_string())?;
     for t in DirTable::ALL {
-        tx.open_table(t.def()).map_err(|e| e.to_string())?;
+        tx.open_table(dir_def(t)).map_err(|e| e.to_string())?;
     }
     tx.commit().map_err(|e| e.to_string())?;
     let mut loaded = Loaded::default();
@@ -400,7 +383,7 @@ fn load(db: &Database) -> Result<Loaded, String> {
     }
     drop(table);
     for t in DirTable::ALL {
-        let table = rtx.open_table(t.def()).map_err(|e| e.to_string())?;
+        let table = rtx.open_table(dir_def(t)).map_err(|e| e.to_string())?;
         for item in table.iter().map_err(|e| e.to_string())? {
             let (k, v) = item.map_err(|e| e.to_string())?;
             loaded.directory.push((t, k.value().to_string(), v.value().to_vec()));

@@ -10,7 +10,7 @@ use presenced::config::Config;
 use presenced::core::{Millis, NewSession, Presence, Registered, Session, UserId};
 use presenced::server::App;
 use presenced::service::Service;
-use presenced::store::{DirTable, SetStatus, StoreError, StoreStats};
+use presenced::store::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use presenced::store::{Store, SystemClock};
 use tokio::sync::oneshot;
 
@@ -191,41 +191,54 @@ fn down<T>() -> Result<T, StoreError> {
 }
 
 #[async_trait]
-impl Store for DownStore {
+impl PresenceStore for DownStore {
     async fn get_many(&self, _: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
         down()
     }
+
     async fn set_status(&self, _: &UserId, _: SetStatus) -> Result<Presence, StoreError> {
         down()
     }
+
     async fn clear_status(&self, _: &UserId) -> Result<Presence, StoreError> {
         down()
     }
+
     async fn register_session(&self, _: &UserId, _: NewSession) -> Result<Registered, StoreError> {
         down()
     }
+
     async fn refresh_session(&self, _: &UserId, _: &str) -> Result<Option<Millis>, StoreError> {
         down()
     }
+
     async fn unregister_session(&self, _: &UserId, _: &str, _: Option<u64>) -> Result<bool, StoreError> {
         down()
     }
+
     async fn devices(&self, _: &UserId) -> Result<Vec<Session>, StoreError> {
         down()
     }
+
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
+
     async fn health(&self) -> Result<(), StoreError> {
         down()
     }
+    async fn shutdown(&self) {}
+}
+
+#[async_trait]
+impl DirectoryStore for DownStore {
     async fn put_directory(&self, _: DirTable, _: &str, _: Option<Vec<u8>>) -> Result<(), StoreError> {
         down()
     }
+
     async fn load_directory(&self) -> Result<Vec<(DirTable, String, Vec<u8>)>, StoreError> {
         down()
     }
-    async fn shutdown(&self) {}
 }
 
 type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{unavailable, wrote, NatsStore};
 use crate::core::{DeviceId, Millis, UserId};
-use crate::nats::kv::{decode_id, encode_id};
+use crate::natsio::kv::{decode_id, encode_id};
 use crate::store::StoreError;
 
 /// A node's lease, as stored.

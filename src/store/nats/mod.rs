@@ -1,9 +1,9 @@
 //! Cluster backend: presence in NATS JetStream KV (seed 003 §5), shared by every node.
 //!
-//! One key per user (`user.<encoded id>`, see [`crate::nats::kv::encode_id`]) holding the
+//! One key per user (`user.<encoded id>`, see [`crate::natsio::kv::encode_id`]) holding the
 //! user's whole [`UserState`] (explicit status, message, expiry, `last_seen`, sessions with
 //! their owning node). Every change runs the same pure transition as the embedded store,
-//! inside a compare-and-swap on the key's revision ([`crate::nats::kv::update`]), so
+//! inside a compare-and-swap on the key's revision ([`crate::natsio::kv::update`]), so
 //! concurrent writers on different nodes never lose an update, and exactly one of them
 //! performs (and reports) each transition.
 //!
@@ -42,12 +42,12 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::{Clock, DirTable, SetStatus, Store, StoreError, StoreStats};
+use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
 use crate::config::NatsConfig;
 use crate::core::{Change, Event, Millis, NewSession, Presence, Registered, Session, UserId, UserState, HELD};
-use crate::nats::kv::{self, decode_id, encode_id, user_key, BucketConfig, KvError};
-use crate::nats::Nats;
+use crate::natsio::kv::{self, decode_id, encode_id, user_key, BucketConfig, KvError};
+use crate::natsio::Nats;
 use crate::store::locks::UserLocks;
 use cache::{Breaker, Cached, PresenceCache, Transition, CACHE_TTL};
 use owned::{Owned, OwnedTable};
@@ -766,7 +766,7 @@ impl NatsStore {
 }
 
 #[async_trait]
-impl Store for NatsStore {
+impl PresenceStore for NatsStore {
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
         self.read_many(ids, false).await
     }
@@ -911,6 +911,23 @@ impl Store for NatsStore {
         }
     }
 
+    async fn shutdown(&self) {
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        // Sessions still held (gRPC/HTTP-registered ones) end now rather than at lease
+        // expiry. Bounded: with NATS unreachable the lease simply lapses instead.
+        let limit = self.inner.opts.kv_timeout * 2;
+        if self.inner.nats.health().connected && tokio::time::timeout(limit, self.release_all()).await.is_err() {
+            tracing::warn!("could not release this node's sessions in time; its lease will lapse and the janitor will end them");
+        }
+        // A flush waits for a connection: never longer than the limit.
+        let _ = tokio::time::timeout(limit, self.inner.nats.client.flush()).await;
+    }
+}
+
+#[async_trait]
+impl DirectoryStore for NatsStore {
     async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         let k = dir_key(table, key);
         let dir = &self.inner.dir;
@@ -995,19 +1012,5 @@ impl Store for NatsStore {
         });
         self.inner.tasks.lock().push(h);
         Some(rx)
-    }
-
-    async fn shutdown(&self) {
-        for t in self.inner.tasks.lock().drain(..) {
-            t.abort();
-        }
-        // Sessions still held (gRPC/HTTP-registered ones) end now rather than at lease
-        // expiry. Bounded: with NATS unreachable the lease simply lapses instead.
-        let limit = self.inner.opts.kv_timeout * 2;
-        if self.inner.nats.health().connected && tokio::time::timeout(limit, self.release_all()).await.is_err() {
-            tracing::warn!("could not release this node's sessions in time; its lease will lapse and the janitor will end them");
-        }
-        // A flush waits for a connection: never longer than the limit.
-        let _ = tokio::time::timeout(limit, self.inner.nats.client.flush()).await;
     }
 }

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use super::{unavailable, Inner, NatsStore, WireEvent, EVENT_SUBJECTS};
 use crate::bus::{InterestChange, Typing};
 use crate::core::UserId;
-use crate::nats::kv::encode_id;
+use crate::natsio::kv::encode_id;
 use crate::store::StoreError;
 
 /// A typing indicator on the wire.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{DeviceSummary, Event, EventKind, Millis, Platform, Presence, Status, UserId};
-use crate::nats::kv::encode_id;
+use crate::natsio::kv::encode_id;
 
 /// Subjects of presence events.
 pub const EVENT_SUBJECTS: [&str; 4] = ["presence.update.>", "presence.expire.>", "presence.online.>", "presence.offline.>"];
