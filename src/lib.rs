@@ -37,6 +37,7 @@ pub mod listener;
 pub mod natsio;
 pub mod server;
 pub mod service;
+pub mod shards;
 pub mod store;
 pub mod telemetry;
 pub mod ws;

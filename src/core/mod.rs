@@ -6,6 +6,7 @@ pub mod model;
 pub mod privacy;
 pub mod ratelimit;
 pub mod state;
+pub mod wheel;
 
 pub use event::{Event, EventKind};
 pub use model::{
@@ -13,3 +14,4 @@ pub use model::{
 };
 pub use privacy::{project, visible_change, Privacy, Relation, Visibility};
 pub use state::{Change, Explicit, NewSession, Registered, UserState, HELD};
+pub use wheel::TimerWheel;

@@ -4,11 +4,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use parking_lot::Mutex;
-
 use crate::config::LimitsConfig;
 use crate::core::ratelimit::{Rate, TokenBucket};
 use crate::core::Millis;
+use crate::shards::Sharded;
 
 /// A per-client-address connection limiter from `limits.connections_per_ip_per_sec`
 /// (`None`: off), for `/ws` and for the gRPC listener.
@@ -20,7 +19,7 @@ pub fn per_ip(l: &LimitsConfig) -> Option<KeyedLimiter> {
 /// Per-key token buckets, sharded; full buckets are forgotten so memory tracks active keys.
 pub struct KeyedLimiter {
     rate: Rate,
-    shards: Box<[Mutex<HashMap<String, TokenBucket>>]>,
+    shards: Sharded<HashMap<String, TokenBucket>>,
     last_sweep: AtomicI64,
 }
 
@@ -29,14 +28,13 @@ impl KeyedLimiter {
     const SWEEP_EVERY_MS: i64 = 10_000;
 
     pub fn new(rate: Rate) -> KeyedLimiter {
-        KeyedLimiter { rate, shards: (0..Self::SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), last_sweep: AtomicI64::new(0) }
+        KeyedLimiter { rate, shards: Sharded::new(Self::SHARDS), last_sweep: AtomicI64::new(0) }
     }
 
     /// Takes a token for `key`, or says how long to wait.
     pub fn check(&self, key: &str, now: Millis) -> Result<(), u64> {
-        let idx = key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % Self::SHARDS;
         let r = {
-            let mut shard = self.shards[idx].lock();
+            let mut shard = self.shards.of(key).lock();
             match shard.get_mut(key) {
                 Some(b) => b.try_take(self.rate, now),
                 None => {

@@ -7,25 +7,25 @@
 //! A typist who goes quiet is reported stopped after `presence.typing_ttl`; so is a
 //! typist on another node that stopped being heard from (its node may have died).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::bus::{EventBus, Typing};
-use crate::core::UserId;
+use crate::core::{TimerWheel, UserId};
 use crate::directory::Directory;
 use crate::error::ApiError;
 use crate::store::{get_one, Clock, Store};
 
 type Key = (Arc<str>, UserId);
 
-#[derive(Default)]
 struct State {
     /// (conversation, typist) → (deadline, the node the typist is connected to).
     active: HashMap<Key, (i64, Arc<str>)>,
-    wheel: BTreeMap<i64, Vec<Key>>,
+    /// Deadlines to the millisecond (a repeated start leaves its earlier entry stale).
+    wheel: TimerWheel<Key>,
 }
 
 pub struct Typists {
@@ -47,7 +47,8 @@ impl Typists {
         clock: Arc<dyn Clock>,
         ttl_ms: i64,
     ) -> Typists {
-        Typists { node_id, store, directory, bus, clock, ttl_ms, state: Mutex::new(State::default()) }
+        let state = State { active: HashMap::new(), wheel: TimerWheel::new(1) };
+        Typists { node_id, store, directory, bus, clock, ttl_ms, state: Mutex::new(state) }
     }
 
     /// Follows other nodes' typists (to stop them when they go quiet) and expires typists.
@@ -98,7 +99,7 @@ impl Typists {
         let key = (conv.clone(), user.clone());
         if is_typing {
             let deadline = now + self.ttl_ms;
-            t.wheel.entry(deadline).or_default().push(key.clone());
+            t.wheel.insert(deadline, key.clone());
             t.active.insert(key, (deadline, node.clone())).is_none()
         } else {
             t.active.remove(&key).is_some()
@@ -110,15 +111,11 @@ impl Typists {
     pub fn expire(&self, now: i64) -> usize {
         let ended: Vec<(Key, Arc<str>)> = {
             let mut t = self.state.lock();
-            let later = t.wheel.split_off(&(now + 1));
-            let due = std::mem::replace(&mut t.wheel, later);
             let mut ended = Vec::new();
-            for (deadline, keys) in due {
-                for k in keys {
-                    if t.active.get(&k).is_some_and(|(d, _)| *d == deadline) {
-                        if let Some((_, node)) = t.active.remove(&k) {
-                            ended.push((k, node));
-                        }
+            for (deadline, k) in t.wheel.take_due(now) {
+                if t.active.get(&k).is_some_and(|(d, _)| *d == deadline) {
+                    if let Some((_, node)) = t.active.remove(&k) {
+                        ended.push((k, node));
                     }
                 }
             }

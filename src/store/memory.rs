@@ -19,8 +19,7 @@
 //! Durable writes (statuses) are committed before they are applied: a write answered
 //! 503 because the disk refused it was never visible.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,7 +32,8 @@ use tokio::task::JoinHandle;
 use super::persist::{Ack, Loaded, PersistError, Persister, Record};
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{Change, Event, EventKind, Millis, NewSession, Presence, Registered, Session, UserId, UserState};
+use crate::core::{Change, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
+use crate::shards::Sharded;
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -65,8 +65,7 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    shards: Box<[Mutex<Shard>]>,
-    hasher: std::collections::hash_map::RandomState,
+    shards: Sharded<Shard>,
     clock: Arc<dyn Clock>,
     bus: EventBus,
     node: Arc<str>,
@@ -94,17 +93,16 @@ struct Entry {
     rev: u64,
 }
 
-#[derive(Default)]
 struct Shard {
     users: HashMap<UserId, Entry>,
-    wheel: BTreeMap<i64, Vec<UserId>>,
+    wheel: TimerWheel<UserId>,
 }
 
 impl MemoryStore {
     /// Opens the store, loading persisted statuses when `data_dir` is set. Call
     /// [`MemoryStore::start`] from within a tokio runtime to run expiry and persistence.
     pub fn open(config: MemoryConfig, clock: Arc<dyn Clock>, bus: EventBus) -> Result<MemoryStore, PersistError> {
-        let n = config.shards.max(1).next_power_of_two();
+        let tick_ms = config.tick_ms.max(1);
         let (persist, loaded) = match &config.data_dir {
             Some(dir) => {
                 let (p, l) = Persister::open(dir, config.start_fresh)?;
@@ -113,12 +111,11 @@ impl MemoryStore {
             None => (None, Loaded::default()),
         };
         let inner = Inner {
-            shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: Default::default(),
+            shards: Sharded::new_with(config.shards, || Shard { users: HashMap::new(), wheel: TimerWheel::new(tick_ms) }),
             clock,
             bus,
             node: config.node_id,
-            tick_ms: config.tick_ms.max(1),
+            tick_ms,
             forget_after_ms: config.forget_after_ms.filter(|f| *f > 0),
             persist,
             revisions: AtomicU64::new(0),
@@ -180,44 +177,33 @@ impl MemoryStore {
     /// The reaper task calls this every tick; tests call it directly with a manual clock.
     pub fn reap(&self, now: Millis) -> usize {
         let inner = &*self.inner;
-        let due_tick = now.div_euclid(inner.tick_ms);
         let mut evaluated = 0;
         for shard in inner.shards.iter() {
             let mut guard = shard.lock();
             let shard = &mut *guard;
-            let Some((&first, _)) = shard.wheel.first_key_value() else {
-                continue;
-            };
-            if first > due_tick {
-                continue;
-            }
-            let later = shard.wheel.split_off(&(due_tick + 1));
-            let due = std::mem::replace(&mut shard.wheel, later);
-            for (tick, ids) in due {
-                for id in ids {
-                    let Some(entry) = shard.users.get_mut(&id) else {
-                        continue;
-                    };
-                    if entry.armed != Some(tick) {
-                        continue; // stale: the user was re-armed earlier
-                    }
-                    entry.armed = None;
-                    evaluated += 1;
-                    let sessions = entry.state.sessions.len();
-                    let before = entry.state.published(&id);
-                    let change = entry.state.expire(&inner.node, now);
-                    inner.after_change(&id, entry, sessions, before, &change, now, Persist::IfChanged);
-                    if inner.forgettable(&entry.state, now) {
-                        shard.users.remove(&id);
-                        inner.users.fetch_sub(1, Ordering::Relaxed);
-                        if let Some(p) = &inner.persist {
-                            p.enqueue(id.as_str(), None, false);
-                        }
-                        metrics::counter!("presence_users_forgotten_total").increment(1);
-                        continue;
-                    }
-                    inner.arm(&mut shard.wheel, &id, entry);
+            for (tick, id) in shard.wheel.take_due(now) {
+                let Some(entry) = shard.users.get_mut(&id) else {
+                    continue;
+                };
+                if entry.armed != Some(tick) {
+                    continue; // stale: the user was re-armed earlier
                 }
+                entry.armed = None;
+                evaluated += 1;
+                let sessions = entry.state.sessions.len();
+                let before = entry.state.published(&id);
+                let change = entry.state.expire(&inner.node, now);
+                inner.after_change(&id, entry, sessions, before, &change, now, Persist::IfChanged);
+                if inner.forgettable(&entry.state, now) {
+                    shard.users.remove(&id);
+                    inner.users.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(p) = &inner.persist {
+                        p.enqueue(id.as_str(), None, false);
+                    }
+                    metrics::counter!("presence_users_forgotten_total").increment(1);
+                    continue;
+                }
+                inner.arm(&mut shard.wheel, &id, entry);
             }
         }
         evaluated
@@ -324,8 +310,7 @@ enum Persist {
 
 impl Inner {
     fn shard(&self, id: &UserId) -> &Mutex<Shard> {
-        let h = self.hasher.hash_one(id.as_str()) as usize;
-        &self.shards[h & (self.shards.len() - 1)]
+        self.shards.of(id.as_str())
     }
 
     /// Bookkeeping after a transition, under the shard lock so that events and
@@ -373,7 +358,7 @@ impl Inner {
 
     /// Arms the user's wheel entry at its earliest deadline (expiry, or the moment it may
     /// be forgotten) unless one is armed at or before it.
-    fn arm(&self, wheel: &mut BTreeMap<i64, Vec<UserId>>, id: &UserId, entry: &mut Entry) {
+    fn arm(&self, wheel: &mut TimerWheel<UserId>, id: &UserId, entry: &mut Entry) {
         let forget = match (self.forget_after_ms, entry.state.idle_since()) {
             (Some(f), Some(idle)) => Some(idle.saturating_add(f)),
             _ => None,
@@ -385,11 +370,8 @@ impl Inner {
                 None => return,
             },
         };
-        let tick_ms = self.tick_ms;
-        let tick = deadline.div_euclid(tick_ms) + i64::from(deadline.rem_euclid(tick_ms) != 0);
-        if entry.armed.is_none_or(|a| a > tick) {
-            wheel.entry(tick).or_default().push(id.clone());
-            entry.armed = Some(tick);
+        if entry.armed.is_none_or(|a| a > wheel.tick_of(deadline)) {
+            entry.armed = Some(wheel.insert(deadline, id.clone()));
         }
     }
 }

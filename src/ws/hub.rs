@@ -21,7 +21,6 @@
 //! of everything it watches.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +34,7 @@ use crate::bus::{DirectoryChanged, Typing};
 use crate::core::{project, visible_change, DeviceId, Event, Platform, Presence, Privacy, Relation, UserId};
 use crate::error::{close, ApiError};
 use crate::service::Service;
+use crate::shards::Sharded;
 
 /// What the hub enforces.
 #[derive(Debug, Clone)]
@@ -182,22 +182,6 @@ impl Conn {
     }
 }
 
-/// A map split over mutex-guarded shards by key hash.
-struct Sharded<K, V> {
-    shards: Box<[Mutex<HashMap<K, V>>]>,
-    hasher: std::collections::hash_map::RandomState,
-}
-
-impl<K: Hash + Eq, V> Sharded<K, V> {
-    fn new(n: usize) -> Self {
-        Sharded { shards: (0..n.next_power_of_two()).map(|_| Mutex::new(HashMap::new())).collect(), hasher: Default::default() }
-    }
-    fn shard(&self, k: &K) -> &Mutex<HashMap<K, V>> {
-        let h = self.hasher.hash_one(k) as usize;
-        &self.shards[h & (self.shards.len() - 1)]
-    }
-}
-
 /// Who a delivery goes to.
 #[derive(Clone, Copy)]
 enum Audience<'a> {
@@ -213,8 +197,8 @@ pub struct Hub {
     svc: Arc<Service>,
     limits: HubLimits,
     next_id: AtomicU64,
-    owners: Sharded<UserId, Vec<Arc<Conn>>>,
-    watchers: Sharded<UserId, HashMap<u64, Arc<Conn>>>,
+    owners: Sharded<HashMap<UserId, Vec<Arc<Conn>>>>,
+    watchers: Sharded<HashMap<UserId, HashMap<u64, Arc<Conn>>>>,
     connections: AtomicI64,
     subscriptions: AtomicI64,
     /// Connected user → the users whose contacts include them (their changes reach the
@@ -339,7 +323,7 @@ impl Hub {
         });
         conn.push(hello);
         let (replaced, first) = {
-            let mut shard = self.owners.shard(&user).lock();
+            let mut shard = self.owners.of(&user).lock();
             let conns = shard.entry(user.clone()).or_default();
             let first = conns.is_empty();
             let old = conns.iter().position(|c| c.device == device).map(|i| conns.swap_remove(i));
@@ -373,7 +357,7 @@ impl Hub {
     fn detach(&self, conn: &Arc<Conn>) -> bool {
         let mut last = false;
         let owned = {
-            let mut shard = self.owners.shard(&conn.user).lock();
+            let mut shard = self.owners.of(&conn.user).lock();
             let mut owned = false;
             if let Some(conns) = shard.get_mut(&conn.user) {
                 if let Some(i) = conns.iter().position(|c| c.id == conn.id) {
@@ -405,7 +389,7 @@ impl Hub {
         self.subscriptions.fetch_sub(users.len() as i64, Ordering::Relaxed);
         let mut unwatched = Vec::new();
         for u in users {
-            let mut shard = self.watchers.shard(&u).lock();
+            let mut shard = self.watchers.of(&u).lock();
             if let Some(w) = shard.get_mut(&u) {
                 w.remove(&id);
                 if w.is_empty() {
@@ -455,7 +439,7 @@ impl Hub {
         self.subscriptions.fetch_add(added.len() as i64, Ordering::Relaxed);
         let mut watched = Vec::new();
         for u in added {
-            let mut shard = self.watchers.shard(&u).lock();
+            let mut shard = self.watchers.of(&u).lock();
             let w = shard.entry(u.clone()).or_default();
             if w.is_empty() {
                 watched.push(u);
@@ -537,7 +521,7 @@ impl Hub {
         let mut targets: Vec<Arc<Conn>> = Vec::new();
         let users: Vec<&UserId> = match sel {
             Audience::Watchers => {
-                if let Some(w) = self.watchers.shard(owner).lock().get(owner) {
+                if let Some(w) = self.watchers.of(owner).lock().get(owner) {
                     targets.extend(w.values().cloned());
                 }
                 audience.iter().chain(std::iter::once(owner)).collect()
@@ -545,7 +529,7 @@ impl Hub {
             Audience::Users(users) => users.iter().collect(),
         };
         for u in users {
-            if let Some(conns) = self.owners.shard(u).lock().get(u) {
+            if let Some(conns) = self.owners.of(u).lock().get(u) {
                 targets.extend(conns.iter().cloned());
             }
         }
@@ -634,7 +618,7 @@ impl Hub {
             loop {
                 hub.resync_again.store(false, Ordering::Release);
                 let conns: Vec<Arc<Conn>> =
-                    hub.owners.shards.iter().flat_map(|s| s.lock().values().flatten().cloned().collect::<Vec<_>>()).collect();
+                    hub.owners.iter().flat_map(|s| s.lock().values().flatten().cloned().collect::<Vec<_>>()).collect();
                 for conn in conns {
                     let mut ids = vec![conn.user.clone()];
                     ids.extend(hub.svc.directory.audience_of(&conn.user));
@@ -670,7 +654,7 @@ impl Hub {
         let visibility = self.svc.directory.privacy(user).visibility;
         let audience = self.svc.directory.contacts(user);
         for m in members.iter().filter(|m| *m != user) {
-            if let Some(conns) = self.owners.shard(m).lock().get(m) {
+            if let Some(conns) = self.owners.of(m).lock().get(m) {
                 for c in conns {
                     if visibility.allows(self.relation(c, user, &audience)) {
                         c.push_keyed(Key::Typing(conv.clone(), user.clone()), payload.clone());
@@ -682,7 +666,7 @@ impl Hub {
 
     /// Asks every connection to close (server shutdown).
     pub fn close_all(&self) {
-        for shard in self.owners.shards.iter() {
+        for shard in self.owners.iter() {
             for conns in shard.lock().values() {
                 for c in conns {
                     c.close(close::GOING_AWAY, "server shutting down");

@@ -30,7 +30,7 @@ pub mod owned;
 mod relay;
 pub mod wire;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
 use crate::config::NatsConfig;
-use crate::core::{Change, Event, Millis, NewSession, Presence, Registered, Session, UserId, UserState, HELD};
+use crate::core::{Change, Event, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState, HELD};
 use crate::natsio::kv::{self, decode_id, encode_id, user_key, BucketConfig, KvError};
 use crate::natsio::Nats;
 use crate::store::locks::UserLocks;
@@ -160,7 +160,7 @@ pub(crate) struct Inner {
     clock: Arc<dyn Clock>,
     bus: EventBus,
     /// Local deadlines of explicit statuses this node wrote: tick → users.
-    timers: Mutex<BTreeMap<i64, Vec<UserId>>>,
+    timers: Mutex<TimerWheel<UserId>>,
     owned: Mutex<OwnedTable>,
     /// Serialise owner-index writes per user (see [`NatsStore::index_begin`]), and each
     /// user's compare-and-swap with the event it publishes, so this node publishes one
@@ -214,6 +214,7 @@ impl NatsStore {
         js.get_or_create_stream(events).await.map_err(|e| unavailable(format!("cannot create stream PRESENCE_EVENTS: {e}")))?;
         let started_at = clock.now();
         let opts_cache_cost = opts.cache_max_cost;
+        let tick_ms = opts.tick_ms;
         let inner = Arc::new(Inner {
             nats,
             users,
@@ -221,12 +222,12 @@ impl NatsStore {
             nodes,
             owners,
             node: Arc::from(node.as_str()),
-            owned: Mutex::new(OwnedTable::new(opts.tick_ms)),
+            owned: Mutex::new(OwnedTable::new(tick_ms)),
             opts,
             started_at,
             clock,
             bus,
-            timers: Mutex::new(BTreeMap::new()),
+            timers: Mutex::new(TimerWheel::new(tick_ms)),
             index_locks: UserLocks::default(),
             write_locks: UserLocks::default(),
             order: Mutex::new(order::EventOrder::new(60_000)),
@@ -404,8 +405,7 @@ impl NatsStore {
             self.emit(&change, &presence, before, now).await;
         }
         if let Some(deadline) = state.next_deadline() {
-            let tick = deadline.div_euclid(inner.opts.tick_ms.max(1)) + 1;
-            inner.timers.lock().entry(tick).or_default().push(id.clone());
+            inner.timers.lock().insert(deadline, id.clone());
         }
         Ok(Some((r, presence)))
     }
@@ -476,17 +476,13 @@ impl NatsStore {
             self.index_end(&user).await;
         }
         let tick_ms = self.inner.opts.tick_ms.max(1);
-        let due: Vec<UserId> = {
-            let mut timers = self.inner.timers.lock();
-            let later = timers.split_off(&(now.div_euclid(tick_ms) + 1));
-            std::mem::replace(&mut *timers, later).into_values().flatten().collect()
-        };
+        let due: Vec<UserId> = self.inner.timers.lock().take_due(now).into_iter().map(|(_, id)| id).collect();
         let mut seen = std::collections::HashSet::new();
         for id in due.into_iter().filter(|id| seen.insert(id.clone())) {
             let node = self.inner.node.clone();
             if let Err(e) = self.apply(&id, false, |s, now| ((), s.expire(&node, now))).await {
                 tracing::warn!(user = %id, error = %e, "expiry failed; will retry");
-                self.inner.timers.lock().entry(now.div_euclid(tick_ms) + 10).or_default().push(id);
+                self.inner.timers.lock().insert(now + 10 * tick_ms, id);
             }
         }
         n += seen.len();

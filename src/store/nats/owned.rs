@@ -5,10 +5,10 @@
 //! lives while this node's lease does. Heartbeats only move the deadline here; when a
 //! deadline passes without one, the store ends the session in the KV.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::core::{DeviceId, Millis, UserId};
+use crate::core::{DeviceId, Millis, TimerWheel, UserId};
 
 /// One owned session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,22 +40,22 @@ pub struct Beat {
     pub write_last_seen: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OwnedTable {
     users: HashMap<UserId, LocalUser>,
-    /// Deadline tick → sessions to look at (lazy: a moved deadline is re-armed when due).
-    wheel: BTreeMap<i64, Vec<(UserId, DeviceId)>>,
-    tick_ms: i64,
+    /// Sessions to look at when their deadline passes (lazy: a deadline moved later by a
+    /// heartbeat is re-armed when the old one comes due).
+    wheel: TimerWheel<(UserId, DeviceId)>,
     sessions: u64,
 }
 
 impl OwnedTable {
     pub fn new(tick_ms: i64) -> OwnedTable {
-        OwnedTable { tick_ms: tick_ms.max(1), ..Default::default() }
+        OwnedTable { users: HashMap::new(), wheel: TimerWheel::new(tick_ms), sessions: 0 }
     }
 
     fn arm(&mut self, user: &UserId, device: &DeviceId, deadline: Millis) {
-        self.wheel.entry(deadline.div_euclid(self.tick_ms) + 1).or_default().push((user.clone(), device.clone()));
+        self.wheel.insert(deadline, (user.clone(), device.clone()));
     }
 
     /// A registration is about to be written: keeps the owner index entry alive meanwhile.
@@ -112,10 +112,8 @@ impl OwnedTable {
 
     /// Removes and returns the sessions whose deadline passed at `now`.
     pub fn lapsed(&mut self, now: Millis) -> Vec<(UserId, DeviceId, Owned)> {
-        let later = self.wheel.split_off(&(now.div_euclid(self.tick_ms) + 1));
-        let due = std::mem::replace(&mut self.wheel, later);
         let mut out = Vec::new();
-        for (user, device) in due.into_values().flatten() {
+        for (_, (user, device)) in self.wheel.take_due(now) {
             let Some(o) = self.users.get(&user).and_then(|u| u.devices.get(&device)) else { continue };
             if o.expires_at > now {
                 let deadline = o.expires_at;
