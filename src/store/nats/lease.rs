@@ -97,7 +97,7 @@ impl NatsStore {
     pub(super) async fn take_lease(&self) -> Result<(), StoreError> {
         let key = lease_key(&self.inner.node);
         let now = self.inner.clock.now();
-        if let Some(entry) = self.inner.nodes.entry(&key).await.map_err(unavailable)? {
+        if let Some(entry) = self.inner.kv.nodes.entry(&key).await.map_err(unavailable)? {
             if let Ok(prev) = serde_json::from_slice::<Lease>(&entry.value) {
                 if prev.ended_at.is_none() && prev.renewed_at.saturating_add(prev.ttl_ms) > now {
                     tracing::warn!(
@@ -115,7 +115,7 @@ impl NatsStore {
                 }
             }
         }
-        let rev = self.inner.nodes.put(&key, self.lease_value(now)?).await.map_err(unavailable)?;
+        let rev = self.inner.kv.nodes.put(&key, self.lease_value(now)?).await.map_err(unavailable)?;
         wrote(&self.inner, "lease");
         *self.inner.lease.revision.lock() = Some(rev);
         Ok(())
@@ -124,7 +124,7 @@ impl NatsStore {
     /// Renews this node's lease; if a janitor claimed it meanwhile (this node was cut
     /// off for longer than the TTL), writes this node's sessions again.
     pub(super) async fn renew_lease(&self) {
-        if !self.inner.breaker.allow(std::time::Instant::now()) {
+        if !self.inner.degraded.breaker.allow(std::time::Instant::now()) {
             return; // degraded: a probe goes through once the back-off has passed
         }
         let key = lease_key(&self.inner.node);
@@ -132,11 +132,11 @@ impl NatsStore {
         let Ok(value) = self.lease_value(now) else { return };
         let rev = *self.inner.lease.revision.lock();
         let r = match rev {
-            Some(rev) => self.inner.nodes.update(&key, value, rev).await.map_err(|e| {
+            Some(rev) => self.inner.kv.nodes.update(&key, value, rev).await.map_err(|e| {
                 let lost = e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision;
                 (lost, e.to_string())
             }),
-            None => self.inner.nodes.put(&key, value).await.map_err(|e| (false, e.to_string())),
+            None => self.inner.kv.nodes.put(&key, value).await.map_err(|e| (false, e.to_string())),
         };
         self.outcome(!matches!(r, Err((false, _))));
         match r {
@@ -144,7 +144,7 @@ impl NatsStore {
                 wrote(&self.inner, "lease");
                 *self.inner.lease.revision.lock() = Some(rev);
                 metrics::gauge!("nats_lease_renewed_at_seconds").set(now as f64 / 1000.0);
-                if !self.inner.dirty.lock().is_empty() {
+                if !self.inner.degraded.dirty.lock().is_empty() {
                     self.sync_dirty().await;
                 }
             }
@@ -164,7 +164,7 @@ impl NatsStore {
         let key = lease_key(&self.inner.node);
         let now = self.inner.clock.now();
         let Ok(v) = self.lease_value(now) else { return };
-        match self.inner.nodes.put(&key, v).await {
+        match self.inner.kv.nodes.put(&key, v).await {
             Ok(rev) => {
                 wrote(&self.inner, "lease");
                 *self.inner.lease.revision.lock() = Some(rev);
@@ -175,7 +175,7 @@ impl NatsStore {
             }
         }
         let mut users: Vec<UserId> = self.inner.owned.lock().all().into_iter().map(|(u, _, _)| u).collect();
-        users.extend(self.inner.dirty.lock().drain());
+        users.extend(self.inner.degraded.dirty.lock().drain());
         users.sort();
         users.dedup();
         let n = self.sync_users(&users).await;
@@ -185,10 +185,10 @@ impl NatsStore {
     /// Looks for lapsed leases of other nodes and, for each one it wins the claim of,
     /// ends that node's sessions. Returns how many sessions' users it handled.
     pub async fn janitor(&self) -> usize {
-        if self.inner.breaker.is_open() {
+        if self.inner.degraded.breaker.is_open() {
             return 0;
         }
-        let mut keys = match self.inner.nodes.keys().await {
+        let mut keys = match self.inner.kv.nodes.keys().await {
             Ok(k) => k,
             Err(e) => {
                 tracing::debug!(error = %e, "janitor cannot list leases");
@@ -207,7 +207,7 @@ impl NatsStore {
         let mut handled = 0;
         for key in candidates {
             let now = self.inner.clock.now();
-            let Ok(Some(entry)) = self.inner.nodes.entry(&key).await else { continue };
+            let Ok(Some(entry)) = self.inner.kv.nodes.entry(&key).await else { continue };
             if entry.operation != async_nats::jetstream::kv::Operation::Put {
                 continue;
             }
@@ -218,7 +218,7 @@ impl NatsStore {
             // The claim: exactly one janitor's CAS on the lease key succeeds.
             let claim = Lease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), ..lease.clone() };
             let Ok(body) = serde_json::to_vec(&claim) else { continue };
-            let Ok(claim_rev) = self.inner.nodes.update(&key, body.into(), entry.revision).await else { continue };
+            let Ok(claim_rev) = self.inner.kv.nodes.update(&key, body.into(), entry.revision).await else { continue };
             wrote(&self.inner, "lease");
             metrics::counter!("nats_janitor_claims_total").increment(1);
             let (n, failed) = self.end_sessions_of(&lease.node_id, now, lease.renewed_at).await;
@@ -227,7 +227,7 @@ impl NatsStore {
             if failed > 0 {
                 // The claim stays: after two TTLs a janitor claims it again and retries.
                 tracing::warn!(node = %lease.node_id, failed, "some of a dead node's sessions could not be ended yet");
-            } else if self.inner.nodes.purge_expect_revision(&key, Some(claim_rev)).await.is_ok() {
+            } else if self.inner.kv.nodes.purge_expect_revision(&key, Some(claim_rev)).await.is_ok() {
                 wrote(&self.inner, "lease");
             }
         }
@@ -241,7 +241,7 @@ impl NatsStore {
         let prefix = format!("{}.", encode_id(owner));
         let mut users = Vec::new();
         let mut failed = 0;
-        match self.inner.owners.keys().await {
+        match self.inner.kv.owners.keys().await {
             Ok(mut keys) => {
                 while let Some(k) = keys.next().await {
                     match k {
@@ -264,7 +264,7 @@ impl NatsStore {
         let mut n = 0;
         for key in users {
             let Some(id) = decode_id(&key[prefix.len()..]).and_then(|s| UserId::parse(&s, usize::MAX).ok()) else { continue };
-            let rev = match self.inner.owners.entry(&key).await {
+            let rev = match self.inner.kv.owners.entry(&key).await {
                 Ok(Some(e)) => e.revision,
                 Ok(None) => continue,
                 Err(_) => {
@@ -280,7 +280,7 @@ impl NatsStore {
             }
             n += 1;
             // Only if nobody re-wrote it meanwhile (a new incarnation of that node).
-            if self.inner.owners.purge_expect_revision(&key, Some(rev)).await.is_ok() {
+            if self.inner.kv.owners.purge_expect_revision(&key, Some(rev)).await.is_ok() {
                 wrote(&self.inner, "index");
             }
         }
@@ -307,7 +307,7 @@ impl NatsStore {
         }
         let rev = *self.inner.lease.revision.lock();
         if self.inner.owned.lock().session_count() == 0 {
-            if let Ok(()) = self.inner.nodes.purge_expect_revision(lease_key(&node), rev).await {
+            if let Ok(()) = self.inner.kv.nodes.purge_expect_revision(lease_key(&node), rev).await {
                 wrote(&self.inner, "lease");
             }
         }

@@ -80,7 +80,7 @@ fn relay(inner: &Inner, msg: &async_nats::Message) {
             if let Some(ev) = w.into_event() {
                 // The cached state is older than this event: read it again next time.
                 inner.cache.invalidate(&ev.presence.user_id);
-                inner.remote_events.fetch_add(1, Ordering::Relaxed);
+                inner.counters.remote_events.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("nats_events_received_total").increment(1);
                 // Older than what this node already published or relayed: a late arrival.
                 if !inner.order.lock().admit(&ev.presence.user_id, ev.presence.revision, inner.clock.now()) {
@@ -168,7 +168,7 @@ impl NatsStore {
                         // The server has the subscriptions once it answers the flush.
                         let _ = client.flush().await;
                         let Some(inner) = weak.upgrade() else { return };
-                        inner.watched.store(watched.len() as u64, Ordering::Relaxed);
+                        inner.counters.watched.store(watched.len() as u64, Ordering::Relaxed);
                         metrics::gauge!("nats_interest_users").set(watched.len() as f64);
                         inner.interest_applied.send_replace(last);
                     }
