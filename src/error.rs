@@ -128,8 +128,13 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => ApiError::Unavailable(m),
-            StoreError::TooManyDevices { max } => ApiError::LimitExceeded(format!("at most {max} devices per user")),
+            StoreError::TooManyDevices { .. } => ApiError::LimitExceeded(e.to_string()),
+            StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            StoreError::Unreachable(_)
+            | StoreError::Degraded(_)
+            | StoreError::NotDurable(_)
+            | StoreError::ShuttingDown
+            | StoreError::Contended { .. } => ApiError::Unavailable(e.to_string()),
         }
     }
 }

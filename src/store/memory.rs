@@ -272,7 +272,7 @@ impl MemoryStore {
         };
         let (_, presence) = self
             .update(id, true, persist, now, |s, now| ((), f(s, now)))
-            .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
+            .ok_or_else(|| StoreError::Unreachable("user state vanished".into()))?;
         Ok(presence)
     }
 
@@ -283,15 +283,15 @@ impl MemoryStore {
             None => Ok(()),
             Some(rx) => match rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(StoreError::Unavailable(DB_FAILING.into())),
-                Err(_) => Err(StoreError::Unavailable("persistence is shutting down".into())),
+                Ok(Err(_)) => Err(StoreError::NotDurable(DB_FAILING.into())),
+                Err(_) => Err(StoreError::ShuttingDown),
             },
         }
     }
 
     fn persist_health(&self) -> Result<(), StoreError> {
         match &self.inner.persist {
-            Some(p) => p.health().map_err(|_| StoreError::Unavailable(DB_FAILING.into())),
+            Some(p) => p.health().map_err(|_| StoreError::NotDurable(DB_FAILING.into())),
             None => Ok(()),
         }
     }
@@ -417,7 +417,7 @@ impl PresenceStore for MemoryStore {
                 Ok((reg, change)) => (Ok(reg), change),
                 Err(limit) => (Err(StoreError::TooManyDevices { max: limit.max }), Change::none()),
             })
-            .ok_or_else(|| StoreError::Unavailable("user state vanished".into()))?;
+            .ok_or_else(|| StoreError::Unreachable("user state vanished".into()))?;
         reg
     }
 

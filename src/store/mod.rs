@@ -47,14 +47,31 @@ impl DirTable {
     }
 }
 
-/// Why a store operation failed. Input is validated before it reaches a store, so the
-/// failures are the store's own, and the limits the store enforces atomically.
+/// Why a store operation failed: a small closed set of kinds (async-nats's
+/// `Error<Kind>` idea), so callers match what they can act on. Input is validated before
+/// it reaches a store; these are the store's own failures, and the limits it enforces
+/// atomically. Messages are safe to show clients, except [`StoreError::Corrupt`]'s detail,
+/// which the error table turns into an internal error (logged, never sent).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// The backend cannot take the operation now (disk or broker down); retry later. The
-    /// message is safe to show clients: backends log their internal detail themselves.
+    /// The backend cannot be reached, or did not answer in time.
     #[error("presence store unavailable: {0}")]
-    Unavailable(String),
+    Unreachable(String),
+    /// A cluster node cut off from the center refuses what it cannot order (degraded mode).
+    #[error("{0}")]
+    Degraded(String),
+    /// The write could not be made durable (the database cannot commit: a full disk).
+    #[error("{0}")]
+    NotDurable(String),
+    /// The store is stopping.
+    #[error("the presence store is shutting down")]
+    ShuttingDown,
+    /// A stored value cannot be read.
+    #[error("stored value of {key} is not readable: {detail}")]
+    Corrupt { key: String, detail: String },
+    /// A key kept changing under a compare-and-swap: too many writers at once; retry.
+    #[error("too many concurrent changes of {key}; retry")]
+    Contended { key: String },
     /// A new device session was refused: the user already has `max` live ones.
     #[error("at most {max} devices per user")]
     TooManyDevices { max: usize },

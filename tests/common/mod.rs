@@ -187,7 +187,7 @@ pub fn assert_error(resp: &(u16, serde_json::Value), status: u16, code: &str) {
 pub struct DownStore;
 
 fn down<T>() -> Result<T, StoreError> {
-    Err(StoreError::Unavailable("backend down".into()))
+    Err(StoreError::Unreachable("backend down".into()))
 }
 
 #[async_trait]

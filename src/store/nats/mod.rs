@@ -106,12 +106,16 @@ pub const DEGRADED: &str = "the presence store at the center (NATS JetStream) is
      (reads come from its cache and are marked stale; statuses cannot be written until the center is back)";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("nats: {e}"))
+    StoreError::Unreachable(format!("nats: {e}"))
 }
 
 impl From<KvError> for StoreError {
     fn from(e: KvError) -> Self {
-        unavailable(e)
+        match e {
+            KvError::Backend(m) => StoreError::Unreachable(format!("nats kv: {m}")),
+            KvError::Corrupt { key, message } => StoreError::Corrupt { key, detail: message },
+            KvError::Contended { key, .. } => StoreError::Contended { key },
+        }
     }
 }
 

@@ -134,7 +134,7 @@ impl NatsStore {
     /// Runs a KV call through the circuit breaker: refused at once while it is open.
     pub(super) async fn guarded<T>(&self, call: impl std::future::Future<Output = Result<T, KvError>>) -> Result<T, StoreError> {
         if !self.inner.degraded.breaker.allow(Instant::now()) {
-            return Err(StoreError::Unavailable(DEGRADED.into()));
+            return Err(StoreError::Degraded(DEGRADED.into()));
         }
         let r = call.await;
         self.outcome(!matches!(r, Err(KvError::Backend(_))));
