@@ -10,20 +10,37 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod units;
+pub use units::{ByteSize, Dur};
+
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
 const ENV_PREFIX: &str = "PRESENCE_";
 
+/// Why a configuration was refused (exit code 64): each names the key or variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid YAML: {message}")]
     Yaml { path: PathBuf, message: String },
-    #[error("config: {0}")]
-    Invalid(String),
+    /// A key that is not a setting.
+    #[error("config: {key}: {reason}")]
+    UnknownKey { key: String, reason: String },
+    /// A value of the wrong form, or out of its range.
+    #[error("config: {key}: {reason}")]
+    BadValue { key: String, reason: String },
+    /// A rule between settings, or one the service needs (e.g. a long enough secret).
+    #[error("config: {key}: {reason}")]
+    Rule { key: String, reason: String },
+    /// `${VAR}` in the file with no such variable and no default, or bad syntax.
+    #[error("config: {key}: {reason}")]
+    Variable { key: String, reason: String },
+    /// An environment variable not written `PRESENCE_<SECTION>__<KEY>`.
+    #[error("config: {var}: {reason}")]
+    Override { var: String, reason: String },
 }
 
 /// The whole configuration; see the README's config reference.
@@ -61,6 +78,22 @@ pub struct ServiceConfig {
     pub shutdown_grace: Dur,
 }
 
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            name: "presenced".into(),
+            version: "v2".into(),
+            host: "0.0.0.0".into(),
+            port: 8080,
+            grpc_port: 9090,
+            node_type: NodeType::Center,
+            node_id: String::new(),
+            data_dir: PathBuf::from("./data"),
+            shutdown_grace: Dur::secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeType {
@@ -91,6 +124,12 @@ pub struct StoreConfig {
     pub start_fresh: bool,
 }
 
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { backend: Backend::Memory, persist: true, shards: 64, tick: Dur::millis(100), start_fresh: false }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PresenceConfig {
@@ -111,6 +150,20 @@ pub struct PresenceConfig {
     /// Forget a user who has had no session and no status for this long (their
     /// `last_seen` goes too), so churning ids do not grow the store; `0s`: never.
     pub forget_after: Dur,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            session_ttl: Dur::secs(60),
+            heartbeat_interval: Dur::secs(25),
+            typing_ttl: Dur::secs(5),
+            default_status_ttl: Dur::secs(3600),
+            node_lease_ttl: Dur::secs(15),
+            last_seen_interval: Dur::secs(0),
+            forget_after: Dur::secs(30 * 24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -138,6 +191,20 @@ pub struct AuthConfig {
     pub public_key_file: Option<PathBuf>,
     /// Allowed clock skew when checking `exp`/`nbf`.
     pub leeway: Dur,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Jwt,
+            jwt_secret: String::new(),
+            jwt_issuer: "presence-service".into(),
+            jwt_ttl: Dur::secs(24 * 3600),
+            public_key: String::new(),
+            public_key_file: None,
+            leeway: Dur::secs(30),
+        }
+    }
 }
 
 impl fmt::Debug for AuthConfig {
@@ -210,6 +277,39 @@ pub struct LimitsConfig {
     pub grpc_watch_buffer: usize,
 }
 
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_batch_ids: 1000,
+            max_user_id_len: 128,
+            max_message_len: 256,
+            max_body_bytes: ByteSize(64 * 1024),
+            max_status_ttl: Dur::secs(30 * 24 * 3600),
+            write_rate_per_sec: 10.0,
+            write_burst: 20,
+            event_bus_capacity: 65536,
+            request_timeout: Dur::secs(10),
+            max_devices_per_user: 10,
+            max_subscriptions_per_connection: 1000,
+            ws_messages_per_sec: 20.0,
+            ws_message_burst: 40,
+            ws_max_message_bytes: ByteSize(16 * 1024),
+            ws_outbound_queue: 1024,
+            ws_read_buffer_bytes: ByteSize(2048),
+            max_contacts: 5000,
+            max_conversation_members: 10_000,
+            connections_per_ip_per_sec: 20.0,
+            connection_burst_per_ip: 100,
+            header_read_timeout: Dur::secs(10),
+            idle_timeout: Dur::secs(120),
+            grpc_max_concurrent_streams: 100,
+            grpc_max_watch_streams: 4096,
+            grpc_max_watched_ids: 1_000_000,
+            grpc_watch_buffer: 10_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -224,6 +324,12 @@ pub struct LoggingConfig {
     #[serde(deserialize_with = "de_string")]
     pub level: String,
     pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { level: "info".into(), format: LogFormat::Text }
+    }
 }
 
 /// Seed 003 §9.1 `nats` section; read by the NATS backend (`store.backend: nats`).
@@ -264,6 +370,30 @@ pub struct NatsConfig {
     /// Timeout of one JetStream/KV request; three failures in a row put the node in
     /// degraded mode (circuit breaker) until a probe succeeds.
     pub request_timeout: Dur,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            embedded: false,
+            server_binary: PathBuf::from("nats-server"),
+            embedded_listen: "127.0.0.1:4222".into(),
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            data_dir: PathBuf::from("./nats-data"),
+            jetstream: JetStreamConfig::default(),
+            kv: KvConfig::default(),
+            events: EventsConfig::default(),
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            nkey_seed: String::new(),
+            credentials_file: None,
+            tls: NatsTlsConfig::default(),
+            connect_timeout: Dur::secs(5),
+            max_reconnect_delay: Dur::secs(5),
+            request_timeout: Dur::secs(2),
+        }
+    }
 }
 
 impl fmt::Debug for NatsConfig {
@@ -337,6 +467,12 @@ pub struct JetStreamConfig {
     pub domain: String,
 }
 
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig { max_memory: ByteSize(1 << 30), max_file: ByteSize(10 << 30), domain: String::new() }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct KvConfig {
@@ -344,6 +480,12 @@ pub struct KvConfig {
     pub bucket: String,
     pub ttl: Dur,
     pub replicas: usize,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig { bucket: "presence".into(), ttl: Dur::secs(3600), replicas: 1 }
+    }
 }
 
 /// Seed 003 §9.1 `cache` section; read-through cache of cluster backends.
@@ -356,131 +498,6 @@ pub struct CacheConfig {
     pub num_counters: u64,
     pub buffer_items: u64,
     pub metrics: bool,
-}
-
-impl Default for ServiceConfig {
-    fn default() -> Self {
-        ServiceConfig {
-            name: "presenced".into(),
-            version: "v2".into(),
-            host: "0.0.0.0".into(),
-            port: 8080,
-            grpc_port: 9090,
-            node_type: NodeType::Center,
-            node_id: String::new(),
-            data_dir: PathBuf::from("./data"),
-            shutdown_grace: Dur::secs(10),
-        }
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig { backend: Backend::Memory, persist: true, shards: 64, tick: Dur::millis(100), start_fresh: false }
-    }
-}
-
-impl Default for PresenceConfig {
-    fn default() -> Self {
-        PresenceConfig {
-            session_ttl: Dur::secs(60),
-            heartbeat_interval: Dur::secs(25),
-            typing_ttl: Dur::secs(5),
-            default_status_ttl: Dur::secs(3600),
-            node_lease_ttl: Dur::secs(15),
-            last_seen_interval: Dur::secs(0),
-            forget_after: Dur::secs(30 * 24 * 3600),
-        }
-    }
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            mode: AuthMode::Jwt,
-            jwt_secret: String::new(),
-            jwt_issuer: "presence-service".into(),
-            jwt_ttl: Dur::secs(24 * 3600),
-            public_key: String::new(),
-            public_key_file: None,
-            leeway: Dur::secs(30),
-        }
-    }
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_batch_ids: 1000,
-            max_user_id_len: 128,
-            max_message_len: 256,
-            max_body_bytes: ByteSize(64 * 1024),
-            max_status_ttl: Dur::secs(30 * 24 * 3600),
-            write_rate_per_sec: 10.0,
-            write_burst: 20,
-            event_bus_capacity: 65536,
-            request_timeout: Dur::secs(10),
-            max_devices_per_user: 10,
-            max_subscriptions_per_connection: 1000,
-            ws_messages_per_sec: 20.0,
-            ws_message_burst: 40,
-            ws_max_message_bytes: ByteSize(16 * 1024),
-            ws_outbound_queue: 1024,
-            ws_read_buffer_bytes: ByteSize(2048),
-            max_contacts: 5000,
-            max_conversation_members: 10_000,
-            connections_per_ip_per_sec: 20.0,
-            connection_burst_per_ip: 100,
-            header_read_timeout: Dur::secs(10),
-            idle_timeout: Dur::secs(120),
-            grpc_max_concurrent_streams: 100,
-            grpc_max_watch_streams: 4096,
-            grpc_max_watched_ids: 1_000_000,
-            grpc_watch_buffer: 10_000,
-        }
-    }
-}
-
-impl Default for LoggingConfig {
-    fn default() -> Self {
-        LoggingConfig { level: "info".into(), format: LogFormat::Text }
-    }
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        NatsConfig {
-            embedded: false,
-            server_binary: PathBuf::from("nats-server"),
-            embedded_listen: "127.0.0.1:4222".into(),
-            urls: vec!["nats://127.0.0.1:4222".into()],
-            data_dir: PathBuf::from("./nats-data"),
-            jetstream: JetStreamConfig::default(),
-            kv: KvConfig::default(),
-            events: EventsConfig::default(),
-            user: String::new(),
-            password: String::new(),
-            token: String::new(),
-            nkey_seed: String::new(),
-            credentials_file: None,
-            tls: NatsTlsConfig::default(),
-            connect_timeout: Dur::secs(5),
-            max_reconnect_delay: Dur::secs(5),
-            request_timeout: Dur::secs(2),
-        }
-    }
-}
-
-impl Default for JetStreamConfig {
-    fn default() -> Self {
-        JetStreamConfig { max_memory: ByteSize(1 << 30), max_file: ByteSize(10 << 30), domain: String::new() }
-    }
-}
-
-impl Default for KvConfig {
-    fn default() -> Self {
-        KvConfig { bucket: "presence".into(), ttl: Dur::secs(3600), replicas: 1 }
-    }
 }
 
 impl Default for CacheConfig {
@@ -512,8 +529,14 @@ impl Config {
             None => Value::Mapping(Default::default()),
         };
         apply_env_overrides(&mut tree, &env)?;
-        let mut config: Config = serde_path_to_error::deserialize(tree)
-            .map_err(|e| ConfigError::Invalid(format!("{}: {}", display_path(&e.path().to_string()), e.inner())))?;
+        let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let (key, reason) = (display_path(&e.path().to_string()), e.inner().to_string());
+            if reason.starts_with("unknown field") {
+                ConfigError::UnknownKey { key, reason }
+            } else {
+                ConfigError::BadValue { key, reason }
+            }
+        })?;
         if config.service.node_id.is_empty() {
             config.service.node_id = default_node_id();
         }
@@ -522,7 +545,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        let bad = |key: &str, why: &str| Err(ConfigError::Rule { key: key.to_string(), reason: why.to_string() });
         let p = &self.presence;
         if p.session_ttl.0 < Duration::from_secs(1) {
             return bad("presence.session_ttl", "must be at least 1s");
@@ -638,7 +661,7 @@ fn interpolate(v: &mut Value, env: &HashMap<String, String>, path: &str) -> Resu
     match v {
         Value::String(s) if s.contains("${") => {
             let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
-            let replaced = substitute(s, env).map_err(|e| ConfigError::Invalid(format!("{}: {e}", display_path(path))))?;
+            let replaced = substitute(s, env).map_err(|reason| ConfigError::Variable { key: display_path(path), reason })?;
             *v = if whole { scalar(&replaced) } else { Value::String(replaced) };
         }
         Value::Mapping(m) => {
@@ -699,7 +722,10 @@ fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Resul
     for key in keys {
         let path: Vec<String> = key[ENV_PREFIX.len()..].split("__").map(|p| p.to_ascii_lowercase()).collect();
         if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
-            return Err(ConfigError::Invalid(format!("{key}: environment overrides are written PRESENCE_<SECTION>__<KEY>")));
+            return Err(ConfigError::Override {
+                var: key.clone(),
+                reason: "environment overrides are written PRESENCE_<SECTION>__<KEY>".into(),
+            });
         }
         let mut node = &mut *tree;
         for (i, part) in path.iter().enumerate() {
@@ -707,7 +733,7 @@ fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Resul
                 *node = Value::Mapping(Default::default());
             }
             let Value::Mapping(map) = node else {
-                return Err(ConfigError::Invalid(format!("{key}: cannot set a key below a scalar")));
+                return Err(ConfigError::Override { var: key.clone(), reason: "cannot set a key below a scalar".into() });
             };
             let k = Value::String(part.clone());
             if i + 1 == path.len() {
@@ -729,130 +755,6 @@ fn de_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Value::Bool(b) => Ok(b.to_string()),
         Value::Null => Ok(String::new()),
         _ => Err(de::Error::custom("expected a string")),
-    }
-}
-
-/// A duration written like the seed's: `500ms`, `60s`, `5m`, `24h`, `7d`, or combined
-/// (`1h30m`); a bare number means seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Dur(pub Duration);
-
-impl Dur {
-    pub const fn secs(s: u64) -> Dur {
-        Dur(Duration::from_secs(s))
-    }
-    pub const fn millis(ms: u64) -> Dur {
-        Dur(Duration::from_millis(ms))
-    }
-    pub fn as_millis_i64(self) -> i64 {
-        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
-    }
-
-    pub fn parse(s: &str) -> Result<Dur, String> {
-        let expected = || format!("invalid duration {s:?}: expected a number with a unit, such as 500ms, 60s, 5m, 24h or 7d");
-        let t = s.trim();
-        if t.is_empty() {
-            return Err(expected());
-        }
-        if let Ok(n) = t.parse::<u64>() {
-            return Ok(Dur::secs(n));
-        }
-        let mut total: u128 = 0;
-        let mut rest = t;
-        while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-            if digits == 0 {
-                return Err(expected());
-            }
-            let n: u128 = rest[..digits].parse().map_err(|_| expected())?;
-            rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-            let unit_ms: u128 = match &rest[..unit_len] {
-                "ms" => 1,
-                "s" => 1_000,
-                "m" => 60_000,
-                "h" => 3_600_000,
-                "d" => 86_400_000,
-                _ => return Err(expected()),
-            };
-            rest = &rest[unit_len..];
-            total = total.checked_add(n.checked_mul(unit_ms).ok_or_else(expected)?).ok_or_else(expected)?;
-        }
-        let ms = u64::try_from(total).map_err(|_| expected())?;
-        Ok(Dur(Duration::from_millis(ms)))
-    }
-}
-
-impl fmt::Display for Dur {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
-            write!(f, "{ms}ms")
-        } else {
-            write!(f, "{}s", ms / 1000)
-        }
-    }
-}
-
-impl Serialize for Dur {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
-        match Value::deserialize(d)? {
-            Value::String(s) => Dur::parse(&s).map_err(de::Error::custom),
-            Value::Number(n) => n.as_u64().map(Dur::secs).ok_or_else(|| {
-                de::Error::custom(format!("invalid duration {n}: expected a whole number of seconds or a value such as 60s"))
-            }),
-            _ => Err(de::Error::custom("expected a duration such as 500ms, 60s, 5m, 24h or 7d")),
-        }
-    }
-}
-
-/// A size in bytes: a number, or with a unit (`64KiB`, `1MB`, `10GB`; KB/MB/GB are 1000-based,
-/// KiB/MiB/GiB 1024-based).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn parse(s: &str) -> Result<ByteSize, String> {
-        let expected = || format!("invalid size {s:?}: expected bytes, or a number with a unit such as 64KiB, 1MB, 10GB");
-        let t = s.trim();
-        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        if digits == 0 {
-            return Err(expected());
-        }
-        let n: u64 = t[..digits].parse().map_err(|_| expected())?;
-        let mult: u64 = match t[digits..].trim() {
-            "" | "B" => 1,
-            "KB" | "kB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            _ => return Err(expected()),
-        };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(expected)
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
-        match Value::deserialize(d)? {
-            Value::String(s) => ByteSize::parse(&s).map_err(de::Error::custom),
-            Value::Number(n) => n.as_u64().map(ByteSize).ok_or_else(|| de::Error::custom("expected a whole number of bytes")),
-            _ => Err(de::Error::custom("expected a size such as 65536 or 64KiB")),
-        }
     }
 }
 
@@ -961,18 +863,14 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_sizes_parse() {
-        assert_eq!(Dur::parse("500ms").unwrap(), Dur::millis(500));
-        assert_eq!(Dur::parse("3600s").unwrap(), Dur::secs(3600));
-        assert_eq!(Dur::parse("1h30m").unwrap(), Dur::secs(5400));
-        assert_eq!(Dur::parse("7d").unwrap(), Dur::secs(7 * 86400));
-        assert_eq!(Dur::parse("15").unwrap(), Dur::secs(15));
-        for bad in ["", "s", "5x", "-5s", "1.5s", "99999999999999999999999h"] {
-            assert!(Dur::parse(bad).is_err(), "{bad}");
-        }
-        assert_eq!(ByteSize::parse("16KiB").unwrap(), ByteSize(16384));
-        assert_eq!(ByteSize::parse("1GB").unwrap(), ByteSize(1_000_000_000));
-        assert!(ByteSize::parse("1TB").is_err());
+    fn errors_say_which_kind_of_mistake() {
+        let load = |text: &str, vars: &[(&str, &str)]| Config::load(Some(file(text).path()), env(vars)).unwrap_err();
+        let e = load("service:\n  prot: 1\n", &[]);
+        assert!(matches!(&e, ConfigError::UnknownKey { .. }), "{e:?}");
+        assert!(matches!(load("service:\n  port: 70000\n", &[]), ConfigError::BadValue { key, .. } if key == "service.port"));
+        assert!(matches!(load("presence:\n  heartbeat_interval: 90s\n", &[]), ConfigError::Rule { .. }));
+        assert!(matches!(load("auth:\n  jwt_secret: ${NOPE}\n", &[]), ConfigError::Variable { key, .. } if key == "auth.jwt_secret"));
+        assert!(matches!(load("", &[("PRESENCE_PORT", "1")]), ConfigError::Override { var, .. } if var == "PRESENCE_PORT"));
     }
 
     #[test]
