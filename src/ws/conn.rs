@@ -1,12 +1,16 @@
 //! One WebSocket connection: a single task that reads client messages, writes what the
 //! hub queued, pings, and notices staleness. One task (not a reader and a writer) keeps
 //! an idle connection small.
+//!
+//! The loop is generic over the socket (any `Sink<Message> + Stream<Item = Result<Message>>`,
+//! as axum's chat example does), so the protocol is tested with an in-memory socket and a
+//! paused clock, without the network.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::Instant;
 
 use super::hub::{Conn, Hub};
 use super::protocol::{self, ClientMsg};
@@ -17,8 +21,13 @@ use crate::error::close;
 use crate::error::ApiError;
 use crate::service::{Service, StatusWrite};
 
+/// What the connection loop reads from and writes to: axum's `WebSocket`, or a test's.
+pub trait Socket: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send {}
+
+impl<S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send> Socket for S {}
+
 /// Runs a connection (connected to the hub before the upgrade) to its end.
-pub async fn run(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, conn: Arc<Conn>, mut socket: WebSocket) {
+pub async fn run<S: Socket>(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, conn: Arc<Conn>, mut socket: S) {
     // The user's own presence, and everyone who shares theirs with this user.
     let mut initial = vec![conn.user.clone()];
     initial.extend(svc.directory.audience_of(&conn.user));
@@ -39,7 +48,7 @@ async fn session(
     hub: &Arc<Hub>,
     conn: &Arc<Conn>,
     who: &Identity,
-    socket: &mut WebSocket,
+    socket: &mut impl Socket,
 ) -> Option<(u16, &'static str)> {
     let heartbeat = svc.presence.heartbeat_interval.0;
     let ttl = svc.presence.session_ttl.0;
@@ -78,7 +87,7 @@ async fn session(
                 }
                 metrics::counter!("ws_messages_out_total").increment(n);
             }
-            msg = socket.recv() => {
+            msg = socket.next() => {
                 let msg = match msg {
                     None => return None,
                     Some(Ok(m)) => m,
@@ -120,7 +129,7 @@ async fn session(
                 }
                 // Wake at the next ping, or exactly when the connection would turn stale.
                 let next = (now + heartbeat).min(last_in + ttl);
-                tick.as_mut().reset(tokio::time::Instant::from_std(next.max(now + std::time::Duration::from_millis(10))));
+                tick.as_mut().reset(next.max(now + std::time::Duration::from_millis(10)));
             }
         }
     }
@@ -197,5 +206,147 @@ async fn apply(
             hub.unsubscribe(conn, &ids);
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::memory::{MemoryConfig, MemoryStore};
+
+    /// An in-memory socket: what the test sends comes in, what the server sends goes out.
+    struct FakeSocket {
+        incoming: tokio::sync::mpsc::UnboundedReceiver<Result<Message, axum::Error>>,
+        outgoing: tokio::sync::mpsc::UnboundedSender<Message>,
+    }
+
+    impl Stream for FakeSocket {
+        type Item = Result<Message, axum::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.incoming.poll_recv(cx)
+        }
+    }
+
+    impl Sink<Message> for FakeSocket {
+        type Error = axum::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), axum::Error> {
+            let _ = self.outgoing.send(m);
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Client {
+        to_server: tokio::sync::mpsc::UnboundedSender<Result<Message, axum::Error>>,
+        from_server: tokio::sync::mpsc::UnboundedReceiver<Message>,
+        task: tokio::task::JoinHandle<()>,
+        svc: Arc<Service>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Client {
+        fn send(&self, v: serde_json::Value) {
+            self.to_server.send(Ok(Message::Text(v.to_string().into()))).unwrap();
+        }
+
+        /// The next message the server sent (pings skipped), within 5 s of the test's clock.
+        async fn next(&mut self) -> Message {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), self.from_server.recv()).await.expect("a message").expect("open") {
+                    Message::Ping(_) => continue,
+                    m => return m,
+                }
+            }
+        }
+
+        async fn json(&mut self) -> serde_json::Value {
+            match self.next().await {
+                Message::Text(t) => serde_json::from_str(&t).unwrap(),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// A node with the embedded store and one user connected over an in-memory socket.
+    async fn connect(user: &str, env: &[(&str, &str)]) -> Client {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vars = vec![
+            ("PRESENCE_AUTH__JWT_SECRET".to_string(), "x".repeat(32)),
+            ("PRESENCE_SERVICE__DATA_DIR".to_string(), dir.path().display().to_string()),
+            ("PRESENCE_SERVICE__NODE_ID".to_string(), "n1".to_string()),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = crate::config::Config::load(None, vars).unwrap();
+        let bus = crate::bus::EventBus::new(1024);
+        let clock: Arc<dyn crate::store::Clock> = Arc::new(crate::store::SystemClock);
+        let store = MemoryStore::open(MemoryConfig::new("n1"), clock.clone(), bus.clone()).unwrap();
+        store.start();
+        let app = crate::server::App::with_store(config, Arc::new(store), bus, clock).await.unwrap();
+        let (svc, hub) = (app.svc.clone(), app.hub.clone());
+        let who = Identity { sub: user.to_string(), scopes: Vec::new() };
+        let id = UserId::parse(user, 64).unwrap();
+        let hello = protocol::connected(user, "d1", None, "n1", 25, 60);
+        let conn = hub.connect(id, Arc::from("d1"), None, false, hello).await.unwrap();
+        let (to_server, incoming) = tokio::sync::mpsc::unbounded_channel();
+        let (outgoing, from_server) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(run(svc.clone(), hub, who, conn, FakeSocket { incoming, outgoing }));
+        Client { to_server, from_server, task, svc, _dir: dir }
+    }
+
+    #[tokio::test]
+    async fn the_protocol_over_an_in_memory_socket() {
+        let mut c = connect("alice", &[]).await;
+        assert_eq!(c.json().await["type"], "connected");
+        let own = c.json().await;
+        assert_eq!((own["type"].as_str(), own["payload"]["user_id"].as_str()), (Some("presence_update"), Some("alice")));
+        c.send(serde_json::json!({"type": "heartbeat", "id": 1}));
+        let ack = c.json().await;
+        assert_eq!((ack["type"].as_str(), ack["id"].as_i64()), (Some("ack"), Some(1)));
+        c.to_server.send(Ok(Message::Text("{nope".into()))).unwrap();
+        assert_eq!(c.json().await["payload"]["code"], "malformed");
+        c.to_server.send(Ok(Message::Binary(vec![1u8, 2].into()))).unwrap();
+        assert_eq!(c.json().await["payload"]["code"], "bad_request");
+        c.send(serde_json::json!({"type": "subscribe", "payload": {"user_ids": ["bob"]}, "id": "s"}));
+        assert_eq!(c.json().await["type"], "ack");
+        let snap = c.json().await;
+        assert_eq!((snap["payload"]["user_id"].as_str(), snap["payload"]["status"].as_str()), (Some("bob"), Some("offline")));
+        c.send(serde_json::json!({"type": "presence_update", "payload": {"online_status": "busy"}, "id": 2}));
+        let mut seen = vec![c.json().await, c.json().await];
+        seen.sort_by_key(|m| m["type"].to_string());
+        assert_eq!((seen[0]["type"].as_str(), seen[1]["payload"]["status"].as_str()), (Some("ack"), Some("busy")));
+        // The client goes away: the session ends.
+        drop(c.to_server);
+        c.task.await.unwrap();
+        let p = c.svc.get_many(&[UserId::parse("alice", 64).unwrap()]).await.unwrap().remove(0);
+        assert_eq!((p.status, p.device_count), (crate::core::Status::Offline, 0));
+    }
+
+    /// Staleness on a paused clock: no inbound traffic for `session_ttl` closes with 4002.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_4002_after_the_session_ttl() {
+        let mut c = connect("sam", &[("PRESENCE_PRESENCE__SESSION_TTL", "60s"), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "25s")]).await;
+        assert_eq!(c.json().await["type"], "connected");
+        c.json().await;
+        tokio::time::advance(Duration::from_secs(59)).await;
+        c.send(serde_json::json!({"type": "heartbeat", "id": 1}));
+        assert_eq!(c.json().await["type"], "ack", "still open after 59 s");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        match c.next().await {
+            Message::Close(Some(f)) => assert_eq!(f.code, close::STALE),
+            other => panic!("expected close 4002, got {other:?}"),
+        }
+        c.task.await.unwrap();
     }
 }
