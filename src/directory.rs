@@ -1,6 +1,6 @@
 //! The directory: who shares presence with whom (contacts), privacy settings, and
 //! conversation membership, held in memory for the hot paths (every fan-out consults it)
-//! and persisted through [`Store::put_directory`].
+//! and persisted through [`crate::store::DirectoryStore::put_directory`].
 //!
 //! A user's contacts are their *audience*: the people told of their changes, and the
 //! people who see them under `visibility: contacts`. The reverse index (`audiences`)

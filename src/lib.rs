@@ -1,26 +1,32 @@
 //! presenced: a real-time presence service.
 //!
 //! # Layout
-//! - [`core`]: the domain, with no I/O: statuses, users, device sessions, the aggregation
-//!   rule, TTL expiry, events, token buckets. Every rule takes `now` and is unit-tested.
-//! - [`store`]: the [`store::Store`] trait and its backends: [`store::memory`] (the embedded
-//!   default: sharded state, timer wheel, redb persistence). Cluster backends implement the
-//!   same trait over the same core transitions.
-//! - [`bus`]: the in-process event bus every transport and backend subscribes to.
-//! - [`service`]: the application layer shared by all transports: validation, permissions,
-//!   rate limits, and the one error type with its wire mapping.
-//! - [`directory`]: contacts (who shares presence with whom), privacy settings and
-//!   conversation members, in memory for the fan-out path and persisted by the store.
-//! - [`http`]: the REST API v2, contacts/privacy/conversations, the seed 004 legacy
-//!   endpoints, health, metrics and the live page (thin adapters over [`service`]).
-//! - [`ws`]: `GET /ws`, the hub (indexes, coalescing outboxes, typing) and the protocol.
-//! - [`grpc`]: `realchat.presence.v1.PresenceApi` (seed 001), health and reflection.
-//! - [`natsio`]: cluster mode's NATS connection and JetStream KV (bucket set-up, key
-//!   encoding, compare-and-swap updates).
-//! - [`listener`]: accepting connections: header-read and idle timeouts, the per-IP
-//!   connection rate on the gRPC port, the HTTP accept loop.
-//! - [`auth`]: JWT verification and minting. [`config`]: YAML + env configuration.
-//!   [`telemetry`]: logs and metrics. [`server`]: wiring and graceful shutdown.
+//! Floors, from the bottom; a module depends only on the floors below it. A presence
+//! update from `/ws` goes down once (ws → service → store → core) and comes back up once
+//! (the store publishes the event on the bus; the hub delivers it).
+//!
+//! 1. The domain, no I/O: [`core`] (statuses, users, device sessions, the aggregation rule
+//!    and every transition, privacy projection, events, the timer wheel, token buckets;
+//!    every rule takes `now` and is unit-tested). [`error`]: every failure a client can
+//!    see and the one table of how each transport says it. [`shards`]: the sharded map.
+//! 2. State: [`store`]: the [`store::PresenceStore`] and [`store::DirectoryStore`] traits
+//!    and their backends, [`store::memory`] (the embedded default: sharded state, timer
+//!    wheel, redb persistence) and [`store::nats`] (cluster mode on NATS JetStream, in
+//!    rooms: users, sessions, degraded, directory, lease, relay). [`natsio`]: the NATS
+//!    connection, JetStream KV plumbing and the embedded nats-server. [`bus`]: the
+//!    in-process bus (events, typing, directory changes, interest). [`directory`]:
+//!    contacts, privacy settings and conversation members in memory.
+//! 3. [`service`]: the application layer every transport shares: validation,
+//!    permissions, rate limits, reads and writes, [`service::sessions`] (device sessions),
+//!    [`service::typing`] (typing indicators), [`service::limiter`].
+//! 4. Transports, thin adapters over the service: [`http`] (REST API v2, contacts,
+//!    privacy, conversations, legacy endpoints, health, metrics, the live page), [`json`]
+//!    (the presence as JSON, shared by HTTP and WebSocket), [`ws`] (`GET /ws`: the hub,
+//!    the connection loop, the protocol), [`grpc`] (`realchat.presence.v1.PresenceApi`),
+//!    [`listener`] (accepting connections: timeouts, the per-IP rate, the HTTP accept
+//!    loop).
+//! 5. [`server`]: wiring and graceful shutdown. Beside it: [`auth`] (JWT), [`config`]
+//!    (YAML + environment), [`telemetry`] (logs and metrics).
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::todo, clippy::unimplemented))]
 

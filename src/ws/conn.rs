@@ -323,7 +323,7 @@ mod tests {
         let snap = c.json().await;
         assert_eq!((snap["payload"]["user_id"].as_str(), snap["payload"]["status"].as_str()), (Some("bob"), Some("offline")));
         c.send(serde_json::json!({"type": "presence_update", "payload": {"online_status": "busy"}, "id": 2}));
-        let mut seen = vec![c.json().await, c.json().await];
+        let mut seen = [c.json().await, c.json().await];
         seen.sort_by_key(|m| m["type"].to_string());
         assert_eq!((seen[0]["type"].as_str(), seen[1]["payload"]["status"].as_str()), (Some("ack"), Some("busy")));
         // The client goes away: the session ends.

@@ -8,7 +8,7 @@
 //! relation per event, and only if that projection changed: a viewer who may not see U
 //! is not told the *moment* U changed either (privacy hides timing, not just content).
 //!
-//! Every connection has an [`Outbox`]: a bounded queue in which presence pushes for the
+//! Every connection has an `Outbox`: a bounded queue in which presence pushes for the
 //! same watched user (and typing pushes for the same conversation and typist) replace
 //! each other, so a slow reader holds at most one pending presence per watched user. A
 //! connection whose outbox still overflows is closed with 1013.

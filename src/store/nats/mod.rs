@@ -1,7 +1,7 @@
 //! Cluster backend: presence in NATS JetStream KV (seed 003 §5), shared by every node.
 //!
 //! One key per user (`user.<encoded id>`, see [`crate::natsio::kv::encode_id`]) holding the
-//! user's whole [`UserState`] (explicit status, message, expiry, `last_seen`, sessions with
+//! user's whole [`crate::core::UserState`] (explicit status, message, expiry, `last_seen`, sessions with
 //! their owning node). Every change runs the same pure transition as the embedded store,
 //! inside a compare-and-swap on the key's revision ([`crate::natsio::kv::update`]), so
 //! concurrent writers on different nodes never lose an update, and exactly one of them
@@ -13,7 +13,7 @@
 //! WebSocket and gRPC watchers see changes made anywhere.
 //!
 //! Sessions are held by node leases ([`lease`]): a session registered on this node is
-//! stored with expiry [`HELD`], its real deadline lives in this node's memory
+//! stored with expiry [`crate::core::HELD`], its real deadline lives in this node's memory
 //! ([`owned::OwnedTable`]) and heartbeats never touch the KV. A heartbeat that reaches
 //! another node is forwarded to the owner (`presence.node.<node>.refresh`, request/reply);
 //! only when the owner does not answer does that node take the session over (one write).
@@ -24,10 +24,10 @@
 //! a lapsed status is never shown even before that.
 //!
 //! Rooms: this file (the handle, its state, start-up, the `Store` traits delegating);
-//! [`users`] (compare-and-swap writes and their events, reads, the cache watcher, the
-//! breaker); [`sessions`] (sessions held here, heartbeats, the owner index, node-to-node
-//! requests); [`degraded`] (local changes while cut off, and their write-back);
-//! [`directory`] (the directory bucket); [`lease`] (node leases, the janitor); [`relay`]
+//! `users` (compare-and-swap writes and their events, reads, the cache watcher, the
+//! breaker); `sessions` (sessions held here, heartbeats, the owner index, node-to-node
+//! requests); `degraded` (local changes while cut off, and their write-back);
+//! [`directory`] (the directory bucket); [`lease`] (node leases, the janitor); `relay`
 //! (interest-routed subscriptions, typing); [`cache`] (read cache, circuit breaker);
 //! [`order`] (per-user event order); [`owned`] (the sessions this node holds, no I/O);
 //! [`wire`] (the event schema). Logic with no I/O is tested alone in `owned`, `order`,
