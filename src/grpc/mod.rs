@@ -202,7 +202,7 @@ impl PresenceApi for Api {
         .map(|body| {
             let mut r = Response::new(body);
             // Degraded cluster node: answered from its cache (as REST's `"stale": true`).
-            if self.svc.store.degraded().is_some() {
+            if self.svc.degraded().is_some() {
                 r.metadata_mut().insert("x-presence-stale", tonic::metadata::MetadataValue::from_static("true"));
             }
             r

@@ -11,25 +11,25 @@ use crate::error::ApiError;
 /// Liveness plus store readiness: 200 when the store can serve, 503 otherwise.
 pub async fn health(State(state): State<Http>) -> Response {
     let svc = &state.svc;
-    match svc.store.health().await {
+    match svc.health().await {
         Ok(()) => ok(json!({
             // degraded: a leaf cut off from the center, still serving its local users.
-            "status": if svc.store.degraded().is_some() { "degraded" } else { "ok" },
-            "degraded": svc.store.degraded(),
+            "status": if svc.degraded().is_some() { "degraded" } else { "ok" },
+            "degraded": svc.degraded(),
             "node_id": &*svc.node_id,
             "node_type": state.node_type,
             "store": { "backend": state.backend, "ready": true },
             "uptime_seconds": state.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         })),
-        Err(e) => error(&ApiError::Unavailable(e.to_string())),
+        Err(e) => error(&e),
     }
 }
 
 /// Read statistics of the node's presence cache. With the embedded store the in-memory
 /// state *is* the cache: a hit is a read of a known user, a miss a read of an unknown one.
 pub async fn cache(State(state): State<Http>) -> Response {
-    let s = state.svc.store.stats();
+    let s = state.svc.stats();
     let total = s.hits + s.misses;
     ok(json!({
         "type": state.backend,
@@ -40,13 +40,13 @@ pub async fn cache(State(state): State<Http>) -> Response {
         "evictions": s.evictions,
         "cost": s.cache_cost,
         "max_cost": state.cache_max_cost,
-        "stale": state.svc.store.degraded().is_some(),
+        "stale": state.svc.degraded().is_some(),
     }))
 }
 
 /// Prometheus text format.
 pub async fn metrics(State(state): State<Http>) -> Response {
-    crate::telemetry::record_store_stats(&state.svc.store.stats());
+    crate::telemetry::record_store_stats(&state.svc.stats());
     state.metrics.run_upkeep();
     let mut r = state.metrics.render().into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -60,7 +60,7 @@ pub async fn nats(State(state): State<Http>) -> Response {
         None => ok(json!({ "enabled": false, "backend": state.backend })),
         Some(n) => {
             let h = n.health();
-            let s = state.svc.store.stats();
+            let s = state.svc.stats();
             if h.connected {
                 ok(json!({
                     "enabled": true,

@@ -43,7 +43,7 @@ pub(super) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, A
 /// The presence envelope; while the node is degraded (cut off from the center) the
 /// answer comes from its cache: marked `"stale": true` and `X-Presence-Stale`, and logged.
 pub(super) fn presence_map(state: &Http, items: &[crate::core::Presence]) -> Response {
-    match state.svc.store.degraded() {
+    match state.svc.degraded() {
         None => ok(PresenceMap { items, now: state.svc.clock.now() }),
         Some(reason) => {
             tracing::debug!(users = items.len(), "stale read served from the cache (degraded mode)");

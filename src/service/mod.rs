@@ -93,6 +93,21 @@ impl Service {
         }
     }
 
+    /// `Some(reason)` while reads come from a possibly stale copy (a degraded cluster node).
+    pub fn degraded(&self) -> Option<String> {
+        self.store.degraded()
+    }
+
+    /// Whether the store can serve (503 with the reason otherwise).
+    pub async fn health(&self) -> Result<(), ApiError> {
+        Ok(self.store.health().await?)
+    }
+
+    /// The store's counters, for health and metrics.
+    pub fn stats(&self) -> crate::store::StoreStats {
+        self.store.stats()
+    }
+
     /// Per-IP rate limit on new connections (429 / `RESOURCE_EXHAUSTED`).
     pub fn check_connect_rate(&self, ip: std::net::IpAddr) -> Result<(), ApiError> {
         let Some(l) = &self.connects else { return Ok(()) };
