@@ -30,8 +30,16 @@ impl Drop for Driver {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A port for chromedriver, outside the ephemeral range: chromedriver binds without
+/// SO_REUSEADDR, so a port some test connection just used (in TIME_WAIT) makes it exit
+/// with "Address already in use"; the suite churns through many of those.
+fn driver_port() -> u16 {
+    loop {
+        let p = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 fn find(bin: &str) -> Option<String> {
@@ -42,8 +50,8 @@ impl Driver {
     async fn start() -> Driver {
         let bin = find("chromedriver").expect("chromedriver not found: install Debian's chromium and chromium-driver (.ci/run does)");
         // A port taken between choosing and binding it (tests run in parallel): try another.
-        for _ in 0..3 {
-            let port = free_port();
+        for _ in 0..5 {
+            let port = driver_port();
             let mut cmd = Command::new(&bin);
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             let child = cmd
@@ -66,7 +74,7 @@ impl Driver {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        panic!("chromedriver did not start (3 attempts)");
+        panic!("chromedriver did not start (5 attempts)");
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
