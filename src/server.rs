@@ -16,6 +16,7 @@ use crate::http::{self, Http};
 use crate::service::Service;
 use crate::store::memory::{MemoryConfig, MemoryStore};
 use crate::store::persist::PersistError;
+use crate::store::cluster::{ClusterOptions, ClusterStore};
 use crate::store::{Clock, Store, SystemClock};
 use crate::ws::hub::{Hub, HubLimits};
 
@@ -25,14 +26,25 @@ pub enum StartError {
     Auth(#[from] AuthSetupError),
     #[error(transparent)]
     Persist(#[from] PersistError),
-    #[error("store.backend {0}: this backend is not available in this build yet; use store.backend: memory or nats")]
-    Backend(&'static str),
-    #[error("store.backend nats: {0}")]
-    Cluster(crate::store::StoreError),
+    #[error("store.backend {0}: {1}")]
+    Cluster(&'static str, crate::store::StoreError),
     #[error("{0}")]
     Embedded(String),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A cluster node's options from the configuration.
+fn cluster_options(config: &Config, request_timeout: std::time::Duration) -> ClusterOptions {
+    ClusterOptions {
+        node_id: config.service.node_id.clone(),
+        tick_ms: config.store.tick.as_millis_i64().max(1),
+        lease_ttl_ms: config.presence.node_lease_ttl.as_millis_i64(),
+        last_seen_interval_ms: config.presence.last_seen_interval.as_millis_i64(),
+        forget_after_ms: Some(config.presence.forget_after.as_millis_i64()).filter(|f| *f > 0),
+        cache_max_cost: config.cache.max_cost,
+        kv_timeout: request_timeout.max(std::time::Duration::from_millis(100)),
+    }
 }
 
 /// A built node, ready to serve.
@@ -44,8 +56,8 @@ pub struct App {
     pub backend: &'static str,
     /// `serve --dev`: development helpers (`GET /dev/token`).
     pub dev: bool,
-    /// The NATS connection in cluster mode (for `/health/nats`).
-    pub nats: Option<crate::natsio::Nats>,
+    /// Cluster mode's store (for `/health/nats`, `/health/redis`).
+    pub cluster: Option<ClusterStore>,
     /// The supervised local nats-server (`nats.embedded`).
     pub embedded: Option<Arc<crate::natsio::embedded::EmbeddedServer>>,
 }
@@ -54,7 +66,7 @@ impl App {
     /// Opens the configured store and sets up auth. Must run inside a tokio runtime.
     pub async fn build(config: Config) -> Result<App, StartError> {
         // The recorder first: values recorded before it is installed are lost.
-        crate::telemetry::register(config.store.backend == Backend::Nats);
+        crate::telemetry::register(config.store.backend);
         let bus = EventBus::new(config.limits.event_bus_capacity);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store: Arc<dyn Store> = match config.store.backend {
@@ -85,31 +97,32 @@ impl App {
                 } else {
                     None
                 };
-                let opts = crate::store::nats::ClusterOptions {
-                    node_id: config.service.node_id.clone(),
-                    tick_ms: config.store.tick.as_millis_i64().max(1),
-                    lease_ttl_ms: config.presence.node_lease_ttl.as_millis_i64(),
-                    last_seen_interval_ms: config.presence.last_seen_interval.as_millis_i64(),
-                    cache_max_cost: config.cache.max_cost,
-                    kv_timeout: config.nats.request_timeout.0.max(std::time::Duration::from_millis(100)),
-                };
-                let nats =
-                    crate::store::nats::NatsStore::open(&nats_cfg, opts, clock.clone(), bus.clone()).await.map_err(StartError::Cluster)?;
+                let nats = crate::store::nats::open(&nats_cfg, cluster_options(&config, config.nats.request_timeout.0), clock.clone(), bus.clone())
+                    .await
+                    .map_err(|e| StartError::Cluster("nats", e))?;
                 nats.start();
-                let handle = nats.nats().clone();
-                let mut app = App::with_store(config, Arc::new(nats), bus, clock).await?;
-                app.nats = Some(handle);
+                let mut app = App::with_store(config, Arc::new(nats.clone()), bus, clock).await?;
+                app.cluster = Some(nats);
                 app.embedded = embedded;
                 return Ok(app);
             }
-            Backend::Redis => return Err(StartError::Backend("redis")),
+            Backend::Redis => {
+                let opts = cluster_options(&config, config.redis.request_timeout.0);
+                let redis = crate::store::redis::open(&config.redis, opts, clock.clone(), bus.clone())
+                    .await
+                    .map_err(|e| StartError::Cluster("redis", e))?;
+                redis.start();
+                let mut app = App::with_store(config, Arc::new(redis.clone()), bus, clock).await?;
+                app.cluster = Some(redis);
+                return Ok(app);
+            }
         };
         App::with_store(config, store, bus, clock).await
     }
 
     /// Builds around a given store (used by tests and by other backends' wiring).
     pub async fn with_store(config: Config, store: Arc<dyn Store>, bus: EventBus, clock: Arc<dyn Clock>) -> Result<App, StartError> {
-        crate::telemetry::register(config.store.backend == Backend::Nats);
+        crate::telemetry::register(config.store.backend);
         let auth = Arc::new(Authenticator::from_config(&config.auth, &config.service.data_dir)?);
         // Watch first, then load: a change made meanwhile is applied twice, never missed.
         let changes = store.watch_directory().await;
@@ -131,7 +144,7 @@ impl App {
             Backend::Nats => "nats",
             Backend::Redis => "redis",
         };
-        Ok(App { config, svc, hub, backend, dev: false, nats: None, embedded: None })
+        Ok(App { config, svc, hub, backend, dev: false, cluster: None, embedded: None })
     }
 
     /// Everything served on the HTTP port: the HTTP API and `/ws`.
@@ -142,7 +155,7 @@ impl App {
             started: Instant::now(),
             request_metrics: Default::default(),
             dev: self.dev,
-            nats: self.nats.clone(),
+            cluster: self.cluster.clone(),
             backend: self.backend,
             cache_max_cost: self.config.cache.max_cost,
             node_type: match self.config.service.node_type {

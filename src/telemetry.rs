@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, LoggingConfig};
+use crate::config::{Backend, LogFormat, LoggingConfig};
 use crate::store::StoreStats;
 
 /// Installs the global log subscriber. A second call is a no-op.
@@ -56,8 +56,12 @@ pub enum Scope {
     All,
     /// The embedded store.
     Memory,
+    /// Cluster mode, whatever the backend.
+    Cluster,
     /// Cluster mode on NATS.
     Nats,
+    /// Cluster mode on Redis.
+    Redis,
 }
 
 /// One exported metric: name, kind, where, help text, and the label sets created at start.
@@ -198,13 +202,13 @@ pub const METRICS: &[Metric] = &[
     m!(
         "store_writes_total",
         Counter,
-        Nats,
-        "Writes to the shared store, by kind (user record, owner index, lease, directory).",
+        Cluster,
+        "Writes to the shared store, by backend and kind (user record, owner index, lease, directory).",
         &[
-            &[("backend", "nats"), ("kind", "user")],
-            &[("backend", "nats"), ("kind", "index")],
-            &[("backend", "nats"), ("kind", "lease")],
-            &[("backend", "nats"), ("kind", "directory")]
+            &[("backend", BACKEND), ("kind", "user")],
+            &[("backend", BACKEND), ("kind", "index")],
+            &[("backend", BACKEND), ("kind", "lease")],
+            &[("backend", BACKEND), ("kind", "directory")]
         ]
     ),
     m!("nats_kv_writes_total", Counter, Nats, "Compare-and-swap writes to the users bucket."),
@@ -221,20 +225,47 @@ pub const METRICS: &[Metric] = &[
     m!("nats_directory_rewatch_total", Counter, Nats, "Times the directory watch was opened again after it ended."),
     m!("nats_slow_consumer_total", Counter, Nats, "NATS slow-consumer notices."),
     m!("nats_embedded_restarts_total", Counter, Nats, "Restarts of the embedded nats-server."),
-    m!("cache_hits_total", Counter, Nats, "Reads served by the node's read cache."),
-    m!("cache_misses_total", Counter, Nats, "Reads the read cache did not hold."),
-    m!("cache_evictions_total", Counter, Nats, "Read-cache entries evicted for space."),
+    m!("redis_connected", Gauge, Redis, "1 while connected to Redis (a PING every second answers)."),
+    m!("redis_degraded", Gauge, Redis, "1 while the circuit breaker is open (degraded mode)."),
+    m!("redis_cas_writes_total", Counter, Redis, "Compare-and-swap writes of users' records."),
+    m!("redis_cas_conflicts_total", Counter, Redis, "Compare-and-swap conflicts (retried)."),
+    m!("redis_interest_users", Gauge, Redis, "Users this node follows other nodes' events about."),
+    m!("redis_events_received_total", Counter, Redis, "Other nodes' events received."),
+    m!("redis_events_out_of_order_total", Counter, Redis, "Events dropped as older than one already published or relayed here."),
+    m!("redis_publish_timeouts_total", Counter, Redis, "Event publishes dropped after redis.request_timeout."),
+    m!("redis_forwarded_heartbeats_total", Counter, Redis, "Heartbeats forwarded to the node that holds the session."),
+    m!("redis_janitor_claims_total", Counter, Redis, "Lapsed node leases claimed by this node's janitor."),
+    m!("redis_lease_lost_total", Counter, Redis, "Times this node found its lease claimed or gone (cut off too long, or Redis lost its data)."),
+    m!("redis_lease_renewed_at_seconds", Gauge, Redis, "Unix time of this node's last lease renewal."),
+    m!("redis_degraded_local_changes_total", Counter, Redis, "Session changes kept locally while degraded."),
+    m!("redis_directory_rewatch_total", Counter, Redis, "Times the directory was read again after its change stream was interrupted."),
+    m!("redis_script_loads_total", Counter, Redis, "Lua scripts (re)loaded after a NOSCRIPT answer (a restarted or failed-over Redis)."),
+    m!("cache_hits_total", Counter, Cluster, "Reads served by the node's read cache."),
+    m!("cache_misses_total", Counter, Cluster, "Reads the read cache did not hold."),
+    m!("cache_evictions_total", Counter, Cluster, "Read-cache entries evicted for space."),
 ];
+
+/// In a label set of [`METRICS`]: replaced by the node's backend (`nats`, `redis`) when
+/// the series is created.
+const BACKEND: &str = "$backend";
 
 /// Installs the recorder, then describes every metric and creates it at zero (histograms
 /// with zero observations, for the label sets listed).
-pub fn register(nats: bool) -> PrometheusHandle {
+pub fn register(backend: Backend) -> PrometheusHandle {
     let handle = metrics_handle();
+    let backend_name = match backend {
+        Backend::Memory => "memory",
+        Backend::Nats => "nats",
+        Backend::Redis => "redis",
+    };
+    let label = |k: &'static str, v: &'static str| metrics::Label::new(k, if v == BACKEND { backend_name } else { v });
     for m in METRICS {
         let applies = match m.scope {
             Scope::All => true,
-            Scope::Memory => !nats,
-            Scope::Nats => nats,
+            Scope::Memory => backend == Backend::Memory,
+            Scope::Cluster => backend != Backend::Memory,
+            Scope::Nats => backend == Backend::Nats,
+            Scope::Redis => backend == Backend::Redis,
         };
         if !applies {
             continue;
@@ -243,21 +274,21 @@ pub fn register(nats: bool) -> PrometheusHandle {
             Kind::Counter => {
                 metrics::describe_counter!(m.name, m.help);
                 for labels in m.labels {
-                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
+                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| label(k, v)).collect();
                     metrics::counter!(m.name, l).increment(0);
                 }
             }
             Kind::Gauge => {
                 metrics::describe_gauge!(m.name, m.help);
                 for labels in m.labels {
-                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
+                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| label(k, v)).collect();
                     metrics::gauge!(m.name, l).increment(0.0);
                 }
             }
             Kind::Histogram => {
                 metrics::describe_histogram!(m.name, metrics::Unit::Seconds, m.help);
                 for labels in m.labels {
-                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
+                    let l: Vec<metrics::Label> = labels.iter().map(|(k, v)| label(k, v)).collect();
                     // A registered histogram renders (with zero counts) before its first sample.
                     let _ = metrics::histogram!(m.name, l);
                 }
@@ -323,5 +354,32 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "not in telemetry::METRICS: {missing:?}");
+    }
+
+    /// The cluster layer records under each backend's names: those are in the table too,
+    /// in that backend's scope.
+    #[test]
+    fn every_backend_metric_name_is_in_the_table() {
+        for (names, scope) in [(&crate::store::nats::NAMES, Scope::Nats), (&crate::store::redis::NAMES, Scope::Redis)] {
+            let n = names;
+            for name in [
+                n.degraded,
+                n.cas_writes,
+                n.cas_conflicts,
+                n.interest_users,
+                n.events_received,
+                n.events_out_of_order,
+                n.publish_timeouts,
+                n.forwarded_heartbeats,
+                n.janitor_claims,
+                n.lease_lost,
+                n.lease_renewed_at,
+                n.degraded_local_changes,
+                n.directory_rewatch,
+            ] {
+                let m = METRICS.iter().find(|m| m.name == name);
+                assert!(m.is_some_and(|m| m.scope == scope), "{name}: not in METRICS with scope {scope:?}");
+            }
+        }
     }
 }

@@ -388,20 +388,21 @@ async fn every_metric_is_exported_from_the_start_and_routes_by_template() {
     let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let exposition = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text");
     for m in presenced::telemetry::METRICS {
-        if m.scope == presenced::telemetry::Scope::Nats {
+        use presenced::telemetry::Scope;
+        if matches!(m.scope, Scope::Nats | Scope::Redis | Scope::Cluster) {
             continue;
         }
         assert!(text.contains(&format!("# HELP {} ", m.name)), "no HELP for {}:\n{text}", m.name);
         let sample = if m.kind == presenced::telemetry::Kind::Histogram { format!("{}_count", m.name) } else { m.name.to_string() };
         assert!(exposition.samples.iter().any(|x| x.metric == sample || x.metric == m.name), "{} not exported at start", m.name);
     }
-    assert!(!text.contains("nats_"), "NATS metrics only in cluster mode:\n{text}");
+    assert!(!text.contains("nats_") && !text.contains("redis_"), "backend metrics only in cluster mode:\n{text}");
     let admin = s.admin_token("backend");
-    for path in ["/api/v2/contacts/al", "/api/v2/conversations/c1/members", "/health/nats", "/", "/presence/al"] {
+    for path in ["/api/v2/contacts/al", "/api/v2/conversations/c1/members", "/health/nats", "/health/redis", "/", "/presence/al"] {
         s.client.get(s.url(path)).bearer_auth(&admin).send().await.unwrap();
     }
     let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for route in ["/api/v2/contacts/{user_id}", "/api/v2/conversations/{id}/members", "/health/nats", "/", "/presence/{user_id}"] {
+    for route in ["/api/v2/contacts/{user_id}", "/api/v2/conversations/{id}/members", "/health/nats", "/health/redis", "/", "/presence/{user_id}"] {
         assert!(text.contains(&format!(r#"route="{route}""#)), "route {route} not labelled:\n{text}");
     }
     assert!(!text.contains(r#"route="other""#), "{text}");

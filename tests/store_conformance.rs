@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use presenced::bus::EventBus;
 use presenced::core::NewSession;
 use presenced::core::{Event, EventKind, Platform, Status, UserId};
+use presenced::store::cluster::ClusterOptions;
 use presenced::store::memory::{MemoryConfig, MemoryStore};
 use presenced::store::{get_one, Clock, DirTable, DirectoryStore as _, ManualClock, PresenceStore as _, SetStatus, Store, StoreError};
 use tokio::sync::broadcast::Receiver;
@@ -312,14 +313,15 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-struct Nats {
-    store: presenced::store::nats::NatsStore,
+/// A cluster node (NATS or Redis backplane) under the suite.
+struct Cluster {
+    store: presenced::store::cluster::ClusterStore,
     clock: Arc<ManualClock>,
     bus: EventBus,
 }
 
 #[async_trait]
-impl Harness for Nats {
+impl Harness for Cluster {
     fn store(&self) -> Arc<dyn Store> {
         Arc::new(self.store.clone())
     }
@@ -334,28 +336,107 @@ impl Harness for Nats {
     }
 }
 
+/// Runs the suite on cluster nodes that `open(case)` makes, each on its own keyspace.
+async fn run_cluster_suite<F, Fut>(open: F)
+where
+    F: Fn(usize, Arc<ManualClock>, EventBus) -> Fut,
+    Fut: std::future::Future<Output = presenced::store::cluster::ClusterStore>,
+{
+    let mut cases = Vec::new();
+    for n in 0..9 {
+        let clock = Arc::new(ManualClock::new(T0));
+        let bus = EventBus::new(4096);
+        let store = open(n, clock.clone(), bus.clone()).await;
+        cases.push(Some(Cluster { store, clock, bus }));
+    }
+    let cases = std::sync::Mutex::new(cases.into_iter());
+    run_suite(|| Box::new(cases.lock().unwrap().next().flatten().expect("a prepared case"))).await;
+}
+
+fn options() -> ClusterOptions {
+    ClusterOptions::new("node-a", 100)
+}
+
+/// Two nodes on one store register devices of one user at once, each write a
+/// compare-and-swap racing the other node's: every registration must survive, and a
+/// write that changes nothing must write nothing.
+async fn two_nodes_hammering_one_user_lose_nothing(a: presenced::store::cluster::ClusterStore, b: presenced::store::cluster::ClusterStore) {
+    let u = uid("tenant:hot.user@x");
+    let writer = |s: presenced::store::cluster::ClusterStore, me: &'static str| {
+        let u = u.clone();
+        tokio::spawn(async move {
+            for i in 0..100 {
+                s.register_session(&u, NewSession::new(&format!("{me}-{i}"), me, 600_000)).await.unwrap();
+            }
+        })
+    };
+    let (ta, tb) = (writer(a.clone(), "a"), writer(b.clone(), "b"));
+    ta.await.unwrap();
+    tb.await.unwrap();
+    for s in [&a, &b] {
+        let devices = s.devices(&u).await.unwrap();
+        assert_eq!(devices.len(), 200, "no registration lost");
+        assert_eq!(devices.iter().filter(|d| d.device_id.starts_with("a-")).count(), 100);
+    }
+    let before = a.writes();
+    assert!(!a.unregister_session(&u, "no-such-device", None).await.unwrap());
+    assert_eq!(a.writes(), before, "a change that changes nothing writes nothing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_backend_conforms() {
     let server = common::nats::NatsServer::start("");
-    let mut cases = Vec::new();
-    for n in 0..9 {
+    run_cluster_suite(|n, clock, bus| {
         let env = vec![
             ("PRESENCE_NATS__URLS".to_string(), format!("[\"{}\"]", server.url())),
             ("PRESENCE_NATS__KV__BUCKET".to_string(), format!("case{n}")),
         ];
-        let cfg = presenced::config::Config::load(None, env).unwrap().nats;
-        let clock = Arc::new(ManualClock::new(T0));
-        let bus = EventBus::new(4096);
-        let store = presenced::store::nats::NatsStore::open(
-            &cfg,
-            presenced::store::nats::ClusterOptions::new("node-a", 100),
-            clock.clone(),
-            bus.clone(),
-        )
-        .await
-        .unwrap();
-        cases.push(Some(Nats { store, clock, bus }));
-    }
-    let cases = std::sync::Mutex::new(cases.into_iter());
-    run_suite(|| Box::new(cases.lock().unwrap().next().flatten().expect("a prepared case"))).await;
+        async move {
+            let cfg = presenced::config::Config::load(None, env).unwrap().nats;
+            presenced::store::nats::open(&cfg, options(), clock, bus).await.unwrap()
+        }
+    })
+    .await;
+    let cfg = presenced::config::Config::load(None, vec![("PRESENCE_NATS__URLS".to_string(), format!("[\"{}\"]", server.url()))]).unwrap().nats;
+    let node = |id: &str| presenced::store::nats::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64));
+    two_nodes_hammering_one_user_lose_nothing(node("node-a").await.unwrap(), node("node-b").await.unwrap()).await;
+}
+
+fn redis_config(urls: &[String], cluster: bool, prefix: &str) -> presenced::config::RedisConfig {
+    let env = vec![
+        ("PRESENCE_REDIS__URLS".to_string(), serde_json::to_string(urls).unwrap()),
+        ("PRESENCE_REDIS__CLUSTER".to_string(), cluster.to_string()),
+        ("PRESENCE_REDIS__KEY_PREFIX".to_string(), prefix.to_string()),
+    ];
+    presenced::config::Config::load(None, env).unwrap().redis
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_backend_conforms() {
+    let server = common::redis::RedisServer::start(&[]);
+    let urls = vec![server.url()];
+    run_cluster_suite(|n, clock, bus| {
+        let cfg = redis_config(&urls, false, &format!("case{n}:"));
+        async move { presenced::store::redis::open(&cfg, options(), clock, bus).await.unwrap() }
+    })
+    .await;
+    two_redis_nodes_hammer(&urls, false).await;
+}
+
+async fn two_redis_nodes_hammer(urls: &[String], cluster: bool) {
+    let cfg = redis_config(urls, cluster, "hammer:");
+    let node = |id: &str| presenced::store::redis::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64));
+    two_nodes_hammering_one_user_lose_nothing(node("node-a").await.unwrap(), node("node-b").await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_backend_conforms() {
+    let cluster = common::redis::RedisCluster::start();
+    let urls = cluster.urls();
+    run_cluster_suite(|n, clock, bus| {
+        let cfg = redis_config(&urls, true, &format!("case{n}:"));
+        async move { presenced::store::redis::open(&cfg, options(), clock, bus).await.unwrap() }
+    })
+    .await;
+    two_redis_nodes_hammer(&urls, true).await;
 }

@@ -54,6 +54,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub logging: LoggingConfig,
     pub nats: NatsConfig,
+    pub redis: RedisConfig,
     pub cache: CacheConfig,
 }
 
@@ -421,7 +422,7 @@ impl Config {
     /// A copy safe to print: secrets replaced by `<redacted>`.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
-        for s in [&mut c.auth.jwt_secret, &mut c.nats.password, &mut c.nats.token, &mut c.nats.nkey_seed] {
+        for s in [&mut c.auth.jwt_secret, &mut c.nats.password, &mut c.nats.token, &mut c.nats.nkey_seed, &mut c.redis.password] {
             if !s.is_empty() {
                 *s = "<redacted>".into();
             }
@@ -485,6 +486,97 @@ pub struct KvConfig {
 impl Default for KvConfig {
     fn default() -> Self {
         KvConfig { bucket: "presence".into(), ttl: Dur::secs(3600), replicas: 1 }
+    }
+}
+
+/// The `redis` section; read by the Redis backend (`store.backend: redis`).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// One server (`redis://host:port/db`, `rediss://` for TLS); with `cluster`, seed
+    /// nodes of a Redis Cluster; with `sentinel_master`, the Sentinels to ask.
+    pub urls: Vec<String>,
+    /// The servers form a Redis Cluster (sharded pub/sub on Redis 7).
+    pub cluster: bool,
+    /// Name of the master that the Sentinels at `urls` watch (empty: no Sentinel).
+    #[serde(deserialize_with = "de_string")]
+    pub sentinel_master: String,
+    /// Prefix of every key and channel, so several deployments share one Redis.
+    #[serde(deserialize_with = "de_string")]
+    pub key_prefix: String,
+    /// ACL credentials (e.g. `password: ${REDIS_PASSWORD}` or `PRESENCE_REDIS__PASSWORD`);
+    /// override those in the URL.
+    #[serde(deserialize_with = "de_string")]
+    pub username: String,
+    #[serde(deserialize_with = "de_string")]
+    pub password: String,
+    pub tls: RedisTlsConfig,
+    /// Multiplexed connections for commands (each pipelines many requests).
+    pub pool_size: usize,
+    pub connect_timeout: Dur,
+    /// Timeout of one command; three failures in a row put the node in degraded mode
+    /// (circuit breaker) until a probe succeeds.
+    pub request_timeout: Dur,
+    /// Longest wait between reconnection attempts (exponential backoff up to this).
+    pub max_reconnect_delay: Dur,
+    pub events: RedisEventsConfig,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            urls: vec!["redis://127.0.0.1:6379".into()],
+            cluster: false,
+            sentinel_master: String::new(),
+            key_prefix: "presence:".into(),
+            username: String::new(),
+            password: String::new(),
+            tls: RedisTlsConfig::default(),
+            pool_size: 4,
+            connect_timeout: Dur::secs(5),
+            request_timeout: Dur::secs(2),
+            max_reconnect_delay: Dur::secs(5),
+            events: RedisEventsConfig::default(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("urls", &self.urls)
+            .field("cluster", &self.cluster)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("key_prefix", &self.key_prefix)
+            .field("username", &self.username)
+            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    /// CA bundle (PEM) to trust for the server's certificate (`rediss://` URLs).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// The Redis Stream every event is also appended to (`<prefix>events`), for consumers
+/// that replay (`XRANGE`, `XREAD`), as `PRESENCE_EVENTS` on NATS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisEventsConfig {
+    /// Approximate length the stream is trimmed to (`XADD MAXLEN ~`).
+    pub max_len: u64,
+}
+
+impl Default for RedisEventsConfig {
+    fn default() -> Self {
+        RedisEventsConfig { max_len: 100_000 }
     }
 }
 
@@ -628,6 +720,25 @@ impl Config {
         }
         if n.urls.is_empty() {
             return bad("nats.urls", "needs at least one server URL, e.g. nats://127.0.0.1:4222");
+        }
+        let r = &self.redis;
+        if r.urls.is_empty() {
+            return bad("redis.urls", "needs at least one server URL, e.g. redis://127.0.0.1:6379");
+        }
+        if r.cluster && !r.sentinel_master.is_empty() {
+            return bad("redis.cluster", "a Redis Cluster has no Sentinel: set either redis.cluster or redis.sentinel_master");
+        }
+        if r.key_prefix.contains(['{', '}']) {
+            return bad("redis.key_prefix", "must not contain { or } (they mark the hash tags that keep a user's keys in one cluster slot)");
+        }
+        if r.pool_size == 0 || r.pool_size > 64 {
+            return bad("redis.pool_size", "must be 1 to 64");
+        }
+        if r.tls.cert_file.is_some() != r.tls.key_file.is_some() {
+            return bad("redis.tls", "cert_file and key_file go together");
+        }
+        if r.events.max_len < 1000 {
+            return bad("redis.events.max_len", "must be at least 1000");
         }
         if !self.auth.public_key.is_empty() && self.auth.public_key_file.is_some() {
             return bad("auth.public_key", "set either auth.public_key or auth.public_key_file, not both");

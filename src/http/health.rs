@@ -53,13 +53,22 @@ pub async fn metrics(State(state): State<Http>) -> Response {
     r
 }
 
-/// NATS connectivity (seed 003 §11): 200 when connected, 503 while disconnected; with the
-/// embedded store, says NATS is not in use.
+/// NATS connectivity (seed 003 §11): 200 when connected, 503 while disconnected; with
+/// another backend, says NATS is not in use.
 pub async fn nats(State(state): State<Http>) -> Response {
-    match &state.nats {
+    backend(&state, "nats")
+}
+
+/// Redis connectivity: as `/health/nats`, for `store.backend: redis`.
+pub async fn redis(State(state): State<Http>) -> Response {
+    backend(&state, "redis")
+}
+
+fn backend(state: &Http, name: &'static str) -> Response {
+    match state.cluster.as_ref().filter(|c| c.backend_name() == name) {
         None => ok(json!({ "enabled": false, "backend": state.backend })),
-        Some(n) => {
-            let h = n.health();
+        Some(c) => {
+            let h = c.backend_health();
             let s = state.svc.stats();
             if h.connected {
                 ok(json!({
@@ -68,13 +77,14 @@ pub async fn nats(State(state): State<Http>) -> Response {
                     "server": h.server,
                     "urls": h.urls,
                     "node_id": state.svc.node_id.as_ref(),
+                    "degraded": state.svc.degraded().is_some(),
                     // Interest-routed fan-out: users followed here, other nodes' events received.
                     "interest": { "watched_users": s.watched_users, "events_received": s.remote_events },
                     "store_writes": s.writes,
                     "sessions_held": s.sessions,
                 }))
             } else {
-                error(&ApiError::Unavailable(format!("nats {} ({})", h.state, h.urls)))
+                error(&ApiError::Unavailable(format!("{name} {} ({})", h.state, h.urls)))
             }
         }
     }

@@ -39,8 +39,8 @@ pub struct Http {
     pub request_metrics: Arc<RequestMetrics>,
     /// `serve --dev`: enables `GET /dev/token`.
     pub dev: bool,
-    /// Cluster mode's NATS connection, reported by `/health/nats`.
-    pub nats: Option<crate::natsio::Nats>,
+    /// Cluster mode's store, whose backend `/health/nats` or `/health/redis` reports.
+    pub cluster: Option<crate::store::cluster::ClusterStore>,
 }
 
 /// The HTTP API's routes (without the layers: see [`layered`]).
@@ -61,6 +61,7 @@ pub fn routes(state: Http) -> Router {
         .route("/health", get(health::health))
         .route("/health/cache", get(health::cache))
         .route("/health/nats", get(health::nats))
+        .route("/health/redis", get(health::redis))
         .route("/metrics", get(health::metrics));
     if state.dev {
         r = r.route("/dev/token", get(dev_token));
@@ -82,7 +83,7 @@ pub fn layered(router: Router, state: Http) -> Router {
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
 /// that every route the router serves is here).
-pub const ROUTES: [&str; 18] = [
+pub const ROUTES: [&str; 19] = [
     "/",
     "/ws",
     "/api/v2/presence",
@@ -99,6 +100,7 @@ pub const ROUTES: [&str; 18] = [
     "/health",
     "/health/cache",
     "/health/nats",
+    "/health/redis",
     "/metrics",
     "/dev/token",
 ];

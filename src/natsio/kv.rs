@@ -1,12 +1,8 @@
 //! JetStream KV for presence: bucket set-up that works on nats-server 2.9.10 and newer,
-//! the user-id → key encoding, and compare-and-swap updates that never lose a write.
-
-use std::time::Duration;
+//! and the user-id → key encoding. (Compare-and-swap writes are the cluster layer's:
+//! [`crate::store::cluster`].)
 
 use async_nats::jetstream::{self, kv, stream};
-use bytes::Bytes;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::core::UserId;
 
@@ -14,10 +10,6 @@ use crate::core::UserId;
 pub enum KvError {
     #[error("nats kv: {0}")]
     Backend(String),
-    #[error("nats kv: value of {key} is not readable: {message}")]
-    Corrupt { key: String, message: String },
-    #[error("nats kv: {key} kept changing under {attempts} attempts")]
-    Contended { key: String, attempts: usize },
 }
 
 /// Bucket settings.
@@ -92,69 +84,6 @@ pub fn decode_id(key: &str) -> Option<String> {
 /// The key of a user's presence record.
 pub fn user_key(id: &UserId) -> String {
     format!("user.{}", encode_id(id.as_str()))
-}
-
-/// What a CAS update did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Updated<T> {
-    pub before: Option<T>,
-    pub after: Option<T>,
-    /// Revision after the write (or of the value read when nothing was written).
-    pub revision: u64,
-    /// Revision of `before` (`0`: the key did not exist).
-    pub prev_revision: u64,
-    /// Conflicting writers met (and retried past).
-    pub conflicts: usize,
-}
-
-const MAX_ATTEMPTS: usize = 64;
-
-/// Reads `key`, computes the new value with `f` (`None`: leave it as it is) and writes it
-/// only if nobody wrote in between (revision check); on a conflict, reads again and retries.
-/// Two nodes changing the same user at once therefore never lose an update.
-pub async fn update<T, F>(store: &kv::Store, key: &str, mut f: F) -> Result<Updated<T>, KvError>
-where
-    T: Serialize + DeserializeOwned + Clone,
-    F: FnMut(Option<T>) -> Option<T>,
-{
-    let mut conflicts = 0;
-    for attempt in 0..MAX_ATTEMPTS {
-        let entry = store.entry(key).await.map_err(|e| KvError::Backend(e.to_string()))?;
-        let (before, revision) = match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                let v: T =
-                    serde_json::from_slice(&e.value).map_err(|err| KvError::Corrupt { key: key.into(), message: err.to_string() })?;
-                (Some(v), Some(e.revision))
-            }
-            Some(e) => (None, Some(e.revision)),
-            None => (None, None),
-        };
-        let Some(after) = f(before.clone()) else {
-            let rev = revision.unwrap_or(0);
-            return Ok(Updated { before: before.clone(), after: before, revision: rev, prev_revision: rev, conflicts });
-        };
-        let bytes = Bytes::from(serde_json::to_vec(&after).map_err(|e| KvError::Backend(e.to_string()))?);
-        let written = match revision {
-            None => store.create(key, bytes).await.map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
-            Some(rev) => {
-                store.update(key, bytes, rev).await.map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
-            }
-        };
-        match written {
-            Ok(rev) => {
-                metrics::counter!("nats_kv_writes_total").increment(1);
-                return Ok(Updated { before, after: Some(after), revision: rev, prev_revision: revision.unwrap_or(0), conflicts });
-            }
-            Err((true, _)) => {
-                conflicts += 1;
-                metrics::counter!("nats_kv_cas_conflicts_total").increment(1);
-                // Spread retries of hot keys a little.
-                tokio::time::sleep(Duration::from_micros(50 * (1 << attempt.min(6)) as u64)).await;
-            }
-            Err((false, message)) => return Err(KvError::Backend(message)),
-        }
-    }
-    Err(KvError::Contended { key: key.into(), attempts: MAX_ATTEMPTS })
 }
 
 #[cfg(test)]

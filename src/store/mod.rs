@@ -2,14 +2,17 @@
 //! [`PresenceStore`] (users' statuses and device sessions, over the pure transitions in
 //! [`crate::core::state`]) and [`DirectoryStore`] (the rows of the directory: contacts,
 //! privacy settings, conversation members); [`Store`] is both, the one interface the
-//! service uses. The embedded [`memory::MemoryStore`] is the default; the cluster backend
-//! is [`nats::NatsStore`]. One conformance suite (tests/store_conformance.rs) runs on each.
+//! service uses. The embedded [`memory::MemoryStore`] is the default; cluster mode is
+//! [`cluster::ClusterStore`], over a [`cluster::Backplane`]: [`nats`] (JetStream) or
+//! [`redis`]. One conformance suite (tests/store_conformance.rs) runs on each.
 
 pub mod clock;
+pub mod cluster;
 pub mod locks;
 pub mod memory;
 pub mod nats;
 pub mod persist;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -33,7 +36,7 @@ pub enum DirTable {
 impl DirTable {
     pub const ALL: [DirTable; 3] = [DirTable::Contacts, DirTable::Privacy, DirTable::Conversations];
 
-    /// The table's name (redb table, NATS key prefix).
+    /// The table's name (redb table, key prefix of the cluster backends).
     pub fn name(self) -> &'static str {
         match self {
             DirTable::Contacts => "contacts",

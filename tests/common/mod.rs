@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 pub mod nats;
 pub mod proxy;
+pub mod redis;
 pub mod wsclient;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret";

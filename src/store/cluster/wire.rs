@@ -1,24 +1,11 @@
-//! Presence events on the wire: subjects and the JSON schema (documented in the README).
+//! Presence events on the wire: the JSON schema every backend carries (documented in the
+//! README).
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::core::{DeviceSummary, Event, EventKind, Millis, Platform, Presence, Status, UserId};
-use crate::natsio::kv::encode_id;
-
-/// Subjects of presence events.
-pub const EVENT_SUBJECTS: [&str; 4] = ["presence.update.>", "presence.expire.>", "presence.online.>", "presence.offline.>"];
-
-pub fn subject(kind: EventKind, id: &UserId) -> String {
-    let k = match kind {
-        EventKind::PresenceUpdated => "update",
-        EventKind::PresenceExpired => "expire",
-        EventKind::UserOnline => "online",
-        EventKind::UserOffline => "offline",
-    };
-    format!("presence.{k}.{}", encode_id(id.as_str()))
-}
 
 /// A live device on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,7 +31,7 @@ pub struct WirePresence {
     #[serde(default)]
     pub appear_offline: bool,
     pub node_id: String,
-    /// KV revision of the state (events of one user are ordered by it).
+    /// Store revision of the state (events of one user are ordered by it).
     #[serde(default)]
     pub revision: u64,
 }

@@ -1,16 +1,18 @@
-//! Degraded mode: while the center is unreachable, session changes of this node's own
+//! Degraded mode: while the store is unreachable, session changes of this node's own
 //! connections are applied to the cached state and published locally, and the users
-//! concerned are marked; when the center is back (or this node's lease was claimed while
-//! it was cut off), their sessions are written back from this node's memory.
+//! concerned are marked; when the store is back (or this node's lease was claimed while
+//! it was cut off, or lost with the store's data), their sessions are written back from
+//! this node's memory.
 
-use super::{lease, wrote, NatsStore};
+use bytes::Bytes;
+
+use super::{lease, wrote, ClusterStore, Space};
 use crate::core::{Change, Millis, Presence, Session, UserId, UserState, HELD};
-use crate::natsio::kv::{encode_id, KvError};
 use crate::store::StoreError;
 
-impl NatsStore {
-    /// Like [`NatsStore::apply`] for session changes, which must not be lost while the
-    /// center is unreachable: then they are applied to the cached state, published
+impl ClusterStore {
+    /// Like [`ClusterStore::apply`] for session changes, which must not be lost while the
+    /// store is unreachable: then they are applied to the cached state, published
     /// locally, and the user is marked for write-back.
     pub(super) async fn apply_session<R: Clone>(
         &self,
@@ -32,15 +34,15 @@ impl NatsStore {
         let (r, change) = f(&mut st, now);
         self.inner.cache.put_local(id, st.clone());
         self.inner.degraded.dirty.lock().insert(id.clone());
-        metrics::counter!("nats_degraded_local_changes_total").increment(1);
-        // Revision 0: not in the KV yet (the write-back gives it one).
+        metrics::counter!(self.inner.bp.names().degraded_local_changes).increment(1);
+        // Revision 0: not in the store yet (the write-back gives it one).
         let presence = st.view(id, now);
         self.emit(&change, &presence, before, now).await;
         Ok(Some((r, presence)))
     }
 
     /// Writes back the sessions of users changed while degraded (this node's memory is
-    /// the truth for its own connections) and announces it on `presence.sync.<node>`.
+    /// the truth for its own connections) and announces it.
     pub(super) async fn sync_dirty(&self) {
         let users: Vec<UserId> = self.inner.degraded.dirty.lock().drain().collect();
         if users.is_empty() {
@@ -50,7 +52,7 @@ impl NatsStore {
         self.announce_sync(n).await;
     }
 
-    /// Makes the KV hold exactly this node's sessions of `users`; returns how many users
+    /// Makes the store hold exactly this node's sessions of `users`; returns how many users
     /// were written. Failures go back to the dirty set for the next attempt.
     pub(super) async fn sync_users(&self, users: &[UserId]) -> usize {
         let node = self.inner.node.clone();
@@ -75,17 +77,7 @@ impl NatsStore {
                 })
                 .collect();
             if !held.is_empty() {
-                match self
-                    .guarded(async {
-                        self.inner
-                            .kv
-                            .owners
-                            .put(lease::owner_key(&node, user), bytes::Bytes::new())
-                            .await
-                            .map_err(|e| KvError::Backend(e.to_string()))
-                    })
-                    .await
-                {
+                match self.guarded(self.inner.bp.put(Space::Owners(&node), user.as_str(), Bytes::new())).await {
                     Ok(_) => wrote(&self.inner, "index"),
                     Err(_) => {
                         self.inner.degraded.dirty.lock().insert(user.clone());
@@ -107,8 +99,10 @@ impl NatsStore {
     pub(super) async fn announce_sync(&self, users: usize) {
         let notice = lease::SyncNotice { node_id: self.inner.node.to_string(), sessions: users, at: self.inner.clock.now() };
         if let Ok(body) = serde_json::to_vec(&notice) {
-            let _ = self.inner.nats.client.publish(format!("presence.sync.{}", encode_id(&self.inner.node)), body.into()).await;
+            if let Err(e) = self.inner.bp.announce_sync(&self.inner.node, body.into()).await {
+                tracing::debug!(error = %e, "could not announce the write-back");
+            }
         }
-        tracing::info!(users, "this node's sessions written back to the center");
+        tracing::info!(users, "this node's sessions written back to the store");
     }
 }

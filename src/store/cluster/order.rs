@@ -1,7 +1,7 @@
 //! Per-user event order on one node.
 //!
-//! Every event of a user carries the KV revision of the write that caused it, and the
-//! revisions of one KV stream only grow. Events still reach a node out of order: two
+//! Every event of a user carries the store revision of the write that caused it, and the
+//! revisions of one record only grow. Events still reach a node out of order: two
 //! local tasks finish their compare-and-swaps in one order and publish in the other, and
 //! an event relayed from another node can arrive after a newer local one. A watcher that
 //! applied them in arrival order would end on a stale state. So each node admits, per

@@ -1,9 +1,9 @@
 //! The sessions this node owns, in memory: their real deadlines, heartbeats and the
 //! owner index bookkeeping. No I/O; the store drives it under one lock.
 //!
-//! In the KV a session this node owns is stored with expiry [`crate::core::HELD`]: it
+//! In the store a session this node owns is stored with expiry [`crate::core::HELD`]: it
 //! lives while this node's lease does. Heartbeats only move the deadline here; when a
-//! deadline passes without one, the store ends the session in the KV.
+//! deadline passes without one, the store ends the session there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,14 +21,14 @@ pub struct Owned {
     pub connected_at: Millis,
     pub expires_at: Millis,
     pub last_heartbeat: Millis,
-    /// When `last_seen` was last written to the KV for it.
+    /// When `last_seen` was last written to the store for it.
     pub written_at: Millis,
 }
 
 #[derive(Debug, Default)]
 struct LocalUser {
     devices: HashMap<DeviceId, Owned>,
-    /// Registrations in flight (index written, KV write not yet done).
+    /// Registrations in flight (index written, record not yet).
     pending: u32,
 }
 

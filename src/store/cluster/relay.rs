@@ -1,31 +1,27 @@
 //! Cross-node fan-out, routed by interest.
 //!
-//! A node subscribes to `presence.*.<user>` only for the users its local connections
-//! watch (WebSocket subscriptions, the users connected here and the users whose contacts
+//! A node subscribes only to the events of the users its local connections watch
+//! (WebSocket subscriptions, the users connected here and the users whose contacts
 //! include them, gRPC watch streams), as the bus's [`Interest`](crate::bus::Interest)
-//! reports them, and drops the subscription with the last local watcher. nats-server
-//! then never sends this node (or, across a leaf link, this leaf) a message about a user
-//! nobody here watches. A `WatchPresence { all: true }` stream switches to one wildcard
-//! subscription while it lasts.
+//! reports them, and drops the subscription with the last local watcher: the backend then
+//! never sends this node a message about a user nobody here watches. A
+//! `WatchPresence { all: true }` stream switches to every user's events while it lasts.
 //!
 //! Snapshot reads wait until the subscriptions asked for before them are in place, so a
 //! client that subscribes and then reads its snapshot misses no change in between.
 //!
-//! Typing indicators travel on `presence.typing.<conversation>` to every node (they are
-//! ephemeral and never stored).
+//! Typing indicators go to every node (they are ephemeral and never stored).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
-use super::{unavailable, Inner, NatsStore, WireEvent, EVENT_SUBJECTS};
+use super::{unavailable, ClusterStore, Inner, WireEvent};
 use crate::bus::{InterestChange, Typing};
 use crate::core::UserId;
-use crate::natsio::kv::encode_id;
 use crate::store::StoreError;
 
 /// A typing indicator on the wire.
@@ -57,68 +53,39 @@ impl WireTyping {
     }
 }
 
-/// A subscription's forwarding task, stopped (and the subscription dropped) with it.
-struct Forwarder(JoinHandle<()>);
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn user_subject(id: &UserId) -> String {
-    format!("presence.*.{}", encode_id(id.as_str()))
-}
-
-/// Puts an event received from NATS on the local bus unless this node published it.
-fn relay(inner: &Inner, msg: &async_nats::Message) {
-    if !EVENT_SUBJECTS.iter().any(|p| msg.subject.starts_with(p.trim_end_matches('>'))) {
-        return; // presence.sync / presence.typing with a name equal to a user's
-    }
-    match serde_json::from_slice::<WireEvent>(&msg.payload) {
+/// Puts an event received from another node on the local bus.
+fn relay(inner: &Inner, payload: &[u8]) {
+    let names = inner.bp.names();
+    match serde_json::from_slice::<WireEvent>(payload) {
         Ok(w) if w.presence.node_id != *inner.node => {
             if let Some(ev) = w.into_event() {
                 // The cached state is older than this event: read it again next time.
                 inner.cache.invalidate(&ev.presence.user_id);
                 inner.counters.remote_events.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("nats_events_received_total").increment(1);
+                metrics::counter!(names.events_received).increment(1);
                 // Older than what this node already published or relayed: a late arrival.
                 if !inner.order.lock().admit(&ev.presence.user_id, ev.presence.revision, inner.clock.now()) {
-                    metrics::counter!("nats_events_out_of_order_total").increment(1);
+                    metrics::counter!(names.events_out_of_order).increment(1);
                     return;
                 }
                 inner.bus.publish(ev);
             }
         }
         Ok(_) => {} // our own event, already on the local bus
-        Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "ignoring unreadable presence event"),
+        Err(e) => tracing::warn!(error = %e, backend = names.backend, "ignoring an unreadable presence event"),
     }
 }
 
-impl NatsStore {
+impl ClusterStore {
     /// Follows the bus's interest with subscriptions and relays what arrives.
     pub(super) async fn relay_remote_events(&self) -> Result<(), StoreError> {
         let mut interest = self.inner.bus.interest().follow();
-        let client = self.inner.nats.client.clone();
+        let (tx, mut rx) = mpsc::channel::<Bytes>(4096);
+        let mut feed = self.inner.bp.feed(tx).await.map_err(unavailable)?;
         let weak = Arc::downgrade(&self.inner);
         let h = tokio::spawn(async move {
-            // One forwarding task per subscription into one channel: O(1) per message
-            // however many users are watched (aborting a task drops, so unsubscribes, it).
-            let (tx, mut rx) = mpsc::channel::<async_nats::Message>(4096);
-            let forward = |sub: async_nats::Subscriber| {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let mut sub = sub;
-                    while let Some(m) = sub.next().await {
-                        if tx.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                })
-            };
-            let mut subs: HashMap<UserId, Forwarder> = HashMap::new();
-            let mut all: Option<Forwarder> = None;
             let mut watched: HashSet<UserId> = HashSet::new();
+            let mut all = false;
             loop {
                 tokio::select! {
                     first = interest.recv() => {
@@ -132,44 +99,43 @@ impl NatsStore {
                             last = seq;
                             match change {
                                 InterestChange::Watch(u) => {
-                                    if all.is_none() {
-                                        match client.subscribe(user_subject(&u)).await {
-                                            Ok(s) => {
-                                                subs.insert(u.clone(), Forwarder(forward(s)));
-                                            }
-                                            Err(e) => tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events"),
+                                    if !all {
+                                        if let Err(e) = feed.watch(&u).await {
+                                            tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events");
                                         }
                                     }
                                     watched.insert(u);
                                 }
                                 InterestChange::Unwatch(u) => {
-                                    watched.remove(&u);
-                                    subs.remove(&u);
-                                }
-                                InterestChange::All(true) => {
-                                    match client.subscribe("presence.*.*").await {
-                                        Ok(s) => {
-                                            all = Some(Forwarder(forward(s)));
-                                            subs.clear();
-                                        }
-                                        Err(e) => tracing::warn!(error = %e, "cannot subscribe to every user's events"),
+                                    if watched.remove(&u) && !all {
+                                        feed.unwatch(&u).await;
                                     }
                                 }
-                                InterestChange::All(false) => {
-                                    all = None;
-                                    for u in &watched {
-                                        if let Ok(s) = client.subscribe(user_subject(u)).await {
-                                            subs.insert(u.clone(), Forwarder(forward(s)));
+                                InterestChange::All(on) if on != all => {
+                                    match feed.watch_all(on).await {
+                                        Ok(()) => all = on,
+                                        Err(e) => tracing::warn!(error = %e, "cannot change the subscription to every user's events"),
+                                    }
+                                    if !on {
+                                        for u in &watched {
+                                            if let Err(e) = feed.watch(u).await {
+                                                tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events");
+                                            }
+                                        }
+                                    } else {
+                                        for u in &watched {
+                                            feed.unwatch(u).await;
                                         }
                                     }
                                 }
+                                InterestChange::All(_) => {}
                             }
                         }
-                        // The server has the subscriptions once it answers the flush.
-                        let _ = client.flush().await;
+                        // The server has the subscriptions once it confirms them.
+                        feed.settle().await;
                         let Some(inner) = weak.upgrade() else { return };
                         inner.counters.watched.store(watched.len() as u64, Ordering::Relaxed);
-                        metrics::gauge!("nats_interest_users").set(watched.len() as f64);
+                        metrics::gauge!(inner.bp.names().interest_users).set(watched.len() as f64);
                         inner.interest_applied.send_replace(last);
                     }
                     Some(msg) = rx.recv() => {
@@ -184,7 +150,7 @@ impl NatsStore {
     }
 
     /// Waits until the subscriptions asked for so far are in place (normally well under a
-    /// millisecond; at most `nats.request_timeout` on a starved machine).
+    /// millisecond; at most the request timeout on a starved machine).
     pub(super) async fn interest_settled(&self) {
         let want = self.inner.bus.interest().seq();
         let mut rx = self.inner.interest_applied.subscribe();
@@ -199,15 +165,14 @@ impl NatsStore {
     /// Relays typing indicators: local ones out, other nodes' in.
     pub(super) async fn relay_typing(&self) -> Result<(), StoreError> {
         let mut local = self.inner.bus.subscribe_typing();
-        let client = self.inner.nats.client.clone();
+        let bp = self.inner.bp.clone();
         let node = self.inner.node.clone();
         let out = tokio::spawn(async move {
             loop {
                 match local.recv().await {
                     Ok(t) if t.node_id == node => {
-                        let subject = format!("presence.typing.{}", encode_id(&t.conversation));
                         if let Ok(body) = serde_json::to_vec(&WireTyping::of(&t)) {
-                            if let Err(e) = client.publish(subject, body.into()).await {
+                            if let Err(e) = bp.publish_typing(&t.conversation, body.into()).await {
                                 tracing::debug!(error = %e, "could not relay a typing indicator");
                             }
                         }
@@ -218,12 +183,12 @@ impl NatsStore {
                 }
             }
         });
-        let mut sub = self.inner.nats.client.subscribe("presence.typing.>").await.map_err(unavailable)?;
+        let mut sub = self.inner.bp.subscribe_typing().await.map_err(unavailable)?;
         let weak = Arc::downgrade(&self.inner);
         let inbound = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
+            while let Some(payload) = sub.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
-                match serde_json::from_slice::<WireTyping>(&msg.payload).map(WireTyping::into_typing) {
+                match serde_json::from_slice::<WireTyping>(&payload).map(WireTyping::into_typing) {
                     Ok(Some(t)) if t.node_id != inner.node => inner.bus.publish_typing(t),
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "ignoring an unreadable typing indicator"),

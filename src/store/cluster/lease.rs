@@ -1,35 +1,34 @@
 //! Node leases and the janitor.
 //!
-//! Each node keeps one key `node.<node>` in the `<bucket>_nodes` bucket, renewed every
-//! third of `presence.node_lease_ttl`; that is all a node writes while its users are
-//! connected and idle, so store writes are O(nodes), not O(sessions). The lease carries
-//! its own timestamps (KV TTL expiry is silent on nats-server 2.9, so liveness never
-//! depends on it).
+//! Each node keeps one lease record ([`Space::Leases`]), renewed every third of
+//! `presence.node_lease_ttl`; that is all a node writes while its users are connected and
+//! idle, so store writes are O(nodes), not O(sessions). The lease carries its own
+//! timestamps: liveness never depends on a backend's key expiry (silent on nats-server
+//! 2.9; and an expired Redis key would take with it the record that the node existed).
 //!
-//! Which users a node holds sessions of is in the owner index (`<node>.<user>` in
-//! `<bucket>_owners`, written on a user's first session on the node and removed with the
-//! last). When a lease has not been renewed for its TTL, every surviving node's janitor
+//! Which users a node holds sessions of is in the owner index ([`Space::Owners`], written
+//! on a user's first session on the node and removed with the last). When a lease has not been renewed for its TTL, every surviving node's janitor
 //! sees it; each tries to claim it with a compare-and-swap that marks the lease
 //! `ended_by` itself, so exactly one wins and ends the dead node's sessions (one CAS per
 //! user, so one `UserOffline` per user), then removes the index entries and the lease.
 //! A claim not finished within two TTLs (the janitor died too) is claimed again.
 //!
 //! A node that was only cut off finds its lease claimed at the next renewal: it writes
-//! its sessions again (users come back online), takes a new lease and announces it on
-//! `presence.sync.<node>`. A restarted node ends its previous incarnation's sessions
+//! its sessions again (users come back online), takes a new lease and announces it
+//! ([`Backplane::announce_sync`](super::Backplane::announce_sync)). A lease that is simply
+//! gone (a Redis restarted without its data) is handled the same way: every node writes
+//! its own sessions back. A restarted node ends its previous incarnation's sessions
 //! before taking its lease.
 //!
 //! Times are wall-clock milliseconds of the nodes: their clocks must agree to well
 //! within the lease TTL (NTP).
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{unavailable, wrote, NatsStore};
+use super::{unavailable, wrote, ClusterStore, Refused, Space};
 use crate::core::{DeviceId, Millis, UserId};
-use crate::natsio::kv::{decode_id, encode_id};
 use crate::store::StoreError;
 
 /// A node's lease, as stored.
@@ -64,7 +63,7 @@ pub struct LeaseState {
     revision: Mutex<Option<u64>>,
 }
 
-/// A node resync announcement on `presence.sync.<node>`.
+/// A node's announcement that it wrote its sessions back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncNotice {
     pub node_id: String,
@@ -72,15 +71,7 @@ pub struct SyncNotice {
     pub at: Millis,
 }
 
-pub fn lease_key(node: &str) -> String {
-    format!("node.{}", encode_id(node))
-}
-
-pub fn owner_key(node: &str, user: &UserId) -> String {
-    format!("{}.{}", encode_id(node), encode_id(user.as_str()))
-}
-
-impl NatsStore {
+impl ClusterStore {
     fn lease_value(&self, now: Millis) -> Result<Bytes, StoreError> {
         let l = Lease {
             node_id: self.inner.node.to_string(),
@@ -95,10 +86,11 @@ impl NatsStore {
 
     /// At start-up: ends what a previous incarnation of this node left, then takes the lease.
     pub(super) async fn take_lease(&self) -> Result<(), StoreError> {
-        let key = lease_key(&self.inner.node);
+        let node = self.inner.node.clone();
         let now = self.inner.clock.now();
-        if let Some(entry) = self.inner.kv.nodes.entry(&key).await.map_err(unavailable)? {
-            if let Ok(prev) = serde_json::from_slice::<Lease>(&entry.value) {
+        let prev = self.inner.bp.get(Space::Leases, &node).await.map_err(unavailable)?;
+        if let Some(value) = prev.and_then(|r| r.value) {
+            if let Ok(prev) = serde_json::from_slice::<Lease>(&value) {
                 if prev.ended_at.is_none() && prev.renewed_at.saturating_add(prev.ttl_ms) > now {
                     tracing::warn!(
                         node = %self.inner.node,
@@ -115,7 +107,7 @@ impl NatsStore {
                 }
             }
         }
-        let rev = self.inner.kv.nodes.put(&key, self.lease_value(now)?).await.map_err(unavailable)?;
+        let rev = self.inner.bp.put(Space::Leases, &node, self.lease_value(now)?).await.map_err(unavailable)?;
         wrote(&self.inner, "lease");
         *self.inner.lease.revision.lock() = Some(rev);
         Ok(())
@@ -127,30 +119,32 @@ impl NatsStore {
         if !self.inner.degraded.breaker.allow(std::time::Instant::now()) {
             return; // degraded: a probe goes through once the back-off has passed
         }
-        let key = lease_key(&self.inner.node);
+        let node = self.inner.node.clone();
         let now = self.inner.clock.now();
         let Ok(value) = self.lease_value(now) else { return };
         let rev = *self.inner.lease.revision.lock();
         let r = match rev {
-            Some(rev) => self.inner.kv.nodes.update(&key, value, rev).await.map_err(|e| {
-                let lost = e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision;
-                (lost, e.to_string())
+            // A different revision, or no lease at all: claimed by a janitor, or lost
+            // with the store's data.
+            Some(rev) => self.inner.bp.swap(Space::Leases, &node, Some(rev), value, None).await.map_err(|e| match e {
+                Refused::Conflict => (true, "claimed".to_string()),
+                Refused::Fault(f) => (false, f.0),
             }),
-            None => self.inner.kv.nodes.put(&key, value).await.map_err(|e| (false, e.to_string())),
+            None => self.inner.bp.put(Space::Leases, &node, value).await.map_err(|e| (false, e.0)),
         };
         self.outcome(!matches!(r, Err((false, _))));
         match r {
             Ok(rev) => {
                 wrote(&self.inner, "lease");
                 *self.inner.lease.revision.lock() = Some(rev);
-                metrics::gauge!("nats_lease_renewed_at_seconds").set(now as f64 / 1000.0);
+                metrics::gauge!(self.inner.bp.names().lease_renewed_at).set(now as f64 / 1000.0);
                 if !self.inner.degraded.dirty.lock().is_empty() {
                     self.sync_dirty().await;
                 }
             }
             Err((true, _)) => {
-                tracing::warn!(node = %self.inner.node, "this node's lease was claimed while it was unreachable; writing its sessions again");
-                metrics::counter!("nats_lease_lost_total").increment(1);
+                tracing::warn!(node = %self.inner.node, "this node's lease was claimed while it was unreachable, or lost with the store's data; writing its sessions again");
+                metrics::counter!(self.inner.bp.names().lease_lost).increment(1);
                 *self.inner.lease.revision.lock() = None;
                 self.resync().await;
             }
@@ -159,12 +153,11 @@ impl NatsStore {
     }
 
     /// After the lease was lost: takes a new one and writes every session this node holds
-    /// back into the KV (the janitor ended them meanwhile).
+    /// back into the store (the janitor ended them meanwhile).
     async fn resync(&self) {
-        let key = lease_key(&self.inner.node);
         let now = self.inner.clock.now();
         let Ok(v) = self.lease_value(now) else { return };
-        match self.inner.kv.nodes.put(&key, v).await {
+        match self.inner.bp.put(Space::Leases, &self.inner.node, v).await {
             Ok(rev) => {
                 wrote(&self.inner, "lease");
                 *self.inner.lease.revision.lock() = Some(rev);
@@ -188,46 +181,35 @@ impl NatsStore {
         if self.inner.degraded.breaker.is_open() {
             return 0;
         }
-        let mut keys = match self.inner.kv.nodes.keys().await {
+        let nodes = match self.inner.bp.keys(Space::Leases).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::debug!(error = %e, "janitor cannot list leases");
                 return 0;
             }
         };
-        let own = lease_key(&self.inner.node);
-        let mut candidates = Vec::new();
-        while let Some(k) = keys.next().await {
-            match k {
-                Ok(k) if k.starts_with("node.") && k != own => candidates.push(k),
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
         let mut handled = 0;
-        for key in candidates {
+        for node in nodes.into_iter().filter(|n| **n != *self.inner.node) {
             let now = self.inner.clock.now();
-            let Ok(Some(entry)) = self.inner.kv.nodes.entry(&key).await else { continue };
-            if entry.operation != async_nats::jetstream::kv::Operation::Put {
-                continue;
-            }
-            let Ok(lease) = serde_json::from_slice::<Lease>(&entry.value) else { continue };
+            let Ok(Some(record)) = self.inner.bp.get(Space::Leases, &node).await else { continue };
+            let Some(value) = record.value else { continue };
+            let Ok(lease) = serde_json::from_slice::<Lease>(&value) else { continue };
             if !lease.claimable(now) {
                 continue;
             }
             // The claim: exactly one janitor's CAS on the lease key succeeds.
             let claim = Lease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), ..lease.clone() };
             let Ok(body) = serde_json::to_vec(&claim) else { continue };
-            let Ok(claim_rev) = self.inner.kv.nodes.update(&key, body.into(), entry.revision).await else { continue };
+            let Ok(claim_rev) = self.inner.bp.swap(Space::Leases, &node, Some(record.revision), body.into(), None).await else { continue };
             wrote(&self.inner, "lease");
-            metrics::counter!("nats_janitor_claims_total").increment(1);
+            metrics::counter!(self.inner.bp.names().janitor_claims).increment(1);
             let (n, failed) = self.end_sessions_of(&lease.node_id, now, lease.renewed_at).await;
             handled += n;
             tracing::warn!(node = %lease.node_id, users = n, last_renewal_ms_ago = now - lease.renewed_at, "node lease lapsed: ended its sessions");
             if failed > 0 {
                 // The claim stays: after two TTLs a janitor claims it again and retries.
                 tracing::warn!(node = %lease.node_id, failed, "some of a dead node's sessions could not be ended yet");
-            } else if self.inner.kv.nodes.purge_expect_revision(&key, Some(claim_rev)).await.is_ok() {
+            } else if self.inner.bp.remove(Space::Leases, &node, Some(claim_rev)).await.is_ok() {
                 wrote(&self.inner, "lease");
             }
         }
@@ -238,34 +220,21 @@ impl NatsStore {
     /// `last_seen` = `last_alive`; removes the owner index entries. Returns the users
     /// handled and those that failed (or could not be listed).
     async fn end_sessions_of(&self, owner: &str, until: Millis, last_alive: Millis) -> (usize, usize) {
-        let prefix = format!("{}.", encode_id(owner));
-        let mut users = Vec::new();
         let mut failed = 0;
-        match self.inner.kv.owners.keys().await {
-            Ok(mut keys) => {
-                while let Some(k) = keys.next().await {
-                    match k {
-                        Ok(k) if k.starts_with(&prefix) => users.push(k),
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not list the owner index completely");
-                            failed += 1;
-                            break;
-                        }
-                    }
-                }
-            }
+        let users = match self.inner.bp.keys(Space::Owners(owner)).await {
+            Ok(u) => u,
             Err(e) => {
                 tracing::warn!(error = %e, "could not list the owner index");
                 failed += 1;
+                Vec::new()
             }
-        }
+        };
         let node = self.inner.node.clone();
         let mut n = 0;
-        for key in users {
-            let Some(id) = decode_id(&key[prefix.len()..]).and_then(|s| UserId::parse(&s, usize::MAX).ok()) else { continue };
-            let rev = match self.inner.kv.owners.entry(&key).await {
-                Ok(Some(e)) => e.revision,
+        for user in users {
+            let Ok(id) = UserId::parse(&user, usize::MAX) else { continue };
+            let rev = match self.inner.bp.get(Space::Owners(owner), &user).await {
+                Ok(Some(r)) => r.revision,
                 Ok(None) => continue,
                 Err(_) => {
                     failed += 1;
@@ -280,7 +249,7 @@ impl NatsStore {
             }
             n += 1;
             // Only if nobody re-wrote it meanwhile (a new incarnation of that node).
-            if self.inner.kv.owners.purge_expect_revision(&key, Some(rev)).await.is_ok() {
+            if self.inner.bp.remove(Space::Owners(owner), &user, Some(rev)).await.is_ok() {
                 wrote(&self.inner, "index");
             }
         }
@@ -307,7 +276,7 @@ impl NatsStore {
         }
         let rev = *self.inner.lease.revision.lock();
         if self.inner.owned.lock().session_count() == 0 {
-            if let Ok(()) = self.inner.kv.nodes.purge_expect_revision(lease_key(&node), rev).await {
+            if let Ok(()) = self.inner.bp.remove(Space::Leases, &node, rev).await {
                 wrote(&self.inner, "lease");
             }
         }
@@ -331,12 +300,5 @@ mod tests {
         let claimed = Lease { ended_by: Some("b".into()), ended_at: Some(6001), ..l };
         assert!(!claimed.claimable(7000), "someone is on it");
         assert!(claimed.claimable(8002), "its janitor died: claim again");
-    }
-
-    #[test]
-    fn keys_are_legal_and_per_node() {
-        let u = UserId::parse("tenant:bob@x.com", 128).unwrap();
-        assert_eq!(owner_key("node.1", &u), "node=2E1.tenant=3Abob=40x=2Ecom");
-        assert_eq!(lease_key("node.1"), "node.node=2E1");
     }
 }

@@ -1,38 +1,39 @@
-//! Cluster backend: presence in NATS JetStream KV (seed 003 §5), shared by every node.
+//! Cluster mode: presence shared by every node through a [`Backplane`] (NATS JetStream,
+//! seed 003 §5, or Redis, seed 001), written once over it.
 //!
-//! One key per user (`user.<encoded id>`, see [`crate::natsio::kv::encode_id`]) holding the
-//! user's whole [`crate::core::UserState`] (explicit status, message, expiry, `last_seen`, sessions with
-//! their owning node). Every change runs the same pure transition as the embedded store,
-//! inside a compare-and-swap on the key's revision ([`crate::natsio::kv::update`]), so
-//! concurrent writers on different nodes never lose an update, and exactly one of them
-//! performs (and reports) each transition.
+//! One record per user holding the user's whole [`crate::core::UserState`] (explicit
+//! status, message, expiry, `last_seen`, sessions with their owning node). Every change
+//! runs the same pure transition as the embedded store, inside a compare-and-swap on the
+//! record's revision, so concurrent writers on different nodes never lose an update, and
+//! exactly one of them performs (and reports) each transition.
 //!
-//! Events go to this node's bus and to `presence.{update,expire,online,offline}.<id>`
-//! (JSON, captured by the `PRESENCE_EVENTS` stream for durable consumers); events from
-//! other nodes arrive on those subjects and are put on this node's bus, so local
+//! Events go to this node's bus and to the backplane (each user's watchers on other nodes,
+//! and the backend's durable event log); events from other nodes arrive for the users
+//! this node's connections watch ([`relay`]) and are put on the local bus, so local
 //! WebSocket and gRPC watchers see changes made anywhere.
 //!
 //! Sessions are held by node leases ([`lease`]): a session registered on this node is
 //! stored with expiry [`crate::core::HELD`], its real deadline lives in this node's memory
-//! ([`owned::OwnedTable`]) and heartbeats never touch the KV. A heartbeat that reaches
-//! another node is forwarded to the owner (`presence.node.<node>.refresh`, request/reply);
-//! only when the owner does not answer does that node take the session over (one write).
-//! When a node dies its lease lapses and one surviving node ends its sessions.
+//! ([`owned::OwnedTable`]) and heartbeats never touch the store. A heartbeat that reaches
+//! another node is forwarded to the owner (request/reply); only when the owner does not
+//! answer does that node take the session over (one write). When a node dies its lease
+//! lapses and one surviving node ends its sessions.
 //!
 //! Explicit-status expiry: the node that wrote a status with a TTL keeps a local timer
 //! and applies `expire` (under CAS) when it passes; reads apply the rule at read time, so
 //! a lapsed status is never shown even before that.
 //!
 //! Rooms: this file (the handle, its state, start-up, the `Store` traits delegating);
-//! `users` (compare-and-swap writes and their events, reads, the cache watcher, the
-//! breaker); `sessions` (sessions held here, heartbeats, the owner index, node-to-node
-//! requests); `degraded` (local changes while cut off, and their write-back);
-//! [`directory`] (the directory bucket); [`lease`] (node leases, the janitor); `relay`
-//! (interest-routed subscriptions, typing); [`cache`] (read cache, circuit breaker);
-//! [`order`] (per-user event order); [`owned`] (the sessions this node holds, no I/O);
-//! [`wire`] (the event schema). Logic with no I/O is tested alone in `owned`, `order`,
-//! `directory` ([`directory::Revisions`], key encoding), `cache` and `lease`.
+//! [`backplane`] (what a backend provides); `users` (compare-and-swap writes and their
+//! events, reads, the cache watcher, the breaker); `sessions` (sessions held here,
+//! heartbeats, the owner index, node-to-node requests); `degraded` (local changes while
+//! cut off, and their write-back); [`directory`] (directory rows); [`lease`] (node
+//! leases, the janitor); `relay` (interest-routed subscriptions, typing); [`cache`] (read
+//! cache, circuit breaker); [`order`] (per-user event order); [`owned`] (the sessions
+//! this node holds, no I/O); [`wire`] (the event schema). Logic with no I/O is tested
+//! alone in `owned`, `order`, `directory` ([`directory::Revisions`]), `cache` and `lease`.
 
+pub mod backplane;
 pub mod cache;
 mod degraded;
 pub mod directory;
@@ -49,23 +50,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv as jkv, stream};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::config::NatsConfig;
 use crate::core::{Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
-use crate::natsio::kv::{self, BucketConfig, KvError};
-use crate::natsio::Nats;
 use crate::store::locks::UserLocks;
+pub use backplane::{Backplane, Fault, Health, Names, Record, Refused, Space};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
 use owned::OwnedTable;
-pub use wire::{subject, WireEvent, EVENT_SUBJECTS};
+pub use wire::WireEvent;
 
-/// What a cluster node needs besides the connection settings.
+/// What a cluster node needs besides the backend's connection settings.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub node_id: String,
@@ -75,9 +73,12 @@ pub struct ClusterOptions {
     pub lease_ttl_ms: i64,
     /// `presence.last_seen_interval` (`0`: never while connected).
     pub last_seen_interval_ms: i64,
+    /// `presence.forget_after`: a user with nothing live may be dropped after this long
+    /// (backends with per-key expiry); `None` keeps everyone.
+    pub forget_after_ms: Option<i64>,
     /// `cache.max_cost`: bound of the read cache, in approximate bytes.
     pub cache_max_cost: u64,
-    /// Timeout of one KV request; consecutive failures open the circuit breaker.
+    /// Timeout of one store request; consecutive failures open the circuit breaker.
     pub kv_timeout: Duration,
 }
 
@@ -88,56 +89,32 @@ impl ClusterOptions {
             tick_ms,
             lease_ttl_ms: 15_000,
             last_seen_interval_ms: 0,
+            forget_after_ms: None,
             cache_max_cost: 64 << 20,
             kv_timeout: Duration::from_secs(2),
         }
     }
 }
 
-/// Counts one KV write (the `store_writes_total{kind}` metric and [`NatsStore::writes`]):
-/// `user` (a user's record), `index` (owner index), `lease`, `directory`.
+/// Counts one store write (the `store_writes_total{backend,kind}` metric and
+/// [`ClusterStore::writes`]): `user` (a user's record), `index` (owner index), `lease`,
+/// `directory`.
 fn wrote(inner: &Inner, kind: &'static str) {
     inner.counters.writes.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("store_writes_total", "backend" => "nats", "kind" => kind).increment(1);
+    metrics::counter!("store_writes_total", "backend" => inner.bp.names().backend, "kind" => kind).increment(1);
 }
-
-/// Why a write is refused while the center is unreachable.
-pub const DEGRADED: &str = "the presence store at the center (NATS JetStream) is unreachable: this node is in degraded mode \
-     (reads come from its cache and are marked stale; statuses cannot be written until the center is back)";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unreachable(format!("nats: {e}"))
+    StoreError::Unreachable(e.to_string())
 }
 
-impl From<KvError> for StoreError {
-    fn from(e: KvError) -> Self {
-        match e {
-            KvError::Backend(m) => StoreError::Unreachable(format!("nats kv: {m}")),
-            KvError::Corrupt { key, message } => StoreError::Corrupt { key, detail: message },
-            KvError::Contended { key, .. } => StoreError::Contended { key },
-        }
-    }
-}
-
-/// The NATS JetStream KV store.
+/// A cluster node's store.
 #[derive(Clone)]
-pub struct NatsStore {
+pub struct ClusterStore {
     inner: Arc<Inner>,
 }
 
-/// The KV buckets.
-pub(crate) struct Buckets {
-    /// One key per user (`user.<id>`): the user's whole state.
-    users: jkv::Store,
-    /// The directory's rows (`<table>.<key>`).
-    dir: jkv::Store,
-    /// Node leases (`node.<node>`): O(nodes) keys.
-    nodes: jkv::Store,
-    /// Owner index (`<node>.<user>`): which users a node holds sessions of.
-    owners: jkv::Store,
-}
-
-/// Counters for `stats()` and `/health/nats`.
+/// Counters for `stats()` and `/health/<backend>`.
 #[derive(Default)]
 pub(crate) struct Counters {
     writes: AtomicU64,
@@ -147,15 +124,15 @@ pub(crate) struct Counters {
 }
 
 /// Serialise work on one user that spans the network: owner-index writes (see
-/// [`NatsStore::index_begin`]), and each compare-and-swap with the event it publishes, so
-/// this node publishes one user's events in revision order.
+/// [`ClusterStore::index_begin`]), and each compare-and-swap with the event it publishes,
+/// so this node publishes one user's events in revision order.
 #[derive(Default)]
 pub(crate) struct Locks {
     index: UserLocks,
     write: UserLocks,
 }
 
-/// The circuit breaker in front of the KV, and what changed here while it was open.
+/// The circuit breaker in front of the backend, and what changed here while it was open.
 pub(crate) struct Degraded {
     breaker: Breaker,
     /// Users whose sessions changed here while degraded: written back on recovery.
@@ -163,8 +140,7 @@ pub(crate) struct Degraded {
 }
 
 pub(crate) struct Inner {
-    nats: Nats,
-    kv: Buckets,
+    bp: Arc<dyn Backplane>,
     node: Arc<str>,
     opts: ClusterOptions,
     started_at: Millis,
@@ -181,47 +157,29 @@ pub(crate) struct Inner {
     /// Sequence number of the last interest change whose subscriptions are in place.
     interest_applied: tokio::sync::watch::Sender<u64>,
     cache: PresenceCache,
+    /// Whether the backend keeps the cache coherent ([`Backplane::watch_users`]): only
+    /// then are reads served from it (otherwise it is the degraded mode's last copy).
+    coherent: bool,
     degraded: Degraded,
     /// Directory key → newest revision applied here (own writes included).
     dir_revisions: Mutex<directory::Revisions>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl NatsStore {
-    /// Connects, makes sure the buckets and the event stream exist, and starts relaying
-    /// other nodes' events to the local bus.
-    pub async fn open(cfg: &NatsConfig, opts: ClusterOptions, clock: Arc<dyn Clock>, bus: EventBus) -> Result<NatsStore, StoreError> {
-        let node = opts.node_id.clone();
-        let nats = Nats::connect(cfg, &format!("presenced-{node}")).await.map_err(unavailable)?;
-        let mut js = if cfg.jetstream.domain.is_empty() {
-            jetstream::new(nats.client.clone())
-        } else {
-            jetstream::with_domain(nats.client.clone(), &cfg.jetstream.domain)
-        };
-        js.set_timeout(opts.kv_timeout);
-        let bucket = |name: String| BucketConfig { name, replicas: cfg.kv.replicas, file_storage: true };
-        let users = kv::open_bucket(&js, &bucket(cfg.kv.bucket.clone())).await?;
-        let dir = kv::open_bucket(&js, &bucket(format!("{}_directory", cfg.kv.bucket))).await?;
-        let nodes = kv::open_bucket(&js, &bucket(format!("{}_nodes", cfg.kv.bucket))).await?;
-        let owners = kv::open_bucket(&js, &bucket(format!("{}_owners", cfg.kv.bucket))).await?;
-        let events = stream::Config {
-            name: "PRESENCE_EVENTS".into(),
-            subjects: EVENT_SUBJECTS.iter().map(|s| s.to_string()).collect(),
-            max_age: cfg.events.max_age.0.max(Duration::from_secs(1)),
-            max_bytes: i64::try_from(cfg.events.max_bytes.0).unwrap_or(i64::MAX),
-            storage: stream::StorageType::File,
-            num_replicas: cfg.kv.replicas.max(1),
-            ..Default::default()
-        };
-        js.get_or_create_stream(events).await.map_err(|e| unavailable(format!("cannot create stream PRESENCE_EVENTS: {e}")))?;
+impl ClusterStore {
+    /// A node on `bp`: starts relaying other nodes' events and typing to the local bus,
+    /// answering node requests, and takes this node's lease (ending what a previous run of
+    /// this node left behind).
+    pub async fn open(bp: Arc<dyn Backplane>, opts: ClusterOptions, clock: Arc<dyn Clock>, bus: EventBus) -> Result<ClusterStore, StoreError> {
         let started_at = clock.now();
-        let opts_cache_cost = opts.cache_max_cost;
         let tick_ms = opts.tick_ms;
+        let users = bp.watch_users();
         let inner = Arc::new(Inner {
-            nats,
-            kv: Buckets { users, dir, nodes, owners },
-            node: Arc::from(node.as_str()),
+            node: Arc::from(opts.node_id.as_str()),
             owned: Mutex::new(OwnedTable::new(tick_ms)),
+            cache: PresenceCache::new(opts.cache_max_cost, CACHE_TTL),
+            coherent: users.is_some(),
+            bp,
             opts,
             started_at,
             clock,
@@ -232,7 +190,6 @@ impl NatsStore {
             lease: lease::LeaseState::default(),
             counters: Counters::default(),
             interest_applied: tokio::sync::watch::Sender::new(0),
-            cache: PresenceCache::new(opts_cache_cost, CACHE_TTL),
             degraded: Degraded {
                 breaker: Breaker::new(3, Duration::from_millis(500), Duration::from_secs(10)),
                 dirty: Mutex::new(HashSet::new()),
@@ -240,10 +197,12 @@ impl NatsStore {
             dir_revisions: Mutex::new(directory::Revisions::default()),
             tasks: Mutex::new(Vec::new()),
         });
-        let store = NatsStore { inner };
+        let store = ClusterStore { inner };
+        if let Some(rx) = users {
+            store.follow_users(rx);
+        }
         store.relay_remote_events().await?;
         store.relay_typing().await?;
-        store.watch_users();
         store.serve_node_requests().await?;
         // Sessions a previous incarnation of this node left behind end now, then the lease starts.
         store.take_lease().await?;
@@ -255,28 +214,24 @@ impl NatsStore {
         let tick = Duration::from_millis(self.inner.opts.tick_ms.max(1) as u64);
         let h = super::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
             let now = inner.clock.now();
-            let store = NatsStore { inner };
+            let store = ClusterStore { inner };
             store.reap(now).await;
-            // Degraded: probe the center (a lease renewal) as soon as the back-off allows,
-            // rather than at the next renewal period.
+            // Degraded: probe the backend (a lease renewal) as soon as the back-off
+            // allows, rather than at the next renewal period.
             if store.inner.degraded.breaker.is_open() {
                 store.renew_lease().await;
             }
         });
         let every = Duration::from_millis((self.inner.opts.lease_ttl_ms / 3).max(100) as u64);
         let l = super::spawn_periodic(Arc::downgrade(&self.inner), every, |inner: Arc<Inner>| async move {
-            let store = NatsStore { inner };
+            let store = ClusterStore { inner };
             store.renew_lease().await;
             store.janitor().await;
         });
         self.inner.tasks.lock().extend([h, l]);
     }
 
-    pub fn nats(&self) -> &Nats {
-        &self.inner.nats
-    }
-
-    /// KV writes this node made since it started (the `store_writes_total` metric).
+    /// Store writes this node made since it started (the `store_writes_total` metric).
     pub fn writes(&self) -> u64 {
         self.inner.counters.writes.load(Ordering::Relaxed)
     }
@@ -284,10 +239,19 @@ impl NatsStore {
     pub fn node_id(&self) -> &str {
         &self.inner.node
     }
+
+    /// The backend's connection health (`/health/<backend>`).
+    pub fn backend_health(&self) -> Health {
+        self.inner.bp.health()
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.bp.names().backend
+    }
 }
 
 #[async_trait]
-impl PresenceStore for NatsStore {
+impl PresenceStore for ClusterStore {
     async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
         self.refresh(id, device).await
     }
@@ -310,7 +274,7 @@ impl PresenceStore for NatsStore {
     }
 
     fn degraded(&self) -> Option<String> {
-        self.inner.degraded.breaker.is_open().then(|| DEGRADED.to_string())
+        self.inner.degraded.breaker.is_open().then(|| self.inner.bp.names().degraded_reason.to_string())
     }
 
     async fn set_status(&self, id: &UserId, req: SetStatus) -> Result<Presence, StoreError> {
@@ -357,11 +321,11 @@ impl PresenceStore for NatsStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        let h = self.inner.nats.health();
+        let h = self.inner.bp.health();
         if h.connected {
             Ok(())
         } else {
-            Err(unavailable(format!("{} ({})", h.state, h.urls)))
+            Err(unavailable(format!("{}: {} ({})", self.inner.bp.names().backend, h.state, h.urls)))
         }
     }
 
@@ -370,18 +334,19 @@ impl PresenceStore for NatsStore {
             t.abort();
         }
         // Sessions still held (gRPC/HTTP-registered ones) end now rather than at lease
-        // expiry. Bounded: with NATS unreachable the lease simply lapses instead.
+        // expiry. Bounded: with the backend unreachable the lease simply lapses instead.
         let limit = self.inner.opts.kv_timeout * 2;
-        if self.inner.nats.health().connected && tokio::time::timeout(limit, self.release_all()).await.is_err() {
+        if self.inner.bp.health().connected && tokio::time::timeout(limit, self.release_all()).await.is_err() {
             tracing::warn!("could not release this node's sessions in time; its lease will lapse and the janitor will end them");
         }
         // A flush waits for a connection: never longer than the limit.
-        let _ = tokio::time::timeout(limit, self.inner.nats.client.flush()).await;
+        let _ = tokio::time::timeout(limit, self.inner.bp.flush()).await;
+        self.inner.bp.close();
     }
 }
 
 #[async_trait]
-impl DirectoryStore for NatsStore {
+impl DirectoryStore for ClusterStore {
     async fn put_directory(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         self.put_row(table, key, value).await
     }

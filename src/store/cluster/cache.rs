@@ -1,12 +1,14 @@
-//! The node's read cache (seed 003 §6) and the circuit breaker in front of the KV (§12.2).
+//! The node's read cache (seed 003 §6) and the circuit breaker in front of the store (§12.2).
 //!
-//! The cache holds users' stored states with their KV revision: W-TinyLFU admission and
-//! eviction (moka), bounded by cost (`cache.max_cost`, approximate bytes), entries living
-//! at most `CACHE_TTL`. A KV watcher keeps it current (a newer revision replaces an older
-//! one, never the reverse), this node's own writes go in as they are made, and an event
+//! The cache holds users' stored states with their store revision: W-TinyLFU admission
+//! and eviction (moka), bounded by cost (`cache.max_cost`, approximate bytes), entries
+//! living at most `CACHE_TTL`. Where the backend streams record writes (NATS KV), they
+//! keep it current (a newer revision replaces an older one, never the reverse) and reads
+//! are served from it; this node's own writes go in as they are made, and an event
 //! received from another node drops the user's entry so the next read fetches it.
+//! Elsewhere (Redis) reads go to the store and the cache is only degraded mode's copy.
 //!
-//! The breaker counts consecutive KV failures; at `threshold` it opens: KV calls fail at
+//! The breaker counts consecutive store failures; at `threshold` it opens: calls fail at
 //! once instead of waiting for timeouts, for a back-off that doubles (up to a cap) each
 //! time a probe fails. While it is open the node is *degraded*: reads come from the cache
 //! (marked stale), writes of statuses are refused with 503, and the sessions of local
@@ -25,8 +27,8 @@ use crate::core::{UserId, UserState};
 /// Upper bound on how long an entry is trusted without a watcher update.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
 
-/// A user's stored state (`None`: no record) at a KV revision (`0`: written locally while
-/// degraded, not yet in the KV).
+/// A user's stored state (`None`: no record) at a store revision (`0`: written locally while
+/// degraded, not yet in the store).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cached {
     pub state: Option<UserState>,
@@ -88,7 +90,7 @@ impl PresenceCache {
         r
     }
 
-    /// Offers a state read from (or written to) the KV: kept unless the cache already has
+    /// Offers a state read from (or written to) the store: kept unless the cache already has
     /// a newer revision.
     pub fn offer(&self, id: &UserId, c: Cached) {
         self.cache.entry(id.clone()).and_compute_with(|old| match old {
@@ -142,7 +144,7 @@ enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     None,
-    /// The KV is now considered unreachable: degraded mode begins.
+    /// The store is now considered unreachable: degraded mode begins.
     Opened,
     /// A call succeeded after an outage: degraded mode ends.
     Closed,
@@ -160,7 +162,7 @@ impl Breaker {
         Breaker { mode: Mutex::new(Mode::Closed { failures: 0 }), threshold: threshold.max(1), base, max }
     }
 
-    /// Whether a KV call may go ahead now (while open, one probe per back-off period).
+    /// Whether a store call may go ahead now (while open, one probe per back-off period).
     pub fn allow(&self, now: Instant) -> bool {
         let mut m = self.mode.lock();
         match *m {

@@ -1,20 +1,19 @@
 //! Sessions held by this node: registration (and take-over from a node that no longer
 //! answers), heartbeats in memory (forwarded to the owning node when they land elsewhere),
 //! the owner index, the end of sessions whose deadline passed, and the node-to-node
-//! requests (`presence.node.<node>.{refresh,drop}`). The bookkeeping itself, with no I/O,
-//! is [`super::owned::OwnedTable`].
+//! requests (`refresh`, answered; `drop`, not). The bookkeeping itself, with no I/O, is
+//! [`super::owned::OwnedTable`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use super::owned::Owned;
-use super::{lease, unavailable, wrote, NatsStore};
+use super::{unavailable, wrote, ClusterStore, Space};
 use crate::core::{Change, Millis, NewSession, Registered, Session, UserId, HELD};
-use crate::natsio::kv::{encode_id, KvError};
 use crate::store::StoreError;
-use serde::{Deserialize, Serialize};
 
 /// A heartbeat forwarded to the owning node, and its answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -29,23 +28,18 @@ struct RefreshReply {
     expires_at: Option<Millis>,
 }
 
-fn node_subject(node: &str, op: &str) -> String {
-    format!("presence.node.{}.{op}", encode_id(node))
-}
-
-impl NatsStore {
+impl ClusterStore {
     /// Answers other nodes about the sessions this node owns: a forwarded heartbeat
     /// (`refresh`, request/reply) and a session ended elsewhere (`drop`).
     pub(super) async fn serve_node_requests(&self) -> Result<(), StoreError> {
-        let prefix = format!("presence.node.{}.", encode_id(&self.inner.node));
-        let mut sub = self.inner.nats.client.subscribe(format!("{prefix}*")).await.map_err(unavailable)?;
+        let mut rx = self.inner.bp.serve(&self.inner.node).await.map_err(unavailable)?;
         let weak = Arc::downgrade(&self.inner);
         let h = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
+            while let Some(msg) = rx.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
-                let store = NatsStore { inner };
+                let store = ClusterStore { inner };
                 let Ok(req) = serde_json::from_slice::<NodeRequest>(&msg.payload) else {
-                    tracing::warn!(subject = %msg.subject, "ignoring unreadable node request");
+                    tracing::warn!(op = %msg.op, "ignoring unreadable node request");
                     continue;
                 };
                 let Ok(user) = UserId::parse(&req.user_id, usize::MAX) else { continue };
@@ -56,7 +50,10 @@ impl NatsStore {
                         "refresh" => {
                             let expires_at = store.beat(&user, &req.device_id).await;
                             if let (Some(reply), Ok(body)) = (msg.reply, serde_json::to_vec(&RefreshReply { expires_at })) {
-                                store.publish_bounded(reply.to_string(), body).await;
+                                let answer = store.inner.bp.respond(&reply, body.into());
+                                if let Ok(Err(e)) = tokio::time::timeout(store.inner.opts.kv_timeout, answer).await {
+                                    tracing::debug!(error = %e, "could not answer a forwarded heartbeat");
+                                }
                             }
                         }
                         "drop" => {
@@ -78,9 +75,7 @@ impl NatsStore {
         let _g = self.inner.locks.index.lock(user).await;
         let first = self.inner.owned.lock().begin(user);
         if first {
-            let key = lease::owner_key(&self.inner.node, user);
-            let put = self
-                .guarded(async { self.inner.kv.owners.put(key, bytes::Bytes::new()).await.map_err(|e| KvError::Backend(e.to_string())) });
+            let put = self.guarded(self.inner.bp.put(Space::Owners(&self.inner.node), user.as_str(), Bytes::new()));
             match put.await {
                 Ok(_) => wrote(&self.inner, "index"),
                 // Degraded: written back with the user's sessions on recovery.
@@ -101,7 +96,7 @@ impl NatsStore {
         let _g = self.inner.locks.index.lock(user).await;
         // While degraded the entry stays (harmless: the janitor finds nothing to end there).
         if self.inner.owned.lock().is_unowned(user) && !self.inner.degraded.breaker.is_open() {
-            match self.inner.kv.owners.purge(lease::owner_key(&self.inner.node, user)).await {
+            match self.inner.bp.remove(Space::Owners(&self.inner.node), user.as_str(), None).await {
                 Ok(()) => wrote(&self.inner, "index"),
                 Err(e) => tracing::debug!(user = %user, error = %e, "owner index entry left behind (harmless)"),
             }
@@ -226,16 +221,14 @@ impl NatsStore {
         if *owner != *self.inner.node {
             let req = NodeRequest { op: "refresh".into(), user_id: id.to_string(), device_id: device.into() };
             let body = serde_json::to_vec(&req).map_err(unavailable)?;
-            let ask = self.inner.nats.client.request(node_subject(&owner, "refresh"), body.into());
-            match tokio::time::timeout(Duration::from_secs(1), ask).await {
-                Ok(Ok(msg)) => {
-                    if let Ok(RefreshReply { expires_at: Some(t) }) = serde_json::from_slice(&msg.payload) {
-                        metrics::counter!("nats_forwarded_heartbeats_total").increment(1);
+            match self.inner.bp.request(&owner, "refresh", body.into(), Duration::from_secs(1)).await {
+                Ok(answer) => {
+                    if let Ok(RefreshReply { expires_at: Some(t) }) = serde_json::from_slice(&answer) {
+                        metrics::counter!(self.inner.bp.names().forwarded_heartbeats).increment(1);
                         return Ok(Some(t));
                     }
                 }
-                Ok(Err(e)) => tracing::debug!(owner = %owner, error = %e, "owner did not take the heartbeat; taking the session over"),
-                Err(_) => tracing::debug!(owner = %owner, "owner did not answer in time; taking the session over"),
+                Err(e) => tracing::debug!(owner = %owner, error = %e, "owner did not take the heartbeat; taking the session over"),
             }
         }
         let r = self.own(id, NewSession::new(device, "", 0), true).await?;
@@ -262,7 +255,9 @@ impl NatsStore {
             // The owner forgets it (no write): it would otherwise keep answering heartbeats.
             let req = NodeRequest { op: "drop".into(), user_id: id.to_string(), device_id: device.into() };
             if let Ok(body) = serde_json::to_vec(&req) {
-                let _ = self.inner.nats.client.publish(node_subject(&o, "drop"), body.into()).await;
+                if let Err(e) = self.inner.bp.tell(&o, "drop", body.into()).await {
+                    tracing::debug!(owner = %o, error = %e, "could not tell the owner its session ended");
+                }
             }
         }
         Ok(true)
@@ -270,7 +265,7 @@ impl NatsStore {
 
     pub(super) async fn live_devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         let now = self.inner.clock.now();
-        // The device list is read from the KV: it is not a hot path, and callers use it
+        // The device list is read from the store: it is not a hot path, and callers use it
         // right after registering elsewhere.
         let Some((state, _)) = self.read(id, true).await? else { return Ok(Vec::new()) };
         let owned = self.inner.owned.lock();
