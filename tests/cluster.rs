@@ -1,11 +1,13 @@
-//! Two presenced nodes on one real nats-server (`store.backend: nats`): what one node
-//! learns, the other serves (REST, WebSocket, gRPC), and concurrent writers on different
-//! nodes never lose an update.
+//! Presenced nodes sharing one engine: what one node learns, the other serves (REST,
+//! WebSocket, gRPC), concurrent writers on different nodes never lose an update, privacy
+//! and typing hold across nodes, and fan-out is routed by interest. Each test runs on a
+//! real nats-server and a real redis-server (some on a three-master Redis Cluster too).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::engine::Engine;
 use common::nats::NatsServer;
 use common::TestServer;
 use futures_util::StreamExt;
@@ -22,15 +24,14 @@ async fn eventually(what: &str, f: impl AsyncFnMut() -> bool) -> Duration {
     common::eventually(what, Duration::from_secs(5), f).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_one_node_learns_the_other_serves() {
-    let server = NatsServer::start("");
-    let a = node(&server, "node-a").await;
-    let b = node(&server, "node-b").await;
-    let (code, health) = b.get("/health/nats").await;
+on_engines!(what_one_node_learns_the_other_serves: nats, redis, redis_cluster);
+async fn what_one_node_learns_the_other_serves(e: Engine) {
+    let a = e.node("node-a").await;
+    let b = e.node("node-b").await;
+    let (code, health) = b.get(&format!("/health/{}", e.name())).await;
     assert_eq!(code, 200, "{health}");
     assert_eq!(health["data"]["state"], "connected");
-    assert_eq!(b.get("/health").await.1["data"]["store"]["backend"], "nats");
+    assert_eq!(b.get("/health").await.1["data"]["store"]["backend"], e.name());
 
     // A WebSocket subscriber of alice on node B.
     let mut watcher = b.watch("watcher", &["alice"]).await;
@@ -72,11 +73,10 @@ async fn what_one_node_learns_the_other_serves() {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writers_on_two_nodes_lose_nothing() {
-    let server = NatsServer::start("");
-    let a = node(&server, "node-a").await;
-    let b = node(&server, "node-b").await;
+on_engines!(concurrent_writers_on_two_nodes_lose_nothing: nats, redis);
+async fn concurrent_writers_on_two_nodes_lose_nothing(e: Engine) {
+    let a = e.node("node-a").await;
+    let b = e.node("node-b").await;
     let user = UserId::parse("shared", 64).unwrap();
     let spawn = |s: std::sync::Arc<dyn presenced::store::Store>, prefix: &'static str| {
         let user = user.clone();
@@ -90,7 +90,7 @@ async fn concurrent_writers_on_two_nodes_lose_nothing() {
     ta.await.unwrap();
     tb.await.unwrap();
     assert_eq!(a.svc.store.devices(&user).await.unwrap().len(), 80, "every registration from both nodes kept");
-    // REST reads come from B's cache, which follows the KV within milliseconds.
+    // REST reads on B: from its cache (NATS: it follows the KV within milliseconds) or Redis.
     eventually("B's cached view", async || b.get("/api/v2/presence/shared").await.1["data"]["shared"]["device_count"] == 80).await;
     a.stop().await;
     b.stop().await;
@@ -204,17 +204,17 @@ async fn a_node_on_a_leaf_shares_the_centers_state() {
     leaf_node.stop().await;
 }
 
-async fn interest(n: &TestServer) -> Value {
-    n.get("/health/nats").await.1["data"]["interest"].clone()
+async fn interest(n: &TestServer, engine: &str) -> Value {
+    n.get(&format!("/health/{engine}")).await.1["data"]["interest"].clone()
 }
 
+on_engines!(a_node_receives_only_what_its_connections_watch: nats, redis, redis_cluster);
 /// Interest-routed fan-out: a node receives other nodes' events only about users its
 /// connections watch, starting with the first watcher and ending with the last.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_receives_only_what_its_connections_watch() {
-    let server = NatsServer::start("");
-    let a = node(&server, "node-a").await;
-    let b = node(&server, "node-b").await;
+async fn a_node_receives_only_what_its_connections_watch(e: Engine) {
+    let a = e.node("node-a").await;
+    let b = e.node("node-b").await;
+    let interest = async |n: &TestServer| interest(n, e.name()).await;
     let mut w = b.watch("watcher", &["vera"]).await;
     assert_eq!(w.next("vera").await["status"], "offline");
     // B follows its connected user and what it subscribed to.
@@ -246,19 +246,18 @@ async fn a_node_receives_only_what_its_connections_watch() {
     assert_eq!(received().await - before, 3);
     // The metric says the same.
     let metrics = b.client.get(b.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("nats_interest_users"), "{metrics}");
+    assert!(metrics.contains(&format!("{}_interest_users 2", e.name())), "{metrics}");
     a.stop().await;
     b.stop().await;
 }
 
+on_engines!(devices_ttl_privacy_and_typing_hold_across_nodes: nats, redis, redis_cluster);
 /// What the embedded mode does for one node holds across nodes: several devices on
 /// different nodes, status TTL, privacy (set on one node, enforced on another) and typing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devices_ttl_privacy_and_typing_hold_across_nodes() {
+async fn devices_ttl_privacy_and_typing_hold_across_nodes(e: Engine) {
     use common::wsclient::connect;
-    let server = NatsServer::start("");
-    let a = node(&server, "node-a").await;
-    let b = node(&server, "node-b").await;
+    let a = e.node("node-a").await;
+    let b = e.node("node-b").await;
     let mut obs = a.watch("obs", &["alice"]).await;
     assert_eq!(obs.next("alice").await["status"], "offline");
 
@@ -332,15 +331,14 @@ async fn devices_ttl_privacy_and_typing_hold_across_nodes() {
     b.stop().await;
 }
 
+on_engines!(grpc_watch_on_one_node_follows_sessions_on_another: nats, redis);
 /// gRPC across nodes: a `WatchPresence` stream on B follows a session registered over gRPC
 /// on A, including its TTL lapsing in A's memory (no heartbeat: offline after 1 s).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_watch_on_one_node_follows_sessions_on_another() {
+async fn grpc_watch_on_one_node_follows_sessions_on_another(e: Engine) {
     use presenced::grpc::pb;
     use presenced::grpc::pb::presence_event::Kind;
-    let server = NatsServer::start("");
-    let a = node(&server, "node-a").await;
-    let b = node(&server, "node-b").await;
+    let a = e.node("node-a").await;
+    let b = e.node("node-b").await;
     let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
     let mut gb = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
     let mut stream = gb.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false }).await.unwrap().into_inner();
@@ -389,24 +387,19 @@ async fn cached_reads_follow_other_nodes_writes() {
     b.stop().await;
 }
 
-/// An event that arrives late (its node's link to NATS is slow) must not roll watchers
-/// back: events carry the KV revision, and every node drops an event older than one it
-/// already passed on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_event_from_a_slow_node_does_not_roll_watchers_back() {
+on_engines!(a_late_event_from_a_slow_node_does_not_roll_watchers_back: nats, redis);
+/// An event that arrives late (its node's link to the engine is slow) must not roll
+/// watchers back: events carry the store revision, and every node drops an event older
+/// than one it already passed on.
+async fn a_late_event_from_a_slow_node_does_not_roll_watchers_back(e: Engine) {
     use presenced::core::Status;
     use presenced::store::SetStatus;
-    let server = NatsServer::start("");
-    let proxy = common::proxy::Proxy::start(server.port).await;
-    let via_proxy = format!("[\"nats://127.0.0.1:{}\"]", proxy.port);
-    let a = TestServer::start(&[
-        ("PRESENCE_STORE__BACKEND", "nats"),
-        ("PRESENCE_NATS__URLS", &via_proxy),
-        ("PRESENCE_SERVICE__NODE_ID", "node-a"),
-    ])
-    .await;
-    let b = node(&server, "node-b").await;
-    let c = node(&server, "node-c").await;
+    let proxy = common::proxy::Proxy::start(e.port()).await;
+    let env = e.env("node-a", Some(proxy.port));
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = TestServer::start(&refs).await;
+    let b = e.node("node-b").await;
+    let c = e.node("node-c").await;
     let mut wb = b.watch("w", &["hot"]).await;
     let mut wc = c.watch("w", &["hot"]).await;
     assert_eq!(wb.next("hot").await["status"], "offline");
@@ -430,13 +423,12 @@ async fn a_late_event_from_a_slow_node_does_not_roll_watchers_back() {
     proxy.delay(Duration::ZERO);
 }
 
-/// The directory watch survives its nats-server restarting: a contact list changed on one
-/// node after the restart still reaches the other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn directory_changes_reach_other_nodes_after_a_nats_restart() {
-    let mut server = NatsServer::start("");
-    let a = node(&server, "node-a").await;
-    let b = node(&server, "node-b").await;
+on_engines!(directory_changes_reach_other_nodes_after_a_restart: nats, redis);
+/// Following the directory survives its server restarting: a contact list changed on
+/// one node after the restart still reaches the other.
+async fn directory_changes_reach_other_nodes_after_a_restart(mut e: Engine) {
+    let a = e.node("node-a").await;
+    let b = e.node("node-b").await;
     let admin = a.admin_token("backend");
     let put = async |n: &TestServer, contacts: Value| {
         let r =
@@ -445,15 +437,19 @@ async fn directory_changes_reach_other_nodes_after_a_nats_restart() {
     };
     assert_eq!(put(&a, json!(["bob"])).await, 200);
     eventually("B learns alice's contacts", async || b.svc.directory.contacts(&UserId::parse("alice", 64).unwrap()).len() == 1).await;
-    server.stop();
+    e.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    server.restart();
+    e.restart();
     common::eventually("A writes again", Duration::from_secs(20), async || put(&a, json!(["bob", "carol"])).await == 200).await;
     common::eventually("B follows A after the restart", Duration::from_secs(20), async || {
         b.svc.directory.contacts(&UserId::parse("alice", 64).unwrap()).len() == 2
     })
     .await;
-    // The NATS gauges are exported (the recorder exists before the connection is made).
-    let text = b.client.get(b.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("nats_connected 1") && text.contains("nats_degraded 0"), "{text}");
+    // The engine's gauges are exported (the recorder exists before the connection is made).
+    let name = e.name();
+    common::eventually("connected again", Duration::from_secs(10), async || {
+        let text = b.client.get(b.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.contains(&format!("{name}_connected 1")) && text.contains(&format!("{name}_degraded 0"))
+    })
+    .await;
 }

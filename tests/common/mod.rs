@@ -15,6 +15,7 @@ use presenced::store::{Store, SystemClock};
 use tokio::sync::oneshot;
 
 pub mod nats;
+pub mod engine;
 pub mod proxy;
 pub mod redis;
 pub mod wsclient;

@@ -490,10 +490,10 @@ impl Backplane for RedisBackplane {
 
     async fn publish_event(&self, kind: EventKind, user: &UserId, payload: Bytes) -> Result<(), Fault> {
         let mut c = self.pool.conn();
-        let publish = if c.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
-        let mut p = redis::pipe();
-        p.cmd(publish).arg(self.keys.events_channel(user.as_str())).arg(&payload[..]).ignore();
-        p.cmd("XADD")
+        let mut publish = redis::cmd(if c.is_cluster() { "SPUBLISH" } else { "PUBLISH" });
+        publish.arg(self.keys.events_channel(user.as_str())).arg(&payload[..]);
+        let mut append = redis::cmd("XADD");
+        append
             .arg(self.keys.events_stream())
             .arg("MAXLEN")
             .arg("~")
@@ -504,9 +504,15 @@ impl Backplane for RedisBackplane {
             .arg("user_id")
             .arg(user.as_str())
             .arg("event")
-            .arg(&payload[..])
-            .ignore();
-        p.query_async::<()>(&mut c).await.map_err(fault)
+            .arg(&payload[..]);
+        if c.is_cluster() {
+            // Two slots: a pipeline may not cross them on a cluster; both go at once.
+            let mut c2 = c.clone();
+            let (p, a) = tokio::join!(publish.query_async::<()>(&mut c), append.query_async::<()>(&mut c2));
+            p.and(a).map_err(fault)
+        } else {
+            redis::pipe().add_command(publish).ignore().add_command(append).ignore().query_async::<()>(&mut c).await.map_err(fault)
+        }
     }
 
     async fn feed(&self, tx: mpsc::Sender<Bytes>) -> Result<Box<dyn Feed>, Fault> {
