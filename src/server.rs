@@ -14,9 +14,9 @@ use crate::config::{Backend, Config, NodeType};
 use crate::directory::Directory;
 use crate::http::{self, Http};
 use crate::service::Service;
+use crate::store::cluster::{ClusterOptions, ClusterStore};
 use crate::store::memory::{MemoryConfig, MemoryStore};
 use crate::store::persist::PersistError;
-use crate::store::cluster::{ClusterOptions, ClusterStore};
 use crate::store::{Clock, Store, SystemClock};
 use crate::ws::hub::{Hub, HubLimits};
 
@@ -97,9 +97,14 @@ impl App {
                 } else {
                     None
                 };
-                let nats = crate::store::nats::open(&nats_cfg, cluster_options(&config, config.nats.request_timeout.0), clock.clone(), bus.clone())
-                    .await
-                    .map_err(|e| StartError::Cluster("nats", e))?;
+                let nats = crate::store::nats::open(
+                    &nats_cfg,
+                    cluster_options(&config, config.nats.request_timeout.0),
+                    clock.clone(),
+                    bus.clone(),
+                )
+                .await
+                .map_err(|e| StartError::Cluster("nats", e))?;
                 nats.start();
                 let mut app = App::with_store(config, Arc::new(nats.clone()), bus, clock).await?;
                 app.cluster = Some(nats);

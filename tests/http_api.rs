@@ -402,7 +402,9 @@ async fn every_metric_is_exported_from_the_start_and_routes_by_template() {
         s.client.get(s.url(path)).bearer_auth(&admin).send().await.unwrap();
     }
     let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for route in ["/api/v2/contacts/{user_id}", "/api/v2/conversations/{id}/members", "/health/nats", "/health/redis", "/", "/presence/{user_id}"] {
+    for route in
+        ["/api/v2/contacts/{user_id}", "/api/v2/conversations/{id}/members", "/health/nats", "/health/redis", "/", "/presence/{user_id}"]
+    {
         assert!(text.contains(&format!(r#"route="{route}""#)), "route {route} not labelled:\n{text}");
     }
     assert!(!text.contains(r#"route="other""#), "{text}");

@@ -75,53 +75,10 @@ async fn unreachable_servers_fail_with_a_clear_error() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
-/// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
-fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=presenced-test-ca",
-    ]);
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
-}
-
 #[tokio::test]
 async fn tls_with_a_configured_ca() {
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(certs.path());
+    let (ca, cert, key) = common::certificates(certs.path());
     let server = NatsServer::start(&format!("tls {{ cert_file: \"{}\", key_file: \"{}\" }}", cert.display(), key.display()));
     let ca_s = ca.display().to_string();
     let n = Nats::connect(&cfg(&server.url(), &[("PRESENCE_NATS__TLS__CA_FILE", &ca_s), ("PRESENCE_NATS__TLS__REQUIRED", "true")]), "n")

@@ -1,36 +1,79 @@
-//! Node leases on real processes: a `presenced` node killed with SIGKILL has its users
-//! go offline everywhere within the lease TTL, with exactly one offline event per user
-//! (one janitor wins); heartbeats, wherever they land, cost no store write.
+//! Node leases on real processes, on NATS and on Redis: a `presenced` node killed with
+//! SIGKILL has its users go offline everywhere within the lease TTL, with exactly one
+//! offline event per user (one janitor wins); heartbeats, wherever they land, cost no
+//! store write; a node stops in bounded time with its engine gone.
 
 mod common;
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::nats::NatsServer;
+use common::engine::Engine;
 use common::TestServer;
 use futures_util::StreamExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_presenced");
 const LEASE: Duration = Duration::from_secs(2);
 
-fn cluster_env(server: &NatsServer, node: &str, lease: Duration) -> Vec<(String, String)> {
-    vec![
-        ("PRESENCE_STORE__BACKEND".into(), "nats".into()),
-        ("PRESENCE_NATS__URLS".into(), format!("[\"{}\"]", server.url())),
-        ("PRESENCE_SERVICE__NODE_ID".into(), node.into()),
-        ("PRESENCE_PRESENCE__NODE_LEASE_TTL".into(), format!("{}ms", lease.as_millis())),
-    ]
+fn cluster_env(e: &Engine, node: &str, lease: Duration) -> Vec<(String, String)> {
+    let mut env = e.env(node, None);
+    env.push(("PRESENCE_PRESENCE__NODE_LEASE_TTL".into(), format!("{}ms", lease.as_millis())));
+    env
 }
 
-async fn node(server: &NatsServer, id: &str) -> TestServer {
-    node_with_lease(server, id, LEASE).await
+async fn node(e: &Engine, id: &str) -> TestServer {
+    node_with_lease(e, id, LEASE).await
 }
 
-async fn node_with_lease(server: &NatsServer, id: &str, lease: Duration) -> TestServer {
-    let env = cluster_env(server, id, lease);
+async fn node_with_lease(e: &Engine, id: &str, lease: Duration) -> TestServer {
+    let env = cluster_env(e, id, lease);
     let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     TestServer::start(&refs).await
+}
+
+/// Every `user_offline` event the engine carried, by user, in order: from NATS (a
+/// subscription opened before), or from Redis's event stream (read with redis-cli).
+enum OfflineLog {
+    Nats(async_nats::Subscriber),
+    Redis(u16),
+}
+
+impl OfflineLog {
+    async fn open(e: &Engine) -> OfflineLog {
+        match e {
+            Engine::Nats(s) => {
+                let client = async_nats::connect(s.url()).await.unwrap();
+                let sub = client.subscribe("presence.offline.>").await.unwrap();
+                client.flush().await.unwrap();
+                OfflineLog::Nats(sub)
+            }
+            _ => OfflineLog::Redis(e.port()),
+        }
+    }
+
+    async fn users(&mut self) -> Vec<String> {
+        let mut users = Vec::new();
+        match self {
+            OfflineLog::Nats(sub) => {
+                while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                    users.push(m.subject.trim_start_matches("presence.offline.").to_string());
+                }
+            }
+            OfflineLog::Redis(port) => {
+                let out =
+                    Command::new("redis-cli").args(["-p", &port.to_string(), "XRANGE", "presence:events", "-", "+"]).output().unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                let lines: Vec<&str> = text.lines().collect();
+                for (i, l) in lines.iter().enumerate() {
+                    if *l == "user_offline" && lines.get(i + 1) == Some(&"user_id") {
+                        users.push(lines[i + 2].to_string());
+                    }
+                }
+            }
+        }
+        users.sort();
+        users
+    }
 }
 
 /// A `presenced serve` process (killed when dropped).
@@ -47,7 +90,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_node(server: &NatsServer, id: &str) -> Proc {
+fn spawn_node(e: &Engine, id: &str) -> Proc {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
@@ -58,8 +101,9 @@ fn spawn_node(server: &NatsServer, id: &str) -> Proc {
         .env("PRESENCE_AUTH__JWT_SECRET", common::SECRET)
         .env("PRESENCE_SERVICE__SHUTDOWN_GRACE", "1s")
         .env("PRESENCE_NATS__REQUEST_TIMEOUT", "500ms")
+        .env("PRESENCE_REDIS__REQUEST_TIMEOUT", "500ms")
         .env("PRESENCE_LOGGING__FORMAT", "json");
-    for (k, v) in cluster_env(server, id, LEASE) {
+    for (k, v) in cluster_env(e, id, LEASE) {
         cmd.env(k, v);
     }
     let (child, addr) = common::spawn_serve(cmd.arg("serve"));
@@ -70,17 +114,14 @@ fn ws_url(base: &str, token: &str, device: &str) -> String {
     format!("{}/ws?token={token}&device_id={device}", base.replace("http", "ws"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
-    let server = NatsServer::start("");
-    let a = node(&server, "node-a").await;
-    let c = node(&server, "node-c").await;
-    let b = spawn_node(&server, "node-b");
+on_engines!(a_killed_node_takes_its_users_offline_once_within_the_lease_ttl: nats, redis);
+async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl(e: Engine) {
+    let a = node(&e, "node-a").await;
+    let c = node(&e, "node-c").await;
+    let b = spawn_node(&e, "node-b");
 
-    // Every offline event on the bus, whoever publishes it.
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let mut offline = client.subscribe("presence.offline.>").await.unwrap();
-    client.flush().await.unwrap();
+    // Every offline event the engine carries, whoever publishes it.
+    let mut offline = OfflineLog::open(&e).await;
 
     let users = ["u1", "u2", "u3"];
     let mut watcher = a.watch("watcher", &users).await;
@@ -100,7 +141,7 @@ async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
         assert_eq!(p["status"], "online", "{p}");
         online.insert(p["user_id"].as_str().unwrap().to_string());
     }
-    // (C's REST read comes from its cache, which follows the KV within milliseconds.)
+    // (On NATS, C's REST read comes from its cache, which follows the KV within milliseconds.)
     let two = async || c.get("/api/v2/presence/u3").await.1["data"]["u3"]["device_count"] == 2;
     common::eventually("u3's two devices seen on C", Duration::from_secs(5), two).await;
 
@@ -123,12 +164,7 @@ async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
 
     // Exactly one offline event per user, though two nodes run janitors.
     tokio::time::sleep(LEASE).await;
-    let mut events = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), offline.next()).await {
-        events.push(m.subject.to_string());
-    }
-    events.sort();
-    assert_eq!(events, vec!["presence.offline.u1", "presence.offline.u2", "presence.offline.u3"]);
+    assert_eq!(offline.users().await, users);
     for u in users {
         let (_, body) = c.get(&format!("/api/v2/presence/{u}")).await;
         assert_eq!(body["data"][u]["status"], "offline", "{body}");
@@ -139,13 +175,12 @@ async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl() {
     c.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeats_cost_no_store_writes_wherever_they_land() {
+on_engines!(heartbeats_cost_no_store_writes_wherever_they_land: nats, redis);
+async fn heartbeats_cost_no_store_writes_wherever_they_land(e: Engine) {
     use presenced::grpc::pb;
-    let server = NatsServer::start("");
     // A long lease: no renewal falls in the measured window, so any write is a heartbeat's.
-    let a = node_with_lease(&server, "node-a", Duration::from_secs(60)).await;
-    let c = node_with_lease(&server, "node-c", Duration::from_secs(60)).await;
+    let a = node_with_lease(&e, "node-a", Duration::from_secs(60)).await;
+    let c = node_with_lease(&e, "node-c", Duration::from_secs(60)).await;
     let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
     let mut gc = pb::presence_api_client::PresenceApiClient::connect(c.grpc.clone()).await.unwrap();
     let reg = pb::RegisterSessionRequest {
@@ -180,14 +215,13 @@ async fn heartbeats_cost_no_store_writes_wherever_they_land() {
     c.stop().await;
 }
 
-/// SIGTERM while NATS is gone: the node still exits, in bounded time (its sessions are
-/// left to its lease and the janitor).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_is_bounded_when_nats_is_gone() {
-    let mut server = NatsServer::start("");
-    let mut b = spawn_node(&server, "node-b");
+on_engines!(shutdown_is_bounded_when_the_engine_is_gone: nats, redis);
+/// SIGTERM while the engine is gone: the node still exits, in bounded time (its sessions
+/// are left to its lease and the janitor).
+async fn shutdown_is_bounded_when_the_engine_is_gone(mut e: Engine) {
+    let mut b = spawn_node(&e, "node-b");
     let (ws, _) = tokio_tungstenite::connect_async(ws_url(&b.base, &b_token("u9"), "phone")).await.expect("connect to B");
-    server.stop();
+    e.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = b.child.id().to_string();
     assert!(Command::new("kill").args(["-s", "TERM", &pid]).status().unwrap().success());
@@ -196,10 +230,10 @@ async fn shutdown_is_bounded_when_nats_is_gone() {
         if b.child.try_wait().unwrap().is_some() {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(12), "presenced did not exit within 12s of SIGTERM with NATS down");
+        assert!(start.elapsed() < Duration::from_secs(12), "presenced did not exit within 12s of SIGTERM with {} down", e.name());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("exited {:?} after SIGTERM with NATS down", start.elapsed());
+    eprintln!("exited {:?} after SIGTERM with {} down", start.elapsed(), e.name());
     drop(ws);
 }
 

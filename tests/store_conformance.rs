@@ -397,8 +397,11 @@ async fn nats_backend_conforms() {
         }
     })
     .await;
-    let cfg = presenced::config::Config::load(None, vec![("PRESENCE_NATS__URLS".to_string(), format!("[\"{}\"]", server.url()))]).unwrap().nats;
-    let node = |id: &str| presenced::store::nats::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64));
+    let cfg =
+        presenced::config::Config::load(None, vec![("PRESENCE_NATS__URLS".to_string(), format!("[\"{}\"]", server.url()))]).unwrap().nats;
+    let node = |id: &str| {
+        presenced::store::nats::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64))
+    };
     two_nodes_hammering_one_user_lose_nothing(node("node-a").await.unwrap(), node("node-b").await.unwrap()).await;
 }
 
@@ -425,7 +428,9 @@ async fn redis_backend_conforms() {
 
 async fn two_redis_nodes_hammer(urls: &[String], cluster: bool) {
     let cfg = redis_config(urls, cluster, "hammer:");
-    let node = |id: &str| presenced::store::redis::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64));
+    let node = |id: &str| {
+        presenced::store::redis::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64))
+    };
     two_nodes_hammering_one_user_lose_nothing(node("node-a").await.unwrap(), node("node-b").await.unwrap()).await;
 }
 

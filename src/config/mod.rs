@@ -729,7 +729,10 @@ impl Config {
             return bad("redis.cluster", "a Redis Cluster has no Sentinel: set either redis.cluster or redis.sentinel_master");
         }
         if r.key_prefix.contains(['{', '}']) {
-            return bad("redis.key_prefix", "must not contain { or } (they mark the hash tags that keep a user's keys in one cluster slot)");
+            return bad(
+                "redis.key_prefix",
+                "must not contain { or } (they mark the hash tags that keep a user's keys in one cluster slot)",
+            );
         }
         if r.pool_size == 0 || r.pool_size > 64 {
             return bad("redis.pool_size", "must be 1 to 64");

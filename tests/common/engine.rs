@@ -44,7 +44,10 @@ impl Engine {
     /// The settings of a node on this engine, connecting to `port` (a proxy) if given.
     pub fn env(&self, node: &str, port: Option<u16>) -> Vec<(String, String)> {
         let at = |p: u16| port.unwrap_or(p);
-        let mut env = vec![("PRESENCE_STORE__BACKEND".to_string(), self.name().to_string()), ("PRESENCE_SERVICE__NODE_ID".to_string(), node.to_string())];
+        let mut env = vec![
+            ("PRESENCE_STORE__BACKEND".to_string(), self.name().to_string()),
+            ("PRESENCE_SERVICE__NODE_ID".to_string(), node.to_string()),
+        ];
         match self {
             Engine::Nats(s) => env.push(("PRESENCE_NATS__URLS".into(), format!("[\"nats://127.0.0.1:{}\"]", at(s.port)))),
             Engine::Redis(s) => env.push(("PRESENCE_REDIS__URLS".into(), format!("[\"redis://127.0.0.1:{}\"]", at(s.port)))),

@@ -57,7 +57,9 @@ impl RedisServer {
                 dir.path().display().to_string(),
             ];
             if cluster {
-                args.extend(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "3000"].map(String::from));
+                args.extend(
+                    ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "3000"].map(String::from),
+                );
             }
             args.extend(extra.iter().map(|s| s.to_string()));
             let mut s = RedisServer { child: None, port, args, dir };
@@ -83,8 +85,12 @@ impl RedisServer {
 
     fn spawn_and_wait(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
-        let mut child =
-            Command::new(binary("redis-server")).args(&self.args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
+        let mut child = Command::new(binary("redis-server"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
         let start = Instant::now();
         loop {
             if matches!(child.try_wait(), Ok(Some(_))) {

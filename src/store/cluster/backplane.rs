@@ -137,7 +137,14 @@ pub trait Backplane: Send + Sync + 'static {
     /// Writes only if the key is at `expected` (`None`: only if it does not exist).
     /// `forget_after`: the record may be dropped after that long without a write (a user
     /// with nothing live to remember); backends without per-key expiry ignore it.
-    async fn swap(&self, space: Space<'_>, key: &str, expected: Option<u64>, value: Bytes, forget_after: Option<Duration>) -> Result<u64, Refused>;
+    async fn swap(
+        &self,
+        space: Space<'_>,
+        key: &str,
+        expected: Option<u64>,
+        value: Bytes,
+        forget_after: Option<Duration>,
+    ) -> Result<u64, Refused>;
     /// Removes the key (only if still at `expected`, when given).
     async fn remove(&self, space: Space<'_>, key: &str, expected: Option<u64>) -> Result<(), Refused>;
     /// The keys of a space (leases, one node's owner index); not offered for users.

@@ -170,7 +170,12 @@ impl ClusterStore {
     /// A node on `bp`: starts relaying other nodes' events and typing to the local bus,
     /// answering node requests, and takes this node's lease (ending what a previous run of
     /// this node left behind).
-    pub async fn open(bp: Arc<dyn Backplane>, opts: ClusterOptions, clock: Arc<dyn Clock>, bus: EventBus) -> Result<ClusterStore, StoreError> {
+    pub async fn open(
+        bp: Arc<dyn Backplane>,
+        opts: ClusterOptions,
+        clock: Arc<dyn Clock>,
+        bus: EventBus,
+    ) -> Result<ClusterStore, StoreError> {
         let started_at = clock.now();
         let tick_ms = opts.tick_ms;
         let users = bp.watch_users();

@@ -182,7 +182,10 @@ impl ClusterStore {
     }
 
     /// As [`ClusterStore::guarded`] for a conditional write: `Ok(None)` on a conflict.
-    pub(super) async fn guarded_swap<T>(&self, call: impl std::future::Future<Output = Result<T, Refused>>) -> Result<Option<T>, StoreError> {
+    pub(super) async fn guarded_swap<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Refused>>,
+    ) -> Result<Option<T>, StoreError> {
         let r = self
             .guarded(async {
                 match call.await {

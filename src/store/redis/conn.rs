@@ -21,32 +21,54 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::RedisConfig;
 
-/// One multiplexed connection, to a server or to a cluster.
+/// One multiplexed connection, to a server or to a cluster. Every request is bounded by
+/// `timeout` (when set): a request waiting for a reconnection fails in time rather than
+/// hanging, and counts as a failure for the circuit breaker.
 #[derive(Clone)]
-pub enum Conn {
+pub struct Conn {
+    kind: Kind,
+    timeout: Option<Duration>,
+}
+
+#[derive(Clone)]
+enum Kind {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within redis.request_timeout"))
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+        let timeout = self.timeout;
+        let call = match &mut self.kind {
+            Kind::Single(c) => c.req_packed_command(cmd),
+            Kind::Cluster(c) => c.req_packed_command(cmd),
+        };
+        match timeout {
+            Some(t) => Box::pin(async move { tokio::time::timeout(t, call).await.map_err(|_| timed_out())? }),
+            None => call,
         }
     }
 
     fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        let timeout = self.timeout;
+        let call = match &mut self.kind {
+            Kind::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Kind::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        };
+        match timeout {
+            Some(t) => Box::pin(async move { tokio::time::timeout(t, call).await.map_err(|_| timed_out())? }),
+            None => call,
         }
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+        match &self.kind {
+            Kind::Single(c) => c.get_db(),
+            Kind::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -55,21 +77,34 @@ impl Conn {
     /// Subscribes to a channel: sharded (`SSUBSCRIBE`) on a cluster, so a message only
     /// travels to the shard that owns the channel's slot and to its subscribers.
     pub async fn subscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
-        match self {
-            Conn::Single(c) => c.subscribe(channel).await,
-            Conn::Cluster(c) => c.ssubscribe(channel).await,
-        }
+        let call = async {
+            match &mut self.kind {
+                Kind::Single(c) => c.subscribe(channel).await,
+                Kind::Cluster(c) => c.ssubscribe(channel).await,
+            }
+        };
+        bounded(self.timeout, call).await
     }
 
     pub async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
-        match self {
-            Conn::Single(c) => c.unsubscribe(channel).await,
-            Conn::Cluster(c) => c.sunsubscribe(channel).await,
-        }
+        let call = async {
+            match &mut self.kind {
+                Kind::Single(c) => c.unsubscribe(channel).await,
+                Kind::Cluster(c) => c.sunsubscribe(channel).await,
+            }
+        };
+        bounded(self.timeout, call).await
     }
 
     pub fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
+        matches!(self.kind, Kind::Cluster(_))
+    }
+}
+
+async fn bounded<T>(timeout: Option<Duration>, call: impl std::future::Future<Output = redis::RedisResult<T>>) -> redis::RedisResult<T> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, call).await.map_err(|_| timed_out())?,
+        None => call.await,
     }
 }
 
@@ -121,7 +156,8 @@ impl Connector {
     }
 
     fn with_credentials(&self, info: redis::ConnectionInfo) -> redis::ConnectionInfo {
-        let mut settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3).set_lib_name("presenced", env!("CARGO_PKG_VERSION"));
+        let mut settings =
+            info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3).set_lib_name("presenced", env!("CARGO_PKG_VERSION"));
         if !self.cfg.username.is_empty() {
             settings = settings.set_username(&self.cfg.username);
         }
@@ -149,7 +185,11 @@ impl Connector {
             let Ok(client) = self.client(plain) else { continue };
             let ask = async {
                 let mut c = client.get_multiplexed_async_connection().await?;
-                redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.cfg.sentinel_master).query_async::<Option<(String, u16)>>(&mut c).await
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.cfg.sentinel_master)
+                    .query_async::<Option<(String, u16)>>(&mut c)
+                    .await
             };
             match tokio::time::timeout(self.cfg.connect_timeout.0, ask).await {
                 Ok(Ok(Some((host, port)))) => {
@@ -213,7 +253,7 @@ impl Connector {
                 .await
                 .map_err(|_| connect_err(&self.cfg, "timed out"))?
                 .map_err(|e| connect_err(&self.cfg, e))?;
-            return Ok(Conn::Cluster(conn));
+            return Ok(Conn { kind: Kind::Cluster(conn), timeout: response_timeout });
         }
         let info = if self.cfg.sentinel_master.is_empty() {
             self.info(&self.cfg.urls[0])?
@@ -233,7 +273,7 @@ impl Connector {
             .await
             .map_err(|_| connect_err(&self.cfg, "timed out"))?
             .map_err(|e| connect_err(&self.cfg, e))?;
-        Ok(Conn::Single(conn))
+        Ok(Conn { kind: Kind::Single(conn), timeout: response_timeout })
     }
 }
 
@@ -251,7 +291,12 @@ impl Pool {
         for _ in 0..connector.config().pool_size.max(1) {
             conns.push(connector.connect(None, Some(connector.config().request_timeout.0)).await?);
         }
-        let pool = Pool { conns: RwLock::new(Arc::new(conns)), next: AtomicUsize::new(0), connected: AtomicBool::new(true), server: RwLock::new(String::new()) };
+        let pool = Pool {
+            conns: RwLock::new(Arc::new(conns)),
+            next: AtomicUsize::new(0),
+            connected: AtomicBool::new(true),
+            server: RwLock::new(String::new()),
+        };
         pool.describe().await;
         metrics::gauge!("redis_connected").set(1.0);
         Ok(pool)

@@ -232,15 +232,26 @@ impl RedisBackplane {
         }
     }
 
-    async fn swap_script(&self, space: Space<'_>, key: &str, expected: &str, value: &[u8], forget: Option<Duration>) -> Result<u64, Refused> {
+    async fn swap_script(
+        &self,
+        space: Space<'_>,
+        key: &str,
+        expected: &str,
+        value: &[u8],
+        forget: Option<Duration>,
+    ) -> Result<u64, Refused> {
         let (hash, f) = self.locate(space, key);
         let ttl = forget.map_or(0, |d| d.as_millis().max(1) as u64).to_string();
         let rev = self
-            .eval(&self.scripts.swap, include_str!("scripts/swap.lua"), &[&hash], &[f.as_bytes(), expected.as_bytes(), value, ttl.as_bytes()])
+            .eval(
+                &self.scripts.swap,
+                include_str!("scripts/swap.lua"),
+                &[&hash],
+                &[f.as_bytes(), expected.as_bytes(), value, ttl.as_bytes()],
+            )
             .await?;
         u64::try_from(rev).map_err(|_| Refused::Conflict)
     }
-
 }
 
 /// The id of the newest entry of a stream (`0-0` when it is empty).
@@ -408,7 +419,14 @@ impl Backplane for RedisBackplane {
         })
     }
 
-    async fn swap(&self, space: Space<'_>, key: &str, expected: Option<u64>, value: Bytes, forget: Option<Duration>) -> Result<u64, Refused> {
+    async fn swap(
+        &self,
+        space: Space<'_>,
+        key: &str,
+        expected: Option<u64>,
+        value: Bytes,
+        forget: Option<Duration>,
+    ) -> Result<u64, Refused> {
         self.swap_script(space, key, &expected.unwrap_or(0).to_string(), &value, forget).await
     }
 
@@ -451,7 +469,9 @@ impl Backplane for RedisBackplane {
         let (dir, log) = (self.keys.dir(), self.keys.dir_log());
         let row = format!("{}.{key}", table.name());
         let max_len = self.max_len.to_string();
-        let rev = self.eval(&self.scripts.put_row, include_str!("scripts/put_row.lua"), &[&dir, &log], &[row.as_bytes(), &value, max_len.as_bytes()]).await?;
+        let rev = self
+            .eval(&self.scripts.put_row, include_str!("scripts/put_row.lua"), &[&dir, &log], &[row.as_bytes(), &value, max_len.as_bytes()])
+            .await?;
         u64::try_from(rev).map_err(fault)
     }
 
@@ -466,24 +486,27 @@ impl Backplane for RedisBackplane {
         let from = last_id(&self.pool, &self.keys.dir_log()).await?;
         let (tx, rx) = mpsc::channel(1024);
         let reader = RowsReader { pool: self.pool.clone(), keys: self.keys.clone() };
-        let h = tokio::spawn(read_stream(self.connector.clone(), self.keys.dir_log(), from, self.request_timeout, tx, row_change, move || {
-            let reader = reader.clone();
-            async move {
-                // Interrupted: read every row again (revisions drop what was applied).
-                metrics::counter!(NAMES.directory_rewatch).increment(1);
-                for _ in 0..600 {
-                    match reader.reload().await {
-                        Ok(r) => return Some(r),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "redis: cannot read the directory yet");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+        let h =
+            tokio::spawn(read_stream(self.connector.clone(), self.keys.dir_log(), from, self.request_timeout, tx, row_change, move || {
+                let reader = reader.clone();
+                async move {
+                    // Interrupted: read every row again (revisions drop what was applied).
+                    metrics::counter!(NAMES.directory_rewatch).increment(1);
+                    for _ in 0..600 {
+                        match reader.reload().await {
+                            Ok(r) => return Some(r),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "redis: cannot read the directory yet");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
                         }
                     }
+                    tracing::error!(
+                        "redis: the directory could not be read again for 5 minutes; changes made on other nodes are no longer followed"
+                    );
+                    None
                 }
-                tracing::error!("redis: the directory could not be read again for 5 minutes; changes made on other nodes are no longer followed");
-                None
-            }
-        }));
+            }));
         self.tasks.lock().push(h);
         Ok(rx)
     }
