@@ -291,3 +291,59 @@ async fn unreachable_redis_fails_the_start_with_a_clear_error() {
     assert!(e.contains("store.backend redis") && e.contains(&format!("127.0.0.1:{port}")), "{e}");
     assert!(start.elapsed() < Duration::from_secs(15), "{:?}", start.elapsed());
 }
+
+/// Sentinel: nodes ask the Sentinel for the master; when the master dies and the
+/// Sentinel promotes its replica, the nodes follow (writes, reads and cross-node events
+/// work again on the new master, with the replicated data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_follow_a_sentinel_failover() {
+    let mut s = common::redis::RedisSentinel::start();
+    let urls = format!("[\"redis://127.0.0.1:{}\"]", s.sentinel_port);
+    let env = |id: &'static str| {
+        vec![
+            ("PRESENCE_STORE__BACKEND", "redis".to_string()),
+            ("PRESENCE_REDIS__URLS", urls.clone()),
+            ("PRESENCE_REDIS__SENTINEL_MASTER", "mymaster".to_string()),
+            ("PRESENCE_REDIS__REQUEST_TIMEOUT", "500ms".to_string()),
+            ("PRESENCE_SERVICE__NODE_ID", id.to_string()),
+        ]
+    };
+    let start = async |id: &'static str| {
+        let e = env(id);
+        let refs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        TestServer::start(&refs).await
+    };
+    let a = start("node-a").await;
+    let b = start("node-b").await;
+    assert!(a.get("/health/redis").await.1["data"]["server"].as_str().unwrap().contains(&s.master.port.to_string()));
+    let mut w = b.watch("w", &["alice"]).await;
+    assert_eq!(w.next("alice").await["status"], "offline");
+    assert_eq!(a.put_status("alice", Some(&a.token("alice")), json!({"status":"busy","message":"before"})).await.0, 200);
+    assert_eq!(w.next("alice").await["status"], "busy");
+    // Replicated before the master dies.
+    eventually("replicated", Duration::from_secs(5), async || {
+        s.replica.cli(&["HGET", "presence:user:{alice}", "v"]).is_some_and(|v| v.contains("before"))
+    })
+    .await;
+
+    s.master.stop();
+    let killed = Instant::now();
+    let promoted = eventually("the sentinel promotes the replica", Duration::from_secs(30), async || {
+        s.ask(&["SENTINEL", "get-master-addr-by-name", "mymaster"]).is_some_and(|o| o.contains(&s.replica.port.to_string()))
+    })
+    .await;
+    let writable = eventually("node A writes to the new master", Duration::from_secs(30), async || {
+        a.put_status("alice", Some(&a.token("alice")), json!({"status":"away","message":"after"})).await.0 == 200
+    })
+    .await;
+    eprintln!(
+        "failover: promoted after {promoted:?}, node A writing again {writable:?} after that ({:?} after the kill)",
+        killed.elapsed()
+    );
+    let p = w.until("alice", |p| p["status"] == "away").await;
+    assert_eq!(p["message"], "after", "B's watcher hears about changes made after the failover");
+    let v = b.get("/api/v2/presence/alice").await.1;
+    assert_eq!(v["data"]["alice"]["message"], "after");
+    a.stop().await;
+    b.stop().await;
+}

@@ -158,3 +158,70 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 }
+
+/// A master, a replica of it, and a Sentinel watching them as `mymaster` (quorum 1, a
+/// master is down after 1 s without an answer).
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    sentinel: Child,
+    pub sentinel_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    pub fn start() -> RedisSentinel {
+        let master = RedisServer::start(&[]);
+        let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let start = Instant::now();
+        while !replica.cli(&["INFO", "replication"]).is_some_and(|i| i.contains("master_link_status:up")) {
+            assert!(start.elapsed() < Duration::from_secs(15), "replica never synced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n",
+                dir.path().display(),
+                master.port
+            ),
+        )
+        .unwrap();
+        let sentinel = Command::new(binary("redis-server"))
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sentinel");
+        let s = RedisSentinel { master, replica, sentinel, sentinel_port: port, _dir: dir };
+        let start = Instant::now();
+        while !s.ask(&["SENTINEL", "get-master-addr-by-name", "mymaster"]).is_some_and(|o| o.contains(&s.master.port.to_string())) {
+            assert!(start.elapsed() < Duration::from_secs(15), "sentinel never knew the master");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    /// Runs `redis-cli` against the Sentinel.
+    pub fn ask(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new(binary("redis-cli"))
+            .args(["-p", &self.sentinel_port.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        let _ = self.sentinel.kill();
+        let _ = self.sentinel.wait();
+    }
+}

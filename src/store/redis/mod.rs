@@ -185,6 +185,7 @@ impl RedisBackplane {
     /// on a Sentinel deployment, follows a failover to the new master.
     fn monitor(&self) {
         let pool = self.pool.clone();
+        let pubsub = self.pubsub.clone();
         let connector = self.connector.clone();
         let limit = self.request_timeout.min(Duration::from_secs(1));
         let h = tokio::spawn(async move {
@@ -199,7 +200,7 @@ impl RedisBackplane {
                     pool.describe().await;
                 }
                 if !connector.config().sentinel_master.is_empty() && (failures >= 2 || (ok && !is_master(&mut c).await)) {
-                    follow_failover(&connector, &pool).await;
+                    follow_failover(&connector, &pool, &pubsub).await;
                 }
             }
         });
@@ -269,8 +270,9 @@ async fn is_master(c: &mut Conn) -> bool {
     }
 }
 
-/// Asks the Sentinels for the master; if it moved, connects the pool to it.
-async fn follow_failover(connector: &Connector, pool: &Pool) {
+/// Asks the Sentinels for the master and connects the pool and the subscriptions to it
+/// (blocking readers reconnect to it by themselves).
+async fn follow_failover(connector: &Connector, pool: &Pool, pubsub: &PubSub) {
     let Ok(master) = connector.resolve_master().await else { return };
     tracing::warn!(master = ?master.addr(), "redis: following the master the sentinels name");
     let mut conns = Vec::new();
@@ -284,6 +286,9 @@ async fn follow_failover(connector: &Connector, pool: &Pool) {
         }
     }
     pool.replace(conns);
+    if let Err(e) = pubsub.reconnect(connector).await {
+        tracing::warn!(error = %e, "redis: cannot move the subscriptions to the new master yet");
+    }
 }
 
 /// The `XREAD` loop of a stream: each entry after `from` that `convert` accepts goes to

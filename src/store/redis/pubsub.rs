@@ -40,6 +40,10 @@ struct Routes {
 
 pub struct PubSub {
     conn: tokio::sync::Mutex<Conn>,
+    /// Where every subscription connection delivers (kept for a new connection).
+    push: mpsc::UnboundedSender<PushInfo>,
+    /// The channels subscribed to, to subscribe again on a new connection.
+    channels: Mutex<std::collections::HashSet<String>>,
     keys: Arc<Keys>,
     node: String,
     routes: Arc<Mutex<Routes>>,
@@ -88,7 +92,7 @@ impl PubSub {
     /// Opens the subscription connection and subscribes to this node's inbox.
     pub async fn open(connector: &Connector, keys: Arc<Keys>, node: &str) -> Result<PubSub, Fault> {
         let (tx, mut rx) = mpsc::unbounded_channel::<PushInfo>();
-        let conn = connector.connect(Some(tx), Some(connector.config().request_timeout.0)).await.map_err(fault)?;
+        let conn = connector.connect(Some(tx.clone()), Some(connector.config().request_timeout.0)).await.map_err(fault)?;
         let routes = Arc::new(Mutex::new(Routes::default()));
         let r = routes.clone();
         let k = keys.clone();
@@ -111,17 +115,40 @@ impl PubSub {
                 }
             }
         });
-        let ps = PubSub { conn: tokio::sync::Mutex::new(conn), keys, node: node.to_string(), routes, next_id: AtomicU64::new(1), router };
+        let ps = PubSub {
+            conn: tokio::sync::Mutex::new(conn),
+            push: tx,
+            channels: Mutex::default(),
+            keys,
+            node: node.to_string(),
+            routes,
+            next_id: AtomicU64::new(1),
+            router,
+        };
         ps.subscribe(&ps.keys.inbox(node)).await?;
         Ok(ps)
     }
 
     pub async fn subscribe(&self, channel: &str) -> Result<(), Fault> {
+        self.channels.lock().insert(channel.to_string());
         self.conn.lock().await.subscribe(channel).await.map_err(fault)
     }
 
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), Fault> {
+        self.channels.lock().remove(channel);
         self.conn.lock().await.unsubscribe(channel).await.map_err(fault)
+    }
+
+    /// Moves the subscriptions to a new connection (the master moved: a Sentinel
+    /// failover; the old connection would keep retrying a dead server).
+    pub async fn reconnect(&self, connector: &Connector) -> Result<(), Fault> {
+        let mut conn = connector.connect(Some(self.push.clone()), Some(connector.config().request_timeout.0)).await.map_err(fault)?;
+        let channels: Vec<String> = self.channels.lock().iter().cloned().collect();
+        for c in &channels {
+            conn.subscribe(c).await.map_err(fault)?;
+        }
+        *self.conn.lock().await = conn;
+        Ok(())
     }
 
     pub fn route_events(&self, tx: mpsc::Sender<Bytes>) {
