@@ -40,7 +40,30 @@ fn cluster_bench_runs_the_hub_and_spoke_topology() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("100 deliveries of 100 expected"), "{text}");
-    assert!(text.contains("KV writes per status change: 1.000"), "{text}");
+    assert!(text.contains("store writes per status change: 1.000"), "{text}");
     let idle = text.lines().find(|l| l.starts_with("store writes with 50 idle users")).unwrap_or_else(|| panic!("{text}"));
     assert!(idle.contains(": 0.00 writes/s"), "{idle}");
+}
+
+/// The backends comparison runs each engine (a real nats-server and redis-server) and
+/// prints the table: every change delivered, one store write per change, no store write
+/// for idle heartbeats (a small run).
+#[test]
+fn backends_bench_compares_nats_and_redis() {
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
+        .args(["backends", "--subscribers", "4", "--publishers", "2", "--changes", "20", "--rate", "50", "--writers", "4", "--write-secs", "1"])
+        .args(["--idle", "30", "--idle-secs", "2", "--heartbeat-secs", "1", "--lease-ttl", "60s"])
+        .output()
+        .expect("run presenced-bench backends");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for engine in ["nats", "redis"] {
+        let fan = text.lines().find(|l| l.starts_with(&format!("cross-node fan-out ({engine}"))).unwrap_or_else(|| panic!("{text}"));
+        assert!(fan.contains("80 deliveries of 80 expected"), "{fan}");
+        let row = text.lines().find(|l| l.starts_with(&format!("| {engine} |"))).unwrap_or_else(|| panic!("{text}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert!(cells[4].parse::<f64>().unwrap() > 0.0, "status writes measured: {row}");
+        assert_eq!(cells[5], "1.000", "one store write per status change: {row}");
+        assert!(cells[6].starts_with("0.00 (30 users)"), "idle heartbeats write nothing: {row}");
+    }
 }

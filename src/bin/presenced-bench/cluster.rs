@@ -27,31 +27,31 @@ use super::{free_port, open, percentiles, sibling, subscriber, Res, Shared, Sub,
 pub struct ClusterArgs {
     /// Subscriber connections on leaf B (each watches every publisher).
     #[arg(long, default_value_t = 100)]
-    subscribers: usize,
+    pub subscribers: usize,
     /// Publisher users connected to leaf A.
     #[arg(long, default_value_t = 10)]
-    publishers: usize,
+    pub publishers: usize,
     /// Status changes to drive (round robin over the publishers).
     #[arg(long, default_value_t = 1000)]
-    changes: usize,
+    pub changes: usize,
     /// Status changes per second.
     #[arg(long, default_value_t = 100.0)]
-    rate: f64,
+    pub rate: f64,
     /// Idle users connected to leaf A for the store-write measurement.
     #[arg(long, default_value_t = 10_000)]
-    idle: usize,
+    pub idle: usize,
     /// How long to count store writes with the idle users connected.
     #[arg(long, default_value_t = 60)]
-    idle_secs: u64,
+    pub idle_secs: u64,
     /// Each idle client sends a `heartbeat` message this often.
     #[arg(long, default_value_t = 5)]
-    heartbeat_secs: u64,
+    pub heartbeat_secs: u64,
     /// `presence.node_lease_ttl` of the nodes (renewed every third of it).
     #[arg(long, default_value = "15s")]
-    lease_ttl: String,
+    pub lease_ttl: String,
 }
 
-struct Proc(Child);
+pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -60,7 +60,7 @@ impl Drop for Proc {
     }
 }
 
-fn nats_binary() -> Res<PathBuf> {
+pub fn nats_binary() -> Res<PathBuf> {
     ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
         .into_iter()
         .map(PathBuf::from)
@@ -68,7 +68,7 @@ fn nats_binary() -> Res<PathBuf> {
         .ok_or_else(|| "nats-server not found: apt-get install nats-server".to_string())
 }
 
-fn nats_server(dir: &Path, name: &str, body: &str) -> Res<(Proc, u16)> {
+pub fn nats_server(dir: &Path, name: &str, body: &str) -> Res<(Proc, u16)> {
     let port = free_port()?;
     let conf = dir.join(format!("{name}.conf"));
     let store = dir.join(format!("js-{name}"));
@@ -84,7 +84,7 @@ fn nats_server(dir: &Path, name: &str, body: &str) -> Res<(Proc, u16)> {
     Ok((Proc(child), port))
 }
 
-async fn wait_port(port: u16) -> Res<()> {
+pub async fn wait_port(port: u16) -> Res<()> {
     let start = Instant::now();
     while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
         if start.elapsed() > Duration::from_secs(20) {
@@ -114,26 +114,51 @@ async fn linked(from: u16, to: u16) -> Res<()> {
     }
 }
 
-fn presenced(dir: &Path, id: &str, node_type: &str, nats_port: u16, lease: &str) -> Res<(Proc, u16)> {
+/// How a node reaches its engine.
+#[derive(Clone)]
+pub enum Store {
+    /// NATS at a port, through JetStream domain `hub` (the hub-and-spoke topology) or none.
+    Nats { port: u16, domain: Option<&'static str> },
+    Redis { port: u16 },
+}
+
+impl Store {
+    /// The backend's name (`/health/<name>`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Store::Nats { .. } => "nats",
+            Store::Redis { .. } => "redis",
+        }
+    }
+}
+
+pub fn presenced(dir: &Path, id: &str, node_type: &str, store: &Store, lease: &str) -> Res<(Proc, u16)> {
     let port = free_port()?;
-    let child = Command::new(sibling("presenced")?)
-        .arg("serve")
+    let mut cmd = Command::new(sibling("presenced")?);
+    cmd.arg("serve")
         .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
         .env("PRESENCE_SERVICE__PORT", port.to_string())
         .env("PRESENCE_SERVICE__GRPC_PORT", "0")
         .env("PRESENCE_SERVICE__NODE_ID", id)
         .env("PRESENCE_SERVICE__NODE_TYPE", node_type)
         .env("PRESENCE_SERVICE__DATA_DIR", dir.join(id))
-        .env("PRESENCE_STORE__BACKEND", "nats")
-        .env("PRESENCE_NATS__URLS", format!("[\"nats://127.0.0.1:{nats_port}\"]"))
-        .env("PRESENCE_NATS__JETSTREAM__DOMAIN", "hub")
+        .env("PRESENCE_STORE__BACKEND", store.name())
         .env("PRESENCE_PRESENCE__NODE_LEASE_TTL", lease)
         .env("PRESENCE_PRESENCE__SESSION_TTL", "30s")
         .env("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "10s")
-        .envs(super::BENCH_ENV)
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("presenced: {e}"))?;
+        .envs(super::BENCH_ENV);
+    match store {
+        Store::Nats { port, domain } => {
+            cmd.env("PRESENCE_NATS__URLS", format!("[\"nats://127.0.0.1:{port}\"]"));
+            if let Some(d) = domain {
+                cmd.env("PRESENCE_NATS__JETSTREAM__DOMAIN", d);
+            }
+        }
+        Store::Redis { port } => {
+            cmd.env("PRESENCE_REDIS__URLS", format!("[\"redis://127.0.0.1:{port}\"]"));
+        }
+    }
+    let child = cmd.stdout(Stdio::null()).spawn().map_err(|e| format!("presenced: {e}"))?;
     Ok((Proc(child), port))
 }
 
@@ -150,12 +175,26 @@ async fn get_json(port: u16, path: &str) -> Res<serde_json::Value> {
     serde_json::from_str(&body[a..=b]).map_err(|e| e.to_string())
 }
 
-async fn total_writes(ports: &[u16]) -> Res<u64> {
+/// Store writes of every node so far (their `/health/<backend>`).
+async fn total_writes(ports: &[u16], backend: &str) -> Res<u64> {
     let mut n = 0;
     for p in ports {
-        n += get_json(*p, "/health/nats").await?["data"]["store_writes"].as_u64().ok_or("no store_writes")?;
+        n += get_json(*p, &format!("/health/{backend}")).await?["data"]["store_writes"].as_u64().ok_or("no store_writes")?;
     }
     Ok(n)
+}
+
+/// Sessions a node holds (0 when it cannot say).
+async fn held(port: u16, backend: &str) -> u64 {
+    get_json(port, &format!("/health/{backend}")).await.ok().and_then(|v| v["data"]["sessions_held"].as_u64()).unwrap_or(0)
+}
+
+/// What the fan-out phase measured.
+pub struct Fanout {
+    /// Delivery latencies (µs), sorted.
+    pub latencies: Vec<u32>,
+    /// Store writes per status change (lease renewals included).
+    pub writes_per_change: f64,
 }
 
 pub async fn run(args: ClusterArgs) -> Res<()> {
@@ -184,22 +223,33 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
     }
     linked(leaf_a, center).await?;
     linked(leaf_b, center).await?;
-    let (_c, c_http) = presenced(&dir, "center-1", "center", center, &args.lease_ttl)?;
+    let on = |port: u16| Store::Nats { port, domain: Some("hub") };
+    let (_c, c_http) = presenced(&dir, "center-1", "center", &on(center), &args.lease_ttl)?;
     wait_port(c_http).await?;
-    let (_a, a_http) = presenced(&dir, "leaf-a", "leaf", leaf_a, &args.lease_ttl)?;
-    let (_b, b_http) = presenced(&dir, "leaf-b", "leaf", leaf_b, &args.lease_ttl)?;
+    let (_a, a_http) = presenced(&dir, "leaf-a", "leaf", &on(leaf_a), &args.lease_ttl)?;
+    let (_b, b_http) = presenced(&dir, "leaf-b", "leaf", &on(leaf_b), &args.lease_ttl)?;
     wait_port(a_http).await?;
     wait_port(b_http).await?;
     let nodes = [c_http, a_http, b_http];
     println!("cluster: center nats :{center} (domain hub), leaf nats :{leaf_a} :{leaf_b}; presenced http :{c_http} (center) :{a_http} (leaf A) :{b_http} (leaf B)");
 
-    // 1. Cross-node fan-out: subscribers on leaf B, publishers on leaf A.
+    // 1 and 2. Cross-node fan-out, subscribers on leaf B, publishers on leaf A; writes per change.
+    fanout(a_http, b_http, &nodes, "nats", &args).await?;
+    // 3. Idle users heartbeating on leaf A.
+    idle_writes(a_http, &nodes, "nats", &args).await?;
+    Ok(())
+}
+
+/// Cross-node fan-out: `subscribers` WebSocket clients on node `sub_http` watch
+/// `publishers` users connected to node `pub_http`, who change status `changes` times at
+/// `rate`/s; latency from the change sent to each delivery.
+pub async fn fanout(pub_http: u16, sub_http: u16, nodes: &[u16], backend: &str, args: &ClusterArgs) -> Res<Fanout> {
     let shared =
         Arc::new(Shared { start: Instant::now(), connected: AtomicU64::new(0), failed: AtomicU64::new(0), samples: Default::default() });
     let publishers: Arc<Vec<String>> = Arc::new((0..args.publishers.max(1)).map(|i| format!("pub-{i}")).collect());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let b_addr: SocketAddr = format!("127.0.0.1:{b_http}").parse().map_err(|e| format!("{e}"))?;
-    let a_addr: SocketAddr = format!("127.0.0.1:{a_http}").parse().map_err(|e| format!("{e}"))?;
+    let b_addr: SocketAddr = format!("127.0.0.1:{sub_http}").parse().map_err(|e| format!("{e}"))?;
+    let a_addr: SocketAddr = format!("127.0.0.1:{pub_http}").parse().map_err(|e| format!("{e}"))?;
     let gate = Arc::new(Semaphore::new(128));
     let mut tasks = Vec::new();
     for id in 0..args.subscribers {
@@ -222,14 +272,15 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
         pubs.push(open(a_addr, Ipv4Addr::new(127, 0, 0, 2 + (i % 50) as u8), u, false).await?);
     }
     // A handshake completes before its session is written: wait for all of them.
-    let held = async |port: u16| get_json(port, "/health/nats").await.ok().and_then(|v| v["data"]["sessions_held"].as_u64()).unwrap_or(0);
     let t1 = Instant::now();
-    while (held(b_http).await < connected_subs || held(a_http).await < publishers.len() as u64) && t1.elapsed() < Duration::from_secs(300) {
+    while (held(sub_http, backend).await < connected_subs || held(pub_http, backend).await < publishers.len() as u64)
+        && t1.elapsed() < Duration::from_secs(300)
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(2000)).await;
     shared.samples.lock().clear();
-    let writes_before = total_writes(&nodes).await?;
+    let writes_before = total_writes(nodes, backend).await?;
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate.max(0.001)));
     for n in 0..args.changes {
@@ -246,30 +297,38 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let change_secs = started.elapsed().as_secs_f64();
-    let writes = total_writes(&nodes).await? - writes_before;
+    let writes = total_writes(nodes, backend).await? - writes_before;
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
     let samples = std::mem::take(&mut *shared.samples.lock());
-    let mut lat: Vec<u32> = samples.iter().map(|s| s.1).collect();
-    lat.sort_unstable();
+    let mut latencies: Vec<u32> = samples.iter().map(|s| s.1).collect();
+    latencies.sort_unstable();
     let connected = shared.connected.load(Ordering::Relaxed);
     println!(
-        "cross-node fan-out (change on leaf A → subscriber on leaf B): {} changes × {connected} subscribers: {} deliveries of {} expected",
+        "cross-node fan-out ({backend}: change on node :{pub_http} → subscriber on node :{sub_http}): {} changes × {connected} subscribers: {} deliveries of {} expected",
         args.changes,
-        samples.len(),
+        latencies.len(),
         args.changes as u64 * connected
     );
-    println!("  latency {}", percentiles(&lat, &[("p50", 0.5), ("p90", 0.9), ("p99", 0.99)]));
+    println!("  latency {}", percentiles(&latencies, &[("p50", 0.5), ("p90", 0.9), ("p99", 0.99)]));
+    let writes_per_change = writes as f64 / args.changes.max(1) as f64;
     println!(
-        "KV writes per status change: {:.3} ({writes} writes over {:.1}s for {} changes, lease renewals included)",
-        writes as f64 / args.changes.max(1) as f64,
-        change_secs,
+        "store writes per status change: {writes_per_change:.3} ({writes} writes over {change_secs:.1}s for {} changes, lease renewals included)",
         args.changes
     );
+    Ok(Fanout { latencies, writes_per_change })
+}
 
-    // 3. Idle users heartbeating on leaf A.
+/// Store writes per second with `args.idle` users connected to node `http`, each
+/// sending a `heartbeat` every `args.heartbeat_secs`: (users online, writes/s, heartbeats/s).
+pub async fn idle_writes(http: u16, nodes: &[u16], backend: &str, args: &ClusterArgs) -> Res<(u64, f64, f64)> {
+    let addr: SocketAddr = format!("127.0.0.1:{http}").parse().map_err(|e| format!("{e}"))?;
+    let gate = Arc::new(Semaphore::new(128));
+    // Sessions already there (publishers; writers that just left settle first).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let already = held(http, backend).await;
     let connected = Arc::new(AtomicU64::new(0));
     let beats = Arc::new(AtomicU64::new(0));
     let (idle_stop, idle_rx) = watch::channel(false);
@@ -281,7 +340,7 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
         let every = Duration::from_secs(args.heartbeat_secs.max(1));
         idle.push(tokio::spawn(async move {
             let source = Ipv4Addr::new(127, 0, 0, 2 + (id % 58) as u8);
-            let ws = open(a_addr, source, &format!("idle-{id}"), false).await;
+            let ws = open(addr, source, &format!("idle-{id}"), false).await;
             drop(permit);
             let Ok(mut ws) = ws else { return };
             connected.fetch_add(1, Ordering::Relaxed);
@@ -305,28 +364,28 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let online = connected.load(Ordering::Relaxed);
-    while held(a_http).await < online + args.publishers as u64 && t0.elapsed() < Duration::from_secs(300) {
+    while held(http, backend).await < online + already && t0.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("idle: {online} users connected to leaf A and their sessions written in {:.1}s", t0.elapsed().as_secs_f64());
+    println!("idle: {online} users connected to node :{http} and their sessions written in {:.1}s", t0.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (w0, b0, s0) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), Instant::now());
+    let (w0, b0, s0) = (total_writes(nodes, backend).await?, beats.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let (w1, b1, secs) = (total_writes(&nodes).await?, beats.load(Ordering::Relaxed), s0.elapsed().as_secs_f64());
-    let held = held(a_http).await;
+    let (w1, b1, secs) = (total_writes(nodes, backend).await?, beats.load(Ordering::Relaxed), s0.elapsed().as_secs_f64());
+    let held = held(http, backend).await;
+    let (writes, beats) = ((w1 - w0) as f64 / secs, (b1 - b0) as f64 / secs);
     println!(
-        "store writes with {online} idle users ({held} sessions held by leaf A): {:.2} writes/s over {secs:.0}s, while they sent {:.0} heartbeats/s",
-        (w1 - w0) as f64 / secs,
-        (b1 - b0) as f64 / secs
+        "store writes with {online} idle users ({held} sessions held by node :{http}, {backend}): {writes:.2} writes/s over {secs:.0}s, while they sent {beats:.0} heartbeats/s"
     );
     let _ = idle_stop.send(true);
     for t in idle {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
-    Ok(())
+    Ok((online, writes, beats))
 }
 
-struct Cleanup(PathBuf);
+
+pub struct Cleanup(pub PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {

@@ -13,10 +13,12 @@
 //! server (parked gRPC watch streams, stalled request heads; see `hostile.rs`).
 //!
 //! `presenced-bench cluster` runs the hub-and-spoke topology (center + two leaves, real
-//! nats-servers) and measures cross-node fan-out, KV writes per change and store writes
-//! with idle users (see `cluster.rs`).
+//! nats-servers) and measures cross-node fan-out, store writes per change and store
+//! writes with idle users (see `cluster.rs`). `presenced-bench backends` compares the
+//! cluster backends (NATS, Redis) side by side (see `backends.rs`).
 #![forbid(unsafe_code)]
 
+mod backends;
 mod cluster;
 mod hostile;
 
@@ -51,6 +53,9 @@ enum Cmd {
     /// Hub and spoke on real nats-servers: cross-node fan-out latency, KV writes per
     /// status change, store writes per second with idle connected users.
     Cluster(cluster::ClusterArgs),
+    /// The cluster backends side by side (NATS, Redis): cross-node fan-out against the
+    /// engine's bare pub/sub, status writes/s at saturation, store writes with idle users.
+    Backends(backends::BackendsArgs),
     /// gRPC throughput over one HTTP/2 connection: RefreshSession and GetPresence(100 ids).
     Grpc(GrpcArgs),
     /// What hostile clients cost: parked WatchPresence streams, stalled request heads.
@@ -123,6 +128,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
+        Cmd::Backends(args) => rt.block_on(backends::run(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::run(args)),
         Cmd::BaselineServer { listen } => rt.block_on(baseline_server(listen)),
     };
