@@ -11,8 +11,10 @@
 //!    see and the one table of how each transport says it. [`shards`]: the sharded map.
 //! 2. State: [`store`]: the [`store::PresenceStore`] and [`store::DirectoryStore`] traits
 //!    and their backends, [`store::memory`] (the embedded default: sharded state, timer
-//!    wheel, redb persistence) and [`store::nats`] (cluster mode on NATS JetStream, in
-//!    rooms: users, sessions, degraded, directory, lease, relay). [`natsio`]: the NATS
+//!    wheel, redb persistence) and [`store::cluster`] (cluster mode, written once over a
+//!    [`store::cluster::Backplane`], in rooms: users, sessions, degraded, directory,
+//!    lease, relay), whose backplanes are [`store::nats`] (NATS JetStream) and
+//!    [`store::redis`] (a single Redis, a Redis Cluster, Sentinel). [`natsio`]: the NATS
 //!    connection, JetStream KV plumbing and the embedded nats-server. [`bus`]: the
 //!    in-process bus (events, typing, directory changes, interest). [`directory`]:
 //!    contacts, privacy settings and conversation members in memory.

@@ -51,7 +51,21 @@ fn cluster_bench_runs_the_hub_and_spoke_topology() {
 #[test]
 fn backends_bench_compares_nats_and_redis() {
     let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
-        .args(["backends", "--subscribers", "4", "--publishers", "2", "--changes", "20", "--rate", "50", "--writers", "4", "--write-secs", "1"])
+        .args([
+            "backends",
+            "--subscribers",
+            "4",
+            "--publishers",
+            "2",
+            "--changes",
+            "20",
+            "--rate",
+            "50",
+            "--writers",
+            "4",
+            "--write-secs",
+            "1",
+        ])
         .args(["--idle", "30", "--idle-secs", "2", "--heartbeat-secs", "1", "--lease-ttl", "60s"])
         .output()
         .expect("run presenced-bench backends");

@@ -100,19 +100,7 @@ async fn concurrent_writers_on_two_nodes_lose_nothing(e: Engine) {
 async fn events_replay_durably_and_restarts_lose_nothing() {
     let mut server = NatsServer::start("");
     let a = node(&server, "node-a").await;
-    let alice = a.token("alice");
-    assert_eq!(a.put_status("alice", Some(&alice), json!({"status":"busy","message":"flight","ttl":0})).await.0, 200);
-    let r = a.client.put(a.url("/api/v2/contacts/alice")).bearer_auth(&alice).json(&json!({"contacts":["bob"]})).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let r = a
-        .client
-        .put(a.url("/api/v2/presence/alice/privacy"))
-        .bearer_auth(&alice)
-        .json(&json!({"visibility":"contacts"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    common::write_durable_state(&a).await;
 
     // A delivery service that starts afterwards still gets every event, durably.
     let client = async_nats::connect(server.url()).await.unwrap();
@@ -142,19 +130,7 @@ async fn events_replay_durably_and_restarts_lose_nothing() {
     server.stop();
     server.restart();
     let b = node(&server, "node-b").await;
-    let me =
-        b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token("alice")).send().await.unwrap().json::<Value>().await.unwrap();
-    assert_eq!((me["data"]["alice"]["status"].as_str(), me["data"]["alice"]["message"].as_str()), (Some("busy"), Some("flight")));
-    let c =
-        b.client.get(b.url("/api/v2/contacts/alice")).bearer_auth(b.token("alice")).send().await.unwrap().json::<Value>().await.unwrap();
-    assert_eq!(c["data"]["contacts"], json!(["bob"]));
-    // Privacy survived too: a stranger sees her offline, her contact sees her busy.
-    let stranger =
-        b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token("carol")).send().await.unwrap().json::<Value>().await.unwrap();
-    assert_eq!(stranger["data"]["alice"]["status"], "offline");
-    let contact =
-        b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token("bob")).send().await.unwrap().json::<Value>().await.unwrap();
-    assert_eq!(contact["data"]["alice"]["status"], "busy");
+    common::assert_durable_state(&b).await;
     b.stop().await;
 }
 

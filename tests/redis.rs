@@ -136,19 +136,7 @@ async fn a_network_cut_between_a_node_and_redis_degrades_then_heals() {
 async fn events_replay_from_the_stream_and_a_persistent_redis_loses_nothing() {
     let mut server = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let a = node_on(&server, "node-a", &[]).await;
-    let alice = a.token("alice");
-    assert_eq!(a.put_status("alice", Some(&alice), json!({"status":"busy","message":"flight","ttl":0})).await.0, 200);
-    let r = a.client.put(a.url("/api/v2/contacts/alice")).bearer_auth(&alice).json(&json!({"contacts":["bob"]})).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let r = a
-        .client
-        .put(a.url("/api/v2/presence/alice/privacy"))
-        .bearer_auth(&alice)
-        .json(&json!({"visibility":"contacts"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    common::write_durable_state(&a).await;
     let out = server.cli(&["--json", "XRANGE", "presence:events", "-", "+"]).unwrap();
     let entries: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     // An entry: [id, [field, value, field, value, ...]].
@@ -163,14 +151,7 @@ async fn events_replay_from_the_stream_and_a_persistent_redis_loses_nothing() {
     server.stop();
     server.restart();
     let b = node_on(&server, "node-b", &[]).await;
-    let read = async |viewer: &str| {
-        let r = b.client.get(b.url("/api/v2/presence/alice")).bearer_auth(b.token(viewer)).send().await.unwrap();
-        common::decode(r).await.1["data"]["alice"].clone()
-    };
-    let me = read("alice").await;
-    assert_eq!((me["status"].as_str(), me["message"].as_str()), (Some("busy"), Some("flight")));
-    assert_eq!(read("carol").await["status"], "offline", "privacy survived: a stranger sees her offline");
-    assert_eq!(read("bob").await["status"], "busy", "her contact sees her");
+    common::assert_durable_state(&b).await;
     b.stop().await;
 }
 

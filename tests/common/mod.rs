@@ -349,3 +349,32 @@ pub fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::Pa
     ]);
     (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
 }
+
+/// Durable state written through node `n`: alice busy ("flight", until changed), her
+/// contacts `[bob]`, her privacy `contacts` (see [`assert_durable_state`]).
+pub async fn write_durable_state(n: &TestServer) {
+    let alice = n.token("alice");
+    assert_eq!(n.put_status("alice", Some(&alice), serde_json::json!({"status":"busy","message":"flight","ttl":0})).await.0, 200);
+    for (path, body) in [
+        ("/api/v2/contacts/alice", serde_json::json!({"contacts":["bob"]})),
+        ("/api/v2/presence/alice/privacy", serde_json::json!({"visibility":"contacts"})),
+    ] {
+        let r = n.client.put(n.url(path)).bearer_auth(&alice).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+}
+
+/// What [`write_durable_state`] wrote, read through node `n` (after every process
+/// restarted): the status, the contacts, and privacy (a stranger sees her offline, her
+/// contact sees her busy).
+pub async fn assert_durable_state(n: &TestServer) {
+    let get = async |path: &str, viewer: &str| {
+        let r = n.client.get(n.url(path)).bearer_auth(n.token(viewer)).send().await.unwrap();
+        decode(r).await.1["data"].clone()
+    };
+    let me = get("/api/v2/presence/alice", "alice").await;
+    assert_eq!((me["alice"]["status"].as_str(), me["alice"]["message"].as_str()), (Some("busy"), Some("flight")));
+    assert_eq!(get("/api/v2/contacts/alice", "alice").await["contacts"], serde_json::json!(["bob"]));
+    assert_eq!(get("/api/v2/presence/alice", "carol").await["alice"]["status"], "offline", "privacy survived: a stranger sees her offline");
+    assert_eq!(get("/api/v2/presence/alice", "bob").await["alice"]["status"], "busy", "her contact sees her");
+}

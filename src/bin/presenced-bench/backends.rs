@@ -112,7 +112,9 @@ async fn bare_round_trip(store: &Store, n: usize, rate: f64) -> Res<Vec<u32>> {
             let publisher = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
             Box::new(move |p| {
                 let mut c = publisher.clone();
-                Box::pin(async move { redis::cmd("PUBLISH").arg("bench.rtt").arg(p).query_async::<()>(&mut c).await.map_err(|e| e.to_string()) })
+                Box::pin(
+                    async move { redis::cmd("PUBLISH").arg("bench.rtt").arg(p).query_async::<()>(&mut c).await.map_err(|e| e.to_string()) },
+                )
             })
         }
     };
@@ -220,7 +222,12 @@ async fn one(engine: &str, dir: &Path, args: &BackendsArgs) -> Res<Figures> {
     println!("== {engine}: server :{port}; presenced :{a} (A) :{b} (B)");
     let f = fanout(a, b, &[a, b], store.name(), &args.cluster).await?;
     let bare = bare_round_trip(&store, args.cluster.changes, args.cluster.rate).await?;
-    println!("bare {engine} publish → subscribe ({} messages at {}/s): {}", bare.len(), args.cluster.rate, percentiles(&bare, &[("p50", 0.5), ("p99", 0.99)]));
+    println!(
+        "bare {engine} publish → subscribe ({} messages at {}/s): {}",
+        bare.len(),
+        args.cluster.rate,
+        percentiles(&bare, &[("p50", 0.5), ("p99", 0.99)])
+    );
     let writes_per_sec = saturate(a, args.writers, args.write_secs).await?;
     println!("status writes on node A at saturation ({} writers): {writes_per_sec:.0}/s", args.writers);
     let (idle_users, idle_writes_per_sec, _) = idle_writes(a, &[a, b], store.name(), &args.cluster).await?;

@@ -118,8 +118,13 @@ async fn linked(from: u16, to: u16) -> Res<()> {
 #[derive(Clone)]
 pub enum Store {
     /// NATS at a port, through JetStream domain `hub` (the hub-and-spoke topology) or none.
-    Nats { port: u16, domain: Option<&'static str> },
-    Redis { port: u16 },
+    Nats {
+        port: u16,
+        domain: Option<&'static str>,
+    },
+    Redis {
+        port: u16,
+    },
 }
 
 impl Store {
@@ -383,7 +388,6 @@ pub async fn idle_writes(http: u16, nodes: &[u16], backend: &str, args: &Cluster
     }
     Ok((online, writes, beats))
 }
-
 
 pub struct Cleanup(pub PathBuf);
 
