@@ -212,21 +212,9 @@ fn redis_config(env: &[(&str, &str)]) -> presenced::config::Config {
 async fn tls_with_a_configured_ca() {
     let certs = tempfile::tempdir().unwrap();
     let (ca, cert, key) = common::certificates(certs.path());
-    let (cert, key, ca) = (cert.display().to_string(), key.display().to_string(), ca.display().to_string());
-    let port = RedisServer::start(&[]).port; // a free port, released when this server drops
-    let server = RedisServer::start(&[
-        "--tls-port",
-        &(port + 1).to_string(),
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        "no",
-    ]);
-    let url = format!("[\"rediss://127.0.0.1:{}\"]", port + 1);
+    let server = RedisServer::start_tls(&cert, &key, &ca);
+    let url = format!("[\"rediss://127.0.0.1:{}\"]", server.tls_port().unwrap());
+    let ca = ca.display().to_string();
     let config = redis_config(&[("PRESENCE_REDIS__URLS", &url), ("PRESENCE_REDIS__TLS__CA_FILE", &ca)]);
     let app = presenced::server::App::build(config).await.unwrap_or_else(|e| panic!("TLS with the right CA: {e}"));
     let id = presenced::core::UserId::parse("alice", 64).unwrap();

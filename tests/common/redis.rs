@@ -37,10 +37,24 @@ pub struct RedisServer {
 impl RedisServer {
     /// One server; `extra` are more `redis-server` arguments (e.g. `--requirepass x`).
     pub fn start(extra: &[&str]) -> RedisServer {
-        Self::start_with(extra, false)
+        Self::start_with(extra, false, None)
     }
 
-    fn start_with(extra: &[&str], cluster: bool) -> RedisServer {
+    /// One server that also listens for TLS on [`RedisServer::tls_port`], with this
+    /// certificate and key, clients not asked for one. The TLS port is chosen afresh on
+    /// every attempt, as the plain one is (other tests take ports in parallel).
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
+        Self::start_with(&[], false, Some([cert, key, ca]))
+    }
+
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    pub fn tls_port(&self) -> Option<u16> {
+        let i = self.args.iter().position(|a| a == "--tls-port")?;
+        self.args.get(i + 1)?.parse().ok()
+    }
+
+    fn start_with(extra: &[&str], cluster: bool, tls: Option<[&Path; 3]>) -> RedisServer {
+        let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
             let dir = tempfile::tempdir().unwrap();
@@ -61,13 +75,26 @@ impl RedisServer {
                     ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "3000"].map(String::from),
                 );
             }
+            if let Some([cert, key, ca]) = tls {
+                let tls_port = loop {
+                    let p = free_port();
+                    if p != port {
+                        break p;
+                    }
+                };
+                args.extend(["--tls-port".to_string(), tls_port.to_string(), "--tls-auth-clients".into(), "no".into()]);
+                for (flag, file) in [("--tls-cert-file", cert), ("--tls-key-file", key), ("--tls-ca-cert-file", ca)] {
+                    args.extend([flag.to_string(), file.display().to_string()]);
+                }
+            }
             args.extend(extra.iter().map(|s| s.to_string()));
             let mut s = RedisServer { child: None, port, args, dir };
             if s.spawn_and_wait() {
                 return s;
             }
+            last_log = std::fs::read_to_string(s.dir().join("redis.log")).unwrap_or_default();
         }
-        panic!("redis-server did not start (5 attempts)");
+        panic!("redis-server did not start (5 attempts); its last log:\n{last_log}");
     }
 
     pub fn url(&self) -> String {
@@ -85,10 +112,11 @@ impl RedisServer {
 
     fn spawn_and_wait(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir().join("redis.log")).expect("redis log file");
         let mut child = Command::new(binary("redis-server"))
             .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("redis log file"))
+            .stderr(log)
             .spawn()
             .expect("spawn redis-server");
         let start = Instant::now();
@@ -139,7 +167,7 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(&[], true)).collect();
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(&[], true, None)).collect();
         let mut args = vec!["--cluster".to_string(), "create".to_string()];
         args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
         args.push("--cluster-yes".into());
