@@ -104,6 +104,10 @@ pub const METRICS: &[Metric] = &[
         "Presence lookups by the embedded store: of a user it knows, or of one never seen.",
         &[&[("result", "known")], &[("result", "unknown")]]
     ),
+    m!("presence_instance_leases", Gauge, All, "Gateway instance leases live on this node."),
+    m!("presence_instance_bound_sessions", Gauge, All, "Device sessions bound to a gateway instance lease on this node."),
+    m!("presence_instance_leases_lapsed_total", Counter, All, "Gateway instance leases that lapsed (not refreshed in time) on this node."),
+    m!("presence_instance_sessions_ended_total", Counter, All, "Device sessions ended because their instance lease lapsed or was ended."),
     m!("presence_users_forgotten_total", Counter, Memory, "Users forgotten after presence.forget_after with no session and no status."),
     m!(
         "presence_rate_limited_total",
@@ -203,11 +207,12 @@ pub const METRICS: &[Metric] = &[
         "store_writes_total",
         Counter,
         Cluster,
-        "Writes to the shared store, by backend and kind (user record, owner index, lease, directory).",
+        "Writes to the shared store, by backend and kind (user record, owner index, node lease, gateway instance lease, directory).",
         &[
             &[("backend", BACKEND), ("kind", "user")],
             &[("backend", BACKEND), ("kind", "index")],
             &[("backend", BACKEND), ("kind", "lease")],
+            &[("backend", BACKEND), ("kind", "instance")],
             &[("backend", BACKEND), ("kind", "directory")]
         ]
     ),

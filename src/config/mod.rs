@@ -276,6 +276,9 @@ pub struct LimitsConfig {
     /// gRPC: events one `WatchPresence` stream may hold for a slow reader (after
     /// coalescing per user) before it is ended with `RESOURCE_EXHAUSTED`.
     pub grpc_watch_buffer: usize,
+    /// Sessions in one batch call (gRPC `RegisterSessions` / `UnregisterSessions`, REST
+    /// `POST /api/v2/sessions` and `/api/v2/sessions/unregister`).
+    pub max_sessions_per_call: usize,
 }
 
 impl Default for LimitsConfig {
@@ -307,6 +310,7 @@ impl Default for LimitsConfig {
             grpc_max_watch_streams: 4096,
             grpc_max_watched_ids: 1_000_000,
             grpc_watch_buffer: 10_000,
+            max_sessions_per_call: 5000,
         }
     }
 }
@@ -652,6 +656,9 @@ impl Config {
             return bad("presence.typing_ttl", "must be above 0");
         }
         let l = &self.limits;
+        if l.max_sessions_per_call == 0 {
+            return bad("limits.max_sessions_per_call", "must be at least 1");
+        }
         if l.max_batch_ids == 0 {
             return bad("limits.max_batch_ids", "must be at least 1");
         }

@@ -27,8 +27,6 @@ pub mod pb {
 
 use pb::presence_api_server::{PresenceApi, PresenceApiServer};
 
-/// Longest TTL a session may be registered with.
-const MAX_SESSION_TTL_SECS: u32 = 24 * 3600;
 /// Snapshot presences read from the store at once for a `WatchPresence` stream.
 const SNAPSHOT_CHUNK: usize = 64;
 
@@ -217,16 +215,11 @@ impl PresenceApi for Api {
         let r = async {
             self.admin(&req, "RegisterSession")?;
             let m = req.get_ref();
-            let user = self.svc.parse_user(&m.user_id)?;
-            self.device(&m.device_id)?;
-            let instance = if m.instance_id.is_empty() { "grpc" } else { m.instance_id.as_str() };
-            self.svc.check_id("instance id", instance)?;
-            if m.ttl_seconds > MAX_SESSION_TTL_SECS {
-                return Err(ApiError::BadRequest(format!("ttl_seconds must be at most {MAX_SESSION_TTL_SECS}")));
-            }
-            let ttl_ms = (m.ttl_seconds > 0).then(|| i64::from(m.ttl_seconds) * 1000);
-            let platform = self.svc.parse_platform(Some(&m.platform))?;
-            let reg = self.svc.sessions.open(&user, &m.device_id, instance, ttl_ms, platform).await?;
+            let instance = self.svc.instance_or(&m.instance_id, "grpc")?;
+            let ttl_ms = self.svc.session_ttl(u64::from(m.ttl_seconds))?;
+            let one = std::iter::once((m.user_id.as_str(), m.device_id.as_str(), Some(m.platform.as_str())));
+            let session = self.svc.gateway_sessions(one)?.remove(0);
+            let reg = self.svc.sessions.open_gateway(&session, instance, ttl_ms).await?;
             Ok(pb::RegisterSessionResponse { created: reg.created, expires_at: Some(ts(reg.expires_at)) })
         }
         .await
@@ -269,6 +262,95 @@ impl PresenceApi for Api {
         .map(Response::new)
         .map_err(to_status);
         observe("RefreshSession", start, &r);
+        r
+    }
+
+    async fn refresh_instance(&self, req: Request<pb::RefreshInstanceRequest>) -> Rpc<pb::RefreshInstanceResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "RefreshInstance")?;
+            let m = req.get_ref();
+            self.svc.check_id("instance id", &m.instance_id)?;
+            let ttl_ms = self.svc.session_ttl(u64::from(m.ttl_seconds))?;
+            let lease = self.svc.sessions.refresh_instance(&m.instance_id, ttl_ms).await?;
+            Ok(pb::RefreshInstanceResponse { expires_at: Some(ts(lease.expires_at)), sessions: lease.sessions })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("RefreshInstance", start, &r);
+        r
+    }
+
+    async fn unregister_instance(&self, req: Request<pb::UnregisterInstanceRequest>) -> Rpc<pb::UnregisterInstanceResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "UnregisterInstance")?;
+            let m = req.get_ref();
+            self.svc.check_id("instance id", &m.instance_id)?;
+            let sessions_ended = self.svc.sessions.instances.end(&m.instance_id).await?;
+            Ok(pb::UnregisterInstanceResponse { sessions_ended })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("UnregisterInstance", start, &r);
+        r
+    }
+
+    async fn register_sessions(&self, req: Request<pb::RegisterSessionsRequest>) -> Rpc<pb::RegisterSessionsResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "RegisterSessions")?;
+            let m = req.get_ref();
+            let instance = self.svc.instance_or(&m.instance_id, "grpc")?;
+            let ttl_ms = self.svc.session_ttl(u64::from(m.ttl_seconds))?;
+            let raw = m.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), Some(e.platform.as_str())));
+            let items = self.svc.gateway_sessions(raw)?;
+            let outcomes = self.svc.sessions.open_many(&items, instance, ttl_ms).await?;
+            let mut out = pb::RegisterSessionsResponse::default();
+            for (item, outcome) in items.iter().zip(outcomes) {
+                let mut res =
+                    pb::SessionResult { user_id: item.user.to_string(), device_id: item.device.to_string(), ..Default::default() };
+                match outcome {
+                    Ok(reg) => {
+                        out.registered += 1;
+                        res.created = reg.created;
+                        res.expires_at = Some(ts(reg.expires_at));
+                    }
+                    Err(e) => {
+                        e.report("grpc");
+                        out.failed += 1;
+                        res.error_code = e.wire().code.to_string();
+                        res.error = e.to_string();
+                    }
+                }
+                out.results.push(res);
+            }
+            Ok(out)
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("RegisterSessions", start, &r);
+        r
+    }
+
+    async fn unregister_sessions(&self, req: Request<pb::UnregisterSessionsRequest>) -> Rpc<pb::UnregisterSessionsResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "UnregisterSessions")?;
+            let m = req.get_ref();
+            let raw = m.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), None));
+            let items: Vec<_> = self.svc.gateway_sessions(raw)?.into_iter().map(|s| (s.user, s.device)).collect();
+            let removed = self.svc.sessions.close_many(&items).await?;
+            let removed_count = removed.iter().filter(|r| **r).count() as u32;
+            Ok(pb::UnregisterSessionsResponse { removed, removed_count })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("UnregisterSessions", start, &r);
         r
     }
 

@@ -2,6 +2,7 @@
 //! call [`Service`], and encode; every error leaves as the JSON envelope.
 
 pub mod envelope;
+mod gateway;
 mod health;
 mod legacy;
 mod presence;
@@ -16,7 +17,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -45,6 +46,10 @@ pub struct Http {
 
 /// The HTTP API's routes (without the layers: see [`layered`]).
 pub fn routes(state: Http) -> Router {
+    // A batch of sessions may exceed `limits.max_body_bytes`: room for every entry.
+    let batch_limit = axum::extract::DefaultBodyLimit::max(
+        (state.svc.limits.max_sessions_per_call.saturating_mul(512)).max(state.svc.limits.max_body_bytes.0 as usize),
+    );
     let mut r = Router::new()
         .route("/", get(page))
         .route("/api/v2/presence", get(presence::get_many))
@@ -53,6 +58,10 @@ pub fn routes(state: Http) -> Router {
         .route("/api/v2/presence/{user_id}/privacy", get(social::get_privacy).put(social::put_privacy))
         .route("/api/v2/contacts/{user_id}", get(social::get_contacts).put(social::put_contacts))
         .route("/api/v2/conversations/{id}/members", get(social::get_members).put(social::put_members))
+        .route("/api/v2/sessions", post(gateway::register).layer(batch_limit))
+        .route("/api/v2/sessions/unregister", post(gateway::unregister).layer(batch_limit))
+        .route("/api/v2/instances/{id}", delete(gateway::end))
+        .route("/api/v2/instances/{id}/refresh", post(gateway::refresh))
         .route("/presence", post(legacy::update))
         .route("/presence/bulk", post(legacy::bulk))
         .route("/presence/heartbeat", post(legacy::heartbeat))
@@ -83,7 +92,7 @@ pub fn layered(router: Router, state: Http) -> Router {
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
 /// that every route the router serves is here).
-pub const ROUTES: [&str; 19] = [
+pub const ROUTES: [&str; 23] = [
     "/",
     "/ws",
     "/api/v2/presence",
@@ -92,6 +101,10 @@ pub const ROUTES: [&str; 19] = [
     "/api/v2/presence/{user_id}/privacy",
     "/api/v2/contacts/{user_id}",
     "/api/v2/conversations/{id}/members",
+    "/api/v2/sessions",
+    "/api/v2/sessions/unregister",
+    "/api/v2/instances/{id}",
+    "/api/v2/instances/{id}/refresh",
     "/presence",
     "/presence/bulk",
     "/presence/heartbeat",

@@ -8,6 +8,7 @@
 //! above it: what the WebSocket hub must learn (presence events, typing, directory
 //! changes) goes on the bus.
 
+pub mod instances;
 pub mod limiter;
 pub mod sessions;
 pub mod typing;
@@ -25,7 +26,10 @@ use crate::core::{project, Platform, Presence, Privacy, Relation, Status, UserId
 use crate::directory::Directory;
 use crate::error::ApiError;
 use crate::store::{get_one, Clock, SetStatus, Store};
-use sessions::Sessions;
+use sessions::{GatewaySession, Sessions};
+
+/// Longest TTL a gateway may give a session or an instance lease (a day).
+pub const MAX_SESSION_TTL_SECS: u64 = 24 * 3600;
 use typing::Typists;
 
 /// An explicit status write as received from a client, before validation.
@@ -66,7 +70,10 @@ impl Service {
     ) -> Service {
         let rate = Rate { per_second: config.limits.write_rate_per_sec, burst: config.limits.write_burst };
         let node_id: Arc<str> = Arc::from(config.service.node_id.as_str());
-        let sessions = Sessions::new(store.clone(), config.limits.max_devices_per_user, config.presence.session_ttl.as_millis_i64());
+        let instances = Arc::new(instances::Instances::new(store.clone(), clock.clone(), config.store.tick.as_millis_i64()));
+        instances.start();
+        let sessions =
+            Sessions::new(store.clone(), instances, config.limits.max_devices_per_user, config.presence.session_ttl.as_millis_i64());
         let typists = Arc::new(Typists::new(
             node_id.clone(),
             store.clone(),
@@ -384,6 +391,42 @@ impl Service {
             }
         }
         Ok(out)
+    }
+
+    /// A gateway's session TTL in seconds (`0`: `presence.session_ttl`); at most a day.
+    pub fn session_ttl(&self, seconds: u64) -> Result<Option<i64>, ApiError> {
+        if seconds > MAX_SESSION_TTL_SECS {
+            return Err(ApiError::BadRequest(format!("ttl_seconds must be at most {MAX_SESSION_TTL_SECS}")));
+        }
+        Ok((seconds > 0).then(|| seconds as i64 * 1000))
+    }
+
+    /// A gateway instance id given with a session (`default` when absent).
+    pub fn instance_or<'a>(&self, raw: &'a str, default: &'a str) -> Result<&'a str, ApiError> {
+        let instance = if raw.is_empty() { default } else { raw };
+        self.check_id("instance id", instance)?;
+        Ok(instance)
+    }
+
+    /// The sessions of a gateway's batch: at most `limits.max_sessions_per_call`, each
+    /// with a valid user, device and platform (the first invalid one fails the call).
+    pub fn gateway_sessions<'a>(
+        &self,
+        raw: impl ExactSizeIterator<Item = (&'a str, &'a str, Option<&'a str>)>,
+    ) -> Result<Vec<GatewaySession>, ApiError> {
+        let max = self.limits.max_sessions_per_call;
+        if raw.len() > max {
+            return Err(ApiError::BadRequest(format!("too many sessions: at most {max} per call (limits.max_sessions_per_call)")));
+        }
+        if raw.len() == 0 {
+            return Err(ApiError::BadRequest("no sessions given".into()));
+        }
+        raw.map(|(user, device, platform)| {
+            let user = self.parse_user(user)?;
+            self.check_id("device id", device)?;
+            Ok(GatewaySession { user, device: device.into(), platform: self.parse_platform(platform)? })
+        })
+        .collect()
     }
 
     /// Verifies an `Authorization` header.

@@ -2,15 +2,34 @@
 //! clients): open, heartbeat, close, list. The device limit is enforced by the store in
 //! the same step that adds a session; each registration gets a random tag, so that only
 //! the connection that opened a session can end it by its tag.
+//!
+//! Gateways (gRPC, REST `/api/v2/sessions`) register through [`Sessions::open_gateway`]
+//! and [`Sessions::open_many`]: a session of an instance holding a lease is bound to it
+//! ([`super::instances`]).
 
 use std::sync::Arc;
 
-use crate::core::{Millis, NewSession, Platform, Registered, Session, UserId};
+use futures_util::stream::{self, StreamExt};
+
+use super::instances::{Instances, LeaseInfo, BOUND_TTL_MS};
+use crate::core::{DeviceId, Millis, NewSession, Platform, Registered, Session, UserId};
 use crate::error::ApiError;
 use crate::store::Store;
 
+/// Registrations of one batch in flight at once (cluster stores are round trips).
+const BATCH_CONCURRENCY: usize = 32;
+
+/// One session a gateway registers (validated by the transport).
+#[derive(Debug, Clone)]
+pub struct GatewaySession {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub platform: Option<Platform>,
+}
+
 pub struct Sessions {
     store: Arc<dyn Store>,
+    pub instances: Arc<Instances>,
     /// `limits.max_devices_per_user`.
     max_devices: usize,
     /// `presence.session_ttl`.
@@ -18,8 +37,8 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(store: Arc<dyn Store>, max_devices: usize, ttl_ms: i64) -> Sessions {
-        Sessions { store, max_devices, ttl_ms }
+    pub fn new(store: Arc<dyn Store>, instances: Arc<Instances>, max_devices: usize, ttl_ms: i64) -> Sessions {
+        Sessions { store, instances, max_devices, ttl_ms }
     }
 
     /// Opens (or replaces) the session of `device`, alive for `ttl_ms` (default
@@ -39,9 +58,54 @@ impl Sessions {
         Ok(self.store.register_session(user, req).await?)
     }
 
-    /// Extends a live session; `None` when there is none (open it again).
+    /// Opens a gateway's session of `s.device` on `instance`: bound to the instance's
+    /// lease when it holds one (then `ttl_ms` is not used), else alive for `ttl_ms`.
+    pub async fn open_gateway(&self, s: &GatewaySession, instance: &str, ttl_ms: Option<i64>) -> Result<Registered, ApiError> {
+        let lease = self.instances.lease_of(instance).await?;
+        self.open_on(s, instance, ttl_ms, lease.is_some()).await
+    }
+
+    /// [`Sessions::open_gateway`] for many sessions of one instance (a gateway
+    /// re-registering its sockets after a restart); one result per session, in order.
+    pub async fn open_many(
+        &self,
+        items: &[GatewaySession],
+        instance: &str,
+        ttl_ms: Option<i64>,
+    ) -> Result<Vec<Result<Registered, ApiError>>, ApiError> {
+        let bound = self.instances.lease_of(instance).await?.is_some();
+        let open = |s: GatewaySession| async move { self.open_on(&s, instance, ttl_ms, bound).await };
+        Ok(stream::iter(items.to_vec()).map(open).buffered(BATCH_CONCURRENCY).collect().await)
+    }
+
+    async fn open_on(&self, s: &GatewaySession, instance: &str, ttl_ms: Option<i64>, bound: bool) -> Result<Registered, ApiError> {
+        let ttl = if bound { BOUND_TTL_MS } else { ttl_ms.unwrap_or(self.ttl_ms) };
+        let mut reg = self.open(&s.user, &s.device, instance, Some(ttl), s.platform).await?;
+        if !bound {
+            self.instances.unbind(&s.user, &s.device);
+            return Ok(reg);
+        }
+        if !self.instances.bind(&s.user, &s.device, instance, reg.sid) {
+            // The lease ended while this registered: end it as the lease would have.
+            self.store.unregister_session(&s.user, &s.device, Some(reg.sid)).await?;
+            return Err(ApiError::NotFound(format!("the lease of instance {instance} ended: refresh it, then register again")));
+        }
+        reg.expires_at = self.instances.bound_deadline(&s.user, &s.device, Some(reg.sid)).unwrap_or(reg.expires_at);
+        Ok(reg)
+    }
+
+    /// Creates or extends `instance`'s lease for `ttl_ms` (default `presence.session_ttl`).
+    pub async fn refresh_instance(&self, instance: &str, ttl_ms: Option<i64>) -> Result<LeaseInfo, ApiError> {
+        self.instances.refresh(instance, ttl_ms.unwrap_or(self.ttl_ms)).await
+    }
+
+    /// Extends a live session; `None` when there is none (open it again). A session bound
+    /// to an instance lease answers the lease's deadline.
     pub async fn refresh(&self, user: &UserId, device: &str) -> Result<Option<Millis>, ApiError> {
-        Ok(self.store.refresh_session(user, device).await?)
+        let t = self.store.refresh_session(user, device).await?;
+        // Only a bound session has a deadline this far out.
+        let far = t.is_some_and(|t| t > self.instances.now().saturating_add(BOUND_TTL_MS / 2));
+        Ok(t.map(|t| if far { self.instances.bound_deadline(user, device, None).unwrap_or(t) } else { t }))
     }
 
     /// A heartbeat that opens the session when there is none (HTTP-only clients, and a
@@ -65,11 +129,31 @@ impl Sessions {
 
     /// Ends the session of `device` (only the registration tagged `sid`, when given).
     pub async fn close(&self, user: &UserId, device: &str, sid: Option<u64>) -> Result<bool, ApiError> {
-        Ok(self.store.unregister_session(user, device, sid).await?)
+        let removed = self.store.unregister_session(user, device, sid).await?;
+        if sid.is_none() {
+            self.instances.unbind(user, device);
+        }
+        Ok(removed)
     }
 
-    /// The user's live sessions.
+    /// [`Sessions::close`] for many sessions (a gateway's batch); `true` for each removed.
+    pub async fn close_many(&self, items: &[(UserId, DeviceId)]) -> Result<Vec<bool>, ApiError> {
+        let results: Vec<Result<bool, ApiError>> = stream::iter(items.to_vec())
+            .map(|(u, d)| async move { self.close(&u, &d, None).await })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// The user's live sessions (a bound session shows its lease's deadline).
     pub async fn devices(&self, user: &UserId) -> Result<Vec<Session>, ApiError> {
-        Ok(self.store.devices(user).await?)
+        let mut list = self.store.devices(user).await?;
+        for s in &mut list {
+            if let Some(t) = self.instances.bound_deadline(user, &s.device_id, Some(s.sid)) {
+                s.expires_at = t;
+            }
+        }
+        Ok(list)
     }
 }

@@ -156,6 +156,17 @@ pub trait PresenceStore: Send + Sync + 'static {
         self.get_many(ids).await
     }
 
+    /// Shares a gateway instance's lease deadline with the other nodes (one store write),
+    /// or removes it (`None`). A store with no other nodes has nothing to share.
+    async fn put_instance_lease(&self, _instance: &str, _expires_at: Option<Millis>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The instance lease deadline another node shared, if any.
+    async fn instance_lease(&self, _instance: &str) -> Result<Option<Millis>, StoreError> {
+        Ok(None)
+    }
+
     /// `Some(reason)` while the store serves reads from a possibly stale copy (a cluster
     /// node cut off from the center).
     fn degraded(&self) -> Option<String> {

@@ -161,6 +161,7 @@ impl NatsBackplane {
             Space::Users => (&self.kv.users, format!("user.{}", encode_id(key))),
             Space::Leases => (&self.kv.nodes, format!("node.{}", encode_id(key))),
             Space::Owners(node) => (&self.kv.owners, format!("{}.{}", encode_id(node), encode_id(key))),
+            Space::Instances => (&self.kv.nodes, format!("instance.{}", encode_id(key))),
         }
     }
 
@@ -284,6 +285,7 @@ impl Backplane for NatsBackplane {
             Space::Users => return Err(Fault("listing users is not offered".into())),
             Space::Leases => (&self.kv.nodes, "node.".to_string()),
             Space::Owners(node) => (&self.kv.owners, format!("{}.", encode_id(node))),
+            Space::Instances => (&self.kv.nodes, "instance.".to_string()),
         };
         let mut keys = bucket.keys().await.map_err(fault)?;
         let mut out = Vec::new();

@@ -56,6 +56,9 @@ pub enum Space<'a> {
     Leases,
     /// The users a node holds sessions of (key: the user id; the value is empty).
     Owners(&'a str),
+    /// One record per gateway instance lease (key: the instance id; the value: its
+    /// deadline, decimal Unix milliseconds), so a refresh on any node is seen by all.
+    Instances,
 }
 
 /// A change of a directory row, as a backend delivers it to every node.

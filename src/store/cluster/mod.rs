@@ -51,6 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
@@ -305,6 +306,26 @@ impl PresenceStore for ClusterStore {
 
     async fn register_session(&self, id: &UserId, req: NewSession) -> Result<Registered, StoreError> {
         self.own(id, req, false).await?.ok_or_else(|| unavailable("registration was not written"))
+    }
+
+    async fn put_instance_lease(&self, instance: &str, expires_at: Option<Millis>) -> Result<(), StoreError> {
+        match expires_at {
+            Some(t) => {
+                self.guarded(self.inner.bp.put(Space::Instances, instance, Bytes::from(t.to_string()))).await?;
+            }
+            None => match self.inner.bp.remove(Space::Instances, instance, None).await {
+                Ok(()) => {}
+                Err(Refused::Conflict) => {}
+                Err(Refused::Fault(e)) => return Err(unavailable(e)),
+            },
+        }
+        wrote(&self.inner, "instance");
+        Ok(())
+    }
+
+    async fn instance_lease(&self, instance: &str) -> Result<Option<Millis>, StoreError> {
+        let record = self.guarded(self.inner.bp.get(Space::Instances, instance)).await?;
+        Ok(record.and_then(|r| r.value).and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()))
     }
 
     fn stats(&self) -> StoreStats {

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `<p>user:{<id>}` | hash | `v`: the user's state (JSON), `v#`: its revision |
 //! | `<p>leases` | hash | `<node>`: the node's lease (JSON), `<node>#`: its revision |
+//! | `<p>instances` | hash | `<instance>`: a gateway instance lease's deadline (ms), `<instance>#`: revision |
 //! | `<p>owners:{<node>}` | hash | `<user>`: a user the node holds sessions of, `<user>#`: revision |
 //! | `<p>{dir}` | hash | `<table>.<key>`: a directory row, `<table>.<key>#`: its revision, `#seq` |
 //! | `<p>{dir}:log` | stream | directory changes (`row`, `value`, `rev`), for other nodes |
@@ -30,6 +31,11 @@ impl Keys {
 
     pub fn leases(&self) -> String {
         format!("{}leases", self.prefix)
+    }
+
+    /// Gateway instance leases: one hash, a field per instance.
+    pub fn instances(&self) -> String {
+        format!("{}instances", self.prefix)
     }
 
     pub fn owners(&self, node: &str) -> String {

@@ -230,6 +230,7 @@ impl RedisBackplane {
             Space::Users => (self.keys.user(key), "v".to_string()),
             Space::Leases => (self.keys.leases(), key.to_string()),
             Space::Owners(node) => (self.keys.owners(node), key.to_string()),
+            Space::Instances => (self.keys.instances(), key.to_string()),
         }
     }
 
@@ -451,6 +452,7 @@ impl Backplane for RedisBackplane {
             Space::Users => return Err(Fault("listing users is not offered".into())),
             Space::Leases => self.keys.leases(),
             Space::Owners(node) => self.keys.owners(node),
+            Space::Instances => self.keys.instances(),
         };
         let mut c = self.pool.conn();
         let mut cursor: u64 = 0;
