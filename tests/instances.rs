@@ -151,7 +151,7 @@ async fn batches_unregister_instance_and_sessions_without_a_lease() {
     // A session of an instance with no lease keeps its own TTL.
     let plain = pb::RegisterSessionsRequest { instance_id: "gw-old".into(), ttl_seconds: 1, sessions: entries(10..11, "phone") };
     let r = c.register_sessions(s.admin_request(plain)).await.unwrap().into_inner();
-    let exp = r.results[0].expires_at.clone().unwrap();
+    let exp = r.results[0].expires_at.unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!(exp.seconds <= now + 2, "own TTL of 1 s: {exp:?}");
 
