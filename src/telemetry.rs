@@ -105,7 +105,6 @@ pub const METRICS: &[Metric] = &[
         &[&[("result", "known")], &[("result", "unknown")]]
     ),
     m!("presence_instance_leases", Gauge, All, "Gateway instance leases live on this node."),
-    m!("presence_instance_bound_sessions", Gauge, All, "Device sessions bound to a gateway instance lease on this node."),
     m!("presence_instance_leases_lapsed_total", Counter, All, "Gateway instance leases that lapsed (not refreshed in time) on this node."),
     m!("presence_instance_sessions_ended_total", Counter, All, "Device sessions ended because their instance lease lapsed or was ended."),
     m!("presence_users_forgotten_total", Counter, Memory, "Users forgotten after presence.forget_after with no session and no status."),

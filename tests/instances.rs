@@ -62,7 +62,7 @@ async fn a_lapsed_gateway_ends_its_10000_sessions_with_one_offline_each() {
     let s = TestServer::start(&[("PRESENCE_PRESENCE__SESSION_TTL", "2s"), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "1s")]).await;
     let mut c = client(&s).await;
     let lease = c.refresh_instance(s.admin_request(refresh("gw-1", 2))).await.unwrap().into_inner();
-    assert_eq!(lease.sessions, 0);
+    assert_eq!(lease.registered, 0);
     let mut events = s.svc.bus.subscribe();
     let mut rx_online = 0;
     for part in [0..5000, 5000..10_000] {
@@ -84,7 +84,7 @@ async fn a_lapsed_gateway_ends_its_10000_sessions_with_one_offline_each() {
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(900)).await;
         last = c.refresh_instance(s.admin_request(refresh("gw-1", 2))).await.unwrap().into_inner();
-        assert_eq!(last.sessions, 10_000);
+        assert_eq!(last.registered, 10_000);
     }
     assert_eq!(s.svc.stats().sessions, 10_000, "no session lapsed while the instance was refreshed");
     let r = c.get_presence(pb::GetPresenceRequest { user_ids: vec!["u0".into(), "u9999".into()] }).await.unwrap().into_inner();
@@ -183,7 +183,7 @@ async fn rest_gateway_endpoints() {
     let r = post("/api/v2/instances/gw-rest/refresh", &admin, json!({"ttl_seconds": 30})).await;
     assert_eq!(r.0, 200, "{}", r.1);
     assert_eq!(r.1["data"]["instance_id"], "gw-rest");
-    assert_eq!(r.1["data"]["sessions"], 0);
+    assert_eq!(r.1["data"]["registered"], 0);
     // An empty body takes the default TTL.
     let r = s.client.post(s.url("/api/v2/instances/gw-rest/refresh")).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -198,7 +198,7 @@ async fn rest_gateway_endpoints() {
     assert_eq!(r.1["data"]["results"][0]["created"], true);
     assert_eq!(s.get("/api/v2/presence/ann").await.1["data"]["ann"]["status"], "online");
     let r = post("/api/v2/instances/gw-rest/refresh", &admin, json!({})).await;
-    assert_eq!(r.1["data"]["sessions"], 2);
+    assert_eq!(r.1["data"]["registered"], 2);
 
     // Not an admin: 403 with the envelope; malformed: 400.
     let user = s.token("ann");
@@ -247,7 +247,7 @@ async fn instance_leases_across_nodes(e: Engine) {
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(900)).await;
         let l = cb.refresh_instance(b.admin_request(refresh("gw-c", 2))).await.unwrap().into_inner();
-        assert_eq!(l.sessions, 0, "B holds none of them");
+        assert_eq!(l.registered, 0, "B holds none of them");
     }
     assert_eq!(a.svc.stats().sessions, 1000, "A kept them through B's refreshes");
     let seen = offline_events(&mut events, 1000, Duration::from_secs(10)).await;

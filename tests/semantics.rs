@@ -278,6 +278,10 @@ impl PresenceStore for Slow {
         self.inner.devices(id).await
     }
 
+    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, presenced::core::DeviceId, u64)>, StoreError> {
+        self.inner.sessions_of_instance(instance, ttl_ms).await
+    }
+
     fn stats(&self) -> StoreStats {
         self.inner.stats()
     }

@@ -243,6 +243,25 @@ async fn revisions_order_each_users_changes(h: &dyn Harness) {
     assert_eq!(read.revision, events[2].presence.revision, "a read carries the revision of the state it shows");
 }
 
+/// A gateway instance's sessions with one TTL (those bound to its lease) are found by
+/// instance; other instances' and other TTLs' are not.
+async fn sessions_of_an_instance(h: &dyn Harness) {
+    let s = h.store();
+    let bound = 315_360_000_000;
+    s.register_session(&uid("i1"), NewSession::new("phone", "gw-a", bound).sid(7)).await.unwrap();
+    s.register_session(&uid("i1"), NewSession::new("laptop", "gw-a", bound).sid(8)).await.unwrap();
+    s.register_session(&uid("i2"), NewSession::new("phone", "gw-a", bound).sid(9)).await.unwrap();
+    s.register_session(&uid("i3"), NewSession::new("phone", "gw-a", 600_000).sid(10)).await.unwrap();
+    s.register_session(&uid("i4"), NewSession::new("phone", "gw-b", bound).sid(11)).await.unwrap();
+    let mut found: Vec<(String, String, u64)> =
+        s.sessions_of_instance("gw-a", bound).await.unwrap().into_iter().map(|(u, d, sid)| (u.to_string(), d.to_string(), sid)).collect();
+    found.sort();
+    assert_eq!(found, vec![("i1".into(), "laptop".into(), 8), ("i1".into(), "phone".into(), 7), ("i2".into(), "phone".into(), 9)]);
+    assert!(s.unregister_session(&uid("i2"), "phone", Some(9)).await.unwrap());
+    assert_eq!(s.sessions_of_instance("gw-a", bound).await.unwrap().len(), 2);
+    assert!(s.sessions_of_instance("gw-none", bound).await.unwrap().is_empty());
+}
+
 async fn directory_rows_round_trip(h: &dyn Harness) {
     let s = h.store();
     s.put_directory(DirTable::Contacts, "alice", Some(b"[\"bob\"]".to_vec())).await.unwrap();
@@ -272,6 +291,7 @@ async fn run_suite(make: impl Fn() -> Box<dyn Harness>) {
     last_device_gone_means_offline_and_the_preference_returns(&*make()).await;
     device_limit_and_registration_tags(&*make()).await;
     revisions_order_each_users_changes(&*make()).await;
+    sessions_of_an_instance(&*make()).await;
 }
 
 #[tokio::test]
@@ -343,7 +363,7 @@ where
     Fut: std::future::Future<Output = presenced::store::cluster::ClusterStore>,
 {
     let mut cases = Vec::new();
-    for n in 0..9 {
+    for n in 0..10 {
         let clock = Arc::new(ManualClock::new(T0));
         let bus = EventBus::new(4096);
         let store = open(n, clock.clone(), bus.clone()).await;

@@ -133,6 +133,12 @@ impl NewSession {
         NewSession { device: Arc::from(device), instance: Arc::from(instance), ttl_ms, platform: None, sid: 0, max_devices: usize::MAX }
     }
 
+    /// As [`NewSession::new`] with ids the caller already holds: sessions of one instance
+    /// (a node, a gateway) share its id instead of a copy each.
+    pub fn shared(device: DeviceId, instance: Arc<str>, ttl_ms: i64) -> NewSession {
+        NewSession { device, instance, ttl_ms, platform: None, sid: 0, max_devices: usize::MAX }
+    }
+
     pub fn platform(mut self, p: Option<Platform>) -> NewSession {
         self.platform = p;
         self
@@ -266,6 +272,11 @@ impl UserState {
         let n = self.sessions.len();
         self.sessions.retain(keep);
         let removed = n - self.sessions.len();
+        if removed > 0 {
+            // Most users hold one or two sessions: keep no spare room (a million users
+            // would otherwise keep megabytes of it, offline ones included).
+            self.sessions.shrink_to_fit();
+        }
         if removed > 0 && self.sessions.is_empty() {
             if let Some(e) = &mut self.explicit {
                 e.standalone = false;
@@ -338,7 +349,10 @@ impl UserState {
                     created = false;
                     *existing = session;
                 }
-                None => s.sessions.push(session),
+                None => {
+                    s.sessions.reserve_exact(1);
+                    s.sessions.push(session)
+                }
             }
             s.last_seen = Some(now);
             lapsed
@@ -429,7 +443,10 @@ impl UserState {
                 match s.sessions.iter_mut().find(|x| x.device_id == h.device_id) {
                     Some(x) if x.node_id == *owner => {}
                     Some(x) => *x = h.clone(),
-                    None => s.sessions.push(h.clone()),
+                    None => {
+                        s.sessions.reserve_exact(1);
+                        s.sessions.push(h.clone())
+                    }
                 }
                 last = last.max(Some(h.last_heartbeat));
             }

@@ -273,7 +273,7 @@ impl PresenceApi for Api {
             self.svc.check_id("instance id", &m.instance_id)?;
             let ttl_ms = self.svc.session_ttl(u64::from(m.ttl_seconds))?;
             let lease = self.svc.sessions.refresh_instance(&m.instance_id, ttl_ms).await?;
-            Ok(pb::RefreshInstanceResponse { expires_at: Some(ts(lease.expires_at)), sessions: lease.sessions })
+            Ok(pb::RefreshInstanceResponse { expires_at: Some(ts(lease.expires_at)), registered: lease.registered })
         }
         .await
         .map(Response::new)

@@ -116,7 +116,7 @@ pub async fn refresh(
     let b: RefreshBody = if bytes.iter().all(u8::is_ascii_whitespace) { RefreshBody::default() } else { parse_json(&bytes)? };
     let ttl_ms = state.svc.session_ttl(b.ttl_seconds)?;
     let lease = state.svc.sessions.refresh_instance(&id, ttl_ms).await?;
-    Ok(ok(json!({ "instance_id": id, "expires_at": rfc3339(lease.expires_at), "sessions": lease.sessions })))
+    Ok(ok(json!({ "instance_id": id, "expires_at": rfc3339(lease.expires_at), "registered": lease.registered })))
 }
 
 /// `DELETE /api/v2/instances/{id}`: the lease ends now, with its sessions.

@@ -65,7 +65,7 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
     let svc = &state.svc;
     let platform_header = headers.get("x-device-platform").and_then(|v| v.to_str().ok());
     let platform = svc.parse_platform(platform_header.or(b.platform.as_deref()))?;
-    let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &format!("{}/http", svc.node_id), platform).await?;
+    let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
     Ok(super::ok(json!({ "user_id": user.as_str(), "device_id": device, "expires_at": rfc3339(expires_at) })))
 }
 

@@ -5,8 +5,9 @@
 //!
 //! A lease exists from the instance's first refresh. A session registered through a
 //! gateway path (gRPC `RegisterSession(s)`, REST `POST /api/v2/sessions`) while its
-//! instance holds a live lease is *bound*: the store keeps it with a far deadline
-//! ([`BOUND_TTL_MS`]) and it ends when the lease does, here. A session registered while
+//! instance holds a live lease is *bound*: the store keeps it with the TTL
+//! [`BOUND_TTL_MS`] (ten years: the mark of a bound session, never reached while the
+//! lease is refreshed) and it ends when the lease does, here. A session registered while
 //! its instance has no lease keeps its own TTL (seed 001's per-session refresh).
 //!
 //! When a lease passes its deadline this node first asks the store whether another node
@@ -16,9 +17,10 @@
 //! offline event. Sessions are ended by the node that registered them; if that node dies,
 //! its own node lease ends them (cluster mode).
 //!
-//! Bookkeeping is in memory: the bound sessions by user (sharded), and per instance its
-//! deadline, a count, and a timer. A bound session replaced or removed by another path
-//! leaves a stale entry whose `sid` no longer matches: harmless when the lease ends.
+//! Bookkeeping here is per instance only (its deadline, a count, a timer): nothing per
+//! session. The store already records each session's instance and TTL, so when a lease
+//! ends the store is asked for the bound sessions of that instance it holds
+//! ([`crate::store::PresenceStore::sessions_of_instance`], a scan: leases end rarely).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,9 +30,8 @@ use futures_util::stream::{self, StreamExt};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::core::{DeviceId, Millis, TimerWheel, UserId};
+use crate::core::{Millis, TimerWheel, UserId};
 use crate::error::ApiError;
-use crate::shards::Sharded;
 use crate::store::{Clock, Store};
 
 /// The store deadline of a bound session: far enough never to come due while its lease
@@ -44,18 +45,13 @@ const NEGATIVE_TTL_MS: i64 = 1_000;
 /// Sessions ended at once when a lease lapses (cluster stores are round trips).
 const END_CONCURRENCY: usize = 64;
 
-#[derive(Debug, Clone)]
-struct Bound {
-    device: DeviceId,
-    instance: Arc<str>,
-    sid: u64,
-}
-
 #[derive(Debug)]
 struct Lease {
+    /// The instance id, shared by every session bound to the lease.
+    id: Arc<str>,
     expires_at: Millis,
-    /// Bound sessions registered here (stale entries included until the lease ends).
-    sessions: u64,
+    /// Bound registrations made through this node since the lease began here.
+    registered: u64,
 }
 
 #[derive(Debug)]
@@ -64,22 +60,28 @@ struct Leases {
     /// Instances the store said had no lease, and when it said so.
     unknown: HashMap<Arc<str>, Millis>,
     wheel: TimerWheel<Arc<str>>,
-    /// Sum of the live leases' `sessions`.
-    bound: u64,
 }
 
 /// A lease as the caller sees it after a refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseInfo {
     pub expires_at: Millis,
-    /// Sessions this node holds bound to the lease.
-    pub sessions: u64,
+    /// Bound registrations made through the answering node since the lease began there
+    /// (`0`: that node holds none of the instance's sessions, e.g. it restarted).
+    pub registered: u64,
+}
+
+/// A live lease, as a registration binds to it.
+#[derive(Debug, Clone)]
+pub struct LiveLease {
+    /// The instance id (shared by the sessions bound to it).
+    pub instance: Arc<str>,
+    pub expires_at: Millis,
 }
 
 pub struct Instances {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    bound: Sharded<HashMap<UserId, Vec<Bound>>>,
     leases: Mutex<Leases>,
     reaper: Mutex<Option<JoinHandle<()>>>,
     tick_ms: i64,
@@ -90,8 +92,7 @@ impl Instances {
         Instances {
             store,
             clock,
-            bound: Sharded::new(64),
-            leases: Mutex::new(Leases { live: HashMap::new(), unknown: HashMap::new(), wheel: TimerWheel::new(tick_ms.max(1)), bound: 0 }),
+            leases: Mutex::new(Leases { live: HashMap::new(), unknown: HashMap::new(), wheel: TimerWheel::new(tick_ms.max(1)) }),
             reaper: Mutex::new(None),
             tick_ms: tick_ms.max(1),
         }
@@ -123,24 +124,30 @@ impl Instances {
         let expires_at = self.clock.now().saturating_add(ttl_ms);
         self.store.put_instance_lease(instance, Some(expires_at)).await?;
         let mut l = self.leases.lock();
-        let key: Arc<str> = Arc::from(instance);
         l.unknown.remove(instance);
-        let lease = l.live.entry(key.clone()).or_insert(Lease { expires_at, sessions: 0 });
-        lease.expires_at = lease.expires_at.max(expires_at);
-        let info = LeaseInfo { expires_at: lease.expires_at, sessions: lease.sessions };
+        let lease = Self::entry(&mut l, instance, expires_at);
+        let info = LeaseInfo { expires_at: lease.expires_at, registered: lease.registered };
+        let key = lease.id.clone();
         l.wheel.insert(expires_at, key);
         self.gauges(&l);
         Ok(info)
     }
 
-    /// The live lease deadline of `instance`: known here, or shared by another node (then
+    /// The lease of `instance`, created (or moved later) to `expires_at`.
+    fn entry<'a>(l: &'a mut Leases, instance: &str, expires_at: Millis) -> &'a mut Lease {
+        let lease = l.live.entry(Arc::from(instance)).or_insert_with_key(|k| Lease { id: k.clone(), expires_at, registered: 0 });
+        lease.expires_at = lease.expires_at.max(expires_at);
+        lease
+    }
+
+    /// The live lease of `instance`: known here, or shared by another node (then
     /// adopted here). `None` when it has none.
-    pub async fn lease_of(&self, instance: &str) -> Result<Option<Millis>, ApiError> {
+    pub async fn lease_of(&self, instance: &str) -> Result<Option<LiveLease>, ApiError> {
         let now = self.clock.now();
         {
             let l = self.leases.lock();
             if let Some(lease) = l.live.get(instance) {
-                return Ok((lease.expires_at > now).then_some(lease.expires_at));
+                return Ok((lease.expires_at > now).then(|| LiveLease { instance: lease.id.clone(), expires_at: lease.expires_at }));
             }
             if l.unknown.get(instance).is_some_and(|at| now - at < NEGATIVE_TTL_MS) {
                 return Ok(None);
@@ -148,75 +155,39 @@ impl Instances {
         }
         let shared = self.store.instance_lease(instance).await?;
         let mut l = self.leases.lock();
-        let key: Arc<str> = Arc::from(instance);
         match shared.filter(|t| *t > now) {
             Some(t) => {
                 l.unknown.remove(instance);
-                let lease = l.live.entry(key.clone()).or_insert(Lease { expires_at: t, sessions: 0 });
-                lease.expires_at = lease.expires_at.max(t);
-                let t = lease.expires_at;
-                l.wheel.insert(t, key);
+                let lease = Self::entry(&mut l, instance, t);
+                let live = LiveLease { instance: lease.id.clone(), expires_at: lease.expires_at };
+                l.wheel.insert(live.expires_at, live.instance.clone());
                 self.gauges(&l);
-                Ok(Some(t))
+                Ok(Some(live))
             }
             None => {
                 if l.unknown.len() > 100_000 {
                     l.unknown.retain(|_, at| now - *at < NEGATIVE_TTL_MS);
                 }
-                l.unknown.insert(key, now);
+                l.unknown.insert(Arc::from(instance), now);
                 Ok(None)
             }
         }
     }
 
-    /// Records a session registered as bound to `instance`'s lease. `false` when the
-    /// lease ended in the meantime (the caller ends the session it just registered).
-    pub fn bind(&self, user: &UserId, device: &DeviceId, instance: &str, sid: u64) -> bool {
+    /// Counts a registration just bound to `instance`'s lease. `false` when the lease
+    /// ended in the meantime (the caller ends the session it just registered): a lease
+    /// ends under the same lock before its sessions are looked up, so every session
+    /// bound before that is found, and none after.
+    pub fn bind(&self, instance: &str) -> bool {
         let mut l = self.leases.lock();
-        let Some(instance) = l.live.get_key_value(instance).map(|(k, _)| k.clone()) else { return false };
-        if let Some(lease) = l.live.get_mut(&instance) {
-            lease.sessions += 1;
-        }
-        l.bound += 1;
-        // Under the leases lock, so a lapse (which removes the lease under it first) sees
-        // every binding made before it.
-        let mut shard = self.bound.of(user).lock();
-        let list = shard.entry(user.clone()).or_default();
-        list.retain(|b| b.device != *device);
-        list.push(Bound { device: device.clone(), instance, sid });
-        drop(shard);
-        self.gauges(&l);
+        let Some(lease) = l.live.get_mut(instance) else { return false };
+        lease.registered += 1;
         true
     }
 
-    /// Forgets the binding of `user`'s `device` (its session ended or was replaced).
-    pub fn unbind(&self, user: &UserId, device: &str) {
-        let removed = {
-            let mut shard = self.bound.of(user).lock();
-            let Some(list) = shard.get_mut(user) else { return };
-            let Some(i) = list.iter().position(|b| &*b.device == device) else { return };
-            let b = list.swap_remove(i);
-            if list.is_empty() {
-                shard.remove(user);
-            }
-            b
-        };
-        let mut l = self.leases.lock();
-        if let Some(lease) = l.live.get_mut(&removed.instance) {
-            lease.sessions = lease.sessions.saturating_sub(1);
-            l.bound = l.bound.saturating_sub(1);
-        }
-        self.gauges(&l);
-    }
-
-    /// The lease deadline of a bound session (the registration tagged `sid`, when
-    /// given); `None` when it is not bound.
-    pub fn bound_deadline(&self, user: &UserId, device: &str, sid: Option<u64>) -> Option<Millis> {
-        let instance = {
-            let shard = self.bound.of(user).lock();
-            shard.get(user)?.iter().find(|b| &*b.device == device && sid.is_none_or(|s| s == b.sid))?.instance.clone()
-        };
-        self.leases.lock().live.get(&instance).map(|l| l.expires_at)
+    /// The deadline of `instance`'s lease, if it has one here.
+    pub fn deadline(&self, instance: &str) -> Option<Millis> {
+        self.leases.lock().live.get(instance).map(|l| l.expires_at)
     }
 
     /// Ends the lease of `instance` now (a gateway shutting down cleanly): its bound
@@ -225,7 +196,7 @@ impl Instances {
         self.store.put_instance_lease(instance, None).await?;
         let existed = {
             let mut l = self.leases.lock();
-            let existed = Self::remove_lease(&mut l, instance);
+            let existed = l.live.remove(instance).is_some();
             self.gauges(&l);
             existed
         };
@@ -273,7 +244,7 @@ impl Instances {
                 if lease.expires_at > now {
                     continue; // refreshed here while we asked
                 }
-                Self::remove_lease(&mut l, &instance);
+                l.live.remove(&instance);
                 self.gauges(&l);
             }
             metrics::counter!("presence_instance_leases_lapsed_total").increment(1);
@@ -285,30 +256,33 @@ impl Instances {
 
     /// Ends the bound sessions of `instance` held here (its lease is already gone).
     async fn end_sessions(&self, instance: &str) -> u64 {
-        let mut victims: Vec<(UserId, Vec<Bound>)> = Vec::new();
-        for shard in self.bound.iter() {
-            let mut shard = shard.lock();
-            shard.retain(|user, list| {
-                let (mine, rest): (Vec<Bound>, Vec<Bound>) = list.drain(..).partition(|b| &*b.instance == instance);
-                *list = rest;
-                if !mine.is_empty() {
-                    victims.push((user.clone(), mine));
-                }
-                !list.is_empty()
-            });
+        let mut victims = match self.store.sessions_of_instance(instance, BOUND_TTL_MS).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Their owner's node lease still ends them if this node dies; otherwise
+                // they stay until a retry (UnregisterInstance) finds them.
+                tracing::error!(instance, error = %e, "cannot list the sessions of an ended instance lease");
+                return 0;
+            }
+        };
+        // One user's devices one after the other (the last one makes it offline).
+        victims.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut by_user: Vec<(UserId, Vec<(crate::core::DeviceId, u64)>)> = Vec::new();
+        for (user, device, sid) in victims {
+            match by_user.last_mut() {
+                Some((u, list)) if *u == user => list.push((device, sid)),
+                _ => by_user.push((user, vec![(device, sid)])),
+            }
         }
         let store = &self.store;
-        let ended: u64 = stream::iter(victims)
+        let ended: u64 = stream::iter(by_user)
             .map(|(user, devices)| async move {
                 let mut n = 0u64;
-                // One user's devices one after the other: the last one makes it offline.
-                for b in devices {
-                    match store.unregister_session(&user, &b.device, Some(b.sid)).await {
+                for (device, sid) in devices {
+                    match store.unregister_session(&user, &device, Some(sid)).await {
                         Ok(true) => n += 1,
                         Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(user = %user, device = %b.device, error = %e, "could not end a session of a lapsed instance")
-                        }
+                        Err(e) => tracing::warn!(user = %user, device = %device, error = %e, "could not end a session of an ended instance lease"),
                     }
                 }
                 n
@@ -320,18 +294,7 @@ impl Instances {
         ended
     }
 
-    fn remove_lease(l: &mut Leases, instance: &str) -> bool {
-        match l.live.remove(instance) {
-            Some(lease) => {
-                l.bound = l.bound.saturating_sub(lease.sessions);
-                true
-            }
-            None => false,
-        }
-    }
-
     fn gauges(&self, l: &Leases) {
         metrics::gauge!("presence_instance_leases").set(l.live.len() as f64);
-        metrics::gauge!("presence_instance_bound_sessions").set(l.bound as f64);
     }
 }

@@ -54,6 +54,8 @@ pub struct Service {
     pub limits: LimitsConfig,
     pub presence: PresenceConfig,
     pub node_id: Arc<str>,
+    /// The instance id of sessions HTTP-only clients open (`<node>/http`).
+    pub http_instance: Arc<str>,
     writes: KeyedLimiter,
     /// New connections per client IP (`/ws` upgrades; the gRPC listener has its own).
     connects: Option<KeyedLimiter>,
@@ -94,6 +96,7 @@ impl Service {
             clock,
             limits: config.limits.clone(),
             presence: config.presence.clone(),
+            http_instance: Arc::from(format!("{node_id}/http")),
             node_id,
             writes: KeyedLimiter::new(rate),
             connects: limiter::per_ip(&config.limits),

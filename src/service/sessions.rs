@@ -47,11 +47,22 @@ impl Sessions {
         &self,
         user: &UserId,
         device: &str,
-        instance: &str,
+        instance: &Arc<str>,
         ttl_ms: Option<i64>,
         platform: Option<Platform>,
     ) -> Result<Registered, ApiError> {
-        let req = NewSession::new(device, instance, ttl_ms.unwrap_or(self.ttl_ms))
+        self.open_shared(user, Arc::from(device), instance.clone(), ttl_ms, platform).await
+    }
+
+    async fn open_shared(
+        &self,
+        user: &UserId,
+        device: DeviceId,
+        instance: Arc<str>,
+        ttl_ms: Option<i64>,
+        platform: Option<Platform>,
+    ) -> Result<Registered, ApiError> {
+        let req = NewSession::shared(device, instance, ttl_ms.unwrap_or(self.ttl_ms))
             .platform(platform)
             .sid(rand::random())
             .max_devices(self.max_devices);
@@ -62,7 +73,8 @@ impl Sessions {
     /// lease when it holds one (then `ttl_ms` is not used), else alive for `ttl_ms`.
     pub async fn open_gateway(&self, s: &GatewaySession, instance: &str, ttl_ms: Option<i64>) -> Result<Registered, ApiError> {
         let lease = self.instances.lease_of(instance).await?;
-        self.open_on(s, instance, ttl_ms, lease.is_some()).await
+        let id = lease.as_ref().map_or_else(|| Arc::from(instance), |l| l.instance.clone());
+        self.open_on(s, &id, ttl_ms, lease.is_some()).await
     }
 
     /// [`Sessions::open_gateway`] for many sessions of one instance (a gateway
@@ -73,24 +85,26 @@ impl Sessions {
         instance: &str,
         ttl_ms: Option<i64>,
     ) -> Result<Vec<Result<Registered, ApiError>>, ApiError> {
-        let bound = self.instances.lease_of(instance).await?.is_some();
-        let open = |s: GatewaySession| async move { self.open_on(&s, instance, ttl_ms, bound).await };
+        let lease = self.instances.lease_of(instance).await?;
+        let bound = lease.is_some();
+        let id: Arc<str> = lease.map_or_else(|| Arc::from(instance), |l| l.instance);
+        let id = &id;
+        let open = |s: GatewaySession| async move { self.open_on(&s, id, ttl_ms, bound).await };
         Ok(stream::iter(items.to_vec()).map(open).buffered(BATCH_CONCURRENCY).collect().await)
     }
 
-    async fn open_on(&self, s: &GatewaySession, instance: &str, ttl_ms: Option<i64>, bound: bool) -> Result<Registered, ApiError> {
+    async fn open_on(&self, s: &GatewaySession, instance: &Arc<str>, ttl_ms: Option<i64>, bound: bool) -> Result<Registered, ApiError> {
         let ttl = if bound { BOUND_TTL_MS } else { ttl_ms.unwrap_or(self.ttl_ms) };
-        let mut reg = self.open(&s.user, &s.device, instance, Some(ttl), s.platform).await?;
+        let mut reg = self.open_shared(&s.user, s.device.clone(), instance.clone(), Some(ttl), s.platform).await?;
         if !bound {
-            self.instances.unbind(&s.user, &s.device);
             return Ok(reg);
         }
-        if !self.instances.bind(&s.user, &s.device, instance, reg.sid) {
+        if !self.instances.bind(instance) {
             // The lease ended while this registered: end it as the lease would have.
             self.store.unregister_session(&s.user, &s.device, Some(reg.sid)).await?;
             return Err(ApiError::NotFound(format!("the lease of instance {instance} ended: refresh it, then register again")));
         }
-        reg.expires_at = self.instances.bound_deadline(&s.user, &s.device, Some(reg.sid)).unwrap_or(reg.expires_at);
+        reg.expires_at = self.instances.deadline(instance).unwrap_or(reg.expires_at);
         Ok(reg)
     }
 
@@ -103,9 +117,19 @@ impl Sessions {
     /// to an instance lease answers the lease's deadline.
     pub async fn refresh(&self, user: &UserId, device: &str) -> Result<Option<Millis>, ApiError> {
         let t = self.store.refresh_session(user, device).await?;
-        // Only a bound session has a deadline this far out.
-        let far = t.is_some_and(|t| t > self.instances.now().saturating_add(BOUND_TTL_MS / 2));
-        Ok(t.map(|t| if far { self.instances.bound_deadline(user, device, None).unwrap_or(t) } else { t }))
+        // Only a bound session has a deadline this far out: answer its lease's.
+        if t.is_some_and(|t| t > self.instances.now().saturating_add(BOUND_TTL_MS / 2)) {
+            let sessions = self.store.devices(user).await?;
+            if let Some(lease) = sessions.iter().find(|s| &*s.device_id == device).and_then(|s| self.lease_deadline(s)) {
+                return Ok(Some(lease));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The lease deadline of a session bound to one.
+    fn lease_deadline(&self, s: &Session) -> Option<Millis> {
+        (s.ttl_ms == BOUND_TTL_MS).then(|| self.instances.deadline(&s.instance_id)).flatten()
     }
 
     /// A heartbeat that opens the session when there is none (HTTP-only clients, and a
@@ -115,7 +139,7 @@ impl Sessions {
         &self,
         user: &UserId,
         device: &str,
-        instance: &str,
+        instance: &Arc<str>,
         platform: Option<Platform>,
     ) -> Result<(Millis, Option<Registered>), ApiError> {
         match self.refresh(user, device).await? {
@@ -129,20 +153,13 @@ impl Sessions {
 
     /// Ends the session of `device` (only the registration tagged `sid`, when given).
     pub async fn close(&self, user: &UserId, device: &str, sid: Option<u64>) -> Result<bool, ApiError> {
-        let removed = self.store.unregister_session(user, device, sid).await?;
-        if sid.is_none() {
-            self.instances.unbind(user, device);
-        }
-        Ok(removed)
+        Ok(self.store.unregister_session(user, device, sid).await?)
     }
 
     /// [`Sessions::close`] for many sessions (a gateway's batch); `true` for each removed.
     pub async fn close_many(&self, items: &[(UserId, DeviceId)]) -> Result<Vec<bool>, ApiError> {
-        let results: Vec<Result<bool, ApiError>> = stream::iter(items.to_vec())
-            .map(|(u, d)| async move { self.close(&u, &d, None).await })
-            .buffered(BATCH_CONCURRENCY)
-            .collect()
-            .await;
+        let results: Vec<Result<bool, ApiError>> =
+            stream::iter(items.to_vec()).map(|(u, d)| async move { self.close(&u, &d, None).await }).buffered(BATCH_CONCURRENCY).collect().await;
         results.into_iter().collect()
     }
 
@@ -150,7 +167,7 @@ impl Sessions {
     pub async fn devices(&self, user: &UserId) -> Result<Vec<Session>, ApiError> {
         let mut list = self.store.devices(user).await?;
         for s in &mut list {
-            if let Some(t) = self.instances.bound_deadline(user, &s.device_id, Some(s.sid)) {
+            if let Some(t) = self.lease_deadline(s) {
                 s.expires_at = t;
             }
         }

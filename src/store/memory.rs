@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use super::persist::{Ack, Loaded, PersistError, Persister, Record};
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{Change, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
+use crate::core::{Change, DeviceId, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
 use crate::shards::Sharded;
 
 /// Settings of the embedded store.
@@ -441,6 +441,19 @@ impl PresenceStore for MemoryStore {
         let now = self.inner.clock.now();
         let shard = self.inner.shard(id).lock();
         Ok(shard.users.get(id).map(|e| e.state.live_sessions(now).cloned().collect()).unwrap_or_default())
+    }
+
+    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, DeviceId, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock();
+            for (user, e) in &shard.users {
+                for s in e.state.sessions.iter().filter(|s| s.ttl_ms == ttl_ms && &*s.instance_id == instance) {
+                    out.push((user.clone(), s.device_id.clone(), s.sid));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn stats(&self) -> StoreStats {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{Millis, NewSession, Presence, Registered, Session, Status, UserId};
+use crate::core::{DeviceId, Millis, NewSession, Presence, Registered, Session, Status, UserId};
 
 pub use clock::{spawn_periodic, Clock, ManualClock, SystemClock};
 
@@ -143,6 +143,11 @@ pub trait PresenceStore: Send + Sync + 'static {
 
     /// The user's live device sessions.
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError>;
+
+    /// The sessions this node holds of gateway instance `instance` registered with a TTL
+    /// of exactly `ttl_ms` (those bound to the instance's lease), as (user, device, tag).
+    /// A scan: called when a lease ends.
+    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, DeviceId, u64)>, StoreError>;
 
     /// Counters for metrics and health.
     fn stats(&self) -> StoreStats;

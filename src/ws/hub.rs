@@ -209,6 +209,9 @@ pub struct Hub {
     resync_again: AtomicBool,
 }
 
+/// Least time between two "fell behind the event bus" warnings.
+const LAG_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Hub {
     pub fn new(svc: Arc<Service>, limits: HubLimits) -> Hub {
         Hub {
@@ -268,6 +271,9 @@ impl Hub {
         let mut rx = bus.subscribe();
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
+            // A burst (a gateway registering a million sessions) can lag many times in a
+            // row: one warning per LAG_WARN_EVERY, with what was missed since the last.
+            let (mut missed, mut warned): (u64, Option<std::time::Instant>) = (0, None);
             loop {
                 match rx.recv().await {
                     Ok(ev) => match weak.upgrade() {
@@ -276,11 +282,13 @@ impl Hub {
                     },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         metrics::counter!("ws_dropped_total", "reason" => "bus_lag").increment(n);
-                        tracing::warn!(missed = n, "hub fell behind the event bus; sending every connection a fresh snapshot");
-                        match weak.upgrade() {
-                            Some(hub) => hub.resync(),
-                            None => return,
+                        let Some(hub) = weak.upgrade() else { return };
+                        missed += n;
+                        if hub.connection_count() > 0 && warned.is_none_or(|t| t.elapsed() >= LAG_WARN_EVERY) {
+                            tracing::warn!(missed, "hub fell behind the event bus; sending every connection a fresh snapshot");
+                            (missed, warned) = (0, Some(std::time::Instant::now()));
                         }
+                        hub.resync();
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }

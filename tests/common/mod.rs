@@ -222,6 +222,10 @@ impl PresenceStore for DownStore {
         down()
     }
 
+    async fn sessions_of_instance(&self, _: &str, _: i64) -> Result<Vec<(UserId, presenced::core::DeviceId, u64)>, StoreError> {
+        down()
+    }
+
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }

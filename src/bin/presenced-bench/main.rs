@@ -21,6 +21,7 @@
 mod backends;
 mod cluster;
 mod hostile;
+mod sessions;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -58,6 +59,10 @@ enum Cmd {
     Backends(backends::BackendsArgs),
     /// gRPC throughput over one HTTP/2 connection: RefreshSession and GetPresence(100 ids).
     Grpc(GrpcArgs),
+    /// A million device sessions in one process (seed 001's gateway model): RSS per
+    /// session, registrations/s, GetPresence at that size, instance leases against
+    /// per-session refresh, expiry of them all and the memory it returns.
+    Sessions(sessions::SessionsArgs),
     /// What hostile clients cost: parked WatchPresence streams, stalled request heads.
     Hostile(hostile::HostileArgs),
     /// The bare broadcast server used by `run --baseline`: every text frame received is
@@ -127,6 +132,7 @@ fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
+        Cmd::Sessions(args) => rt.block_on(sessions::run(args)),
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Backends(args) => rt.block_on(backends::run(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::run(args)),
@@ -234,6 +240,11 @@ async fn spawn_server(baseline: bool) -> Res<Server> {
 
 /// With `grpc_port`, presenced also serves gRPC there (HS256 secret [`BENCH_SECRET`]).
 async fn spawn_server_with(baseline: bool, grpc_port: Option<u16>) -> Res<Server> {
+    spawn_server_env(baseline, grpc_port, &[]).await
+}
+
+/// As [`spawn_server_with`], with more environment for presenced.
+async fn spawn_server_env(baseline: bool, grpc_port: Option<u16>, extra: &[(&str, &str)]) -> Res<Server> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let (child, dir) = if baseline {
@@ -251,6 +262,7 @@ async fn spawn_server_with(baseline: bool, grpc_port: Option<u16>) -> Res<Server
             .env("PRESENCE_SERVICE__PORT", port.to_string())
             .env("PRESENCE_SERVICE__GRPC_PORT", grpc_port.map_or("0".to_string(), |p| p.to_string()))
             .envs(BENCH_ENV)
+            .envs(extra.iter().copied())
             .env("PRESENCE_SERVICE__DATA_DIR", &dir)
             .stdout(Stdio::null())
             .spawn()
@@ -572,10 +584,27 @@ where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let m = measure_calls(args.concurrency, args.seconds, call).await?;
+    Ok(format!("{:.0}/s, p50 {}, p99 {}", m.per_sec, ms(m.p50_us), ms(m.p99_us)))
+}
+
+/// What [`measure_calls`] saw.
+pub struct Calls {
+    pub per_sec: f64,
+    pub p50_us: u32,
+    pub p99_us: u32,
+}
+
+/// Runs `call(i)` from `concurrency` workers for `seconds`.
+pub async fn measure_calls<F, Fut>(concurrency: usize, seconds: u64, call: F) -> Res<Calls>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
     let counter = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    for w in 0..args.concurrency {
+    for w in 0..concurrency {
         let (call, counter) = (call.clone(), counter.clone());
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -596,5 +625,5 @@ where
     }
     all.sort_unstable();
     let n = counter.load(Ordering::Relaxed);
-    Ok(format!("{:.0}/s, p50 {}, p99 {}", n as f64 / args.seconds as f64, ms(pct(&all, 0.5)), ms(pct(&all, 0.99))))
+    Ok(Calls { per_sec: n as f64 / seconds as f64, p50_us: pct(&all, 0.5), p99_us: pct(&all, 0.99) })
 }

@@ -57,7 +57,7 @@ use tokio::task::JoinHandle;
 
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
+use crate::core::{DeviceId, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
 use crate::store::locks::UserLocks;
 pub use backplane::{Backplane, Fault, Health, Names, Record, Refused, Space};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
@@ -268,6 +268,10 @@ impl PresenceStore for ClusterStore {
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         self.live_devices(id).await
+    }
+
+    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, DeviceId, u64)>, StoreError> {
+        Ok(self.inner.owned.lock().of_instance(instance, ttl_ms))
     }
 
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {

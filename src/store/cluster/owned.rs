@@ -142,6 +142,18 @@ impl OwnedTable {
     pub fn user_count(&self) -> u64 {
         self.users.len() as u64
     }
+
+    /// Sessions held here of gateway instance `instance` with TTL `ttl_ms` (bound to its
+    /// lease), as (user, device, tag).
+    pub fn of_instance(&self, instance: &str, ttl_ms: i64) -> Vec<(UserId, DeviceId, u64)> {
+        let mut out = Vec::new();
+        for (user, u) in &self.users {
+            for (device, o) in u.devices.iter().filter(|(_, o)| o.ttl_ms == ttl_ms && &*o.instance == instance) {
+                out.push((user.clone(), device.clone(), o.sid));
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
