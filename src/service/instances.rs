@@ -282,7 +282,9 @@ impl Instances {
                     match store.unregister_session(&user, &device, Some(sid)).await {
                         Ok(true) => n += 1,
                         Ok(false) => {}
-                        Err(e) => tracing::warn!(user = %user, device = %device, error = %e, "could not end a session of an ended instance lease"),
+                        Err(e) => {
+                            tracing::warn!(user = %user, device = %device, error = %e, "could not end a session of an ended instance lease")
+                        }
                     }
                 }
                 n

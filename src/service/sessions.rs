@@ -158,8 +158,11 @@ impl Sessions {
 
     /// [`Sessions::close`] for many sessions (a gateway's batch); `true` for each removed.
     pub async fn close_many(&self, items: &[(UserId, DeviceId)]) -> Result<Vec<bool>, ApiError> {
-        let results: Vec<Result<bool, ApiError>> =
-            stream::iter(items.to_vec()).map(|(u, d)| async move { self.close(&u, &d, None).await }).buffered(BATCH_CONCURRENCY).collect().await;
+        let results: Vec<Result<bool, ApiError>> = stream::iter(items.to_vec())
+            .map(|(u, d)| async move { self.close(&u, &d, None).await })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await;
         results.into_iter().collect()
     }
 

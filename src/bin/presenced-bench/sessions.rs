@@ -103,7 +103,12 @@ pub async fn run(args: SessionsArgs) -> Res<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_kib = rss_kib(pid).ok_or("no RSS")?;
     let sessions = args.users * args.devices;
-    println!("presenced (embedded store) idle: RSS {}; registering {} users × {} devices = {sessions} sessions", mib(idle_kib), args.users, args.devices);
+    println!(
+        "presenced (embedded store) idle: RSS {}; registering {} users × {} devices = {sessions} sessions",
+        mib(idle_kib),
+        args.users,
+        args.devices
+    );
 
     // 1. The gateway's lease, kept by a refresher (every third of its TTL, as a gateway
     //    would), then its sessions in batches.
@@ -126,7 +131,13 @@ pub async fn run(args: SessionsArgs) -> Res<()> {
     let t0 = Instant::now();
     let cpu0 = cpu_secs(pid).unwrap_or(0.0);
     let entries: Vec<pb::SessionEntry> = (0..args.users)
-        .flat_map(|u| (0..args.devices).map(move |d| pb::SessionEntry { user_id: format!("u{u}"), device_id: format!("d{d}"), platform: String::new() }))
+        .flat_map(|u| {
+            (0..args.devices).map(move |d| pb::SessionEntry {
+                user_id: format!("u{u}"),
+                device_id: format!("d{d}"),
+                platform: String::new(),
+            })
+        })
         .collect();
     let batches: Vec<Vec<pb::SessionEntry>> = entries.chunks(args.batch).map(<[_]>::to_vec).collect();
     drop(entries);
@@ -179,7 +190,12 @@ pub async fn run(args: SessionsArgs) -> Res<()> {
         }
     })
     .await?;
-    println!("GetPresence (100 ids, 16 in flight) with {sessions} sessions: {:.0}/s, p50 {}, p99 {}", get.per_sec, ms(get.p50_us), ms(get.p99_us));
+    println!(
+        "GetPresence (100 ids, 16 in flight) with {sessions} sessions: {:.0}/s, p50 {}, p99 {}",
+        get.per_sec,
+        ms(get.p50_us),
+        ms(get.p99_us)
+    );
 
     // 3. Liveness: per-session refresh at full speed, against the instance lease.
     let need = sessions as f64 / args.heartbeat_secs as f64;
@@ -188,7 +204,10 @@ pub async fn run(args: SessionsArgs) -> Res<()> {
     let cpu0 = cpu_secs(pid).unwrap_or(0.0);
     let refresh = measure_calls(128, args.seconds, move |i| {
         let mut c = c.clone();
-        let req = authed(pb::RefreshSessionRequest { user_id: format!("u{}", (i / devices) % users), device_id: format!("d{}", i % devices) }, &b);
+        let req = authed(
+            pb::RefreshSessionRequest { user_id: format!("u{}", (i / devices) % users), device_id: format!("d{}", i % devices) },
+            &b,
+        );
         async move { c.refresh_session(req).await.map(|_| ()).map_err(|e| e.to_string()) }
     })
     .await?;
