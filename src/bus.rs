@@ -197,6 +197,9 @@ impl Drop for InterestGuard {
 #[derive(Clone, Debug)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Event>>,
+    /// The same events minus those relayed from other nodes: what this node's event
+    /// sinks deliver (each node delivers its own transitions, so none is sent twice).
+    origin: broadcast::Sender<Arc<Event>>,
     typing: broadcast::Sender<Typing>,
     directory: broadcast::Sender<DirectoryChanged>,
     interest: Interest,
@@ -205,15 +208,29 @@ pub struct EventBus {
 impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
+        let (origin, _) = broadcast::channel(capacity.max(1));
         let (typing, _) = broadcast::channel(capacity.max(1));
         let (directory, _) = broadcast::channel(capacity.clamp(1, 4096));
-        EventBus { tx, typing, directory, interest: Interest::default() }
+        EventBus { tx, origin, typing, directory, interest: Interest::default() }
     }
 
-    /// Publishes an event; with no subscriber it is simply dropped.
+    /// Publishes a transition made on this node; with no subscriber it is simply dropped.
     pub fn publish(&self, event: Event) {
         metrics::counter!("presence_events_total", "kind" => event.kind.as_str()).increment(1);
+        let event = Arc::new(event);
+        let _ = self.origin.send(event.clone());
+        let _ = self.tx.send(event);
+    }
+
+    /// Publishes a transition another node made (cluster mode), for local watchers only.
+    pub fn publish_relayed(&self, event: Event) {
+        metrics::counter!("presence_events_total", "kind" => event.kind.as_str()).increment(1);
         let _ = self.tx.send(Arc::new(event));
+    }
+
+    /// The transitions made on this node (not those relayed from others).
+    pub fn subscribe_origin(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.origin.subscribe()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {

@@ -46,6 +46,7 @@ pub mod natsio;
 pub mod server;
 pub mod service;
 pub mod shards;
+pub mod sinks;
 pub mod store;
 pub mod telemetry;
 pub mod ws;

@@ -30,6 +30,8 @@ pub enum StartError {
     Cluster(&'static str, crate::store::StoreError),
     #[error("{0}")]
     Embedded(String),
+    #[error("events.sinks: {0}")]
+    Sinks(String),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -60,6 +62,8 @@ pub struct App {
     pub cluster: Option<ClusterStore>,
     /// The supervised local nats-server (`nats.embedded`).
     pub embedded: Option<Arc<crate::natsio::embedded::EmbeddedServer>>,
+    /// `events.sinks`, running.
+    pub sinks: Option<Arc<crate::sinks::Sinks>>,
 }
 
 impl App {
@@ -129,6 +133,8 @@ impl App {
     pub async fn with_store(config: Config, store: Arc<dyn Store>, bus: EventBus, clock: Arc<dyn Clock>) -> Result<App, StartError> {
         crate::telemetry::register(config.store.backend);
         let auth = Arc::new(Authenticator::from_config(&config.auth, &config.service.data_dir)?);
+        // Before the service exists: the sinks' dispatchers subscribe to the bus here.
+        let sinks = crate::sinks::Sinks::start(&config, &bus).map_err(StartError::Sinks)?;
         // Watch first, then load: a change made meanwhile is applied twice, never missed.
         let changes = store.watch_directory().await;
         let directory = match Directory::load(&*store).await {
@@ -149,7 +155,7 @@ impl App {
             Backend::Nats => "nats",
             Backend::Redis => "redis",
         };
-        Ok(App { config, svc, hub, backend, dev: false, cluster: None, embedded: None })
+        Ok(App { config, svc, hub, backend, dev: false, cluster: None, embedded: None, sinks })
     }
 
     /// Everything served on the HTTP port: the HTTP API and `/ws`.
@@ -161,6 +167,7 @@ impl App {
             request_metrics: Default::default(),
             dev: self.dev,
             cluster: self.cluster.clone(),
+            sinks: self.sinks.clone(),
             backend: self.backend,
             cache_max_cost: self.config.cache.max_cost,
             node_type: match self.config.service.node_type {
@@ -239,6 +246,9 @@ impl App {
             }
         }
         self.svc.store.shutdown().await;
+        if let Some(s) = &self.sinks {
+            s.shutdown().await;
+        }
         if let Some(e) = &self.embedded {
             e.stop().await;
         }

@@ -62,6 +62,8 @@ pub enum Scope {
     Nats,
     /// Cluster mode on Redis.
     Redis,
+    /// Per configured event sink (`events.sinks`): series appear when a sink starts.
+    Sinks,
 }
 
 /// One exported metric: name, kind, where, help text, and the label sets created at start.
@@ -74,6 +76,8 @@ pub struct Metric {
 }
 
 const NONE: &[&[(&str, &str)]] = &[&[]];
+/// Series created per configured sink at its start (described only, until then).
+const PER_SINK: &[&[(&str, &str)]] = &[];
 
 macro_rules! m {
     ($name:literal, $kind:ident, $scope:ident, $help:literal) => {
@@ -104,6 +108,12 @@ pub const METRICS: &[Metric] = &[
         "Presence lookups by the embedded store: of a user it knows, or of one never seen.",
         &[&[("result", "known")], &[("result", "unknown")]]
     ),
+    m!("sink_events_sent_total", Counter, Sinks, "Events an event sink delivered (acknowledged), by sink.", PER_SINK),
+    m!("sink_delivery_failures_total", Counter, Sinks, "Failed delivery attempts (each retried with backoff), by sink.", PER_SINK),
+    m!("sink_events_retried_total", Counter, Sinks, "Events delivered by a retry after a failed attempt, by sink.", PER_SINK),
+    m!("sink_events_dropped_total", Counter, Sinks, "Events a sink lost: its outbox was full (oldest dropped) or it fell behind the bus, by sink and reason.", PER_SINK),
+    m!("sink_outbox_events", Gauge, Sinks, "Events waiting in a sink's on-disk outbox.", PER_SINK),
+    m!("sink_lag_seconds", Gauge, Sinks, "Age of the oldest event a sink has not delivered yet (0 when none).", PER_SINK),
     m!("presence_instance_leases", Gauge, All, "Gateway instance leases live on this node."),
     m!("presence_instance_leases_lapsed_total", Counter, All, "Gateway instance leases that lapsed (not refreshed in time) on this node."),
     m!("presence_instance_sessions_ended_total", Counter, All, "Device sessions ended because their instance lease lapsed or was ended."),
@@ -270,6 +280,7 @@ pub fn register(backend: Backend) -> PrometheusHandle {
             Scope::Cluster => backend != Backend::Memory,
             Scope::Nats => backend == Backend::Nats,
             Scope::Redis => backend == Backend::Redis,
+            Scope::Sinks => true,
         };
         if !applies {
             continue;

@@ -56,6 +56,9 @@ pub struct Config {
     pub nats: NatsConfig,
     pub redis: RedisConfig,
     pub cache: CacheConfig,
+    /// Event sinks: every transition delivered to webhooks (and brokers) through an
+    /// on-disk outbox.
+    pub events: EventSinksConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -426,12 +429,104 @@ impl Config {
     /// A copy safe to print: secrets replaced by `<redacted>`.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
-        for s in [&mut c.auth.jwt_secret, &mut c.nats.password, &mut c.nats.token, &mut c.nats.nkey_seed, &mut c.redis.password] {
+        let sinks = c.events.sinks.iter_mut().map(|s| &mut s.secret);
+        for s in [&mut c.auth.jwt_secret, &mut c.nats.password, &mut c.nats.token, &mut c.nats.nkey_seed, &mut c.redis.password]
+            .into_iter()
+            .chain(sinks)
+        {
             if !s.is_empty() {
                 *s = "<redacted>".into();
             }
         }
         c
+    }
+}
+
+/// The `events` section: where every presence transition goes besides the in-process
+/// bus (and, in cluster mode, the backend's own event log).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSinksConfig {
+    /// Several at once; each receives every transition of this node.
+    pub sinks: Vec<SinkConfig>,
+    pub outbox: OutboxConfig,
+}
+
+/// The on-disk outbox in front of each sink (`<data_dir>/sinks.redb`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Events one sink's outbox holds; beyond it the oldest are dropped (and counted).
+    pub max_events: u64,
+    /// First wait before retrying a failed delivery; doubled up to `max_backoff`.
+    pub initial_backoff: Dur,
+    pub max_backoff: Dur,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig { max_events: 1_000_000, initial_backoff: Dur::millis(200), max_backoff: Dur::secs(30) }
+    }
+}
+
+/// What kind of sink.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkType {
+    /// HTTP POST of batches, signed with HMAC-SHA256.
+    #[default]
+    Webhook,
+    /// Apache Kafka (not in this build yet).
+    Kafka,
+    /// RabbitMQ / AMQP 0-9-1 (not in this build yet).
+    Amqp,
+}
+
+/// One sink. Keys that do not apply to its `type` must stay unset.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Unique; names its outbox, metrics and health entry (`[a-z0-9_-]`, at most 64).
+    #[serde(deserialize_with = "de_string")]
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: SinkType,
+    /// Events per delivery (a webhook POST carries a batch).
+    pub batch_max: usize,
+    /// One delivery attempt's timeout.
+    pub timeout: Dur,
+    /// webhook: the URL to POST to (`http://` or `https://`).
+    #[serde(deserialize_with = "de_string")]
+    pub url: String,
+    /// webhook: the HMAC-SHA256 key of the `X-Presence-Signature` header (e.g.
+    /// `secret: ${WEBHOOK_SECRET}`); required.
+    #[serde(deserialize_with = "de_string")]
+    pub secret: String,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            name: String::new(),
+            kind: SinkType::Webhook,
+            batch_max: 100,
+            timeout: Dur::secs(5),
+            url: String::new(),
+            secret: String::new(),
+        }
+    }
+}
+
+impl fmt::Debug for SinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SinkConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("batch_max", &self.batch_max)
+            .field("timeout", &self.timeout)
+            .field("url", &self.url)
+            .field("secret", &if self.secret.is_empty() { "" } else { "<redacted>" })
+            .finish()
     }
 }
 
@@ -640,6 +735,50 @@ impl Config {
         Ok(config)
     }
 
+    fn validate_sinks(&self) -> Result<(), ConfigError> {
+        let bad = |key: String, why: &str| Err(ConfigError::Rule { key, reason: why.to_string() });
+        let e = &self.events;
+        if e.outbox.max_events == 0 {
+            return bad("events.outbox.max_events".into(), "must be at least 1");
+        }
+        if e.outbox.initial_backoff.0.is_zero() || e.outbox.max_backoff.0 < e.outbox.initial_backoff.0 {
+            return bad("events.outbox.initial_backoff".into(), "must be above 0 and at most events.outbox.max_backoff");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in e.sinks.iter().enumerate() {
+            let key = |k: &str| format!("events.sinks[{i}].{k}");
+            let name_ok = !s.name.is_empty()
+                && s.name.len() <= 64
+                && s.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !name_ok {
+                return bad(key("name"), "required: 1 to 64 of a-z, 0-9, - and _");
+            }
+            if !names.insert(s.name.as_str()) {
+                return bad(key("name"), "two sinks have this name");
+            }
+            if s.batch_max == 0 || s.batch_max > 10_000 {
+                return bad(key("batch_max"), "must be between 1 and 10000");
+            }
+            if s.timeout.0.is_zero() {
+                return bad(key("timeout"), "must be above 0");
+            }
+            match s.kind {
+                SinkType::Webhook => {
+                    if !(s.url.starts_with("http://") || s.url.starts_with("https://")) {
+                        return bad(key("url"), "required for a webhook: an http:// or https:// URL");
+                    }
+                    if s.secret.len() < 16 {
+                        return bad(key("secret"), "required for a webhook: at least 16 bytes (the HMAC-SHA256 key)");
+                    }
+                }
+                SinkType::Kafka | SinkType::Amqp => {
+                    return bad(key("type"), "kafka and amqp sinks are not available in this build yet; use webhook");
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError::Rule { key: key.to_string(), reason: why.to_string() });
         let p = &self.presence;
@@ -655,6 +794,7 @@ impl Config {
         if p.typing_ttl.0.is_zero() {
             return bad("presence.typing_ttl", "must be above 0");
         }
+        self.validate_sinks()?;
         let l = &self.limits;
         if l.max_sessions_per_call == 0 {
             return bad("limits.max_sessions_per_call", "must be at least 1");

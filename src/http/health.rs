@@ -11,11 +11,15 @@ use crate::error::ApiError;
 /// Liveness plus store readiness: 200 when the store can serve, 503 otherwise.
 pub async fn health(State(state): State<Http>) -> Response {
     let svc = &state.svc;
+    let sinks = state.sinks.as_ref().map(|s| s.health()).unwrap_or_default();
+    let sink_down = sinks.iter().any(|s| s.state != "up");
     match svc.health().await {
         Ok(()) => ok(json!({
-            // degraded: a leaf cut off from the center, still serving its local users.
-            "status": if svc.degraded().is_some() { "degraded" } else { "ok" },
+            // degraded: a leaf cut off from the center, still serving its local users; or
+            // an event sink failing (its events wait in the outbox).
+            "status": if svc.degraded().is_some() || sink_down { "degraded" } else { "ok" },
             "degraded": svc.degraded(),
+            "sinks": sinks,
             "node_id": &*svc.node_id,
             "node_type": state.node_type,
             "store": { "backend": state.backend, "ready": true },

@@ -42,6 +42,8 @@ pub struct Http {
     pub dev: bool,
     /// Cluster mode's store, whose backend `/health/nats` or `/health/redis` reports.
     pub cluster: Option<crate::store::cluster::ClusterStore>,
+    /// The event sinks `/health` lists.
+    pub sinks: Option<Arc<crate::sinks::Sinks>>,
 }
 
 /// The HTTP API's routes (without the layers: see [`layered`]).

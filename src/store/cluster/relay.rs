@@ -68,7 +68,7 @@ fn relay(inner: &Inner, payload: &[u8]) {
                     metrics::counter!(names.events_out_of_order).increment(1);
                     return;
                 }
-                inner.bus.publish(ev);
+                inner.bus.publish_relayed(ev);
             }
         }
         Ok(_) => {} // our own event, already on the local bus

@@ -1,0 +1,335 @@
+//! Event sinks: every presence transition made on this node (online, offline, update,
+//! expiry) delivered to outside consumers (seed 001's Delivery Service), at least once and
+//! in order, through an on-disk outbox. Configured under `events.sinks`; several at once.
+//!
+//! Per sink, two tasks:
+//! - the *dispatcher* reads this node's own transitions from the bus
+//!   ([`EventBus::subscribe_origin`]: in cluster mode each node delivers its own, so none
+//!   is sent twice), encodes them in the sink's format and appends them to the sink's
+//!   [`outbox::Outbox`] (one durable commit per burst). Presence never waits for it.
+//! - the *sender* takes batches from the outbox head, delivers them
+//!   ([`EventSink::deliver`]) and removes them once acknowledged; a failure leaves them
+//!   there and is retried with exponential backoff (`events.outbox.*`). Order is the
+//!   outbox order, so one user's events arrive in the order they happened.
+//!
+//! A sink that is down degrades `/health` (it never fails it): the outbox fills, up to
+//! `events.outbox.max_events`, beyond which the oldest events are dropped and counted.
+//! Events still on the bus when the process stops are appended before it exits; the
+//! outbox survives restarts.
+//!
+//! The seam is [`EventSink`]: a format (`encode`) and a delivery (`deliver`).
+//! [`webhook`] is the one in this build.
+
+pub mod outbox;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::bus::EventBus;
+use crate::config::{Config, OutboxConfig, SinkConfig, SinkType};
+use crate::core::Event;
+use crate::store::Clock;
+use outbox::{Outbox, OutboxDb, Queued, Record};
+
+/// Events appended to the outbox in one commit at most.
+const APPEND_MAX: usize = 4096;
+
+/// Where events go.
+#[async_trait]
+pub trait EventSink: Send + Sync + 'static {
+    /// `webhook`, `kafka`, `amqp`.
+    fn kind(&self) -> &'static str;
+
+    /// The event in this sink's format (what the outbox keeps).
+    fn encode(&self, event: &Event) -> Vec<u8>;
+
+    /// Delivers a batch, in order. `Err`: none of it counts as delivered (the whole batch
+    /// is sent again later).
+    async fn deliver(&self, batch: &[Queued]) -> Result<(), String>;
+}
+
+/// A sink's state, as `/health` lists it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SinkHealth {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `up` (last delivery succeeded, or nothing to deliver yet), `down` (failing).
+    pub state: &'static str,
+    pub outbox_events: u64,
+    /// Seconds since the oldest undelivered event happened (0 when none).
+    pub lag_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+struct Status {
+    up: bool,
+    last_error: Option<String>,
+    /// Time of the oldest undelivered event (Unix ms), when known.
+    oldest_at: Option<i64>,
+}
+
+struct Runner {
+    name: String,
+    sink: Box<dyn EventSink>,
+    outbox: Outbox,
+    batch_max: usize,
+    timeout: Duration,
+    backoff: OutboxConfig,
+    status: Mutex<Status>,
+    /// Rung by the dispatcher after an append.
+    appended: Notify,
+}
+
+impl Runner {
+    fn set_depth(&self) {
+        metrics::gauge!("sink_outbox_events", "sink" => self.name.clone()).set(self.outbox.len() as f64);
+    }
+
+    fn lag(&self) -> f64 {
+        let now = crate::store::SystemClock.now();
+        self.status.lock().oldest_at.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0)
+    }
+}
+
+/// Every configured sink, running.
+pub struct Sinks {
+    runners: Vec<Arc<Runner>>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Sinks {
+    /// Opens the outboxes and starts every sink of `config.events.sinks`; `None` when
+    /// there are none. Call before anything publishes (the dispatchers subscribe here).
+    pub fn start(config: &Config, bus: &EventBus) -> Result<Option<Arc<Sinks>>, String> {
+        let cfg = &config.events;
+        if cfg.sinks.is_empty() {
+            return Ok(None);
+        }
+        let db = OutboxDb::open(&config.service.data_dir).map_err(|e| e.to_string())?;
+        let (stop, _) = watch::channel(false);
+        let mut runners = Vec::new();
+        let mut tasks = Vec::new();
+        for s in &cfg.sinks {
+            let sink = build(s, &config.service.node_id)?;
+            let outbox = db.outbox(&s.name, cfg.outbox.max_events).map_err(|e| e.to_string())?;
+            let runner = Arc::new(Runner {
+                name: s.name.clone(),
+                sink,
+                outbox,
+                batch_max: s.batch_max,
+                timeout: s.timeout.0,
+                backoff: cfg.outbox.clone(),
+                status: Mutex::new(Status { up: true, last_error: None, oldest_at: None }),
+                appended: Notify::new(),
+            });
+            for (name, labels) in [
+                ("sink_events_sent_total", None),
+                ("sink_delivery_failures_total", None),
+                ("sink_events_retried_total", None),
+                ("sink_events_dropped_total", Some("outbox_full")),
+                ("sink_events_dropped_total", Some("bus_lag")),
+            ] {
+                match labels {
+                    None => metrics::counter!(name, "sink" => s.name.clone()).increment(0),
+                    Some(reason) => metrics::counter!(name, "sink" => s.name.clone(), "reason" => reason).increment(0),
+                }
+            }
+            runner.set_depth();
+            metrics::gauge!("sink_lag_seconds", "sink" => s.name.clone()).set(0.0);
+            tracing::info!(sink = %s.name, kind = runner.sink.kind(), queued = runner.outbox.len(), "event sink started");
+            tasks.push(tokio::spawn(dispatch(runner.clone(), bus.subscribe_origin(), stop.subscribe())));
+            tasks.push(tokio::spawn(send(runner.clone(), stop.subscribe())));
+            runners.push(runner);
+        }
+        Ok(Some(Arc::new(Sinks { runners, stop, tasks: Mutex::new(tasks) })))
+    }
+
+    pub fn health(&self) -> Vec<SinkHealth> {
+        self.runners
+            .iter()
+            .map(|r| {
+                let st = r.status.lock();
+                let (up, last_error) = (st.up, st.last_error.clone());
+                drop(st);
+                SinkHealth {
+                    name: r.name.clone(),
+                    kind: r.sink.kind(),
+                    state: if up { "up" } else { "down" },
+                    outbox_events: r.outbox.len(),
+                    lag_seconds: r.lag(),
+                    last_error,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether any sink is failing.
+    pub fn degraded(&self) -> bool {
+        self.runners.iter().any(|r| !r.status.lock().up)
+    }
+
+    /// Appends what is still on the bus to the outboxes, then stops (what is not
+    /// delivered yet stays queued for the next start).
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks: Vec<JoinHandle<()>> = self.tasks.lock().drain(..).collect();
+        for t in tasks {
+            if tokio::time::timeout(Duration::from_secs(5), t).await.is_err() {
+                tracing::warn!("an event sink task did not stop within 5 s");
+            }
+        }
+    }
+}
+
+fn build(s: &SinkConfig, node_id: &str) -> Result<Box<dyn EventSink>, String> {
+    match s.kind {
+        SinkType::Webhook => Ok(Box::new(webhook::Webhook::new(s, node_id)?)),
+        SinkType::Kafka | SinkType::Amqp => Err(format!("sink {}: {:?} sinks are not available in this build", s.name, s.kind)),
+    }
+}
+
+/// Bus → outbox.
+async fn dispatch(r: Arc<Runner>, mut rx: broadcast::Receiver<Arc<Event>>, mut stop: watch::Receiver<bool>) {
+    let mut batch: Vec<Record> = Vec::new();
+    loop {
+        let stopping = tokio::select! {
+            ev = rx.recv() => {
+                match ev {
+                    Ok(ev) => batch.push(record(&r, &ev)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => lagged(&r, n),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                false
+            }
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        // Everything already waiting goes in the same commit.
+        while batch.len() < APPEND_MAX {
+            match rx.try_recv() {
+                Ok(ev) => batch.push(record(&r, &ev)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(&r, n),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            let (outbox, records) = (r.outbox.clone(), std::mem::take(&mut batch));
+            let oldest = records.first().map(|x| x.at);
+            match tokio::task::spawn_blocking(move || outbox.append(&records)).await {
+                Ok(Ok(dropped)) => {
+                    if dropped > 0 {
+                        metrics::counter!("sink_events_dropped_total", "sink" => r.name.clone(), "reason" => "outbox_full")
+                            .increment(dropped);
+                        tracing::warn!(sink = %r.name, dropped, "event outbox full: oldest events dropped");
+                    }
+                    let mut st = r.status.lock();
+                    if st.oldest_at.is_none() {
+                        st.oldest_at = oldest;
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(sink = %r.name, error = %e, "events could not be queued; they are lost"),
+                Err(e) => tracing::error!(sink = %r.name, error = %e, "outbox append task failed"),
+            }
+            r.set_depth();
+            r.appended.notify_one();
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+fn record(r: &Runner, ev: &Event) -> Record {
+    Record { user: ev.presence.user_id.to_string(), at: ev.at, body: r.sink.encode(ev) }
+}
+
+fn lagged(r: &Runner, n: u64) {
+    metrics::counter!("sink_events_dropped_total", "sink" => r.name.clone(), "reason" => "bus_lag").increment(n);
+    tracing::warn!(sink = %r.name, missed = n, "event sink fell behind the event bus: events lost (raise limits.event_bus_capacity)");
+}
+
+/// Outbox → sink.
+async fn send(r: Arc<Runner>, mut stop: watch::Receiver<bool>) {
+    let initial = r.backoff.initial_backoff.0;
+    let mut backoff = initial;
+    let mut retrying = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let outbox = r.outbox.clone();
+        let n = r.batch_max;
+        let batch = match tokio::task::spawn_blocking(move || outbox.peek(n)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::error!(sink = %r.name, error = %e, "cannot read the event outbox");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        let Some(last) = batch.last().map(|q| q.seq) else {
+            r.status.lock().oldest_at = None;
+            metrics::gauge!("sink_lag_seconds", "sink" => r.name.clone()).set(0.0);
+            tokio::select! {
+                _ = r.appended.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        };
+        r.status.lock().oldest_at = batch.first().map(|q| q.record.at);
+        metrics::gauge!("sink_lag_seconds", "sink" => r.name.clone()).set(r.lag());
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(r.timeout, r.sink.deliver(&batch)).await {
+            Ok(o) => o,
+            Err(_) => Err(format!("no answer within {:?}", r.timeout)),
+        };
+        match outcome {
+            Ok(()) => {
+                let outbox = r.outbox.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || outbox.ack(last)).await {
+                    tracing::error!(sink = %r.name, error = %e, "cannot remove delivered events from the outbox (they will be sent again)");
+                }
+                metrics::counter!("sink_events_sent_total", "sink" => r.name.clone()).increment(batch.len() as u64);
+                if retrying {
+                    metrics::counter!("sink_events_retried_total", "sink" => r.name.clone()).increment(batch.len() as u64);
+                }
+                {
+                    let mut st = r.status.lock();
+                    if !st.up {
+                        tracing::info!(sink = %r.name, "event sink delivering again");
+                    }
+                    (st.up, st.last_error) = (true, None);
+                }
+                r.set_depth();
+                (backoff, retrying) = (initial, false);
+                tracing::trace!(sink = %r.name, events = batch.len(), took = ?started.elapsed(), "delivered");
+            }
+            Err(e) => {
+                metrics::counter!("sink_delivery_failures_total", "sink" => r.name.clone()).increment(1);
+                {
+                    let mut st = r.status.lock();
+                    if st.up {
+                        tracing::warn!(sink = %r.name, error = %e, "event sink failing; events wait in the outbox");
+                    }
+                    (st.up, st.last_error) = (false, Some(e));
+                }
+                retrying = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(r.backoff.max_backoff.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The on-disk outbox in front of each sink: a bounded FIFO of encoded events in one redb
+//! file (`<data_dir>/sinks.redb`, a table per sink), so a sink that is down, or a
+//! presenced restart while it is, loses nothing that fits.
+//!
+//! Events are appended (committed, fsync'd, before they count as queued), read from the
+//! head in order, and removed once the sink acknowledged them: at-least-once. When an
+//! append would exceed `max_events`, the oldest are removed in the same transaction and
+//! counted as dropped: presence never waits for a sink.
+//!
+//! Blocking (redb commits): callers run these from `spawn_blocking`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+/// One queued event: its sequence number, the user it is about (the partition key) and
+/// its encoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: u64,
+    pub record: Record,
+}
+
+/// An event as the outbox keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub user: String,
+    /// Unix milliseconds of the transition (for the lag gauge).
+    pub at: i64,
+    /// The event in the sink's format.
+    pub body: Vec<u8>,
+}
+
+impl Record {
+    /// `[u16 user length][user][i64 at][body]`.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + self.user.len() + 8 + self.body.len());
+        out.extend_from_slice(&(self.user.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.user.as_bytes());
+        out.extend_from_slice(&self.at.to_le_bytes());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Record> {
+        let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
+        let user = std::str::from_utf8(b.get(2..2 + n)?).ok()?.to_string();
+        let at = i64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
+        Some(Record { user, at, body: b.get(10 + n..)?.to_vec() })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("event outbox: {0}")]
+pub struct OutboxError(String);
+
+fn err(e: impl std::fmt::Display) -> OutboxError {
+    OutboxError(e.to_string())
+}
+
+/// The database holding every sink's outbox.
+#[derive(Clone)]
+pub struct OutboxDb {
+    db: Arc<Database>,
+}
+
+impl OutboxDb {
+    pub fn open(dir: &Path) -> Result<OutboxDb, OutboxError> {
+        std::fs::create_dir_all(dir).map_err(|e| OutboxError(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("sinks.redb");
+        let db = Database::create(&path).map_err(|e| OutboxError(format!("{}: {e}", path.display())))?;
+        Ok(OutboxDb { db: Arc::new(db) })
+    }
+
+    /// The outbox of sink `name`, holding at most `max_events`.
+    pub fn outbox(&self, name: &str, max_events: u64) -> Result<Outbox, OutboxError> {
+        let table = format!("sink.{name}");
+        let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&table);
+        let tx = self.db.begin_write().map_err(err)?;
+        let (head, next, len) = {
+            let t = tx.open_table(def).map_err(err)?;
+            let head = t.first().map_err(err)?.map(|(k, _)| k.value());
+            let last = t.last().map_err(err)?.map(|(k, _)| k.value());
+            (head.unwrap_or(0), last.map_or(0, |l| l + 1), t.len().map_err(err)?)
+        };
+        tx.commit().map_err(err)?;
+        Ok(Outbox { db: self.db.clone(), table, max_events, state: Arc::new(Mutex::new(State { head, next, len })) })
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Sequence of the oldest queued event (when any).
+    head: u64,
+    /// Sequence the next appended event gets.
+    next: u64,
+    len: u64,
+}
+
+/// One sink's queue. Clones share it.
+#[derive(Clone)]
+pub struct Outbox {
+    db: Arc<Database>,
+    table: String,
+    max_events: u64,
+    state: Arc<Mutex<State>>,
+}
+
+impl Outbox {
+    fn def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
+        TableDefinition::new(&self.table)
+    }
+
+    /// Events queued.
+    pub fn len(&self) -> u64 {
+        self.state.lock().len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `records` in one durable commit; returns how many old events were dropped
+    /// to stay within `max_events`.
+    pub fn append(&self, records: &[Record]) -> Result<u64, OutboxError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.state.lock();
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_durability(Durability::Immediate).map_err(err)?;
+        let mut dropped = 0;
+        let (mut head, mut next, mut len) = (st.head, st.next, st.len);
+        {
+            let mut t = tx.open_table(self.def()).map_err(err)?;
+            for r in records {
+                t.insert(next, r.encode().as_slice()).map_err(err)?;
+                if len == 0 {
+                    head = next;
+                }
+                next += 1;
+                len += 1;
+            }
+            if len > self.max_events {
+                let excess = len - self.max_events;
+                let cut = head + excess;
+                t.retain_in(head..cut, |_, _| false).map_err(err)?;
+                head = cut;
+                len -= excess;
+                dropped = excess;
+            }
+        }
+        tx.commit().map_err(err)?;
+        (st.head, st.next, st.len) = (head, next, len);
+        Ok(dropped)
+    }
+
+    /// Up to `n` events from the head, in order (unreadable records are skipped and
+    /// removed with the next acknowledgement).
+    pub fn peek(&self, n: usize) -> Result<Vec<Queued>, OutboxError> {
+        let rtx = self.db.begin_read().map_err(err)?;
+        let t = rtx.open_table(self.def()).map_err(err)?;
+        let mut out = Vec::new();
+        for item in t.range(0u64..).map_err(err)?.take(n) {
+            let (k, v) = item.map_err(err)?;
+            match Record::decode(v.value()) {
+                Some(record) => out.push(Queued { seq: k.value(), record }),
+                None => tracing::warn!(table = %self.table, seq = k.value(), "skipping an unreadable outbox record"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every event up to and including `seq` (delivered).
+    pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+        let mut st = self.state.lock();
+        if st.len == 0 || seq < st.head {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(err)?;
+        // A lost acknowledgement only means a redelivery (at-least-once): no fsync wait.
+        tx.set_durability(Durability::None).map_err(err)?;
+        {
+            let mut t = tx.open_table(self.def()).map_err(err)?;
+            t.retain_in(..=seq, |_, _| false).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        let removed = (seq + 1 - st.head).min(st.len);
+        st.len -= removed;
+        st.head = seq + 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(user: &str, i: i64) -> Record {
+        Record { user: user.into(), at: i, body: format!("{{\"n\":{i}}}").into_bytes() }
+    }
+
+    #[test]
+    fn fifo_survives_reopening_and_drops_the_oldest_beyond_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = OutboxDb::open(dir.path()).unwrap();
+            let o = db.outbox("hook", 5).unwrap();
+            assert_eq!(o.append(&[rec("a", 1), rec("b", 2), rec("a", 3)]).unwrap(), 0);
+            let head = o.peek(2).unwrap();
+            assert_eq!(head.iter().map(|q| q.record.at).collect::<Vec<_>>(), vec![1, 2]);
+            o.ack(head[1].seq).unwrap();
+            assert_eq!(o.len(), 1);
+            // Beyond 5: the oldest go.
+            assert_eq!(o.append(&[rec("c", 4), rec("c", 5), rec("c", 6), rec("c", 7), rec("c", 8)]).unwrap(), 1);
+            assert_eq!(o.len(), 5);
+            assert_eq!(o.peek(10).unwrap().iter().map(|q| q.record.at).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
+        }
+        // Reopened (a restart): the same events, in order, and new ones after them.
+        let db = OutboxDb::open(dir.path()).unwrap();
+        let o = db.outbox("hook", 5).unwrap();
+        assert_eq!(o.len(), 5);
+        o.append(&[rec("d", 9)]).unwrap();
+        let all = o.peek(10).unwrap();
+        assert_eq!(all.iter().map(|q| q.record.at).collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
+        assert_eq!(all[0].record, rec("c", 5));
+        assert!(all.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        o.ack(all[4].seq).unwrap();
+        assert!(o.is_empty() && o.peek(1).unwrap().is_empty());
+        // Another sink's outbox in the same file is separate.
+        assert!(db.outbox("other", 5).unwrap().is_empty());
+    }
+}

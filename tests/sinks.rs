@@ -1,0 +1,278 @@
+//! Event sinks (webhook): every transition reaches a real HTTP receiver, signed with
+//! HMAC-SHA256, in order per user; a receiver that fails for a while, and a presenced
+//! restart meanwhile, lose nothing (the on-disk outbox); a full outbox drops the oldest
+//! and counts them; `/health` shows a failing sink as degraded, not down.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use common::TestServer;
+use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+const SECRET: &str = "webhook-test-secret-0123456789";
+
+/// A webhook receiver: checks every request's signature, keeps the events, and fails
+/// (503) while `failing` is set.
+#[derive(Clone, Default)]
+struct Receiver {
+    events: Arc<Mutex<Vec<Value>>>,
+    deliveries: Arc<Mutex<Vec<String>>>,
+    bad_signatures: Arc<Mutex<u32>>,
+    failing: Arc<AtomicBool>,
+}
+
+async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if r.failing.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let sig = headers.get("x-presence-signature").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let (t, v1) = sig.split_once(",v1=").map(|(t, v)| (t.trim_start_matches("t=").to_string(), v.to_string())).unwrap_or_default();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&body);
+    let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    if expected != v1 || t.parse::<i64>().map_or(true, |t| (now - t).abs() > 300) {
+        *r.bad_signatures.lock() += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    r.events.lock().extend(v["events"].as_array().unwrap().iter().cloned());
+    r.deliveries.lock().push(headers.get("x-presence-delivery").unwrap().to_str().unwrap().to_string());
+    StatusCode::NO_CONTENT
+}
+
+async fn receiver() -> (Receiver, String) {
+    let r = Receiver::default();
+    let app = axum::Router::new().route("/hook", axum::routing::post(hook)).with_state(r.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (r, url)
+}
+
+fn sink_env(url: &str, max_events: u64) -> Vec<(String, String)> {
+    vec![
+        (
+            "PRESENCE_EVENTS__SINKS".into(),
+            format!("[{{name: hook, type: webhook, url: \"{url}\", secret: \"{SECRET}\", batch_max: 25, timeout: 2s}}]"),
+        ),
+        ("PRESENCE_EVENTS__OUTBOX__MAX_EVENTS".into(), max_events.to_string()),
+        ("PRESENCE_EVENTS__OUTBOX__INITIAL_BACKOFF".into(), "50ms".into()),
+        ("PRESENCE_EVENTS__OUTBOX__MAX_BACKOFF".into(), "200ms".into()),
+        ("PRESENCE_LIMITS__WRITE_RATE_PER_SEC".into(), "1000".into()),
+        ("PRESENCE_LIMITS__WRITE_BURST".into(), "1000".into()),
+    ]
+}
+
+async fn start(env: &[(String, String)]) -> TestServer {
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    TestServer::start(&refs).await
+}
+
+/// `users` × `changes` status writes: user `u<i>`'s message counts 0, 1, 2, ...
+async fn write_changes(s: &TestServer, users: usize, changes: usize, from: usize) {
+    for c in from..from + changes {
+        for u in 0..users {
+            let user = format!("u{u}");
+            let (code, body) = s.put_status(&user, Some(&s.token(&user)), json!({"status": "busy", "message": format!("m{c}")})).await;
+            assert_eq!(code, 200, "{body}");
+        }
+    }
+}
+
+/// Every user's messages, in arrival order (redeliveries included).
+fn messages_by_user(events: &[Value]) -> HashMap<String, Vec<String>> {
+    let mut by: HashMap<String, Vec<String>> = HashMap::new();
+    for e in events.iter().filter(|e| e["type"] == "presence_updated") {
+        by.entry(e["user_id"].as_str().unwrap().to_string()).or_default().push(e["message"].as_str().unwrap_or("").to_string());
+    }
+    by
+}
+
+/// Each user saw `m0..m<n>` in order (a redelivered batch may repeat a run: at-least-once).
+fn assert_in_order_at_least_once(by: &HashMap<String, Vec<String>>, users: usize, n: usize) {
+    assert_eq!(by.len(), users, "every user's events arrived");
+    for (user, msgs) in by {
+        let mut dedup: Vec<&String> = Vec::new();
+        for m in msgs {
+            let k: usize = m[1..].parse().unwrap();
+            let last: Option<usize> = dedup.last().map(|l| l[1..].parse().unwrap());
+            match last {
+                Some(l) if k <= l => {} // a redelivery of what came already
+                _ => {
+                    assert_eq!(k, last.map_or(0, |l| l + 1), "{user}: {msgs:?}");
+                    dedup.push(m);
+                }
+            }
+        }
+        assert_eq!(dedup.len(), n, "{user}: {msgs:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_receives_every_event_signed_and_in_order() {
+    let (r, url) = receiver().await;
+    let s = start(&sink_env(&url, 100_000)).await;
+    write_changes(&s, 8, 12, 0).await;
+    // A device connects and leaves: online, then offline.
+    use presenced::grpc::pb;
+    let mut c = pb::presence_api_client::PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
+    let reg = pb::RegisterSessionRequest { user_id: "dora".into(), device_id: "phone".into(), ..Default::default() };
+    c.register_session(s.admin_request(reg)).await.unwrap();
+    c.unregister_session(s.admin_request(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "phone".into() }))
+        .await
+        .unwrap();
+    common::eventually("all delivered", Duration::from_secs(10), async || r.events.lock().len() >= 98).await;
+    let events = r.events.lock().clone();
+    assert_eq!(*r.bad_signatures.lock(), 0);
+    assert_in_order_at_least_once(&messages_by_user(&events), 8, 12);
+    let dora: Vec<&str> = events.iter().filter(|e| e["user_id"] == "dora").map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(dora, vec!["user_online", "user_offline"]);
+    // The documented schema, with the revision consumers order and deduplicate by.
+    let e = events.iter().find(|e| e["type"] == "presence_updated").unwrap();
+    for key in ["user_id", "status", "message", "previous", "at", "revision", "node_id", "before"] {
+        assert!(e.get(key).is_some(), "{key} missing: {e}");
+    }
+    assert!(r.deliveries.lock().iter().all(|d| d.starts_with("test-node:hook:")), "{:?}", r.deliveries.lock());
+    let (code, health) = s.get("/health").await;
+    assert_eq!(code, 200);
+    assert_eq!(health["data"]["status"], "ok", "{health}");
+    assert_eq!(health["data"]["sinks"][0]["name"], "hook");
+    assert_eq!(health["data"]["sinks"][0]["state"], "up");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_and_a_restart_meanwhile_lose_nothing() {
+    let (r, url) = receiver().await;
+    r.failing.store(true, Ordering::SeqCst);
+    let data = tempfile::tempdir().unwrap();
+    let mut env = sink_env(&url, 100_000);
+    env.push(("PRESENCE_SERVICE__DATA_DIR".into(), data.path().display().to_string()));
+    let s = start(&env).await;
+    write_changes(&s, 5, 6, 0).await;
+    common::eventually("the sink seen down", Duration::from_secs(5), async || {
+        s.get("/health").await.1["data"]["sinks"][0]["state"] == "down"
+    })
+    .await;
+    common::eventually("30 queued", Duration::from_secs(5), async || s.get("/health").await.1["data"]["sinks"][0]["outbox_events"] == 30)
+        .await;
+    let (code, health) = s.get("/health").await;
+    assert_eq!(code, 200, "a failing sink degrades health, it does not fail it");
+    assert_eq!(health["data"]["status"], "degraded");
+    assert!(health["data"]["sinks"][0]["last_error"].as_str().unwrap().contains("503"), "{health}");
+    // presenced stops while the receiver is still failing; it comes back on the same
+    // data dir, and more changes happen.
+    s.stop().await;
+    let s = start(&env).await;
+    write_changes(&s, 5, 4, 6).await;
+    common::eventually("the 30 kept across the restart, and 20 more", Duration::from_secs(5), async || {
+        s.get("/health").await.1["data"]["sinks"][0]["outbox_events"] == 50
+    })
+    .await;
+    r.failing.store(false, Ordering::SeqCst);
+    common::eventually("all delivered after the receiver recovered", Duration::from_secs(10), async || {
+        s.get("/health").await.1["data"]["sinks"][0]["outbox_events"] == 0
+    })
+    .await;
+    assert_in_order_at_least_once(&messages_by_user(&r.events.lock()), 5, 10);
+    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let sent = metric(&metrics, "sink_events_sent_total{sink=\"hook\"}");
+    assert!(sent >= 50.0, "{sent}");
+    assert!(metric(&metrics, "sink_events_retried_total{sink=\"hook\"}") > 0.0);
+    assert_eq!(s.get("/health").await.1["data"]["status"], "ok");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_drops_the_oldest_and_counts_them() {
+    let (r, url) = receiver().await;
+    r.failing.store(true, Ordering::SeqCst);
+    let s = start(&sink_env(&url, 5)).await;
+    write_changes(&s, 1, 20, 0).await;
+    common::eventually("20 queued, 15 dropped", Duration::from_secs(5), async || {
+        let m = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        metric(&m, "sink_events_dropped_total{sink=\"hook\",reason=\"outbox_full\"}") == 15.0
+    })
+    .await;
+    common::eventually("5 queued", Duration::from_secs(5), async || s.get("/health").await.1["data"]["sinks"][0]["outbox_events"] == 5)
+        .await;
+    r.failing.store(false, Ordering::SeqCst);
+    common::eventually("the newest 5 delivered", Duration::from_secs(10), async || r.events.lock().len() >= 5).await;
+    let msgs: Vec<String> = messages_by_user(&r.events.lock()).remove("u0").unwrap();
+    assert_eq!(msgs, vec!["m15", "m16", "m17", "m18", "m19"]);
+    s.stop().await;
+}
+
+/// The value of one series in Prometheus text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn sink_configuration_is_validated() {
+    for (sinks, key) in [
+        ("[{name: hook, type: webhook, url: \"ftp://x\", secret: \"0123456789abcdef\"}]", "events.sinks[0].url"),
+        ("[{name: hook, type: webhook, url: \"http://x\", secret: \"short\"}]", "events.sinks[0].secret"),
+        ("[{name: \"Bad Name\", type: webhook, url: \"http://x\", secret: \"0123456789abcdef\"}]", "events.sinks[0].name"),
+        (
+            "[{name: a, type: webhook, url: \"http://x\", secret: \"0123456789abcdef\"}, {name: a, type: webhook, url: \"http://y\", secret: \"0123456789abcdef\"}]",
+            "events.sinks[1].name",
+        ),
+        ("[{name: a, type: webhook, url: \"http://x\", secret: \"0123456789abcdef\", colour: red}]", "colour"),
+    ] {
+        let e = presenced::config::Config::load(None, [("PRESENCE_EVENTS__SINKS", sinks)]).unwrap_err().to_string();
+        assert!(e.contains(key), "{sinks}: {e}");
+    }
+    let ok = presenced::config::Config::load(
+        None,
+        [("PRESENCE_EVENTS__SINKS", "[{name: hook, type: webhook, url: \"https://example.com/h\", secret: \"0123456789abcdef\"}]")],
+    )
+    .unwrap();
+    assert!(!format!("{ok:?}").contains("0123456789abcdef"), "the secret never reaches a log");
+    assert!(!serde_yaml::to_string(&ok.redacted()).unwrap().contains("0123456789abcdef"));
+}
+
+// Cluster mode: each node delivers the transitions it made, not those it relays for its
+// watchers, so a change reaches the sink once even when every node follows the user.
+on_engines!(each_node_delivers_its_own_transitions_once: nats);
+async fn each_node_delivers_its_own_transitions_once(e: common::engine::Engine) {
+    let (r, url) = receiver().await;
+    let env = sink_env(&url, 100_000);
+    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let a_data = a_dir.path().display().to_string();
+    let b_data = b_dir.path().display().to_string();
+    let a = e.node_with("node-a", &[extra.clone(), vec![("PRESENCE_SERVICE__DATA_DIR", a_data.as_str())]].concat()).await;
+    let b = e.node_with("node-b", &[extra, vec![("PRESENCE_SERVICE__DATA_DIR", b_data.as_str())]].concat()).await;
+    // B follows u0 (a WebSocket watcher there), so B relays u0's events from A.
+    let mut watcher = b.watch("w", &["u0"]).await;
+    watcher.next("u0").await;
+    write_changes(&a, 1, 5, 0).await;
+    for _ in 0..5 {
+        watcher.next("u0").await;
+    }
+    common::eventually("A's 5 delivered", Duration::from_secs(10), async || r.events.lock().len() >= 5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let msgs = messages_by_user(&r.events.lock()).remove("u0").unwrap();
+    assert_eq!(msgs, vec!["m0", "m1", "m2", "m3", "m4"], "each once: B did not deliver what it relayed");
+    let events = r.events.lock().clone();
+    assert!(events.iter().filter(|e| e["user_id"] == "u0").all(|e| e["node_id"] == "node-a"));
+    // The watcher's own connection is B's transition, delivered by B.
+    assert!(events.iter().any(|e| e["user_id"] == "w" && e["type"] == "user_online" && e["node_id"] == "node-b"));
+    assert!(r.deliveries.lock().iter().any(|d| d.starts_with("node-b:hook:")));
+    a.stop().await;
+    b.stop().await;
+}
