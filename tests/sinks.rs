@@ -276,3 +276,124 @@ async fn each_node_delivers_its_own_transitions_once(e: common::engine::Engine) 
     a.stop().await;
     b.stop().await;
 }
+
+/// A consumer of the `presence` exchange: a durable queue bound to `presence.#`, whose
+/// deliveries (routing key, event) it keeps. Reconnects when the broker comes back.
+struct AmqpConsumer {
+    got: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl AmqpConsumer {
+    async fn start(url: String) -> AmqpConsumer {
+        let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let bound = Arc::new(tokio::sync::Notify::new());
+        let (g, b) = (got.clone(), bound.clone());
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            use lapin::options::*;
+            use lapin::types::FieldTable;
+            loop {
+                let Ok(conn) = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let Ok(ch) = conn.create_channel().await else { continue };
+                let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+                ch.exchange_declare("presence".into(), lapin::ExchangeKind::Topic, durable, FieldTable::default()).await.unwrap();
+                let q = QueueDeclareOptions { durable: true, ..Default::default() };
+                ch.queue_declare("test-events".into(), q, FieldTable::default()).await.unwrap();
+                ch.queue_bind(
+                    "test-events".into(),
+                    "presence".into(),
+                    "presence.#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+                let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+                let mut consumer = ch.basic_consume("test-events".into(), "test".into(), no_ack, FieldTable::default()).await.unwrap();
+                b.notify_one();
+                while let Some(Ok(d)) = consumer.next().await {
+                    let v: Value = serde_json::from_slice(&d.data).unwrap();
+                    g.lock().push((d.routing_key.to_string(), v));
+                }
+                // The broker went away: connect again.
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), bound.notified()).await.expect("consumer bound");
+        AmqpConsumer { got }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.got.lock().iter().map(|(_, v)| v.clone()).collect()
+    }
+}
+
+fn amqp_env(url: &str, data: &str) -> Vec<(String, String)> {
+    vec![
+        ("PRESENCE_EVENTS__SINKS".into(), format!("[{{name: rabbit, type: amqp, url: \"{url}\", batch_max: 20, timeout: 3s}}]")),
+        ("PRESENCE_EVENTS__OUTBOX__INITIAL_BACKOFF".into(), "100ms".into()),
+        ("PRESENCE_EVENTS__OUTBOX__MAX_BACKOFF".into(), "500ms".into()),
+        ("PRESENCE_LIMITS__WRITE_RATE_PER_SEC".into(), "1000".into()),
+        ("PRESENCE_LIMITS__WRITE_BURST".into(), "1000".into()),
+        ("PRESENCE_SERVICE__DATA_DIR".into(), data.into()),
+    ]
+}
+
+/// RabbitMQ (seed 002's other broker): every event on the durable topic exchange
+/// `presence` with routing key `presence.<type>.<user>`, confirmed; the broker killed
+/// while changes happen and presenced restarted meanwhile, then the broker back: nothing
+/// lost, each user's events in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_sink_publishes_confirmed_and_survives_a_broker_outage_and_a_restart() {
+    let mut rabbit = tokio::task::spawn_blocking(common::rabbit::RabbitServer::start).await.unwrap();
+    let consumer = AmqpConsumer::start(rabbit.url()).await;
+    let data = tempfile::tempdir().unwrap();
+    let env = amqp_env(&rabbit.url(), &data.path().display().to_string());
+    let s = start(&env).await;
+    write_changes(&s, 3, 4, 0).await;
+    common::eventually("12 events consumed", Duration::from_secs(15), async || consumer.events().len() >= 12).await;
+    {
+        let got = consumer.got.lock();
+        let (key, v) = &got[0];
+        assert_eq!(key, &format!("presence.presence_updated.{}", v["user_id"].as_str().unwrap()));
+        assert!(got.iter().all(|(k, v)| *k == format!("presence.{}.{}", v["type"].as_str().unwrap(), v["user_id"].as_str().unwrap())));
+    }
+    assert_eq!(s.get("/health").await.1["data"]["sinks"][0]["type"], "amqp");
+
+    // The broker dies; changes go on; presenced restarts meanwhile; more changes.
+    rabbit.stop();
+    write_changes(&s, 3, 3, 4).await;
+    common::eventually("the sink seen down", Duration::from_secs(10), async || {
+        s.get("/health").await.1["data"]["sinks"][0]["state"] == "down"
+    })
+    .await;
+    s.stop().await;
+    let s = start(&env).await;
+    write_changes(&s, 3, 3, 7).await;
+    common::eventually("18 waiting in the outbox", Duration::from_secs(5), async || {
+        s.get("/health").await.1["data"]["sinks"][0]["outbox_events"] == 18
+    })
+    .await;
+    let mut rabbit = tokio::task::spawn_blocking(move || {
+        rabbit.restart();
+        rabbit
+    })
+    .await
+    .unwrap();
+    common::eventually("all 30 consumed after the broker came back", Duration::from_secs(30), async || {
+        all_arrived(&consumer.events(), 3, 10)
+    })
+    .await;
+    assert_in_order_at_least_once(&messages_by_user(&consumer.events()), 3, 10);
+    assert_eq!(s.get("/health").await.1["data"]["sinks"][0]["state"], "up");
+    s.stop().await;
+    rabbit.stop();
+}
+
+/// Whether every user's events m0..m<n> have arrived (in any state of duplication).
+fn all_arrived(events: &[Value], users: usize, n: usize) -> bool {
+    let by = messages_by_user(events);
+    by.len() == users && by.values().all(|m| (0..n).all(|k| m.contains(&format!("m{k}"))))
+}

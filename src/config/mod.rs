@@ -495,13 +495,17 @@ pub struct SinkConfig {
     pub batch_max: usize,
     /// One delivery attempt's timeout.
     pub timeout: Dur,
-    /// webhook: the URL to POST to (`http://` or `https://`).
+    /// webhook: the URL to POST to (`http://` or `https://`); amqp: the broker
+    /// (`amqp://user:password@host:5672/%2f`, `amqps://` for TLS).
     #[serde(deserialize_with = "de_string")]
     pub url: String,
     /// webhook: the HMAC-SHA256 key of the `X-Presence-Signature` header (e.g.
     /// `secret: ${WEBHOOK_SECRET}`); required.
     #[serde(deserialize_with = "de_string")]
     pub secret: String,
+    /// amqp: the durable topic exchange events are published to.
+    #[serde(deserialize_with = "de_string")]
+    pub exchange: String,
 }
 
 impl Default for SinkConfig {
@@ -513,7 +517,19 @@ impl Default for SinkConfig {
             timeout: Dur::secs(5),
             url: String::new(),
             secret: String::new(),
+            exchange: "presence".into(),
         }
+    }
+}
+
+/// A URL with its password (if any) replaced, safe to log.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].find(':') {
+            Some(colon) => format!("{}<redacted>{}", &url[..scheme + 3 + colon + 1], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
     }
 }
 
@@ -524,8 +540,9 @@ impl fmt::Debug for SinkConfig {
             .field("kind", &self.kind)
             .field("batch_max", &self.batch_max)
             .field("timeout", &self.timeout)
-            .field("url", &self.url)
+            .field("url", &redact_url(&self.url))
             .field("secret", &if self.secret.is_empty() { "" } else { "<redacted>" })
+            .field("exchange", &self.exchange)
             .finish()
     }
 }
@@ -771,8 +788,16 @@ impl Config {
                         return bad(key("secret"), "required for a webhook: at least 16 bytes (the HMAC-SHA256 key)");
                     }
                 }
-                SinkType::Kafka | SinkType::Amqp => {
-                    return bad(key("type"), "kafka and amqp sinks are not available in this build yet; use webhook");
+                SinkType::Amqp => {
+                    if !(s.url.starts_with("amqp://") || s.url.starts_with("amqps://")) {
+                        return bad(key("url"), "required for an amqp sink: an amqp:// or amqps:// URL");
+                    }
+                    if s.exchange.is_empty() {
+                        return bad(key("exchange"), "must not be empty");
+                    }
+                }
+                SinkType::Kafka => {
+                    return bad(key("type"), "kafka sinks are not available in this build yet; use webhook or amqp");
                 }
             }
         }

@@ -18,8 +18,10 @@
 //! outbox survives restarts.
 //!
 //! The seam is [`EventSink`]: a format (`encode`) and a delivery (`deliver`).
-//! [`webhook`] is the one in this build.
+//! [`webhook`] (signed HTTP POSTs) and [`amqp`] (RabbitMQ, publisher confirms) are the
+//! ones in this build.
 
+pub mod amqp;
 pub mod outbox;
 pub mod webhook;
 
@@ -194,7 +196,8 @@ impl Sinks {
 fn build(s: &SinkConfig, node_id: &str) -> Result<Box<dyn EventSink>, String> {
     match s.kind {
         SinkType::Webhook => Ok(Box::new(webhook::Webhook::new(s, node_id)?)),
-        SinkType::Kafka | SinkType::Amqp => Err(format!("sink {}: {:?} sinks are not available in this build", s.name, s.kind)),
+        SinkType::Amqp => Ok(Box::new(amqp::Amqp::new(s))),
+        SinkType::Kafka => Err(format!("sink {}: kafka sinks are not available in this build", s.name)),
     }
 }
 
@@ -249,7 +252,7 @@ async fn dispatch(r: Arc<Runner>, mut rx: broadcast::Receiver<Arc<Event>>, mut s
 }
 
 fn record(r: &Runner, ev: &Event) -> Record {
-    Record { user: ev.presence.user_id.to_string(), at: ev.at, body: r.sink.encode(ev) }
+    Record { user: ev.presence.user_id.to_string(), kind: ev.kind.as_str().to_string(), at: ev.at, body: r.sink.encode(ev) }
 }
 
 fn lagged(r: &Runner, n: u64) {

@@ -27,6 +27,8 @@ pub struct Queued {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub user: String,
+    /// The event type (`user_online`, ...), for sinks that route by it.
+    pub kind: String,
     /// Unix milliseconds of the transition (for the lag gauge).
     pub at: i64,
     /// The event in the sink's format.
@@ -34,11 +36,13 @@ pub struct Record {
 }
 
 impl Record {
-    /// `[u16 user length][user][i64 at][body]`.
+    /// `[u16 user length][user][u8 kind length][kind][i64 at][body]`.
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + self.user.len() + 8 + self.body.len());
+        let mut out = Vec::with_capacity(3 + self.user.len() + self.kind.len() + 8 + self.body.len());
         out.extend_from_slice(&(self.user.len() as u16).to_le_bytes());
         out.extend_from_slice(self.user.as_bytes());
+        out.push(self.kind.len() as u8);
+        out.extend_from_slice(self.kind.as_bytes());
         out.extend_from_slice(&self.at.to_le_bytes());
         out.extend_from_slice(&self.body);
         out
@@ -47,8 +51,11 @@ impl Record {
     fn decode(b: &[u8]) -> Option<Record> {
         let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
         let user = std::str::from_utf8(b.get(2..2 + n)?).ok()?.to_string();
-        let at = i64::from_le_bytes(b.get(2 + n..10 + n)?.try_into().ok()?);
-        Some(Record { user, at, body: b.get(10 + n..)?.to_vec() })
+        let k = *b.get(2 + n)? as usize;
+        let kind = std::str::from_utf8(b.get(3 + n..3 + n + k)?).ok()?.to_string();
+        let rest = 3 + n + k;
+        let at = i64::from_le_bytes(b.get(rest..rest + 8)?.try_into().ok()?);
+        Some(Record { user, kind, at, body: b.get(rest + 8..)?.to_vec() })
     }
 }
 
@@ -83,7 +90,11 @@ impl OutboxDb {
             let t = tx.open_table(def).map_err(err)?;
             let head = t.first().map_err(err)?.map(|(k, _)| k.value());
             let last = t.last().map_err(err)?.map(|(k, _)| k.value());
-            (head.unwrap_or(0), last.map_or(0, |l| l + 1), t.len().map_err(err)?)
+            // Sequence numbers never repeat, even after the outbox emptied and the process
+            // restarted (they name deliveries): an empty outbox starts at the clock (µs).
+            let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+            let next = last.map_or(now_us, |l| (l + 1).max(now_us));
+            (head.unwrap_or(next), next, t.len().map_err(err)?)
         };
         tx.commit().map_err(err)?;
         Ok(Outbox { db: self.db.clone(), table, max_events, state: Arc::new(Mutex::new(State { head, next, len })) })
@@ -143,13 +154,16 @@ impl Outbox {
                 next += 1;
                 len += 1;
             }
-            if len > self.max_events {
-                let excess = len - self.max_events;
-                let cut = head + excess;
-                t.retain_in(head..cut, |_, _| false).map_err(err)?;
-                head = cut;
-                len -= excess;
-                dropped = excess;
+            // Sequence numbers may jump (a restart), so the oldest are taken one by one.
+            while len > self.max_events {
+                if t.pop_first().map_err(err)?.is_none() {
+                    break;
+                }
+                len -= 1;
+                dropped += 1;
+            }
+            if dropped > 0 {
+                head = t.first().map_err(err)?.map_or(next, |(k, _)| k.value());
             }
         }
         tx.commit().map_err(err)?;
@@ -182,14 +196,20 @@ impl Outbox {
         let mut tx = self.db.begin_write().map_err(err)?;
         // A lost acknowledgement only means a redelivery (at-least-once): no fsync wait.
         tx.set_durability(Durability::None).map_err(err)?;
-        {
+        let mut removed = 0u64;
+        let head = {
             let mut t = tx.open_table(self.def()).map_err(err)?;
-            t.retain_in(..=seq, |_, _| false).map_err(err)?;
-        }
+            t.retain_in(..=seq, |_, _| {
+                removed += 1;
+                false
+            })
+            .map_err(err)?;
+            let first = t.first().map_err(err)?.map(|(k, _)| k.value());
+            first
+        };
         tx.commit().map_err(err)?;
-        let removed = (seq + 1 - st.head).min(st.len);
-        st.len -= removed;
-        st.head = seq + 1;
+        st.len = st.len.saturating_sub(removed);
+        st.head = head.unwrap_or(st.next);
         Ok(())
     }
 }
@@ -199,7 +219,7 @@ mod tests {
     use super::*;
 
     fn rec(user: &str, i: i64) -> Record {
-        Record { user: user.into(), at: i, body: format!("{{\"n\":{i}}}").into_bytes() }
+        Record { user: user.into(), kind: "presence_updated".into(), at: i, body: format!("{{\"n\":{i}}}").into_bytes() }
     }
 
     #[test]
@@ -226,7 +246,13 @@ mod tests {
         let all = o.peek(10).unwrap();
         assert_eq!(all.iter().map(|q| q.record.at).collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
         assert_eq!(all[0].record, rec("c", 5));
-        assert!(all.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        assert_eq!(o.len(), 5);
+        // Strictly increasing; after a restart they jump ahead (never reused).
+        assert!(all.windows(2).all(|w| w[1].seq > w[0].seq));
+        // Beyond the bound across that jump: still the oldest that go.
+        assert_eq!(o.append(&[rec("d", 10)]).unwrap(), 1);
+        let all = o.peek(10).unwrap();
+        assert_eq!(all.iter().map(|q| q.record.at).collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
         o.ack(all[4].seq).unwrap();
         assert!(o.is_empty() && o.peek(1).unwrap().is_empty());
         // Another sink's outbox in the same file is separate.

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 pub mod engine;
 pub mod nats;
 pub mod proxy;
+pub mod rabbit;
 pub mod redis;
 pub mod wsclient;
 
