@@ -429,7 +429,11 @@ impl Config {
     /// A copy safe to print: secrets replaced by `<redacted>`.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
-        let sinks = c.events.sinks.iter_mut().map(|s| &mut s.secret);
+        let mut sinks: Vec<&mut String> = Vec::new();
+        for s in c.events.sinks.iter_mut() {
+            sinks.push(&mut s.secret);
+            sinks.extend(s.properties.iter_mut().filter(|(k, _)| secret_property(k)).map(|(_, v)| v));
+        }
         for s in [&mut c.auth.jwt_secret, &mut c.nats.password, &mut c.nats.token, &mut c.nats.nkey_seed, &mut c.redis.password]
             .into_iter()
             .chain(sinks)
@@ -506,6 +510,34 @@ pub struct SinkConfig {
     /// amqp: the durable topic exchange events are published to.
     #[serde(deserialize_with = "de_string")]
     pub exchange: String,
+    /// kafka: `host:port,host:port` (librdkafka's `bootstrap.servers`).
+    #[serde(deserialize_with = "de_string")]
+    pub brokers: String,
+    /// kafka: the topic (records keyed by user id).
+    #[serde(deserialize_with = "de_string")]
+    pub topic: String,
+    /// kafka: `json` (the documented event schema) or `protobuf` (`PresenceEvent`).
+    pub format: SinkFormat,
+    /// kafka: `none`, `gzip`, `snappy` or `lz4`.
+    #[serde(deserialize_with = "de_string")]
+    pub compression: String,
+    /// kafka: more librdkafka settings, passed through (e.g. `security.protocol`,
+    /// `sasl.mechanism`, `sasl.username`, `sasl.password: ${KAFKA_PASSWORD}`).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// The encoding of a sink's records.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkFormat {
+    #[default]
+    Json,
+    Protobuf,
+}
+
+/// Whether a passed-through setting holds a secret (never printed).
+pub fn secret_property(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.ends_with(".key") || key.contains("token")
 }
 
 impl Default for SinkConfig {
@@ -518,6 +550,11 @@ impl Default for SinkConfig {
             url: String::new(),
             secret: String::new(),
             exchange: "presence".into(),
+            brokers: String::new(),
+            topic: "presence.events".into(),
+            format: SinkFormat::Json,
+            compression: "lz4".into(),
+            properties: Default::default(),
         }
     }
 }
@@ -543,6 +580,14 @@ impl fmt::Debug for SinkConfig {
             .field("url", &redact_url(&self.url))
             .field("secret", &if self.secret.is_empty() { "" } else { "<redacted>" })
             .field("exchange", &self.exchange)
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("format", &self.format)
+            .field("compression", &self.compression)
+            .field(
+                "properties",
+                &self.properties.iter().map(|(k, v)| (k, if secret_property(k) { "<redacted>" } else { v.as_str() })).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -779,6 +824,9 @@ impl Config {
             if s.timeout.0.is_zero() {
                 return bad(key("timeout"), "must be above 0");
             }
+            if s.format == SinkFormat::Protobuf && s.kind != SinkType::Kafka {
+                return bad(key("format"), "protobuf is for kafka sinks; webhook and amqp send JSON");
+            }
             match s.kind {
                 SinkType::Webhook => {
                     if !(s.url.starts_with("http://") || s.url.starts_with("https://")) {
@@ -797,7 +845,21 @@ impl Config {
                     }
                 }
                 SinkType::Kafka => {
-                    return bad(key("type"), "kafka sinks are not available in this build yet; use webhook or amqp");
+                    if !cfg!(feature = "kafka") {
+                        return bad(key("type"), "this presenced was built without the kafka feature (cargo build --features kafka)");
+                    }
+                    if s.brokers.trim().is_empty() {
+                        return bad(key("brokers"), "required for a kafka sink: host:port[,host:port...]");
+                    }
+                    let topic_ok = !s.topic.is_empty()
+                        && s.topic.len() <= 249
+                        && s.topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                    if !topic_ok {
+                        return bad(key("topic"), "1 to 249 of a-z, A-Z, 0-9, '.', '_' and '-'");
+                    }
+                    if !["none", "gzip", "snappy", "lz4"].contains(&s.compression.as_str()) {
+                        return bad(key("compression"), "one of none, gzip, snappy, lz4");
+                    }
                 }
             }
         }

@@ -43,6 +43,12 @@ fn status_pb(s: Status) -> pb::Status {
     }
 }
 
+/// A transition as the protobuf `PresenceEvent` (full visibility: for backends, as the
+/// event sinks' `format: protobuf`).
+pub fn event_pb(ev: &crate::core::Event) -> pb::PresenceEvent {
+    pb::PresenceEvent { kind: kind_pb(ev.kind) as i32, presence: Some(presence_pb(&ev.presence)), at: Some(ts(ev.at)), snapshot: false }
+}
+
 fn kind_pb(k: EventKind) -> pb::presence_event::Kind {
     match k {
         EventKind::UserOnline => pb::presence_event::Kind::UserOnline,

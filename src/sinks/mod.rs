@@ -18,10 +18,12 @@
 //! outbox survives restarts.
 //!
 //! The seam is [`EventSink`]: a format (`encode`) and a delivery (`deliver`).
-//! [`webhook`] (signed HTTP POSTs) and [`amqp`] (RabbitMQ, publisher confirms) are the
-//! ones in this build.
+//! [`webhook`] (signed HTTP POSTs), [`amqp`] (RabbitMQ, publisher confirms) and `kafka`
+//! (an idempotent producer; cargo feature `kafka`, on by default).
 
 pub mod amqp;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod outbox;
 pub mod webhook;
 
@@ -197,7 +199,10 @@ fn build(s: &SinkConfig, node_id: &str) -> Result<Box<dyn EventSink>, String> {
     match s.kind {
         SinkType::Webhook => Ok(Box::new(webhook::Webhook::new(s, node_id)?)),
         SinkType::Amqp => Ok(Box::new(amqp::Amqp::new(s))),
-        SinkType::Kafka => Err(format!("sink {}: kafka sinks are not available in this build", s.name)),
+        #[cfg(feature = "kafka")]
+        SinkType::Kafka => Ok(Box::new(kafka::Kafka::new(s)?)),
+        #[cfg(not(feature = "kafka"))]
+        SinkType::Kafka => Err(format!("sink {}: this presenced was built without the kafka feature", s.name)),
     }
 }
 
