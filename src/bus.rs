@@ -194,12 +194,20 @@ impl Drop for InterestGuard {
     }
 }
 
+/// One event sink's queue of this node's transitions.
+#[derive(Debug)]
+struct Tap {
+    name: String,
+    tx: mpsc::Sender<Arc<Event>>,
+}
+
 #[derive(Clone, Debug)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Event>>,
-    /// The same events minus those relayed from other nodes: what this node's event
-    /// sinks deliver (each node delivers its own transitions, so none is sent twice).
-    origin: broadcast::Sender<Arc<Event>>,
+    /// Taps on the transitions made on this node (not those relayed from other nodes):
+    /// one per event sink (each node delivers its own transitions, so none is sent
+    /// twice). A bounded queue each, filled without waiting: a full one drops and counts.
+    taps: Arc<parking_lot::RwLock<Vec<Tap>>>,
     typing: broadcast::Sender<Typing>,
     directory: broadcast::Sender<DirectoryChanged>,
     interest: Interest,
@@ -208,17 +216,20 @@ pub struct EventBus {
 impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
-        let (origin, _) = broadcast::channel(capacity.max(1));
         let (typing, _) = broadcast::channel(capacity.max(1));
         let (directory, _) = broadcast::channel(capacity.clamp(1, 4096));
-        EventBus { tx, origin, typing, directory, interest: Interest::default() }
+        EventBus { tx, taps: Arc::default(), typing, directory, interest: Interest::default() }
     }
 
     /// Publishes a transition made on this node; with no subscriber it is simply dropped.
     pub fn publish(&self, event: Event) {
         metrics::counter!("presence_events_total", "kind" => event.kind.as_str()).increment(1);
         let event = Arc::new(event);
-        let _ = self.origin.send(event.clone());
+        for t in self.taps.read().iter() {
+            if t.tx.try_send(event.clone()).is_err() {
+                metrics::counter!("sink_events_dropped_total", "sink" => t.name.clone(), "reason" => "buffer_full").increment(1);
+            }
+        }
         let _ = self.tx.send(event);
     }
 
@@ -228,9 +239,12 @@ impl EventBus {
         let _ = self.tx.send(Arc::new(event));
     }
 
-    /// The transitions made on this node (not those relayed from others).
-    pub fn subscribe_origin(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.origin.subscribe()
+    /// The transitions made on this node from now on (not those relayed from others),
+    /// for event sink `name`; at most `capacity` waiting (beyond: dropped, counted).
+    pub fn tap_origin(&self, name: &str, capacity: usize) -> mpsc::Receiver<Arc<Event>> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.taps.write().push(Tap { name: name.to_string(), tx });
+        rx
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {

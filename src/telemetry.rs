@@ -111,7 +111,7 @@ pub const METRICS: &[Metric] = &[
     m!("sink_events_sent_total", Counter, Sinks, "Events an event sink delivered (acknowledged), by sink.", PER_SINK),
     m!("sink_delivery_failures_total", Counter, Sinks, "Failed delivery attempts (each retried with backoff), by sink.", PER_SINK),
     m!("sink_events_retried_total", Counter, Sinks, "Events delivered by a retry after a failed attempt, by sink.", PER_SINK),
-    m!("sink_events_dropped_total", Counter, Sinks, "Events a sink lost: its outbox was full (oldest dropped) or it fell behind the bus, by sink and reason.", PER_SINK),
+    m!("sink_events_dropped_total", Counter, Sinks, "Events a sink lost: its outbox was full (oldest dropped) or a burst overflowed events.outbox.buffer, by sink and reason.", PER_SINK),
     m!("sink_outbox_events", Gauge, Sinks, "Events waiting in a sink's on-disk outbox.", PER_SINK),
     m!("sink_lag_seconds", Gauge, Sinks, "Age of the oldest event a sink has not delivered yet (0 when none).", PER_SINK),
     m!("presence_instance_leases", Gauge, All, "Gateway instance leases live on this node."),

@@ -465,11 +465,14 @@ pub struct OutboxConfig {
     /// First wait before retrying a failed delivery; doubled up to `max_backoff`.
     pub initial_backoff: Dur,
     pub max_backoff: Dur,
+    /// Transitions waiting, in memory, to be written to each sink's outbox (a burst, e.g.
+    /// a gateway re-registering its sessions); beyond it they are dropped and counted.
+    pub buffer: usize,
 }
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig { max_events: 1_000_000, initial_backoff: Dur::millis(200), max_backoff: Dur::secs(30) }
+        OutboxConfig { max_events: 1_000_000, initial_backoff: Dur::millis(200), max_backoff: Dur::secs(30), buffer: 262_144 }
     }
 }
 
@@ -800,6 +803,9 @@ impl Config {
     fn validate_sinks(&self) -> Result<(), ConfigError> {
         let bad = |key: String, why: &str| Err(ConfigError::Rule { key, reason: why.to_string() });
         let e = &self.events;
+        if e.outbox.buffer == 0 {
+            return bad("events.outbox.buffer".into(), "must be at least 1");
+        }
         if e.outbox.max_events == 0 {
             return bad("events.outbox.max_events".into(), "must be at least 1");
         }

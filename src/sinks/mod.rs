@@ -3,10 +3,11 @@
 //! in order, through an on-disk outbox. Configured under `events.sinks`; several at once.
 //!
 //! Per sink, two tasks:
-//! - the *dispatcher* reads this node's own transitions from the bus
-//!   ([`EventBus::subscribe_origin`]: in cluster mode each node delivers its own, so none
-//!   is sent twice), encodes them in the sink's format and appends them to the sink's
-//!   [`outbox::Outbox`] (one durable commit per burst). Presence never waits for it.
+//! - the *dispatcher* takes this node's own transitions from its tap on the bus
+//!   ([`EventBus::tap_origin`]: in cluster mode each node delivers its own, so none is
+//!   sent twice; a burst beyond `events.outbox.buffer` waiting is dropped and counted),
+//!   encodes them in the sink's format and hands them to a writer that appends them to
+//!   the sink's [`outbox::Outbox`] (one durable commit per burst). Presence never waits.
 //! - the *sender* takes batches from the outbox head, delivers them
 //!   ([`EventSink::deliver`]) and removes them once acknowledged; a failure leaves them
 //!   there and is retried with exponential backoff (`events.outbox.*`). Order is the
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::bus::EventBus;
@@ -42,7 +43,7 @@ use crate::core::Event;
 use crate::store::Clock;
 use outbox::{Outbox, OutboxDb, Queued, Record};
 
-/// Events appended to the outbox in one commit at most.
+/// Events taken off the bus in one go before the writer is woken.
 const APPEND_MAX: usize = 4096;
 
 /// Where events go.
@@ -141,7 +142,7 @@ impl Sinks {
                 ("sink_delivery_failures_total", None),
                 ("sink_events_retried_total", None),
                 ("sink_events_dropped_total", Some("outbox_full")),
-                ("sink_events_dropped_total", Some("bus_lag")),
+                ("sink_events_dropped_total", Some("buffer_full")),
             ] {
                 match labels {
                     None => metrics::counter!(name, "sink" => s.name.clone()).increment(0),
@@ -151,7 +152,7 @@ impl Sinks {
             runner.set_depth();
             metrics::gauge!("sink_lag_seconds", "sink" => s.name.clone()).set(0.0);
             tracing::info!(sink = %s.name, kind = runner.sink.kind(), queued = runner.outbox.len(), "event sink started");
-            tasks.push(tokio::spawn(dispatch(runner.clone(), bus.subscribe_origin(), stop.subscribe())));
+            tasks.push(tokio::spawn(dispatch(runner.clone(), bus.tap_origin(&s.name, cfg.outbox.buffer), stop.subscribe())));
             tasks.push(tokio::spawn(send(runner.clone(), stop.subscribe())));
             runners.push(runner);
         }
@@ -206,31 +207,62 @@ fn build(s: &SinkConfig, node_id: &str) -> Result<Box<dyn EventSink>, String> {
     }
 }
 
-/// Bus → outbox.
-async fn dispatch(r: Arc<Runner>, mut rx: broadcast::Receiver<Arc<Event>>, mut stop: watch::Receiver<bool>) {
-    let mut batch: Vec<Record> = Vec::new();
+/// Bus → outbox, in two steps so the bus is never held up by the disk: this task only
+/// takes events off the bus and encodes them into a pending list; [`write`] commits that
+/// list to the outbox in bursts (one fsync for everything that piled up meanwhile).
+async fn dispatch(r: Arc<Runner>, mut rx: mpsc::Receiver<Arc<Event>>, mut stop: watch::Receiver<bool>) {
+    let pending: Arc<Mutex<Vec<Record>>> = Arc::default();
+    let more = Arc::new(Notify::new());
+    let (done_tx, done_rx) = watch::channel(false);
+    let writer = tokio::spawn(write(r.clone(), pending.clone(), more.clone(), done_rx));
+    let push = |rec: Record| {
+        let mut p = pending.lock();
+        p.push(rec);
+        // Beyond what the outbox may hold, the oldest would be dropped there anyway.
+        let cap = r.outbox.max_events() as usize;
+        if p.len() > cap {
+            let excess = p.len() - cap;
+            p.drain(..excess);
+            metrics::counter!("sink_events_dropped_total", "sink" => r.name.clone(), "reason" => "outbox_full").increment(excess as u64);
+        }
+    };
     loop {
-        let stopping = tokio::select! {
-            ev = rx.recv() => {
-                match ev {
-                    Ok(ev) => batch.push(record(&r, &ev)),
-                    Err(broadcast::error::RecvError::Lagged(n)) => lagged(&r, n),
-                    Err(broadcast::error::RecvError::Closed) => return,
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => {
+                    push(record(&r, &ev));
+                    // What else is already waiting, without yielding in between.
+                    for _ in 0..APPEND_MAX {
+                        match rx.try_recv() {
+                            Ok(ev) => push(record(&r, &ev)),
+                            Err(_) => break,
+                        }
+                    }
+                    more.notify_one();
                 }
-                false
-            }
-            _ = stop.wait_for(|s| *s) => true,
-        };
-        // Everything already waiting goes in the same commit.
-        while batch.len() < APPEND_MAX {
-            match rx.try_recv() {
-                Ok(ev) => batch.push(record(&r, &ev)),
-                Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(&r, n),
-                Err(_) => break,
+                None => break,
+            },
+            _ = stop.wait_for(|s| *s) => {
+                // Whatever is still on the bus goes in too.
+                while let Ok(ev) = rx.try_recv() {
+                    push(record(&r, &ev));
+                }
+                break;
             }
         }
-        if !batch.is_empty() {
-            let (outbox, records) = (r.outbox.clone(), std::mem::take(&mut batch));
+    }
+    let _ = done_tx.send(true);
+    more.notify_one();
+    let _ = writer.await;
+}
+
+/// Pending list → outbox, until `done` (then one last commit of what is left).
+async fn write(r: Arc<Runner>, pending: Arc<Mutex<Vec<Record>>>, more: Arc<Notify>, mut done: watch::Receiver<bool>) {
+    loop {
+        let finishing = *done.borrow();
+        let records = std::mem::take(&mut *pending.lock());
+        if !records.is_empty() {
+            let outbox = r.outbox.clone();
             let oldest = records.first().map(|x| x.at);
             match tokio::task::spawn_blocking(move || outbox.append(&records)).await {
                 Ok(Ok(dropped)) => {
@@ -249,20 +281,20 @@ async fn dispatch(r: Arc<Runner>, mut rx: broadcast::Receiver<Arc<Event>>, mut s
             }
             r.set_depth();
             r.appended.notify_one();
+            continue;
         }
-        if stopping {
+        if finishing {
             return;
+        }
+        tokio::select! {
+            _ = more.notified() => {}
+            _ = done.changed() => {}
         }
     }
 }
 
 fn record(r: &Runner, ev: &Event) -> Record {
     Record { user: ev.presence.user_id.to_string(), kind: ev.kind.as_str().to_string(), at: ev.at, body: r.sink.encode(ev) }
-}
-
-fn lagged(r: &Runner, n: u64) {
-    metrics::counter!("sink_events_dropped_total", "sink" => r.name.clone(), "reason" => "bus_lag").increment(n);
-    tracing::warn!(sink = %r.name, missed = n, "event sink fell behind the event bus: events lost (raise limits.event_bus_capacity)");
 }
 
 /// Outbox → sink.

@@ -124,6 +124,11 @@ impl Outbox {
         TableDefinition::new(&self.table)
     }
 
+    /// The most events it holds.
+    pub fn max_events(&self) -> u64 {
+        self.max_events
+    }
+
     /// Events queued.
     pub fn len(&self) -> u64 {
         self.state.lock().len

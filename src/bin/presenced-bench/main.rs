@@ -22,6 +22,7 @@ mod backends;
 mod cluster;
 mod hostile;
 mod sessions;
+mod sinks;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -63,6 +64,9 @@ enum Cmd {
     /// session, registrations/s, GetPresence at that size, instance leases against
     /// per-session refresh, expiry of them all and the memory it returns.
     Sessions(sessions::SessionsArgs),
+    /// Event sinks: events/s a webhook sink delivers, transition → receipt delay, outbox
+    /// depth, events lost.
+    Sinks(sinks::SinksArgs),
     /// What hostile clients cost: parked WatchPresence streams, stalled request heads.
     Hostile(hostile::HostileArgs),
     /// The bare broadcast server used by `run --baseline`: every text frame received is
@@ -133,6 +137,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
         Cmd::Sessions(args) => rt.block_on(sessions::run(args)),
+        Cmd::Sinks(args) => rt.block_on(sinks::run(args)),
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Backends(args) => rt.block_on(backends::run(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::run(args)),
