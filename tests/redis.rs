@@ -169,7 +169,8 @@ async fn redis_sees_a_subscription_only_for_watched_users() {
     let w = a.watch("watcher", &["vera"]).await;
     assert_eq!(subscribers("vera"), 1, "the first watcher subscribes");
     // The connected user's own channel is subscribed in the background.
-    eventually("a connected user is followed (their contacts may change)", Duration::from_secs(5), async || subscribers("watcher") == 1).await;
+    eventually("a connected user is followed (their contacts may change)", Duration::from_secs(5), async || subscribers("watcher") == 1)
+        .await;
     assert_eq!(subscribers("ulysses"), 0);
     let w2 = a.watch("watcher2", &["vera"]).await;
     assert_eq!(subscribers("vera"), 1, "one subscription per node, however many watchers");

@@ -86,3 +86,30 @@ impl Drop for Kafka {
         let _ = self.producer.flush(Duration::from_millis(500));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(props: &[(&str, &str)]) -> SinkConfig {
+        SinkConfig {
+            name: "k".into(),
+            kind: crate::config::SinkType::Kafka,
+            brokers: "127.0.0.1:9".into(),
+            properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..SinkConfig::default()
+        }
+    }
+
+    /// SASL and TLS settings reach librdkafka as given (this build has OpenSSL), and a
+    /// setting librdkafka does not know stops the start with its own message.
+    #[test]
+    fn security_settings_pass_through_and_unknown_ones_are_refused() {
+        let tls = cfg(&[("security.protocol", "SASL_SSL"), ("sasl.mechanism", "PLAIN"), ("sasl.username", "u"), ("sasl.password", "p")]);
+        assert!(Kafka::new(&tls).is_ok());
+        let e = Kafka::new(&cfg(&[("no.such.setting", "1")])).err().expect("refused");
+        assert!(e.contains("no.such.setting"), "{e}");
+        let e = Kafka::new(&cfg(&[("security.protocol", "carrier-pigeon")])).err().expect("refused");
+        assert!(e.contains("security.protocol"), "{e}");
+    }
+}
