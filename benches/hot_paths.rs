@@ -188,7 +188,7 @@ fn router_status_write_with_jwt(b: Bencher) {
     let mut i = 0usize;
     b.bench_local(|| {
         i += 1;
-        let status = if i % 2 == 0 { "busy" } else { "away" };
+        let status = if i.is_multiple_of(2) { "busy" } else { "away" };
         let req = Request::put("/api/v2/presence/user-1")
             .header("authorization", format!("Bearer {token}"))
             .body(Body::from(format!(r#"{{"status":"{status}","message":"m","ttl":60}}"#)))

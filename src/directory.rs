@@ -251,8 +251,12 @@ mod tests {
                 let (d, store, pool, owner) = (d.clone(), store.clone(), pool.clone(), owner.clone());
                 tasks.push(tokio::spawn(async move {
                     for i in 0..60u64 {
-                        let pick: Vec<UserId> =
-                            pool.iter().enumerate().filter(|(j, _)| (t * 7 + i * 3 + *j as u64) % 3 == 0).map(|(_, v)| v.clone()).collect();
+                        let pick: Vec<UserId> = pool
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, _)| (t * 7 + i * 3 + *j as u64).is_multiple_of(3))
+                            .map(|(_, v)| v.clone())
+                            .collect();
                         d.set_contacts(&*store, &owner, pick).await.unwrap();
                         tokio::task::yield_now().await;
                     }

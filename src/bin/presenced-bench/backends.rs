@@ -158,7 +158,7 @@ async fn saturate(http: u16, writers: usize, secs: u64) -> Res<f64> {
             let mut n: u64 = 0;
             while Instant::now() < until {
                 n += 1;
-                let status = if n % 2 == 0 { "busy" } else { "away" };
+                let status = if n.is_multiple_of(2) { "busy" } else { "away" };
                 let msg = serde_json::json!({"type":"presence_update","id": n,"payload":{"online_status": status,"custom_status": format!("w{i}-{n}")}});
                 if ws.send(Message::text(msg.to_string())).await.is_err() {
                     return;
