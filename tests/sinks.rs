@@ -188,9 +188,9 @@ async fn a_failing_receiver_and_a_restart_meanwhile_lose_nothing() {
     .await;
     assert_in_order_at_least_once(&messages_by_user(&r.events.lock()), 5, 10);
     let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let sent = metric(&metrics, "sink_events_sent_total{sink=\"hook\"}");
+    let sent = common::sample(&metrics, "sink_events_sent_total{sink=\"hook\"}");
     assert!(sent >= 50.0, "{sent}");
-    assert!(metric(&metrics, "sink_events_retried_total{sink=\"hook\"}") > 0.0);
+    assert!(common::sample(&metrics, "sink_events_retried_total{sink=\"hook\"}") > 0.0);
     assert_eq!(s.get("/health").await.1["data"]["status"], "ok");
     s.stop().await;
 }
@@ -203,7 +203,7 @@ async fn a_full_outbox_drops_the_oldest_and_counts_them() {
     write_changes(&s, 1, 20, 0).await;
     common::eventually("20 queued, 15 dropped", Duration::from_secs(5), async || {
         let m = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        metric(&m, "sink_events_dropped_total{sink=\"hook\",reason=\"outbox_full\"}") == 15.0
+        common::sample(&m, "sink_events_dropped_total{sink=\"hook\",reason=\"outbox_full\"}") == 15.0
     })
     .await;
     common::eventually("5 queued", Duration::from_secs(5), async || s.get("/health").await.1["data"]["sinks"][0]["outbox_events"] == 5)
@@ -213,11 +213,6 @@ async fn a_full_outbox_drops_the_oldest_and_counts_them() {
     let msgs: Vec<String> = messages_by_user(&r.events.lock()).remove("u0").unwrap();
     assert_eq!(msgs, vec!["m15", "m16", "m17", "m18", "m19"]);
     s.stop().await;
-}
-
-/// The value of one series in Prometheus text.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -112,12 +112,6 @@ impl Instances {
         self.clock.now()
     }
 
-    pub fn stop(&self) {
-        if let Some(h) = self.reaper.lock().take() {
-            h.abort();
-        }
-    }
-
     /// Creates or extends the lease of `instance` until `now + ttl_ms`, shared with the
     /// other nodes first (a refresh the store refused changed nothing).
     pub async fn refresh(&self, instance: &str, ttl_ms: i64) -> Result<LeaseInfo, ApiError> {

@@ -170,6 +170,24 @@ impl Drop for TestServer {
 }
 
 /// Status and JSON body; panics (failing the test) when the body is not JSON.
+/// The value of one series (`name` or `name{labels}`) in Prometheus text; 0 when absent.
+/// Metrics are process-wide: where tests share a process (`cargo test`), compare a value
+/// with one read before, not with an absolute number.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl TestServer {
+    /// `GET /metrics`.
+    pub async fn scrape(&self) -> String {
+        self.client.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("metrics body")
+    }
+}
+
 pub async fn decode(r: reqwest::Response) -> (u16, serde_json::Value) {
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
