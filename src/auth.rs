@@ -73,6 +73,12 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("missing X-User-ID header (auth.mode is gateway: the API gateway must set it)")]
     MissingGatewayUser,
+    #[error(
+        "missing bearer token: X-User-ID is only trusted when the server runs with auth.mode: gateway \
+         (PRESENCE_AUTH__MODE=gateway, behind a gateway that authenticates users); this one wants \
+         'Authorization: Bearer <JWT>' (or ?token= on /ws)"
+    )]
+    GatewayHeaderIgnored,
 }
 
 #[derive(Debug, thiserror::Error)]

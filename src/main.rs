@@ -86,6 +86,8 @@ fn token(config: &Config, sub: &str, ttl: Option<&str>, scope: Option<&str>) -> 
         eprintln!("presenced token: {e}");
         return ExitCode::from(2);
     }
+    let secret_file = config.service.data_dir.join("jwt.secret");
+    let new_secret = config.auth.jwt_secret.is_empty() && !secret_file.exists();
     let auth = match Authenticator::from_config(&config.auth, &config.service.data_dir) {
         Ok(a) => a,
         Err(e) => {
@@ -93,6 +95,17 @@ fn token(config: &Config, sub: &str, ttl: Option<&str>, scope: Option<&str>) -> 
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if new_secret {
+        // Not an error (a backend may mint before the first start), but the usual mistake
+        // is running `token` from another directory than `serve`: say where it signed.
+        let at = std::fs::canonicalize(&secret_file).unwrap_or(secret_file);
+        eprintln!(
+            "presenced token: no signing secret yet, so a new one was created at {}; only a server using this \
+             data dir (service.data_dir, PRESENCE_SERVICE__DATA_DIR) or auth.jwt_secret with the same value accepts \
+             this token",
+            at.display()
+        );
+    }
     match auth.mint(sub, ttl.0, scope) {
         Ok(t) => {
             println!("{t}");
@@ -136,7 +149,7 @@ fn serve(config: Config, dev: bool) -> ExitCode {
         let listener = match tokio::net::TcpListener::bind(&addr).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("presenced: cannot listen on {addr}: {e}");
+                eprintln!("presenced: cannot listen on {addr} (service.host, service.port): {e}");
                 app.svc.store.shutdown().await;
                 return ExitCode::FAILURE;
             }

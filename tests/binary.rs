@@ -337,3 +337,26 @@ async fn a_full_disk_is_503_then_recovers_by_itself() {
     assert_eq!(get_status(&p.addr, "after").await["data"]["after"]["status"], "away");
     assert_eq!(get_status(&p.addr, &format!("u{i}")).await["code"], "not_found", "the refused write never reached the disk");
 }
+
+/// What a newcomer trips on says what to do: `token` tells where it created a signing
+/// secret (the usual mistake is another working directory than `serve`'s); a taken port
+/// names the setting.
+#[tokio::test]
+async fn token_says_where_it_signs_and_a_taken_port_names_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = base_cmd(dir.path()).args(["token", "--sub", "a"]).output().unwrap();
+    assert!(first.status.success());
+    let err = String::from_utf8_lossy(&first.stderr);
+    let secret = std::fs::canonicalize(dir.path().join("jwt.secret")).unwrap();
+    assert!(err.contains("new one was created") && err.contains(&secret.display().to_string()), "{err}");
+    assert!(err.contains("service.data_dir"), "{err}");
+    // The secret exists now: nothing to say, and a running server accepts the token.
+    let second = base_cmd(dir.path()).args(["token", "--sub", "a"]).output().unwrap();
+    assert!(second.status.success() && second.stderr.is_empty(), "{}", String::from_utf8_lossy(&second.stderr));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, err) = start_or_exit(base_cmd(dir.path()).env("PRESENCE_SERVICE__PORT", &port).arg("serve")).err().expect("refused");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("service.port") && err.contains(&port), "{err}");
+}

@@ -444,3 +444,20 @@ async fn graceful_shutdown_closes_the_listener_and_persists() {
     app.svc.store.shutdown().await;
     drop(dir);
 }
+
+/// A gateway's identity headers sent to a server that wants JWTs: the 401 says how to run
+/// it in gateway mode. The live page's icon is served.
+#[tokio::test]
+async fn gateway_headers_on_a_jwt_server_get_a_hint_and_the_favicon_is_served() {
+    let s = TestServer::start(&[]).await;
+    let r =
+        s.client.put(s.url("/api/v2/presence/alice")).header("X-User-Id", "alice").json(&json!({"status": "busy"})).send().await.unwrap();
+    let (code, body) = common::decode(r).await;
+    assert_eq!(code, 401);
+    assert!(body["error"].as_str().unwrap().contains("PRESENCE_AUTH__MODE=gateway"), "{body}");
+    let r = s.client.get(s.url("/favicon.ico")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/svg+xml");
+    assert!(r.text().await.unwrap().starts_with("<svg"));
+    s.stop().await;
+}

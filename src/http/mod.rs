@@ -54,6 +54,7 @@ pub fn routes(state: Http) -> Router {
     );
     let mut r = Router::new()
         .route("/", get(page))
+        .route("/favicon.ico", get(favicon))
         .route("/api/v2/presence", get(presence::get_many))
         .route("/api/v2/presence/batch", post(presence::batch))
         .route("/api/v2/presence/{user_id}", get(presence::get_one).put(presence::put).delete(presence::delete))
@@ -94,8 +95,9 @@ pub fn layered(router: Router, state: Http) -> Router {
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
 /// that every route the router serves is here).
-pub const ROUTES: [&str; 23] = [
+pub const ROUTES: [&str; 24] = [
     "/",
+    "/favicon.ico",
     "/ws",
     "/api/v2/presence",
     "/api/v2/presence/batch",
@@ -185,6 +187,16 @@ async fn page() -> Response {
     let mut r = Response::new(Body::from(include_str!("../../web/index.html")));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// The live page's icon (browsers ask for `/favicon.ico`): a green presence dot, SVG.
+async fn favicon() -> Response {
+    const DOT: &str =
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><circle cx=\"8\" cy=\"8\" r=\"6\" fill=\"#2ecc71\"/></svg>";
+    let mut r = Response::new(Body::from(DOT));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("image/svg+xml"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=86400"));
     r
 }
 

@@ -261,6 +261,7 @@ impl Service {
                 self.parse_user(user)?;
                 Ok(Identity { sub: user.to_string(), scopes: Vec::new() })
             }
+            (None, None) if headers.contains_key("x-user-id") => Err(ApiError::Unauthorized(AuthError::GatewayHeaderIgnored)),
             (None, None) => Err(ApiError::Unauthorized(AuthError::Missing)),
         }
     }

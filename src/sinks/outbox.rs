@@ -77,7 +77,13 @@ impl OutboxDb {
     pub fn open(dir: &Path) -> Result<OutboxDb, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|e| OutboxError(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("sinks.redb");
-        let db = Database::create(&path).map_err(|e| OutboxError(format!("{}: {e}", path.display())))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => OutboxError(format!(
+                "another presenced is using {} (its event outbox is locked): stop it, or give this one its own service.data_dir",
+                dir.display()
+            )),
+            e => OutboxError(format!("{}: {e}", path.display())),
+        })?;
         Ok(OutboxDb { db: Arc::new(db) })
     }
 
