@@ -20,13 +20,15 @@
 //!    contacts, privacy settings and conversation members in memory.
 //! 3. [`service`]: the application layer every transport shares: validation,
 //!    permissions, rate limits, reads and writes, [`service::sessions`] (device sessions),
-//!    [`service::typing`] (typing indicators), [`service::limiter`].
+//!    [`service::instances`] (gateway instance leases), [`service::typing`] (typing
+//!    indicators), [`service::limiter`].
 //! 4. Transports, thin adapters over the service: [`http`] (REST API v2, contacts,
 //!    privacy, conversations, legacy endpoints, health, metrics, the live page), [`json`]
 //!    (the presence as JSON, shared by HTTP and WebSocket), [`ws`] (`GET /ws`: the hub,
 //!    the connection loop, the protocol), [`grpc`] (`realchat.presence.v1.PresenceApi`),
 //!    [`listener`] (accepting connections: timeouts, the per-IP rate, the HTTP accept
-//!    loop).
+//!    loop), and the outbound one, [`sinks`] (every transition of this node to webhooks,
+//!    Kafka, RabbitMQ, through an on-disk outbox).
 //! 5. [`server`]: wiring and graceful shutdown. Beside it: [`auth`] (JWT), [`config`]
 //!    (YAML + environment), [`telemetry`] (logs and metrics).
 #![forbid(unsafe_code)]

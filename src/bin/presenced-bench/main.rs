@@ -94,7 +94,7 @@ struct RunArgs {
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
-    /// Source addresses 127.0.0.2 ..= 127.0.0.<last> (each has ~28k ephemeral ports).
+    /// Source addresses `127.0.0.2 ..= 127.0.0.<last>` (each has ~28k ephemeral ports).
     #[arg(long, default_value_t = 60)]
     last_source: u8,
     /// Run against the bare broadcast server instead of presenced.

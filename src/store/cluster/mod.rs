@@ -9,7 +9,7 @@
 //!
 //! Events go to this node's bus and to the backplane (each user's watchers on other nodes,
 //! and the backend's durable event log); events from other nodes arrive for the users
-//! this node's connections watch ([`relay`]) and are put on the local bus, so local
+//! this node's connections watch (`relay`) and are put on the local bus, so local
 //! WebSocket and gRPC watchers see changes made anywhere.
 //!
 //! Sessions are held by node leases ([`lease`]): a session registered on this node is

@@ -15,7 +15,7 @@
 //! - The directory: one hash and a change stream each node follows with `XREAD`; after an
 //!   interruption the node reads the hash again (rows carry revisions, deleted rows stay
 //!   as empty values), so no change is missed.
-//! - Node-to-node requests travel on the nodes' inbox channels ([`pubsub`]).
+//! - Node-to-node requests travel on the nodes' inbox channels (`pubsub`).
 
 mod conn;
 pub mod keys;
