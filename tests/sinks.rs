@@ -237,6 +237,14 @@ async fn sink_configuration_is_validated() {
     .unwrap();
     assert!(!format!("{ok:?}").contains("0123456789abcdef"), "the secret never reaches a log");
     assert!(!serde_yaml::to_string(&ok.redacted()).unwrap().contains("0123456789abcdef"));
+    let amqp = presenced::config::Config::load(
+        None,
+        [("PRESENCE_EVENTS__SINKS", "[{name: r, type: amqp, url: \"amqp://svc:pw-rabbit-77@h:5672/%2f\"}]")],
+    )
+    .unwrap();
+    assert!(!format!("{amqp:?}").contains("pw-rabbit-77"));
+    let printed = serde_yaml::to_string(&amqp.redacted()).unwrap();
+    assert!(!printed.contains("pw-rabbit-77") && printed.contains("amqp://svc:<redacted>@h:5672"), "{printed}");
 }
 
 // Cluster mode: each node delivers the transitions it made, not those it relays for its

@@ -431,6 +431,8 @@ impl Config {
         let mut c = self.clone();
         let mut sinks: Vec<&mut String> = Vec::new();
         for s in c.events.sinks.iter_mut() {
+            // An AMQP URL may carry a password.
+            s.url = redact_url(&s.url);
             sinks.push(&mut s.secret);
             sinks.extend(s.properties.iter_mut().filter(|(k, _)| secret_property(k)).map(|(_, v)| v));
         }
