@@ -81,3 +81,34 @@ fn backends_bench_compares_nats_and_redis() {
         assert!(cells[6].starts_with("0.00 (30 users)"), "idle heartbeats write nothing: {row}");
     }
 }
+
+/// The gateway-sessions benchmark registers, reads, compares liveness both ways and
+/// lets the lease lapse, every session ending with its user's offline event (a small run).
+#[test]
+fn sessions_bench_registers_reads_and_lets_the_lease_lapse() {
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
+        .args(["sessions", "--users", "2000", "--devices", "2", "--batch", "500", "--seconds", "1", "--lease-secs", "2"])
+        .output()
+        .expect("run presenced-bench sessions");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("registered 4000 sessions"), "{text}");
+    assert!(text.contains("B per session"), "{text}");
+    assert!(text.contains("GetPresence (100 ids"), "{text}");
+    assert!(text.contains("per-session RefreshSession") && text.contains("instance lease:"), "{text}");
+    assert!(text.contains("all 4000 sessions ended and 2000 user_offline events"), "{text}");
+}
+
+/// The event-sink benchmark delivers every event of its burst to its webhook receiver
+/// and loses none (a small run).
+#[test]
+fn sinks_bench_delivers_every_event() {
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
+        .args(["sinks", "--sessions", "500", "--batch", "50"])
+        .output()
+        .expect("run presenced-bench sinks");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("1000 events produced") && text.contains("1000 delivered"), "{text}");
+    assert!(text.contains("dropped 0"), "{text}");
+}
