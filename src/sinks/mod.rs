@@ -178,11 +178,6 @@ impl Sinks {
             .collect()
     }
 
-    /// Whether any sink is failing.
-    pub fn degraded(&self) -> bool {
-        self.runners.iter().any(|r| !r.status.lock().up)
-    }
-
     /// Appends what is still on the bus to the outboxes, then stops (what is not
     /// delivered yet stays queued for the next start).
     pub async fn shutdown(&self) {
