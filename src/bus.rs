@@ -208,6 +208,9 @@ pub struct EventBus {
     /// one per event sink (each node delivers its own transitions, so none is sent
     /// twice). A bounded queue each, filled without waiting: a full one drops and counts.
     taps: Arc<parking_lot::RwLock<Vec<Tap>>>,
+    /// "Events may have been missed" (a backend's subscriptions were interrupted): local
+    /// watchers need fresh state.
+    resync: broadcast::Sender<()>,
     typing: broadcast::Sender<Typing>,
     directory: broadcast::Sender<DirectoryChanged>,
     interest: Interest,
@@ -218,7 +221,8 @@ impl EventBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
         let (typing, _) = broadcast::channel(capacity.max(1));
         let (directory, _) = broadcast::channel(capacity.clamp(1, 4096));
-        EventBus { tx, taps: Arc::default(), typing, directory, interest: Interest::default() }
+        let (resync, _) = broadcast::channel(16);
+        EventBus { tx, taps: Arc::default(), resync, typing, directory, interest: Interest::default() }
     }
 
     /// Publishes a transition made on this node; with no subscriber it is simply dropped.
@@ -253,6 +257,16 @@ impl EventBus {
 
     pub fn publish_typing(&self, t: Typing) {
         let _ = self.typing.send(t);
+    }
+
+    /// Says that events may have been missed (a backend's subscriptions were cut and
+    /// came back): local watchers get fresh state.
+    pub fn request_resync(&self) {
+        let _ = self.resync.send(());
+    }
+
+    pub fn subscribe_resync(&self) -> broadcast::Receiver<()> {
+        self.resync.subscribe()
     }
 
     pub fn subscribe_typing(&self) -> broadcast::Receiver<Typing> {

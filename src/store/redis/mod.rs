@@ -68,7 +68,7 @@ const BLOCK_MS: u64 = 1000;
 
 /// Connects and opens a cluster node on Redis.
 pub async fn open(cfg: &RedisConfig, opts: ClusterOptions, clock: Arc<dyn Clock>, bus: EventBus) -> Result<ClusterStore, StoreError> {
-    let bp = RedisBackplane::connect(cfg, &opts.node_id).await?;
+    let bp = RedisBackplane::connect(cfg, &opts.node_id, bus.clone()).await?;
     ClusterStore::open(Arc::new(bp), opts, clock, bus).await
 }
 
@@ -87,6 +87,9 @@ pub struct RedisBackplane {
     max_len: u64,
     request_timeout: Duration,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Told when the subscriptions moved (a failover): what was published meanwhile never
+    /// reached this node, so local watchers need fresh state.
+    bus: EventBus,
 }
 
 fn fault(e: impl std::fmt::Display) -> Fault {
@@ -157,7 +160,7 @@ fn row_change(fields: &[(String, Bytes)]) -> Option<RowChange> {
 }
 
 impl RedisBackplane {
-    pub async fn connect(cfg: &RedisConfig, node: &str) -> Result<RedisBackplane, StoreError> {
+    pub async fn connect(cfg: &RedisConfig, node: &str, bus: EventBus) -> Result<RedisBackplane, StoreError> {
         let unavailable = |e: String| StoreError::Unreachable(e);
         let connector = Connector::new(cfg).map_err(|e| unavailable(e.to_string()))?;
         let pool = Arc::new(Pool::open(&connector).await.map_err(|e| unavailable(e.to_string()))?);
@@ -176,6 +179,7 @@ impl RedisBackplane {
             max_len: cfg.events.max_len,
             request_timeout: cfg.request_timeout.0,
             tasks: Mutex::new(Vec::new()),
+            bus,
         };
         bp.monitor();
         Ok(bp)
@@ -187,6 +191,7 @@ impl RedisBackplane {
         let pool = self.pool.clone();
         let pubsub = self.pubsub.clone();
         let connector = self.connector.clone();
+        let bus = self.bus.clone();
         let limit = self.request_timeout.min(Duration::from_secs(1));
         let h = tokio::spawn(async move {
             let mut failures = 0u32;
@@ -200,7 +205,7 @@ impl RedisBackplane {
                     pool.describe().await;
                 }
                 if !connector.config().sentinel_master.is_empty() && (failures >= 2 || (ok && !is_master(&mut c).await)) {
-                    follow_failover(&connector, &pool, &pubsub).await;
+                    follow_failover(&connector, &pool, &pubsub, &bus).await;
                 }
             }
         });
@@ -273,7 +278,7 @@ async fn is_master(c: &mut Conn) -> bool {
 
 /// Asks the Sentinels for the master and connects the pool and the subscriptions to it
 /// (blocking readers reconnect to it by themselves).
-async fn follow_failover(connector: &Connector, pool: &Pool, pubsub: &PubSub) {
+async fn follow_failover(connector: &Connector, pool: &Pool, pubsub: &PubSub, bus: &EventBus) {
     let Ok(master) = connector.resolve_master().await else { return };
     tracing::warn!(master = ?master.addr(), "redis: following the master the sentinels name");
     let mut conns = Vec::new();
@@ -287,8 +292,10 @@ async fn follow_failover(connector: &Connector, pool: &Pool, pubsub: &PubSub) {
         }
     }
     pool.replace(conns);
-    if let Err(e) = pubsub.reconnect(connector).await {
-        tracing::warn!(error = %e, "redis: cannot move the subscriptions to the new master yet");
+    match pubsub.reconnect(connector).await {
+        // Events published between the failover and now were lost for this node.
+        Ok(()) => bus.request_resync(),
+        Err(e) => tracing::warn!(error = %e, "redis: cannot move the subscriptions to the new master yet"),
     }
 }
 
