@@ -19,8 +19,6 @@ use tokio::sync::Mutex;
 use super::outbox::Queued;
 use super::EventSink;
 use crate::config::SinkConfig;
-use crate::core::Event;
-use crate::store::cluster::WireEvent;
 
 pub struct Amqp {
     url: String,
@@ -80,10 +78,6 @@ impl Amqp {
 impl EventSink for Amqp {
     fn kind(&self) -> &'static str {
         "amqp"
-    }
-
-    fn encode(&self, event: &Event) -> Vec<u8> {
-        serde_json::to_vec(&WireEvent::of(event)).unwrap_or_default()
     }
 
     async fn deliver(&self, batch: &[Queued]) -> Result<(), String> {

@@ -52,8 +52,11 @@ pub trait EventSink: Send + Sync + 'static {
     /// `webhook`, `kafka`, `amqp`.
     fn kind(&self) -> &'static str;
 
-    /// The event in this sink's format (what the outbox keeps).
-    fn encode(&self, event: &Event) -> Vec<u8>;
+    /// The event in this sink's format (what the outbox keeps): by default the
+    /// documented JSON event schema.
+    fn encode(&self, event: &Event) -> Vec<u8> {
+        serde_json::to_vec(&crate::store::cluster::WireEvent::of(event)).unwrap_or_default()
+    }
 
     /// Delivers a batch, in order. `Err`: none of it counts as delivered (the whole batch
     /// is sent again later).

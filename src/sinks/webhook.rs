@@ -18,8 +18,6 @@ use sha2::Sha256;
 use super::outbox::Queued;
 use super::EventSink;
 use crate::config::SinkConfig;
-use crate::core::Event;
-use crate::store::cluster::WireEvent;
 
 pub struct Webhook {
     url: String,
@@ -68,10 +66,6 @@ pub fn signature(secret: &[u8], t: i64, body: &[u8]) -> String {
 impl EventSink for Webhook {
     fn kind(&self) -> &'static str {
         "webhook"
-    }
-
-    fn encode(&self, event: &Event) -> Vec<u8> {
-        serde_json::to_vec(&WireEvent::of(event)).unwrap_or_default()
     }
 
     async fn deliver(&self, batch: &[Queued]) -> Result<(), String> {

@@ -520,23 +520,29 @@ async fn run(args: RunArgs) -> Res<()> {
 
 // ---------------------------------------------------------------- gRPC
 
+/// An admin ("presence:admin") bearer for the spawned server, and a gRPC channel to
+/// `port` once it listens (at most 20 s).
+async fn grpc_admin(port: u16) -> Res<(tonic::transport::Channel, tonic::metadata::MetadataValue<tonic::metadata::Ascii>)> {
+    let auth = presenced::auth::Authenticator::new(BENCH_SECRET, "presence-service", Duration::from_secs(30), None);
+    let token = auth.mint("gateway", Duration::from_secs(3600), Some(presenced::auth::ADMIN_SCOPE))?;
+    let bearer = format!("Bearer {token}").parse().map_err(|_| "token")?;
+    let start = Instant::now();
+    loop {
+        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).map_err(|e| e.to_string())?.connect().await {
+            Ok(c) => return Ok((c, bearer)),
+            Err(_) if start.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => return Err(format!("gRPC connect: {e}")),
+        }
+    }
+}
+
 async fn grpc_bench(args: GrpcArgs) -> Res<()> {
     use presenced::grpc::pb;
     use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 
     let port = free_port()?;
     let _server = spawn_server_with(false, Some(port)).await?;
-    let auth = presenced::auth::Authenticator::new(BENCH_SECRET, "presence-service", Duration::from_secs(30), None);
-    let token = auth.mint("bench", Duration::from_secs(3600), Some(presenced::auth::ADMIN_SCOPE))?;
-    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}").parse().map_err(|_| "token")?;
-    let start = Instant::now();
-    let channel = loop {
-        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).map_err(|e| e.to_string())?.connect().await {
-            Ok(c) => break c,
-            Err(_) if start.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) => return Err(format!("gRPC connect: {e}")),
-        }
-    };
+    let (channel, bearer) = grpc_admin(port).await?;
     let client = PresenceApiClient::new(channel);
     for i in 0..args.sessions {
         let req = pb::RegisterSessionRequest {

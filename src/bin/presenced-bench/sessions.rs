@@ -17,10 +17,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
 
-use super::{authed, free_port, measure_calls, ms, rss_kib, spawn_server_env, Res, BENCH_SECRET};
+use super::{authed, free_port, measure_calls, ms, rss_kib, spawn_server_env, Res};
 
 #[derive(Parser, Clone)]
 pub struct SessionsArgs {
@@ -88,17 +86,7 @@ pub async fn run(args: SessionsArgs) -> Res<()> {
     let server = spawn_server_env(false, Some(port), &env).await?;
     let pid = server.pid.ok_or("no server pid")?;
     let http = server.addr.clone();
-    let auth = presenced::auth::Authenticator::new(BENCH_SECRET, "presence-service", Duration::from_secs(30), None);
-    let token = auth.mint("gateway", Duration::from_secs(3600), Some(presenced::auth::ADMIN_SCOPE))?;
-    let bearer: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| "token")?;
-    let start = Instant::now();
-    let channel = loop {
-        match Channel::from_shared(format!("http://127.0.0.1:{port}")).map_err(|e| e.to_string())?.connect().await {
-            Ok(c) => break c,
-            Err(_) if start.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) => return Err(format!("gRPC connect: {e}")),
-        }
-    };
+    let (channel, bearer) = super::grpc_admin(port).await?;
     let client = PresenceApiClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_kib = rss_kib(pid).ok_or("no RSS")?;

@@ -14,10 +14,8 @@ use clap::Parser;
 use parking_lot::Mutex;
 use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
 
-use super::{authed, free_port, ms, pct, spawn_server_env, Res, BENCH_SECRET};
+use super::{authed, free_port, ms, pct, spawn_server_env, Res};
 
 #[derive(Parser, Clone)]
 pub struct SinksArgs {
@@ -79,17 +77,7 @@ pub async fn run(args: SinksArgs) -> Res<()> {
     let env = [("PRESENCE_EVENTS__SINKS", sinks.as_str()), ("PRESENCE_LIMITS__MAX_SESSIONS_PER_CALL", "10000")];
     let server = spawn_server_env(false, Some(port), &env).await?;
     let http = server.addr.clone();
-    let auth = presenced::auth::Authenticator::new(BENCH_SECRET, "presence-service", Duration::from_secs(30), None);
-    let token = auth.mint("gateway", Duration::from_secs(3600), Some(presenced::auth::ADMIN_SCOPE))?;
-    let bearer: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| "token")?;
-    let start = Instant::now();
-    let channel = loop {
-        match Channel::from_shared(format!("http://127.0.0.1:{port}")).map_err(|e| e.to_string())?.connect().await {
-            Ok(c) => break c,
-            Err(_) if start.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) => return Err(format!("gRPC connect: {e}")),
-        }
-    };
+    let (channel, bearer) = super::grpc_admin(port).await?;
     let mut client = PresenceApiClient::new(channel).max_decoding_message_size(64 << 20);
     client
         .refresh_instance(authed(pb::RefreshInstanceRequest { instance_id: "gw".into(), ttl_seconds: 3600 }, &bearer))
