@@ -168,9 +168,15 @@ async fn a_failing_receiver_and_a_restart_meanwhile_lose_nothing() {
     .await;
     common::eventually("30 queued", Duration::from_secs(5), async || s.get("/health").await.1["data"]["sinks"][0]["outbox_events"] == 30)
         .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let (code, health) = s.get("/health").await;
     assert_eq!(code, 200, "a failing sink degrades health, it does not fail it");
     assert_eq!(health["data"]["status"], "degraded");
+    assert!(health["data"]["sinks"][0]["lag_seconds"].as_f64().unwrap() > 0.0, "{health}");
+    let m = s.scrape().await;
+    assert!(common::sample(&m, "sink_delivery_failures_total{sink=\"hook\"}") >= 1.0, "{m}");
+    assert_eq!(common::sample(&m, "sink_outbox_events{sink=\"hook\"}"), 30.0, "{m}");
+    assert!(common::sample(&m, "sink_lag_seconds{sink=\"hook\"}") > 0.0, "{m}");
     assert!(health["data"]["sinks"][0]["last_error"].as_str().unwrap().contains("503"), "{health}");
     // presenced stops while the receiver is still failing; it comes back on the same
     // data dir, and more changes happen.
