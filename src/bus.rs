@@ -214,6 +214,8 @@ pub struct EventBus {
     typing: broadcast::Sender<Typing>,
     directory: broadcast::Sender<DirectoryChanged>,
     interest: Interest,
+    /// Events published (local and relayed), for the operator view's events per second.
+    published: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EventBus {
@@ -222,12 +224,18 @@ impl EventBus {
         let (typing, _) = broadcast::channel(capacity.max(1));
         let (directory, _) = broadcast::channel(capacity.clamp(1, 4096));
         let (resync, _) = broadcast::channel(16);
-        EventBus { tx, taps: Arc::default(), resync, typing, directory, interest: Interest::default() }
+        EventBus { tx, taps: Arc::default(), resync, typing, directory, interest: Interest::default(), published: Arc::default() }
+    }
+
+    /// How many events were published so far (local and relayed).
+    pub fn published(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publishes a transition made on this node; with no subscriber it is simply dropped.
     pub fn publish(&self, event: Event) {
         metrics::counter!("presence_events_total", "kind" => event.kind.as_str()).increment(1);
+        self.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let event = Arc::new(event);
         for t in self.taps.read().iter() {
             if t.tx.try_send(event.clone()).is_err() {
@@ -240,6 +248,7 @@ impl EventBus {
     /// Publishes a transition another node made (cluster mode), for local watchers only.
     pub fn publish_relayed(&self, event: Event) {
         metrics::counter!("presence_events_total", "kind" => event.kind.as_str()).increment(1);
+        self.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = self.tx.send(Arc::new(event));
     }
 

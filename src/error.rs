@@ -81,6 +81,14 @@ pub const TABLE: [(Kind, Wire); 10] = [
     (Kind::Internal, Wire { http: 500, code: "internal", grpc: tonic::Code::Internal, ws_close: close::INTERNAL_ERROR }),
 ];
 
+/// The OpenAPI schema of the envelope's `code`: every code of [`TABLE`], so the document
+/// cannot drift from the table.
+pub fn code_schema() -> utoipa::openapi::Object {
+    let mut codes: Vec<&str> = TABLE.iter().map(|(_, w)| w.code).collect();
+    codes.dedup();
+    utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String).enum_values(Some(codes)).build()
+}
+
 impl ApiError {
     pub fn kind(&self) -> Kind {
         match self {

@@ -138,9 +138,98 @@ impl Serialize for PresenceMap<'_> {
     }
 }
 
+// The OpenAPI schema of [`PresenceJson`] (which serializes by hand, without allocating);
+// a test checks that a fully populated presence has exactly these fields.
+/// What a viewer sees of one user.
+#[derive(utoipa::ToSchema)]
+#[schema(as = Presence)]
+#[allow(dead_code)]
+pub struct PresenceDoc {
+    user_id: String,
+    /// What others see: a hidden or appearing-offline user reads `offline`.
+    #[schema(schema_with = status_schema)]
+    status: String,
+    /// The custom status message (absent when empty).
+    message: Option<String>,
+    /// When the user was last online; `null` while online, or when hidden from the viewer.
+    #[schema(required, format = DateTime)]
+    last_seen: Option<String>,
+    /// When the presence last changed.
+    #[schema(required, format = DateTime)]
+    updated_at: Option<String>,
+    /// The node that answered (or holds the user); empty when hidden.
+    node_id: String,
+    /// Remaining seconds of an explicit status with a TTL.
+    ttl: Option<i64>,
+    /// When an explicit status with a TTL lapses.
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    device_count: u32,
+    devices: Vec<DeviceDoc>,
+}
+
+/// One live device of a user.
+#[derive(utoipa::ToSchema)]
+#[schema(as = Device)]
+#[allow(dead_code)]
+pub struct DeviceDoc {
+    device_id: String,
+    /// `desktop`, `mobile` or `web`, when the client declared one.
+    #[schema(schema_with = platform_schema)]
+    platform: Option<String>,
+}
+
+/// A string schema allowing `values` (and `null` when `nullable`).
+pub fn enum_schema(values: impl IntoIterator<Item = &'static str>, nullable: bool) -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    let mut values: Vec<serde_json::Value> = values.into_iter().map(serde_json::Value::from).collect();
+    let ty = if nullable {
+        values.push(serde_json::Value::Null);
+        SchemaType::from_iter([Type::String, Type::Null])
+    } else {
+        SchemaType::Type(Type::String)
+    };
+    utoipa::openapi::ObjectBuilder::new().schema_type(ty).enum_values(Some(values)).build()
+}
+
+/// `online`, `away`, `busy`, `offline`.
+pub fn status_schema() -> utoipa::openapi::Object {
+    enum_schema(crate::core::Status::ALL.map(crate::core::Status::as_str), false)
+}
+
+/// `desktop`, `mobile`, `web`.
+pub fn platform_schema() -> utoipa::openapi::Object {
+    enum_schema(crate::core::Platform::ALL.map(crate::core::Platform::as_str), false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fields of the documented schema are the fields a fully populated presence has.
+    #[test]
+    fn presence_schema_matches_the_serializer() {
+        use std::sync::Arc;
+        use utoipa::PartialSchema;
+        let p = Presence {
+            devices: Arc::from(vec![DeviceSummary { device_id: Arc::from("phone"), platform: Some(crate::core::Platform::Mobile) }]),
+            message: Arc::from("lunch"),
+            expires_at: Some(10_000),
+            last_seen: Some(1),
+            updated_at: Some(2),
+            ..Presence::unknown(crate::core::UserId::parse("alice", 64).unwrap(), Arc::from("n1"))
+        };
+        let v = serde_json::to_value(PresenceJson { p: &p, now: 0 }).unwrap();
+        let schema = serde_json::to_value(PresenceDoc::schema()).unwrap();
+        let keys = |o: &serde_json::Value| {
+            let mut k: Vec<String> = o.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&v), keys(&schema["properties"]));
+        let device = serde_json::to_value(DeviceDoc::schema()).unwrap();
+        assert_eq!(keys(&v["devices"][0]), keys(&device["properties"]));
+    }
 
     #[test]
     fn rfc3339_formats() {

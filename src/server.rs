@@ -64,6 +64,8 @@ pub struct App {
     pub embedded: Option<Arc<crate::natsio::embedded::EmbeddedServer>>,
     /// `events.sinks`, running.
     pub sinks: Option<Arc<crate::sinks::Sinks>>,
+    /// Users online and events per second over the last hour (the operator view).
+    pub activity: Arc<crate::service::activity::Activity>,
 }
 
 impl App {
@@ -155,7 +157,8 @@ impl App {
             Backend::Nats => "nats",
             Backend::Redis => "redis",
         };
-        Ok(App { config, svc, hub, backend, dev: false, cluster: None, embedded: None, sinks })
+        let activity = crate::service::activity::Activity::start(&svc);
+        Ok(App { config, svc, hub, backend, dev: false, cluster: None, embedded: None, sinks, activity })
     }
 
     /// Everything served on the HTTP port: the HTTP API and `/ws`.
@@ -168,6 +171,7 @@ impl App {
             dev: self.dev,
             cluster: self.cluster.clone(),
             sinks: self.sinks.clone(),
+            activity: self.activity.clone(),
             backend: self.backend,
             cache_max_cost: self.config.cache.max_cost,
             node_type: match self.config.service.node_type {

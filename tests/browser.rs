@@ -232,7 +232,7 @@ async fn two_browsers_see_each_others_dots_change() {
     // ...and closing her browser takes her offline.
     alice.quit().await;
     bob.wait_for(&dot("alice"), json!("offline")).await;
-    bob.wait_for("return document.querySelector('li[data-user=\"alice\"] .seen').textContent.startsWith('seen');", json!(true)).await;
+    bob.wait_for("return document.querySelector('li[data-user=\"alice\"] .seen').textContent;", json!("last seen just now")).await;
     bob.quit().await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
@@ -251,6 +251,76 @@ async fn dev_token_only_with_dev_flag() {
     // The page itself is always served.
     let r = s.client.get(s.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap().contains("new WebSocket"));
+    assert!(r.text().await.unwrap().contains(r#"import { PresenceClient } from "/client.js""#));
+    s.stop().await;
+}
+
+/// The user view in words (devices, typing, last seen) and the operator view (admin
+/// token): users online with a sparkline, events per second, nodes, sinks. Screenshots of
+/// both go to `$PRESENCED_SCREENSHOTS/` when set.
+#[tokio::test]
+async fn the_user_view_speaks_in_words_and_the_operator_view_counts() {
+    let s = common::TestServer::start_dev(&[]).await;
+    let admin = s.admin_token("ops");
+    let r = s
+        .client
+        .put(s.url("/api/v2/conversations/room-1/members"))
+        .bearer_auth(&admin)
+        .json(&json!({"members": ["alice", "bob"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // carol was here a moment ago; bob is on a phone and a laptop.
+    let carol = common::wsclient::connect(&s, "carol", "c1").await;
+    drop(carol);
+    let mut bob_phone = common::wsclient::connect_platform(&s, "bob", "phone", "mobile").await;
+    let _bob_laptop = common::wsclient::connect_platform(&s, "bob", "laptop", "desktop").await;
+
+    let driver = Driver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let alice = driver.browser(&dir.path().join("profile-alice")).await;
+    alice.go(&format!("{}/?user=alice&watch=bob,carol&conv=room-1", s.base)).await;
+    alice.wait_for(&dot("bob"), json!("online")).await;
+    alice.wait_for("return document.querySelector('li[data-user=\"bob\"] .devices').textContent;", json!("on phone and laptop")).await;
+    alice.wait_for(&dot("carol"), json!("offline")).await;
+    alice.wait_for("return document.querySelector('li[data-user=\"carol\"] .seen').textContent;", json!("last seen just now")).await;
+    alice.wait_for("return document.getElementById('state').textContent.startsWith('connected as alice (');", json!(true)).await;
+    // bob types in room-1: "typing…" beside him, until he stops.
+    bob_phone.ack(json!({"type": "typing", "payload": {"conversation_id": "room-1", "is_typing": true}, "id": 1})).await;
+    alice.wait_for("return document.querySelector('li[data-user=\"bob\"] .typing')?.textContent ?? null;", json!("typing…")).await;
+    if let Ok(d) = std::env::var("PRESENCED_SCREENSHOTS") {
+        alice.screenshot(&std::path::Path::new(&d).join("user-view.png")).await;
+    }
+    bob_phone.ack(json!({"type": "typing", "payload": {"conversation_id": "room-1", "is_typing": false}, "id": 2})).await;
+    alice
+        .wait_for("return document.querySelector('li[data-user=\"bob\"] .devices')?.textContent ?? null;", json!("on phone and laptop"))
+        .await;
+    // alice types in the page: bob's socket hears it once, debounced.
+    alice.type_into("#compose", "hello").await;
+    let t = bob_phone.recv_type("typing_indicator").await;
+    assert_eq!(t["payload"], json!({"conversation_id": "room-1", "user_id": "alice", "is_typing": true}));
+
+    // The operator view: hidden for alice, shown for an admin token.
+    assert_eq!(alice.js("return document.getElementById('ops').hidden;").await, json!(true));
+    let ops = driver.browser(&dir.path().join("profile-ops")).await;
+    ops.go(&format!("{}/?user=ops&admin=1", s.base)).await;
+    ops.wait_for("return document.getElementById('ops').hidden;", json!(false)).await;
+    // alice, bob and ops are online on this node (carol left).
+    ops.wait_for("return document.getElementById('ops-online').textContent;", json!("3")).await;
+    ops.wait_for("return Number(document.getElementById('ops-spark').dataset.points) >= 2;", json!(true)).await;
+    ops.wait_for("return document.querySelector('#ops-nodes tr[data-node=\"test-node\"] td:nth-child(2)').textContent;", json!("4")).await;
+    ops.wait_for("return document.querySelector('#ops-nodes tr[data-node=\"test-node\"] .pill').textContent;", json!("alive")).await;
+    let eps = ops.js("return Number(document.getElementById('ops-eps').textContent);").await;
+    assert!(eps.as_f64().is_some_and(|e| e >= 0.0), "{eps}");
+    assert_eq!(ops.js("return document.getElementById('ops-backend').textContent;").await, json!("embedded store"));
+    if let Ok(d) = std::env::var("PRESENCED_SCREENSHOTS") {
+        ops.screenshot(&std::path::Path::new(&d).join("operator-view.png")).await;
+    }
+    // The figures come from /api/v2/stats, which needs the admin scope.
+    let r = s.client.get(s.url("/api/v2/stats")).bearer_auth(s.token("alice")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    alice.quit().await;
+    ops.quit().await;
     s.stop().await;
 }

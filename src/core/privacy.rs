@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{empty_message, no_devices, Presence, Status};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Visibility {
     #[default]

@@ -1,12 +1,14 @@
 //! The seed 003 envelope `{"success","data","error"}` of every HTTP answer.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 
 /// `{"success": true, "data": ...}`
-#[derive(Serialize)]
-pub struct Ok<T: Serialize> {
+#[derive(Serialize, ToSchema)]
+pub struct Ok<T> {
+    /// Always `true`.
     pub success: bool,
     pub data: T,
 }
@@ -30,15 +32,22 @@ pub fn stale_body<T: Serialize>(data: T, reason: &str) -> Vec<u8> {
 }
 
 /// `{"success": false, "error": "...", "code": "..."}`
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct Err<'a> {
+    /// Always `false`.
+    pub success: bool,
+    /// What went wrong, for people.
+    pub error: String,
+    /// What went wrong, for programs: one of the error table's codes.
+    #[schema(schema_with = crate::error::code_schema)]
+    pub code: &'a str,
+    /// With `rate_limited`: when to try again (also the `Retry-After` header, in seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
 pub fn error_body(e: &ApiError) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Err<'a> {
-        success: bool,
-        error: String,
-        code: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        retry_after_ms: Option<u64>,
-    }
     let retry_after_ms = match e {
         ApiError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
         _ => None,

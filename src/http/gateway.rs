@@ -6,36 +6,76 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::presence::{body_bytes, identity, parse_json};
 use super::{ok, Http, Res};
 use crate::error::ApiError;
 use crate::json::rfc3339;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Entry {
+pub(crate) struct Entry {
+    #[schema(schema_with = super::openapi::id, example = "alice")]
     user_id: String,
+    #[schema(schema_with = super::openapi::id, example = "phone")]
     device_id: String,
+    /// `desktop`, `mobile` or `web`.
     #[serde(default)]
+    #[schema(schema_with = super::openapi::platform_or_null)]
     platform: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterBody {
+pub(crate) struct RegisterBody {
+    /// The gateway instance the sessions belong to (its lease ends them all); absent: `http`.
     #[serde(default)]
+    #[schema(schema_with = super::openapi::id_or_empty, example = "gw-1")]
     instance_id: String,
+    /// Session TTL when the instance holds no lease (0: `presence.session_ttl`).
     #[serde(default)]
     ttl_seconds: u64,
+    /// At most `limits.max_sessions_per_call` sessions.
     sessions: Vec<Entry>,
+}
+
+/// The outcome of one session of a batch: `created`/`expires_at`, or `error`/`code`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RegisterResult<'a> {
+    user_id: &'a str,
+    device_id: &'a str,
+    /// A new session (false: an existing one was refreshed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::error::code_schema)]
+    code: Option<&'static str>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Registered<'a> {
+    instance_id: &'a str,
+    /// One per session, in request order.
+    results: Vec<RegisterResult<'a>>,
+    registered: u32,
+    failed: u32,
 }
 
 /// `POST /api/v2/sessions` with `{"instance_id", "ttl_seconds"?, "sessions": [{"user_id",
 /// "device_id", "platform"?}]}`: registers them (bound to the instance's lease when it
 /// holds one); one result per session, in order.
+#[utoipa::path(post, path = "/api/v2/sessions", operation_id = "registerSessions", tag = "gateway", summary = "Register device sessions in bulk",
+    description = "For a gateway that holds the connections itself. Needs the `presence:admin` scope.",
+    request_body = RegisterBody,
+    responses((status = 200, description = "One result per session", body = super::envelope::Ok<Registered>)),
+    security(("bearer" = [])))]
 pub async fn register(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
     let who = identity(&state, &headers)?;
     state.svc.require_admin(&who, "registering sessions")?;
@@ -45,38 +85,64 @@ pub async fn register(State(state): State<Http>, headers: HeaderMap, body: Resul
     let items = state.svc.gateway_sessions(b.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), e.platform.as_deref())))?;
     let outcomes = state.svc.sessions.open_many(&items, instance, ttl_ms).await?;
     let (mut registered, mut failed) = (0u32, 0u32);
-    let results: Vec<serde_json::Value> = items
+    let results: Vec<RegisterResult> = items
         .iter()
         .zip(outcomes)
-        .map(|(item, outcome)| match outcome {
-            Ok(reg) => {
-                registered += 1;
-                json!({ "user_id": item.user.as_str(), "device_id": &*item.device, "created": reg.created, "expires_at": rfc3339(reg.expires_at) })
+        .map(|(item, outcome)| {
+            let mut r = RegisterResult {
+                user_id: item.user.as_str(),
+                device_id: &item.device,
+                created: None,
+                expires_at: None,
+                error: None,
+                code: None,
+            };
+            match outcome {
+                Ok(reg) => {
+                    registered += 1;
+                    r.created = Some(reg.created);
+                    r.expires_at = Some(rfc3339(reg.expires_at));
+                }
+                Err(e) => {
+                    e.report("http");
+                    failed += 1;
+                    r.error = Some(e.to_string());
+                    r.code = Some(e.code());
+                }
             }
-            Err(e) => {
-                e.report("http");
-                failed += 1;
-                json!({ "user_id": item.user.as_str(), "device_id": &*item.device, "error": e.to_string(), "code": e.code() })
-            }
+            r
         })
         .collect();
-    Ok(ok(json!({ "instance_id": instance, "results": results, "registered": registered, "failed": failed })))
+    Ok(ok(Registered { instance_id: instance, results, registered, failed }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UnregisterEntry {
+pub(crate) struct UnregisterEntry {
+    #[schema(schema_with = super::openapi::id)]
     user_id: String,
+    #[schema(schema_with = super::openapi::id)]
     device_id: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UnregisterBody {
+pub(crate) struct UnregisterBody {
     sessions: Vec<UnregisterEntry>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Unregistered {
+    /// Per session, in request order: whether it was live.
+    removed: Vec<bool>,
+    removed_count: usize,
+}
+
 /// `POST /api/v2/sessions/unregister` with `{"sessions": [{"user_id", "device_id"}]}`.
+#[utoipa::path(post, path = "/api/v2/sessions/unregister", operation_id = "unregisterSessions", tag = "gateway", summary = "End device sessions in bulk",
+    request_body = UnregisterBody,
+    responses((status = 200, description = "Which sessions were live", body = super::envelope::Ok<Unregistered>)),
+    security(("bearer" = [])))]
 pub async fn unregister(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
     let who = identity(&state, &headers)?;
     state.svc.require_admin(&who, "ending sessions")?;
@@ -85,14 +151,41 @@ pub async fn unregister(State(state): State<Http>, headers: HeaderMap, body: Res
     let pairs: Vec<_> = items.into_iter().map(|s| (s.user, s.device)).collect();
     let removed = state.svc.sessions.close_many(&pairs).await?;
     let removed_count = removed.iter().filter(|r| **r).count();
-    Ok(ok(json!({ "removed": removed, "removed_count": removed_count })))
+    Ok(ok(Unregistered { removed, removed_count }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshBody {
+pub(crate) struct RefreshBody {
+    /// The lease's length (0 or absent: `presence.session_ttl`).
     #[serde(default)]
     ttl_seconds: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Lease<'a> {
+    instance_id: &'a str,
+    /// When the lease, and every session bound to it, ends unless refreshed.
+    #[schema(format = DateTime)]
+    expires_at: String,
+    /// Sessions bound to the lease.
+    registered: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Ended<'a> {
+    instance_id: &'a str,
+    sessions_ended: u64,
+}
+
+/// The instance of an `/instances/{id}` path.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct InstancePath {
+    /// A gateway instance id (same characters as a user id).
+    #[param(pattern = r"^[A-Za-z0-9._@:+\-]+$", min_length = 1, example = "gw-1")]
+    id: String,
 }
 
 fn instance_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -103,6 +196,10 @@ fn instance_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -
 
 /// `POST /api/v2/instances/{id}/refresh` with `{"ttl_seconds"?}` (or no body): creates
 /// or extends the instance's lease.
+#[utoipa::path(post, path = "/api/v2/instances/{id}/refresh", operation_id = "refreshInstance", tag = "gateway", summary = "Create or extend an instance's lease",
+    params(InstancePath), request_body(content = Option<RefreshBody>, description = "Optional"),
+    responses((status = 200, description = "The lease", body = super::envelope::Ok<Lease>)),
+    security(("bearer" = [])))]
 pub async fn refresh(
     State(state): State<Http>,
     headers: HeaderMap,
@@ -113,17 +210,21 @@ pub async fn refresh(
     state.svc.require_admin(&who, "instance leases")?;
     let id = instance_from_path(&state, path)?;
     let bytes = body_bytes(body)?;
-    let b: RefreshBody = if bytes.iter().all(u8::is_ascii_whitespace) { RefreshBody::default() } else { parse_json(&bytes)? };
+    let b: RefreshBody = if bytes.is_empty() { RefreshBody::default() } else { parse_json(&bytes)? };
     let ttl_ms = state.svc.session_ttl(b.ttl_seconds)?;
     let lease = state.svc.sessions.refresh_instance(&id, ttl_ms).await?;
-    Ok(ok(json!({ "instance_id": id, "expires_at": rfc3339(lease.expires_at), "registered": lease.registered })))
+    Ok(ok(Lease { instance_id: &id, expires_at: rfc3339(lease.expires_at), registered: lease.registered }))
 }
 
 /// `DELETE /api/v2/instances/{id}`: the lease ends now, with its sessions.
+#[utoipa::path(delete, path = "/api/v2/instances/{id}", operation_id = "endInstance", tag = "gateway", summary = "End an instance and its sessions",
+    params(InstancePath),
+    responses((status = 200, description = "How many sessions ended", body = super::envelope::Ok<Ended>)),
+    security(("bearer" = [])))]
 pub async fn end(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
     let who = identity(&state, &headers)?;
     state.svc.require_admin(&who, "instance leases")?;
     let id = instance_from_path(&state, path)?;
     let ended = state.svc.sessions.instances.end(&id).await?;
-    Ok(ok(json!({ "instance_id": id, "sessions_ended": ended })))
+    Ok(ok(Ended { instance_id: &id, sessions_ended: ended }))
 }

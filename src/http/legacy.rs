@@ -5,25 +5,33 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use serde::Deserialize;
-use serde_json::json;
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map};
+use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map, BatchBody, PresenceAnswer, UserPath};
 use super::{Http, Res};
 use crate::error::ApiError;
 use crate::json::rfc3339;
 use crate::service::StatusWrite;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpdateBody {
+pub(crate) struct UpdateBody {
+    /// `online`, `away`, `busy` or `offline`.
+    #[schema(schema_with = super::openapi::status_or_null)]
     online_status: Option<String>,
+    /// The custom message.
     custom_status: Option<String>,
+    /// Seconds until the status lapses.
+    #[schema(minimum = 0)]
     ttl: Option<i64>,
 }
 
 /// `POST /presence` `{"online_status", "custom_status"}`: sets the caller's status.
+#[utoipa::path(post, path = "/presence", operation_id = "legacySetPresence", tag = "legacy", summary = "Set the caller's status (seed 004)",
+    request_body = UpdateBody,
+    responses((status = 200, description = "The presence after the write", body = PresenceAnswer)),
+    security(("bearer" = [])))]
 pub async fn update(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
     let who = identity(&state, &headers)?;
     let user = state.svc.parse_user(&who.sub)?;
@@ -35,30 +43,71 @@ pub async fn update(State(state): State<Http>, headers: HeaderMap, body: Result<
 }
 
 /// `GET /presence/{user_id}`
+#[utoipa::path(get, path = "/presence/{user_id}", operation_id = "legacyGetPresence", tag = "legacy", summary = "One user's presence (seed 004)",
+    params(UserPath), responses((status = 200, description = "The presence", body = PresenceAnswer)),
+    security((), ("bearer" = [])))]
 pub async fn get(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
     super::presence::get_one(State(state), headers, path).await
 }
 
 /// `POST /presence/bulk` `{"user_ids": [...]}`
+#[utoipa::path(post, path = "/presence/bulk", operation_id = "legacyGetPresenceBulk", tag = "legacy", summary = "Several users' presence (seed 004)",
+    request_body = BatchBody, responses((status = 200, description = "The presence of each user", body = PresenceAnswer)),
+    security((), ("bearer" = [])))]
 pub async fn bulk(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
     batch_read(&state, &headers, body).await
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct HeartbeatBody {
+pub(crate) struct HeartbeatBody {
+    /// The device (the `X-Device-ID` header wins); default `http`.
+    #[schema(schema_with = super::openapi::id_or_null, example = "laptop")]
     device_id: Option<String>,
+    /// `desktop`, `mobile` or `web` (the `X-Device-Platform` header wins).
+    #[schema(schema_with = super::openapi::platform_or_null)]
     platform: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Heartbeat<'a> {
+    user_id: &'a str,
+    device_id: &'a str,
+    /// When the session ends without another heartbeat.
+    #[schema(format = DateTime)]
+    expires_at: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TypingBody {
+    #[schema(required, schema_with = super::openapi::id, example = "room-1")]
+    conversation_id: Option<String>,
+    #[schema(required)]
+    is_typing: Option<bool>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Typing<'a> {
+    conversation_id: &'a str,
+    user_id: &'a str,
+    is_typing: bool,
 }
 
 /// `POST /presence/heartbeat`: keeps the caller's device session alive, opening it if
 /// needed (device from `X-Device-ID` or `device_id`; default `http`). A client that stops
 /// heartbeating goes offline after `presence.session_ttl`.
+#[utoipa::path(post, path = "/presence/heartbeat", operation_id = "legacyHeartbeat", tag = "legacy", summary = "Keep the caller's device session alive (seed 004)",
+    request_body(content = Option<HeartbeatBody>, description = "Optional"),
+    params(("X-Device-ID" = Option<String>, Header, description = "The device"),
+           ("X-Device-Platform" = Option<String>, Header, description = "desktop, mobile or web")),
+    responses((status = 200, description = "The session", body = super::envelope::Ok<Heartbeat>)),
+    security(("bearer" = [])))]
 pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
     let who = identity(&state, &headers)?;
     let user = state.svc.parse_user(&who.sub)?;
     let bytes = body_bytes(body)?;
-    let b: HeartbeatBody = if bytes.iter().all(u8::is_ascii_whitespace) { HeartbeatBody::default() } else { parse_json(&bytes)? };
+    let b: HeartbeatBody = if bytes.is_empty() { HeartbeatBody::default() } else { parse_json(&bytes)? };
     let device =
         headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
     state.svc.check_id("device id", &device)?;
@@ -66,17 +115,14 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
     let platform_header = headers.get("x-device-platform").and_then(|v| v.to_str().ok());
     let platform = svc.parse_platform(platform_header.or(b.platform.as_deref()))?;
     let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
-    Ok(super::ok(json!({ "user_id": user.as_str(), "device_id": device, "expires_at": rfc3339(expires_at) })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TypingBody {
-    conversation_id: Option<String>,
-    is_typing: Option<bool>,
+    Ok(super::ok(Heartbeat { user_id: user.as_str(), device_id: &device, expires_at: rfc3339(expires_at) }))
 }
 
 /// `POST /presence/typing` `{"conversation_id", "is_typing"}`
+#[utoipa::path(post, path = "/presence/typing", operation_id = "legacyTyping", tag = "legacy", summary = "Say the caller is (not) typing in a conversation",
+    request_body = TypingBody,
+    responses((status = 200, description = "What was set", body = super::envelope::Ok<Typing>)),
+    security(("bearer" = [])))]
 pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
     let who = identity(&state, &headers)?;
     let user = state.svc.parse_user(&who.sub)?;
@@ -88,6 +134,5 @@ pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<
     state.svc.check_id("conversation id", &conv)?;
     state.svc.check_write_rate(&user)?;
     state.svc.typists.set(&user, &conv, is_typing).await?;
-    let conv: Arc<str> = Arc::from(conv);
-    Ok(super::ok(json!({ "conversation_id": &*conv, "user_id": user.as_str(), "is_typing": is_typing })))
+    Ok(super::ok(Typing { conversation_id: &conv, user_id: user.as_str(), is_typing }))
 }

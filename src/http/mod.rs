@@ -5,8 +5,10 @@ pub mod envelope;
 mod gateway;
 mod health;
 mod legacy;
+pub mod openapi;
 mod presence;
 mod social;
+mod stats;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub struct Http {
     pub cluster: Option<crate::store::cluster::ClusterStore>,
     /// The event sinks `/health` lists.
     pub sinks: Option<Arc<crate::sinks::Sinks>>,
+    /// The operator view's history (`/api/v2/stats`).
+    pub activity: Arc<crate::service::activity::Activity>,
 }
 
 /// The HTTP API's routes (without the layers: see [`layered`]).
@@ -61,6 +65,8 @@ pub fn routes(state: Http) -> Router {
         .route("/api/v2/presence/{user_id}/privacy", get(social::get_privacy).put(social::put_privacy))
         .route("/api/v2/contacts/{user_id}", get(social::get_contacts).put(social::put_contacts))
         .route("/api/v2/conversations/{id}/members", get(social::get_members).put(social::put_members))
+        .route("/api/v2/stats", get(stats::stats))
+        .route("/client.js", get(client_js))
         .route("/api/v2/sessions", post(gateway::register).layer(batch_limit))
         .route("/api/v2/sessions/unregister", post(gateway::unregister).layer(batch_limit))
         .route("/api/v2/instances/{id}", delete(gateway::end))
@@ -74,7 +80,8 @@ pub fn routes(state: Http) -> Router {
         .route("/health/cache", get(health::cache))
         .route("/health/nats", get(health::nats))
         .route("/health/redis", get(health::redis))
-        .route("/metrics", get(health::metrics));
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi_json));
     if state.dev {
         r = r.route("/dev/token", get(dev_token));
     }
@@ -95,7 +102,7 @@ pub fn layered(router: Router, state: Http) -> Router {
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
 /// that every route the router serves is here).
-pub const ROUTES: [&str; 24] = [
+pub const ROUTES: [&str; 27] = [
     "/",
     "/favicon.ico",
     "/ws",
@@ -105,6 +112,8 @@ pub const ROUTES: [&str; 24] = [
     "/api/v2/presence/{user_id}/privacy",
     "/api/v2/contacts/{user_id}",
     "/api/v2/conversations/{id}/members",
+    "/api/v2/stats",
+    "/client.js",
     "/api/v2/sessions",
     "/api/v2/sessions/unregister",
     "/api/v2/instances/{id}",
@@ -119,6 +128,7 @@ pub const ROUTES: [&str; 24] = [
     "/health/nats",
     "/health/redis",
     "/metrics",
+    "/openapi.json",
     "/dev/token",
 ];
 
@@ -183,6 +193,8 @@ async fn observe(State(state): State<Http>, req: Request, next: Next) -> Respons
 }
 
 /// The live page: presence dots over `/ws`, embedded in the binary.
+#[utoipa::path(get, path = "/", operation_id = "page", tag = "page", summary = "The live page (and, with an admin token, the operator view)",
+    responses((status = 200, description = "HTML", body = String, content_type = "text/html")))]
 async fn page() -> Response {
     let mut r = Response::new(Body::from(include_str!("../../web/index.html")));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
@@ -190,7 +202,19 @@ async fn page() -> Response {
     r
 }
 
+/// The JavaScript client (`clients/js`), as the live page imports it.
+#[utoipa::path(get, path = "/client.js", operation_id = "clientJs", tag = "page", summary = "The JavaScript client (ES module)",
+    responses((status = 200, description = "JavaScript", body = String, content_type = "text/javascript")))]
+async fn client_js() -> Response {
+    let mut r = Response::new(Body::from(include_str!("../../clients/js/src/index.js")));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/javascript; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
 /// The live page's icon (browsers ask for `/favicon.ico`): a green presence dot, SVG.
+#[utoipa::path(get, path = "/favicon.ico", operation_id = "favicon", tag = "page", summary = "The page's icon",
+    responses((status = 200, description = "SVG", body = String, content_type = "image/svg+xml")))]
 async fn favicon() -> Response {
     const DOT: &str =
         "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><circle cx=\"8\" cy=\"8\" r=\"6\" fill=\"#2ecc71\"/></svg>";
@@ -200,12 +224,26 @@ async fn favicon() -> Response {
     r
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DevTokenQuery {
+    /// The user the token is for.
+    #[param(required, example = "alice")]
     sub: Option<String>,
+    /// With `true`: the token has the `presence:admin` scope (the operator view).
+    admin: Option<bool>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct DevToken<'a> {
+    sub: &'a str,
+    token: String,
 }
 
 /// `GET /dev/token?sub=alice` (only with `serve --dev`): a token for trying the page.
+#[utoipa::path(get, path = "/dev/token", operation_id = "devToken", tag = "page", summary = "A day's token for any user (only with `serve --dev`; 404 otherwise)",
+    params(DevTokenQuery),
+    responses((status = 200, description = "The token", body = envelope::Ok<DevToken>)))]
 async fn dev_token(
     State(state): State<Http>,
     q: Result<axum::extract::Query<DevTokenQuery>, axum::extract::rejection::QueryRejection>,
@@ -213,8 +251,9 @@ async fn dev_token(
     let axum::extract::Query(q) = q.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let sub = q.sub.ok_or_else(|| ApiError::BadRequest("sub is required: /dev/token?sub=alice".into()))?;
     let user = state.svc.parse_user(&sub)?;
-    let token = state.svc.auth.mint(user.as_str(), std::time::Duration::from_secs(24 * 3600), None).map_err(ApiError::Internal)?;
-    Ok(ok(serde_json::json!({ "sub": user.as_str(), "token": token })))
+    let scope = q.admin.unwrap_or(false).then_some("presence:admin");
+    let token = state.svc.auth.mint(user.as_str(), std::time::Duration::from_secs(24 * 3600), scope).map_err(ApiError::Internal)?;
+    Ok(ok(DevToken { sub: user.as_str(), token }))
 }
 
 async fn not_found(req: Request) -> Response {

@@ -4,33 +4,91 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::presence::{body_bytes, identity, parse_json, user_from_path};
+use super::presence::{body_bytes, identity, parse_json, user_from_path, UserPath};
 use super::{ok, Http, Res};
-use crate::core::{Privacy, UserId};
+use crate::core::{Privacy, UserId, Visibility};
 use crate::error::ApiError;
 
 fn names(ids: &[UserId]) -> Vec<&str> {
     ids.iter().map(UserId::as_str).collect()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ContactsBody {
+pub(crate) struct ContactsBody {
+    /// The whole list (replaces the previous one), at most `limits.max_contacts` ids.
+    #[schema(required, schema_with = super::openapi::ids, example = json!(["bob", "carol"]))]
     contacts: Option<Vec<String>>,
 }
 
+/// A user's contacts: who is told of their changes when their visibility is `contacts`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Contacts<'a> {
+    user_id: &'a str,
+    contacts: Vec<&'a str>,
+}
+
+/// Who may see a user, and who may see their `last_seen`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PrivacyAnswer<'a> {
+    user_id: &'a str,
+    visibility: Visibility,
+    last_seen: Visibility,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PrivacyBody {
+    /// Who sees the user's presence; absent keeps the current setting.
+    visibility: Option<Visibility>,
+    /// Who sees `last_seen`; absent keeps the current setting.
+    last_seen: Option<Visibility>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Members<'a> {
+    conversation_id: &'a str,
+    members: Vec<&'a str>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MembersBody {
+    /// The whole member list (replaces the previous one).
+    #[schema(required, schema_with = super::openapi::ids, example = json!(["alice", "bob"]))]
+    members: Option<Vec<String>>,
+}
+
+/// The conversation of a `/conversations/{id}` path.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct ConversationPath {
+    /// A conversation id (same characters as a user id).
+    #[param(pattern = r"^[A-Za-z0-9._@:+\-]+$", min_length = 1, example = "room-1")]
+    id: String,
+}
+
 /// `GET /api/v2/contacts/{user_id}` (own token or `presence:admin`)
+#[utoipa::path(get, path = "/api/v2/contacts/{user_id}", operation_id = "getContacts", tag = "contacts", summary = "A user's contacts",
+    description = "The user's own token, or one with the `presence:admin` scope.",
+    params(UserPath), responses((status = 200, description = "The contacts", body = super::envelope::Ok<Contacts>)),
+    security(("bearer" = [])))]
 pub async fn get_contacts(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
     let who = identity(&state, &headers)?;
     let id = user_from_path(&state, path)?;
     let c = state.svc.contacts(&who, &id)?;
-    Ok(ok(json!({ "user_id": id.as_str(), "contacts": names(&c) })))
+    Ok(ok(Contacts { user_id: id.as_str(), contacts: names(&c) }))
 }
 
 /// `PUT /api/v2/contacts/{user_id}` with `{"contacts": [...]}`: replaces the list.
+#[utoipa::path(put, path = "/api/v2/contacts/{user_id}", operation_id = "setContacts", tag = "contacts", summary = "Replace a user's contacts",
+    params(UserPath), request_body = ContactsBody,
+    responses((status = 200, description = "The contacts now", body = super::envelope::Ok<Contacts>)),
+    security(("bearer" = [])))]
 pub async fn put_contacts(
     State(state): State<Http>,
     headers: HeaderMap,
@@ -44,14 +102,17 @@ pub async fn put_contacts(
     let b: ContactsBody = parse_json(&bytes)?;
     let raw = b.contacts.ok_or_else(|| ApiError::BadRequest("contacts is required (a list of user ids)".into()))?;
     let c = state.svc.set_contacts(&who, &id, &raw).await?;
-    Ok(ok(json!({ "user_id": id.as_str(), "contacts": names(&c) })))
+    Ok(ok(Contacts { user_id: id.as_str(), contacts: names(&c) }))
 }
 
-fn privacy_json(id: &UserId, p: &Privacy) -> serde_json::Value {
-    json!({ "user_id": id.as_str(), "visibility": p.visibility, "last_seen": p.last_seen })
+fn privacy_json<'a>(id: &'a UserId, p: &Privacy) -> PrivacyAnswer<'a> {
+    PrivacyAnswer { user_id: id.as_str(), visibility: p.visibility, last_seen: p.last_seen }
 }
 
 /// `GET /api/v2/presence/{user_id}/privacy` (own token or `presence:admin`)
+#[utoipa::path(get, path = "/api/v2/presence/{user_id}/privacy", operation_id = "getPrivacy", tag = "privacy", summary = "A user's privacy settings",
+    params(UserPath), responses((status = 200, description = "The settings", body = super::envelope::Ok<PrivacyAnswer>)),
+    security(("bearer" = [])))]
 pub async fn get_privacy(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
     let who = identity(&state, &headers)?;
     let id = user_from_path(&state, path)?;
@@ -61,18 +122,16 @@ pub async fn get_privacy(State(state): State<Http>, headers: HeaderMap, path: Re
 
 /// `PUT /api/v2/presence/{user_id}/privacy` with `{"visibility", "last_seen"}`
 /// (`everyone | contacts | nobody`; an absent field keeps its current value).
+#[utoipa::path(put, path = "/api/v2/presence/{user_id}/privacy", operation_id = "setPrivacy", tag = "privacy", summary = "Change privacy settings",
+    params(UserPath), request_body = PrivacyBody,
+    responses((status = 200, description = "The settings now", body = super::envelope::Ok<PrivacyAnswer>)),
+    security(("bearer" = [])))]
 pub async fn put_privacy(
     State(state): State<Http>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Res {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct PrivacyBody {
-        visibility: Option<crate::core::Visibility>,
-        last_seen: Option<crate::core::Visibility>,
-    }
     let who = identity(&state, &headers)?;
     let id = user_from_path(&state, path)?;
     let current = state.svc.privacy(&who, &id)?;
@@ -84,17 +143,18 @@ pub async fn put_privacy(
     Ok(ok(privacy_json(&id, &p)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MembersBody {
-    members: Option<Vec<String>>,
-}
-
-fn conversation_from_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    path.map(|Path(c)| c).map_err(|e| ApiError::BadRequest(format!("invalid conversation id in path: {e}")))
+fn conversation_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(c) = path.map_err(|e| ApiError::BadRequest(format!("invalid conversation id in path: {e}")))?;
+    state.svc.check_id("conversation id", &c)?;
+    Ok(c)
 }
 
 /// `PUT /api/v2/conversations/{id}/members` with `{"members": [...]}` (scope `presence:admin`)
+#[utoipa::path(put, path = "/api/v2/conversations/{id}/members", operation_id = "setMembers", tag = "conversations", summary = "Replace a conversation's members",
+    description = "Needs the `presence:admin` scope. Members see each other's typing indicators.",
+    params(ConversationPath), request_body = MembersBody,
+    responses((status = 200, description = "The members now", body = super::envelope::Ok<Members>)),
+    security(("bearer" = [])))]
 pub async fn put_members(
     State(state): State<Http>,
     headers: HeaderMap,
@@ -102,19 +162,22 @@ pub async fn put_members(
     body: Result<Bytes, BytesRejection>,
 ) -> Res {
     let who = identity(&state, &headers)?;
-    let conv = conversation_from_path(path)?;
+    let conv = conversation_from_path(&state, path)?;
     state.svc.require_admin(&who, "setting conversation members")?;
     let bytes = body_bytes(body)?;
     let b: MembersBody = parse_json(&bytes)?;
     let raw = b.members.ok_or_else(|| ApiError::BadRequest("members is required (a list of user ids)".into()))?;
     let m = state.svc.set_members(&who, &conv, &raw).await?;
-    Ok(ok(json!({ "conversation_id": conv, "members": names(&m) })))
+    Ok(ok(Members { conversation_id: &conv, members: names(&m) }))
 }
 
 /// `GET /api/v2/conversations/{id}/members` (scope `presence:admin`)
+#[utoipa::path(get, path = "/api/v2/conversations/{id}/members", operation_id = "getMembers", tag = "conversations", summary = "A conversation's members",
+    params(ConversationPath), responses((status = 200, description = "The members", body = super::envelope::Ok<Members>)),
+    security(("bearer" = [])))]
 pub async fn get_members(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
     let who = identity(&state, &headers)?;
-    let conv = conversation_from_path(path)?;
+    let conv = conversation_from_path(&state, path)?;
     let m = state.svc.members(&who, &conv)?;
-    Ok(ok(json!({ "conversation_id": conv, "members": names(&m) })))
+    Ok(ok(Members { conversation_id: &conv, members: names(&m) }))
 }

@@ -8,6 +8,7 @@
 //! above it: what the WebSocket hub must learn (presence events, typing, directory
 //! changes) goes on the bus.
 
+pub mod activity;
 pub mod instances;
 pub mod limiter;
 pub mod sessions;

@@ -64,7 +64,7 @@ pub trait EventSink: Send + Sync + 'static {
 }
 
 /// A sink's state, as `/health` lists it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SinkHealth {
     pub name: String,
     #[serde(rename = "type")]

@@ -297,7 +297,7 @@ mod tests {
         let (svc, hub) = (app.svc.clone(), app.hub.clone());
         let who = Identity { sub: user.to_string(), scopes: Vec::new() };
         let id = UserId::parse(user, 64).unwrap();
-        let hello = protocol::connected(user, "d1", None, "n1", 25, 60);
+        let hello = protocol::connected(user, "d1", None, "n1", 25, 60, 5);
         let conn = hub.connect(id, Arc::from("d1"), None, false, hello).await.unwrap();
         let (to_server, incoming) = tokio::sync::mpsc::unbounded_channel();
         let (outgoing, from_server) = tokio::sync::mpsc::unbounded_channel();

@@ -36,10 +36,14 @@ pub fn router(state: Ws) -> Router {
     Router::new().route("/ws", get(upgrade)).with_state(state)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WsQuery {
+    /// The JWT, for clients that cannot set `Authorization` (browsers).
     token: Option<String>,
+    /// The device (or `X-Device-ID`); absent: a random `dev-…` id.
     device_id: Option<String>,
+    /// `desktop`, `mobile` or `web` (or `X-Device-Platform`).
     platform: Option<String>,
 }
 
@@ -50,6 +54,12 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// `GET /ws`: authenticates, applies the per-IP connection rate limit and opens the
 /// device session (the device limit is enforced there, atomically) before upgrading, so
 /// a refusal is the JSON envelope (401/400/429).
+#[utoipa::path(get, path = "/ws", operation_id = "websocket", tag = "realtime", summary = "Upgrade to the WebSocket protocol",
+    description = "Messages are JSON `{\"type\": ..., \"data\": ...}`: the server sends `connected`, `presence_update`,         `typing`, `heartbeat_ack`, `error`; the client sends `heartbeat`, `subscribe`, `unsubscribe`, `set_status`,         `typing`. See the README's WebSocket section.",
+    params(WsQuery),
+    responses((status = 101, description = "Switching protocols"),
+              (status = 400, description = "Not an upgrade request, or invalid input", body = crate::http::envelope::Err)),
+    security(("bearer" = []), ()))]
 pub async fn upgrade(
     State(state): State<Ws>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -80,6 +90,7 @@ pub async fn upgrade(
         &svc.node_id,
         svc.presence.heartbeat_interval.0.as_secs(),
         svc.presence.session_ttl.0.as_secs(),
+        svc.presence.typing_ttl.0.as_secs().max(1),
     );
     let conn = hub.connect(user, device, platform, who.is_admin(), hello).await?;
     let max = svc.limits.ws_max_message_bytes.0 as usize;

@@ -161,10 +161,11 @@ pub fn connected(
     node_id: &str,
     heartbeat_secs: u64,
     session_ttl_secs: u64,
+    typing_ttl_secs: u64,
 ) -> String {
     let mut payload = json!({
         "user_id": user_id, "device_id": device_id, "node_id": node_id,
-        "heartbeat_interval": heartbeat_secs, "session_ttl": session_ttl_secs,
+        "heartbeat_interval": heartbeat_secs, "session_ttl": session_ttl_secs, "typing_ttl": typing_ttl_secs,
     });
     if let (Some(p), Some(map)) = (platform, payload.as_object_mut()) {
         map.insert("platform".into(), json!(p.as_str()));

@@ -88,6 +88,14 @@ impl TestServer {
         Self::serve(app, Some(dir)).await
     }
 
+    /// As [`TestServer::start`], with `serve --dev`'s `/dev/token`.
+    pub async fn start_dev(extra_env: &[(&str, &str)]) -> TestServer {
+        let (config, dir) = test_config(extra_env);
+        let mut app = App::build(config).await.expect("build app");
+        app.dev = true;
+        Self::serve(app, Some(dir)).await
+    }
+
     /// Serves around a given store (e.g. one that fails on purpose).
     pub async fn with_store(extra_env: &[(&str, &str)], store: Arc<dyn Store>) -> TestServer {
         Self::with_store_and_bus(extra_env, store, EventBus::new(1024)).await

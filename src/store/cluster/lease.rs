@@ -43,6 +43,12 @@ pub struct Lease {
     pub ended_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<Millis>,
+    /// The node's sessions and users with a session on it at the last renewal (for the
+    /// operator view: no write of its own).
+    #[serde(default)]
+    pub sessions: u64,
+    #[serde(default)]
+    pub users: u64,
 }
 
 impl Lease {
@@ -73,7 +79,13 @@ pub struct SyncNotice {
 
 impl ClusterStore {
     fn lease_value(&self, now: Millis) -> Result<Bytes, StoreError> {
+        let (sessions, users) = {
+            let owned = self.inner.owned.lock();
+            (owned.session_count(), owned.user_count())
+        };
         let l = Lease {
+            sessions,
+            users,
             node_id: self.inner.node.to_string(),
             started_at: self.inner.started_at,
             renewed_at: now,
@@ -177,6 +189,21 @@ impl ClusterStore {
 
     /// Looks for lapsed leases of other nodes and, for each one it wins the claim of,
     /// ends that node's sessions. Returns how many sessions' users it handled.
+    /// Every node's lease, as last renewed (the operator view's nodes).
+    pub async fn nodes(&self) -> Result<Vec<Lease>, StoreError> {
+        let keys = self.inner.bp.keys(Space::Leases).await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for node in keys {
+            if let Ok(Some(record)) = self.inner.bp.get(Space::Leases, &node).await {
+                if let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<Lease>(&v).ok()) {
+                    out.push(lease);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(out)
+    }
+
     pub async fn janitor(&self) -> usize {
         if self.inner.degraded.breaker.is_open() {
             return 0;
@@ -288,7 +315,7 @@ mod tests {
     use super::*;
 
     fn lease(renewed_at: Millis) -> Lease {
-        Lease { node_id: "a".into(), started_at: 0, renewed_at, ttl_ms: 1000, ended_by: None, ended_at: None }
+        Lease { node_id: "a".into(), started_at: 0, renewed_at, ttl_ms: 1000, ended_by: None, ended_at: None, sessions: 0, users: 0 }
     }
 
     #[test]

@@ -1,0 +1,136 @@
+// Types of the presenced WebSocket protocol and of the client (./index.js).
+
+export type Status = "online" | "away" | "busy" | "offline";
+export type Platform = "desktop" | "mobile" | "web";
+
+/** One live device of a user. */
+export interface Device {
+  device_id: string;
+  platform?: Platform;
+}
+
+/** What a viewer sees of one user (the same shape as the REST API's). */
+export interface Presence {
+  user_id: string;
+  status: Status;
+  message?: string;
+  /** RFC 3339; null while online, or when hidden from this viewer. */
+  last_seen: string | null;
+  updated_at: string | null;
+  node_id: string;
+  /** Remaining seconds of an explicit status with a TTL. */
+  ttl?: number;
+  expires_at?: string;
+  device_count: number;
+  devices: Device[];
+}
+
+export interface TypingIndicator {
+  conversation_id: string;
+  user_id: string;
+  is_typing: boolean;
+}
+
+/** The server's first message: who it thinks you are and the timing to keep (seconds). */
+export interface Connected {
+  user_id: string;
+  device_id: string;
+  platform?: Platform;
+  node_id: string;
+  heartbeat_interval: number;
+  session_ttl: number;
+  typing_ttl: number;
+}
+
+/** A refused request or a protocol error (`code` from the server's error table). */
+export interface PresenceError {
+  code: string;
+  message: string;
+}
+
+/** Server → client messages. */
+export type ServerMessage =
+  | { type: "connected"; payload: Connected }
+  | { type: "presence_update"; payload: Presence }
+  | { type: "typing_indicator"; payload: TypingIndicator }
+  | { type: "ack"; id: string | number | null; payload: { id: string | number | null; type: string } }
+  | { type: "error"; id: string | number | null; payload: PresenceError & { id: string | number | null } };
+
+/** Client → server messages. */
+export type ClientMessage = { id?: string | number } & (
+  | { type: "heartbeat"; payload?: Record<string, never> }
+  | { type: "presence_update"; payload: { online_status?: Status; custom_status?: string; ttl?: number } }
+  | { type: "typing"; payload: { conversation_id: string; is_typing: boolean } }
+  | { type: "subscribe"; payload: { user_ids: string[] } }
+  | { type: "unsubscribe"; payload: { user_ids: string[] } }
+);
+
+export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
+
+export interface StateInfo {
+  /** Reconnection attempt (1 = the first retry). */
+  attempt?: number;
+  /** Wait before the next attempt. */
+  delayMs?: number;
+  /** Close code and reason of the connection that ended. */
+  code?: number;
+  reason?: string;
+  /** With "open": true after a reconnection. */
+  reconnected?: boolean;
+}
+
+export interface Backoff {
+  /** First retry waits between half and all of this (default 500 ms). */
+  initialMs?: number;
+  /** Cap (default 30 s). */
+  maxMs?: number;
+  /** Growth per attempt (default 2). */
+  factor?: number;
+}
+
+/** A WebSocket constructor: the browser's, Node 22's, or the `ws` package's. */
+export interface WebSocketLike {
+  new (url: string): WebSocket;
+}
+
+export interface ClientOptions {
+  /** `ws://host:port/ws` (or `wss://`). */
+  url: string;
+  /** A JWT, or a function giving a fresh one for every (re)connection. */
+  token?: string | (() => string | Promise<string>);
+  /** Stable per device, so a reconnect replaces its own session (default: the server picks one). */
+  deviceId?: string;
+  platform?: Platform;
+  WebSocket?: WebSocketLike | unknown;
+  backoff?: Backoff;
+  /** Stop typing after this long without a keystroke (default 3000 ms). */
+  typingIdleMs?: number;
+  /** For tests: the jitter's random source. */
+  random?: () => number;
+}
+
+export declare function backoffDelay(attempt: number, backoff: Required<Backoff>, random?: () => number): number;
+
+export declare class PresenceClient {
+  constructor(options: ClientOptions);
+  readonly state: ConnectionState;
+  readonly connected: boolean;
+  /** The `connected` payload of the current (or last) connection. */
+  readonly session: Connected | null;
+  connect(): Promise<Connected>;
+  close(): void;
+  presence(userId: string): Presence | undefined;
+  typingIn(conversationId: string): string[];
+  typingNow(): TypingIndicator[];
+  subscribe(userIds: string[]): Promise<void>;
+  unsubscribe(userIds: string[]): Promise<void>;
+  setStatus(status: Status, message?: string, ttl?: number): Promise<{ id: string | number | null; type: string }>;
+  typing(conversationId: string): void;
+  stopTyping(conversationId: string): void;
+  /** Each returns a function that removes the callback. */
+  onPresence(fn: (presence: Presence, previous: Presence | undefined) => void): () => void;
+  onTyping(fn: (indicator: TypingIndicator) => void): () => void;
+  onState(fn: (state: ConnectionState, info: StateInfo) => void): () => void;
+  onError(fn: (error: PresenceError) => void): () => void;
+  onConnected(fn: (connected: Connected, reconnected: boolean) => void): () => void;
+}

@@ -1,0 +1,397 @@
+// @ts-check
+/**
+ * presenced WebSocket client, for browsers and Node (>= 18).
+ *
+ * - connects to `/ws` with a token (a string, or a function returning a fresh one for
+ *   every attempt);
+ * - heartbeats at the server's `heartbeat_interval` (from the `connected` message) and
+ *   treats a silent server as gone;
+ * - reconnects with exponential backoff and jitter, re-subscribes to every watched user
+ *   and reconciles from the snapshot the server sends: callbacks fire only for users whose
+ *   presence differs from what the application last saw, and typing indicators that were
+ *   on before the gap are cleared;
+ * - typing with local debounce: call `typing(conversation)` on every keystroke; the server
+ *   hears `is_typing: true` once (refreshed before its `typing_ttl` runs out) and `false`
+ *   after `typingIdleMs` without keystrokes.
+ *
+ * Types: ./index.d.ts.
+ */
+
+const OPEN = 1;
+
+/** @type {Required<import("./index").Backoff>} */
+const BACKOFF = { initialMs: 500, maxMs: 30_000, factor: 2 };
+
+/**
+ * Delay before reconnection attempt `attempt` (0-based): exponential, capped, with "equal
+ * jitter" (between half and all of the exponential value), so a server restart is not met
+ * by every client at the same instant, and no client hammers it.
+ * @param {number} attempt
+ * @param {Required<import("./index").Backoff>} b
+ * @param {() => number} random
+ */
+export function backoffDelay(attempt, b, random = Math.random) {
+  const exp = Math.min(b.maxMs, b.initialMs * Math.pow(b.factor, Math.min(attempt, 30)));
+  return Math.round(exp / 2 + random() * (exp / 2));
+}
+
+/** The fields a presence change is judged by (`ttl` counts down by itself). */
+function sameView(a, b) {
+  if (!a || !b) return false;
+  const keys = ["status", "message", "last_seen", "device_count", "expires_at", "node_id"];
+  if (keys.some((k) => a[k] !== b[k])) return false;
+  return JSON.stringify(a.devices || []) === JSON.stringify(b.devices || []);
+}
+
+export class PresenceClient {
+  /** @param {import("./index").ClientOptions} options */
+  constructor(options) {
+    if (!options || !options.url) throw new TypeError("PresenceClient: options.url is required (ws://host:port/ws)");
+    this.options = options;
+    /** @type {typeof WebSocket} */
+    this.WS = options.WebSocket || /** @type {any} */ (globalThis).WebSocket;
+    if (!this.WS) throw new TypeError("PresenceClient: no WebSocket here; pass options.WebSocket (e.g. the ws package)");
+    this.backoff = { ...BACKOFF, ...(options.backoff || {}) };
+    this.random = options.random || Math.random;
+    this.typingIdleMs = options.typingIdleMs ?? 3000;
+    /** @type {import("./index").ConnectionState} */
+    this.state = "idle";
+    /** @type {WebSocket | null} */
+    this.ws = null;
+    this.attempt = 0;
+    this.stopped = true;
+    /** @type {import("./index").Connected | null} */
+    this.session = null;
+    /** @type {Set<string>} */
+    this.watched = new Set();
+    /** @type {Map<string, import("./index").Presence>} */
+    this.presences = new Map();
+    /** @type {Map<string, import("./index").TypingIndicator>} conversation + user -> indicator */
+    this.typists = new Map();
+    /** @type {Map<string, {idle: any, sentAt: number}>} conversation -> our own typing */
+    this.ownTyping = new Map();
+    /** @type {Map<number, {resolve: (v: any) => void, reject: (e: any) => void}>} */
+    this.pending = new Map();
+    this.seq = 0;
+    this.timers = { heartbeat: /** @type {any} */ (null), watchdog: /** @type {any} */ (null), retry: /** @type {any} */ (null) };
+    this.lastMessageAt = 0;
+    this.handlers = {
+      presence: new Set(),
+      typing: new Set(),
+      state: new Set(),
+      error: new Set(),
+      connected: new Set(),
+    };
+    /** @type {Array<{resolve: (c: import("./index").Connected) => void}>} */
+    this.waiters = [];
+  }
+
+  /** Connects (and keeps reconnecting until `close()`); resolves on the first `connected`. */
+  connect() {
+    const p = new Promise((resolve) => this.waiters.push({ resolve }));
+    if (this.stopped) {
+      this.stopped = false;
+      this.attempt = 0;
+      void this.open();
+    }
+    return /** @type {Promise<import("./index").Connected>} */ (p);
+  }
+
+  /** Stops for good: no reconnection; the server ends this device's session. */
+  close() {
+    this.stopped = true;
+    this.clearTimers();
+    clearTimeout(this.timers.retry);
+    for (const t of this.ownTyping.values()) clearTimeout(t.idle);
+    this.ownTyping.clear();
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      ws.onclose = null;
+      ws.onmessage = null;
+      ws.onerror = null;
+      try {
+        ws.close(1000, "bye");
+      } catch {
+        /* already closed */
+      }
+    }
+    this.failPending("closed");
+    this.setState("closed", {});
+  }
+
+  /** @returns {boolean} */
+  get connected() {
+    return this.state === "open";
+  }
+
+  /** The last presence seen of `userId`, if watched. */
+  presence(userId) {
+    return this.presences.get(userId);
+  }
+
+  /** Every typing indicator that is on now. */
+  typingNow() {
+    return [...this.typists.values()];
+  }
+
+  /** Who is typing in `conversationId` now. */
+  typingIn(conversationId) {
+    return [...this.typists.values()].filter((t) => t.conversation_id === conversationId).map((t) => t.user_id);
+  }
+
+  onPresence(fn) {
+    return this.on("presence", fn);
+  }
+  onTyping(fn) {
+    return this.on("typing", fn);
+  }
+  onState(fn) {
+    return this.on("state", fn);
+  }
+  onError(fn) {
+    return this.on("error", fn);
+  }
+  onConnected(fn) {
+    return this.on("connected", fn);
+  }
+
+  /** Watches users: their presence now (the server's snapshot) and every visible change. */
+  async subscribe(userIds) {
+    const fresh = userIds.filter((id) => !this.watched.has(id));
+    for (const id of userIds) this.watched.add(id);
+    if (fresh.length && this.state === "open") await this.sendUsers("subscribe", fresh);
+  }
+
+  async unsubscribe(userIds) {
+    for (const id of userIds) {
+      this.watched.delete(id);
+      this.presences.delete(id);
+    }
+    if (userIds.length && this.state === "open") await this.sendUsers("unsubscribe", userIds);
+  }
+
+  /**
+   * Sets this user's status (`online`, `away`, `busy`, `offline` = appear offline), with an
+   * optional message and TTL in seconds; resolves when the server has applied it.
+   */
+  setStatus(status, message, ttl) {
+    /** @type {Record<string, unknown>} */
+    const payload = { online_status: status };
+    if (message !== undefined) payload.custom_status = message;
+    if (ttl !== undefined) payload.ttl = ttl;
+    return this.request("presence_update", payload);
+  }
+
+  /**
+   * Call on every keystroke in `conversationId`. Sends `is_typing: true` at most once per
+   * refresh period, and `false` after `typingIdleMs` without a call.
+   */
+  typing(conversationId) {
+    const now = Date.now();
+    const own = this.ownTyping.get(conversationId);
+    const refreshMs = Math.max(1000, ((this.session && this.session.typing_ttl) || 5) * 600);
+    if (own) clearTimeout(own.idle);
+    const sentAt = !own || now - own.sentAt >= refreshMs ? now : own.sentAt;
+    if (sentAt === now) this.sendTyping(conversationId, true);
+    const idle = setTimeout(() => this.stopTyping(conversationId), this.typingIdleMs);
+    this.ownTyping.set(conversationId, { idle, sentAt });
+  }
+
+  /** Says at once that this user stopped typing in `conversationId` (e.g. on send). */
+  stopTyping(conversationId) {
+    const own = this.ownTyping.get(conversationId);
+    if (!own) return;
+    clearTimeout(own.idle);
+    this.ownTyping.delete(conversationId);
+    this.sendTyping(conversationId, false);
+  }
+
+  // ---- internals -------------------------------------------------------------------
+
+  on(kind, fn) {
+    this.handlers[kind].add(fn);
+    return () => this.handlers[kind].delete(fn);
+  }
+
+  emit(kind, ...args) {
+    for (const fn of this.handlers[kind]) {
+      try {
+        fn(...args);
+      } catch (e) {
+        if (kind !== "error") this.emit("error", { code: "callback", message: String(e) });
+      }
+    }
+  }
+
+  setState(state, info) {
+    this.state = state;
+    this.emit("state", state, info);
+  }
+
+  async open() {
+    if (this.stopped) return;
+    this.setState(this.attempt === 0 ? "connecting" : "reconnecting", { attempt: this.attempt });
+    let token;
+    try {
+      const t = this.options.token;
+      token = typeof t === "function" ? await t() : t;
+    } catch (e) {
+      this.emit("error", { code: "token", message: String(e) });
+      return this.retry({ code: 0, reason: "token provider failed" });
+    }
+    if (this.stopped) return;
+    const q = new URLSearchParams();
+    if (token) q.set("token", token);
+    if (this.options.deviceId) q.set("device_id", this.options.deviceId);
+    if (this.options.platform) q.set("platform", this.options.platform);
+    const url = this.options.url + (this.options.url.includes("?") ? "&" : "?") + q.toString();
+    let ws;
+    try {
+      ws = new this.WS(url);
+    } catch (e) {
+      this.emit("error", { code: "connect", message: String(e) });
+      return this.retry({ code: 0, reason: String(e) });
+    }
+    this.ws = ws;
+    ws.onmessage = (ev) => this.receive(typeof ev.data === "string" ? ev.data : String(ev.data));
+    ws.onerror = () => {};
+    ws.onclose = (ev) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      this.retry({ code: ev.code, reason: ev.reason });
+    };
+  }
+
+  /** The connection is gone: schedules the next attempt. */
+  retry(info) {
+    this.clearTimers();
+    this.failPending("disconnected");
+    if (this.stopped) return;
+    const delayMs = backoffDelay(this.attempt, this.backoff, this.random);
+    this.attempt += 1;
+    this.setState("reconnecting", { ...info, attempt: this.attempt, delayMs });
+    this.timers.retry = setTimeout(() => void this.open(), delayMs);
+  }
+
+  clearTimers() {
+    clearInterval(this.timers.heartbeat);
+    clearInterval(this.timers.watchdog);
+  }
+
+  failPending(why) {
+    for (const p of this.pending.values()) p.reject({ code: why, message: "the connection " + (why === "closed" ? "was closed" : "was lost") });
+    this.pending.clear();
+  }
+
+  receive(text) {
+    this.lastMessageAt = Date.now();
+    let m;
+    try {
+      m = JSON.parse(text);
+    } catch {
+      return this.emit("error", { code: "malformed", message: "server sent non-JSON: " + text.slice(0, 80) });
+    }
+    const p = m.payload || {};
+    switch (m.type) {
+      case "connected":
+        return this.welcome(p);
+      case "presence_update": {
+        // Watched users, this user's own presence, and contacts the server pushes.
+        const prev = this.presences.get(p.user_id);
+        this.presences.set(p.user_id, p);
+        if (!sameView(prev, p)) this.emit("presence", p, prev);
+        return;
+      }
+      case "typing_indicator": {
+        const key = p.conversation_id + "\u0000" + p.user_id;
+        const had = this.typists.has(key);
+        if (p.is_typing) this.typists.set(key, p);
+        else this.typists.delete(key);
+        if (had !== p.is_typing) this.emit("typing", p);
+        return;
+      }
+      case "ack": {
+        const w = this.pending.get(m.id);
+        if (w) {
+          this.pending.delete(m.id);
+          w.resolve(p);
+        }
+        return;
+      }
+      case "error": {
+        const w = m.id != null ? this.pending.get(m.id) : undefined;
+        const err = { code: p.code, message: p.message };
+        if (w) {
+          this.pending.delete(m.id);
+          w.reject(err);
+        } else this.emit("error", err);
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
+  welcome(p) {
+    const reconnected = this.session !== null;
+    this.session = p;
+    this.attempt = 0;
+    const beatMs = Math.max(1, p.heartbeat_interval || 25) * 1000;
+    this.timers.heartbeat = setInterval(() => this.request("heartbeat", {}).catch(() => {}), beatMs);
+    // A server that says nothing for two beats (acks included) is gone: a dead network
+    // path may never deliver a close, so the client gives up on the socket itself.
+    this.timers.watchdog = setInterval(() => {
+      if (Date.now() - this.lastMessageAt > 2 * beatMs + 1000) this.drop("server silent for " + (2 * beatMs + 1000) + " ms");
+    }, Math.min(beatMs, 5000));
+    // Typing indicators from before a gap may have ended meanwhile: clear them.
+    for (const [key, t] of this.typists) {
+      this.typists.delete(key);
+      this.emit("typing", { ...t, is_typing: false });
+    }
+    for (const own of this.ownTyping.values()) clearTimeout(own.idle);
+    this.ownTyping.clear();
+    this.setState("open", { reconnected });
+    this.emit("connected", p, reconnected);
+    // Re-subscribe: the server answers with a snapshot, reconciled in `receive`.
+    if (this.watched.size) this.sendUsers("subscribe", [...this.watched]).catch((e) => this.emit("error", e));
+    for (const w of this.waiters.splice(0)) w.resolve(p);
+  }
+
+  /** Closes a socket that stopped answering and reconnects. */
+  drop(reason) {
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      ws.onclose = null;
+      try {
+        ws.close(4000, "heartbeat timeout");
+      } catch {
+        /* ignore */
+      }
+    }
+    this.retry({ code: 4000, reason });
+  }
+
+  async sendUsers(type, ids) {
+    const chunk = 500;
+    for (let i = 0; i < ids.length; i += chunk) await this.request(type, { user_ids: ids.slice(i, i + chunk) });
+  }
+
+  sendTyping(conversationId, isTyping) {
+    this.request("typing", { conversation_id: conversationId, is_typing: isTyping }).catch((e) => this.emit("error", e));
+  }
+
+  /** Sends a message with an id; resolves on its `ack`, rejects on its `error`. */
+  request(type, payload) {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== OPEN || this.state !== "open") {
+      return Promise.reject({ code: "not_connected", message: "not connected" });
+    }
+    const id = ++this.seq;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      ws.send(JSON.stringify({ type, payload, id }));
+    });
+  }
+}
