@@ -16,7 +16,9 @@ use crate::store::StoreStats;
 /// Installs the global log subscriber. A second call is a no-op.
 pub fn init_logging(cfg: &LoggingConfig) -> Result<(), String> {
     let filter = EnvFilter::try_new(&cfg.level).map_err(|e| format!("logging.level: invalid filter {:?}: {e}", cfg.level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: not in files, pipes or journald, nor with NO_COLOR.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

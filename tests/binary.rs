@@ -360,3 +360,36 @@ async fn token_says_where_it_signs_and_a_taken_port_names_the_setting() {
     assert_ne!(code, Some(0));
     assert!(err.contains("service.port") && err.contains(&port), "{err}");
 }
+
+/// Text logs into a pipe (a file, journald, `docker logs`) carry no ANSI colour codes.
+#[test]
+fn text_logs_into_a_pipe_have_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = base_cmd(dir.path())
+        .env("PRESENCE_LOGGING__FORMAT", "text")
+        .args(["serve", "--dev"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let start = Instant::now();
+    while !lines.iter().any(|l: &String| l.contains("presenced listening")) {
+        assert!(start.elapsed() < Duration::from_secs(20), "no listening line: {lines:?}");
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(lines.len() >= 2, "{lines:?}");
+    assert!(lines.iter().all(|l| !l.contains('\u{1b}')), "colour codes in piped logs: {lines:?}");
+}

@@ -429,3 +429,46 @@ async fn directory_changes_reach_other_nodes_after_a_restart(mut e: Engine) {
     })
     .await;
 }
+
+on_engines!(the_operator_view_counts_every_nodes_sessions: nats, redis);
+/// `/api/v2/stats` on any node lists every node with the sessions it holds (carried by the
+/// node's lease renewal), and the backend's connection.
+async fn the_operator_view_counts_every_nodes_sessions(e: Engine) {
+    let fast = [("PRESENCE_PRESENCE__NODE_LEASE_TTL", "1500ms")];
+    let a = e.node_with("node-a", &fast).await;
+    let b = e.node_with("node-b", &fast).await;
+    let _a1 = common::wsclient::connect(&a, "alice", "phone").await;
+    let _a2 = common::wsclient::connect(&a, "alice", "laptop").await;
+    let _b1 = common::wsclient::connect(&b, "bob", "phone").await;
+    let admin = a.admin_token("ops");
+    let stats = async || -> Value {
+        let r = a.client.get(a.url("/api/v2/stats")).bearer_auth(&admin).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["data"].clone()
+    };
+    let counts = |d: &Value| -> Vec<(String, u64, u64, bool)> {
+        d["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node_id"].as_str().unwrap().to_string(),
+                    n["sessions"].as_u64().unwrap(),
+                    n["online_users"].as_u64().unwrap(),
+                    n["alive"] == true,
+                )
+            })
+            .collect()
+    };
+    let want = vec![("node-a".to_string(), 2, 1, true), ("node-b".to_string(), 1, 1, true)];
+    common::eventually("both nodes' sessions in the stats", Duration::from_secs(10), async || counts(&stats().await) == want).await;
+    let d = stats().await;
+    assert_eq!(d["node_id"], "node-a");
+    assert_eq!((d["sessions"].as_u64(), d["online_users"].as_u64()), (Some(2), Some(1)), "this node's own figures: {d}");
+    assert_eq!(d["backend_health"]["name"], e.name());
+    assert_eq!(d["backend_health"]["connected"], true);
+    assert!(!d["history"].as_array().unwrap().is_empty());
+    a.stop().await;
+    b.stop().await;
+}
