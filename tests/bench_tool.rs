@@ -112,3 +112,34 @@ fn sinks_bench_delivers_every_event() {
     assert!(text.contains("1000 events produced") && text.contains("1000 delivered"), "{text}");
     assert!(text.contains("dropped 0"), "{text}");
 }
+
+/// `scale` in miniature: three presenced nodes on a real nats-server, three generator
+/// processes, every session up, contacts on other nodes told of changes, the nats-server's
+/// subscriptions counted; and its bare baseline.
+#[test]
+fn scale_bench_runs_nodes_and_generators() {
+    let small = ["--nodes", "3", "--sessions", "1500", "--per-generator", "500", "--contacts", "4", "--no-sysctl"];
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
+        .arg("scale")
+        .args(small)
+        .args(["--hold-secs", "4", "--change-pct-per-min", "300", "--heartbeat-secs", "2", "--concurrency", "32"])
+        .output()
+        .expect("run presenced-bench scale");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("sessions held        1500 of 1500 (0 failed)"), "{text}");
+    let line = text.lines().find(|l| l.starts_with("change -> contact")).unwrap_or_else(|| panic!("{text}"));
+    let deliveries: u64 = line.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(deliveries > 0, "{line}");
+    let subs = text.lines().find(|l| l.starts_with("nats-server")).unwrap_or_else(|| panic!("{text}"));
+    assert!(!subs.contains(" 0 subscriptions"), "{subs}");
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
+        .arg("scale")
+        .args(small)
+        .args(["--baseline", "--hold-secs", "1"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("sessions held        1500 of 1500 (0 failed)"), "{text}");
+}

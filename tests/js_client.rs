@@ -58,7 +58,8 @@ async fn type_declarations_compile_strictly() {
 /// The npm package holds the module, its types and its manifest, and nothing else.
 #[tokio::test]
 async fn the_npm_package_holds_the_module_and_its_types() {
-    let out = run(tokio::process::Command::new("npm").args(["pack", "--dry-run", "--json"]).current_dir(js_dir()), Duration::from_secs(60)).await;
+    let out =
+        run(tokio::process::Command::new("npm").args(["pack", "--dry-run", "--json"]).current_dir(js_dir()), Duration::from_secs(60)).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("npm pack --json");
     let mut files: Vec<&str> = v[0]["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();

@@ -168,7 +168,7 @@ pub fn presenced(dir: &Path, id: &str, node_type: &str, store: &Store, lease: &s
 }
 
 /// `GET path` on 127.0.0.1:port, the JSON body.
-async fn get_json(port: u16, path: &str) -> Res<serde_json::Value> {
+pub async fn get_json(port: u16, path: &str) -> Res<serde_json::Value> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
     let mut buf = Vec::new();

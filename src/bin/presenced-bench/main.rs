@@ -15,12 +15,14 @@
 //! `presenced-bench cluster` runs the hub-and-spoke topology (center + two leaves, real
 //! nats-servers) and measures cross-node fan-out, store writes per change and store
 //! writes with idle users (see `cluster.rs`). `presenced-bench backends` compares the
-//! cluster backends (NATS, Redis) side by side (see `backends.rs`).
+//! cluster backends (NATS, Redis) side by side (see `backends.rs`). `presenced-bench scale`
+//! runs many nodes and load-generator processes toward a million sessions (`scale.rs`).
 #![forbid(unsafe_code)]
 
 mod backends;
 mod cluster;
 mod hostile;
+mod scale;
 mod sessions;
 mod sinks;
 
@@ -67,6 +69,13 @@ enum Cmd {
     /// Event sinks: events/s a webhook sink delivers, transition → receipt delay, outbox
     /// depth, events lost.
     Sinks(sinks::SinksArgs),
+    /// Many presenced nodes in cluster mode on one nats-server, many load-generator
+    /// processes: up to a million WebSocket sessions with contacts on other nodes, status
+    /// changes and heartbeats; memory, NATS, delivery latency, store writes, CPU.
+    Scale(scale::ScaleArgs),
+    /// One load-generator process of `scale` (started by it).
+    #[command(hide = true)]
+    ScaleGen(scale::GenArgs),
     /// What hostile clients cost: parked WatchPresence streams, stalled request heads.
     Hostile(hostile::HostileArgs),
     /// The bare broadcast server used by `run --baseline`: every text frame received is
@@ -141,6 +150,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Backends(args) => rt.block_on(backends::run(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::run(args)),
+        Cmd::Scale(args) => rt.block_on(scale::run(args)),
+        Cmd::ScaleGen(args) => rt.block_on(scale::generator(args)),
         Cmd::BaselineServer { listen } => rt.block_on(baseline_server(listen)),
     };
     match r {

@@ -1,0 +1,559 @@
+//! `presenced-bench scale`: many presenced nodes in cluster mode on one nats-server with
+//! JetStream, driven by many load-generator processes (each under the open-file limit),
+//! all on this machine's loopback.
+//!
+//! Users `0..sessions` connect to node `user % nodes` (gateway auth: `X-User-Id`), each
+//! watches `contacts` other users (`user+1 ..= user+contacts`: with more nodes than
+//! contacts, every contact lives on another node, so fan-out crosses nodes), heartbeats at
+//! `heartbeat_secs` with a random phase, and during the hold `change_pct_per_min` % of the
+//! users change status per minute with a timestamp in the message: every contact that
+//! receives it measures change → delivery across processes (wall clock, same machine).
+//!
+//! Reported side by side with `--baseline` (bare tokio-tungstenite nodes, no NATS): sessions
+//! held, server RSS per session beyond the nodes' idle footprint, nats-server RSS and
+//! subscriptions (its monitoring endpoint), connect rate, delivery p50/p99/max, store
+//! writes/s, CPU per 10K sessions. Every process it starts is stopped by pid, the temporary
+//! directory removed, and any sysctl it changed reported and restored.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{watch, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::cluster::{get_json, nats_server, wait_port, Cleanup, Proc};
+use super::{free_port, percentiles, rss_kib, sibling, Res, BENCH_ENV, MARK};
+
+#[derive(Parser, Clone)]
+pub struct ScaleArgs {
+    /// presenced nodes (each holds sessions / nodes connections; at most ~19,500 each).
+    #[arg(long, default_value_t = 50)]
+    pub nodes: usize,
+    /// Concurrent WebSocket sessions in total.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub sessions: usize,
+    /// Users each user watches (subscribes to).
+    #[arg(long, default_value_t = 10)]
+    pub contacts: usize,
+    /// Percent of the users that change status per minute during the hold.
+    #[arg(long, default_value_t = 1.0)]
+    pub change_pct_per_min: f64,
+    /// Seconds of steady state measured once every session is up.
+    #[arg(long, default_value_t = 60)]
+    pub hold_secs: u64,
+    /// Sessions per load-generator process (each under the 20,000 open files).
+    #[arg(long, default_value_t = 19_000)]
+    pub per_generator: usize,
+    /// Heartbeat interval of the clients (the server's default is 25 s).
+    #[arg(long, default_value_t = 25)]
+    pub heartbeat_secs: u64,
+    /// Handshakes in flight per generator.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Bare tokio-tungstenite nodes (no NATS, no presence) instead of presenced: the
+    /// memory baseline.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Leave the sysctls alone (by default the bench widens the ephemeral port range and
+    /// the accept backlog when it can, and restores them at the end).
+    #[arg(long)]
+    pub no_sysctl: bool,
+}
+
+/// One load-generator process (started by `scale`; not for direct use).
+#[derive(Parser, Clone)]
+pub struct GenArgs {
+    /// The nodes, `host:port` comma-separated; user u goes to node u % len.
+    #[arg(long)]
+    pub targets: String,
+    #[arg(long)]
+    pub first: usize,
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long)]
+    pub total: usize,
+    #[arg(long)]
+    pub contacts: usize,
+    #[arg(long)]
+    pub change_pct_per_min: f64,
+    #[arg(long)]
+    pub heartbeat_secs: u64,
+    #[arg(long)]
+    pub concurrency: usize,
+    /// Source addresses 127.0.0.<from>..=<to>.
+    #[arg(long, default_value = "2-60")]
+    pub sources: String,
+    #[arg(long)]
+    pub baseline: bool,
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- the generator process
+
+struct GenShared {
+    connected: AtomicU64,
+    failed: AtomicU64,
+    changes: AtomicU64,
+    samples: parking_lot::Mutex<Vec<u32>>,
+}
+
+/// `scale-gen`: opens its users' sessions, reports `ready <connected> <failed> <secs>`,
+/// then on `change <secs>` drives status changes for that long and reports
+/// `done <changes> <latency µs,...>`; `stop` (or stdin closing) ends it.
+pub async fn generator(args: GenArgs) -> Res<()> {
+    let targets: Vec<SocketAddr> =
+        args.targets.split(',').map(|t| t.parse().map_err(|e| format!("target {t}: {e}"))).collect::<Res<_>>()?;
+    if targets.is_empty() {
+        return Err("no targets".into());
+    }
+    let (lo, hi) = args.sources.split_once('-').ok_or("--sources a-b")?;
+    let (lo, hi): (u8, u8) = (lo.parse().map_err(|_| "sources")?, hi.parse().map_err(|_| "sources")?);
+    let sources: Vec<Ipv4Addr> = (lo..=hi.max(lo)).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let shared = Arc::new(GenShared {
+        connected: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        changes: AtomicU64::new(0),
+        samples: Default::default(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // One channel per client: "change your status now".
+    let mut changers = Vec::with_capacity(args.count);
+    let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(args.count);
+    for i in 0..args.count {
+        let user = args.first + i;
+        let permit = gate.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+        let target = targets[user % targets.len()];
+        let source = sources[i % sources.len()];
+        let contacts: Vec<String> = (1..=args.contacts).map(|k| format!("u{}", (user + k) % args.total.max(1))).collect();
+        let client = Client { user, target, source, contacts, heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)) };
+        let (tx, rx) = tokio::sync::mpsc::channel::<()>(4);
+        changers.push(tx);
+        tasks.push(tokio::spawn(client.run(shared.clone(), stop_rx.clone(), rx, permit, args.baseline)));
+    }
+    // Every handshake done (or failed).
+    let _ = gate.acquire_many(args.concurrency.max(1) as u32).await;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("ready {} {} {secs:.3}", shared.connected.load(Ordering::Relaxed), shared.failed.load(Ordering::Relaxed));
+    let _ = std::io::stdout().flush();
+
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut parts = line.split_whitespace();
+        match parts.next() {
+            Some("change") => {
+                let secs: f64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(10.0);
+                let per_sec = args.count as f64 * args.change_pct_per_min / 100.0 / 60.0;
+                let interval = Duration::from_secs_f64(1.0 / per_sec.max(0.001));
+                let end = Instant::now() + Duration::from_secs_f64(secs);
+                let mut tick = tokio::time::interval(interval);
+                while Instant::now() < end {
+                    tick.tick().await;
+                    if let Some(c) = changers.get((rand::random::<u64>() % args.count.max(1) as u64) as usize) {
+                        if c.try_send(()).is_ok() {
+                            shared.changes.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                // Late deliveries.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let mut s = std::mem::take(&mut *shared.samples.lock());
+                s.sort_unstable();
+                let list: Vec<String> = s.iter().map(u32::to_string).collect();
+                println!(
+                    "done {} {} {}",
+                    shared.changes.swap(0, Ordering::Relaxed),
+                    shared.connected.load(Ordering::Relaxed),
+                    list.join(",")
+                );
+                let _ = std::io::stdout().flush();
+            }
+            Some("stop") | None => break,
+            _ => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    Ok(())
+}
+
+struct Client {
+    user: usize,
+    target: SocketAddr,
+    source: Ipv4Addr,
+    contacts: Vec<String>,
+    heartbeat: Duration,
+}
+
+impl Client {
+    async fn run(
+        self,
+        shared: Arc<GenShared>,
+        mut stop: watch::Receiver<bool>,
+        mut changes: tokio::sync::mpsc::Receiver<()>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        baseline: bool,
+    ) {
+        let opened = super::open(self.target, self.source, &format!("u{}", self.user), baseline).await;
+        let mut ws = match opened {
+            Ok(ws) => ws,
+            Err(e) => {
+                if shared.failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("user {}: {e}", self.user);
+                }
+                drop(permit);
+                return;
+            }
+        };
+        if !baseline {
+            let sub = serde_json::json!({"type": "subscribe", "payload": {"user_ids": self.contacts}}).to_string();
+            if ws.send(Message::text(sub)).await.is_err() {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                drop(permit);
+                return;
+            }
+        }
+        shared.connected.fetch_add(1, Ordering::Relaxed);
+        drop(permit);
+        let phase = Duration::from_millis(rand::random::<u64>() % self.heartbeat.as_millis().max(1) as u64);
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + phase, self.heartbeat);
+        // The bare server broadcasts every frame it receives: its clients stay idle.
+        let heartbeats = !baseline;
+        let mut flip = false;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = beat.tick(), if heartbeats => {
+                    if ws.send(Message::text("{\"type\":\"heartbeat\"}")).await.is_err() { break; }
+                }
+                Some(()) = changes.recv(), if heartbeats => {
+                    flip = !flip;
+                    let msg = serde_json::json!({"type": "presence_update", "payload": {
+                        "online_status": if flip { "away" } else { "online" },
+                        "custom_status": format!("{MARK}{}", unix_ns()),
+                    }}).to_string();
+                    if ws.send(Message::text(msg)).await.is_err() { break; }
+                }
+                m = ws.next() => match m {
+                    Some(Ok(Message::Text(t))) => {
+                        // Own echo excluded: a contact's change carries another user's id.
+                        if let Some(ts) = super::marker_ts(&t) {
+                            if !t.contains(&format!("\"u{}\"", self.user)) {
+                                shared.samples.lock().push((unix_ns().saturating_sub(ts) / 1000) as u32);
+                            }
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+        let _ = ws.close(None).await;
+    }
+}
+
+// ---------------------------------------------------------------- the orchestrator
+
+/// A sysctl the bench changed, restored on drop.
+struct Sysctl {
+    key: &'static str,
+    old: String,
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let path = format!("/proc/sys/{}", self.key.replace('.', "/"));
+        match std::fs::write(&path, &self.old) {
+            Ok(()) => println!("sysctl {} restored to {:?}", self.key, self.old.trim()),
+            Err(e) => println!("sysctl {}: could not restore {:?}: {e}", self.key, self.old.trim()),
+        }
+    }
+}
+
+/// Sets `key` to `want` when the current value is smaller (per `smaller`), reporting it.
+fn raise(key: &'static str, want: &str, smaller: impl Fn(&str) -> bool) -> Option<Sysctl> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let old = std::fs::read_to_string(&path).ok()?;
+    if !smaller(old.trim()) {
+        return None;
+    }
+    match std::fs::write(&path, want) {
+        Ok(()) => {
+            println!("sysctl {key}: {:?} -> {want:?} (restored at the end)", old.trim());
+            Some(Sysctl { key, old })
+        }
+        Err(e) => {
+            println!("sysctl {key} is {:?}; could not set {want:?} ({e}): run as root, or set it yourself", old.trim());
+            None
+        }
+    }
+}
+
+struct Generator {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Generator {
+    fn send(&mut self, line: &str) -> Res<()> {
+        let s = self.stdin.as_mut().ok_or("generator stdin closed")?;
+        writeln!(s, "{line}").and_then(|_| s.flush()).map_err(|e| format!("generator: {e}"))
+    }
+
+    fn expect(&self, prefix: &str, within: Duration) -> Res<String> {
+        let end = Instant::now() + within;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).map_err(|_| format!("generator said no {prefix:?} within {within:?}"))?;
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Ok(rest.trim().to_string());
+            }
+        }
+    }
+}
+
+/// CPU seconds (user + system) a process used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// What a scale run measured.
+#[derive(Debug, Default)]
+pub struct ScaleReport {
+    pub sessions: u64,
+    pub failed: u64,
+    pub connect_secs: f64,
+    pub node_rss_idle_kib: u64,
+    pub node_rss_kib: u64,
+    pub nats_rss_kib: u64,
+    pub nats_subscriptions: u64,
+    pub latencies: Vec<u32>,
+    pub changes: u64,
+    pub store_writes_per_sec: f64,
+    pub cpu_secs_per_10k: f64,
+}
+
+pub async fn run(args: ScaleArgs) -> Res<()> {
+    let r = measure(&args).await?;
+    let mode = if args.baseline { "baseline (bare tokio-tungstenite nodes)" } else { "presenced (cluster mode on NATS)" };
+    println!("== scale: {mode}, {} nodes", args.nodes);
+    println!("sessions held        {} of {} ({} failed)", r.sessions, args.sessions, r.failed);
+    println!("connect rate         {:.0}/s ({:.1} s to connect them all)", r.sessions as f64 / r.connect_secs.max(0.001), r.connect_secs);
+    let per = (r.node_rss_kib.saturating_sub(r.node_rss_idle_kib)) as f64 * 1024.0 / r.sessions.max(1) as f64;
+    println!(
+        "server RSS           {:.1} MiB idle, {:.1} MiB with the sessions: {:.2} KiB per session (all nodes summed)",
+        r.node_rss_idle_kib as f64 / 1024.0,
+        r.node_rss_kib as f64 / 1024.0,
+        per / 1024.0
+    );
+    if !args.baseline {
+        println!("nats-server          {:.1} MiB RSS, {} subscriptions", r.nats_rss_kib as f64 / 1024.0, r.nats_subscriptions);
+        println!("store writes         {:.1}/s during the hold", r.store_writes_per_sec);
+        println!(
+            "change -> contact    {} deliveries of {} changes: {}",
+            r.latencies.len(),
+            r.changes,
+            percentiles(&r.latencies, &[("p50", 0.5), ("p99", 0.99)])
+        );
+    }
+    println!("CPU                  {:.3} s of node CPU per second per 10K sessions", r.cpu_secs_per_10k);
+    Ok(())
+}
+
+/// Runs one scale measurement (also used by the smoke test through the CLI).
+pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
+    if args.per_generator == 0 || args.nodes == 0 {
+        return Err("--nodes and --per-generator must be above 0".into());
+    }
+    let per_node = args.sessions.div_ceil(args.nodes);
+    if per_node > 19_500 {
+        println!("warning: {per_node} sessions per node is above what one process holds (20,000 open files): use more --nodes");
+    }
+    let _sysctls: Vec<Sysctl> = if args.no_sysctl {
+        Vec::new()
+    } else {
+        [
+            raise("net.ipv4.ip_local_port_range", "1024 65535", |v| {
+                v.split_whitespace().next().and_then(|a| a.parse::<u32>().ok()).is_some_and(|a| a > 1024)
+            }),
+            raise("net.core.somaxconn", "65535", |v| v.parse::<u32>().is_ok_and(|n| n < 65535)),
+            raise("net.ipv4.tcp_max_syn_backlog", "65535", |v| v.parse::<u32>().is_ok_and(|n| n < 65535)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    };
+    let dir = std::env::temp_dir().join(format!("presenced-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let _cleanup = Cleanup(dir.clone());
+
+    // The engine: one nats-server with JetStream and its monitoring port.
+    let mut nats: Option<(Proc, u16, u16)> = None;
+    if !args.baseline {
+        let mon = free_port()?;
+        let body = format!("http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ store_dir: \"@STORE@\" }}\n");
+        let (p, port) = nats_server(&dir, "scale", &body)?;
+        wait_port(port).await?;
+        nats = Some((p, port, mon));
+    }
+
+    // The nodes.
+    let mut nodes: Vec<(Proc, u16)> = Vec::with_capacity(args.nodes);
+    for i in 0..args.nodes {
+        let port = free_port()?;
+        let mut cmd = if args.baseline {
+            let mut c = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+            c.args(["baseline-server", "--listen", &format!("127.0.0.1:{port}")]);
+            c
+        } else {
+            let mut c = Command::new(sibling("presenced")?);
+            let nats_port = nats.as_ref().map(|n| n.1).unwrap_or(0);
+            c.arg("serve")
+                .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
+                .env("PRESENCE_SERVICE__PORT", port.to_string())
+                .env("PRESENCE_SERVICE__GRPC_PORT", "0")
+                .env("PRESENCE_SERVICE__NODE_ID", format!("n{i}"))
+                .env("PRESENCE_SERVICE__DATA_DIR", dir.join(format!("n{i}")))
+                .env("PRESENCE_STORE__BACKEND", "nats")
+                .env("PRESENCE_NATS__URLS", format!("[\"nats://127.0.0.1:{nats_port}\"]"))
+                .env("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", format!("{}s", args.heartbeat_secs))
+                .env("PRESENCE_PRESENCE__SESSION_TTL", format!("{}s", args.heartbeat_secs * 3))
+                .envs(BENCH_ENV);
+            c
+        };
+        let child = cmd.stdout(Stdio::null()).spawn().map_err(|e| format!("node {i}: {e}"))?;
+        nodes.push((Proc(child), port));
+    }
+    for (_, port) in &nodes {
+        wait_port(*port).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pids: Vec<u32> = nodes.iter().map(|(p, _)| p.0.id()).collect();
+    let node_rss_idle_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
+    let targets = nodes.iter().map(|(_, p)| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+
+    // The generators, all at once; each reports when its sessions are up.
+    let t0 = Instant::now();
+    let mut gens = Vec::new();
+    let mut first = 0;
+    while first < args.sessions {
+        let count = args.per_generator.min(args.sessions - first);
+        let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .arg("scale-gen")
+            .args(["--targets", &targets])
+            .args(["--first", &first.to_string(), "--count", &count.to_string(), "--total", &args.sessions.to_string()])
+            .args(["--contacts", &args.contacts.to_string(), "--change-pct-per-min", &args.change_pct_per_min.to_string()])
+            .args(["--heartbeat-secs", &args.heartbeat_secs.to_string(), "--concurrency", &args.concurrency.to_string()])
+            .args(if args.baseline { vec!["--baseline"] } else { vec![] })
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("generator: {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().ok_or("generator stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        gens.push(Generator { child, stdin, lines });
+        first += count;
+    }
+    let (mut sessions, mut failed) = (0u64, 0u64);
+    for g in &gens {
+        let ready = tokio::task::block_in_place(|| g.expect("ready", Duration::from_secs(600)))?;
+        let mut f = ready.split_whitespace();
+        sessions += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        failed += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    let connect_secs = t0.elapsed().as_secs_f64();
+    println!("{sessions} sessions up in {connect_secs:.1} s ({failed} failed); holding {} s", args.hold_secs);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The hold: status changes, heartbeats; CPU and store writes counted over it.
+    let writes_before = store_writes(&nodes).await;
+    let cpu_before: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let hold_start = Instant::now();
+    for g in &mut gens {
+        g.send(&format!("change {}", args.hold_secs))?;
+    }
+    let mut latencies = Vec::new();
+    let mut changes = 0;
+    for g in &gens {
+        let done = tokio::task::block_in_place(|| g.expect("done", Duration::from_secs(args.hold_secs + 120)))?;
+        let mut f = done.splitn(3, ' ');
+        changes += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let _still = f.next();
+        latencies.extend(f.next().unwrap_or("").split(',').filter_map(|v| v.parse::<u32>().ok()));
+    }
+    let hold = hold_start.elapsed().as_secs_f64();
+    let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
+    let writes = store_writes(&nodes).await.saturating_sub(writes_before);
+    let node_rss_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
+    latencies.sort_unstable();
+    let (nats_rss_kib, nats_subscriptions) = match &nats {
+        Some((p, _, mon)) => {
+            let subs = get_json(*mon, "/varz").await.ok().and_then(|v| v["subscriptions"].as_u64()).unwrap_or(0);
+            (rss_kib(p.0.id()).unwrap_or(0), subs)
+        }
+        None => (0, 0),
+    };
+    for g in &mut gens {
+        let _ = g.send("stop");
+    }
+    drop(gens);
+    drop(nodes);
+    drop(nats);
+    Ok(ScaleReport {
+        sessions,
+        failed,
+        connect_secs,
+        node_rss_idle_kib,
+        node_rss_kib,
+        nats_rss_kib,
+        nats_subscriptions,
+        latencies,
+        changes,
+        store_writes_per_sec: writes as f64 / hold.max(0.001),
+        cpu_secs_per_10k: cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
+    })
+}
+
+/// Store writes of every node so far (0 for the baseline's nodes).
+async fn store_writes(nodes: &[(Proc, u16)]) -> u64 {
+    let mut n = 0;
+    for (_, p) in nodes {
+        n += get_json(*p, "/health/nats").await.ok().and_then(|v| v["data"]["store_writes"].as_u64()).unwrap_or(0);
+    }
+    n
+}
