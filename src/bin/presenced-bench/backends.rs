@@ -69,7 +69,7 @@ fn redis_server(dir: &Path) -> Res<(Proc, u16)> {
 
 /// The engine's own publish → subscribe latency: `n` messages at `rate`/s, each
 /// carrying its send time (µs, sorted).
-async fn bare_round_trip(store: &Store, n: usize, rate: f64) -> Res<Vec<u32>> {
+pub(super) async fn bare_round_trip(store: &Store, n: usize, rate: f64) -> Res<Vec<u32>> {
     let start = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let publish: Box<dyn Fn(Vec<u8>) -> futures_util::future::BoxFuture<'static, Res<()>> + Send + Sync> = match store {

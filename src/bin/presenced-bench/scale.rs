@@ -355,6 +355,8 @@ pub struct ScaleReport {
     pub nats_rss_kib: u64,
     pub nats_subscriptions: u64,
     pub latencies: Vec<u32>,
+    /// The bare NATS publish -> subscribe baseline (µs, sorted).
+    pub bare_latencies: Vec<u32>,
     pub changes: u64,
     pub store_writes_per_sec: f64,
     pub cpu_secs_per_10k: f64,
@@ -381,6 +383,11 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
             r.latencies.len(),
             r.changes,
             percentiles(&r.latencies, &[("p50", 0.5), ("p99", 0.99)])
+        );
+        println!(
+            "bare NATS pub->sub   {} messages at the same rate on the same server: {}",
+            r.bare_latencies.len(),
+            percentiles(&r.bare_latencies, &[("p50", 0.5), ("p99", 0.99)])
         );
     }
     println!("CPU                  {:.3} s of node CPU per second per 10K sessions", r.cpu_secs_per_10k);
@@ -507,6 +514,14 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     for g in &mut gens {
         g.send(&format!("change {}", args.hold_secs))?;
     }
+    // The baseline for delivery: the engine's bare publish -> subscribe at the same rate,
+    // on the same loaded nats-server, during the hold.
+    let bare = nats.as_ref().map(|(_, port, _)| {
+        let store = super::cluster::Store::Nats { port: *port, domain: None };
+        let rate = (args.sessions as f64 * args.change_pct_per_min / 100.0 / 60.0).max(1.0);
+        let n = ((rate * args.hold_secs as f64) as usize).clamp(10, 20_000);
+        tokio::spawn(async move { super::backends::bare_round_trip(&store, n, rate).await })
+    });
     let mut latencies = Vec::new();
     let mut changes = 0;
     for g in &gens {
@@ -517,6 +532,10 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         latencies.extend(f.next().unwrap_or("").split(',').filter_map(|v| v.parse::<u32>().ok()));
     }
     let hold = hold_start.elapsed().as_secs_f64();
+    let bare_latencies = match bare {
+        Some(t) => t.await.map_err(|e| e.to_string())??,
+        None => Vec::new(),
+    };
     let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
     let writes = store_writes(&nodes).await.saturating_sub(writes_before);
     let node_rss_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
@@ -543,6 +562,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         nats_rss_kib,
         nats_subscriptions,
         latencies,
+        bare_latencies,
         changes,
         store_writes_per_sec: writes as f64 / hold.max(0.001),
         cpu_secs_per_10k: cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
