@@ -46,6 +46,7 @@ fn cluster_options(config: &Config, request_timeout: std::time::Duration) -> Clu
         forget_after_ms: Some(config.presence.forget_after.as_millis_i64()).filter(|f| *f > 0),
         cache_max_cost: config.cache.max_cost,
         kv_timeout: request_timeout.max(std::time::Duration::from_millis(100)),
+        interest_all_above: config.store.interest_all_above,
     }
 }
 

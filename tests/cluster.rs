@@ -472,3 +472,58 @@ async fn the_operator_view_counts_every_nodes_sessions(e: Engine) {
     a.stop().await;
     b.stop().await;
 }
+
+on_engines!(past_the_threshold_one_subscription_takes_every_users_events: nats, redis);
+/// Batched interest: above `store.interest_all_above` watched users a node takes every
+/// user's events through one subscription (its watchers still get only what they watch),
+/// and below half of it goes back to one subscription per watched user.
+async fn past_the_threshold_one_subscription_takes_every_users_events(e: Engine) {
+    let env = [("PRESENCE_STORE__INTEREST_ALL_ABOVE", "4")];
+    let a = e.node_with("node-a", &env).await;
+    let b = e.node_with("node-b", &env).await;
+    let name = e.name();
+    let health = async || b.get(&format!("/health/{name}")).await.1["data"]["interest"].clone();
+    let mut w = common::wsclient::connect(&b, "w", "d1").await;
+    let subscribe = async |w: &mut common::wsclient::Client, kind: &str, ids: &[&str], id: u32| {
+        let m = w.ack(json!({"type": kind, "payload": {"user_ids": ids}, "id": id})).await;
+        assert_eq!(m["type"], "ack", "{m}");
+    };
+    let set = async |user: &str, status: &str| {
+        assert_eq!(a.put_status(user, Some(&a.token(user)), json!({ "status": status })).await.0, 200);
+    };
+    // w itself and three users: 4, not above 4: one subscription each.
+    subscribe(&mut w, "subscribe", &["u1", "u2", "u3"], 1).await;
+    eventually("4 watched, per user", async || health().await == json!({"watched_users": 4, "all": false, "events_received": 0})).await;
+    // zed, watched by nobody here, does not reach B; u1 does.
+    set("zed", "busy").await;
+    set("u1", "busy").await;
+    while w.presence_of("u1").await["status"] != "busy" {} // after its snapshot
+    eventually("B received u1 only", async || health().await["events_received"] == 1).await;
+
+    // Three more: 7 watched, above 4: one subscription to every user's events.
+    subscribe(&mut w, "subscribe", &["u4", "u5", "u6"], 2).await;
+    eventually("every user's events", async || health().await["all"] == true).await;
+    let before = health().await["events_received"].as_u64().unwrap();
+    set("zed", "away").await;
+    set("u5", "busy").await;
+    // The watcher gets u5 (after its snapshot); nothing about zed is pushed to it.
+    while w.presence_of("u5").await["status"] != "busy" {}
+    eventually("B received zed too", async || health().await["events_received"].as_u64().unwrap() >= before + 2).await;
+
+    // Down to w and u1: 2, not above half of 4: back to one subscription per user.
+    subscribe(&mut w, "unsubscribe", &["u2", "u3", "u4", "u5", "u6"], 3).await;
+    eventually("per user again", async || {
+        let i = health().await;
+        i["all"] == false && i["watched_users"] == 2
+    })
+    .await;
+    let before = health().await["events_received"].as_u64().unwrap();
+    set("zed", "busy").await;
+    set("u1", "away").await;
+    while w.presence_of("u1").await["status"] != "away" {}
+    eventually("B received u1 only", async || health().await["events_received"].as_u64().unwrap() == before + 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(health().await["events_received"].as_u64().unwrap(), before + 1, "zed reached B");
+    a.stop().await;
+    b.stop().await;
+}

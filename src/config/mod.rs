@@ -126,11 +126,22 @@ pub struct StoreConfig {
     /// Start with an empty store when the database file is empty or damaged beyond
     /// repair (it is moved aside first). Off: such a file stops the start (exit 64).
     pub start_fresh: bool,
+    /// Cluster mode: above this many watched users (1,000) a node takes every user's events
+    /// through one wildcard subscription instead of one subscription per watched user
+    /// (back to per-user below half of it); `0` keeps per-user subscriptions always.
+    pub interest_all_above: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { backend: Backend::Memory, persist: true, shards: 64, tick: Dur::millis(100), start_fresh: false }
+        StoreConfig {
+            backend: Backend::Memory,
+            persist: true,
+            shards: 64,
+            tick: Dur::millis(100),
+            start_fresh: false,
+            interest_all_above: 1_000,
+        }
     }
 }
 

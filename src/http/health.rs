@@ -152,6 +152,9 @@ pub(crate) struct BackendHealth<'a> {
 pub(crate) struct Interest {
     /// Users this node listens to.
     watched_users: u64,
+    /// Taking every user's events through one subscription (above
+    /// `store.interest_all_above` watched users, or for a watch-all stream).
+    all: bool,
     events_received: u64,
 }
 
@@ -170,7 +173,7 @@ fn backend(state: &Http, name: &'static str) -> Response {
                     urls: Some(h.urls),
                     node_id: Some(&state.svc.node_id),
                     degraded: Some(state.svc.degraded().is_some()),
-                    interest: Some(Interest { watched_users: s.watched_users, events_received: s.remote_events }),
+                    interest: Some(Interest { watched_users: s.watched_users, all: c.interest_all(), events_received: s.remote_events }),
                     store_writes: Some(s.writes),
                     sessions_held: Some(s.sessions),
                 })

@@ -49,6 +49,7 @@ pub static NAMES: Names = Names {
     cas_writes: "nats_kv_writes_total",
     cas_conflicts: "nats_kv_cas_conflicts_total",
     interest_users: "nats_interest_users",
+    interest_all: "nats_interest_all",
     events_received: "nats_events_received_total",
     events_out_of_order: "nats_events_out_of_order_total",
     publish_timeouts: "nats_publish_timeouts_total",

@@ -99,6 +99,8 @@ pub struct Names {
     pub cas_writes: &'static str,
     pub cas_conflicts: &'static str,
     pub interest_users: &'static str,
+    /// Gauge: 1 while the node takes every user's events (batched interest), else 0.
+    pub interest_all: &'static str,
     pub events_received: &'static str,
     pub events_out_of_order: &'static str,
     pub publish_timeouts: &'static str,

@@ -81,6 +81,9 @@ pub struct ClusterOptions {
     pub cache_max_cost: u64,
     /// Timeout of one store request; consecutive failures open the circuit breaker.
     pub kv_timeout: Duration,
+    /// `store.interest_all_above`: watched users above which one wildcard subscription
+    /// replaces the per-user ones (`0`: never).
+    pub interest_all_above: usize,
 }
 
 impl ClusterOptions {
@@ -93,6 +96,7 @@ impl ClusterOptions {
             forget_after_ms: None,
             cache_max_cost: 64 << 20,
             kv_timeout: Duration::from_secs(2),
+            interest_all_above: 1_000,
         }
     }
 }
@@ -122,6 +126,8 @@ pub(crate) struct Counters {
     /// Other nodes' events received (interest-routed) and the users watched here.
     remote_events: AtomicU64,
     watched: AtomicU64,
+    /// The node takes every user's events (batched interest, or a watch-all stream).
+    interest_all: std::sync::atomic::AtomicBool,
 }
 
 /// Serialise work on one user that spans the network: owner-index writes (see
@@ -249,6 +255,11 @@ impl ClusterStore {
     /// The backend's connection health (`/health/<backend>`).
     pub fn backend_health(&self) -> Health {
         self.inner.bp.health()
+    }
+
+    /// Whether this node takes every user's events through one subscription.
+    pub fn interest_all(&self) -> bool {
+        self.inner.counters.interest_all.load(Ordering::Relaxed)
     }
 
     pub fn backend_name(&self) -> &'static str {

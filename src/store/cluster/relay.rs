@@ -7,6 +7,14 @@
 //! never sends this node a message about a user nobody here watches. A
 //! `WatchPresence { all: true }` stream switches to every user's events while it lasts.
 //!
+//! Batched interest: a subscription per watched user costs the node about 13 KiB (the
+//! client's per-subscription channel allocates its first block of 32 messages, plus a
+//! forwarding task) and the engine one interest entry per node and user (10 contacts ×
+//! 20,000 users is 200,000 per node). Above `store.interest_all_above` watched users
+//! (1,000) a node takes every user's events through one wildcard subscription instead and
+//! filters locally, which costs it the cluster's event rate; below half of it, back to
+//! per-user.
+//!
 //! Snapshot reads wait until the subscriptions asked for before them are in place, so a
 //! client that subscribes and then reads its snapshot misses no change in between.
 //!
@@ -76,6 +84,40 @@ fn relay(inner: &Inner, payload: &[u8]) {
     }
 }
 
+/// Whether the feed should take every user's events for `watched` users: above
+/// `threshold`, and (once on) until below half of it, so a count hovering at the threshold
+/// does not flap. `0` never.
+fn wants_all(now_all: bool, watched: usize, threshold: usize) -> bool {
+    threshold > 0 && if now_all { watched > threshold / 2 } else { watched > threshold }
+}
+
+/// Moves the feed to every user's events (`on`) or back to one subscription per watched
+/// user; the new subscriptions are made before the old ones go, so nothing is missed.
+/// Returns the feed's state, `None` when the wildcard could not be changed.
+async fn switch_all(feed: &mut dyn super::backplane::Feed, on: bool, watched: &HashSet<UserId>) -> Option<bool> {
+    if on {
+        if let Err(e) = feed.watch_all(true).await {
+            tracing::warn!(error = %e, "cannot subscribe to every user's events");
+            return None;
+        }
+        for u in watched {
+            feed.unwatch(u).await;
+        }
+        tracing::info!(watched = watched.len(), "interest: one subscription to every user's events");
+    } else {
+        for u in watched {
+            if let Err(e) = feed.watch(u).await {
+                tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events");
+            }
+        }
+        if let Err(e) = feed.watch_all(false).await {
+            tracing::warn!(error = %e, "cannot drop the subscription to every user's events");
+        }
+        tracing::info!(watched = watched.len(), "interest: one subscription per watched user");
+    }
+    Some(on)
+}
+
 impl ClusterStore {
     /// Follows the bus's interest with subscriptions and relays what arrives.
     pub(super) async fn relay_remote_events(&self) -> Result<(), StoreError> {
@@ -83,8 +125,12 @@ impl ClusterStore {
         let (tx, mut rx) = mpsc::channel::<Bytes>(4096);
         let mut feed = self.inner.bp.feed(tx).await.map_err(unavailable)?;
         let weak = Arc::downgrade(&self.inner);
+        let threshold = self.inner.opts.interest_all_above;
         let h = tokio::spawn(async move {
             let mut watched: HashSet<UserId> = HashSet::new();
+            // A `WatchPresence { all: true }` stream asked for every user's events.
+            let mut asked_all = false;
+            // The feed takes every user's events (asked, or above the threshold).
             let mut all = false;
             loop {
                 tokio::select! {
@@ -99,36 +145,28 @@ impl ClusterStore {
                             last = seq;
                             match change {
                                 InterestChange::Watch(u) => {
-                                    if !all {
+                                    if watched.insert(u.clone()) && !all {
                                         if let Err(e) = feed.watch(&u).await {
                                             tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events");
                                         }
                                     }
-                                    watched.insert(u);
                                 }
                                 InterestChange::Unwatch(u) => {
                                     if watched.remove(&u) && !all {
                                         feed.unwatch(&u).await;
                                     }
                                 }
-                                InterestChange::All(on) if on != all => {
-                                    match feed.watch_all(on).await {
-                                        Ok(()) => all = on,
-                                        Err(e) => tracing::warn!(error = %e, "cannot change the subscription to every user's events"),
-                                    }
-                                    if !on {
-                                        for u in &watched {
-                                            if let Err(e) = feed.watch(u).await {
-                                                tracing::warn!(user = %u, error = %e, "cannot subscribe to a watched user's events");
-                                            }
-                                        }
-                                    } else {
-                                        for u in &watched {
-                                            feed.unwatch(u).await;
-                                        }
-                                    }
+                                InterestChange::All(on) => asked_all = on,
+                            }
+                            // Batched interest: past the threshold one wildcard replaces
+                            // the per-user subscriptions (and back below half of it).
+                            let want = asked_all || wants_all(all, watched.len(), threshold);
+                            if want != all {
+                                all = switch_all(&mut *feed, want, &watched).await.unwrap_or(all);
+                                if let Some(inner) = weak.upgrade() {
+                                    inner.counters.interest_all.store(all, Ordering::Relaxed);
+                                    metrics::gauge!(inner.bp.names().interest_all).set(if all { 1.0 } else { 0.0 });
                                 }
-                                InterestChange::All(_) => {}
                             }
                         }
                         // The server has the subscriptions once it confirms them.

@@ -51,6 +51,7 @@ pub static NAMES: Names = Names {
     cas_writes: "redis_cas_writes_total",
     cas_conflicts: "redis_cas_conflicts_total",
     interest_users: "redis_interest_users",
+    interest_all: "redis_interest_all",
     events_received: "redis_events_received_total",
     events_out_of_order: "redis_events_out_of_order_total",
     publish_timeouts: "redis_publish_timeouts_total",
