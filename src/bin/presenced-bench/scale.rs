@@ -352,6 +352,8 @@ pub struct ScaleReport {
     pub connect_secs: f64,
     pub node_rss_idle_kib: u64,
     pub node_rss_kib: u64,
+    /// The load generators' RSS (the clients' side of the same sessions).
+    pub generators_rss_kib: u64,
     pub nats_rss_kib: u64,
     pub nats_subscriptions: u64,
     pub latencies: Vec<u32>,
@@ -374,6 +376,11 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
         r.node_rss_idle_kib as f64 / 1024.0,
         r.node_rss_kib as f64 / 1024.0,
         per / 1024.0
+    );
+    println!(
+        "generators RSS       {:.1} MiB ({:.2} KiB per client session)",
+        r.generators_rss_kib as f64 / 1024.0,
+        r.generators_rss_kib as f64 / r.sessions.max(1) as f64
     );
     if !args.baseline {
         println!("nats-server          {:.1} MiB RSS, {} subscriptions", r.nats_rss_kib as f64 / 1024.0, r.nats_subscriptions);
@@ -539,6 +546,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
     let writes = store_writes(&nodes).await.saturating_sub(writes_before);
     let node_rss_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
+    let generators_rss_kib: u64 = gens.iter().filter_map(|g| rss_kib(g.child.id())).sum();
     latencies.sort_unstable();
     let (nats_rss_kib, nats_subscriptions) = match &nats {
         Some((p, _, mon)) => {
@@ -559,6 +567,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         connect_secs,
         node_rss_idle_kib,
         node_rss_kib,
+        generators_rss_kib,
         nats_rss_kib,
         nats_subscriptions,
         latencies,
