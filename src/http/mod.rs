@@ -196,9 +196,14 @@ async fn observe(State(state): State<Http>, req: Request, next: Next) -> Respons
 #[utoipa::path(get, path = "/", operation_id = "page", tag = "page", summary = "The live page (and, with an admin token, the operator view)",
     responses((status = 200, description = "HTML", body = String, content_type = "text/html")))]
 async fn page() -> Response {
-    let mut r = Response::new(Body::from(include_str!("../../web/index.html")));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    embedded(include_str!("../../web/index.html"), "text/html; charset=utf-8", "no-cache")
+}
+
+/// A file embedded in the binary, with its content type and cache policy.
+fn embedded(body: &'static str, content_type: &'static str, cache: &'static str) -> Response {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     r
 }
 
@@ -206,10 +211,7 @@ async fn page() -> Response {
 #[utoipa::path(get, path = "/client.js", operation_id = "clientJs", tag = "page", summary = "The JavaScript client (ES module)",
     responses((status = 200, description = "JavaScript", body = String, content_type = "text/javascript")))]
 async fn client_js() -> Response {
-    let mut r = Response::new(Body::from(include_str!("../../clients/js/src/index.js")));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/javascript; charset=utf-8"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
+    embedded(include_str!("../../clients/js/src/index.js"), "text/javascript; charset=utf-8", "no-cache")
 }
 
 /// The live page's icon (browsers ask for `/favicon.ico`): a green presence dot, SVG.
@@ -218,10 +220,7 @@ async fn client_js() -> Response {
 async fn favicon() -> Response {
     const DOT: &str =
         "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><circle cx=\"8\" cy=\"8\" r=\"6\" fill=\"#2ecc71\"/></svg>";
-    let mut r = Response::new(Body::from(DOT));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("image/svg+xml"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=86400"));
-    r
+    embedded(DOT, "image/svg+xml", "public, max-age=86400")
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]

@@ -237,3 +237,17 @@ impl ClusterStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::wants_all;
+
+    #[test]
+    fn batched_interest_switches_above_the_threshold_and_back_below_half() {
+        assert!(!wants_all(false, 1000, 1000));
+        assert!(wants_all(false, 1001, 1000));
+        assert!(wants_all(true, 600, 1000), "stays on between half and the threshold");
+        assert!(!wants_all(true, 500, 1000));
+        assert!(!wants_all(false, 1_000_000, 0), "0: always per user");
+    }
+}
