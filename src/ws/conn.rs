@@ -86,6 +86,9 @@ async fn session(
                     }
                 }
                 metrics::counter!("ws_messages_out_total").increment(n);
+                if batch.capacity() > 8 {
+                    batch.shrink_to(8);
+                }
             }
             msg = socket.next() => {
                 let msg = match msg {

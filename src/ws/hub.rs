@@ -60,6 +60,9 @@ enum Entry {
     Msg(Utf8Bytes),
 }
 
+/// Queue room an idle connection keeps between bursts.
+const IDLE_OUTBOX: usize = 4;
+
 #[derive(Default)]
 struct Outbox {
     queue: VecDeque<Entry>,
@@ -162,6 +165,14 @@ impl Conn {
                     }
                 }
             }
+        }
+        // A burst (a snapshot of many users) must not leave an idle connection holding
+        // room for the next one.
+        if o.queue.capacity() > IDLE_OUTBOX {
+            o.queue.shrink_to(IDLE_OUTBOX);
+        }
+        if o.keyed.capacity() > IDLE_OUTBOX {
+            o.keyed.shrink_to(0);
         }
         None
     }

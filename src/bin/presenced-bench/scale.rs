@@ -354,6 +354,8 @@ pub struct ScaleReport {
     pub node_rss_kib: u64,
     /// The load generators' RSS (the clients' side of the same sessions).
     pub generators_rss_kib: u64,
+    /// What the nodes' read caches hold (their `/health/cache` cost), part of the RSS.
+    pub cache_bytes: u64,
     pub nats_rss_kib: u64,
     pub nats_subscriptions: u64,
     pub latencies: Vec<u32>,
@@ -377,6 +379,13 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
         r.node_rss_kib as f64 / 1024.0,
         per / 1024.0
     );
+    if !args.baseline {
+        println!(
+            "  of which caches    {:.1} MiB in the nodes' read caches ({:.2} KiB per session; bounded by cache.max_cost per node)",
+            r.cache_bytes as f64 / 1048576.0,
+            r.cache_bytes as f64 / 1024.0 / r.sessions.max(1) as f64
+        );
+    }
     println!(
         "generators RSS       {:.1} MiB ({:.2} KiB per client session)",
         r.generators_rss_kib as f64 / 1024.0,
@@ -546,6 +555,10 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
     let writes = store_writes(&nodes).await.saturating_sub(writes_before);
     let node_rss_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
+    let mut cache_bytes = 0;
+    for (_, p) in &nodes {
+        cache_bytes += get_json(*p, "/health/cache").await.ok().and_then(|v| v["data"]["cost"].as_u64()).unwrap_or(0);
+    }
     let generators_rss_kib: u64 = gens.iter().filter_map(|g| rss_kib(g.child.id())).sum();
     latencies.sort_unstable();
     let (nats_rss_kib, nats_subscriptions) = match &nats {
@@ -568,6 +581,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         node_rss_idle_kib,
         node_rss_kib,
         generators_rss_kib,
+        cache_bytes,
         nats_rss_kib,
         nats_subscriptions,
         latencies,
