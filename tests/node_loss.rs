@@ -12,7 +12,6 @@ use common::engine::Engine;
 use common::TestServer;
 use futures_util::StreamExt;
 
-const BIN: &str = env!("CARGO_BIN_EXE_presenced");
 const LEASE: Duration = Duration::from_secs(2);
 
 fn cluster_env(e: &Engine, node: &str, lease: Duration) -> Vec<(String, String)> {
@@ -92,17 +91,10 @@ impl Drop for Proc {
 
 fn spawn_node(e: &Engine, id: &str) -> Proc {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
-        .env("PRESENCE_SERVICE__PORT", "0")
-        .env("PRESENCE_SERVICE__GRPC_PORT", "0")
-        .env("PRESENCE_SERVICE__DATA_DIR", dir.path())
-        .env("PRESENCE_AUTH__JWT_SECRET", common::SECRET)
-        .env("PRESENCE_SERVICE__SHUTDOWN_GRACE", "1s")
+    let mut cmd = common::presenced_cmd(dir.path());
+    cmd.env("PRESENCE_SERVICE__SHUTDOWN_GRACE", "1s")
         .env("PRESENCE_NATS__REQUEST_TIMEOUT", "500ms")
-        .env("PRESENCE_REDIS__REQUEST_TIMEOUT", "500ms")
-        .env("PRESENCE_LOGGING__FORMAT", "json");
+        .env("PRESENCE_REDIS__REQUEST_TIMEOUT", "500ms");
     for (k, v) in cluster_env(e, id, LEASE) {
         cmd.env(k, v);
     }

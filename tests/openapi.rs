@@ -117,18 +117,10 @@ async fn the_router_serves_exactly_the_documented_operations() {
 #[tokio::test]
 async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_presenced"));
-    cmd.env_clear()
-        .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
-        .env("PRESENCE_SERVICE__PORT", "0")
-        .env("PRESENCE_SERVICE__GRPC_PORT", "0")
-        .env("PRESENCE_SERVICE__DATA_DIR", dir.path())
-        .env("PRESENCE_AUTH__JWT_SECRET", common::SECRET)
-        // One fuzzing client writes as fast as it can: the per-user write limit would
-        // answer most writes 429 (documented, but then the handlers behind it go untested).
-        .env("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000")
-        .env("PRESENCE_LOGGING__FORMAT", "json")
-        .args(["serve", "--dev"]);
+    let mut cmd = common::presenced_cmd(dir.path());
+    // One fuzzing client writes as fast as it can: the per-user write limit would
+    // answer most writes 429 (documented, but then the handlers behind it go untested).
+    cmd.env("PRESENCE_LIMITS__WRITE_RATE_PER_SEC", "100000").args(["serve", "--dev"]);
     let (mut child, addr) = common::spawn_serve(&mut cmd);
     let base = format!("http://{addr}");
     let token = presenced::auth::Authenticator::new(common::SECRET, common::ISSUER, Duration::from_secs(60), None)

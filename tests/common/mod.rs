@@ -35,6 +35,20 @@ pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -
     }
 }
 
+/// The real `presenced` binary with nothing from the environment: loopback, ephemeral
+/// HTTP and gRPC ports, data in `dir`, the test secret, JSON logs (add the subcommand).
+pub fn presenced_cmd(dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_presenced"));
+    cmd.env_clear()
+        .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
+        .env("PRESENCE_SERVICE__PORT", "0")
+        .env("PRESENCE_SERVICE__GRPC_PORT", "0")
+        .env("PRESENCE_SERVICE__DATA_DIR", dir)
+        .env("PRESENCE_AUTH__JWT_SECRET", SECRET)
+        .env("PRESENCE_LOGGING__FORMAT", "json");
+    cmd
+}
+
 /// Spawns a `presenced serve` command (stderr piped, JSON logs) and waits, at most 20 s,
 /// for the log line giving its bound HTTP address.
 pub fn spawn_serve(cmd: &mut std::process::Command) -> (std::process::Child, String) {
