@@ -22,6 +22,7 @@
 mod backends;
 mod cluster;
 mod hostile;
+mod lean;
 mod scale;
 mod sessions;
 mod sinks;

@@ -23,11 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{watch, Semaphore};
-use tokio_tungstenite::tungstenite::Message;
+use tokio::sync::{watch, Notify, Semaphore};
 
 use super::cluster::{get_json, nats_server, wait_port, Cleanup, Proc};
+use super::lean::{LeanWs, Read};
 use super::{free_port, percentiles, rss_kib, sibling, Res, BENCH_ENV, MARK};
 
 #[derive(Parser, Clone)]
@@ -125,8 +124,8 @@ pub async fn generator(args: GenArgs) -> Res<()> {
         samples: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    // One channel per client: "change your status now".
-    let mut changers = Vec::with_capacity(args.count);
+    // One wake-up per client: "change your status now".
+    let changers: Arc<[Notify]> = (0..args.count).map(|_| Notify::new()).collect();
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(args.count);
@@ -135,11 +134,16 @@ pub async fn generator(args: GenArgs) -> Res<()> {
         let permit = gate.clone().acquire_owned().await.map_err(|e| e.to_string())?;
         let target = targets[user % targets.len()];
         let source = sources[i % sources.len()];
-        let contacts: Vec<String> = (1..=args.contacts).map(|k| format!("u{}", (user + k) % args.total.max(1))).collect();
-        let client = Client { user, target, source, contacts, heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)) };
-        let (tx, rx) = tokio::sync::mpsc::channel::<()>(4);
-        changers.push(tx);
-        tasks.push(tokio::spawn(client.run(shared.clone(), stop_rx.clone(), rx, permit, args.baseline)));
+        let client = Client {
+            user,
+            slot: i,
+            total: args.total,
+            contacts: args.contacts,
+            target,
+            source,
+            heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+        };
+        tasks.push(tokio::spawn(client.run(shared.clone(), stop_rx.clone(), changers.clone(), permit, args.baseline)));
     }
     // Every handshake done (or failed).
     let _ = gate.acquire_many(args.concurrency.max(1) as u32).await;
@@ -160,9 +164,8 @@ pub async fn generator(args: GenArgs) -> Res<()> {
                 while Instant::now() < end {
                     tick.tick().await;
                     if let Some(c) = changers.get((rand::random::<u64>() % args.count.max(1) as u64) as usize) {
-                        if c.try_send(()).is_ok() {
-                            shared.changes.fetch_add(1, Ordering::Relaxed);
-                        }
+                        c.notify_one();
+                        shared.changes.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 // Late deliveries.
@@ -189,11 +192,16 @@ pub async fn generator(args: GenArgs) -> Res<()> {
     Ok(())
 }
 
+/// One generated user. Kept small on purpose: a generator holds up to 19,000 of these,
+/// and what they cost is reported next to the nodes' figures.
 struct Client {
     user: usize,
+    /// This client's place in its generator (its wake-up).
+    slot: usize,
+    total: usize,
+    contacts: usize,
     target: SocketAddr,
     source: Ipv4Addr,
-    contacts: Vec<String>,
     heartbeat: Duration,
 }
 
@@ -202,11 +210,12 @@ impl Client {
         self,
         shared: Arc<GenShared>,
         mut stop: watch::Receiver<bool>,
-        mut changes: tokio::sync::mpsc::Receiver<()>,
+        changes: Arc<[Notify]>,
         permit: tokio::sync::OwnedSemaphorePermit,
         baseline: bool,
     ) {
-        let opened = super::open(self.target, self.source, &format!("u{}", self.user), baseline).await;
+        let me = format!("u{}", self.user);
+        let opened = LeanWs::connect(self.target, self.source, (!baseline).then_some(me.as_str())).await;
         let mut ws = match opened {
             Ok(ws) => ws,
             Err(e) => {
@@ -217,13 +226,30 @@ impl Client {
                 return;
             }
         };
-        if !baseline {
-            let sub = serde_json::json!({"type": "subscribe", "payload": {"user_ids": self.contacts}}).to_string();
-            if ws.send(Message::text(sub)).await.is_err() {
+        let own = format!("\"{me}\"");
+        drop(me);
+        // Own echo excluded: a contact's change carries another user's id.
+        let mut on_text = |t: &[u8]| {
+            let Ok(t) = std::str::from_utf8(t) else { return };
+            if let Some(ts) = super::marker_ts(t) {
+                if !t.contains(&own) {
+                    shared.samples.lock().push((unix_ns().saturating_sub(ts) / 1000) as u32);
+                }
+            }
+        };
+        if !baseline && self.contacts > 0 {
+            let ids: Vec<String> = (1..=self.contacts).map(|k| format!("u{}", (self.user + k) % self.total.max(1))).collect();
+            let sub = serde_json::json!({"type": "subscribe", "payload": {"user_ids": ids}}).to_string();
+            if ws.send_text(&sub).await.is_err() {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
                 drop(permit);
                 return;
             }
+        }
+        if !matches!(ws.drain_buffered(&mut on_text).await, Ok(Read::Open)) {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+            return;
         }
         shared.connected.fetch_add(1, Ordering::Relaxed);
         drop(permit);
@@ -231,36 +257,30 @@ impl Client {
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + phase, self.heartbeat);
         // The bare server broadcasts every frame it receives: its clients stay idle.
         let heartbeats = !baseline;
+        let Some(change) = changes.get(self.slot) else { return };
         let mut flip = false;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = beat.tick(), if heartbeats => {
-                    if ws.send(Message::text("{\"type\":\"heartbeat\"}")).await.is_err() { break; }
+                    if ws.send_text("{\"type\":\"heartbeat\"}").await.is_err() { break; }
                 }
-                Some(()) = changes.recv(), if heartbeats => {
+                _ = change.notified(), if heartbeats => {
                     flip = !flip;
                     let msg = serde_json::json!({"type": "presence_update", "payload": {
                         "online_status": if flip { "away" } else { "online" },
                         "custom_status": format!("{MARK}{}", unix_ns()),
                     }}).to_string();
-                    if ws.send(Message::text(msg)).await.is_err() { break; }
+                    if ws.send_text(&msg).await.is_err() { break; }
                 }
-                m = ws.next() => match m {
-                    Some(Ok(Message::Text(t))) => {
-                        // Own echo excluded: a contact's change carries another user's id.
-                        if let Some(ts) = super::marker_ts(&t) {
-                            if !t.contains(&format!("\"u{}\"", self.user)) {
-                                shared.samples.lock().push((unix_ns().saturating_sub(ts) / 1000) as u32);
-                            }
-                        }
+                r = ws.readable() => {
+                    if r.is_err() || !matches!(ws.on_readable(&mut on_text).await, Ok(Read::Open)) {
+                        break;
                     }
-                    Some(Ok(_)) => {}
-                    _ => break,
                 }
             }
         }
-        let _ = ws.close(None).await;
+        ws.close().await;
     }
 }
 
