@@ -313,7 +313,7 @@ impl Default for LimitsConfig {
             ws_message_burst: 40,
             ws_max_message_bytes: ByteSize(16 * 1024),
             ws_outbound_queue: 1024,
-            ws_read_buffer_bytes: ByteSize(2048),
+            ws_read_buffer_bytes: ByteSize(512),
             max_contacts: 5000,
             max_conversation_members: 10_000,
             connections_per_ip_per_sec: 20.0,

@@ -36,6 +36,56 @@ use crate::error::{close, ApiError};
 use crate::service::Service;
 use crate::shards::Sharded;
 
+/// The connections of this node watching one user. With contacts spread over many
+/// nodes, most watched users have one watcher per node: that one is kept inline (a
+/// map for each would cost an allocation of ~100 B per watched user); a map beyond.
+enum Watchers {
+    One(Arc<Conn>),
+    Many(HashMap<u64, Arc<Conn>>),
+}
+
+impl Watchers {
+    fn insert(&mut self, conn: &Arc<Conn>) {
+        match self {
+            Watchers::One(c) if c.id == conn.id => *c = conn.clone(),
+            Watchers::One(c) => {
+                let map = HashMap::from([(c.id, c.clone()), (conn.id, conn.clone())]);
+                *self = Watchers::Many(map);
+            }
+            Watchers::Many(m) => {
+                m.insert(conn.id, conn.clone());
+            }
+        }
+    }
+
+    /// Removes connection `id`; returns whether none is left.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Watchers::One(c) => c.id == id,
+            Watchers::Many(m) => {
+                m.remove(&id);
+                match m.len() {
+                    0 => true,
+                    1 => {
+                        if let Some(last) = m.values().next().cloned() {
+                            *self = Watchers::One(last);
+                        }
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn each(&self, mut f: impl FnMut(&Arc<Conn>)) {
+        match self {
+            Watchers::One(c) => f(c),
+            Watchers::Many(m) => m.values().for_each(f),
+        }
+    }
+}
+
 /// What the hub enforces.
 #[derive(Debug, Clone)]
 pub struct HubLimits {
@@ -209,7 +259,7 @@ pub struct Hub {
     limits: HubLimits,
     next_id: AtomicU64,
     owners: Sharded<HashMap<UserId, Vec<Arc<Conn>>>>,
-    watchers: Sharded<HashMap<UserId, HashMap<u64, Arc<Conn>>>>,
+    watchers: Sharded<HashMap<UserId, Watchers>>,
     connections: AtomicI64,
     subscriptions: AtomicI64,
     /// Connected user → the users whose contacts include them (their changes reach the
@@ -418,8 +468,7 @@ impl Hub {
         for u in users {
             let mut shard = self.watchers.of(&u).lock();
             if let Some(w) = shard.get_mut(&u) {
-                w.remove(&id);
-                if w.is_empty() {
+                if w.remove(id) {
                     shard.remove(&u);
                     unwatched.push(u.clone());
                 }
@@ -467,11 +516,13 @@ impl Hub {
         let mut watched = Vec::new();
         for u in added {
             let mut shard = self.watchers.of(&u).lock();
-            let w = shard.entry(u.clone()).or_default();
-            if w.is_empty() {
-                watched.push(u);
+            match shard.get_mut(&u) {
+                Some(w) => w.insert(conn),
+                None => {
+                    shard.insert(u.clone(), Watchers::One(conn.clone()));
+                    watched.push(u);
+                }
             }
-            w.insert(conn.id, conn.clone());
         }
         self.svc.bus.interest().add(&watched);
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
@@ -549,7 +600,7 @@ impl Hub {
         let users: Vec<&UserId> = match sel {
             Audience::Watchers => {
                 if let Some(w) = self.watchers.of(owner).lock().get(owner) {
-                    targets.extend(w.values().cloned());
+                    w.each(|c| targets.push(c.clone()));
                 }
                 audience.iter().chain(std::iter::once(owner)).collect()
             }

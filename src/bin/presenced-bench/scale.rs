@@ -59,6 +59,10 @@ pub struct ScaleArgs {
     /// memory baseline.
     #[arg(long)]
     pub baseline: bool,
+    /// Stop the ramp (kill the generators, report who held the memory) when the machine's
+    /// MemAvailable falls below this many MiB.
+    #[arg(long, default_value_t = 1536)]
+    pub min_free_mib: u64,
     /// Leave the sysctls alone (by default the bench widens the ephemeral port range and
     /// the accept backlog when it can, and restores them at the end).
     #[arg(long)]
@@ -532,14 +536,21 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         gens.push(Generator { child, stdin, lines });
         first += count;
     }
+    let guard =
+        RampGuard::start(args.min_free_mib, pids.clone(), gens.iter().map(|g| g.child.id()).collect(), nats.as_ref().map(|n| n.0 .0.id()));
     let (mut sessions, mut failed) = (0u64, 0u64);
     for g in &gens {
-        let ready = tokio::task::block_in_place(|| g.expect("ready", Duration::from_secs(600)))?;
+        let ready = tokio::task::block_in_place(|| g.expect("ready", Duration::from_secs(1800)));
+        let ready = match (ready, guard.tripped()) {
+            (_, Some(why)) => return Err(format!("memory guard: {why}")),
+            (r, None) => r?,
+        };
         let mut f = ready.split_whitespace();
         sessions += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         failed += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     }
     let connect_secs = t0.elapsed().as_secs_f64();
+    drop(guard);
     println!("{sessions} sessions up in {connect_secs:.1} s ({failed} failed); holding {} s", args.hold_secs);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -610,6 +621,85 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         store_writes_per_sec: writes as f64 / hold.max(0.001),
         cpu_secs_per_10k: cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
     })
+}
+
+/// Watches the machine while the sessions ramp up: prints where the memory is every 15 s
+/// and, when MemAvailable falls below the floor, kills the generators (their sessions end
+/// with them) and keeps that breakdown: what ran out first, measured rather than guessed.
+struct RampGuard {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tripped: Arc<parking_lot::Mutex<Option<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn meminfo_kib(key: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+/// (TCP sockets in use, pages of TCP buffer memory) from /proc/net/sockstat.
+fn tcp_sockstat() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let Some(line) = s.lines().find(|l| l.starts_with("TCP:")) else { return (0, 0) };
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let field = |k: &str| f.iter().position(|x| *x == k).and_then(|i| f.get(i + 1)?.parse().ok()).unwrap_or(0);
+    (field("inuse"), field("mem"))
+}
+
+impl RampGuard {
+    fn start(min_free_mib: u64, nodes: Vec<u32>, gens: Vec<u32>, nats: Option<u32>) -> RampGuard {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tripped = Arc::new(parking_lot::Mutex::new(None));
+        let (st, tr) = (stop.clone(), tripped.clone());
+        let (tcp0, slab0) = (tcp_sockstat().0, meminfo_kib("Slab:"));
+        let thread = std::thread::spawn(move || {
+            let gib = |kib: u64| kib as f64 / (1024.0 * 1024.0);
+            let sum = |pids: &[u32]| pids.iter().filter_map(|p| rss_kib(*p)).sum::<u64>();
+            let mut last = Instant::now();
+            while !st.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                let avail = meminfo_kib("MemAvailable:");
+                let low = avail < min_free_mib * 1024;
+                if !low && last.elapsed() < Duration::from_secs(15) {
+                    continue;
+                }
+                last = Instant::now();
+                let (tcp, tcp_pages) = tcp_sockstat();
+                let line = format!(
+                    "~{} sessions: nodes {:.2} GiB, generators {:.2} GiB, nats-server {:.2} GiB, kernel slab +{:.2} GiB, TCP buffers {:.2} GiB; {:.2} GiB available",
+                    tcp.saturating_sub(tcp0) / 2,
+                    gib(sum(&nodes)),
+                    gib(sum(&gens)),
+                    gib(nats.and_then(rss_kib).unwrap_or(0)),
+                    gib(meminfo_kib("Slab:").saturating_sub(slab0)),
+                    gib(tcp_pages * 4),
+                    gib(avail),
+                );
+                println!("ramp: {line}");
+                if low {
+                    *tr.lock() = Some(format!("MemAvailable under {min_free_mib} MiB at {line}"));
+                    for p in &gens {
+                        let _ = Command::new("kill").args(["-s", "KILL", &p.to_string()]).status();
+                    }
+                    return;
+                }
+            }
+        });
+        RampGuard { stop, tripped, thread: Some(thread) }
+    }
+
+    fn tripped(&self) -> Option<String> {
+        self.tripped.lock().clone()
+    }
+}
+
+impl Drop for RampGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Store writes of every node so far (0 for the baseline's nodes).

@@ -14,6 +14,7 @@
 //! (marked stale), writes of statuses are refused with 503, and the sessions of local
 //! connections are kept in memory and written back when the center is reachable again.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,8 +54,29 @@ fn cost(id: &UserId, c: &Cached) -> u32 {
     u32::try_from(64 + id.as_str().len() + state).unwrap_or(u32::MAX)
 }
 
+/// A read from the store in flight ([`PresenceCache::reading`]).
+pub struct Reading<'a> {
+    cache: &'a PresenceCache,
+    id: UserId,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut r = self.cache.reading.lock();
+        if let Some(n) = r.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                r.remove(&self.id);
+            }
+        }
+    }
+}
+
 pub struct PresenceCache {
     cache: moka::sync::Cache<UserId, Arc<Cached>>,
+    /// Users whose record a read is fetching now (with how many reads): the store's
+    /// stream of writes refreshes those as well as the cached ones.
+    reading: Mutex<HashMap<UserId, u32>>,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: Arc<AtomicU64>,
@@ -75,7 +97,7 @@ impl PresenceCache {
                 }
             })
             .build();
-        PresenceCache { cache, hits: AtomicU64::new(0), misses: AtomicU64::new(0), evictions }
+        PresenceCache { cache, reading: Default::default(), hits: AtomicU64::new(0), misses: AtomicU64::new(0), evictions }
     }
 
     pub fn get(&self, id: &UserId) -> Option<Arc<Cached>> {
@@ -97,6 +119,24 @@ impl PresenceCache {
             Some(e) if e.value().revision > c.revision && c.revision != 0 => Op::Nop,
             _ => Op::Put(Arc::new(c)),
         });
+    }
+
+    /// A write seen on the store's stream of user records: refreshes the entry if this node
+    /// caches that user or is reading it now, and adds no other. (Every node sees every
+    /// user's writes; caching them all would hold the whole cluster's users on each node,
+    /// whoever its connections watch.) The read in flight is what closes the race with a
+    /// fill: its store answer may predate this write, and `offer` keeps the newer one.
+    pub fn refresh(&self, id: &UserId, c: Cached) {
+        if self.cache.contains_key(id) || self.reading.lock().contains_key(id) {
+            self.offer(id, c);
+        }
+    }
+
+    /// Marks a read of `id` from the store in flight until the guard is dropped (after
+    /// its answer was offered).
+    pub fn reading(&self, id: &UserId) -> Reading<'_> {
+        *self.reading.lock().entry(id.clone()).or_insert(0) += 1;
+        Reading { cache: self, id: id.clone() }
     }
 
     /// Replaces the entry whatever its revision (a local change made while degraded).
@@ -242,6 +282,27 @@ mod tests {
         assert!(c.get(&u).is_none());
         let s = c.stats();
         assert_eq!((s.hits, s.misses), (3, 1));
+    }
+
+    #[test]
+    fn the_write_stream_refreshes_cached_and_in_flight_users_only() {
+        let c = PresenceCache::new(1 << 20, CACHE_TTL);
+        let (cached, reading, other) = (uid("cached"), uid("reading"), uid("other"));
+        c.offer(&cached, Cached { state: Some(state(1)), revision: 3 });
+        c.refresh(&cached, Cached { state: Some(state(2)), revision: 4 });
+        assert_eq!(c.get(&cached).unwrap().revision, 4, "a cached user is kept current");
+        c.refresh(&other, Cached { state: Some(state(1)), revision: 9 });
+        assert!(c.get(&other).is_none(), "a user nobody here read is not added");
+        // A read's answer (revision 5) can predate a write (6) seen while it was in flight.
+        let guard = c.reading(&reading);
+        c.refresh(&reading, Cached { state: Some(state(2)), revision: 6 });
+        c.offer(&reading, Cached { state: Some(state(1)), revision: 5 });
+        drop(guard);
+        assert_eq!(c.get(&reading).unwrap().revision, 6, "the write seen during the read wins");
+        assert!(c.reading.lock().is_empty(), "nothing left in flight");
+        c.invalidate(&reading);
+        c.refresh(&reading, Cached { state: Some(state(1)), revision: 7 });
+        assert!(c.get(&reading).is_none(), "after the read, only a cached entry is refreshed");
     }
 
     #[test]

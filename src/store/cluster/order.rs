@@ -54,6 +54,10 @@ impl EventOrder {
         self.pruned_at = now;
         let keep = self.keep_ms;
         self.last.retain(|_, (_, at)| now - *at < keep);
+        // A burst (every user connecting) must not leave its table behind.
+        if self.last.capacity() > 64 && self.last.capacity() > 4 * self.last.len() {
+            self.last.shrink_to_fit();
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -152,6 +152,7 @@ impl ClusterStore {
                 return Ok(c.state.clone().map(|s| (s, c.revision)));
             }
         }
+        let _reading = inner.cache.reading(id);
         let r = match self.guarded(inner.bp.get(Space::Users, id.as_str())).await {
             Ok(Some(Record { value: Some(v), revision })) => decode(id, &v).map(|s| Cached { state: Some(s), revision }),
             Ok(Some(Record { value: None, revision })) => Ok(Cached { state: None, revision }),
@@ -233,7 +234,7 @@ impl ClusterStore {
                     },
                     None => None,
                 };
-                inner.cache.offer(&id, Cached { state, revision: record.revision });
+                inner.cache.refresh(&id, Cached { state, revision: record.revision });
             }
         });
         self.inner.tasks.lock().push(h);
