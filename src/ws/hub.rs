@@ -774,6 +774,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn watchers_keep_one_inline_and_a_map_beyond() {
+        let (a, b, c) = (Arc::new(conn(1)), Arc::new(Conn { id: 2, ..conn(1) }), Arc::new(Conn { id: 3, ..conn(1) }));
+        let ids = |w: &Watchers| {
+            let mut v = Vec::new();
+            w.each(|c| v.push(c.id));
+            v.sort();
+            v
+        };
+        let mut w = Watchers::One(a.clone());
+        w.insert(&a);
+        assert!(matches!(w, Watchers::One(_)), "the same connection again stays one");
+        w.insert(&b);
+        w.insert(&c);
+        assert_eq!(ids(&w), [1, 2, 3]);
+        assert!(!w.remove(2));
+        assert!(!w.remove(9), "an unknown connection changes nothing");
+        assert_eq!(ids(&w), [1, 3]);
+        assert!(!w.remove(1));
+        assert!(matches!(w, Watchers::One(_)), "back to inline at one");
+        assert!(!w.remove(1), "only the one left counts");
+        assert!(w.remove(3), "the last one leaves it empty");
+    }
+
     fn key(u: &str) -> Key {
         Key::Presence(UserId::parse(u, 8).unwrap())
     }

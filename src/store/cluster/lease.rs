@@ -78,6 +78,11 @@ pub struct LeaseState {
 /// so a lapsed lease is still seen within about a third of a period after it lapses.
 const SCANS_PER_PERIOD: f64 = 3.0;
 
+/// Whether this node scans this period, given the cluster's size and a roll in [0, 1).
+fn scans(nodes: usize, roll: f64) -> bool {
+    nodes as f64 <= SCANS_PER_PERIOD || roll < SCANS_PER_PERIOD / nodes as f64
+}
+
 /// A node's announcement that it wrote its sessions back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncNotice {
@@ -216,7 +221,7 @@ impl ClusterStore {
     /// A periodic janitor round: scans with probability `SCANS_PER_PERIOD / nodes`.
     pub(super) async fn janitor_round(&self) -> usize {
         let nodes = self.inner.lease.nodes_seen.load(std::sync::atomic::Ordering::Relaxed);
-        if nodes as f64 > SCANS_PER_PERIOD && rand::random::<f64>() >= SCANS_PER_PERIOD / nodes as f64 {
+        if !scans(nodes, rand::random::<f64>()) {
             return 0;
         }
         self.janitor().await
@@ -335,6 +340,19 @@ mod tests {
 
     fn lease(renewed_at: Millis) -> Lease {
         Lease { node_id: "a".into(), started_at: 0, renewed_at, ttl_ms: 1000, ended_by: None, ended_at: None, sessions: 0, users: 0 }
+    }
+
+    #[test]
+    fn janitors_scan_about_three_times_a_period_whatever_the_cluster_size() {
+        let rolls: Vec<f64> = (0..10_000).map(|i| i as f64 / 10_000.0).collect();
+        for nodes in [0, 1, 3] {
+            assert!(rolls.iter().all(|r| scans(nodes, *r)), "small clusters: every node, every period");
+        }
+        for nodes in [4, 10, 52, 500] {
+            let share = rolls.iter().filter(|r| scans(nodes, **r)).count() as f64 / rolls.len() as f64;
+            let cluster_wide = share * nodes as f64;
+            assert!((cluster_wide - SCANS_PER_PERIOD).abs() < 0.05, "{nodes} nodes: {cluster_wide} scans per period");
+        }
     }
 
     #[test]
