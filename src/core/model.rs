@@ -52,6 +52,14 @@ impl fmt::Display for Status {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserId(Arc<str>);
 
+/// Hash and equality are the `str`'s (derived through `Arc<str>`), so sets of ids can be
+/// asked about a borrowed `&str` without allocating an id.
+impl std::borrow::Borrow<str> for UserId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Why an id was refused. The message is shown to API clients.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {

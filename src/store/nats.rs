@@ -101,10 +101,18 @@ struct Buckets {
     nodes: jkv::Store,
     /// Owner index (`<node>.<user>`): which users a node holds sessions of.
     owners: jkv::Store,
+    /// The users bucket again, through the subscriptions' connection: its watch.
+    users_watch: jkv::Store,
 }
 
+/// Two connections per node. Requests (KV reads and writes, lease renewals, node
+/// requests) go on `nats`; the streams a node follows (every watched user's events, the
+/// users bucket's watch, typing) arrive on `feed`. On one connection, a reply waited
+/// behind whatever stream data the server had queued before it: at 52 nodes during a
+/// connect ramp, lease renewals took up to 57 s and KV calls timed out.
 pub struct NatsBackplane {
     nats: Nats,
+    feed: Nats,
     kv: Buckets,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -139,6 +147,17 @@ impl NatsBackplane {
         let dir = open(format!("{}_directory", cfg.kv.bucket)).await?;
         let nodes = open(format!("{}_nodes", cfg.kv.bucket)).await?;
         let owners = open(format!("{}_owners", cfg.kv.bucket)).await?;
+        let feed = Nats::connect(cfg, &format!("presenced-{}-feed", opts.node_id)).await.map_err(|e| unavailable(e.to_string()))?;
+        let mut feed_js = if cfg.jetstream.domain.is_empty() {
+            jetstream::new(feed.client.clone())
+        } else {
+            jetstream::with_domain(feed.client.clone(), &cfg.jetstream.domain)
+        };
+        feed_js.set_timeout(opts.kv_timeout);
+        let users_watch =
+            nkv::open_bucket(&feed_js, &BucketConfig { name: cfg.kv.bucket.clone(), replicas: cfg.kv.replicas, file_storage: true })
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
         let events = stream::Config {
             name: "PRESENCE_EVENTS".into(),
             subjects: EVENT_SUBJECTS.iter().map(|s| s.to_string()).collect(),
@@ -149,7 +168,7 @@ impl NatsBackplane {
             ..Default::default()
         };
         js.get_or_create_stream(events).await.map_err(|e| unavailable(format!("cannot create stream PRESENCE_EVENTS: {e}")))?;
-        Ok(NatsBackplane { nats, kv: Buckets { users, dir, nodes, owners }, tasks: Mutex::new(Vec::new()) })
+        Ok(NatsBackplane { nats, feed, kv: Buckets { users, dir, nodes, owners, users_watch }, tasks: Mutex::new(Vec::new()) })
     }
 
     pub fn nats(&self) -> &Nats {
@@ -202,6 +221,8 @@ struct NatsFeed {
     tx: mpsc::Sender<Bytes>,
     users: HashMap<UserId, Forwarder>,
     all: Option<Forwarder>,
+    /// A subscription was made since the last `settle`.
+    unsettled: bool,
 }
 
 impl NatsFeed {
@@ -223,6 +244,7 @@ impl Feed for NatsFeed {
         let sub = self.client.subscribe(format!("presence.*.{}", encode_id(user.as_str()))).await.map_err(fault)?;
         let f = self.spawn(sub);
         self.users.insert(user.clone(), f);
+        self.unsettled = true;
         Ok(())
     }
 
@@ -234,6 +256,7 @@ impl Feed for NatsFeed {
         if on {
             let sub = self.client.subscribe("presence.*.*").await.map_err(fault)?;
             self.all = Some(self.spawn(sub));
+            self.unsettled = true;
         } else {
             self.all = None;
         }
@@ -241,8 +264,13 @@ impl Feed for NatsFeed {
     }
 
     async fn settle(&mut self) {
-        // The server has the subscriptions once it answers the flush.
-        let _ = self.client.flush().await;
+        // The server has the subscriptions once it answers the flush. Only after a new
+        // subscription: with every user's events taken, newly watched users subscribe
+        // nothing, and a flush would wait behind the stream this connection carries (at
+        // 550,000 sessions over 52 nodes, past the request timeout for every connect).
+        if std::mem::take(&mut self.unsettled) {
+            let _ = self.client.flush().await;
+        }
     }
 }
 
@@ -301,7 +329,7 @@ impl Backplane for NatsBackplane {
 
     fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Record)>> {
         let (tx, rx) = mpsc::channel(1024);
-        let users = self.kv.users.clone();
+        let users = self.kv.users_watch.clone();
         // Re-watched after errors, for as long as someone listens.
         let h = tokio::spawn(async move {
             while !tx.is_closed() {
@@ -395,7 +423,7 @@ impl Backplane for NatsBackplane {
     }
 
     async fn feed(&self, tx: mpsc::Sender<Bytes>) -> Result<Box<dyn Feed>, Fault> {
-        Ok(Box::new(NatsFeed { client: self.nats.client.clone(), tx, users: HashMap::new(), all: None }))
+        Ok(Box::new(NatsFeed { client: self.feed.client.clone(), tx, users: HashMap::new(), all: None, unsettled: false }))
     }
 
     async fn publish_typing(&self, conversation: &str, payload: Bytes) -> Result<(), Fault> {
@@ -403,7 +431,7 @@ impl Backplane for NatsBackplane {
     }
 
     async fn subscribe_typing(&self) -> Result<mpsc::Receiver<Bytes>, Fault> {
-        let sub = self.nats.client.subscribe("presence.typing.>").await.map_err(fault)?;
+        let sub = self.feed.client.subscribe("presence.typing.>").await.map_err(fault)?;
         let (tx, rx) = mpsc::channel(1024);
         self.forward(sub, tx, |_| true);
         Ok(rx)
@@ -446,13 +474,16 @@ impl Backplane for NatsBackplane {
         self.nats.client.publish(reply.to_string(), payload).await.map_err(fault)
     }
 
+    /// The requests' connection, unless the subscriptions' one is the one down.
     fn health(&self) -> Health {
-        let h = self.nats.health();
+        let (main, feed) = (self.nats.health(), self.feed.health());
+        let h = if main.connected && !feed.connected { feed } else { main };
         Health { state: h.state, connected: h.connected, server: h.server, urls: h.urls }
     }
 
     async fn flush(&self) {
         let _ = self.nats.client.flush().await;
+        let _ = self.feed.client.flush().await;
     }
 
     fn close(&self) {

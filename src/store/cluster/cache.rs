@@ -127,9 +127,14 @@ impl PresenceCache {
     /// whoever its connections watch.) The read in flight is what closes the race with a
     /// fill: its store answer may predate this write, and `offer` keeps the newer one.
     pub fn refresh(&self, id: &UserId, c: Cached) {
-        if self.cache.contains_key(id) || self.reading.lock().contains_key(id) {
+        if self.wants(id) {
             self.offer(id, c);
         }
+    }
+
+    /// Whether a write of `id` seen on the store's stream matters here (see `refresh`).
+    pub fn wants(&self, id: &UserId) -> bool {
+        self.cache.contains_key(id) || self.reading.lock().contains_key(id)
     }
 
     /// Marks a read of `id` from the store in flight until the guard is dropped (after

@@ -224,6 +224,11 @@ impl ClusterStore {
         let h = tokio::spawn(async move {
             while let Some((id, record)) = rx.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
+                // Most of the stream is users this node neither caches nor reads: skip
+                // those before decoding.
+                if !inner.cache.wants(&id) {
+                    continue;
+                }
                 let state = match record.value {
                     Some(v) => match serde_json::from_slice::<UserState>(&v) {
                         Ok(s) => Some(s),
