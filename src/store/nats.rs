@@ -121,6 +121,17 @@ fn fault(e: impl std::fmt::Display) -> Fault {
     Fault(format!("nats: {e}"))
 }
 
+/// A JetStream context on `nats` (in the configured domain, if any).
+fn context(nats: &Nats, cfg: &NatsConfig, timeout: Duration) -> jetstream::Context {
+    let mut js = if cfg.jetstream.domain.is_empty() {
+        jetstream::new(nats.client.clone())
+    } else {
+        jetstream::with_domain(nats.client.clone(), &cfg.jetstream.domain)
+    };
+    js.set_timeout(timeout);
+    js
+}
+
 fn record(e: jkv::Entry) -> Record {
     let value = (e.operation == jkv::Operation::Put).then_some(e.value);
     Record { value, revision: e.revision }
@@ -130,34 +141,17 @@ impl NatsBackplane {
     pub async fn connect(cfg: &NatsConfig, opts: &ClusterOptions) -> Result<NatsBackplane, StoreError> {
         let unavailable = |e: String| StoreError::Unreachable(format!("nats: {e}"));
         let nats = Nats::connect(cfg, &format!("presenced-{}", opts.node_id)).await.map_err(|e| unavailable(e.to_string()))?;
-        let mut js = if cfg.jetstream.domain.is_empty() {
-            jetstream::new(nats.client.clone())
-        } else {
-            jetstream::with_domain(nats.client.clone(), &cfg.jetstream.domain)
+        let js = context(&nats, cfg, opts.kv_timeout);
+        let open = |js: jetstream::Context, name: String| async move {
+            let bucket = BucketConfig { name, replicas: cfg.kv.replicas, file_storage: true };
+            nkv::open_bucket(&js, &bucket).await.map_err(|e| unavailable(e.to_string()))
         };
-        js.set_timeout(opts.kv_timeout);
-        let open = |name: String| {
-            let js = js.clone();
-            async move {
-                let bucket = BucketConfig { name, replicas: cfg.kv.replicas, file_storage: true };
-                nkv::open_bucket(&js, &bucket).await.map_err(|e| unavailable(e.to_string()))
-            }
-        };
-        let users = open(cfg.kv.bucket.clone()).await?;
-        let dir = open(format!("{}_directory", cfg.kv.bucket)).await?;
-        let nodes = open(format!("{}_nodes", cfg.kv.bucket)).await?;
-        let owners = open(format!("{}_owners", cfg.kv.bucket)).await?;
+        let users = open(js.clone(), cfg.kv.bucket.clone()).await?;
+        let dir = open(js.clone(), format!("{}_directory", cfg.kv.bucket)).await?;
+        let nodes = open(js.clone(), format!("{}_nodes", cfg.kv.bucket)).await?;
+        let owners = open(js.clone(), format!("{}_owners", cfg.kv.bucket)).await?;
         let feed = Nats::connect(cfg, &format!("presenced-{}-feed", opts.node_id)).await.map_err(|e| unavailable(e.to_string()))?;
-        let mut feed_js = if cfg.jetstream.domain.is_empty() {
-            jetstream::new(feed.client.clone())
-        } else {
-            jetstream::with_domain(feed.client.clone(), &cfg.jetstream.domain)
-        };
-        feed_js.set_timeout(opts.kv_timeout);
-        let users_watch =
-            nkv::open_bucket(&feed_js, &BucketConfig { name: cfg.kv.bucket.clone(), replicas: cfg.kv.replicas, file_storage: true })
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
+        let users_watch = open(context(&feed, cfg, opts.kv_timeout), cfg.kv.bucket.clone()).await?;
         let events = stream::Config {
             name: "PRESENCE_EVENTS".into(),
             subjects: EVENT_SUBJECTS.iter().map(|s| s.to_string()).collect(),

@@ -126,15 +126,15 @@ impl PresenceCache {
     /// user's writes; caching them all would hold the whole cluster's users on each node,
     /// whoever its connections watch.) The read in flight is what closes the race with a
     /// fill: its store answer may predate this write, and `offer` keeps the newer one.
-    pub fn refresh(&self, id: &UserId, c: Cached) {
-        if self.wants(id) {
-            self.offer(id, c);
+    /// `decode` runs only for those users; `None` (unreadable) drops the entry.
+    pub fn refresh(&self, id: &UserId, decode: impl FnOnce() -> Option<Cached>) {
+        if !(self.cache.contains_key(id) || self.reading.lock().contains_key(id)) {
+            return;
         }
-    }
-
-    /// Whether a write of `id` seen on the store's stream matters here (see `refresh`).
-    pub fn wants(&self, id: &UserId) -> bool {
-        self.cache.contains_key(id) || self.reading.lock().contains_key(id)
+        match decode() {
+            Some(c) => self.offer(id, c),
+            None => self.invalidate(id),
+        }
     }
 
     /// Marks a read of `id` from the store in flight until the guard is dropped (after
@@ -294,19 +294,20 @@ mod tests {
         let c = PresenceCache::new(1 << 20, CACHE_TTL);
         let (cached, reading, other) = (uid("cached"), uid("reading"), uid("other"));
         c.offer(&cached, Cached { state: Some(state(1)), revision: 3 });
-        c.refresh(&cached, Cached { state: Some(state(2)), revision: 4 });
+        c.refresh(&cached, || Some(Cached { state: Some(state(2)), revision: 4 }));
         assert_eq!(c.get(&cached).unwrap().revision, 4, "a cached user is kept current");
-        c.refresh(&other, Cached { state: Some(state(1)), revision: 9 });
+        c.refresh(&other, || Some(Cached { state: Some(state(1)), revision: 9 }));
+        c.refresh(&other, || unreachable!("a user nobody here caches or reads is not decoded"));
         assert!(c.get(&other).is_none(), "a user nobody here read is not added");
         // A read's answer (revision 5) can predate a write (6) seen while it was in flight.
         let guard = c.reading(&reading);
-        c.refresh(&reading, Cached { state: Some(state(2)), revision: 6 });
+        c.refresh(&reading, || Some(Cached { state: Some(state(2)), revision: 6 }));
         c.offer(&reading, Cached { state: Some(state(1)), revision: 5 });
         drop(guard);
         assert_eq!(c.get(&reading).unwrap().revision, 6, "the write seen during the read wins");
         assert!(c.reading.lock().is_empty(), "nothing left in flight");
         c.invalidate(&reading);
-        c.refresh(&reading, Cached { state: Some(state(1)), revision: 7 });
+        c.refresh(&reading, || Some(Cached { state: Some(state(1)), revision: 7 }));
         assert!(c.get(&reading).is_none(), "after the read, only a cached entry is refreshed");
     }
 

@@ -224,22 +224,13 @@ impl ClusterStore {
         let h = tokio::spawn(async move {
             while let Some((id, record)) = rx.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
-                // Most of the stream is users this node neither caches nor reads: skip
-                // those before decoding.
-                if !inner.cache.wants(&id) {
-                    continue;
-                }
-                let state = match record.value {
-                    Some(v) => match serde_json::from_slice::<UserState>(&v) {
-                        Ok(s) => Some(s),
-                        Err(_) => {
-                            inner.cache.invalidate(&id);
-                            continue;
-                        }
-                    },
-                    None => None,
-                };
-                inner.cache.refresh(&id, Cached { state, revision: record.revision });
+                // Decoded only for users this node caches or is reading (most of the
+                // stream is neither); an unreadable record drops the entry.
+                let revision = record.revision;
+                inner.cache.refresh(&id, || match record.value {
+                    Some(v) => serde_json::from_slice::<UserState>(&v).ok().map(|s| Cached { state: Some(s), revision }),
+                    None => Some(Cached { state: None, revision }),
+                });
             }
         });
         self.inner.tasks.lock().push(h);
