@@ -173,3 +173,52 @@ async fn embedded_with_a_missing_binary_fails_clearly() {
     let e = presenced::server::App::build(Config::load(None, env).unwrap()).await.err().expect("refused").to_string();
     assert!(e.contains("/nonexistent/nats-server") && e.contains("not found"), "{e}");
 }
+
+/// Key listings (the janitor's view of the leases, a dead node's owner index) end, and
+/// hold exactly the live keys under the prefix: not purged or deleted ones, not another
+/// prefix's, each once though rewritten while listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_listings_end_with_the_live_keys_while_they_are_rewritten() {
+    let server = NatsServer::start("");
+    let n = Nats::connect(&cfg(&server.url(), &[]), "node").await.unwrap();
+    let store = kv::open_bucket(&async_nats::jetstream::new(n.client.clone()), &bucket()).await.unwrap();
+    let list = || async {
+        let mut k = tokio::time::timeout(Duration::from_secs(10), kv::live_keys(&store, "node.", Duration::from_secs(2)))
+            .await
+            .expect("a listing ends")
+            .expect("listed");
+        k.sort();
+        k
+    };
+    assert!(list().await.is_empty(), "an empty bucket lists nothing");
+    // More keys than one fetch takes, some removed, and keys under another prefix.
+    for i in 0..1500 {
+        store.put(format!("node.n{i:04}"), "v".into()).await.unwrap();
+    }
+    for i in 0..1500 {
+        if i % 3 == 0 {
+            store.purge(format!("node.n{i:04}")).await.unwrap();
+        } else if i % 3 == 1 {
+            store.delete(format!("node.n{i:04}")).await.unwrap();
+        }
+    }
+    store.put("instance.gw", "v".into()).await.unwrap();
+    let live: Vec<String> = (0..1500).filter(|i| i % 3 == 2).map(|i| format!("n{i:04}")).collect();
+    assert_eq!(list().await, live);
+    // Listed again and again while three keys are rewritten as fast as the server takes them.
+    let w = store.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            for i in [2, 5, 8] {
+                let _ = w.put(format!("node.n{i:04}"), "v2".into()).await;
+            }
+        }
+    });
+    for _ in 0..30 {
+        assert_eq!(list().await, live);
+    }
+    writer.abort();
+    // Nothing left behind on the server: each listing removed its consumer.
+    let info = store.stream.clone().info().await.unwrap().clone();
+    assert_eq!(info.state.consumer_count, 0, "{:?}", info.state);
+}

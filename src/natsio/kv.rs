@@ -81,6 +81,61 @@ pub fn decode_id(key: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Messages asked for per fetch while listing keys.
+const LIST_BATCH: usize = 1024;
+
+/// The live keys of `store` that start with `key_prefix` (written and neither deleted nor
+/// purged), without the prefix.
+///
+/// `kv::Store::keys` ends when a delivered entry reports nothing pending, a count taken
+/// when its consumer was created; against nats-server 2.9.10 that entry sometimes never
+/// comes and the listing waits forever (a janitor's scan hung that way, so a dead node's
+/// users were never taken offline). This lists with an ephemeral pull consumer instead,
+/// filtered to the prefix on the server, fetching without waiting until a batch comes
+/// back short: the server's "no more messages" ends it, not a count. Each fetch is bounded
+/// by `timeout`; a key rewritten meanwhile may be delivered twice, and its last operation
+/// decides.
+pub async fn live_keys(store: &kv::Store, key_prefix: &str, timeout: std::time::Duration) -> Result<Vec<String>, KvError> {
+    use async_nats::jetstream::consumer::{self, pull, AckPolicy, DeliverPolicy};
+    use futures_util::StreamExt;
+    let backend = |what: &str, e: &dyn std::fmt::Display| KvError::Backend(format!("listing keys of {}: {what}: {e}", store.name));
+    let subject_prefix = format!("{}{key_prefix}", store.prefix);
+    let consumer: consumer::Consumer<pull::Config> = store
+        .stream
+        .create_consumer(pull::Config {
+            filter_subject: format!("{subject_prefix}>"),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            headers_only: true,
+            inactive_threshold: timeout.max(std::time::Duration::from_secs(5)) * 2,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| backend("consumer", &e))?;
+    let listed = async {
+        let mut live = std::collections::HashMap::new();
+        loop {
+            let mut batch = consumer.fetch().max_messages(LIST_BATCH).messages().await.map_err(|e| backend("fetch", &e))?;
+            let mut n = 0;
+            while let Some(m) = tokio::time::timeout(timeout, batch.next()).await.map_err(|e| backend("fetch", &e))? {
+                let m = m.map_err(|e| backend("fetch", &e))?;
+                n += 1;
+                let Some(key) = m.subject.strip_prefix(subject_prefix.as_str()) else { continue };
+                let removed =
+                    m.headers.as_ref().and_then(|h| h.get("KV-Operation")).is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                live.insert(key.to_string(), !removed);
+            }
+            if n < LIST_BATCH {
+                return Ok::<_, KvError>(live.into_iter().filter_map(|(k, live)| live.then_some(k)).collect());
+            }
+        }
+    }
+    .await;
+    // Best effort: an ephemeral consumer left behind goes after its inactive threshold.
+    let _ = store.stream.delete_consumer(&consumer.cached_info().name).await;
+    listed
+}
+
 /// The key of a user's presence record.
 pub fn user_key(id: &UserId) -> String {
     format!("user.{}", encode_id(id.as_str()))

@@ -114,6 +114,8 @@ pub struct NatsBackplane {
     nats: Nats,
     feed: Nats,
     kv: Buckets,
+    /// The KV request timeout (also bounds each fetch of a key listing).
+    timeout: Duration,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -162,7 +164,13 @@ impl NatsBackplane {
             ..Default::default()
         };
         js.get_or_create_stream(events).await.map_err(|e| unavailable(format!("cannot create stream PRESENCE_EVENTS: {e}")))?;
-        Ok(NatsBackplane { nats, feed, kv: Buckets { users, dir, nodes, owners, users_watch }, tasks: Mutex::new(Vec::new()) })
+        Ok(NatsBackplane {
+            nats,
+            feed,
+            kv: Buckets { users, dir, nodes, owners, users_watch },
+            timeout: opts.kv_timeout,
+            tasks: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn nats(&self) -> &Nats {
@@ -310,15 +318,8 @@ impl Backplane for NatsBackplane {
             Space::Owners(node) => (&self.kv.owners, format!("{}.", encode_id(node))),
             Space::Instances => (&self.kv.nodes, "instance.".to_string()),
         };
-        let mut keys = bucket.keys().await.map_err(fault)?;
-        let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(fault)?;
-            if let Some(id) = k.strip_prefix(&prefix).and_then(decode_id) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        let keys = nkv::live_keys(bucket, &prefix, self.timeout).await.map_err(fault)?;
+        Ok(keys.iter().filter_map(|k| decode_id(k)).collect())
     }
 
     fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Record)>> {
