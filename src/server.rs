@@ -47,6 +47,7 @@ fn cluster_options(config: &Config, request_timeout: std::time::Duration) -> Clu
         cache_max_cost: config.cache.max_cost,
         kv_timeout: request_timeout.max(std::time::Duration::from_millis(100)),
         interest_all_above: config.store.interest_all_above,
+        watch_writes: config.cache.watch_writes,
     }
 }
 

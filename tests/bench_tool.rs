@@ -123,11 +123,13 @@ fn scale_bench_runs_nodes_and_generators() {
         .arg("scale")
         .args(small)
         .args(["--hold-secs", "4", "--change-pct-per-min", "300", "--heartbeat-secs", "2", "--concurrency", "32"])
+        .args(["--node-env", "PRESENCE_CACHE__WATCH_WRITES=false"])
         .output()
         .expect("run presenced-bench scale");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("sessions held        1500 of 1500 (0 failed)"), "{text}");
+    assert!(text.contains("node configuration   PRESENCE_CACHE__WATCH_WRITES=false"), "{text}");
     let line = text.lines().find(|l| l.starts_with("change -> contact")).unwrap_or_else(|| panic!("{text}"));
     let deliveries: u64 = line.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(deliveries > 0, "{line}");

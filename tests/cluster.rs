@@ -363,6 +363,42 @@ async fn cached_reads_follow_other_nodes_writes() {
     b.stop().await;
 }
 
+/// `cache.watch_writes: false`: a node does not follow the users bucket (no consumer on
+/// it), and its reads go to the store, so they are current at once all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_write_watch_reads_go_to_the_store() {
+    let server = NatsServer::start("");
+    let urls = format!("[\"{}\"]", server.url());
+    let unwatched = async |id: &str| {
+        TestServer::start(&[
+            ("PRESENCE_STORE__BACKEND", "nats"),
+            ("PRESENCE_NATS__URLS", &urls),
+            ("PRESENCE_SERVICE__NODE_ID", id),
+            ("PRESENCE_CACHE__WATCH_WRITES", "false"),
+        ])
+        .await
+    };
+    let a = unwatched("node-a").await;
+    let b = unwatched("node-b").await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let watchers = async || js.get_stream("KV_presence").await.unwrap().info().await.unwrap().state.consumer_count;
+    assert_eq!(watchers().await, 0, "no node follows the users bucket");
+    let status = async || b.get("/api/v2/presence/hugo").await.1["data"]["hugo"]["status"].clone();
+    for s in ["away", "busy", "online", "away"] {
+        a.put_status("hugo", Some(&a.token("hugo")), json!({ "status": s })).await;
+        assert_eq!(status().await, s, "B's read right after A's write");
+    }
+    let hits = b.get("/health/cache").await.1["data"]["hits"].as_u64().unwrap();
+    assert_eq!(status().await, "away");
+    assert_eq!(b.get("/health/cache").await.1["data"]["hits"].as_u64().unwrap(), hits, "not served by the cache");
+    // A node with the default follows it: one consumer more.
+    let c = node(&server, "node-c").await;
+    assert_eq!(watchers().await, 1);
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+}
+
 on_engines!(a_late_event_from_a_slow_node_does_not_roll_watchers_back: nats, redis);
 /// An event that arrives late (its node's link to the engine is slow) must not roll
 /// watchers back: events carry the store revision, and every node drops an event older

@@ -767,11 +767,22 @@ pub struct CacheConfig {
     pub num_counters: u64,
     pub buffer_items: u64,
     pub metrics: bool,
+    /// Follow every write of the users bucket to keep the cache coherent (NATS). Off:
+    /// reads go to the store (the cache is then only the degraded mode's last copy), and
+    /// the node no longer receives every user's writes.
+    pub watch_writes: bool,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { kind: "tinylfu".into(), max_cost: 64 << 20, num_counters: 100_000, buffer_items: 64, metrics: true }
+        CacheConfig {
+            kind: "tinylfu".into(),
+            max_cost: 64 << 20,
+            num_counters: 100_000,
+            buffer_items: 64,
+            metrics: true,
+            watch_writes: true,
+        }
     }
 }
 

@@ -356,10 +356,9 @@ impl Backplane for NatsBackplane {
     }
 
     async fn rows(&self) -> Result<Vec<(DirTable, String, Bytes)>, Fault> {
-        let mut keys = self.kv.dir.keys().await.map_err(fault)?;
+        let keys = nkv::live_keys(&self.kv.dir, "", self.timeout).await.map_err(fault)?;
         let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(fault)?;
+        for k in keys {
             let Some((table, id)) = parse_dir_key(&k) else { continue };
             let Some(v) = self.kv.dir.get(&k).await.map_err(fault)? else { continue };
             if !v.is_empty() {

@@ -67,6 +67,17 @@ pub struct ScaleArgs {
     /// the accept backlog when it can, and restores them at the end).
     #[arg(long)]
     pub no_sysctl: bool,
+    /// Extra configuration for every node, `NAME=value` (e.g.
+    /// `PRESENCE_CACHE__WATCH_WRITES=false`); repeatable.
+    #[arg(long = "node-env", value_parser = parse_env)]
+    pub node_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if k.starts_with("PRESENCE_") => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected PRESENCE_NAME=value, got {s:?}")),
+    }
 }
 
 /// One load-generator process (started by `scale`; not for direct use).
@@ -394,6 +405,9 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
     let r = measure(&args).await?;
     let mode = if args.baseline { "baseline (bare tokio-tungstenite nodes)" } else { "presenced (cluster mode on NATS)" };
     println!("== scale: {mode}, {} nodes", args.nodes);
+    for (k, v) in &args.node_env {
+        println!("node configuration   {k}={v}");
+    }
     println!("sessions held        {} of {} ({} failed)", r.sessions, args.sessions, r.failed);
     println!("connect rate         {:.0}/s ({:.1} s to connect them all)", r.sessions as f64 / r.connect_secs.max(0.001), r.connect_secs);
     let per = (r.node_rss_kib.saturating_sub(r.node_rss_idle_kib)) as f64 * 1024.0 / r.sessions.max(1) as f64;
@@ -492,7 +506,8 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
                 .env("PRESENCE_NATS__URLS", format!("[\"nats://127.0.0.1:{nats_port}\"]"))
                 .env("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", format!("{}s", args.heartbeat_secs))
                 .env("PRESENCE_PRESENCE__SESSION_TTL", format!("{}s", args.heartbeat_secs * 3))
-                .envs(BENCH_ENV);
+                .envs(BENCH_ENV)
+                .envs(args.node_env.iter().map(|(k, v)| (k, v)));
             c
         };
         let child = cmd.stdout(Stdio::null()).spawn().map_err(|e| format!("node {i}: {e}"))?;

@@ -84,6 +84,9 @@ pub struct ClusterOptions {
     /// `store.interest_all_above`: watched users above which one wildcard subscription
     /// replaces the per-user ones (`0`: never).
     pub interest_all_above: usize,
+    /// `cache.watch_writes`: follow the backend's stream of user writes (where it has
+    /// one) to serve reads from the cache.
+    pub watch_writes: bool,
 }
 
 impl ClusterOptions {
@@ -97,6 +100,7 @@ impl ClusterOptions {
             cache_max_cost: 64 << 20,
             kv_timeout: Duration::from_secs(2),
             interest_all_above: 1_000,
+            watch_writes: true,
         }
     }
 }
@@ -185,7 +189,7 @@ impl ClusterStore {
     ) -> Result<ClusterStore, StoreError> {
         let started_at = clock.now();
         let tick_ms = opts.tick_ms;
-        let users = bp.watch_users();
+        let users = if opts.watch_writes { bp.watch_users() } else { None };
         let inner = Arc::new(Inner {
             node: Arc::from(opts.node_id.as_str()),
             owned: Mutex::new(OwnedTable::new(tick_ms)),
