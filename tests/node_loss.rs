@@ -233,3 +233,59 @@ fn b_token(sub: &str) -> String {
     let auth = presenced::auth::Authenticator::new(common::SECRET, common::ISSUER, Duration::from_secs(30), None);
     auth.mint(sub, Duration::from_secs(3600), None).expect("mint")
 }
+
+/// A lease also lapses when the store is too slow to take renewals. Its node still
+/// runs: the janitor asks it first and leaves it its lease (a claim would end all its
+/// sessions, which it would then write all back), up to four TTLs lapsed. A node that
+/// does not answer, or one lapsed longer, is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_whose_node_answers_is_not_claimed() {
+    let e = Engine::nats();
+    let Engine::Nats(server) = &e else { unreachable!() };
+    let a = node(&e, "node-a").await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let leases = async_nats::jetstream::new(client.clone()).get_key_value("presence_nodes").await.unwrap();
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // Two nodes that answer: "slow" (3 s TTL) lapsed 1.5 s ago, "stuck" (1 s) 10 s ago;
+    // and "gone" (1 s), lapsed 1 s ago, which answers nothing.
+    for (node, ttl, renewed_ago) in [("slow", 3000, 4500), ("stuck", 1000, 11_000), ("gone", 1000, 2000)] {
+        let lease = serde_json::json!({"node_id": node, "started_at": 0, "renewed_at": now() - renewed_ago, "ttl_ms": ttl});
+        leases.put(format!("node.{node}"), lease.to_string().into()).await.unwrap();
+    }
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut answering = Vec::new();
+    for node in ["slow", "stuck"] {
+        let mut sub = client.subscribe(format!("presence.node.{node}.alive")).await.unwrap();
+        let (c, asked) = (client.clone(), asked.clone());
+        answering.push(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(reply) = m.reply {
+                    let _ = c.publish(reply, "".into()).await;
+                }
+            }
+        }));
+    }
+    client.flush().await.unwrap();
+    let state = async |node: &str| {
+        let v = leases.get(format!("node.{node}")).await.unwrap();
+        v.map(|v| serde_json::from_slice::<serde_json::Value>(&v).unwrap())
+    };
+    let claimed = async |node: &str| state(node).await.is_none_or(|l| l["ended_by"].is_string());
+    common::eventually("the silent node's lease claimed", Duration::from_secs(5), async || claimed("gone").await).await;
+    common::eventually("the stuck node's lease claimed", Duration::from_secs(5), async || claimed("stuck").await).await;
+    // Several janitor periods (a third of the TTL) later, the slow node keeps its lease.
+    tokio::time::sleep(LEASE).await;
+    let slow = state("slow").await.expect("the slow node's lease");
+    assert!(slow["ended_by"].is_null(), "{slow}");
+    let metrics = reqwest::get(a.url("/metrics")).await.unwrap().text().await.unwrap();
+    let spared = metrics.lines().find(|l| l.starts_with("nats_janitor_spared_total")).unwrap_or_else(|| panic!("{metrics}"));
+    assert!(spared.split_whitespace().last().unwrap().parse::<f64>().unwrap() >= 2.0, "{spared}");
+    // Past four TTLs from its renewal (12 s) it is claimed though it answers.
+    common::eventually("the slow node's lease claimed at last", Duration::from_secs(12), async || claimed("slow").await).await;
+    assert!(asked.load(std::sync::atomic::Ordering::Relaxed) >= 2, "the janitor asked the nodes");
+    for h in answering {
+        h.abort();
+    }
+    a.stop().await;
+}

@@ -55,6 +55,7 @@ pub static NAMES: Names = Names {
     publish_timeouts: "nats_publish_timeouts_total",
     forwarded_heartbeats: "nats_forwarded_heartbeats_total",
     janitor_claims: "nats_janitor_claims_total",
+    janitor_spared: "nats_janitor_spared_total",
     lease_lost: "nats_lease_lost_total",
     lease_renewed_at: "nats_lease_renewed_at_seconds",
     degraded_local_changes: "nats_degraded_local_changes_total",

@@ -106,6 +106,8 @@ pub struct Names {
     pub publish_timeouts: &'static str,
     pub forwarded_heartbeats: &'static str,
     pub janitor_claims: &'static str,
+    /// Lapsed leases left to a node that still answered.
+    pub janitor_spared: &'static str,
     pub lease_lost: &'static str,
     pub lease_renewed_at: &'static str,
     pub degraded_local_changes: &'static str,

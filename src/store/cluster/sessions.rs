@@ -30,7 +30,8 @@ struct RefreshReply {
 
 impl ClusterStore {
     /// Answers other nodes about the sessions this node owns: a forwarded heartbeat
-    /// (`refresh`, request/reply) and a session ended elsewhere (`drop`).
+    /// (`refresh`, request/reply) and a session ended elsewhere (`drop`); and whether this
+    /// node runs (`alive`, asked before a janitor claims its lapsed lease).
     pub(super) async fn serve_node_requests(&self) -> Result<(), StoreError> {
         let mut rx = self.inner.bp.serve(&self.inner.node).await.map_err(unavailable)?;
         let weak = Arc::downgrade(&self.inner);
@@ -38,6 +39,16 @@ impl ClusterStore {
             while let Some(msg) = rx.recv().await {
                 let Some(inner) = weak.upgrade() else { return };
                 let store = ClusterStore { inner };
+                if msg.op == "alive" {
+                    // A janitor asking before it claims this node's lapsed lease.
+                    if let Some(reply) = msg.reply {
+                        tokio::spawn(async move {
+                            let answer = store.inner.bp.respond(&reply, Bytes::new());
+                            let _ = tokio::time::timeout(store.inner.opts.kv_timeout, answer).await;
+                        });
+                    }
+                    continue;
+                }
                 let Ok(req) = serde_json::from_slice::<NodeRequest>(&msg.payload) else {
                     tracing::warn!(op = %msg.op, "ignoring unreadable node request");
                     continue;

@@ -57,6 +57,7 @@ pub static NAMES: Names = Names {
     publish_timeouts: "redis_publish_timeouts_total",
     forwarded_heartbeats: "redis_forwarded_heartbeats_total",
     janitor_claims: "redis_janitor_claims_total",
+    janitor_spared: "redis_janitor_spared_total",
     lease_lost: "redis_lease_lost_total",
     lease_renewed_at: "redis_lease_renewed_at_seconds",
     degraded_local_changes: "redis_degraded_local_changes_total",
