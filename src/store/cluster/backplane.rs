@@ -106,7 +106,8 @@ pub struct Names {
     pub publish_timeouts: &'static str,
     pub forwarded_heartbeats: &'static str,
     pub janitor_claims: &'static str,
-    /// Lapsed leases left to a node that still answered.
+    /// Lapsed leases left unclaimed: their node answered, or the janitor's own renewals
+    /// were late.
     pub janitor_spared: &'static str,
     pub lease_lost: &'static str,
     pub lease_renewed_at: &'static str,

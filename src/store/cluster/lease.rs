@@ -75,6 +75,16 @@ pub struct LeaseState {
     revision: Mutex<Option<u64>>,
     /// How many leases the last scan listed (this node's view of the cluster's size).
     nodes_seen: std::sync::atomic::AtomicUsize,
+    /// When this node's own renewal last failed or took over a third of the TTL (wall
+    /// clock ms; 0: never).
+    troubled_at: std::sync::atomic::AtomicI64,
+}
+
+/// Whether a renewal of this node's own lease failed or was slow within the last TTL: the
+/// store is then too slow to tell a dead node from one whose renewals are late, and this
+/// node's janitor claims nobody's lease (short of `SPARED_TTLS`).
+fn recently_troubled(now: Millis, troubled_at: Millis, ttl_ms: i64) -> bool {
+    troubled_at != 0 && now.saturating_sub(troubled_at) < ttl_ms
 }
 
 /// How many janitor scans the whole cluster aims at per renewal period. Every node
@@ -164,6 +174,7 @@ impl ClusterStore {
         let now = self.inner.clock.now();
         let Ok(value) = self.lease_value(now) else { return };
         let rev = *self.inner.lease.revision.lock();
+        let t0 = std::time::Instant::now();
         let r = match rev {
             // A different revision, or no lease at all: claimed by a janitor, or lost
             // with the store's data.
@@ -174,6 +185,10 @@ impl ClusterStore {
             None => self.inner.bp.put(Space::Leases, &node, value).await.map_err(|e| (false, e.0)),
         };
         self.outcome(!matches!(r, Err((false, _))));
+        let slow = t0.elapsed().as_millis() as i64 > self.inner.opts.lease_ttl_ms / 3;
+        if slow || matches!(r, Err((false, _))) {
+            self.inner.lease.troubled_at.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
         match r {
             Ok(rev) => {
                 wrote(&self.inner, "lease");
@@ -268,9 +283,15 @@ impl ClusterStore {
             // node writes them all back at its next renewal: under overload that doubles
             // the load that made the renewals late (52 nodes: 58 claims in 10 minutes). So
             // a node that still answers keeps its lease, up to `SPARED_TTLS` TTLs lapsed.
-            if !lease.long_lapsed(now) && self.answers(&lease.node_id).await {
+            // And a janitor whose own renewals are late cannot tell the two apart at all.
+            let troubled = recently_troubled(
+                now,
+                self.inner.lease.troubled_at.load(std::sync::atomic::Ordering::Relaxed),
+                self.inner.opts.lease_ttl_ms,
+            );
+            if !lease.long_lapsed(now) && (troubled || self.answers(&lease.node_id).await) {
                 metrics::counter!(self.inner.bp.names().janitor_spared).increment(1);
-                tracing::info!(node = %lease.node_id, last_renewal_ms_ago = now - lease.renewed_at, "a lapsed lease's node still answers: not claimed");
+                tracing::info!(node = %lease.node_id, last_renewal_ms_ago = now - lease.renewed_at, troubled, "a lapsed lease not claimed: its node answers, or this node's own renewals are late");
                 continue;
             }
             // The claim: exactly one janitor's CAS on the lease key succeeds.
@@ -389,5 +410,15 @@ mod tests {
         let claimed = Lease { ended_by: Some("b".into()), ended_at: Some(6001), ..l };
         assert!(!claimed.claimable(7000), "someone is on it");
         assert!(claimed.claimable(8002), "its janitor died: claim again");
+    }
+
+    #[test]
+    fn a_janitor_with_late_renewals_of_its_own_spares_lapsed_leases_for_a_ttl() {
+        assert!(!recently_troubled(10_000, 0, 1000), "never troubled");
+        assert!(recently_troubled(10_000, 9_500, 1000));
+        assert!(!recently_troubled(10_000, 9_000, 1000), "a TTL after its last late renewal");
+        let l = lease(5000);
+        assert!(!l.long_lapsed(9000));
+        assert!(l.long_lapsed(9001), "four TTLs: claimed whatever the janitor's health");
     }
 }
