@@ -289,3 +289,29 @@ async fn a_lapsed_lease_whose_node_answers_is_not_claimed() {
     }
     a.stop().await;
 }
+
+/// A renewal can be written though its answer times out under load: the lease's revision
+/// moved and the node's next compare-and-swap conflicts. That is not a claim: the node
+/// carries on from the stored lease (still its own, unclaimed) instead of writing all its
+/// sessions back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_answer_was_lost_is_not_taken_for_a_claim() {
+    let e = Engine::nats();
+    let Engine::Nats(server) = &e else { unreachable!() };
+    let a = node(&e, "node-a").await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let leases = async_nats::jetstream::new(client).get_key_value("presence_nodes").await.unwrap();
+    let lease = async || serde_json::from_slice::<serde_json::Value>(&leases.get("node.node-a").await.unwrap().unwrap()).unwrap();
+    // The same lease written again, as a renewal whose answer never came back.
+    let before = lease().await;
+    leases.put("node.node-a", serde_json::to_vec(&before).unwrap().into()).await.unwrap();
+    let renewed = async || lease().await["renewed_at"].as_i64() > before["renewed_at"].as_i64();
+    common::eventually("renewed after the lost answer", Duration::from_secs(5), renewed).await;
+    tokio::time::sleep(LEASE).await;
+    let after = lease().await;
+    assert!(after["ended_by"].is_null(), "{after}");
+    let metrics = reqwest::get(a.url("/metrics")).await.unwrap().text().await.unwrap();
+    let lost = metrics.lines().find(|l| l.starts_with("nats_lease_lost_total")).map(|l| l.split_whitespace().last().unwrap().to_string());
+    assert!(lost.as_deref().is_none_or(|n| n == "0"), "no lease taken for lost: {lost:?}");
+    a.stop().await;
+}
