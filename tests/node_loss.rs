@@ -234,17 +234,33 @@ fn b_token(sub: &str) -> String {
     auth.mint(sub, Duration::from_secs(3600), None).expect("mint")
 }
 
+/// Node A on its own nats-server, and a client of that server with the leases bucket
+/// (the engine is returned to keep the server running).
+async fn node_a_and_leases() -> (Engine, TestServer, async_nats::Client, async_nats::jetstream::kv::Store) {
+    let e = Engine::nats();
+    let Engine::Nats(server) = &e else { unreachable!() };
+    let a = node(&e, "node-a").await; // it creates the buckets
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let leases = async_nats::jetstream::new(client.clone()).get_key_value("presence_nodes").await.unwrap();
+    (e, a, client, leases)
+}
+
+/// A counter from the node's `/metrics` (0 until first counted).
+async fn counter(n: &TestServer, name: &str) -> f64 {
+    let metrics = reqwest::get(n.url("/metrics")).await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map_or(0.0, |l| l.split_whitespace().last().unwrap().parse().unwrap())
+}
+
 /// A lease also lapses when the store is too slow to take renewals. Its node still
 /// runs: the janitor asks it first and leaves it its lease (a claim would end all its
 /// sessions, which it would then write all back), up to four TTLs lapsed. A node that
 /// does not answer, or one lapsed longer, is claimed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lapsed_lease_whose_node_answers_is_not_claimed() {
-    let e = Engine::nats();
-    let Engine::Nats(server) = &e else { unreachable!() };
-    let a = node(&e, "node-a").await;
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let leases = async_nats::jetstream::new(client.clone()).get_key_value("presence_nodes").await.unwrap();
+    let (_e, a, client, leases) = node_a_and_leases().await;
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     // Two nodes that answer: "slow" (3 s TTL) lapsed 1.5 s ago, "stuck" (1 s) 10 s ago;
     // and "gone" (1 s), lapsed 1 s ago, which answers nothing.
@@ -278,9 +294,8 @@ async fn a_lapsed_lease_whose_node_answers_is_not_claimed() {
     tokio::time::sleep(LEASE).await;
     let slow = state("slow").await.expect("the slow node's lease");
     assert!(slow["ended_by"].is_null(), "{slow}");
-    let metrics = reqwest::get(a.url("/metrics")).await.unwrap().text().await.unwrap();
-    let spared = metrics.lines().find(|l| l.starts_with("nats_janitor_spared_total")).unwrap_or_else(|| panic!("{metrics}"));
-    assert!(spared.split_whitespace().last().unwrap().parse::<f64>().unwrap() >= 2.0, "{spared}");
+    let spared = counter(&a, "nats_janitor_spared_total").await;
+    assert!(spared >= 2.0, "spared {spared}");
     // Past four TTLs from its renewal (12 s) it is claimed though it answers.
     common::eventually("the slow node's lease claimed at last", Duration::from_secs(12), async || claimed("slow").await).await;
     assert!(asked.load(std::sync::atomic::Ordering::Relaxed) >= 2, "the janitor asked the nodes");
@@ -296,11 +311,7 @@ async fn a_lapsed_lease_whose_node_answers_is_not_claimed() {
 /// sessions back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_whose_answer_was_lost_is_not_taken_for_a_claim() {
-    let e = Engine::nats();
-    let Engine::Nats(server) = &e else { unreachable!() };
-    let a = node(&e, "node-a").await;
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let leases = async_nats::jetstream::new(client).get_key_value("presence_nodes").await.unwrap();
+    let (_e, a, _client, leases) = node_a_and_leases().await;
     let lease = async || serde_json::from_slice::<serde_json::Value>(&leases.get("node.node-a").await.unwrap().unwrap()).unwrap();
     // The same lease written again, as a renewal whose answer never came back.
     let before = lease().await;
@@ -310,8 +321,6 @@ async fn a_renewal_whose_answer_was_lost_is_not_taken_for_a_claim() {
     tokio::time::sleep(LEASE).await;
     let after = lease().await;
     assert!(after["ended_by"].is_null(), "{after}");
-    let metrics = reqwest::get(a.url("/metrics")).await.unwrap().text().await.unwrap();
-    let lost = metrics.lines().find(|l| l.starts_with("nats_lease_lost_total")).map(|l| l.split_whitespace().last().unwrap().to_string());
-    assert!(lost.as_deref().is_none_or(|n| n == "0"), "no lease taken for lost: {lost:?}");
+    assert_eq!(counter(&a, "nats_lease_lost_total").await, 0.0, "no lease taken for lost");
     a.stop().await;
 }
