@@ -123,7 +123,11 @@ fn serve(config: Config, dev: bool) -> ExitCode {
         eprintln!("presenced: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.service.worker_threads > 0 {
+        builder.worker_threads(config.service.worker_threads);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("presenced: cannot start the runtime: {e}");
@@ -165,7 +169,8 @@ fn serve(config: Config, dev: bool) -> ExitCode {
         };
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
         let grpc_local = grpc.local_addr().map(|a| a.to_string()).unwrap_or(grpc_addr);
-        tracing::info!(http = %local, grpc = %grpc_local, node_id = %app.svc.node_id, backend = app.backend, "presenced listening");
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(http = %local, grpc = %grpc_local, node_id = %app.svc.node_id, backend = app.backend, workers, "presenced listening");
         match app.serve_all(listener, Some(grpc), shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

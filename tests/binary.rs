@@ -93,6 +93,35 @@ async fn token_write_sigterm_restart_keeps_status() {
     assert_eq!(r.status(), 200);
 }
 
+/// `service.worker_threads` sets how many threads the runtime runs (its own count, read
+/// from the runtime and logged with "presenced listening"); 0 is one per core.
+#[test]
+fn worker_threads_sets_the_runtime_size() {
+    use std::io::{BufRead, BufReader};
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    for (setting, want) in [("1", 1), ("3", 3), ("0", cores)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = base_cmd(dir.path());
+        cmd.env("PRESENCE_SERVICE__WORKER_THREADS", setting).arg("serve");
+        let mut child = cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["http"].is_string() {
+                        let _ = tx.send(v["workers"].as_u64());
+                    }
+                }
+            }
+        });
+        let workers = rx.recv_timeout(Duration::from_secs(20));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(workers, Ok(Some(want as u64)), "service.worker_threads={setting}");
+    }
+}
+
 #[test]
 fn bad_config_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
