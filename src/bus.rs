@@ -55,6 +55,9 @@ struct InterestState {
     /// Changes sent to the follower so far (their sequence numbers).
     seq: u64,
     follower: Option<mpsc::UnboundedSender<(u64, InterestChange)>>,
+    /// The follower takes every user's events already and lets through those of whoever
+    /// is watched at the moment they arrive: a newly watched user needs no wait.
+    at_once: bool,
 }
 
 impl InterestState {
@@ -137,7 +140,8 @@ impl Interest {
         self.state.lock().counts.len()
     }
 
-    pub fn is_watched(&self, id: &UserId) -> bool {
+    /// Whether something here watches the user now (or every user).
+    pub fn is_watched(&self, id: &str) -> bool {
         let s = self.state.lock();
         s.all > 0 || s.counts.contains_key(id)
     }
@@ -146,6 +150,23 @@ impl Interest {
     /// applied it, events about every user watched before this call reach this node.
     pub fn seq(&self) -> u64 {
         self.state.lock().seq
+    }
+
+    /// As [`seq`](Self::seq), or `None` when the follower takes every user's events and
+    /// filters them by this interest as they arrive: nothing to wait for.
+    pub fn seq_to_wait_for(&self) -> Option<u64> {
+        let s = self.state.lock();
+        (!s.at_once).then_some(s.seq)
+    }
+
+    /// The follower says whether it takes every user's events and filters them by this
+    /// interest as they arrive. Returns the sequence number of the last change sent: when
+    /// turning it off, the follower applies the changes up to it before it stops taking
+    /// every user's events (a caller that saw `at_once` did not wait for its change).
+    pub fn set_at_once(&self, on: bool) -> u64 {
+        let mut s = self.state.lock();
+        s.at_once = on;
+        s.seq
     }
 
     /// The changes from now on, numbered (one follower: the backend, which calls this
@@ -303,6 +324,26 @@ mod tests {
         UserId::parse(s, 64).unwrap()
     }
 
+    /// While the follower takes every user's events, a caller has nothing to wait for;
+    /// turning that off tells the follower how far the changes nobody waited for go.
+    #[test]
+    fn interest_waits_only_while_the_follower_subscribes_per_user() {
+        let i = Interest::default();
+        let mut rx = i.follow();
+        i.add(&[u("a")]);
+        assert_eq!(i.seq_to_wait_for(), Some(1));
+        assert_eq!(i.set_at_once(true), 1);
+        i.add(&[u("b")]);
+        assert_eq!(i.seq_to_wait_for(), None, "taking every user's events: no wait");
+        assert!(i.is_watched("b") && !i.is_watched("c"), "the filter sees b at once");
+        i.add(&[u("c")]);
+        assert_eq!(i.set_at_once(false), 3, "b and c were not waited for: the follower applies up to 3");
+        let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok().map(|(seq, _)| seq)).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        i.add(&[u("d")]);
+        assert_eq!(i.seq_to_wait_for(), Some(4));
+    }
+
     #[test]
     fn interest_reports_only_first_and_last_watchers() {
         let i = Interest::default();
@@ -327,7 +368,7 @@ mod tests {
         {
             let _g1 = InterestGuard::new(&i, vec![u("c")], true);
             let _g2 = InterestGuard::new(&i, vec![], true);
-            assert!(i.is_watched(&u("zzz")));
+            assert!(i.is_watched("zzz"));
         }
         let got: Vec<InterestChange> = std::iter::from_fn(|| rx.try_recv().ok().map(|(_, c)| c)).collect();
         assert_eq!(

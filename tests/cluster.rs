@@ -545,9 +545,19 @@ async fn past_the_threshold_one_subscription_takes_every_users_events(e: Engine)
     // The watcher gets u5 (after its snapshot); nothing about zed is pushed to it.
     while w.presence_of("u5").await["status"] != "busy" {}
     eventually("B received zed too", async || health().await["events_received"].as_u64().unwrap() >= before + 2).await;
+    // Taking every user's events, a newly watched user's snapshot waits for nothing, and
+    // a change made right after the subscription is answered still reaches the watcher.
+    let waits = format!("{name}_interest_waits_total");
+    let waited = common::sample(&b.scrape().await, &waits);
+    for (k, user) in ["n1", "n2", "n3", "n4", "n5"].into_iter().enumerate() {
+        subscribe(&mut w, "subscribe", &[user], 10 + k as u32).await;
+        set(user, "busy").await;
+        while w.presence_of(user).await["status"] != "busy" {}
+    }
+    assert_eq!(common::sample(&b.scrape().await, &waits), waited, "a snapshot read waited for the relay");
 
     // Down to w and u1: 2, not above half of 4: back to one subscription per user.
-    subscribe(&mut w, "unsubscribe", &["u2", "u3", "u4", "u5", "u6"], 3).await;
+    subscribe(&mut w, "unsubscribe", &["u2", "u3", "u4", "u5", "u6", "n1", "n2", "n3", "n4", "n5"], 3).await;
     eventually("per user again", async || {
         let i = health().await;
         i["all"] == false && i["watched_users"] == 2
@@ -560,6 +570,44 @@ async fn past_the_threshold_one_subscription_takes_every_users_events(e: Engine)
     eventually("B received u1 only", async || health().await["events_received"].as_u64().unwrap() == before + 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(health().await["events_received"].as_u64().unwrap(), before + 1, "zed reached B");
+    a.stop().await;
+    b.stop().await;
+}
+
+on_engines!(heartbeats_write_last_seen_at_most_once_per_interval: nats, redis);
+/// `presence.last_seen_interval`: a connected user's heartbeats touch the owning node's
+/// memory only, except that `last_seen` is written at most once per interval, and another
+/// node then serves it.
+async fn heartbeats_write_last_seen_at_most_once_per_interval(e: Engine) {
+    let a = e.node_with("node-a", &[("PRESENCE_PRESENCE__LAST_SEEN_INTERVAL", "1s")]).await;
+    let b = e.node("node-b").await;
+    let user_writes = async || -> f64 {
+        let text = a.scrape().await;
+        text.lines()
+            .find(|l| l.starts_with("store_writes_total{") && l.contains("kind=\"user\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mut c = common::wsclient::connect(&a, "lsu", "d1").await;
+    let last_seen = async || b.get("/api/v2/presence/lsu").await.1["data"]["lsu"]["last_seen"].clone();
+    eventually("B sees the user online", async || b.get("/api/v2/presence/lsu").await.1["data"]["lsu"]["status"] == "online").await;
+    // Within the interval: heartbeats write nothing.
+    let before = user_writes().await;
+    for _ in 0..3 {
+        c.send(json!({"type": "heartbeat"})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(user_writes().await, before, "a heartbeat within last_seen_interval wrote the user's record");
+    // Past it: the next heartbeat writes last_seen once, and B serves the new value.
+    let seen = last_seen().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.send(json!({"type": "heartbeat"})).await;
+    eventually("last_seen written and served by B", async || {
+        let now = last_seen().await;
+        now.is_string() && now != seen
+    })
+    .await;
+    assert_eq!(user_writes().await, before + 1.0, "one write for last_seen");
     a.stop().await;
     b.stop().await;
 }

@@ -50,6 +50,7 @@ pub static NAMES: Names = Names {
     cas_conflicts: "nats_kv_cas_conflicts_total",
     interest_users: "nats_interest_users",
     interest_all: "nats_interest_all",
+    interest_waits: "nats_interest_waits_total",
     events_received: "nats_events_received_total",
     events_out_of_order: "nats_events_out_of_order_total",
     publish_timeouts: "nats_publish_timeouts_total",

@@ -101,6 +101,8 @@ pub struct Names {
     pub interest_users: &'static str,
     /// Gauge: 1 while the node takes every user's events (batched interest), else 0.
     pub interest_all: &'static str,
+    /// Snapshot reads that waited for newly watched users' subscriptions.
+    pub interest_waits: &'static str,
     pub events_received: &'static str,
     pub events_out_of_order: &'static str,
     pub publish_timeouts: &'static str,

@@ -16,11 +16,16 @@
 //! per-user.
 //!
 //! Snapshot reads wait until the subscriptions asked for before them are in place, so a
-//! client that subscribes and then reads its snapshot misses no change in between.
+//! client that subscribes and then reads its snapshot misses no change in between. While
+//! the feed takes every user's events they wait for nothing: the filter reads the bus's
+//! interest as each event arrives, so a user watched a moment ago already passes it (at
+//! 52 nodes on two cores, waiting for the relay's loop instead timed out 10,323 times in
+//! one ramp). Before the wildcard goes, the loop applies every change made until then, so
+//! the per-user subscriptions that replace it include the users nobody waited for.
 //!
 //! Typing indicators go to every node (they are ephemeral and never stored).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -28,7 +33,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{unavailable, ClusterStore, Inner, WireEvent};
-use crate::bus::{InterestChange, Typing};
+use crate::bus::{Interest, InterestChange, Typing};
 use crate::core::UserId;
 use crate::store::StoreError;
 
@@ -71,11 +76,11 @@ struct Peek<'a> {
     node_id: &'a str,
 }
 
-/// Puts an event received from another node on the local bus. `only`: while the feed
-/// takes every user's events, the users this node's consumers watch; an event for anyone
-/// else is dropped before it is decoded (at 52 nodes every node receives every user's
-/// events, and decoding them all was most of a node's CPU during a connect ramp).
-fn relay(inner: &Inner, payload: &[u8], only: Option<&HashSet<UserId>>) {
+/// Puts an event received from another node on the local bus. `filter`: while the feed
+/// takes every user's events, an event about a user nobody here watches (per the bus's
+/// interest, now) is dropped before it is decoded (at 52 nodes every node receives every
+/// user's events, and decoding them all was most of a node's CPU during a connect ramp).
+fn relay(inner: &Inner, payload: &[u8], filter: bool) {
     let names = inner.bp.names();
     let peek = serde_json::from_slice::<Peek<'_>>(payload).ok();
     if peek.as_ref().is_some_and(|p| p.node_id == &*inner.node) {
@@ -83,8 +88,8 @@ fn relay(inner: &Inner, payload: &[u8], only: Option<&HashSet<UserId>>) {
     }
     inner.counters.remote_events.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(names.events_received).increment(1);
-    if let (Some(p), Some(watched)) = (&peek, only) {
-        if !watched.contains(p.user_id) {
+    if let (Some(p), true) = (&peek, filter) {
+        if !inner.bus.interest().is_watched(p.user_id) {
             return;
         }
     }
@@ -111,6 +116,20 @@ fn relay(inner: &Inner, payload: &[u8], only: Option<&HashSet<UserId>>) {
 /// does not flap. `0` never.
 fn wants_all(now_all: bool, watched: usize, threshold: usize) -> bool {
     threshold > 0 && if now_all { watched > threshold / 2 } else { watched > threshold }
+}
+
+/// Applies an interest change to the loop's copy only: while the feed takes every user's
+/// events nothing is subscribed per user.
+fn absorb(watched: &mut HashSet<UserId>, asked_all: &mut bool, change: InterestChange) {
+    match change {
+        InterestChange::Watch(u) => {
+            watched.insert(u);
+        }
+        InterestChange::Unwatch(u) => {
+            watched.remove(&u);
+        }
+        InterestChange::All(on) => *asked_all = on,
+    }
 }
 
 /// Moves the feed to every user's events (`on`) or back to one subscription per watched
@@ -148,6 +167,7 @@ impl ClusterStore {
         let mut feed = self.inner.bp.feed(tx).await.map_err(unavailable)?;
         let weak = Arc::downgrade(&self.inner);
         let threshold = self.inner.opts.interest_all_above;
+        let bus_interest: Interest = self.inner.bus.interest().clone();
         let h = tokio::spawn(async move {
             let mut watched: HashSet<UserId> = HashSet::new();
             // A `WatchPresence { all: true }` stream asked for every user's events.
@@ -158,12 +178,12 @@ impl ClusterStore {
                 tokio::select! {
                     first = interest.recv() => {
                         let Some(first) = first else { return };
-                        let mut batch = vec![first];
+                        let mut batch = VecDeque::from([first]);
                         while let Ok(more) = interest.try_recv() {
-                            batch.push(more);
+                            batch.push_back(more);
                         }
                         let mut last = 0;
-                        for (seq, change) in batch {
+                        while let Some((seq, change)) = batch.pop_front() {
                             last = seq;
                             match change {
                                 InterestChange::Watch(u) => {
@@ -182,7 +202,24 @@ impl ClusterStore {
                             }
                             // Batched interest: past the threshold one wildcard replaces
                             // the per-user subscriptions (and back below half of it).
-                            let want = asked_all || wants_all(all, watched.len(), threshold);
+                            let mut want = asked_all || wants_all(all, watched.len(), threshold);
+                            if all && !want {
+                                // Readers wait again from now on; the changes of those that
+                                // did not are applied before the wildcard goes.
+                                let upto = bus_interest.set_at_once(false);
+                                while last < upto {
+                                    let next = match batch.pop_front() {
+                                        Some(n) => n,
+                                        None => match interest.recv().await {
+                                            Some(n) => n,
+                                            None => return,
+                                        },
+                                    };
+                                    last = next.0;
+                                    absorb(&mut watched, &mut asked_all, next.1);
+                                }
+                                want = asked_all || wants_all(all, watched.len(), threshold);
+                            }
                             if want != all {
                                 all = switch_all(&mut *feed, want, &watched).await.unwrap_or(all);
                                 if let Some(inner) = weak.upgrade() {
@@ -193,6 +230,8 @@ impl ClusterStore {
                         }
                         // The server has the subscriptions once it confirms them.
                         feed.settle().await;
+                        // Every user's events arrive (confirmed): readers need not wait.
+                        bus_interest.set_at_once(all);
                         let Some(inner) = weak.upgrade() else { return };
                         inner.counters.watched.store(watched.len() as u64, Ordering::Relaxed);
                         metrics::gauge!(inner.bp.names().interest_users).set(watched.len() as f64);
@@ -200,7 +239,7 @@ impl ClusterStore {
                     }
                     Some(msg) = rx.recv() => {
                         let Some(inner) = weak.upgrade() else { return };
-                        relay(&inner, &msg, (all && !asked_all).then_some(&watched));
+                        relay(&inner, &msg, all && !asked_all);
                     }
                 }
             }
@@ -212,11 +251,13 @@ impl ClusterStore {
     /// Waits until the subscriptions asked for so far are in place (normally well under a
     /// millisecond; at most the request timeout on a starved machine).
     pub(super) async fn interest_settled(&self) {
-        let want = self.inner.bus.interest().seq();
+        // Taking every user's events: nothing to wait for.
+        let Some(want) = self.inner.bus.interest().seq_to_wait_for() else { return };
         let mut rx = self.inner.interest_applied.subscribe();
         if *rx.borrow() >= want {
             return;
         }
+        metrics::counter!(self.inner.bp.names().interest_waits).increment(1);
         if tokio::time::timeout(self.inner.opts.kv_timeout, rx.wait_for(|applied| *applied >= want)).await.is_err() {
             tracing::warn!("subscriptions for newly watched users not confirmed in time; a change made meanwhile may be missed");
         }

@@ -117,20 +117,31 @@ impl ClusterStore {
     /// A heartbeat of a session this node owns: memory only (plus `last_seen` at most
     /// once per interval). `None` when this node does not hold a live session for it.
     pub(super) async fn beat(&self, id: &UserId, device: &str) -> Option<Millis> {
+        let (expires_at, write_at) = self.beat_in_memory(id, device)?;
+        if let Some(now) = write_at {
+            self.write_last_seen(id, device, now).await;
+        }
+        Some(expires_at)
+    }
+
+    /// The memory part of [`beat`](Self::beat): the new deadline, and the time to write as
+    /// `last_seen` when a write is due.
+    pub(super) fn beat_in_memory(&self, id: &UserId, device: &str) -> Option<(Millis, Option<Millis>)> {
         let now = self.inner.clock.now();
         let beat = self.inner.owned.lock().beat(id, device, now, self.inner.opts.last_seen_interval_ms)?;
-        if beat.write_last_seen {
-            let r = self
-                .apply(id, false, |s, _| {
-                    s.touch(device, now);
-                    ((), Change::none())
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(user = %id, error = %e, "could not write last_seen; will try at the next interval");
-            }
+        Some((beat.expires_at, beat.write_last_seen.then_some(now)))
+    }
+
+    pub(super) async fn write_last_seen(&self, id: &UserId, device: &str, now: Millis) {
+        let r = self
+            .apply(id, false, |s, _| {
+                s.touch(device, now);
+                ((), Change::none())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(user = %id, error = %e, "could not write last_seen; will try at the next interval");
         }
-        Some(beat.expires_at)
     }
 
     /// Ends, in the KV, sessions this node owned whose deadline passed, and explicit

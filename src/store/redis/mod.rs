@@ -52,6 +52,7 @@ pub static NAMES: Names = Names {
     cas_conflicts: "redis_cas_conflicts_total",
     interest_users: "redis_interest_users",
     interest_all: "redis_interest_all",
+    interest_waits: "redis_interest_waits_total",
     events_received: "redis_events_received_total",
     events_out_of_order: "redis_events_out_of_order_total",
     publish_timeouts: "redis_publish_timeouts_total",
