@@ -128,7 +128,7 @@ fn scale_bench_runs_nodes_and_generators() {
         .expect("run presenced-bench scale");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("sessions held        1500 of 1500 (0 failed)"), "{text}");
+    assert!(text.contains("sessions held        1500 of 1500 (0 failed;"), "{text}");
     assert!(text.contains("node configuration   PRESENCE_CACHE__WATCH_WRITES=false"), "{text}");
     let line = text.lines().find(|l| l.starts_with("change -> contact")).unwrap_or_else(|| panic!("{text}"));
     let deliveries: u64 = line.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -143,5 +143,30 @@ fn scale_bench_runs_nodes_and_generators() {
         .expect("run");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("sessions held        1500 of 1500 (0 failed)"), "{text}");
+    assert!(text.contains("sessions held        1500 of 1500 (0 failed;"), "{text}");
+}
+
+/// `scale --leaves 2`: the seed's hub and spoke in miniature: a center nats-server with the
+/// KV and two leaf nats-servers, three leaf nodes (two on leaf 0, one on leaf 1), so a
+/// contact's change crosses leaf → center → leaf; every session up, changes delivered,
+/// the bare baseline published on one leaf and received on the other.
+#[test]
+fn scale_bench_runs_the_hub_and_spoke_layout() {
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
+        .arg("scale")
+        .args(["--nodes", "3", "--leaves", "2", "--sessions", "900", "--per-generator", "300", "--contacts", "4", "--no-sysctl"])
+        .args(["--hold-secs", "4", "--change-pct-per-min", "300", "--heartbeat-secs", "2", "--concurrency", "32"])
+        .output()
+        .expect("run presenced-bench scale");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("layout               hub and spoke: a center nats-server (JetStream domain hub) and 2 leaf"), "{text}");
+    assert!(text.contains("sessions held        900 of 900 (0 failed;"), "{text}");
+    let line = text.lines().find(|l| l.starts_with("change -> contact")).unwrap_or_else(|| panic!("{text}"));
+    let deliveries: u64 = line.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(deliveries > 0, "{line}");
+    let subs = text.lines().find(|l| l.starts_with("nats-server")).unwrap_or_else(|| panic!("{text}"));
+    assert!(subs.contains("(center and 2 leaves summed)") && !subs.contains(" 0 subscriptions"), "{subs}");
+    let bare = text.lines().find(|l| l.starts_with("bare NATS pub->sub")).unwrap_or_else(|| panic!("{text}"));
+    assert!(!bare.contains(" 0 messages"), "{bare}");
 }

@@ -68,8 +68,9 @@ fn redis_server(dir: &Path) -> Res<(Proc, u16)> {
 }
 
 /// The engine's own publish → subscribe latency: `n` messages at `rate`/s, each
-/// carrying its send time (µs, sorted).
-pub(super) async fn bare_round_trip(store: &Store, n: usize, rate: f64) -> Res<Vec<u32>> {
+/// carrying its send time (µs, sorted). `publish_port`: NATS only, publish through another
+/// server (a leaf) than the subscriber's.
+pub(super) async fn bare_round_trip(store: &Store, publish_port: Option<u16>, n: usize, rate: f64) -> Res<Vec<u32>> {
     let start = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let publish: Box<dyn Fn(Vec<u8>) -> futures_util::future::BoxFuture<'static, Res<()>> + Send + Sync> = match store {
@@ -84,7 +85,11 @@ pub(super) async fn bare_round_trip(store: &Store, n: usize, rate: f64) -> Res<V
                     let _ = tx.send(sent);
                 }
             });
-            let client = async_nats::connect(format!("127.0.0.1:{port}")).await.map_err(|e| e.to_string())?;
+            let client = async_nats::connect(format!("127.0.0.1:{}", publish_port.unwrap_or(*port))).await.map_err(|e| e.to_string())?;
+            if publish_port.is_some_and(|p| p != *port) {
+                // The subscription's interest crosses the leaf links before the first publish.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Box::new(move |p| {
                 let client = client.clone();
                 Box::pin(async move { client.publish("bench.rtt", p.into()).await.map_err(|e| e.to_string()) })
@@ -221,7 +226,7 @@ async fn one(engine: &str, dir: &Path, args: &BackendsArgs) -> Res<Figures> {
     wait_port(b).await?;
     println!("== {engine}: server :{port}; presenced :{a} (A) :{b} (B)");
     let f = fanout(a, b, &[a, b], store.name(), &args.cluster).await?;
-    let bare = bare_round_trip(&store, args.cluster.changes, args.cluster.rate).await?;
+    let bare = bare_round_trip(&store, None, args.cluster.changes, args.cluster.rate).await?;
     println!(
         "bare {engine} publish → subscribe ({} messages at {}/s): {}",
         bare.len(),

@@ -96,7 +96,7 @@ pub async fn wait_port(port: u16) -> Res<()> {
 }
 
 /// Waits until core messages cross from `from` to `to` (the leaf link is up).
-async fn linked(from: u16, to: u16) -> Res<()> {
+pub async fn linked(from: u16, to: u16) -> Res<()> {
     let t = async_nats::connect(format!("127.0.0.1:{to}")).await.map_err(|e| e.to_string())?;
     let f = async_nats::connect(format!("127.0.0.1:{from}")).await.map_err(|e| e.to_string())?;
     let mut sub = t.subscribe("bench.link").await.map_err(|e| e.to_string())?;

@@ -136,7 +136,13 @@ struct GrpcArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // A load generator is one of ~50 processes on the machine: one thread, so none
+    // wakes another (the orchestrator and the other benches use every core).
+    let mut builder = match cli.cmd {
+        Cmd::ScaleGen(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runtime: {e}");

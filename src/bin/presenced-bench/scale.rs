@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::cluster::{get_json, nats_server, wait_port, Cleanup, Proc};
+use super::cluster::{get_json, linked, nats_server, wait_port, Cleanup, Proc};
 use super::lean::{LeanWs, Read};
 use super::{free_port, percentiles, rss_kib, sibling, Res, BENCH_ENV, MARK};
 
@@ -71,6 +71,52 @@ pub struct ScaleArgs {
     /// `PRESENCE_CACHE__WATCH_WRITES=false`); repeatable.
     #[arg(long = "node-env", value_parser = parse_env)]
     pub node_env: Vec<(String, String)>,
+    /// The seed's hub and spoke (deploy/): a center nats-server (JetStream domain `hub`,
+    /// where the KV lives) and this many leaf nats-servers linked to it; node i connects to
+    /// leaf i % leaves as a `leaf` node. 0: every node on one nats-server.
+    #[arg(long, default_value_t = 0)]
+    pub leaves: usize,
+    /// Run everything in a network namespace of its own whose TCP established-connection
+    /// hash has this many buckets (`net.ipv4.tcp_child_ehash_entries`; needs root, Linux
+    /// 6.1+, `unshare` and `ip`). The host's table is sized at boot (262,144 buckets here):
+    /// with two million loopback sockets its chains grow long, and at 735,000 sessions
+    /// the lookup took 10 % of the CPU. 0: the host's namespace.
+    #[arg(long, default_value_t = 0)]
+    pub netns_ehash: u64,
+    /// Times a client tries a refused handshake again (after 1, 2, 4... s), as real
+    /// clients reconnect; each retry is counted and reported.
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
+}
+
+/// Set in the bench's own process once it runs in its own network namespace.
+const IN_NETNS: &str = "PRESENCED_BENCH_IN_NETNS";
+
+/// Runs this same command again in a new network namespace (its loopback up) whose TCP
+/// hash has `buckets` buckets; the sysctl is set for the namespace's creation and restored.
+fn in_own_netns(buckets: u64) -> Res<()> {
+    let key = "net.ipv4.tcp_child_ehash_entries";
+    let want = buckets.to_string();
+    let restore = raise(key, &want, |v| v.parse::<u64>().is_ok_and(|n| n != buckets));
+    let now = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_child_ehash_entries").unwrap_or_default();
+    if now.trim() != want {
+        return Err(format!("{key} is {:?}, not {want}: --netns-ehash needs root and Linux 6.1 or later", now.trim()));
+    }
+    println!("netns: a network namespace of its own, {buckets} TCP hash buckets");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let status = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env(IN_NETNS, "1")
+        .status()
+        .map_err(|e| format!("unshare (util-linux): {e}"))?;
+    drop(restore);
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the bench in its own network namespace: {status}"))
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -105,6 +151,8 @@ pub struct GenArgs {
     pub sources: String,
     #[arg(long)]
     pub baseline: bool,
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
 }
 
 fn unix_ns() -> u64 {
@@ -116,11 +164,13 @@ fn unix_ns() -> u64 {
 struct GenShared {
     connected: AtomicU64,
     failed: AtomicU64,
+    /// Handshakes refused and tried again.
+    retried: AtomicU64,
     changes: AtomicU64,
     samples: parking_lot::Mutex<Vec<u32>>,
 }
 
-/// `scale-gen`: opens its users' sessions, reports `ready <connected> <failed> <secs>`,
+/// `scale-gen`: opens its users' sessions, reports `ready <connected> <failed> <secs> <retried>`,
 /// then on `change <secs>` drives status changes for that long and reports
 /// `done <changes> <latency µs,...>`; `stop` (or stdin closing) ends it.
 pub async fn generator(args: GenArgs) -> Res<()> {
@@ -135,6 +185,7 @@ pub async fn generator(args: GenArgs) -> Res<()> {
     let shared = Arc::new(GenShared {
         connected: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        retried: AtomicU64::new(0),
         changes: AtomicU64::new(0),
         samples: Default::default(),
     });
@@ -157,13 +208,19 @@ pub async fn generator(args: GenArgs) -> Res<()> {
             target,
             source,
             heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+            retries: args.retries,
         };
         tasks.push(tokio::spawn(client.run(shared.clone(), stop_rx.clone(), changers.clone(), permit, args.baseline)));
     }
     // Every handshake done (or failed).
     let _ = gate.acquire_many(args.concurrency.max(1) as u32).await;
     let secs = t0.elapsed().as_secs_f64();
-    println!("ready {} {} {secs:.3}", shared.connected.load(Ordering::Relaxed), shared.failed.load(Ordering::Relaxed));
+    println!(
+        "ready {} {} {secs:.3} {}",
+        shared.connected.load(Ordering::Relaxed),
+        shared.failed.load(Ordering::Relaxed),
+        shared.retried.load(Ordering::Relaxed)
+    );
     let _ = std::io::stdout().flush();
 
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
@@ -218,6 +275,7 @@ struct Client {
     target: SocketAddr,
     source: Ipv4Addr,
     heartbeat: Duration,
+    retries: u32,
 }
 
 impl Client {
@@ -230,15 +288,28 @@ impl Client {
         baseline: bool,
     ) {
         let me = format!("u{}", self.user);
-        let opened = LeanWs::connect(self.target, self.source, (!baseline).then_some(me.as_str())).await;
-        let mut ws = match opened {
-            Ok(ws) => ws,
-            Err(e) => {
-                if shared.failed.fetch_add(1, Ordering::Relaxed) < 3 {
-                    eprintln!("user {}: {e}", self.user);
+        // A refused handshake (503 while a node is degraded, a reset) is tried again after
+        // 1, 2, 4... s, as a real client reconnects; the permit is kept meanwhile, so a
+        // generator whose nodes refuse slows down.
+        let mut attempt = 0;
+        let mut ws = loop {
+            match LeanWs::connect(self.target, self.source, (!baseline).then_some(me.as_str())).await {
+                Ok(ws) => break ws,
+                Err(e) if attempt < self.retries => {
+                    attempt += 1;
+                    if shared.retried.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("user {}: {e}; trying again", self.user);
+                    }
+                    let backoff = Duration::from_secs(1 << (attempt - 1).min(5));
+                    tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 1000)).await;
                 }
-                drop(permit);
-                return;
+                Err(e) => {
+                    if shared.failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("user {}: {e}", self.user);
+                    }
+                    drop(permit);
+                    return;
+                }
             }
         };
         let own = format!("\"{me}\"");
@@ -384,6 +455,7 @@ fn cpu_secs(pid: u32) -> f64 {
 pub struct ScaleReport {
     pub sessions: u64,
     pub failed: u64,
+    pub retried: u64,
     pub connect_secs: f64,
     pub node_rss_idle_kib: u64,
     pub node_rss_kib: u64,
@@ -402,13 +474,22 @@ pub struct ScaleReport {
 }
 
 pub async fn run(args: ScaleArgs) -> Res<()> {
+    if args.netns_ehash > 0 && std::env::var_os(IN_NETNS).is_none() {
+        return in_own_netns(args.netns_ehash);
+    }
     let r = measure(&args).await?;
     let mode = if args.baseline { "baseline (bare tokio-tungstenite nodes)" } else { "presenced (cluster mode on NATS)" };
     println!("== scale: {mode}, {} nodes", args.nodes);
+    if !args.baseline {
+        println!("layout               {}", layout(args.leaves));
+    }
     for (k, v) in &args.node_env {
         println!("node configuration   {k}={v}");
     }
-    println!("sessions held        {} of {} ({} failed)", r.sessions, args.sessions, r.failed);
+    println!(
+        "sessions held        {} of {} ({} failed; {} handshakes refused and retried)",
+        r.sessions, args.sessions, r.failed, r.retried
+    );
     println!("connect rate         {:.0}/s ({:.1} s to connect them all)", r.sessions as f64 / r.connect_secs.max(0.001), r.connect_secs);
     let per = (r.node_rss_kib.saturating_sub(r.node_rss_idle_kib)) as f64 * 1024.0 / r.sessions.max(1) as f64;
     println!(
@@ -430,7 +511,12 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
         r.generators_rss_kib as f64 / r.sessions.max(1) as f64
     );
     if !args.baseline {
-        println!("nats-server          {:.1} MiB RSS, {} subscriptions", r.nats_rss_kib as f64 / 1024.0, r.nats_subscriptions);
+        println!(
+            "nats-server          {:.1} MiB RSS, {} subscriptions{}",
+            r.nats_rss_kib as f64 / 1024.0,
+            r.nats_subscriptions,
+            if args.leaves > 0 { format!(" (center and {} leaves summed)", args.leaves) } else { String::new() }
+        );
         println!("store writes         {:.1}/s during the hold", r.store_writes_per_sec);
         println!(
             "change -> contact    {} deliveries of {} changes: {}",
@@ -439,13 +525,58 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
             percentiles(&r.latencies, &[("p50", 0.5), ("p99", 0.99)])
         );
         println!(
-            "bare NATS pub->sub   {} messages at the same rate on the same server: {}",
+            "bare NATS pub->sub   {} messages at the same rate through the same servers: {}",
             r.bare_latencies.len(),
             percentiles(&r.bare_latencies, &[("p50", 0.5), ("p99", 0.99)])
         );
     }
     println!("CPU                  {:.3} s of node CPU per second per 10K sessions", r.cpu_secs_per_10k);
     Ok(())
+}
+
+fn layout(leaves: usize) -> String {
+    if leaves == 0 {
+        "every node on one nats-server (JetStream)".into()
+    } else {
+        format!("hub and spoke: a center nats-server (JetStream domain hub) and {leaves} leaf nats-servers; node i on leaf i % {leaves}")
+    }
+}
+
+/// Starts the engine: one nats-server with JetStream, or (`leaves` > 0) the center with
+/// JetStream domain `hub` and `leaves` leaf nats-servers linked to it, as deploy/ has them.
+/// Each as (process, client port, monitoring port), the center first.
+async fn engine(dir: &std::path::Path, leaves: usize) -> Res<Vec<(Proc, u16, u16)>> {
+    let mon = free_port()?;
+    let mut servers = Vec::with_capacity(1 + leaves);
+    if leaves == 0 {
+        let body = format!("http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ store_dir: \"@STORE@\" }}\n");
+        let (p, port) = nats_server(dir, "scale", &body)?;
+        servers.push((p, port, mon));
+    } else {
+        let link = free_port()?;
+        let body = format!(
+            "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: hub, store_dir: \"@STORE@\" }}\nleafnodes {{ listen: \"127.0.0.1:{link}\" }}\n"
+        );
+        let (p, port) = nats_server(dir, "center", &body)?;
+        servers.push((p, port, mon));
+        for k in 0..leaves {
+            let mon = free_port()?;
+            let body = format!(
+                "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: leaf{k}, store_dir: \"@STORE@\" }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{link}\" }} ] }}\n"
+            );
+            let (p, port) = nats_server(dir, &format!("leaf{k}"), &body)?;
+            servers.push((p, port, mon));
+        }
+    }
+    for (_, port, _) in &servers {
+        wait_port(*port).await?;
+    }
+    if let Some(((_, center, _), leaves)) = servers.split_first() {
+        for (_, leaf, _) in leaves {
+            linked(*leaf, *center).await?;
+        }
+    }
+    Ok(servers)
 }
 
 /// Runs one scale measurement (also used by the smoke test through the CLI).
@@ -475,15 +606,10 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let _cleanup = Cleanup(dir.clone());
 
-    // The engine: one nats-server with JetStream and its monitoring port.
-    let mut nats: Option<(Proc, u16, u16)> = None;
-    if !args.baseline {
-        let mon = free_port()?;
-        let body = format!("http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ store_dir: \"@STORE@\" }}\n");
-        let (p, port) = nats_server(&dir, "scale", &body)?;
-        wait_port(port).await?;
-        nats = Some((p, port, mon));
-    }
+    // The engine: nats-servers with their monitoring ports; the first holds JetStream.
+    let nats = if args.baseline { Vec::new() } else { engine(&dir, args.leaves).await? };
+    // Where node i connects: the one server, or leaf i % leaves.
+    let server_of = |i: usize| if args.leaves > 0 { nats[1 + i % args.leaves].1 } else { nats.first().map(|n| n.1).unwrap_or(0) };
 
     // The nodes.
     let mut nodes: Vec<(Proc, u16)> = Vec::with_capacity(args.nodes);
@@ -495,7 +621,10 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
             c
         } else {
             let mut c = Command::new(sibling("presenced")?);
-            let nats_port = nats.as_ref().map(|n| n.1).unwrap_or(0);
+            let nats_port = server_of(i);
+            if args.leaves > 0 {
+                c.env("PRESENCE_SERVICE__NODE_TYPE", "leaf").env("PRESENCE_NATS__JETSTREAM__DOMAIN", "hub");
+            }
             c.arg("serve")
                 .env("PRESENCE_SERVICE__HOST", "127.0.0.1")
                 .env("PRESENCE_SERVICE__PORT", port.to_string())
@@ -516,6 +645,24 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     for (_, port) in &nodes {
         wait_port(*port).await?;
     }
+    if !args.baseline {
+        // 52 nodes opening their buckets at once keep nats-server busy for a while: the
+        // sessions start once every node is connected and out of degraded mode.
+        let start = Instant::now();
+        for (_, port) in &nodes {
+            loop {
+                let h = get_json(*port, "/health/nats").await.ok();
+                if h.is_some_and(|h| h["data"]["degraded"] == false) {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(120) {
+                    return Err(format!("node :{port} not connected to NATS (or degraded) after 120 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        println!("{} nodes connected to NATS in {:.1} s", nodes.len(), start.elapsed().as_secs_f64());
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pids: Vec<u32> = nodes.iter().map(|(p, _)| p.0.id()).collect();
     let node_rss_idle_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
@@ -533,6 +680,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
             .args(["--first", &first.to_string(), "--count", &count.to_string(), "--total", &args.sessions.to_string()])
             .args(["--contacts", &args.contacts.to_string(), "--change-pct-per-min", &args.change_pct_per_min.to_string()])
             .args(["--heartbeat-secs", &args.heartbeat_secs.to_string(), "--concurrency", &args.concurrency.to_string()])
+            .args(["--retries", &args.retries.to_string()])
             .args(if args.baseline { vec!["--baseline"] } else { vec![] })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -551,9 +699,13 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         gens.push(Generator { child, stdin, lines });
         first += count;
     }
-    let guard =
-        RampGuard::start(args.min_free_mib, pids.clone(), gens.iter().map(|g| g.child.id()).collect(), nats.as_ref().map(|n| n.0 .0.id()));
-    let (mut sessions, mut failed) = (0u64, 0u64);
+    let guard = RampGuard::start(
+        args.min_free_mib,
+        pids.clone(),
+        gens.iter().map(|g| g.child.id()).collect(),
+        nats.iter().map(|n| n.0 .0.id()).collect(),
+    );
+    let (mut sessions, mut failed, mut retried) = (0u64, 0u64, 0u64);
     for g in &gens {
         let ready = tokio::task::block_in_place(|| g.expect("ready", Duration::from_secs(1800)));
         let ready = match (ready, guard.tripped()) {
@@ -563,10 +715,12 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         let mut f = ready.split_whitespace();
         sessions += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         failed += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let _secs = f.next();
+        retried += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     }
     let connect_secs = t0.elapsed().as_secs_f64();
     drop(guard);
-    println!("{sessions} sessions up in {connect_secs:.1} s ({failed} failed); holding {} s", args.hold_secs);
+    println!("{sessions} sessions up in {connect_secs:.1} s ({failed} failed, {retried} handshakes retried); holding {} s", args.hold_secs);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // The hold: status changes, heartbeats; CPU and store writes counted over it.
@@ -577,12 +731,14 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         g.send(&format!("change {}", args.hold_secs))?;
     }
     // The baseline for delivery: the engine's bare publish -> subscribe at the same rate,
-    // on the same loaded nats-server, during the hold.
-    let bare = nats.as_ref().map(|(_, port, _)| {
-        let store = super::cluster::Store::Nats { port: *port, domain: None };
+    // on the same loaded nats-servers, during the hold (with leaves: published on the
+    // second node's leaf, received on the first's, across the center as events are).
+    let bare = (!nats.is_empty()).then(|| {
+        let store = super::cluster::Store::Nats { port: server_of(0), domain: None };
+        let publish_port = server_of(1);
         let rate = (args.sessions as f64 * args.change_pct_per_min / 100.0 / 60.0).max(1.0);
         let n = ((rate * args.hold_secs as f64) as usize).clamp(10, 20_000);
-        tokio::spawn(async move { super::backends::bare_round_trip(&store, n, rate).await })
+        tokio::spawn(async move { super::backends::bare_round_trip(&store, Some(publish_port), n, rate).await })
     });
     let mut latencies = Vec::new();
     let mut changes = 0;
@@ -607,13 +763,11 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     }
     let generators_rss_kib: u64 = gens.iter().filter_map(|g| rss_kib(g.child.id())).sum();
     latencies.sort_unstable();
-    let (nats_rss_kib, nats_subscriptions) = match &nats {
-        Some((p, _, mon)) => {
-            let subs = get_json(*mon, "/varz").await.ok().and_then(|v| v["subscriptions"].as_u64()).unwrap_or(0);
-            (rss_kib(p.0.id()).unwrap_or(0), subs)
-        }
-        None => (0, 0),
-    };
+    let (mut nats_rss_kib, mut nats_subscriptions) = (0, 0);
+    for (p, _, mon) in &nats {
+        nats_subscriptions += get_json(*mon, "/varz").await.ok().and_then(|v| v["subscriptions"].as_u64()).unwrap_or(0);
+        nats_rss_kib += rss_kib(p.0.id()).unwrap_or(0);
+    }
     for g in &mut gens {
         let _ = g.send("stop");
     }
@@ -623,6 +777,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     Ok(ScaleReport {
         sessions,
         failed,
+        retried,
         connect_secs,
         node_rss_idle_kib,
         node_rss_kib,
@@ -662,7 +817,7 @@ fn tcp_sockstat() -> (u64, u64) {
 }
 
 impl RampGuard {
-    fn start(min_free_mib: u64, nodes: Vec<u32>, gens: Vec<u32>, nats: Option<u32>) -> RampGuard {
+    fn start(min_free_mib: u64, nodes: Vec<u32>, gens: Vec<u32>, nats: Vec<u32>) -> RampGuard {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tripped = Arc::new(parking_lot::Mutex::new(None));
         let (st, tr) = (stop.clone(), tripped.clone());
@@ -670,7 +825,8 @@ impl RampGuard {
         let thread = std::thread::spawn(move || {
             let gib = |kib: u64| kib as f64 / (1024.0 * 1024.0);
             let sum = |pids: &[u32]| pids.iter().filter_map(|p| rss_kib(*p)).sum::<u64>();
-            let mut last = Instant::now();
+            let start = Instant::now();
+            let mut last = start;
             while !st.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_secs(1));
                 let avail = meminfo_kib("MemAvailable:");
@@ -681,11 +837,12 @@ impl RampGuard {
                 last = Instant::now();
                 let (tcp, tcp_pages) = tcp_sockstat();
                 let line = format!(
-                    "~{} sessions: nodes {:.2} GiB, generators {:.2} GiB, nats-server {:.2} GiB, kernel slab +{:.2} GiB, TCP buffers {:.2} GiB; {:.2} GiB available",
+                    "{:.0} s, ~{} sessions: nodes {:.2} GiB, generators {:.2} GiB, nats-server {:.2} GiB, kernel slab +{:.2} GiB, TCP buffers {:.2} GiB; {:.2} GiB available",
+                    start.elapsed().as_secs_f64(),
                     tcp.saturating_sub(tcp0) / 2,
                     gib(sum(&nodes)),
                     gib(sum(&gens)),
-                    gib(nats.and_then(rss_kib).unwrap_or(0)),
+                    gib(sum(&nats)),
                     gib(meminfo_kib("Slab:").saturating_sub(slab0)),
                     gib(tcp_pages * 4),
                     gib(avail),
