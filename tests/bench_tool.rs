@@ -113,36 +113,40 @@ fn sinks_bench_delivers_every_event() {
     assert!(text.contains("dropped 0"), "{text}");
 }
 
+/// Runs `presenced-bench scale` with `args`; its report, which must say it succeeded.
+fn scale(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench")).arg("scale").args(args).output().expect("run presenced-bench scale");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The report's line starting with `prefix`.
+fn report_line<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+}
+
+/// Changes delivered to contacts, from the "change -> contact" line.
+fn deliveries(text: &str) -> u64 {
+    report_line(text, "change -> contact").split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// Short hold with many changes and quick heartbeats: the miniature's load.
+const HOLD: [&str; 8] = ["--hold-secs", "4", "--change-pct-per-min", "300", "--heartbeat-secs", "2", "--concurrency", "32"];
+
 /// `scale` in miniature: three presenced nodes on a real nats-server, three generator
 /// processes, every session up, contacts on other nodes told of changes, the nats-server's
 /// subscriptions counted; and its bare baseline.
 #[test]
 fn scale_bench_runs_nodes_and_generators() {
     let small = ["--nodes", "3", "--sessions", "1500", "--per-generator", "500", "--contacts", "4", "--no-sysctl"];
-    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
-        .arg("scale")
-        .args(small)
-        .args(["--hold-secs", "4", "--change-pct-per-min", "300", "--heartbeat-secs", "2", "--concurrency", "32"])
-        .args(["--node-env", "PRESENCE_CACHE__WATCH_WRITES=false"])
-        .output()
-        .expect("run presenced-bench scale");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let text = scale(&[&small[..], &HOLD[..], &["--node-env", "PRESENCE_CACHE__WATCH_WRITES=false"]].concat());
     assert!(text.contains("sessions held        1500 of 1500 (0 failed;"), "{text}");
     assert!(text.contains("node configuration   PRESENCE_CACHE__WATCH_WRITES=false"), "{text}");
-    let line = text.lines().find(|l| l.starts_with("change -> contact")).unwrap_or_else(|| panic!("{text}"));
-    let deliveries: u64 = line.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(deliveries > 0, "{line}");
-    let subs = text.lines().find(|l| l.starts_with("nats-server")).unwrap_or_else(|| panic!("{text}"));
+    assert!(deliveries(&text) > 0, "{text}");
+    let subs = report_line(&text, "nats-server");
     assert!(!subs.contains(" 0 subscriptions"), "{subs}");
-    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
-        .arg("scale")
-        .args(small)
-        .args(["--baseline", "--hold-secs", "1"])
-        .output()
-        .expect("run");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let text = scale(&[&small[..], &["--baseline", "--hold-secs", "1"]].concat());
     assert!(text.contains("sessions held        1500 of 1500 (0 failed;"), "{text}");
 }
 
@@ -152,21 +156,12 @@ fn scale_bench_runs_nodes_and_generators() {
 /// the bare baseline published on one leaf and received on the other.
 #[test]
 fn scale_bench_runs_the_hub_and_spoke_layout() {
-    let out = Command::new(env!("CARGO_BIN_EXE_presenced-bench"))
-        .arg("scale")
-        .args(["--nodes", "3", "--leaves", "2", "--sessions", "900", "--per-generator", "300", "--contacts", "4", "--no-sysctl"])
-        .args(["--hold-secs", "4", "--change-pct-per-min", "300", "--heartbeat-secs", "2", "--concurrency", "32"])
-        .output()
-        .expect("run presenced-bench scale");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let layout = ["--nodes", "3", "--leaves", "2", "--sessions", "900", "--per-generator", "300", "--contacts", "4", "--no-sysctl"];
+    let text = scale(&[&layout[..], &HOLD[..]].concat());
     assert!(text.contains("layout               hub and spoke: a center nats-server (JetStream domain hub) and 2 leaf"), "{text}");
     assert!(text.contains("sessions held        900 of 900 (0 failed;"), "{text}");
-    let line = text.lines().find(|l| l.starts_with("change -> contact")).unwrap_or_else(|| panic!("{text}"));
-    let deliveries: u64 = line.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(deliveries > 0, "{line}");
-    let subs = text.lines().find(|l| l.starts_with("nats-server")).unwrap_or_else(|| panic!("{text}"));
+    assert!(deliveries(&text) > 0, "{text}");
+    let subs = report_line(&text, "nats-server");
     assert!(subs.contains("(center and 2 leaves summed)") && !subs.contains(" 0 subscriptions"), "{subs}");
-    let bare = text.lines().find(|l| l.starts_with("bare NATS pub->sub")).unwrap_or_else(|| panic!("{text}"));
-    assert!(!bare.contains(" 0 messages"), "{bare}");
+    assert!(!report_line(&text, "bare NATS pub->sub").contains(" 0 messages"), "{text}");
 }
