@@ -96,7 +96,7 @@ pub async fn wait_port(port: u16) -> Res<()> {
 }
 
 /// Waits until core messages cross from `from` to `to` (the leaf link is up).
-pub async fn linked(from: u16, to: u16) -> Res<()> {
+async fn linked(from: u16, to: u16) -> Res<()> {
     let t = async_nats::connect(format!("127.0.0.1:{to}")).await.map_err(|e| e.to_string())?;
     let f = async_nats::connect(format!("127.0.0.1:{from}")).await.map_err(|e| e.to_string())?;
     let mut sub = t.subscribe("bench.link").await.map_err(|e| e.to_string())?;
@@ -112,6 +112,43 @@ pub async fn linked(from: u16, to: u16) -> Res<()> {
             return Err("leaf link not up after 20s".into());
         }
     }
+}
+
+/// Starts the engine: one nats-server with JetStream, or (`leaves` > 0) the center with
+/// JetStream domain `hub` and `leaves` leaf nats-servers linked to it, as deploy/ has them.
+/// Each as (process, client port, monitoring port), the center first.
+pub async fn engine(dir: &Path, leaves: usize) -> Res<Vec<(Proc, u16, u16)>> {
+    let mon = free_port()?;
+    let mut servers = Vec::with_capacity(1 + leaves);
+    if leaves == 0 {
+        let body = format!("http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ store_dir: \"@STORE@\" }}\n");
+        let (p, port) = nats_server(dir, "scale", &body)?;
+        servers.push((p, port, mon));
+    } else {
+        let link = free_port()?;
+        let body = format!(
+            "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: hub, store_dir: \"@STORE@\" }}\nleafnodes {{ listen: \"127.0.0.1:{link}\" }}\n"
+        );
+        let (p, port) = nats_server(dir, "center", &body)?;
+        servers.push((p, port, mon));
+        for k in 0..leaves {
+            let mon = free_port()?;
+            let body = format!(
+                "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: leaf{k}, store_dir: \"@STORE@\" }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{link}\" }} ] }}\n"
+            );
+            let (p, port) = nats_server(dir, &format!("leaf{k}"), &body)?;
+            servers.push((p, port, mon));
+        }
+    }
+    for (_, port, _) in &servers {
+        wait_port(*port).await?;
+    }
+    if let Some(((_, center, _), leaves)) = servers.split_first() {
+        for (_, leaf, _) in leaves {
+            linked(*leaf, *center).await?;
+        }
+    }
+    Ok(servers)
 }
 
 /// How a node reaches its engine.
@@ -206,28 +243,11 @@ pub async fn run(args: ClusterArgs) -> Res<()> {
     let dir = std::env::temp_dir().join(format!("presenced-bench-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let _cleanup = Cleanup(dir.clone());
-    let leaf_listen = free_port()?;
-    let (_center_nats, center) = nats_server(
-        &dir,
-        "center",
-        &format!("jetstream {{ domain: hub, store_dir: \"@STORE@\" }}\nleafnodes {{ listen: \"127.0.0.1:{leaf_listen}\" }}\n"),
-    )?;
-    let leaf = |name: &str| {
-        nats_server(
-            &dir,
-            name,
-            &format!(
-                "jetstream {{ domain: {name}, store_dir: \"@STORE@\" }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{leaf_listen}\" }} ] }}\n"
-            ),
-        )
+    let servers = engine(&dir, 2).await?;
+    let [(_, center, _), (_, leaf_a, _), (_, leaf_b, _)] = servers.as_slice() else {
+        return Err("the hub and spoke did not start three nats-servers".into());
     };
-    let (_leaf_a_nats, leaf_a) = leaf("leafa")?;
-    let (_leaf_b_nats, leaf_b) = leaf("leafb")?;
-    for p in [center, leaf_a, leaf_b] {
-        wait_port(p).await?;
-    }
-    linked(leaf_a, center).await?;
-    linked(leaf_b, center).await?;
+    let (center, leaf_a, leaf_b) = (*center, *leaf_a, *leaf_b);
     let on = |port: u16| Store::Nats { port, domain: Some("hub") };
     let (_c, c_http) = presenced(&dir, "center-1", "center", &on(center), &args.lease_ttl)?;
     wait_port(c_http).await?;

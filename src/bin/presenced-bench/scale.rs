@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::cluster::{get_json, linked, nats_server, wait_port, Cleanup, Proc};
+use super::cluster::{engine, get_json, wait_port, Cleanup, Proc};
 use super::lean::{LeanWs, Read};
 use super::{free_port, percentiles, rss_kib, sibling, Res, BENCH_ENV, MARK};
 
@@ -540,43 +540,6 @@ fn layout(leaves: usize) -> String {
     } else {
         format!("hub and spoke: a center nats-server (JetStream domain hub) and {leaves} leaf nats-servers; node i on leaf i % {leaves}")
     }
-}
-
-/// Starts the engine: one nats-server with JetStream, or (`leaves` > 0) the center with
-/// JetStream domain `hub` and `leaves` leaf nats-servers linked to it, as deploy/ has them.
-/// Each as (process, client port, monitoring port), the center first.
-async fn engine(dir: &std::path::Path, leaves: usize) -> Res<Vec<(Proc, u16, u16)>> {
-    let mon = free_port()?;
-    let mut servers = Vec::with_capacity(1 + leaves);
-    if leaves == 0 {
-        let body = format!("http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ store_dir: \"@STORE@\" }}\n");
-        let (p, port) = nats_server(dir, "scale", &body)?;
-        servers.push((p, port, mon));
-    } else {
-        let link = free_port()?;
-        let body = format!(
-            "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: hub, store_dir: \"@STORE@\" }}\nleafnodes {{ listen: \"127.0.0.1:{link}\" }}\n"
-        );
-        let (p, port) = nats_server(dir, "center", &body)?;
-        servers.push((p, port, mon));
-        for k in 0..leaves {
-            let mon = free_port()?;
-            let body = format!(
-                "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: leaf{k}, store_dir: \"@STORE@\" }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{link}\" }} ] }}\n"
-            );
-            let (p, port) = nats_server(dir, &format!("leaf{k}"), &body)?;
-            servers.push((p, port, mon));
-        }
-    }
-    for (_, port, _) in &servers {
-        wait_port(*port).await?;
-    }
-    if let Some(((_, center, _), leaves)) = servers.split_first() {
-        for (_, leaf, _) in leaves {
-            linked(*leaf, *center).await?;
-        }
-    }
-    Ok(servers)
 }
 
 /// Runs one scale measurement (also used by the smoke test through the CLI).
