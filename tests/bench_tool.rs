@@ -131,12 +131,22 @@ fn deliveries(text: &str) -> u64 {
     report_line(text, "change -> contact").split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
+/// Heartbeats sent during the hold and acks received, from the "heartbeats" line; at
+/// least one was sent, and (but for those in flight at the end) each was answered.
+fn heartbeats_answered(text: &str) -> u64 {
+    let line = report_line(text, "heartbeats");
+    let n: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(n.len() == 2 && n[0] > 0 && n[1] * 10 >= n[0] * 9, "{line}");
+    n[1]
+}
+
 /// Short hold with many changes and quick heartbeats: the miniature's load.
 const HOLD: [&str; 8] = ["--hold-secs", "4", "--change-pct-per-min", "300", "--heartbeat-secs", "2", "--concurrency", "32"];
 
 /// `scale` in miniature: three presenced nodes on a real nats-server, three generator
 /// processes, every session up, contacts on other nodes told of changes, the nats-server's
-/// subscriptions counted; and its bare baseline.
+/// subscriptions counted, heartbeats answered, CPU reported; and its bare baseline, whose
+/// nodes answer the same heartbeats with the same ack.
 #[test]
 fn scale_bench_runs_nodes_and_generators() {
     let small = ["--nodes", "3", "--sessions", "1500", "--per-generator", "500", "--contacts", "4", "--no-sysctl"];
@@ -146,8 +156,11 @@ fn scale_bench_runs_nodes_and_generators() {
     assert!(deliveries(&text) > 0, "{text}");
     let subs = report_line(&text, "nats-server");
     assert!(!subs.contains(" 0 subscriptions"), "{subs}");
-    let text = scale(&[&small[..], &["--baseline", "--hold-secs", "1"]].concat());
+    heartbeats_answered(&text);
+    assert!(report_line(&text, "machine CPU").contains("% busy during the hold"), "{text}");
+    let text = scale(&[&small[..], &HOLD[..], &["--baseline"]].concat());
     assert!(text.contains("sessions held        1500 of 1500 (0 failed;"), "{text}");
+    heartbeats_answered(&text);
 }
 
 /// `scale --leaves 2`: the seed's hub and spoke in miniature: a center nats-server with the

@@ -52,11 +52,17 @@ async fn session(
 ) -> Option<(u16, &'static str)> {
     let heartbeat = svc.presence.heartbeat_interval.0;
     let ttl = svc.presence.session_ttl.0;
+    let quiet = ping_after(heartbeat, ttl);
     let rate = Rate { per_second: svc.limits.ws_messages_per_sec, burst: svc.limits.ws_message_burst };
     let mut bucket = TokenBucket::new(rate, svc.clock.now());
     let mut last_in = Instant::now();
     let mut refreshed = last_in;
-    let tick = tokio::time::sleep(heartbeat.min(ttl));
+    // The timer is due only when the connection has been quiet for `quiet`: every frame
+    // that comes in moves it. A client that heartbeats at the advertised interval is
+    // never woken for it (a timer of its own next to its heartbeats was a second wake-up
+    // per interval for every connection, and wake-ups are most of what an idle
+    // connection costs the CPU).
+    let tick = tokio::time::sleep(quiet);
     tokio::pin!(tick);
     let mut batch = Vec::new();
     loop {
@@ -104,9 +110,9 @@ async fn session(
                             metrics::counter!("presence_rate_limited_total", "scope" => "ws_message").increment(1);
                             let e = ApiError::RateLimited { retry_after_ms: wait };
                             conn.push(protocol::error_of(&protocol::parse(&text).id, &e));
-                            continue;
+                        } else if Box::pin(handle(svc, hub, conn, who, &text)).await {
+                            refreshed = last_in;
                         }
-                        Box::pin(handle(svc, hub, conn, who, &text)).await;
                     }
                     Message::Binary(_) => {
                         conn.push(protocol::error(&None, "bad_request", "binary frames are not supported: send JSON text frames"));
@@ -114,34 +120,43 @@ async fn session(
                     Message::Ping(_) | Message::Pong(_) => {}
                     Message::Close(_) => return None,
                 }
+                // Any traffic keeps the session alive (a browser that only answers pings,
+                // a client that only sends updates): refreshed at most twice an interval.
+                if last_in.duration_since(refreshed) >= heartbeat / 2 {
+                    if let Err(e) = Box::pin(hub.refresh(conn)).await {
+                        tracing::warn!(user = %conn.user, error = %e, "session refresh failed");
+                    }
+                    refreshed = last_in;
+                }
+                tick.as_mut().reset(last_in + quiet);
             }
             _ = &mut tick => {
+                // Quiet for `quiet` (or since the last ping): stale past the TTL, else a
+                // ping, whose pong counts as traffic. At 600,000 sessions on one box,
+                // pings and pongs next to the clients' heartbeats were two of every three
+                // frames, and the CPU went to the kernel's TCP: a client that speaks is
+                // never pinged.
                 let now = Instant::now();
                 if now.duration_since(last_in) >= ttl {
                     metrics::counter!("ws_stale_closed_total").increment(1);
                     return Some((close::STALE, "no traffic within session_ttl"));
                 }
-                if last_in > refreshed {
-                    if let Err(e) = Box::pin(hub.refresh(conn)).await {
-                        tracing::warn!(user = %conn.user, error = %e, "session refresh failed");
-                    }
-                    refreshed = now;
-                }
-                // A client that spoke within most of an interval is alive: no ping. At
-                // 600,000 sessions on one box, pings and pongs next to the clients'
-                // heartbeats were two of every three frames, and the CPU went to the
-                // kernel's TCP.
-                if now.duration_since(last_in) >= heartbeat.mul_f64(0.8)
-                    && socket.send(Message::Ping(Default::default())).await.is_err()
-                {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
                     return None;
                 }
-                // Wake at the next ping, or exactly when the connection would turn stale.
+                // The next ping an interval later, or exactly when the connection turns stale.
                 let next = (now + heartbeat).min(last_in + ttl);
                 tick.as_mut().reset(next.max(now + std::time::Duration::from_millis(10)));
             }
         }
     }
+}
+
+/// How long a connection may be quiet before it is pinged: a little over the heartbeat
+/// interval (a client heartbeating at the interval it was told is never pinged), and
+/// early enough before the session TTL for the pong to come back.
+fn ping_after(heartbeat: std::time::Duration, ttl: std::time::Duration) -> std::time::Duration {
+    heartbeat.mul_f64(1.2).min(ttl.mul_f64(0.75))
 }
 
 /// The close frame a read error calls for (RFC 6455 §7.4.1): 1009 for an oversize
@@ -161,15 +176,17 @@ fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
     Some(close)
 }
 
-async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, text: &str) {
+/// Answers one text frame; `true` when it was a heartbeat that refreshed the session.
+async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, text: &str) -> bool {
     let inc = protocol::parse(text);
     let msg = match inc.msg {
         Ok(m) => m,
         Err(e) => {
             conn.push(protocol::error(&inc.id, e.code, &e.message));
-            return;
+            return false;
         }
     };
+    let beat = matches!(msg, ClientMsg::Heartbeat);
     match apply(svc, hub, conn, who, msg).await {
         Ok(snapshot) => {
             conn.push(protocol::ack(&inc.id, &inc.kind));
@@ -178,8 +195,12 @@ async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Iden
                     conn.push(protocol::error_of(&inc.id, &e));
                 }
             }
+            beat
         }
-        Err(e) => conn.push(protocol::error_of(&inc.id, &e)),
+        Err(e) => {
+            conn.push(protocol::error_of(&inc.id, &e));
+            false
+        }
     }
 }
 
@@ -226,6 +247,7 @@ mod tests {
 
     use super::*;
     use crate::store::memory::{MemoryConfig, MemoryStore};
+    use crate::store::Clock;
 
     /// An in-memory socket: what the test sends comes in, what the server sends goes out.
     struct FakeSocket {
@@ -262,6 +284,8 @@ mod tests {
         from_server: tokio::sync::mpsc::UnboundedReceiver<Message>,
         task: tokio::task::JoinHandle<()>,
         svc: Arc<Service>,
+        /// The store's and the service's clock; [`Client::advance`] moves it with the runtime's.
+        clock: Arc<crate::store::ManualClock>,
         _dir: tempfile::TempDir,
     }
 
@@ -278,6 +302,20 @@ mod tests {
                     m => return m,
                 }
             }
+        }
+
+        /// Moves the (paused) runtime clock and the store's clock by `secs`, then lets the
+        /// connection run; returns how many pings the server sent meanwhile (other
+        /// messages are dropped).
+        async fn advance(&mut self, secs: u64) -> u32 {
+            tokio::time::advance(Duration::from_secs(secs)).await;
+            self.clock.advance(secs as i64 * 1000);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let mut pings = 0;
+            while let Ok(m) = self.from_server.try_recv() {
+                pings += matches!(m, Message::Ping(_)) as u32;
+            }
+            pings
         }
 
         async fn json(&mut self) -> serde_json::Value {
@@ -299,7 +337,8 @@ mod tests {
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = crate::config::Config::load(None, vars).unwrap();
         let bus = crate::bus::EventBus::new(1024);
-        let clock: Arc<dyn crate::store::Clock> = Arc::new(crate::store::SystemClock);
+        let manual = Arc::new(crate::store::ManualClock::new(1_700_000_000_000));
+        let clock: Arc<dyn crate::store::Clock> = manual.clone();
         let store = MemoryStore::open(MemoryConfig::new("n1"), clock.clone(), bus.clone()).unwrap();
         store.start();
         let app = crate::server::App::with_store(config, Arc::new(store), bus, clock).await.unwrap();
@@ -311,7 +350,7 @@ mod tests {
         let (to_server, incoming) = tokio::sync::mpsc::unbounded_channel();
         let (outgoing, from_server) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(run(svc.clone(), hub, who, conn, FakeSocket { incoming, outgoing }));
-        Client { to_server, from_server, task, svc, _dir: dir }
+        Client { to_server, from_server, task, svc, clock: manual, _dir: dir }
     }
 
     #[tokio::test]
@@ -359,8 +398,9 @@ mod tests {
         c.task.await.unwrap();
     }
 
-    /// Pings go to silent clients only: one that heartbeats gets none, one that stops
-    /// gets one per interval (and its pongs keep it open past the session TTL).
+    /// Pings go to quiet clients only: one that heartbeats gets none, one that stops gets
+    /// its first 30 s (1.2 intervals) after its last frame, then one per interval; a pong
+    /// counts as traffic, keeps the connection open and refreshes the session.
     #[tokio::test(start_paused = true)]
     async fn only_a_client_that_went_quiet_is_pinged() {
         let mut c = connect("pia", &[("PRESENCE_PRESENCE__SESSION_TTL", "60s"), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "25s")]).await;
@@ -368,27 +408,22 @@ mod tests {
         c.json().await;
         let mut pings = 0;
         for _ in 0..8 {
-            tokio::time::advance(Duration::from_secs(10)).await;
+            pings += c.advance(10).await;
             c.send(serde_json::json!({"type": "heartbeat"}));
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            while let Ok(m) = c.from_server.try_recv() {
-                pings += matches!(m, Message::Ping(_)) as u32;
-            }
         }
+        pings += c.advance(0).await;
         assert_eq!(pings, 0, "a client heartbeating every 10 s is never pinged");
-        // The first ping comes at the first tick after 0.8 of an interval of silence
-        // (at most 45 s after the last message; the TTL is 60), then one per interval.
-        for i in 0..6 {
-            tokio::time::advance(Duration::from_secs(if i == 0 { 45 } else { 25 })).await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            let mut pinged = false;
-            while let Ok(m) = c.from_server.try_recv() {
-                pinged |= matches!(m, Message::Ping(_));
-            }
-            assert!(pinged, "a quiet client is pinged every interval (round {i})");
+        assert_eq!((c.advance(29).await, c.advance(1).await), (0, 1), "first ping 30 s after the last frame");
+        assert_eq!((c.advance(24).await, c.advance(1).await), (0, 1), "unanswered: the next an interval later");
+        let pia = UserId::parse("pia", 64).unwrap();
+        for i in 0..5 {
             c.to_server.send(Ok(Message::Pong(Default::default()))).unwrap();
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            c.advance(0).await;
+            let devices = c.svc.sessions.devices(&pia).await.unwrap();
+            assert_eq!(devices.len(), 1);
+            assert_eq!(devices[0].expires_at, c.clock.now() + 60_000, "the pong refreshed the session (round {i})");
+            assert_eq!((c.advance(29).await, c.advance(1).await), (0, 1), "pinged 30 s after the pong (round {i})");
         }
-        assert!(!c.task.is_finished(), "pongs alone kept it open for 170 s");
+        assert!(!c.task.is_finished(), "pongs alone kept it open for 205 s");
     }
 }

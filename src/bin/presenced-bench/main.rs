@@ -40,7 +40,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{broadcast, watch, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 const MARK: &str = "@@T";
 
@@ -178,10 +178,14 @@ fn ws_config() -> WebSocketConfig {
 
 // ---------------------------------------------------------------- baseline server
 
+/// The heartbeat the scale bench's clients send, and presenced's answer to it.
+pub(crate) const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
+pub(crate) const HEARTBEAT_ACK: &str = r#"{"id":null,"payload":{"id":null,"type":"heartbeat"},"type":"ack"}"#;
+
 async fn baseline_server(listen: SocketAddr) -> Res<()> {
     let listener = TcpListener::bind(listen).await.map_err(|e| e.to_string())?;
     println!("listening {}", listener.local_addr().map_err(|e| e.to_string())?);
-    let (tx, _) = broadcast::channel::<tokio_tungstenite::tungstenite::Utf8Bytes>(4096);
+    let (tx, _) = broadcast::channel::<Utf8Bytes>(4096);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let tx = tx.clone();
@@ -191,6 +195,11 @@ async fn baseline_server(listen: SocketAddr) -> Res<()> {
             loop {
                 tokio::select! {
                     m = ws.next() => match m {
+                        // A heartbeat gets the ack presenced sends (the scale bench's CPU
+                        // baseline); any other text frame goes to everyone.
+                        Some(Ok(Message::Text(t))) if t.as_str() == HEARTBEAT => {
+                            if ws.send(Message::Text(Utf8Bytes::from_static(HEARTBEAT_ACK))).await.is_err() { return }
+                        }
                         Some(Ok(Message::Text(t))) => { let _ = tx.send(t); }
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                         _ => {}

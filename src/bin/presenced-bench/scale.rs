@@ -168,11 +168,15 @@ struct GenShared {
     retried: AtomicU64,
     changes: AtomicU64,
     samples: parking_lot::Mutex<Vec<u32>>,
+    /// Heartbeats sent and acks received since the last `change`.
+    beats: AtomicU64,
+    acks: AtomicU64,
 }
 
 /// `scale-gen`: opens its users' sessions, reports `ready <connected> <failed> <secs> <retried>`,
 /// then on `change <secs>` drives status changes for that long and reports
-/// `done <changes> <latency µs,...>`; `stop` (or stdin closing) ends it.
+/// `done <changes> <connected> <heartbeats sent> <acks received> <latency µs,...>`; `stop`
+/// (or stdin closing) ends it.
 pub async fn generator(args: GenArgs) -> Res<()> {
     let targets: Vec<SocketAddr> =
         args.targets.split(',').map(|t| t.parse().map_err(|e| format!("target {t}: {e}"))).collect::<Res<_>>()?;
@@ -188,6 +192,8 @@ pub async fn generator(args: GenArgs) -> Res<()> {
         retried: AtomicU64::new(0),
         changes: AtomicU64::new(0),
         samples: Default::default(),
+        beats: AtomicU64::new(0),
+        acks: AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // One wake-up per client: "change your status now".
@@ -233,6 +239,8 @@ pub async fn generator(args: GenArgs) -> Res<()> {
                 let interval = Duration::from_secs_f64(1.0 / per_sec.max(0.001));
                 let end = Instant::now() + Duration::from_secs_f64(secs);
                 let mut tick = tokio::time::interval(interval);
+                shared.beats.store(0, Ordering::Relaxed);
+                shared.acks.store(0, Ordering::Relaxed);
                 while Instant::now() < end {
                     tick.tick().await;
                     if let Some(c) = changers.get((rand::random::<u64>() % args.count.max(1) as u64) as usize) {
@@ -246,9 +254,11 @@ pub async fn generator(args: GenArgs) -> Res<()> {
                 s.sort_unstable();
                 let list: Vec<String> = s.iter().map(u32::to_string).collect();
                 println!(
-                    "done {} {} {}",
+                    "done {} {} {} {} {}",
                     shared.changes.swap(0, Ordering::Relaxed),
                     shared.connected.load(Ordering::Relaxed),
+                    shared.beats.load(Ordering::Relaxed),
+                    shared.acks.load(Ordering::Relaxed),
                     list.join(",")
                 );
                 let _ = std::io::stdout().flush();
@@ -316,6 +326,10 @@ impl Client {
         drop(me);
         // Own echo excluded: a contact's change carries another user's id.
         let mut on_text = |t: &[u8]| {
+            if t == super::HEARTBEAT_ACK.as_bytes() {
+                shared.acks.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             let Ok(t) = std::str::from_utf8(t) else { return };
             if let Some(ts) = super::marker_ts(t) {
                 if !t.contains(&own) {
@@ -341,17 +355,19 @@ impl Client {
         drop(permit);
         let phase = Duration::from_millis(rand::random::<u64>() % self.heartbeat.as_millis().max(1) as u64);
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + phase, self.heartbeat);
-        // The bare server broadcasts every frame it receives: its clients stay idle.
-        let heartbeats = !baseline;
+        // The bare server answers heartbeats as presenced does (the CPU baseline); status
+        // changes are presenced's only.
+        let changing = !baseline;
         let Some(change) = changes.get(self.slot) else { return };
         let mut flip = false;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = beat.tick(), if heartbeats => {
-                    if ws.send_text("{\"type\":\"heartbeat\"}").await.is_err() { break; }
+                _ = beat.tick() => {
+                    if ws.send_text(super::HEARTBEAT).await.is_err() { break; }
+                    shared.beats.fetch_add(1, Ordering::Relaxed);
                 }
-                _ = change.notified(), if heartbeats => {
+                _ = change.notified(), if changing => {
                     flip = !flip;
                     let msg = serde_json::json!({"type": "presence_update", "payload": {
                         "online_status": if flip { "away" } else { "online" },
@@ -450,6 +466,35 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// The machine's CPU time so far, from /proc/stat's `cpu` line (in ticks): user (with
+/// nice), system, softirq (with irq), idle (with iowait), steal.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MachineCpu {
+    pub user: u64,
+    pub system: u64,
+    pub softirq: u64,
+    pub idle: u64,
+    pub steal: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> MachineCpu {
+        let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        MachineCpu { user: at(0) + at(1), system: at(2), idle: at(3) + at(4), softirq: at(5) + at(6), steal: at(7) }
+    }
+
+    /// Shares of the time since `before`, in percent: (busy, user, system, softirq).
+    pub fn since(&self, before: &MachineCpu) -> (f64, f64, f64, f64) {
+        let d = |a: u64, b: u64| a.saturating_sub(b) as f64;
+        let (u, sy, si) = (d(self.user, before.user), d(self.system, before.system), d(self.softirq, before.softirq));
+        let total = (u + sy + si + d(self.idle, before.idle) + d(self.steal, before.steal)).max(1.0);
+        let pct = |x: f64| 100.0 * x / total;
+        (pct(u + sy + si), pct(u), pct(sy), pct(si))
+    }
+}
+
 /// What a scale run measured.
 #[derive(Debug, Default)]
 pub struct ScaleReport {
@@ -469,8 +514,15 @@ pub struct ScaleReport {
     /// The bare NATS publish -> subscribe baseline (µs, sorted).
     pub bare_latencies: Vec<u32>,
     pub changes: u64,
+    /// Heartbeats the clients sent during the hold (and a little after), and the acks
+    /// they received.
+    pub heartbeats: (u64, u64),
     pub store_writes_per_sec: f64,
     pub cpu_secs_per_10k: f64,
+    /// The generators' CPU, the same way (the clients' side of the heartbeats).
+    pub generators_cpu_secs_per_10k: f64,
+    /// The whole machine during the hold: (busy, user, system, softirq) in percent.
+    pub machine: (f64, f64, f64, f64),
 }
 
 pub async fn run(args: ScaleArgs) -> Res<()> {
@@ -530,7 +582,13 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
             percentiles(&r.bare_latencies, &[("p50", 0.5), ("p99", 0.99)])
         );
     }
-    println!("CPU                  {:.3} s of node CPU per second per 10K sessions", r.cpu_secs_per_10k);
+    println!("heartbeats           {} sent during the hold, {} acked", r.heartbeats.0, r.heartbeats.1);
+    println!(
+        "CPU                  {:.3} s of node CPU per second per 10K sessions; generators {:.3}",
+        r.cpu_secs_per_10k, r.generators_cpu_secs_per_10k
+    );
+    let (busy, user, system, softirq) = r.machine;
+    println!("machine CPU          {busy:.0} % busy during the hold (user {user:.0} %, system {system:.0} %, softirq {softirq:.0} %)");
     Ok(())
 }
 
@@ -689,6 +747,9 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     // The hold: status changes, heartbeats; CPU and store writes counted over it.
     let writes_before = store_writes(&nodes).await;
     let cpu_before: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let gen_pids: Vec<u32> = gens.iter().map(|g| g.child.id()).collect();
+    let gen_cpu_before: f64 = gen_pids.iter().map(|p| cpu_secs(*p)).sum();
+    let machine_before = MachineCpu::now();
     let hold_start = Instant::now();
     for g in &mut gens {
         g.send(&format!("change {}", args.hold_secs))?;
@@ -704,12 +765,14 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         tokio::spawn(async move { super::backends::bare_round_trip(&store, Some(publish_port), n, rate).await })
     });
     let mut latencies = Vec::new();
-    let mut changes = 0;
+    let (mut changes, mut beats, mut acks) = (0, 0, 0);
     for g in &gens {
         let done = tokio::task::block_in_place(|| g.expect("done", Duration::from_secs(args.hold_secs + 120)))?;
-        let mut f = done.splitn(3, ' ');
+        let mut f = done.splitn(5, ' ');
         changes += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let _still = f.next();
+        beats += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        acks += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         latencies.extend(f.next().unwrap_or("").split(',').filter_map(|v| v.parse::<u32>().ok()));
     }
     let hold = hold_start.elapsed().as_secs_f64();
@@ -718,6 +781,8 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         None => Vec::new(),
     };
     let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
+    let gen_cpu = gen_pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - gen_cpu_before;
+    let machine = MachineCpu::now().since(&machine_before);
     let writes = store_writes(&nodes).await.saturating_sub(writes_before);
     let node_rss_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
     let mut cache_bytes = 0;
@@ -751,8 +816,11 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         latencies,
         bare_latencies,
         changes,
+        heartbeats: (beats, acks),
         store_writes_per_sec: writes as f64 / hold.max(0.001),
         cpu_secs_per_10k: cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
+        generators_cpu_secs_per_10k: gen_cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
+        machine,
     })
 }
 
@@ -790,6 +858,7 @@ impl RampGuard {
             let sum = |pids: &[u32]| pids.iter().filter_map(|p| rss_kib(*p)).sum::<u64>();
             let start = Instant::now();
             let mut last = start;
+            let mut cpu_then = MachineCpu::now();
             while !st.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_secs(1));
                 let avail = meminfo_kib("MemAvailable:");
@@ -798,9 +867,12 @@ impl RampGuard {
                     continue;
                 }
                 last = Instant::now();
+                let cpu_now = MachineCpu::now();
+                let (busy, _, system, softirq) = cpu_now.since(&cpu_then);
+                cpu_then = cpu_now;
                 let (tcp, tcp_pages) = tcp_sockstat();
                 let line = format!(
-                    "{:.0} s, ~{} sessions: nodes {:.2} GiB, generators {:.2} GiB, nats-server {:.2} GiB, kernel slab +{:.2} GiB, TCP buffers {:.2} GiB; {:.2} GiB available",
+                    "{:.0} s, ~{} sessions: nodes {:.2} GiB, generators {:.2} GiB, nats-server {:.2} GiB, kernel slab +{:.2} GiB, TCP buffers {:.2} GiB; {:.2} GiB available; CPU {:.0} % busy (system {:.0} %, softirq {:.0} %)",
                     start.elapsed().as_secs_f64(),
                     tcp.saturating_sub(tcp0) / 2,
                     gib(sum(&nodes)),
@@ -809,6 +881,9 @@ impl RampGuard {
                     gib(meminfo_kib("Slab:").saturating_sub(slab0)),
                     gib(tcp_pages * 4),
                     gib(avail),
+                    busy,
+                    system,
+                    softirq,
                 );
                 println!("ramp: {line}");
                 if low {
