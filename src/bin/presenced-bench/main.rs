@@ -198,7 +198,8 @@ async fn baseline_server(listen: SocketAddr) -> Res<()> {
                         // A heartbeat gets the ack presenced sends (the scale bench's CPU
                         // baseline); any other text frame goes to everyone.
                         Some(Ok(Message::Text(t))) if t.as_str() == HEARTBEAT => {
-                            if ws.send(Message::Text(Utf8Bytes::from_static(HEARTBEAT_ACK))).await.is_err() { return }
+                            let sent = ws.send(Message::Text(Utf8Bytes::from_static(HEARTBEAT_ACK))).await;
+                            if sent.is_err() { return }
                         }
                         Some(Ok(Message::Text(t))) => { let _ = tx.send(t); }
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
