@@ -6,9 +6,16 @@ use std::hash::{BuildHasher, Hash};
 
 use parking_lot::Mutex;
 
+/// The hasher of the maps a heartbeat or a delivery looks up (the shards, the hub's
+/// indexes, the sessions a cluster node holds): foldhash, seeded at random per map, since
+/// the ids come from clients. With the standard SipHash, hashing was 9 % of a node's CPU
+/// while it answered 150,000 sessions' heartbeats.
+pub type FastState = foldhash::fast::RandomState;
+pub type FastMap<K, V> = std::collections::HashMap<K, V, FastState>;
+
 pub struct Sharded<T> {
     shards: Box<[Mutex<T>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: FastState,
 }
 
 impl<T: Default> Sharded<T> {

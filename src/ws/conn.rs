@@ -76,13 +76,21 @@ async fn session(
                 // A client that stops reading must not pin this task (and its memory) forever.
                 // Boxed (like the handlers below): an idle connection's task then holds only
                 // the small loop state, not room for the largest future it might await.
-                let written = tokio::time::timeout(ttl, Box::pin(async {
-                    for m in batch.drain(..) {
-                        socket.feed(Message::Text(m)).await?;
+                let written = {
+                    let mut write = Box::pin(async {
+                        for m in batch.drain(..) {
+                            socket.feed(Message::Text(m)).await?;
+                        }
+                        socket.flush().await
+                    });
+                    // Most writes finish at once (the socket has room): only one that
+                    // waits gets a timer.
+                    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))).await;
+                    match first {
+                        std::task::Poll::Ready(r) => Ok(r),
+                        std::task::Poll::Pending => tokio::time::timeout(ttl, write).await,
                     }
-                    socket.flush().await
-                }))
-                .await;
+                };
                 match written {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return None,

@@ -34,7 +34,7 @@ use crate::bus::{DirectoryChanged, Typing};
 use crate::core::{project, visible_change, DeviceId, Event, Platform, Presence, Privacy, Relation, UserId};
 use crate::error::{close, ApiError};
 use crate::service::Service;
-use crate::shards::Sharded;
+use crate::shards::{FastMap, Sharded};
 
 /// The connections of this node watching one user. With contacts spread over many
 /// nodes, most watched users have one watcher per node: that one is kept inline (a
@@ -258,8 +258,8 @@ pub struct Hub {
     svc: Arc<Service>,
     limits: HubLimits,
     next_id: AtomicU64,
-    owners: Sharded<HashMap<UserId, Vec<Arc<Conn>>>>,
-    watchers: Sharded<HashMap<UserId, Watchers>>,
+    owners: Sharded<FastMap<UserId, Vec<Arc<Conn>>>>,
+    watchers: Sharded<FastMap<UserId, Watchers>>,
     connections: AtomicI64,
     subscriptions: AtomicI64,
     /// Connected user → the users whose contacts include them (their changes reach the

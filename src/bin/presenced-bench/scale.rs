@@ -9,10 +9,12 @@
 //! users change status per minute with a timestamp in the message: every contact that
 //! receives it measures change → delivery across processes (wall clock, same machine).
 //!
-//! Reported side by side with `--baseline` (bare tokio-tungstenite nodes, no NATS): sessions
-//! held, server RSS per session beyond the nodes' idle footprint, nats-server RSS and
-//! subscriptions (its monitoring endpoint), connect rate, delivery p50/p99/max, store
-//! writes/s, CPU per 10K sessions. Every process it starts is stopped by pid, the temporary
+//! Reported side by side with `--baseline` (bare tokio-tungstenite nodes, no NATS, which
+//! answer the same heartbeats with the same ack): sessions held, server RSS per session
+//! beyond the nodes' idle footprint, nats-server RSS and subscriptions (its monitoring
+//! endpoint), connect rate, delivery p50/p99/max, store writes/s, heartbeats sent and
+//! acked, CPU per 10K sessions (nodes and generators) and the machine's CPU during the
+//! hold. Every process it starts is stopped by pid, the temporary
 //! directory removed, and any sysctl it changed reported and restored.
 
 use std::io::{BufRead, BufReader, Write};
@@ -56,7 +58,7 @@ pub struct ScaleArgs {
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Bare tokio-tungstenite nodes (no NATS, no presence) instead of presenced: the
-    /// memory baseline.
+    /// memory and CPU baseline (they answer each heartbeat with the ack presenced sends).
     #[arg(long)]
     pub baseline: bool,
     /// Stop the ramp (kill the generators, report who held the memory) when the machine's

@@ -5,10 +5,10 @@
 //! lives while this node's lease does. Heartbeats only move the deadline here; when a
 //! deadline passes without one, the store ends the session there.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::core::{DeviceId, Millis, TimerWheel, UserId};
+use crate::shards::FastMap;
 
 /// One owned session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct Owned {
 
 #[derive(Debug, Default)]
 struct LocalUser {
-    devices: HashMap<DeviceId, Owned>,
+    devices: FastMap<DeviceId, Owned>,
     /// Registrations in flight (index written, record not yet).
     pending: u32,
 }
@@ -42,7 +42,7 @@ pub struct Beat {
 
 #[derive(Debug)]
 pub struct OwnedTable {
-    users: HashMap<UserId, LocalUser>,
+    users: FastMap<UserId, LocalUser>,
     /// Sessions to look at when their deadline passes (lazy: a deadline moved later by a
     /// heartbeat is re-armed when the old one comes due).
     wheel: TimerWheel<(UserId, DeviceId)>,
@@ -51,7 +51,7 @@ pub struct OwnedTable {
 
 impl OwnedTable {
     pub fn new(tick_ms: i64) -> OwnedTable {
-        OwnedTable { users: HashMap::new(), wheel: TimerWheel::new(tick_ms), sessions: 0 }
+        OwnedTable { users: FastMap::default(), wheel: TimerWheel::new(tick_ms), sessions: 0 }
     }
 
     fn arm(&mut self, user: &UserId, device: &DeviceId, deadline: Millis) {
