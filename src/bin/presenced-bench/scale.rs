@@ -487,6 +487,12 @@ impl MachineCpu {
         MachineCpu { user: at(0) + at(1), system: at(2), idle: at(3) + at(4), softirq: at(5) + at(6), steal: at(7) }
     }
 
+    /// CPU-seconds (all CPUs) between `before` and now.
+    pub fn elapsed_secs(&self, before: &MachineCpu) -> f64 {
+        let total = |c: &MachineCpu| c.user + c.system + c.softirq + c.idle + c.steal;
+        total(self).saturating_sub(total(before)) as f64 / 100.0
+    }
+
     /// Shares of the time since `before`, in percent: (busy, user, system, softirq).
     pub fn since(&self, before: &MachineCpu) -> (f64, f64, f64, f64) {
         let d = |a: u64, b: u64| a.saturating_sub(b) as f64;
@@ -525,6 +531,10 @@ pub struct ScaleReport {
     pub generators_cpu_secs_per_10k: f64,
     /// The whole machine during the hold: (busy, user, system, softirq) in percent.
     pub machine: (f64, f64, f64, f64),
+    /// Of the machine's busy time, the percent not charged to the bench's processes
+    /// (nodes, generators, nats-servers): softirq work no process pays for, and anything
+    /// else running on the machine.
+    pub outside_pct: f64,
 }
 
 pub async fn run(args: ScaleArgs) -> Res<()> {
@@ -590,7 +600,10 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
         r.cpu_secs_per_10k, r.generators_cpu_secs_per_10k
     );
     let (busy, user, system, softirq) = r.machine;
-    println!("machine CPU          {busy:.0} % busy during the hold (user {user:.0} %, system {system:.0} %, softirq {softirq:.0} %)");
+    println!(
+        "machine CPU          {busy:.0} % busy during the hold (user {user:.0} %, system {system:.0} %, softirq {softirq:.0} %); {:.0} % outside the bench's processes",
+        r.outside_pct
+    );
     Ok(())
 }
 
@@ -751,6 +764,8 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     let cpu_before: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     let gen_pids: Vec<u32> = gens.iter().map(|g| g.child.id()).collect();
     let gen_cpu_before: f64 = gen_pids.iter().map(|p| cpu_secs(*p)).sum();
+    let nats_pids: Vec<u32> = nats.iter().map(|n| n.0 .0.id()).collect();
+    let nats_cpu_before: f64 = nats_pids.iter().map(|p| cpu_secs(*p)).sum();
     let machine_before = MachineCpu::now();
     let hold_start = Instant::now();
     for g in &mut gens {
@@ -784,7 +799,11 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     };
     let cpu = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu_before;
     let gen_cpu = gen_pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - gen_cpu_before;
-    let machine = MachineCpu::now().since(&machine_before);
+    let nats_cpu = nats_pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - nats_cpu_before;
+    let machine_now = MachineCpu::now();
+    let machine = machine_now.since(&machine_before);
+    let bench_pct = 100.0 * (cpu + gen_cpu + nats_cpu) / machine_now.elapsed_secs(&machine_before).max(0.01);
+    let outside_pct = (machine.0 - bench_pct).max(0.0);
     let writes = store_writes(&nodes).await.saturating_sub(writes_before);
     let node_rss_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
     let mut cache_bytes = 0;
@@ -823,6 +842,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         cpu_secs_per_10k: cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
         generators_cpu_secs_per_10k: gen_cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
         machine,
+        outside_pct,
     })
 }
 
