@@ -6,7 +6,9 @@
 //! as axum's chat example does), so the protocol is tested with an in-memory socket and a
 //! paused clock, without the network.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -85,10 +87,9 @@ async fn session(
                     });
                     // Most writes finish at once (the socket has room): only one that
                     // waits gets a timer.
-                    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))).await;
-                    match first {
-                        std::task::Poll::Ready(r) => Ok(r),
-                        std::task::Poll::Pending => tokio::time::timeout(ttl, write).await,
+                    match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                        Poll::Ready(r) => Ok(r),
+                        Poll::Pending => tokio::time::timeout(ttl, write).await,
                     }
                 };
                 match written {

@@ -293,7 +293,7 @@ impl PresenceStore for ClusterStore {
                 Box::pin(self.write_last_seen(id, device, now)).await;
                 Ok(Some(expires_at))
             }
-            None => Box::pin(self.refresh(id, device)).await,
+            None => Box::pin(self.refresh_not_held(id, device)).await,
         }
     }
 

@@ -230,11 +230,10 @@ impl ClusterStore {
         }
     }
 
-    pub(super) async fn refresh(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
-        if let Some(t) = self.beat(id, device).await {
-            return Ok(Some(t));
-        }
-        // Not ours: find the owner.
+    /// A heartbeat for a session this node does not hold (its caller tried
+    /// [`beat_in_memory`](Self::beat_in_memory) first): forwarded to the owner, or the
+    /// session taken over when the owner does not answer.
+    pub(super) async fn refresh_not_held(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
         let now = self.inner.clock.now();
         let Some((state, _)) = self.read(id, true).await? else { return Ok(None) };
         let Some(owner) = state.live_sessions(now).find(|s| &*s.device_id == device).map(|s| s.node_id.clone()) else {
