@@ -108,6 +108,13 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
     let user = state.svc.parse_user(&who.sub)?;
     let bytes = body_bytes(body)?;
     let b: HeartbeatBody = if bytes.is_empty() { HeartbeatBody::default() } else { parse_json(&bytes)? };
+    // The headers win, but a body that breaks the documented schema is refused either way.
+    if let Some(d) = b.device_id.as_deref() {
+        state.svc.check_id("device id", d)?;
+    }
+    if b.platform.is_some() {
+        state.svc.parse_platform(b.platform.as_deref())?;
+    }
     let device =
         headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
     state.svc.check_id("device id", &device)?;
