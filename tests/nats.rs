@@ -174,6 +174,33 @@ async fn embedded_with_a_missing_binary_fails_clearly() {
     assert!(e.contains("/nonexistent/nats-server") && e.contains("not found"), "{e}");
 }
 
+/// A nats-server with less JetStream storage than the events stream reserves: the node
+/// refuses to start and says which two settings to change (nats-server sizes its storage
+/// from the free disk when its config does not; a CI machine with a full disk hit this).
+#[tokio::test]
+async fn too_little_jetstream_storage_is_refused_with_what_to_change() {
+    let server = NatsServer::start_with("max_file_store: 64MB", "");
+    let dir = tempfile::tempdir().unwrap();
+    let env = |max_bytes: &str| -> Vec<(String, String)> {
+        [
+            ("PRESENCE_STORE__BACKEND", "nats".to_string()),
+            ("PRESENCE_NATS__URLS", format!("[\"{}\"]", server.url())),
+            ("PRESENCE_SERVICE__DATA_DIR", dir.path().display().to_string()),
+            ("PRESENCE_AUTH__JWT_SECRET", "s".repeat(32)),
+            ("PRESENCE_SERVICE__NODE_ID", "small".to_string()),
+            ("PRESENCE_NATS__EVENTS__MAX_BYTES", max_bytes.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    let e = presenced::server::App::build(Config::load(None, env("1GiB")).unwrap()).await.err().expect("refused").to_string();
+    assert!(e.contains("PRESENCE_EVENTS") && e.contains("nats.events.max_bytes (1073741824 bytes)") && e.contains("max_file_store"), "{e}");
+    // Within the server's storage, the same node starts.
+    let app = presenced::server::App::build(Config::load(None, env("16MiB")).unwrap()).await;
+    assert!(app.is_ok(), "{:?}", app.err().map(|e| e.to_string()));
+}
+
 /// Key listings (the janitor's view of the leases, a dead node's owner index) end, and
 /// hold exactly the live keys under the prefix: not purged or deleted ones, not another
 /// prefix's, each once though rewritten while listed.

@@ -136,6 +136,23 @@ fn context(nats: &Nats, cfg: &NatsConfig, timeout: Duration) -> jetstream::Conte
     js
 }
 
+/// Why `PRESENCE_EVENTS` could not be created, with what to change when the server has less
+/// JetStream storage than `events.max_bytes` reserves (nats-server sizes `max_file_store`
+/// from the free disk when its config does not set it).
+fn stream_error(e: &jetstream::context::CreateStreamError, max_bytes: u64) -> String {
+    let short = matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED || j.error_code() == jetstream::ErrorCode::INSUFFICIENT_RESOURCES);
+    let hint = if short {
+        format!(
+            "; the stream reserves nats.events.max_bytes ({max_bytes} bytes) of the server's JetStream storage: lower nats.events.max_bytes, \
+             or give nats-server more (its jetstream max_file_store; unset, it is 75 % of the free disk)"
+        )
+    } else {
+        String::new()
+    };
+    format!("cannot create stream PRESENCE_EVENTS: {e}{hint}")
+}
+
 fn record(e: jkv::Entry) -> Record {
     let value = (e.operation == jkv::Operation::Put).then_some(e.value);
     Record { value, revision: e.revision }
@@ -165,7 +182,7 @@ impl NatsBackplane {
             num_replicas: cfg.kv.replicas.max(1),
             ..Default::default()
         };
-        js.get_or_create_stream(events).await.map_err(|e| unavailable(format!("cannot create stream PRESENCE_EVENTS: {e}")))?;
+        js.get_or_create_stream(events).await.map_err(|e| unavailable(stream_error(&e, cfg.events.max_bytes.0)))?;
         Ok(NatsBackplane {
             nats,
             feed,

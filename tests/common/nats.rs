@@ -5,6 +5,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The JetStream file storage every test server offers. Unset, nats-server sizes it at 75 %
+/// of the disk's free space, and on a machine whose disk the build has nearly filled that
+/// is less than the 1 GiB `PRESENCE_EVENTS` reserves: every node then fails to start (a CI
+/// run failed so). The tests write a few megabytes.
+const STORE_LIMIT: &str = "max_file_store: 8GB";
+
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
@@ -41,7 +47,11 @@ impl NatsServer {
             let port = free_port();
             std::fs::write(
                 &conf,
-                format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\"\n{jetstream} }}\n{extra}\n", store.display()),
+                format!(
+                    "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\"\n{}\n{jetstream} }}\n{extra}\n",
+                    store.display(),
+                    if jetstream.contains("max_file_store") { "" } else { STORE_LIMIT }
+                ),
             )
             .unwrap();
             let mut s = NatsServer { child: None, port, conf: conf.clone(), _dir: tempfile::tempdir().unwrap() };

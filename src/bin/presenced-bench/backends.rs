@@ -207,7 +207,7 @@ async fn one(engine: &str, dir: &Path, args: &BackendsArgs) -> Res<Figures> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (_server, store) = match engine {
         "nats" => {
-            let (p, port) = nats_server(&dir, "nats", "jetstream { store_dir: \"@STORE@\" }\n")?;
+            let (p, port) = nats_server(&dir, "nats", "jetstream { store_dir: \"@STORE@\", max_file_store: 8GB }\n")?;
             (p, Store::Nats { port, domain: None })
         }
         "redis" => {

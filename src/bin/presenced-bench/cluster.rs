@@ -121,20 +121,20 @@ pub async fn engine(dir: &Path, leaves: usize) -> Res<Vec<(Proc, u16, u16)>> {
     let mon = free_port()?;
     let mut servers = Vec::with_capacity(1 + leaves);
     if leaves == 0 {
-        let body = format!("http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ store_dir: \"@STORE@\" }}\n");
+        let body = format!("http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ store_dir: \"@STORE@\", max_file_store: 8GB }}\n");
         let (p, port) = nats_server(dir, "scale", &body)?;
         servers.push((p, port, mon));
     } else {
         let link = free_port()?;
         let body = format!(
-            "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: hub, store_dir: \"@STORE@\" }}\nleafnodes {{ listen: \"127.0.0.1:{link}\" }}\n"
+            "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: hub, store_dir: \"@STORE@\", max_file_store: 8GB }}\nleafnodes {{ listen: \"127.0.0.1:{link}\" }}\n"
         );
         let (p, port) = nats_server(dir, "center", &body)?;
         servers.push((p, port, mon));
         for k in 0..leaves {
             let mon = free_port()?;
             let body = format!(
-                "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: leaf{k}, store_dir: \"@STORE@\" }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{link}\" }} ] }}\n"
+                "http: 127.0.0.1:{mon}\nmax_payload: 1MB\njetstream {{ domain: leaf{k}, store_dir: \"@STORE@\", max_file_store: 8GB }}\nleafnodes {{ remotes = [ {{ url: \"nats-leaf://127.0.0.1:{link}\" }} ] }}\n"
             );
             let (p, port) = nats_server(dir, &format!("leaf{k}"), &body)?;
             servers.push((p, port, mon));
