@@ -499,6 +499,39 @@ async fn legacy_http_endpoints() {
     assert_eq!((z["data"]["zed"]["status"].as_str(), z["data"]["zed"]["device_count"].as_u64()), (Some("online"), Some(1)));
     let r = s.client.post(s.url("/presence/heartbeat")).send().await.unwrap();
     assert_error(&decode(r).await, 401, "unauthorized");
+    // The body's fields follow the documented schema exactly, even where headers win.
+    for bad in [
+        json!({"platform": ""}),
+        json!({"platform": "Mobile"}),
+        json!({"platform": " web"}),
+        json!({"device_id": "bad id"}),
+        json!({"device_id": ""}),
+    ] {
+        let r = s.client.post(s.url("/presence/heartbeat")).bearer_auth(&tz).json(&bad).send().await.unwrap();
+        assert_error(&decode(r).await, 400, "bad_request");
+        let r = s
+            .client
+            .post(s.url("/presence/heartbeat"))
+            .bearer_auth(&tz)
+            .header("x-device-id", "kiosk")
+            .header("x-device-platform", "web")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_error(&decode(r).await, 400, "bad_request");
+    }
+    let r = s
+        .client
+        .post(s.url("/presence/heartbeat"))
+        .bearer_auth(&tz)
+        .json(&json!({"device_id": "tablet", "platform": "mobile"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decode(r).await.1["data"]["device_id"], "tablet");
+    let z = s.get("/api/v2/presence/zed").await.1;
+    assert!(z["data"]["zed"]["devices"].as_array().is_some_and(|d| d.contains(&json!({"device_id":"tablet","platform":"mobile"}))), "{z}");
 
     // POST /presence/typing
     let r = s

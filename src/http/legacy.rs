@@ -112,15 +112,16 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
     if let Some(d) = b.device_id.as_deref() {
         state.svc.check_id("device id", d)?;
     }
-    if b.platform.is_some() {
-        state.svc.parse_platform(b.platform.as_deref())?;
-    }
+    let body_platform = state.svc.parse_body_platform(b.platform.as_deref())?;
     let device =
         headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
     state.svc.check_id("device id", &device)?;
     let svc = &state.svc;
     let platform_header = headers.get("x-device-platform").and_then(|v| v.to_str().ok());
-    let platform = svc.parse_platform(platform_header.or(b.platform.as_deref()))?;
+    let platform = match platform_header {
+        Some(h) => svc.parse_platform(Some(h))?,
+        None => body_platform,
+    };
     let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
     Ok(super::ok(Heartbeat { user_id: user.as_str(), device_id: &device, expires_at: rfc3339(expires_at) }))
 }

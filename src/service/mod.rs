@@ -138,6 +138,15 @@ impl Service {
         }
     }
 
+    /// A platform from a JSON body, where the schema is exact: `null` or absent is no
+    /// platform; anything else (an empty string, other case, spaces) must be one of the names.
+    pub fn parse_body_platform(&self, raw: Option<&str>) -> Result<Option<Platform>, ApiError> {
+        raw.map(|r| {
+            Platform::parse(r).ok_or_else(|| ApiError::BadRequest(format!("invalid platform {r:?}: expected desktop, mobile or web")))
+        })
+        .transpose()
+    }
+
     pub fn parse_user(&self, raw: &str) -> Result<UserId, ApiError> {
         Ok(UserId::parse(raw, self.limits.max_user_id_len)?)
     }
