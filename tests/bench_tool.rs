@@ -145,13 +145,17 @@ const HOLD: [&str; 8] = ["--hold-secs", "4", "--change-pct-per-min", "300", "--h
 
 /// `scale` in miniature: three presenced nodes on a real nats-server, three generator
 /// processes, every session up, contacts on other nodes told of changes, the nats-server's
-/// subscriptions counted, heartbeats answered, CPU reported; and its bare baseline, whose
+/// subscriptions counted, heartbeats answered, CPU reported, the engine reniced and its log
+/// summarized; and its bare baseline, whose
 /// nodes answer the same heartbeats with the same ack.
 #[test]
 fn scale_bench_runs_nodes_and_generators() {
     let small = ["--nodes", "3", "--sessions", "1500", "--per-generator", "500", "--contacts", "4", "--no-sysctl"];
-    let text = scale(&[&small[..], &HOLD[..], &["--node-env", "PRESENCE_CACHE__WATCH_WRITES=false"]].concat());
+    let engine = ["--node-env", "PRESENCE_CACHE__WATCH_WRITES=false", "--engine-nice", "1"];
+    let text = scale(&[&small[..], &HOLD[..], &engine[..]].concat());
     assert!(text.contains("sessions held        1500 of 1500 (0 failed;"), "{text}");
+    assert!(text.contains("nats-servers reniced to 1"), "{text}");
+    assert!(report_line(&text, "nats-server log").ends_with("warnings and errors over the run"), "{text}");
     assert!(text.contains("node configuration   PRESENCE_CACHE__WATCH_WRITES=false"), "{text}");
     assert!(deliveries(&text) > 0, "{text}");
     let subs = report_line(&text, "nats-server");

@@ -74,14 +74,37 @@ pub fn nats_server(dir: &Path, name: &str, body: &str) -> Res<(Proc, u16)> {
     let store = dir.join(format!("js-{name}"));
     let text = format!("listen: 127.0.0.1:{port}\n{}", body.replace("@STORE@", &store.display().to_string()));
     std::fs::write(&conf, text).map_err(|e| e.to_string())?;
+    // Its log stays in `dir` (removed with it) for the bench to summarize its warnings.
     let child = Command::new(nats_binary()?)
         .arg("-c")
         .arg(&conf)
+        .arg("-l")
+        .arg(dir.join(format!("{name}.log")))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("nats-server: {e}"))?;
     Ok((Proc(child), port))
+}
+
+/// The warnings and errors in the nats-servers' logs under `dir`, counted by kind (the
+/// text after the client prefix, digits dropped), most frequent first.
+pub fn engine_warnings(dir: &Path) -> Vec<(String, usize)> {
+    let mut kinds: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let logs = std::fs::read_dir(dir).into_iter().flatten().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "log"));
+    for log in logs {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("[WRN]") || l.contains("[ERR]")) {
+            let level = if line.contains("[ERR]") { "ERR" } else { "WRN" };
+            let what = line.rsplit(" - ").next().unwrap_or(line);
+            let what = what.split_once("] ").map_or(what, |(_, rest)| rest);
+            let key: String = what.chars().filter(|c| !c.is_ascii_digit()).take(80).collect();
+            *kinds.entry(format!("{level} {}", key.trim())).or_default() += 1;
+        }
+    }
+    let mut kinds: Vec<(String, usize)> = kinds.into_iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    kinds
 }
 
 pub async fn wait_port(port: u16) -> Res<()> {

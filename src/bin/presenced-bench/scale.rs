@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::cluster::{engine, get_json, wait_port, Cleanup, Proc};
+use super::cluster::{engine, engine_warnings, get_json, wait_port, Cleanup, Proc};
 use super::lean::{LeanWs, Read};
 use super::{free_port, percentiles, rss_kib, sibling, Res, BENCH_ENV, MARK};
 
@@ -89,6 +89,12 @@ pub struct ScaleArgs {
     /// clients reconnect; each retry is counted and reported.
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
+    /// Run the nats-servers at this nice value (`renice`; below 0 needs root). On one box
+    /// with 52 nodes and their clients, nats-server gets a 1/100th share of the CPU and the
+    /// whole cluster waits on it; in production the store has machines of its own. 0: as
+    /// started.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub engine_nice: i32,
 }
 
 /// Set in the bench's own process once it runs in its own network namespace.
@@ -535,6 +541,8 @@ pub struct ScaleReport {
     /// (nodes, generators, nats-servers): softirq work no process pays for, and anything
     /// else running on the machine.
     pub outside_pct: f64,
+    /// The nats-servers' logged warnings and errors over the whole run, by kind.
+    pub engine_warnings: Vec<(String, usize)>,
 }
 
 pub async fn run(args: ScaleArgs) -> Res<()> {
@@ -593,6 +601,11 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
             r.bare_latencies.len(),
             percentiles(&r.bare_latencies, &[("p50", 0.5), ("p99", 0.99)])
         );
+        let logged: usize = r.engine_warnings.iter().map(|(_, n)| n).sum();
+        println!("nats-server log      {logged} warnings and errors over the run");
+        for (kind, n) in r.engine_warnings.iter().take(5) {
+            println!("  {n:>8} × {kind}");
+        }
     }
     println!("heartbeats           {} sent during the hold, {} acked", r.heartbeats.0, r.heartbeats.1);
     println!(
@@ -644,6 +657,12 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
 
     // The engine: nats-servers with their monitoring ports; the first holds JetStream.
     let nats = if args.baseline { Vec::new() } else { engine(&dir, args.leaves).await? };
+    if args.engine_nice != 0 {
+        for (p, _, _) in &nats {
+            renice(p.0.id(), args.engine_nice)?;
+        }
+        println!("nats-servers reniced to {}", args.engine_nice);
+    }
     // Where node i connects: the one server, or leaf i % leaves.
     let server_of = |i: usize| if args.leaves > 0 { nats[1 + i % args.leaves].1 } else { nats.first().map(|n| n.1).unwrap_or(0) };
 
@@ -823,6 +842,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     drop(gens);
     drop(nodes);
     drop(nats);
+    let engine_warnings = engine_warnings(&dir);
     Ok(ScaleReport {
         sessions,
         failed,
@@ -843,7 +863,21 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         generators_cpu_secs_per_10k: gen_cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
         machine,
         outside_pct,
+        engine_warnings,
     })
+}
+
+/// Sets a process's nice value with `renice` (util-linux), or says why it could not.
+fn renice(pid: u32, nice: i32) -> Res<()> {
+    let out = Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
+        .output()
+        .map_err(|e| format!("--engine-nice: cannot run renice: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("--engine-nice {nice}: renice failed (below 0 needs root): {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
 }
 
 /// Watches the machine while the sessions ramp up: prints where the memory is every 15 s
