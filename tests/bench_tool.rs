@@ -158,8 +158,11 @@ fn scale_bench_runs_nodes_and_generators() {
     assert!(report_line(&text, "nats-server log").ends_with("warnings and errors over the run"), "{text}");
     assert!(text.contains("node configuration   PRESENCE_CACHE__WATCH_WRITES=false"), "{text}");
     assert!(deliveries(&text) > 0, "{text}");
-    let subs = report_line(&text, "nats-server");
-    assert!(!subs.contains(" 0 subscriptions"), "{subs}");
+    let subs = report_line(&text, "nats-server          ");
+    assert!(subs.contains(" subscriptions") && !subs.contains(" 0 subscriptions"), "{subs}");
+    assert!(report_line(&text, "change -> contact").contains("(0 refused by the nodes)"), "{text}");
+    let engine = report_line(&text, "nats-server CPU");
+    assert!(engine.contains("s per second during the hold; 0 of 3 nodes degraded at its end"), "{engine}");
     heartbeats_answered(&text);
     assert!(report_line(&text, "machine CPU").contains("% busy during the hold"), "{text}");
     let text = scale(&[&small[..], &HOLD[..], &["--baseline"]].concat());
@@ -178,7 +181,7 @@ fn scale_bench_runs_the_hub_and_spoke_layout() {
     assert!(text.contains("layout               hub and spoke: a center nats-server (JetStream domain hub) and 2 leaf"), "{text}");
     assert!(text.contains("sessions held        900 of 900 (0 failed;"), "{text}");
     assert!(deliveries(&text) > 0, "{text}");
-    let subs = report_line(&text, "nats-server");
+    let subs = report_line(&text, "nats-server          ");
     assert!(subs.contains("(center and 2 leaves summed)") && !subs.contains(" 0 subscriptions"), "{subs}");
     assert!(!report_line(&text, "bare NATS pub->sub").contains(" 0 messages"), "{text}");
 }

@@ -179,11 +179,15 @@ struct GenShared {
     /// Heartbeats sent and acks received since the last `change`.
     beats: AtomicU64,
     acks: AtomicU64,
+    /// Status changes the node refused (an `error` answer: degraded, rate limited...)
+    /// since the last `change`.
+    refused: AtomicU64,
 }
 
 /// `scale-gen`: opens its users' sessions, reports `ready <connected> <failed> <secs> <retried>`,
 /// then on `change <secs>` drives status changes for that long and reports
-/// `done <changes> <connected> <heartbeats sent> <acks received> <latency µs,...>`; `stop`
+/// `done <changes> <connected> <heartbeats sent> <acks received> <changes refused>
+/// <latency µs,...>`; `stop`
 /// (or stdin closing) ends it.
 pub async fn generator(args: GenArgs) -> Res<()> {
     let targets: Vec<SocketAddr> =
@@ -202,6 +206,7 @@ pub async fn generator(args: GenArgs) -> Res<()> {
         samples: Default::default(),
         beats: AtomicU64::new(0),
         acks: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // One wake-up per client: "change your status now".
@@ -249,6 +254,7 @@ pub async fn generator(args: GenArgs) -> Res<()> {
                 let mut tick = tokio::time::interval(interval);
                 shared.beats.store(0, Ordering::Relaxed);
                 shared.acks.store(0, Ordering::Relaxed);
+                shared.refused.store(0, Ordering::Relaxed);
                 while Instant::now() < end {
                     tick.tick().await;
                     if let Some(c) = changers.get((rand::random::<u64>() % args.count.max(1) as u64) as usize) {
@@ -262,11 +268,12 @@ pub async fn generator(args: GenArgs) -> Res<()> {
                 s.sort_unstable();
                 let list: Vec<String> = s.iter().map(u32::to_string).collect();
                 println!(
-                    "done {} {} {} {} {}",
+                    "done {} {} {} {} {} {}",
                     shared.changes.swap(0, Ordering::Relaxed),
                     shared.connected.load(Ordering::Relaxed),
                     shared.beats.load(Ordering::Relaxed),
                     shared.acks.load(Ordering::Relaxed),
+                    shared.refused.load(Ordering::Relaxed),
                     list.join(",")
                 );
                 let _ = std::io::stdout().flush();
@@ -339,6 +346,10 @@ impl Client {
                 return;
             }
             let Ok(t) = std::str::from_utf8(t) else { return };
+            if t.contains(r#""type":"error""#) {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             if let Some(ts) = super::marker_ts(t) {
                 if !t.contains(&own) {
                     shared.samples.lock().push((unix_ns().saturating_sub(ts) / 1000) as u32);
@@ -531,6 +542,12 @@ pub struct ScaleReport {
     /// Heartbeats the clients sent during the hold (and a little after), and the acks
     /// they received.
     pub heartbeats: (u64, u64),
+    /// Status changes the nodes refused during the hold (`error` answers).
+    pub refused: u64,
+    /// The nats-servers' CPU seconds per second during the hold (all of them summed).
+    pub nats_cpu_per_sec: f64,
+    /// Nodes in degraded mode at the end of the hold (their `/health/nats`).
+    pub nodes_degraded: usize,
     pub store_writes_per_sec: f64,
     pub cpu_secs_per_10k: f64,
     /// The generators' CPU, the same way (the clients' side of the heartbeats).
@@ -591,9 +608,14 @@ pub async fn run(args: ScaleArgs) -> Res<()> {
         );
         println!("store writes         {:.1}/s during the hold", r.store_writes_per_sec);
         println!(
-            "change -> contact    {} deliveries of {} changes: {}",
+            "nats-server CPU      {:.3} s per second during the hold; {} of {} nodes degraded at its end",
+            r.nats_cpu_per_sec, r.nodes_degraded, args.nodes
+        );
+        println!(
+            "change -> contact    {} deliveries of {} changes ({} refused by the nodes): {}",
             r.latencies.len(),
             r.changes,
+            r.refused,
             percentiles(&r.latencies, &[("p50", 0.5), ("p99", 0.99)])
         );
         println!(
@@ -801,14 +823,15 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         tokio::spawn(async move { super::backends::bare_round_trip(&store, Some(publish_port), n, rate).await })
     });
     let mut latencies = Vec::new();
-    let (mut changes, mut beats, mut acks) = (0, 0, 0);
+    let (mut changes, mut beats, mut acks, mut refused) = (0, 0, 0, 0);
     for g in &gens {
         let done = tokio::task::block_in_place(|| g.expect("done", Duration::from_secs(args.hold_secs + 120)))?;
-        let mut f = done.splitn(5, ' ');
+        let mut f = done.splitn(6, ' ');
         changes += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let _still = f.next();
         beats += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         acks += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        refused += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         latencies.extend(f.next().unwrap_or("").split(',').filter_map(|v| v.parse::<u32>().ok()));
     }
     let hold = hold_start.elapsed().as_secs_f64();
@@ -824,6 +847,13 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     let bench_pct = 100.0 * (cpu + gen_cpu + nats_cpu) / machine_now.elapsed_secs(&machine_before).max(0.01);
     let outside_pct = (machine.0 - bench_pct).max(0.0);
     let writes = store_writes(&nodes).await.saturating_sub(writes_before);
+    let mut nodes_degraded = 0;
+    if !args.baseline {
+        for (_, p) in &nodes {
+            let h = get_json(*p, "/health/nats").await.ok();
+            nodes_degraded += usize::from(h.is_none_or(|h| h["data"]["degraded"] != false));
+        }
+    }
     let node_rss_kib: u64 = pids.iter().filter_map(|p| rss_kib(*p)).sum();
     let mut cache_bytes = 0;
     for (_, p) in &nodes {
@@ -858,6 +888,9 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
         bare_latencies,
         changes,
         heartbeats: (beats, acks),
+        refused,
+        nats_cpu_per_sec: nats_cpu / hold.max(0.001),
+        nodes_degraded,
         store_writes_per_sec: writes as f64 / hold.max(0.001),
         cpu_secs_per_10k: cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
         generators_cpu_secs_per_10k: gen_cpu / hold.max(0.001) / (sessions.max(1) as f64 / 10_000.0),
