@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::cluster::{engine, engine_warnings, get_json, wait_port, Cleanup, Proc};
+use super::cluster::{engine, engine_warnings, get_json, Cleanup, Proc};
 use super::lean::{LeanWs, Read};
 use super::{free_port, percentiles, rss_kib, sibling, Res, BENCH_ENV, MARK};
 
@@ -95,6 +95,10 @@ pub struct ScaleArgs {
     /// started.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub engine_nice: i32,
+    /// Give up on the ramp after this many seconds (every generator must report its
+    /// sessions up by then).
+    #[arg(long, default_value_t = 1800)]
+    pub ramp_timeout_secs: u64,
 }
 
 /// Set in the bench's own process once it runs in its own network namespace.
@@ -474,6 +478,29 @@ impl Generator {
     }
 }
 
+/// Waits until `port` takes connections (true) or the node on it exits first (false).
+async fn wait_listening(node: &mut Proc, port: u16) -> Res<bool> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = node.0.try_wait() {
+            return Ok(false);
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(true);
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(format!("nothing listens on {port} after 20s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What is left of a ramp allowed `limit_secs` from `t0` (at least a second, for the
+/// answers already waiting).
+fn ramp_left(t0: Instant, limit_secs: u64) -> Duration {
+    Duration::from_secs(limit_secs).saturating_sub(t0.elapsed()).max(Duration::from_secs(1))
+}
+
 /// CPU seconds (user + system) a process used so far.
 fn cpu_secs(pid: u32) -> f64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
@@ -688,10 +715,19 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     // Where node i connects: the one server, or leaf i % leaves.
     let server_of = |i: usize| if args.leaves > 0 { nats[1 + i % args.leaves].1 } else { nats.first().map(|n| n.1).unwrap_or(0) };
 
-    // The nodes.
-    let mut nodes: Vec<(Proc, u16)> = Vec::with_capacity(args.nodes);
-    for i in 0..args.nodes {
-        let port = free_port()?;
+    // The nodes. Each gets a port no other node or server has: `free_port` can hand out
+    // one twice, and a node started earlier may take a chosen port as the source port of
+    // its NATS connections, so a node that exits before it listens starts again elsewhere.
+    let mut taken: std::collections::HashSet<u16> = nats.iter().map(|n| n.1).collect();
+    let mut pick = || -> Res<u16> {
+        loop {
+            let port = free_port()?;
+            if taken.insert(port) {
+                return Ok(port);
+            }
+        }
+    };
+    let spawn_node = |i: usize, port: u16| -> Res<Proc> {
         let mut cmd = if args.baseline {
             let mut c = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
             c.args(["baseline-server", "--listen", &format!("127.0.0.1:{port}")]);
@@ -717,10 +753,28 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
             c
         };
         let child = cmd.stdout(Stdio::null()).spawn().map_err(|e| format!("node {i}: {e}"))?;
-        nodes.push((Proc(child), port));
+        Ok(Proc(child))
+    };
+    let mut nodes: Vec<(Proc, u16)> = Vec::with_capacity(args.nodes);
+    for i in 0..args.nodes {
+        let port = pick()?;
+        nodes.push((spawn_node(i, port)?, port));
     }
-    for (_, port) in &nodes {
-        wait_port(*port).await?;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let mut tries = 0;
+        loop {
+            let up = wait_listening(&mut node.0, node.1).await?;
+            if up {
+                break;
+            }
+            tries += 1;
+            if tries >= 3 {
+                return Err(format!("node {i} exited before it listened, {tries} times"));
+            }
+            let port = pick()?;
+            println!("node {i} could not listen on :{}; starting it again on :{port}", node.1);
+            *node = (spawn_node(i, port)?, port);
+        }
     }
     if !args.baseline {
         // 52 nodes opening their buckets at once keep nats-server busy for a while: the
@@ -784,7 +838,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     );
     let (mut sessions, mut failed, mut retried) = (0u64, 0u64, 0u64);
     for g in &gens {
-        let ready = tokio::task::block_in_place(|| g.expect("ready", Duration::from_secs(1800)));
+        let ready = tokio::task::block_in_place(|| g.expect("ready", ramp_left(t0, args.ramp_timeout_secs)));
         let ready = match (ready, guard.tripped()) {
             (_, Some(why)) => return Err(format!("memory guard: {why}")),
             (r, None) => r?,
