@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 fn js_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/js")
+    std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()).join("clients/js")
 }
 
 fn require_node_modules() {
