@@ -35,8 +35,6 @@ pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -
     }
 }
 
-/// The real `presenced` binary with nothing from the environment: loopback, ephemeral
-/// HTTP and gRPC ports, data in `dir`, the test secret, JSON logs (add the subcommand).
 /// The checkout the tests read files from: cargo and nextest name it when they run a test;
 /// the path compiled in is the fallback. A test binary built in a shared target dir from
 /// another clone of the same sources is not rebuilt, and would read that clone's files.
@@ -44,6 +42,8 @@ pub fn source_root() -> std::path::PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
+/// The real `presenced` binary with nothing from the environment: loopback, ephemeral
+/// HTTP and gRPC ports, data in `dir`, the test secret, JSON logs (add the subcommand).
 pub fn presenced_cmd(dir: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_presenced"));
     cmd.env_clear()
