@@ -109,7 +109,9 @@ export class PresenceClient {
     if (ws) {
       ws.onclose = null;
       ws.onmessage = null;
-      ws.onerror = null;
+      // Closing a socket still connecting makes Node's `ws` emit an error for the aborted
+      // handshake; with no listener that error would be thrown as uncaught.
+      ws.onerror = () => {};
       try {
         ws.close(1000, "bye");
       } catch {

@@ -173,6 +173,33 @@ test("heartbeats at the server's interval; sees its own presence and a watched u
   await assert.rejects(alice.setStatus(/** @type {any} */ ("dancing")), (e) => e.code === "bad_request");
 });
 
+test("close() while the socket is still connecting ends quietly (ws emits an error for the aborted handshake)", async () => {
+  const created = [];
+  const c = client("carol", {
+    WebSocket: class extends WebSocket {
+      constructor(...args) {
+        super(...args);
+        created.push(this);
+      }
+    },
+  });
+  void c.connect();
+  await until("the client's socket", () => created.length === 1, 2000);
+  assert.equal(created[0].readyState, WebSocket.CONNECTING);
+  let uncaught = null;
+  const onUncaught = (e) => (uncaught = e);
+  process.on("uncaughtException", onUncaught);
+  try {
+    c.close();
+    await new Promise((r) => setTimeout(r, 300));
+  } finally {
+    process.off("uncaughtException", onUncaught);
+  }
+  assert.equal(uncaught, null, String(uncaught));
+  assert.equal(c.state, "closed");
+  assert.equal(created.length, 1, "no reconnection after close()");
+});
+
 test("typing: one frame for a burst of keystrokes, false after the idle time", async () => {
   const admin = mint("ops", "presence:admin");
   await rest("PUT", "/api/v2/conversations/room-1/members", admin, { members: ["carol", "dan"] });
