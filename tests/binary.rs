@@ -164,7 +164,7 @@ fn config_subcommand_prints_effective_config_without_secrets() {
 /// config loads, and every nats-server config passes `nats-server -t`.
 #[test]
 fn deploy_samples_are_valid() {
-    let root = common::source_root().join("deploy");
+    let root = common::source::source_root().join("deploy");
     for n in ["center", "leaf-a", "leaf-b"] {
         let out = Command::new(BIN)
             .env_clear()

@@ -396,7 +396,7 @@ async fn health_serving_reflection_lists_and_metrics_count_calls() {
 async fn generic_client_through_reflection_alone() {
     let s = TestServer::start(&[]).await;
     s.put_status("alice", Some(&s.token("alice")), json!({"status":"away","message":"lunch"})).await;
-    let script = common::source_root().join("tests/reflection_client.py");
+    let script = common::source::source_root().join("tests/reflection_client.py");
     let target = s.grpc.trim_start_matches("http://").to_string();
     let out = tokio::process::Command::new("python3").arg(script).arg(&target).arg("alice").output().await.expect("python3");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -251,7 +251,7 @@ async fn writing_someone_else_is_403_unless_admin_scope() {
 
 #[tokio::test]
 async fn rs256_and_es256_tokens_with_configured_public_keys() {
-    let fixtures = common::source_root().join("tests/fixtures");
+    let fixtures = common::source::source_root().join("tests/fixtures");
     let fixtures = fixtures.display();
     for (alg, public, private) in
         [(Algorithm::RS256, "rsa_public.pem", "rsa_private.pem"), (Algorithm::ES256, "ec_public.pem", "ec_private.pem")]

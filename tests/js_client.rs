@@ -6,8 +6,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[path = "common/source.rs"]
+mod source;
+
 fn js_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()).join("clients/js")
+    source::source_root().join("clients/js")
 }
 
 fn require_node_modules() {

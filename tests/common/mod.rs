@@ -19,6 +19,7 @@ pub mod nats;
 pub mod proxy;
 pub mod rabbit;
 pub mod redis;
+pub mod source;
 pub mod wsclient;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret";
@@ -33,13 +34,6 @@ pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -
         assert!(start.elapsed() < within, "{what}: not within {within:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The checkout the tests read files from: cargo and nextest name it when they run a test;
-/// the path compiled in is the fallback. A test binary built in a shared target dir from
-/// another clone of the same sources is not rebuilt, and would read that clone's files.
-pub fn source_root() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
 
 /// The real `presenced` binary with nothing from the environment: loopback, ephemeral

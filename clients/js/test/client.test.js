@@ -186,16 +186,9 @@ test("close() while the socket is still connecting ends quietly (ws emits an err
   void c.connect();
   await until("the client's socket", () => created.length === 1, 2000);
   assert.equal(created[0].readyState, WebSocket.CONNECTING);
-  let uncaught = null;
-  const onUncaught = (e) => (uncaught = e);
-  process.on("uncaughtException", onUncaught);
-  try {
-    c.close();
-    await new Promise((r) => setTimeout(r, 300));
-  } finally {
-    process.off("uncaughtException", onUncaught);
-  }
-  assert.equal(uncaught, null, String(uncaught));
+  // An error thrown as uncaught in the next 300 ms fails this test (node's test runner).
+  c.close();
+  await new Promise((r) => setTimeout(r, 300));
   assert.equal(c.state, "closed");
   assert.equal(created.length, 1, "no reconnection after close()");
 });

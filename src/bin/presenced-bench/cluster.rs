@@ -108,14 +108,23 @@ pub fn engine_warnings(dir: &Path) -> Vec<(String, usize)> {
 }
 
 pub async fn wait_port(port: u16) -> Res<()> {
+    wait_port_unless_exited(port, None).await.map(|_| ())
+}
+
+/// Waits until `port` takes connections (true), or `process`, the one meant to listen
+/// there, exits first (false).
+pub async fn wait_port_unless_exited(port: u16, mut process: Option<&mut Proc>) -> Res<bool> {
     let start = Instant::now();
     while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if process.as_mut().is_some_and(|p| matches!(p.0.try_wait(), Ok(Some(_)))) {
+            return Ok(false);
+        }
         if start.elapsed() > Duration::from_secs(20) {
             return Err(format!("nothing listens on {port} after 20s"));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Waits until core messages cross from `from` to `to` (the leaf link is up).

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::cluster::{engine, engine_warnings, get_json, Cleanup, Proc};
+use super::cluster::{engine, engine_warnings, get_json, wait_port_unless_exited, Cleanup, Proc};
 use super::lean::{LeanWs, Read};
 use super::{free_port, percentiles, rss_kib, sibling, Res, BENCH_ENV, MARK};
 
@@ -478,23 +478,6 @@ impl Generator {
     }
 }
 
-/// Waits until `port` takes connections (true) or the node on it exits first (false).
-async fn wait_listening(node: &mut Proc, port: u16) -> Res<bool> {
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(_)) = node.0.try_wait() {
-            return Ok(false);
-        }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(true);
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            return Err(format!("nothing listens on {port} after 20s"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// What is left of a ramp allowed `limit_secs` from `t0` (at least a second, for the
 /// answers already waiting).
 fn ramp_left(t0: Instant, limit_secs: u64) -> Duration {
@@ -762,11 +745,7 @@ pub async fn measure(args: &ScaleArgs) -> Res<ScaleReport> {
     }
     for (i, node) in nodes.iter_mut().enumerate() {
         let mut tries = 0;
-        loop {
-            let up = wait_listening(&mut node.0, node.1).await?;
-            if up {
-                break;
-            }
+        while !wait_port_unless_exited(node.1, Some(&mut node.0)).await? {
             tries += 1;
             if tries >= 3 {
                 return Err(format!("node {i} exited before it listened, {tries} times"));
