@@ -155,6 +155,8 @@ impl From<IdError> for ApiError {
 
 /// WebSocket close codes (RFC 6455 §7.4.1, and 4000-4999 for the application's own).
 pub mod close {
+    /// The client said `bye`: its session ended, and the server closes normally.
+    pub const NORMAL: u16 = 1000;
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
     /// A frame that breaks RFC 6455 (bad opcode, reserved bits, unmasked, bad fragments).
@@ -167,6 +169,9 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// The server failed.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// The node is draining (SIGTERM: a restart or a deploy): reconnect at once, to any
+    /// node; the device's session is held for the offline grace and continues.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// The client cannot keep up with what it is sent (or the server is overloaded).
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// A newer connection took over this device.

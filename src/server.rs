@@ -43,6 +43,7 @@ fn cluster_options(config: &Config, request_timeout: std::time::Duration) -> Clu
         tick_ms: config.store.tick.as_millis_i64().max(1),
         lease_ttl_ms: config.presence.node_lease_ttl.as_millis_i64(),
         last_seen_interval_ms: config.presence.last_seen_interval.as_millis_i64(),
+        offline_grace_ms: config.presence.offline_grace.as_millis_i64(),
         forget_after_ms: Some(config.presence.forget_after.as_millis_i64()).filter(|f| *f > 0),
         cache_max_cost: config.cache.max_cost,
         kv_timeout: request_timeout.max(std::time::Duration::from_millis(100)),
@@ -251,6 +252,9 @@ impl App {
                 tracing::warn!("gRPC server still draining at shutdown");
             }
         }
+        // The embedded store ends its sessions now (sinks hear each user's offline); a
+        // cluster node hands them over to the others for the rest of the grace.
+        self.svc.store.drain().await;
         self.svc.store.shutdown().await;
         if let Some(s) = &self.sinks {
             s.shutdown().await;

@@ -241,6 +241,8 @@ pub const METRICS: &[Metric] = &[
     m!("nats_lease_lost_total", Counter, Nats, "Times this node found its lease claimed (it was cut off too long)."),
     m!("nats_lease_renewed_at_seconds", Gauge, Nats, "Unix time of this node's last lease renewal."),
     m!("nats_degraded_local_changes_total", Counter, Nats, "Session changes kept locally while degraded."),
+    m!("nats_sessions_repaired_total", Counter, Nats, "Users whose stored record lacked a session a connection here holds, written again (anti-entropy)."),
+    m!("nats_sessions_adopted_total", Counter, Nats, "Sessions of a drained or dead node this node took over, held for the offline grace."),
     m!("nats_directory_rewatch_total", Counter, Nats, "Times the directory watch was opened again after it ended."),
     m!("nats_slow_consumer_total", Counter, Nats, "NATS slow-consumer notices."),
     m!("nats_embedded_restarts_total", Counter, Nats, "Restarts of the embedded nats-server."),
@@ -260,6 +262,8 @@ pub const METRICS: &[Metric] = &[
     m!("redis_lease_lost_total", Counter, Redis, "Times this node found its lease claimed or gone (cut off too long, or Redis lost its data)."),
     m!("redis_lease_renewed_at_seconds", Gauge, Redis, "Unix time of this node's last lease renewal."),
     m!("redis_degraded_local_changes_total", Counter, Redis, "Session changes kept locally while degraded."),
+    m!("redis_sessions_repaired_total", Counter, Redis, "Users whose stored record lacked a session a connection here holds, written again (anti-entropy)."),
+    m!("redis_sessions_adopted_total", Counter, Redis, "Sessions of a drained or dead node this node took over, held for the offline grace."),
     m!("redis_directory_rewatch_total", Counter, Redis, "Times the directory was read again after its change stream was interrupted."),
     m!("redis_script_loads_total", Counter, Redis, "Lua scripts (re)loaded after a NOSCRIPT answer (a restarted or failed-over Redis)."),
     m!("cache_hits_total", Counter, Cluster, "Reads served by the node's read cache."),
@@ -404,6 +408,8 @@ mod tests {
                 n.lease_lost,
                 n.lease_renewed_at,
                 n.degraded_local_changes,
+                n.repairs,
+                n.adopted,
                 n.directory_rewatch,
             ] {
                 let m = METRICS.iter().find(|m| m.name == name);

@@ -124,7 +124,7 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
         .into_inner();
     assert!(refreshed.expires_at.unwrap().seconds > before);
     assert!(
-        c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "phone".into() }, &admin))
+        c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "phone".into(), immediate: true }, &admin))
             .await
             .unwrap()
             .into_inner()
@@ -134,7 +134,7 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
     let p = watcher.until("alice", |p| p["device_count"] == 1).await;
     assert_eq!(p["status"], "online", "one device fewer is pushed: {p}");
     assert!(
-        c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into() }, &admin))
+        c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into(), immediate: true }, &admin))
             .await
             .unwrap()
             .into_inner()
@@ -142,7 +142,7 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
     );
     assert_eq!(watcher.next("alice").await["status"], "offline");
     assert!(
-        !c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into() }, &admin))
+        !c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into(), immediate: true }, &admin))
             .await
             .unwrap()
             .into_inner()
@@ -172,7 +172,7 @@ async fn session_rpcs_need_the_admin_scope_and_valid_input() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = c
-        .unregister_session(Request::new(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "d".into() }))
+        .unregister_session(Request::new(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "d".into(), immediate: true }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);

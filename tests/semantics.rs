@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use common::wsclient::{connect, connect_with, Client};
 use common::{decode, TestServer};
 use presenced::bus::EventBus;
-use presenced::core::{Millis, NewSession, Presence, Registered, Session, Status, UserId};
+use presenced::core::{Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
 use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 use presenced::grpc::pb::presence_event::Kind;
@@ -112,7 +112,7 @@ async fn the_last_device_gone_means_offline_and_the_preference_comes_back() {
         until_changed: true,
     };
     grpc.set_presence(authed(set, &admin)).await.unwrap();
-    grpc.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "d".into() }, &admin)).await.unwrap();
+    grpc.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "d".into(), immediate: true }, &admin)).await.unwrap();
     let r = grpc.get_presence(pb::GetPresenceRequest { user_ids: vec!["dora".into()] }).await.unwrap().into_inner();
     assert_eq!(r.presences[0].status, pb::Status::Offline as i32);
 
@@ -269,9 +269,9 @@ impl PresenceStore for Slow {
         self.inner.refresh_session(id, device).await
     }
 
-    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
+    async fn end_session(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
         tokio::time::sleep(self.unregister).await;
-        self.inner.unregister_session(id, device, sid).await
+        self.inner.end_session(id, device, sid, ending).await
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {

@@ -130,7 +130,7 @@ async fn webhook_receives_every_event_signed_and_in_order() {
     let mut c = pb::presence_api_client::PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
     let reg = pb::RegisterSessionRequest { user_id: "dora".into(), device_id: "phone".into(), ..Default::default() };
     c.register_session(s.admin_request(reg)).await.unwrap();
-    c.unregister_session(s.admin_request(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "phone".into() }))
+    c.unregister_session(s.admin_request(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "phone".into(), immediate: true }))
         .await
         .unwrap();
     common::eventually("all delivered", Duration::from_secs(10), async || r.events.lock().len() >= 98).await;

@@ -171,6 +171,11 @@ pub struct PresenceConfig {
     /// Forget a user who has had no session and no status for this long (their
     /// `last_seen` goes too), so churning ids do not grow the store; `0s`: never.
     pub forget_after: Dur,
+    /// A device that goes away without signing out (a lost or closed socket, a
+    /// gateway's plain `UnregisterSession`, a drained or lost node) is held this long
+    /// from the moment it was last heard of, still shown; registering again within it
+    /// continues the session with no event. `0s`: ends at once. At most `session_ttl`.
+    pub offline_grace: Dur,
 }
 
 impl Default for PresenceConfig {
@@ -183,6 +188,7 @@ impl Default for PresenceConfig {
             node_lease_ttl: Dur::secs(15),
             last_seen_interval: Dur::secs(0),
             forget_after: Dur::secs(30 * 24 * 3600),
+            offline_grace: Dur::secs(10),
         }
     }
 }
@@ -919,6 +925,12 @@ impl Config {
         }
         if p.typing_ttl.0.is_zero() {
             return bad("presence.typing_ttl", "must be above 0");
+        }
+        if p.offline_grace.0 > p.session_ttl.0 {
+            return bad(
+                "presence.offline_grace",
+                "must be at most presence.session_ttl (a device last heard longer ago than the TTL is gone; 0s turns the grace off)",
+            );
         }
         self.validate_sinks()?;
         let l = &self.limits;

@@ -13,5 +13,5 @@ pub use model::{
     empty_message, no_devices, validate_id, DeviceId, DeviceSummary, IdError, Millis, Platform, Presence, Session, Status, UserId,
 };
 pub use privacy::{project, visible_change, Privacy, Relation, Visibility};
-pub use state::{Change, Explicit, NewSession, Registered, UserState, HELD};
+pub use state::{Change, Ending, Explicit, NewSession, Registered, UserState, HELD};
 pub use wheel::TimerWheel;

@@ -208,6 +208,18 @@ impl Presence {
         }
     }
 
+    /// Whether `self` and `other` show the same state: status, message, expiry, devices,
+    /// hiding (times, node and revision aside).
+    pub fn same_state(&self, other: &Presence) -> bool {
+        self.user_id == other.user_id
+            && self.status == other.status
+            && self.message == other.message
+            && self.expires_at == other.expires_at
+            && self.device_count == other.device_count
+            && self.devices == other.devices
+            && self.appear_offline == other.appear_offline
+    }
+
     /// Whether `self` and `other` show a reader the same thing (the revision aside).
     pub fn same_view(&self, other: &Presence) -> bool {
         self.user_id == other.user_id
@@ -244,6 +256,12 @@ pub struct Session {
     /// connection" leaves a newer registration of the same device alone.
     #[serde(default)]
     pub sid: u64,
+    /// The device's connection is gone and the session is held for the offline grace
+    /// (`presence.offline_grace`): still shown, until `expires_at` (or, held by a node's
+    /// lease, the deadline in that node's memory); a heartbeat does not extend it, and a
+    /// registration of the same device continues it without any event.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lingering: bool,
 }
 
 #[cfg(test)]

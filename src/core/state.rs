@@ -171,6 +171,30 @@ pub struct DeviceLimit {
     pub max: usize,
 }
 
+/// How a device session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A deliberate sign-out (WebSocket `bye`, an unregistration that says "now"): the
+    /// session ends at once, `last_seen` now.
+    Now,
+    /// The device went away without saying so (a lost or closed socket, a gateway's
+    /// plain unregistration, a drained or lost node): the session is held, still shown,
+    /// until `until`; a registration of the same device before then continues it with no
+    /// event. At `until` it ends with `last_seen` = `last_heard`.
+    Held { until: Millis, last_heard: Millis },
+}
+
+impl Ending {
+    /// A device last heard at `last_heard`, held for `grace_ms` from then (never ending
+    /// before `now`). The grace counts from the moment the device was last heard of: a
+    /// closed socket is heard at its close; a silent device's `session_ttl` has already
+    /// waited longer than the grace, so its session ends when the TTL passes.
+    pub fn lost(last_heard: Millis, grace_ms: i64, now: Millis) -> Ending {
+        let last_heard = last_heard.min(now);
+        Ending::Held { until: last_heard.saturating_add(grace_ms.max(0)).max(now), last_heard }
+    }
+}
+
 impl UserState {
     pub fn new(node_id: Arc<str>) -> UserState {
         UserState { explicit: None, sessions: Vec::new(), last_seen: None, updated_at: None, node_id }
@@ -273,16 +297,21 @@ impl UserState {
         self.sessions.retain(keep);
         let removed = n - self.sessions.len();
         if removed > 0 {
-            // Most users hold one or two sessions: keep no spare room (a million users
-            // would otherwise keep megabytes of it, offline ones included).
-            self.sessions.shrink_to_fit();
+            self.after_removal();
         }
-        if removed > 0 && self.sessions.is_empty() {
+        removed
+    }
+
+    /// After sessions were removed: no spare room kept (most users hold one or two
+    /// sessions; a million users would otherwise keep megabytes of it, offline ones
+    /// included), and with the last one gone a standalone status becomes a preference.
+    fn after_removal(&mut self) {
+        self.sessions.shrink_to_fit();
+        if self.sessions.is_empty() {
             if let Some(e) = &mut self.explicit {
                 e.standalone = false;
             }
         }
-        removed
     }
 
     /// Removes what has lapsed at `now`: expired sessions and an expired explicit status.
@@ -343,6 +372,7 @@ impl UserState {
                 node_id: node.clone(),
                 platform: req.platform,
                 sid,
+                lingering: false,
             };
             match s.sessions.iter_mut().find(|x| x.device_id == req.device) {
                 Some(existing) => {
@@ -361,10 +391,11 @@ impl UserState {
     }
 
     /// Extends a live session by its TTL. `None` when the device has no live session
-    /// (never registered, unregistered or expired): the caller must register again.
+    /// (never registered, unregistered, expired, or held for the grace after its
+    /// connection went): the caller must register again.
     /// Produces no event: a heartbeat changes nothing a reader can see.
     pub fn refresh(&mut self, device: &str, now: Millis) -> Option<Millis> {
-        let s = self.sessions.iter_mut().find(|s| &*s.device_id == device && s.expires_at > now)?;
+        let s = self.sessions.iter_mut().find(|s| &*s.device_id == device && s.expires_at > now && !s.lingering)?;
         s.last_heartbeat = now;
         s.expires_at = now.saturating_add(s.ttl_ms);
         let expires_at = s.expires_at;
@@ -389,6 +420,33 @@ impl UserState {
         (removed, Change { persist, ..change })
     }
 
+    /// Ends the session of `device` (only the registration tagged `sid`, when given) as
+    /// `ending` says: at once, or held for the grace (no event: readers still see the
+    /// device; see [`Ending::Held`]). Returns whether the session was there (to hold: and
+    /// not held already).
+    pub fn end(&mut self, device: &str, sid: Option<u64>, ending: Ending, node: &Arc<str>, now: Millis) -> (bool, Change) {
+        let (until, last_heard) = match ending {
+            Ending::Now => return self.unregister(device, sid, node, now),
+            Ending::Held { until, last_heard } => (until, last_heard),
+        };
+        let mine = |x: &Session| &*x.device_id == device && sid.is_none_or(|t| t == x.sid) && x.expires_at > now;
+        if until <= now {
+            return self.release_where(mine, last_heard, node, now);
+        }
+        let mut found = false;
+        let change = self.transition(node, now, false, |s| {
+            let lapsed = s.drop_lapsed(now);
+            if let Some(x) = s.sessions.iter_mut().find(|x| mine(x)) {
+                found = !x.lingering;
+                x.expires_at = if x.lingering { x.expires_at.min(until) } else { until };
+                x.lingering = true;
+                x.last_heartbeat = x.last_heartbeat.max(last_heard.min(now));
+            }
+            lapsed
+        });
+        (found, change)
+    }
+
     /// Marks the session of `device` as held by `owner`'s node lease (cluster mode): its
     /// stored expiry becomes [`HELD`] and the owning node keeps the real deadline in
     /// memory, so heartbeats cost no store write. Returns whether the session exists.
@@ -403,16 +461,83 @@ impl UserState {
         }
     }
 
-    /// Ends the session of `device` if `owner` still holds it (its deadline passed on the
-    /// owning node, or the owner is gone). `last_seen` is the session's last heartbeat.
-    pub fn release(&mut self, device: &str, owner: &str, last_seen: Millis, node: &Arc<str>, now: Millis) -> (bool, Change) {
-        self.release_where(|s| &*s.device_id == device && &*s.node_id == owner, last_seen, node, now)
+    /// Takes the live session of `device` (tag `sid`, when given) over for `owner`, held
+    /// for the offline grace: another node held it, and its device went away through
+    /// this one (a gateway's plain unregistration). Stored as held by `owner`'s lease,
+    /// lingering, last heard at `last_heard`; nothing a reader sees changes. Returns the
+    /// session as it was (its node is told), `None` when there is none.
+    pub fn take_lingering(&mut self, device: &str, sid: Option<u64>, owner: &Arc<str>, last_heard: Millis, now: Millis) -> Option<Session> {
+        let x = self.sessions.iter_mut().find(|x| &*x.device_id == device && sid.is_none_or(|t| t == x.sid) && x.expires_at > now)?;
+        let before = x.clone();
+        x.node_id = owner.clone();
+        x.expires_at = HELD;
+        x.lingering = true;
+        x.last_heartbeat = x.last_heartbeat.max(last_heard.min(now));
+        Some(before)
     }
 
-    /// Ends every session `owner` held that started at or before `until` (the janitor
-    /// after a node's lease lapsed; `until` keeps a newer incarnation's sessions).
-    pub fn release_node(&mut self, owner: &str, until: Millis, last_seen: Millis, node: &Arc<str>, now: Millis) -> Change {
-        self.release_where(|s| &*s.node_id == owner && s.connected_at <= until, last_seen, node, now).1
+    /// Ends the session of `device` if `owner` still holds it (with tag `sid`, when given):
+    /// its deadline passed on the owning node, or the owner is gone. `last_seen` is the
+    /// session's last heartbeat.
+    pub fn release(&mut self, device: &str, owner: &str, sid: Option<u64>, last_seen: Millis, node: &Arc<str>, now: Millis) -> (bool, Change) {
+        self.release_where(|s| &*s.device_id == device && &*s.node_id == owner && sid.is_none_or(|t| t == s.sid), last_seen, node, now)
+    }
+
+    /// Takes over what node `owner` held (it is gone: drained, or its lease lapsed) of the
+    /// sessions that started at or before `until` (a newer incarnation's stay its own).
+    /// Nobody is connected to them any more: each is held for the grace from the moment
+    /// it was last heard of (`last_alive`, the owner's last lease renewal, for a session
+    /// held by its lease; a session the owner handed over when it drained keeps the
+    /// deadline and `lingering` it was written with), and is held by `adopter` from now
+    /// on. One whose deadline has passed ends now, `last_seen` its last heard moment.
+    /// Returns the change and the adopted sessions, each with its real deadline in
+    /// `expires_at`, for the adopter's memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt_node(
+        &mut self,
+        owner: &str,
+        until: Millis,
+        last_alive: Millis,
+        grace_ms: i64,
+        adopter: &Arc<str>,
+        node: &Arc<str>,
+        now: Millis,
+    ) -> (Change, Vec<Session>) {
+        let mut adopted = Vec::new();
+        let change = self.transition(node, now, false, |s| {
+            let lapsed = s.drop_lapsed(now);
+            let mut last = s.last_seen;
+            let mut ended = false;
+            s.sessions.retain_mut(|x| {
+                if &*x.node_id != owner || x.connected_at > until {
+                    return true;
+                }
+                let (deadline, heard, lingering) = if x.expires_at == HELD {
+                    let heard = last_alive.max(x.last_heartbeat);
+                    (heard.saturating_add(grace_ms.max(0)), heard, true)
+                } else {
+                    (x.expires_at, x.last_heartbeat, x.lingering)
+                };
+                if deadline <= now {
+                    last = last.max(Some(heard.min(now)));
+                    ended = true;
+                    return false;
+                }
+                x.node_id = adopter.clone();
+                x.expires_at = HELD;
+                x.lingering = lingering;
+                x.last_heartbeat = heard;
+                adopted.push(Session { expires_at: deadline, ..x.clone() });
+                true
+            });
+            if ended {
+                s.last_seen = last;
+                s.after_removal();
+            }
+            lapsed
+        });
+        let persist = change.persist || change.event == Some(EventKind::UserOffline);
+        (Change { persist, ..change }, adopted)
     }
 
     fn release_where(&mut self, doomed: impl Fn(&Session) -> bool, last_seen: Millis, node: &Arc<str>, now: Millis) -> (bool, Change) {
@@ -429,28 +554,134 @@ impl UserState {
         (removed, Change { persist, ..change })
     }
 
-    /// Makes the sessions `owner` holds exactly `held` (after the owner was cut off: what
-    /// it kept in memory is the truth for its own connections). Others' sessions stay.
-    pub fn sync_node(&mut self, owner: &Arc<str>, held: &[Session], node: &Arc<str>, now: Millis) -> Change {
+    /// Makes the stored state agree with what `owner` holds, matching sessions by device
+    /// and registration tag (after the owner was cut off from the store or lost its
+    /// lease: what it keeps in memory is the truth for its own connections). `held`: the
+    /// owner's sessions, each with its real deadline in `expires_at`, and `lingering` when
+    /// its connection is gone.
+    /// - A session stored as the owner's that `held` lacks ended there meanwhile: it ends.
+    /// - A held session whose device is stored under another tag was registered again
+    ///   since (here or on another node): the newer registration stays.
+    /// - A held live session that is not stored (the janitor ended it while the owner was
+    ///   cut off) is restored, and so is one another node adopted meanwhile: its
+    ///   connection is here. A lingering one is not: nobody is connected to it.
+    /// - A held lingering session whose deadline passed ends, `last_seen` its last heard
+    ///   moment; the others are stored as held by the owner's lease.
+    ///
+    /// Others' sessions stay. Returns the change and the held devices the owner must
+    /// forget (registered again elsewhere, or not to be restored).
+    pub fn sync_node(&mut self, owner: &Arc<str>, held: &[Session], node: &Arc<str>, now: Millis) -> (Change, Vec<DeviceId>) {
+        let mut forget = Vec::new();
         let change = self.transition(node, now, false, |s| {
             let lapsed = s.drop_lapsed(now);
-            let dropped = s.retain_sessions(|x| x.node_id != *owner || held.iter().any(|h| h.device_id == x.device_id));
+            let tagged = |x: &Session, h: &Session| x.device_id == h.device_id && x.sid == h.sid;
             let mut last = s.last_seen;
-            if dropped > 0 {
-                last = last.max(Some(now));
-            }
-            for h in held {
-                match s.sessions.iter_mut().find(|x| x.device_id == h.device_id) {
-                    Some(x) if x.node_id == *owner => {}
-                    Some(x) => *x = h.clone(),
+            let mut ended = false;
+            s.sessions.retain_mut(|x| {
+                if x.node_id != *owner {
+                    return true;
+                }
+                match held.iter().find(|h| tagged(x, h)) {
+                    Some(h) if h.lingering && h.expires_at <= now => {
+                        last = last.max(Some(h.last_heartbeat.min(now)));
+                        ended = true;
+                        false
+                    }
+                    Some(h) => {
+                        x.expires_at = HELD;
+                        x.lingering = h.lingering;
+                        x.last_heartbeat = x.last_heartbeat.max(h.last_heartbeat);
+                        true
+                    }
                     None => {
-                        s.sessions.reserve_exact(1);
-                        s.sessions.push(h.clone())
+                        last = last.max(Some(now));
+                        ended = true;
+                        false
                     }
                 }
-                last = last.max(Some(h.last_heartbeat));
+            });
+            for h in held {
+                match s.sessions.iter_mut().find(|x| x.device_id == h.device_id) {
+                    Some(x) if x.node_id == *owner && x.sid == h.sid => {}
+                    Some(x) if x.sid == h.sid && !h.lingering => {
+                        // Adopted by another node while this one was cut off; the
+                        // connection is here.
+                        x.node_id = owner.clone();
+                        x.expires_at = HELD;
+                        x.lingering = false;
+                    }
+                    Some(_) => forget.push(h.device_id.clone()),
+                    None if h.lingering => forget.push(h.device_id.clone()),
+                    None => {
+                        s.sessions.reserve_exact(1);
+                        s.sessions.push(Session { expires_at: HELD, node_id: owner.clone(), ..h.clone() });
+                        last = last.max(Some(h.last_heartbeat));
+                    }
+                }
             }
             s.last_seen = last;
+            if ended {
+                s.after_removal();
+            }
+            lapsed
+        });
+        let persist = change.persist || change.event == Some(EventKind::UserOffline);
+        (Change { persist, ..change }, forget)
+    }
+
+    /// Writes the real deadlines of what `owner` holds into the stored state, so that
+    /// another node can adopt the sessions (see [`UserState::adopt_node`]): the owner is
+    /// draining. `held` as for [`UserState::sync_node`]; a stored session of the owner's
+    /// that it no longer holds, or whose deadline passed, ends. Nothing a reader sees
+    /// changes otherwise.
+    pub fn hand_over(&mut self, owner: &Arc<str>, held: &[Session], node: &Arc<str>, now: Millis) -> Change {
+        let change = self.transition(node, now, false, |s| {
+            let lapsed = s.drop_lapsed(now);
+            let mut last = s.last_seen;
+            let mut ended = false;
+            s.sessions.retain_mut(|x| {
+                if x.node_id != *owner {
+                    return true;
+                }
+                match held.iter().find(|h| h.device_id == x.device_id && h.sid == x.sid) {
+                    Some(h) if h.expires_at > now => {
+                        x.expires_at = h.expires_at;
+                        x.lingering = h.lingering;
+                        x.last_heartbeat = x.last_heartbeat.max(h.last_heartbeat);
+                        true
+                    }
+                    Some(h) => {
+                        last = last.max(Some(h.last_heartbeat.min(now)));
+                        ended = true;
+                        false
+                    }
+                    None => {
+                        last = last.max(Some(now));
+                        ended = true;
+                        false
+                    }
+                }
+            });
+            s.last_seen = last;
+            if ended {
+                s.after_removal();
+            }
+            lapsed
+        });
+        let persist = change.persist || change.event == Some(EventKind::UserOffline);
+        Change { persist, ..change }
+    }
+
+    /// Ends every session at once (an embedded node stopping: its sessions do not
+    /// outlive the process). `last_seen` is the last heard moment of a lingering session,
+    /// the stop itself for a connected one.
+    pub fn end_all(&mut self, node: &Arc<str>, now: Millis) -> Change {
+        let heard = self.sessions.iter().map(|x| if x.lingering { x.last_heartbeat.min(now) } else { now }).max();
+        let change = self.transition(node, now, false, |s| {
+            let lapsed = s.drop_lapsed(now);
+            if s.retain_sessions(|_| false) > 0 {
+                s.last_seen = s.last_seen.max(heard);
+            }
             lapsed
         });
         let persist = change.persist || change.event == Some(EventKind::UserOffline);
@@ -534,72 +765,171 @@ mod tests {
         // Far past the TTL the held sessions are still live; no timer is due.
         assert_eq!(s.view(&uid(), TTL * 1000).device_count, 2);
         assert_eq!(s.next_deadline(), None);
-        // Another node cannot release what it does not hold.
-        assert!(!s.release("phone", "node-b", 5, &node(), 10).0);
-        let (removed, c) = s.release("phone", "node-a", 5, &node(), 10);
+        // Another node cannot release what it does not hold, nor anyone another registration.
+        assert!(!s.release("phone", "node-b", None, 5, &node(), 10).0);
+        assert!(!s.release("phone", "node-a", Some(99), 5, &node(), 10).0);
+        let (removed, c) = s.release("phone", "node-a", Some(7), 5, &node(), 10);
         assert!(removed);
         assert_eq!(c.event, Some(EventKind::PresenceUpdated), "one device left: still online, one device fewer");
-        let (removed, c) = s.release("laptop", "node-a", 7, &node(), 20);
+        let (removed, c) = s.release("laptop", "node-a", None, 7, &node(), 20);
         assert!(removed);
         assert_eq!(c.event, Some(EventKind::UserOffline));
         assert_eq!(s.last_seen, Some(7), "last_seen is the last heartbeat");
-        assert_eq!(s.release("laptop", "node-a", 9, &node(), 30).1.event, None, "released twice: no second event");
+        assert_eq!(s.release("laptop", "node-a", None, 9, &node(), 30).1.event, None, "released twice: no second event");
     }
 
-    #[test]
-    fn release_node_keeps_newer_incarnations_and_other_nodes() {
-        let mut s = UserState::new(node());
-        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
-        reg(&mut s, "old", TTL, &a, 10);
-        reg(&mut s, "other", TTL, &b, 10);
-        reg(&mut s, "new", TTL, &a, 500);
-        for d in ["old", "other", "new"] {
-            let owner = if d == "other" { &b } else { &a };
-            s.hold(d, owner);
-        }
-        let c = s.release_node("a", 100, 90, &node(), 600);
-        assert_eq!(c.event, Some(EventKind::PresenceUpdated), "still online, one device fewer");
-        let left: Vec<&str> = s.sessions.iter().map(|x| &*x.device_id).collect();
-        assert_eq!(left, vec!["other", "new"]);
-        assert_eq!(s.last_seen, Some(500), "last_seen never moves back");
-        s.release_node("b", 100, 95, &node(), 600);
-        let c = s.release_node("a", 1000, 650, &node(), 700);
-        assert_eq!(c.event, Some(EventKind::UserOffline));
-        assert_eq!(s.last_seen, Some(650));
-    }
-
-    #[test]
-    fn sync_node_adds_what_the_owner_holds_and_drops_what_it_does_not() {
-        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
-        let held = |d: &str, at: Millis| Session {
+    fn session(d: &str, owner: &Arc<str>, heard: Millis, sid: u64) -> Session {
+        Session {
             device_id: dev(d),
             instance_id: Arc::from("gw"),
-            connected_at: at,
-            last_heartbeat: at,
+            connected_at: heard,
+            last_heartbeat: heard,
             expires_at: HELD,
             ttl_ms: TTL,
-            node_id: a.clone(),
+            node_id: owner.clone(),
             platform: None,
-            sid: 0,
-        };
+            sid,
+            lingering: false,
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_is_held_for_the_grace_and_a_registration_continues_it() {
         let mut s = UserState::new(node());
-        // Offline in the store (the janitor ended a's sessions); a still holds two.
-        let c = s.sync_node(&a, &[held("phone", 10), held("web", 20)], &node(), 100);
-        assert_eq!(c.event, Some(EventKind::UserOnline));
-        assert_eq!(s.view(&uid(), 1000).device_count, 2);
-        // Another node's session is left alone; a's dropped device goes.
-        reg(&mut s, "tablet", TTL, &b, 150);
-        let c = s.sync_node(&a, &[held("web", 20)], &node(), 200);
-        assert_eq!(c.event, Some(EventKind::PresenceUpdated), "the phone is gone");
-        let mut left: Vec<&str> = s.sessions.iter().map(|x| &*x.device_id).collect();
-        left.sort();
-        assert_eq!(left, vec!["tablet", "web"]);
+        reg(&mut s, "phone", TTL, &node(), 0);
+        let before = s.view(&uid(), 1_000);
+        // The socket closes at 1 s: held until 11 s, no event, still shown with its device.
+        let (found, c) = s.end("phone", Some(7), Ending::lost(1_000, 10_000, 1_000), &node(), 1_000);
+        assert!(found);
+        assert_eq!(c.event, None, "nobody is told of a lost socket");
+        let held = s.view(&uid(), 5_000);
+        assert_eq!((held.status, held.device_count, held.devices.clone()), (Status::Online, 1, before.devices.clone()));
+        assert_eq!(s.refresh("phone", 2_000), None, "a heartbeat does not revive it: it must register again");
+        assert_eq!(s.next_deadline(), Some(11_000));
+        // The same device registers again within the grace: the session continues, no event.
+        let (r, c) = reg(&mut s, "phone", TTL, &node(), 6_000);
+        assert!(!r.created);
+        assert_eq!(c.event, None);
+        assert!(!s.sessions[0].lingering);
+        assert_eq!(s.expire(&node(), 11_500).event, None, "the old deadline no longer applies");
+        // Lost again, never back: offline once at the deadline, last_seen when last heard.
+        s.end("phone", None, Ending::lost(20_000, 10_000, 20_000), &node(), 20_000);
+        assert_eq!(s.expire(&node(), 29_999).event, None);
+        assert_eq!(s.view(&uid(), 30_000).status, Status::Offline, "a read at the deadline already says offline");
+        let c = s.expire(&node(), 30_000);
+        assert_eq!(c.event, Some(EventKind::UserOffline));
+        assert_eq!(s.last_seen, Some(20_000), "last_seen is when the device was last heard, not the end of the grace");
+    }
+
+    #[test]
+    fn a_sign_out_a_zero_grace_and_a_silent_device_end_at_once() {
+        let mut s = UserState::new(node());
+        reg(&mut s, "phone", TTL, &node(), 0);
+        let (found, c) = s.end("phone", None, Ending::Now, &node(), 500);
+        assert!(found);
+        assert_eq!((c.event, s.last_seen), (Some(EventKind::UserOffline), Some(500)));
+        reg(&mut s, "phone", TTL, &node(), 1_000);
+        assert_eq!(s.end("phone", None, Ending::lost(2_000, 0, 2_000), &node(), 2_000).1.event, Some(EventKind::UserOffline));
+        // A device last heard 60 s ago (its session_ttl) is not held any longer.
+        reg(&mut s, "phone", TTL, &node(), 3_000);
+        assert_eq!(Ending::lost(3_000, 10_000, 63_000), Ending::Held { until: 63_000, last_heard: 3_000 });
+        let c = s.end("phone", None, Ending::lost(3_000, 10_000, 63_000), &node(), 63_000).1;
+        assert_eq!((c.event, s.last_seen), (Some(EventKind::UserOffline), Some(3_000)));
+        // Another registration's goodbye, held or not, leaves the device alone.
+        reg(&mut s, "phone", TTL, &node(), 70_000);
+        assert!(!s.end("phone", Some(1), Ending::lost(71_000, 10_000, 71_000), &node(), 71_000).0);
+        assert!(!s.sessions[0].lingering);
+    }
+
+    #[test]
+    fn adopting_a_gone_nodes_sessions_holds_them_from_when_they_were_last_heard() {
+        let (a, b, j): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"), Arc::from("j"));
+        let mut s = UserState::new(node());
+        s.sessions = vec![session("old", &a, 10, 1), session("other", &b, 10, 2), session("new", &a, 500, 3)];
+        s.last_seen = Some(500);
+        // Node a's lease was last renewed at 90; the grace is 1 s: held until 1,090.
+        let (c, adopted) = s.adopt_node("a", 100, 90, 1_000, &j, &node(), 600);
+        assert_eq!(c.event, None, "nothing a reader sees changes");
+        assert_eq!(adopted.len(), 1, "a newer incarnation's session stays its own");
+        assert_eq!((adopted[0].expires_at, adopted[0].last_heartbeat, adopted[0].lingering), (1_090, 90, true));
+        let old = s.sessions.iter().find(|x| &*x.device_id == "old").unwrap();
+        assert_eq!((&*old.node_id, old.expires_at, old.lingering), ("j", HELD, true));
+        // Past its grace already: ends at once, once, with last_seen the node's last renewal.
+        let mut t = UserState::new(node());
+        t.sessions = vec![session("phone", &a, 10, 1)];
+        let (c, adopted) = t.adopt_node("a", 100, 90, 1_000, &j, &node(), 5_000);
+        assert_eq!((c.event, adopted.len(), t.last_seen), (Some(EventKind::UserOffline), 0, Some(90)));
+        // A handed-over session keeps the deadline it was written with.
+        let mut u = UserState::new(node());
+        u.sessions = vec![Session { expires_at: 7_000, lingering: true, ..session("web", &a, 3_000, 4) }];
+        let (_, adopted) = u.adopt_node("a", 100_000, 4_000, 1_000, &j, &node(), 5_000);
+        assert_eq!((adopted[0].expires_at, adopted[0].last_heartbeat), (7_000, 3_000));
+        assert_eq!(u.sessions[0].expires_at, HELD);
+    }
+
+    #[test]
+    fn a_write_back_matches_registrations_by_tag() {
+        let (a, c_node): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("c"));
+        let mut s = UserState::new(node());
+        // Offline in the store (the janitor ended a's sessions while a was cut off); a
+        // still holds two live connections: both come back.
+        let (c, forget) = s.sync_node(&a, &[session("phone", &a, 10, 1), session("web", &a, 20, 2)], &node(), 100);
+        assert_eq!((c.event, forget.len()), (Some(EventKind::UserOnline), 0));
+        assert_eq!(s.view(&uid(), 1_000).device_count, 2);
+        // The phone registered again on node c during the cut: a's stale copy stays out,
+        // and a is told to forget it. Nothing a reader sees changes.
+        s.sessions.retain(|x| &*x.device_id != "phone");
+        s.sessions.push(session("phone", &c_node, 50, 9));
+        let (c, forget) = s.sync_node(&a, &[session("phone", &a, 10, 1), session("web", &a, 20, 2)], &node(), 200);
+        assert_eq!(c.event, None);
+        assert_eq!(forget, vec![dev("phone")]);
+        assert_eq!(&*s.sessions.iter().find(|x| &*x.device_id == "phone").unwrap().node_id, "c");
+        // A connection that closed during the cut and never came back is not restored;
+        // one still lingering whose grace is over ends, with its own last_seen.
+        let mut gone = UserState::new(node());
+        let lingering = Session { expires_at: 150, lingering: true, ..session("tab", &a, 120, 5) };
+        let (c, forget) = gone.sync_node(&a, std::slice::from_ref(&lingering), &node(), 300);
+        assert_eq!((c.event, forget.clone()), (None, vec![dev("tab")]), "no online for a client that left");
+        gone.sessions = vec![session("tab", &a, 100, 5)];
+        let (c, forget) = gone.sync_node(&a, &[lingering], &node(), 300);
+        assert_eq!((c.event, forget, gone.last_seen), (Some(EventKind::UserOffline), vec![dev("tab")], Some(120)));
+        // Adopted by another node while a was cut off, but the connection is on a: a takes it back.
+        let mut adopted = UserState::new(node());
+        adopted.sessions = vec![Session { lingering: true, ..session("phone", &c_node, 10, 1) }];
+        let (c, forget) = adopted.sync_node(&a, &[session("phone", &a, 10, 1)], &node(), 400);
+        assert_eq!((c.event, forget.len()), (None, 0));
+        assert_eq!((&*adopted.sessions[0].node_id, adopted.sessions[0].lingering), ("a", false));
         // Nothing changes when the store already agrees.
         let before = s.clone();
-        assert_eq!(s.sync_node(&a, &[held("web", 20)], &node(), 300).event, None);
+        let (c, _) = s.sync_node(&a, &[session("web", &a, 20, 2)], &node(), 300);
+        assert_eq!(c.event, None);
         assert_eq!(s.sessions, before.sessions);
-        s.release_node("b", 1000, 250, &node(), 400);
-        assert_eq!(s.sync_node(&a, &[], &node(), 500).event, Some(EventKind::UserOffline));
+        let (c, _) = s.sync_node(&a, &[], &node(), 500);
+        assert_eq!(c.event, Some(EventKind::PresenceUpdated), "web ended on a while it was cut off");
+    }
+
+    #[test]
+    fn a_drain_writes_the_deadlines_without_an_event() {
+        let a: Arc<str> = Arc::from("a");
+        let mut s = UserState::new(node());
+        s.sessions = vec![session("phone", &a, 10, 1), session("gone", &a, 10, 2)];
+        let handed = Session { expires_at: 10_500, lingering: true, ..session("phone", &a, 500, 1) };
+        let c = s.hand_over(&a, &[handed], &node(), 600);
+        assert_eq!(c.event, Some(EventKind::PresenceUpdated), "a device the node no longer holds ends");
+        assert_eq!((s.sessions.len(), s.sessions[0].expires_at, s.sessions[0].lingering), (1, 10_500, true));
+        assert_eq!(s.view(&uid(), 10_000).status, Status::Online);
+        assert_eq!(s.next_deadline(), Some(10_500));
+    }
+
+    #[test]
+    fn a_stopping_embedded_node_ends_everything_once() {
+        let mut s = UserState::new(node());
+        reg(&mut s, "phone", TTL, &node(), 0);
+        reg(&mut s, "web", TTL, &node(), 0);
+        s.end("web", None, Ending::lost(300, 10_000, 300), &node(), 300);
+        let c = s.end_all(&node(), 1_000);
+        assert_eq!((c.event, s.last_seen, s.sessions.len()), (Some(EventKind::UserOffline), Some(1_000), 0));
+        assert_eq!(s.end_all(&node(), 2_000).event, None);
     }
 
     #[test]

@@ -242,7 +242,7 @@ impl PresenceApi for Api {
             let m = req.get_ref();
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
-            let removed = self.svc.sessions.close(&user, &m.device_id, None).await?;
+            let removed = self.svc.sessions.close_gateway(&user, &m.device_id, m.immediate).await?;
             Ok(pb::UnregisterSessionResponse { removed })
         }
         .await
@@ -294,7 +294,7 @@ impl PresenceApi for Api {
             self.admin(&req, "UnregisterInstance")?;
             let m = req.get_ref();
             self.svc.check_id("instance id", &m.instance_id)?;
-            let sessions_ended = self.svc.sessions.instances.end(&m.instance_id).await?;
+            let sessions_ended = self.svc.sessions.end_instance(&m.instance_id, m.immediate).await?;
             Ok(pb::UnregisterInstanceResponse { sessions_ended })
         }
         .await
@@ -348,7 +348,8 @@ impl PresenceApi for Api {
             self.admin(&req, "UnregisterSessions")?;
             let m = req.get_ref();
             let raw = m.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), None));
-            let items: Vec<_> = self.svc.gateway_sessions(raw)?.into_iter().map(|s| (s.user, s.device)).collect();
+            let items: Vec<_> =
+                self.svc.gateway_sessions(raw)?.into_iter().zip(&m.sessions).map(|(s, e)| (s.user, s.device, e.immediate)).collect();
             let removed = self.svc.sessions.close_many(&items).await?;
             let removed_count = removed.iter().filter(|r| **r).count() as u32;
             Ok(pb::UnregisterSessionsResponse { removed, removed_count })

@@ -3,8 +3,8 @@
 //! instance leases ([`crate::service::instances`]).
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -123,6 +123,11 @@ pub(crate) struct UnregisterEntry {
     user_id: String,
     #[schema(schema_with = super::openapi::id)]
     device_id: String,
+    /// The user signed out on purpose: the session ends now. Absent or `false`: the
+    /// socket went away, and the session is held for `presence.offline_grace` (a
+    /// registration of the device within it continues it, with no event).
+    #[serde(default)]
+    immediate: bool,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -138,7 +143,7 @@ pub(crate) struct Unregistered {
     removed_count: usize,
 }
 
-/// `POST /api/v2/sessions/unregister` with `{"sessions": [{"user_id", "device_id"}]}`.
+/// `POST /api/v2/sessions/unregister` with `{"sessions": [{"user_id", "device_id", "immediate"?}]}`.
 #[utoipa::path(post, path = "/api/v2/sessions/unregister", operation_id = "unregisterSessions", tag = "gateway", summary = "End device sessions in bulk",
     request_body = UnregisterBody,
     responses((status = 200, description = "Which sessions were live", body = super::envelope::Ok<Unregistered>)),
@@ -148,7 +153,7 @@ pub async fn unregister(State(state): State<Http>, headers: HeaderMap, body: Res
     state.svc.require_admin(&who, "ending sessions")?;
     let b: UnregisterBody = parse_json(&body_bytes(body)?)?;
     let items = state.svc.gateway_sessions(b.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), None)))?;
-    let pairs: Vec<_> = items.into_iter().map(|s| (s.user, s.device)).collect();
+    let pairs: Vec<_> = items.into_iter().zip(&b.sessions).map(|(s, e)| (s.user, s.device, e.immediate)).collect();
     let removed = state.svc.sessions.close_many(&pairs).await?;
     let removed_count = removed.iter().filter(|r| **r).count();
     Ok(ok(Unregistered { removed, removed_count }))
@@ -216,15 +221,33 @@ pub async fn refresh(
     Ok(ok(Lease { instance_id: &id, expires_at: rfc3339(lease.expires_at), registered: lease.registered }))
 }
 
-/// `DELETE /api/v2/instances/{id}`: the lease ends now, with its sessions.
+/// `?immediate=` of `DELETE /api/v2/instances/{id}`.
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EndQuery {
+    /// End the sessions now; absent or `false`: each is held for `presence.offline_grace`
+    /// (clients reconnecting through another instance continue their sessions).
+    #[serde(default)]
+    immediate: bool,
+}
+
+/// `DELETE /api/v2/instances/{id}`: the lease ends now; its sessions are held for the
+/// offline grace (or end now with `?immediate=true`).
 #[utoipa::path(delete, path = "/api/v2/instances/{id}", operation_id = "endInstance", tag = "gateway", summary = "End an instance and its sessions",
-    params(InstancePath),
+    params(InstancePath, EndQuery),
     responses((status = 200, description = "How many sessions ended", body = super::envelope::Ok<Ended>)),
     security(("bearer" = [])))]
-pub async fn end(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
+pub async fn end(
+    State(state): State<Http>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<EndQuery>, QueryRejection>,
+) -> Res {
     let who = identity(&state, &headers)?;
     state.svc.require_admin(&who, "instance leases")?;
     let id = instance_from_path(&state, path)?;
-    let ended = state.svc.sessions.instances.end(&id).await?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let ended = state.svc.sessions.end_instance(&id, q.immediate).await?;
     Ok(ok(Ended { instance_id: &id, sessions_ended: ended }))
 }

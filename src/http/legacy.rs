@@ -12,6 +12,8 @@ use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map
 use super::{Http, Res};
 use crate::error::ApiError;
 use crate::json::rfc3339;
+use crate::core::Platform;
+use crate::service::sessions::Leave;
 use crate::service::StatusWrite;
 
 #[derive(Deserialize, ToSchema)]
@@ -96,7 +98,8 @@ pub(crate) struct Typing<'a> {
 
 /// `POST /presence/heartbeat`: keeps the caller's device session alive, opening it if
 /// needed (device from `X-Device-ID` or `device_id`; default `http`). A client that stops
-/// heartbeating goes offline after `presence.session_ttl`.
+/// heartbeating goes offline after `presence.session_ttl`; one that signs out says so with
+/// `POST /presence/bye`.
 #[utoipa::path(post, path = "/presence/heartbeat", operation_id = "legacyHeartbeat", tag = "legacy", summary = "Keep the caller's device session alive (seed 004)",
     request_body(content = Option<HeartbeatBody>, description = "Optional"),
     params(("X-Device-ID" = Option<String>, Header, description = "The device"),
@@ -106,9 +109,17 @@ pub(crate) struct Typing<'a> {
 pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
     let who = identity(&state, &headers)?;
     let user = state.svc.parse_user(&who.sub)?;
+    let (device, platform) = device_of(&state, &headers, body)?;
+    let svc = &state.svc;
+    let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
+    Ok(super::ok(Heartbeat { user_id: user.as_str(), device_id: &device, expires_at: rfc3339(expires_at) }))
+}
+
+/// The device (and platform) of a legacy request: the headers win, but a body that
+/// breaks the documented schema is refused either way.
+fn device_of(state: &Http, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<(String, Option<Platform>), ApiError> {
     let bytes = body_bytes(body)?;
     let b: HeartbeatBody = if bytes.is_empty() { HeartbeatBody::default() } else { parse_json(&bytes)? };
-    // The headers win, but a body that breaks the documented schema is refused either way.
     if let Some(d) = b.device_id.as_deref() {
         state.svc.check_id("device id", d)?;
     }
@@ -116,14 +127,34 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
     let device =
         headers.get("x-device-id").and_then(|v| v.to_str().ok()).map(str::to_string).or(b.device_id).unwrap_or_else(|| "http".into());
     state.svc.check_id("device id", &device)?;
-    let svc = &state.svc;
-    let platform_header = headers.get("x-device-platform").and_then(|v| v.to_str().ok());
-    let platform = match platform_header {
-        Some(h) => svc.parse_platform(Some(h))?,
+    let platform = match headers.get("x-device-platform").and_then(|v| v.to_str().ok()) {
+        Some(h) => state.svc.parse_platform(Some(h))?,
         None => body_platform,
     };
-    let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
-    Ok(super::ok(Heartbeat { user_id: user.as_str(), device_id: &device, expires_at: rfc3339(expires_at) }))
+    Ok((device, platform))
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Bye<'a> {
+    user_id: &'a str,
+    device_id: &'a str,
+    /// Whether the device had a session.
+    removed: bool,
+}
+
+/// `POST /presence/bye`: the caller signs out of the device (as `POST /presence/heartbeat`
+/// names it) on purpose: its session ends now, with no offline grace.
+#[utoipa::path(post, path = "/presence/bye", operation_id = "legacyBye", tag = "legacy", summary = "Sign the caller's device out now",
+    request_body(content = Option<HeartbeatBody>, description = "Optional"),
+    params(("X-Device-ID" = Option<String>, Header, description = "The device")),
+    responses((status = 200, description = "Whether the device had a session", body = super::envelope::Ok<Bye>)),
+    security(("bearer" = [])))]
+pub async fn bye(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
+    let who = identity(&state, &headers)?;
+    let user = state.svc.parse_user(&who.sub)?;
+    let (device, _) = device_of(&state, &headers, body)?;
+    let removed = state.svc.sessions.close(&user, &device, None, Leave::Bye).await?;
+    Ok(super::ok(Bye { user_id: user.as_str(), device_id: &device, removed }))
 }
 
 /// `POST /presence/typing` `{"conversation_id", "is_typing"}`

@@ -74,6 +74,7 @@ pub fn routes(state: Http) -> Router {
         .route("/presence", post(legacy::update))
         .route("/presence/bulk", post(legacy::bulk))
         .route("/presence/heartbeat", post(legacy::heartbeat))
+        .route("/presence/bye", post(legacy::bye))
         .route("/presence/typing", post(legacy::typing))
         .route("/presence/{user_id}", get(legacy::get))
         .route("/health", get(health::health))
@@ -102,7 +103,7 @@ pub fn layered(router: Router, state: Http) -> Router {
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
 /// that every route the router serves is here).
-pub const ROUTES: [&str; 27] = [
+pub const ROUTES: [&str; 28] = [
     "/",
     "/favicon.ico",
     "/ws",
@@ -121,6 +122,7 @@ pub const ROUTES: [&str; 27] = [
     "/presence",
     "/presence/bulk",
     "/presence/heartbeat",
+    "/presence/bye",
     "/presence/typing",
     "/presence/{user_id}",
     "/health",

@@ -43,6 +43,7 @@ use super::{gateway, health, legacy, presence, social, stats};
         legacy::update,
         legacy::bulk,
         legacy::heartbeat,
+        legacy::bye,
         legacy::typing,
         legacy::get,
         health::health,

@@ -30,7 +30,7 @@ use futures_util::stream::{self, StreamExt};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::core::{Millis, TimerWheel, UserId};
+use crate::core::{Ending, Millis, TimerWheel, UserId};
 use crate::error::ApiError;
 use crate::store::{Clock, Store};
 
@@ -185,8 +185,10 @@ impl Instances {
     }
 
     /// Ends the lease of `instance` now (a gateway shutting down cleanly): its bound
-    /// sessions held here end, and the shared lease is removed. Returns how many ended.
-    pub async fn end(&self, instance: &str) -> Result<u64, ApiError> {
+    /// sessions held here end as `ending` says (held for the offline grace: the
+    /// gateway's clients reconnect through another instance, which registers them again
+    /// and continues them), and the shared lease is removed. Returns how many ended.
+    pub async fn end(&self, instance: &str, ending: Ending) -> Result<u64, ApiError> {
         self.store.put_instance_lease(instance, None).await?;
         let existed = {
             let mut l = self.leases.lock();
@@ -197,7 +199,7 @@ impl Instances {
         if !existed {
             return Ok(0);
         }
-        Ok(self.end_sessions(instance).await)
+        Ok(self.end_sessions(instance, ending).await)
     }
 
     /// Ends every lease whose deadline passed at `now` (unless another node shared a
@@ -243,13 +245,15 @@ impl Instances {
             }
             metrics::counter!("presence_instance_leases_lapsed_total").increment(1);
             tracing::info!(instance = %instance, "gateway instance lease lapsed; ending its sessions");
-            ended += self.end_sessions(&instance).await as usize;
+            // The gateway is gone (its lease went unrefreshed for its TTL): its clients
+            // had that long to reconnect through another instance.
+            ended += self.end_sessions(&instance, Ending::Now).await as usize;
         }
         ended
     }
 
     /// Ends the bound sessions of `instance` held here (its lease is already gone).
-    async fn end_sessions(&self, instance: &str) -> u64 {
+    async fn end_sessions(&self, instance: &str, ending: Ending) -> u64 {
         let mut victims = match self.store.sessions_of_instance(instance, BOUND_TTL_MS).await {
             Ok(v) => v,
             Err(e) => {
@@ -273,7 +277,7 @@ impl Instances {
             .map(|(user, devices)| async move {
                 let mut n = 0u64;
                 for (device, sid) in devices {
-                    match store.unregister_session(&user, &device, Some(sid)).await {
+                    match store.end_session(&user, &device, Some(sid), ending).await {
                         Ok(true) => n += 1,
                         Ok(false) => {}
                         Err(e) => {

@@ -76,7 +76,13 @@ impl Service {
         let instances = Arc::new(instances::Instances::new(store.clone(), clock.clone(), config.store.tick.as_millis_i64()));
         instances.start();
         let sessions =
-            Sessions::new(store.clone(), instances, config.limits.max_devices_per_user, config.presence.session_ttl.as_millis_i64());
+            Sessions::new(
+                store.clone(),
+                instances,
+                config.limits.max_devices_per_user,
+                config.presence.session_ttl.as_millis_i64(),
+                config.presence.offline_grace.as_millis_i64(),
+            );
         let typists = Arc::new(Typists::new(
             node_id.clone(),
             store.clone(),

@@ -12,12 +12,24 @@ use std::sync::Arc;
 use futures_util::stream::{self, StreamExt};
 
 use super::instances::{Instances, LeaseInfo, BOUND_TTL_MS};
-use crate::core::{DeviceId, Millis, NewSession, Platform, Registered, Session, UserId};
+use crate::core::{DeviceId, Ending, Millis, NewSession, Platform, Registered, Session, UserId};
 use crate::error::ApiError;
 use crate::store::Store;
 
 /// Registrations of one batch in flight at once (cluster stores are round trips).
 const BATCH_CONCURRENCY: usize = 32;
+
+/// How a device left, as the transport saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leave {
+    /// A deliberate sign-out (WebSocket `bye`, an unregistration that says `immediate`):
+    /// the session ends at once.
+    Bye,
+    /// It went without saying so (a lost or closed socket, a gateway's plain
+    /// unregistration, a drained node), last heard of at `last_heard`: held for
+    /// `presence.offline_grace` from then.
+    Lost { last_heard: Millis },
+}
 
 /// One session a gateway registers (validated by the transport).
 #[derive(Debug, Clone)]
@@ -34,11 +46,21 @@ pub struct Sessions {
     max_devices: usize,
     /// `presence.session_ttl`.
     ttl_ms: i64,
+    /// `presence.offline_grace`.
+    grace_ms: i64,
 }
 
 impl Sessions {
-    pub fn new(store: Arc<dyn Store>, instances: Arc<Instances>, max_devices: usize, ttl_ms: i64) -> Sessions {
-        Sessions { store, instances, max_devices, ttl_ms }
+    pub fn new(store: Arc<dyn Store>, instances: Arc<Instances>, max_devices: usize, ttl_ms: i64, grace_ms: i64) -> Sessions {
+        Sessions { store, instances, max_devices, ttl_ms, grace_ms }
+    }
+
+    /// How the store ends a session that left as `leave` says, now.
+    pub fn ending(&self, leave: Leave) -> Ending {
+        match leave {
+            Leave::Bye => Ending::Now,
+            Leave::Lost { last_heard } => Ending::lost(last_heard, self.grace_ms, self.instances.now()),
+        }
     }
 
     /// Opens (or replaces) the session of `device`, alive for `ttl_ms` (default
@@ -151,15 +173,31 @@ impl Sessions {
         }
     }
 
-    /// Ends the session of `device` (only the registration tagged `sid`, when given).
-    pub async fn close(&self, user: &UserId, device: &str, sid: Option<u64>) -> Result<bool, ApiError> {
-        Ok(self.store.unregister_session(user, device, sid).await?)
+    /// Ends the session of `device` (only the registration tagged `sid`, when given): at
+    /// once for a sign-out, else held for the offline grace.
+    pub async fn close(&self, user: &UserId, device: &str, sid: Option<u64>, leave: Leave) -> Result<bool, ApiError> {
+        Ok(self.store.end_session(user, device, sid, self.ending(leave)).await?)
     }
 
-    /// [`Sessions::close`] for many sessions (a gateway's batch); `true` for each removed.
-    pub async fn close_many(&self, items: &[(UserId, DeviceId)]) -> Result<Vec<bool>, ApiError> {
+    /// A gateway ending a session (gRPC `UnregisterSession`, REST `/api/v2/sessions/unregister`):
+    /// held for the grace unless `immediate` (seed 001's delivery service unregisters on
+    /// every socket disconnect, page reloads included).
+    pub async fn close_gateway(&self, user: &UserId, device: &str, immediate: bool) -> Result<bool, ApiError> {
+        let leave = if immediate { Leave::Bye } else { Leave::Lost { last_heard: self.instances.now() } };
+        self.close(user, device, None, leave).await
+    }
+
+    /// Ends a gateway instance's lease now (it shuts down cleanly) with the sessions
+    /// bound to it held here: held for the grace unless `immediate`.
+    pub async fn end_instance(&self, instance: &str, immediate: bool) -> Result<u64, ApiError> {
+        let leave = if immediate { Leave::Bye } else { Leave::Lost { last_heard: self.instances.now() } };
+        self.instances.end(instance, self.ending(leave)).await
+    }
+
+    /// [`Sessions::close_gateway`] for many sessions (a gateway's batch); `true` for each removed.
+    pub async fn close_many(&self, items: &[(UserId, DeviceId, bool)]) -> Result<Vec<bool>, ApiError> {
         let results: Vec<Result<bool, ApiError>> = stream::iter(items.to_vec())
-            .map(|(u, d)| async move { self.close(&u, &d, None).await })
+            .map(|(u, d, now)| async move { self.close_gateway(&u, &d, now).await })
             .buffered(BATCH_CONCURRENCY)
             .collect()
             .await;

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use super::persist::{Ack, Loaded, PersistError, Persister, Record};
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{Change, DeviceId, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
+use crate::core::{Change, DeviceId, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
 use crate::shards::Sharded;
 
 /// Settings of the embedded store.
@@ -207,6 +207,29 @@ impl MemoryStore {
             }
         }
         evaluated
+    }
+
+    /// Ends every session of every user now (see [`PresenceStore::drain`]); returns how
+    /// many users had any.
+    pub fn end_all(&self, now: Millis) -> usize {
+        let inner = &*self.inner;
+        let mut n = 0;
+        for shard in inner.shards.iter() {
+            let mut guard = shard.lock();
+            let shard = &mut *guard;
+            for (id, entry) in shard.users.iter_mut() {
+                if entry.state.sessions.is_empty() {
+                    continue;
+                }
+                n += 1;
+                let sessions = entry.state.sessions.len();
+                let before = entry.state.published(id);
+                let change = entry.state.end_all(&inner.node, now);
+                inner.after_change(id, entry, sessions, before, &change, now, Persist::IfChanged);
+                inner.arm(&mut shard.wheel, id, entry);
+            }
+        }
+        n
     }
 
     /// Runs `f` on the user's state under its shard lock at `now`, then accounts,
@@ -429,12 +452,10 @@ impl PresenceStore for MemoryStore {
         Ok(shard.users.get_mut(id).and_then(|e| e.state.refresh(device, now)))
     }
 
-    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
+    async fn end_session(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
         let node = self.inner.node.clone();
         let now = self.inner.clock.now();
-        Ok(self
-            .update(id, false, Persist::IfChanged, now, |s, now| s.unregister(device, sid, &node, now))
-            .is_some_and(|(removed, _)| removed))
+        Ok(self.update(id, false, Persist::IfChanged, now, |s, now| s.end(device, sid, ending, &node, now)).is_some_and(|(removed, _)| removed))
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
@@ -471,6 +492,13 @@ impl PresenceStore for MemoryStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         self.persist_health()
+    }
+
+    async fn drain(&self) {
+        let n = self.end_all(self.inner.clock.now());
+        if n > 0 {
+            tracing::info!(users = n, "stopping: ended every device session (the embedded store does not keep them across a restart)");
+        }
     }
 
     async fn shutdown(&self) {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{DeviceId, Millis, NewSession, Presence, Registered, Session, Status, UserId};
+use crate::core::{DeviceId, Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
 
 pub use clock::{spawn_periodic, Clock, ManualClock, SystemClock};
 
@@ -136,10 +136,17 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// Extends a live session; `Ok(None)` when there is none (register again).
     async fn refresh_session(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError>;
 
-    /// Removes a session; `Ok(false)` when there was none. With `sid`, only the
-    /// registration with that tag (a connection ending its own session must not end a
-    /// newer connection's registration of the same device).
-    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError>;
+    /// Ends a session as `ending` says: at once, or held for the offline grace (no
+    /// event; a registration of the device before the deadline continues it). `Ok(false)`
+    /// when there was none. With `sid`, only the registration with that tag (a connection
+    /// ending its own session must not end a newer connection's registration of the same
+    /// device).
+    async fn end_session(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError>;
+
+    /// [`PresenceStore::end_session`] at once (a deliberate sign-out).
+    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
+        self.end_session(id, device, sid, Ending::Now).await
+    }
 
     /// The user's live device sessions.
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError>;
@@ -177,6 +184,12 @@ pub trait PresenceStore: Send + Sync + 'static {
     fn degraded(&self) -> Option<String> {
         None
     }
+
+    /// The node is stopping for good after its connections were closed (SIGTERM): the
+    /// embedded store ends every session now (they do not outlive the process; sinks get
+    /// each user's offline); a cluster node hands its sessions over to the other nodes,
+    /// which hold them for the offline grace. Then [`PresenceStore::shutdown`].
+    async fn drain(&self) {}
 
     /// Flushes what must be durable and stops background work. Idempotent.
     async fn shutdown(&self);

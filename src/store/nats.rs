@@ -60,6 +60,8 @@ pub static NAMES: Names = Names {
     lease_lost: "nats_lease_lost_total",
     lease_renewed_at: "nats_lease_renewed_at_seconds",
     degraded_local_changes: "nats_degraded_local_changes_total",
+    repairs: "nats_sessions_repaired_total",
+    adopted: "nats_sessions_adopted_total",
     directory_rewatch: "nats_directory_rewatch_total",
     degraded_reason: DEGRADED,
 };

@@ -21,6 +21,7 @@ use crate::core::ratelimit::{Rate, TokenBucket};
 use crate::core::UserId;
 use crate::error::close;
 use crate::error::ApiError;
+use crate::service::sessions::Leave;
 use crate::service::{Service, StatusWrite};
 
 /// What the connection loop reads from and writes to: axum's `WebSocket`, or a test's.
@@ -36,22 +37,51 @@ pub async fn run<S: Socket>(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, con
     if let Err(e) = hub.snapshot(&conn, &initial).await {
         conn.push(protocol::error_of(&None, &e));
     }
-    let end = session(&svc, &hub, &conn, &who, &mut socket).await;
-    hub.disconnect(&conn).await;
+    let (end, leave) = session(&svc, &hub, &conn, &who, &mut socket).await;
+    hub.disconnect(&conn, leave).await;
     if let Some((code, reason)) = end {
         let close = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })));
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
     }
 }
 
-/// The connection loop; returns the close frame to send, if any.
+/// The connection loop; returns the close frame to send, if any, and how the device left
+/// (a `bye`, or gone: last heard at the close, or at its last frame when it went silent).
 async fn session(
     svc: &Arc<Service>,
     hub: &Arc<Hub>,
     conn: &Arc<Conn>,
     who: &Identity,
     socket: &mut impl Socket,
-) -> Option<(u16, &'static str)> {
+) -> (Option<(u16, &'static str)>, Leave) {
+    match run_loop(svc, hub, conn, who, socket).await {
+        Exit::Closed(c) => (c, Leave::Lost { last_heard: svc.clock.now() }),
+        Exit::Silent { close, quiet_for } => (Some(close), Leave::Lost { last_heard: svc.clock.now() - quiet_for.as_millis() as i64 }),
+        Exit::Bye => (Some((close::NORMAL, "bye")), Leave::Bye),
+    }
+}
+
+/// How the connection loop ended.
+enum Exit {
+    /// The socket closed or failed, or the server closes it (the frame to send, if any).
+    Closed(Option<(u16, &'static str)>),
+    /// No inbound traffic for `session_ttl`: the device was last heard `quiet_for` ago.
+    Silent { close: (u16, &'static str), quiet_for: std::time::Duration },
+    /// The client said `bye` (its session has ended; the ack is written).
+    Bye,
+}
+
+/// What answering one text frame did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    Other,
+    /// A heartbeat that refreshed the session.
+    Beat,
+    /// A `bye`: the session ended; the connection closes.
+    Bye,
+}
+
+async fn run_loop(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, socket: &mut impl Socket) -> Exit {
     let heartbeat = svc.presence.heartbeat_interval.0;
     let ttl = svc.presence.session_ttl.0;
     let quiet = ping_after(heartbeat, ttl);
@@ -72,44 +102,17 @@ async fn session(
             biased;
             _ = conn.woken() => {
                 if let Some(c) = conn.drain(&mut batch) {
-                    return Some(c);
+                    return Exit::Closed(Some(c));
                 }
-                let n = batch.len() as u64;
-                // A client that stops reading must not pin this task (and its memory) forever.
-                // Boxed (like the handlers below): an idle connection's task then holds only
-                // the small loop state, not room for the largest future it might await.
-                let written = {
-                    let mut write = Box::pin(async {
-                        for m in batch.drain(..) {
-                            socket.feed(Message::Text(m)).await?;
-                        }
-                        socket.flush().await
-                    });
-                    // Most writes finish at once (the socket has room): only one that
-                    // waits gets a timer.
-                    match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-                        Poll::Ready(r) => Ok(r),
-                        Poll::Pending => tokio::time::timeout(ttl, write).await,
-                    }
-                };
-                match written {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return None,
-                    Err(_) => {
-                        metrics::counter!("ws_dropped_total", "reason" => "write_timeout").increment(1);
-                        return Some((close::TRY_AGAIN_LATER, "client stopped reading"));
-                    }
-                }
-                metrics::counter!("ws_messages_out_total").increment(n);
-                if batch.capacity() > 8 {
-                    batch.shrink_to(8);
+                if let Some(exit) = write_batch(socket, &mut batch, ttl).await {
+                    return exit;
                 }
             }
             msg = socket.next() => {
                 let msg = match msg {
-                    None => return None,
+                    None => return Exit::Closed(None),
                     Some(Ok(m)) => m,
-                    Some(Err(e)) => return read_error(e),
+                    Some(Err(e)) => return Exit::Closed(read_error(e)),
                 };
                 last_in = Instant::now();
                 match msg {
@@ -119,15 +122,23 @@ async fn session(
                             metrics::counter!("presence_rate_limited_total", "scope" => "ws_message").increment(1);
                             let e = ApiError::RateLimited { retry_after_ms: wait };
                             conn.push(protocol::error_of(&protocol::parse(&text).id, &e));
-                        } else if Box::pin(handle(svc, hub, conn, who, &text)).await {
-                            refreshed = last_in;
+                        } else {
+                            match Box::pin(handle(svc, hub, conn, who, &text)).await {
+                                Handled::Beat => refreshed = last_in,
+                                Handled::Bye => {
+                                    // The ack goes out before the close frame.
+                                    let _ = conn.drain(&mut batch);
+                                    return write_batch(socket, &mut batch, ttl).await.unwrap_or(Exit::Bye);
+                                }
+                                Handled::Other => {}
+                            }
                         }
                     }
                     Message::Binary(_) => {
                         conn.push(protocol::error(&None, "bad_request", "binary frames are not supported: send JSON text frames"));
                     }
                     Message::Ping(_) | Message::Pong(_) => {}
-                    Message::Close(_) => return None,
+                    Message::Close(_) => return Exit::Closed(None),
                 }
                 // Any traffic keeps the session alive (a browser that only answers pings,
                 // a client that only sends updates): refreshed at most twice an interval.
@@ -148,10 +159,10 @@ async fn session(
                 let now = Instant::now();
                 if now.duration_since(last_in) >= ttl {
                     metrics::counter!("ws_stale_closed_total").increment(1);
-                    return Some((close::STALE, "no traffic within session_ttl"));
+                    return Exit::Silent { close: (close::STALE, "no traffic within session_ttl"), quiet_for: now.duration_since(last_in) };
                 }
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    return None;
+                    return Exit::Closed(None);
                 }
                 // The next ping an interval later, or exactly when the connection turns stale.
                 let next = (now + heartbeat).min(last_in + ttl);
@@ -159,6 +170,41 @@ async fn session(
             }
         }
     }
+}
+
+/// Writes what the hub queued; `Some` when the connection must end (the socket failed, or
+/// the client stopped reading for `ttl`).
+async fn write_batch(socket: &mut impl Socket, batch: &mut Vec<Utf8Bytes>, ttl: std::time::Duration) -> Option<Exit> {
+    let n = batch.len() as u64;
+    // A client that stops reading must not pin this task (and its memory) forever.
+    // Boxed (like the handlers): an idle connection's task then holds only the small loop
+    // state, not room for the largest future it might await.
+    let written = {
+        let mut write = Box::pin(async {
+            for m in batch.drain(..) {
+                socket.feed(Message::Text(m)).await?;
+            }
+            socket.flush().await
+        });
+        // Most writes finish at once (the socket has room): only one that waits gets a timer.
+        match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => tokio::time::timeout(ttl, write).await,
+        }
+    };
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Some(Exit::Closed(None)),
+        Err(_) => {
+            metrics::counter!("ws_dropped_total", "reason" => "write_timeout").increment(1);
+            return Some(Exit::Closed(Some((close::TRY_AGAIN_LATER, "client stopped reading"))));
+        }
+    }
+    metrics::counter!("ws_messages_out_total").increment(n);
+    if batch.capacity() > 8 {
+        batch.shrink_to(8);
+    }
+    None
 }
 
 /// How long a connection may be quiet before it is pinged: a little over the heartbeat
@@ -185,17 +231,21 @@ fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
     Some(close)
 }
 
-/// Answers one text frame; `true` when it was a heartbeat that refreshed the session.
-async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, text: &str) -> bool {
+/// Answers one text frame.
+async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, text: &str) -> Handled {
     let inc = protocol::parse(text);
     let msg = match inc.msg {
         Ok(m) => m,
         Err(e) => {
             conn.push(protocol::error(&inc.id, e.code, &e.message));
-            return false;
+            return Handled::Other;
         }
     };
-    let beat = matches!(msg, ClientMsg::Heartbeat);
+    let handled = match msg {
+        ClientMsg::Heartbeat => Handled::Beat,
+        ClientMsg::Bye => Handled::Bye,
+        _ => Handled::Other,
+    };
     match apply(svc, hub, conn, who, msg).await {
         Ok(snapshot) => {
             conn.push(protocol::ack(&inc.id, &inc.kind));
@@ -204,11 +254,11 @@ async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Iden
                     conn.push(protocol::error_of(&inc.id, &e));
                 }
             }
-            beat
+            handled
         }
         Err(e) => {
             conn.push(protocol::error_of(&inc.id, &e));
-            false
+            Handled::Other
         }
     }
 }
@@ -243,6 +293,10 @@ async fn apply(
         ClientMsg::Unsubscribe { user_ids } => {
             let ids = svc.parse_ids(user_ids.iter().map(String::as_str))?;
             hub.unsubscribe(conn, &ids);
+            Ok(None)
+        }
+        ClientMsg::Bye => {
+            hub.disconnect(conn, Leave::Bye).await;
             Ok(None)
         }
     }
@@ -383,11 +437,42 @@ mod tests {
         let mut seen = [c.json().await, c.json().await];
         seen.sort_by_key(|m| m["type"].to_string());
         assert_eq!((seen[0]["type"].as_str(), seen[1]["payload"]["status"].as_str()), (Some("ack"), Some("busy")));
-        // The client goes away: the session ends.
+        // The client goes away without a word: the session is held for the offline
+        // grace (10 s), then ends.
         drop(c.to_server);
         c.task.await.unwrap();
-        let p = c.svc.get_many(&[UserId::parse("alice", 64).unwrap()]).await.unwrap().remove(0);
+        let alice = UserId::parse("alice", 64).unwrap();
+        let p = c.svc.get_many(std::slice::from_ref(&alice)).await.unwrap().remove(0);
+        assert_eq!((p.status, p.device_count), (crate::core::Status::Busy, 1), "held for the grace");
+        c.clock.advance(10_000);
+        let mut p = c.svc.get_many(std::slice::from_ref(&alice)).await.unwrap().remove(0);
+        for _ in 0..100 {
+            if p.last_seen == Some(c.clock.now() - 10_000) && p.status == crate::core::Status::Offline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            p = c.svc.get_many(std::slice::from_ref(&alice)).await.unwrap().remove(0);
+        }
         assert_eq!((p.status, p.device_count), (crate::core::Status::Offline, 0));
+        assert_eq!(p.last_seen, Some(c.clock.now() - 10_000), "last seen when the socket went, not at the end of the grace");
+    }
+
+    /// `bye`: acked, then closed with 1000; the session ends at once (no grace).
+    #[tokio::test]
+    async fn bye_ends_the_session_at_once_and_closes_normally() {
+        let mut c = connect("bo", &[]).await;
+        assert_eq!(c.json().await["type"], "connected");
+        c.json().await;
+        c.send(serde_json::json!({"type": "bye", "id": 9}));
+        let ack = c.json().await;
+        assert_eq!((ack["type"].as_str(), ack["id"].as_i64()), (Some("ack"), Some(9)));
+        match c.next().await {
+            Message::Close(Some(f)) => assert_eq!(f.code, close::NORMAL),
+            other => panic!("expected close 1000, got {other:?}"),
+        }
+        c.task.await.unwrap();
+        let p = c.svc.get_many(&[UserId::parse("bo", 64).unwrap()]).await.unwrap().remove(0);
+        assert_eq!((p.status, p.device_count, p.last_seen), (crate::core::Status::Offline, 0, Some(c.clock.now())));
     }
 
     /// Staleness on a paused clock: no inbound traffic for `session_ttl` closes with 4002.

@@ -33,6 +33,7 @@ use super::protocol;
 use crate::bus::{DirectoryChanged, Typing};
 use crate::core::{project, visible_change, DeviceId, Event, Platform, Presence, Privacy, Relation, UserId};
 use crate::error::{close, ApiError};
+use crate::service::sessions::Leave;
 use crate::service::Service;
 use crate::shards::{FastMap, Sharded};
 
@@ -478,12 +479,13 @@ impl Hub {
         metrics::gauge!("ws_subscriptions").set(self.subscription_total() as f64);
     }
 
-    /// Unregisters the connection; its device session ends unless a newer connection took
-    /// it (here, or by registering the device again anywhere since: the session's tag).
-    pub async fn disconnect(&self, conn: &Arc<Conn>) {
+    /// Unregisters the connection; its device session ends as `leave` says (at once after
+    /// a `bye`, else held for the offline grace) unless a newer connection took it (here,
+    /// or by registering the device again anywhere since: the session's tag).
+    pub async fn disconnect(&self, conn: &Arc<Conn>, leave: Leave) {
         if self.detach(conn) {
             let sid = conn.sid.load(Ordering::Acquire);
-            if let Err(e) = self.svc.sessions.close(&conn.user, &conn.device, Some(sid)).await {
+            if let Err(e) = self.svc.sessions.close(&conn.user, &conn.device, Some(sid), leave).await {
                 tracing::warn!(user = %conn.user, error = %e, "could not end the device session; it will expire");
             }
         }
@@ -742,12 +744,19 @@ impl Hub {
         }
     }
 
-    /// Asks every connection to close (server shutdown).
+    /// The service's clock.
+    pub fn now(&self) -> crate::core::Millis {
+        self.svc.clock.now()
+    }
+
+    /// Asks every connection to close with 1012 (the node drains: SIGTERM). Each device's
+    /// session is held for the offline grace, so a client that reconnects to another node
+    /// at once continues it and nobody sees it flap.
     pub fn close_all(&self) {
         for shard in self.owners.iter() {
             for conns in shard.lock().values() {
                 for c in conns {
-                    c.close(close::GOING_AWAY, "server shutting down");
+                    c.close(close::SERVICE_RESTART, "node draining: reconnect now, to any node; the session continues");
                 }
             }
         }

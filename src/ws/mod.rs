@@ -104,7 +104,9 @@ pub async fn upgrade(
         .on_failed_upgrade(move |e| {
             tracing::debug!(error = %e, "WebSocket upgrade failed; ending the session it opened");
             let (hub, conn) = failed;
-            tokio::spawn(async move { hub.disconnect(&conn).await });
+            // As a lost socket: held for the grace (a reload whose upgrade broke off).
+            let leave = crate::service::sessions::Leave::Lost { last_heard: hub.now() };
+            tokio::spawn(async move { hub.disconnect(&conn, leave).await });
         })
         .on_upgrade(move |socket| conn::run(svc, hub, who, conn, socket)))
 }

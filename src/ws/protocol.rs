@@ -28,6 +28,9 @@ pub enum ClientMsg {
     Unsubscribe {
         user_ids: Vec<String>,
     },
+    /// A deliberate sign-out: the session ends now (no offline grace), the server acks
+    /// and closes with 1000.
+    Bye,
 }
 
 /// Why a frame could not be understood; sent back as an `error` message.
@@ -112,6 +115,7 @@ pub fn parse(text: &str) -> Incoming {
             ttl: p.ttl,
         }),
         "heartbeat" => Ok(ClientMsg::Heartbeat),
+        "bye" => Ok(ClientMsg::Bye),
         "typing" => payload::<TypingPayload>(&kind, frame.payload).and_then(|p| match (p.conversation_id, p.is_typing) {
             (Some(c), Some(t)) => Ok(ClientMsg::Typing { conversation_id: c, is_typing: t }),
             _ => Err(bad("typing needs conversation_id and is_typing")),
@@ -122,7 +126,7 @@ pub fn parse(text: &str) -> Incoming {
         }),
         other => Err(ProtoError {
             code: "unknown_type",
-            message: format!("unknown message type {other:?} (expected presence_update, heartbeat, typing, subscribe or unsubscribe)"),
+            message: format!("unknown message type {other:?} (expected presence_update, heartbeat, typing, subscribe, unsubscribe or bye)"),
         }),
     };
     Incoming { id, kind, msg }
@@ -201,6 +205,7 @@ mod tests {
         );
         assert_eq!(parse(r#"{"type": "heartbeat", "payload": {}}"#).msg, Ok(ClientMsg::Heartbeat));
         assert_eq!(parse(r#"{"type": "heartbeat"}"#).msg, Ok(ClientMsg::Heartbeat));
+        assert_eq!(parse(r#"{"type": "bye", "id": 3}"#).msg, Ok(ClientMsg::Bye));
         let t = parse(r#"{"type": "typing", "payload": {"conversation_id": "conv-uuid", "is_typing": true}, "id": 7}"#);
         assert_eq!(t.msg, Ok(ClientMsg::Typing { conversation_id: "conv-uuid".into(), is_typing: true }));
         assert_eq!(t.id, Some(json!(7)));

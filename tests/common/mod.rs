@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use presenced::bus::EventBus;
 use presenced::config::Config;
-use presenced::core::{Millis, NewSession, Presence, Registered, Session, UserId};
+use presenced::core::{Ending, Millis, NewSession, Presence, Registered, Session, UserId};
 use presenced::server::App;
 use presenced::service::Service;
 use presenced::store::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
@@ -256,7 +256,7 @@ impl PresenceStore for DownStore {
         down()
     }
 
-    async fn unregister_session(&self, _: &UserId, _: &str, _: Option<u64>) -> Result<bool, StoreError> {
+    async fn end_session(&self, _: &UserId, _: &str, _: Option<u64>, _: Ending) -> Result<bool, StoreError> {
         down()
     }
 

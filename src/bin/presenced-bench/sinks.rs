@@ -98,7 +98,7 @@ pub async fn run(args: SinksArgs) -> Res<()> {
     }
     let produced = t.elapsed();
     client
-        .unregister_instance(authed(pb::UnregisterInstanceRequest { instance_id: "gw".into() }, &bearer))
+        .unregister_instance(authed(pb::UnregisterInstanceRequest { instance_id: "gw".into(), immediate: true }, &bearer))
         .await
         .map_err(|e| e.to_string())?;
     let all_produced = t.elapsed();

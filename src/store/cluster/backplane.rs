@@ -114,6 +114,10 @@ pub struct Names {
     pub lease_lost: &'static str,
     pub lease_renewed_at: &'static str,
     pub degraded_local_changes: &'static str,
+    /// Users whose stored record lacked a session held here, written again.
+    pub repairs: &'static str,
+    /// Sessions of a drained or dead node adopted here.
+    pub adopted: &'static str,
     pub directory_rewatch: &'static str,
     /// What a refused write tells the client while degraded.
     pub degraded_reason: &'static str,

@@ -1,13 +1,17 @@
-//! Degraded mode: while the store is unreachable, session changes of this node's own
-//! connections are applied to the cached state and published locally, and the users
-//! concerned are marked; when the store is back (or this node's lease was claimed while
-//! it was cut off, or lost with the store's data), their sessions are written back from
-//! this node's memory.
+//! Degraded mode and the write-back: while the store is unreachable, session changes of
+//! this node's own connections are applied to the cached state and published on this
+//! node's bus only (no other node can order them: they are not in the store), and the
+//! users concerned are marked; when the store is back (or this node's lease was claimed
+//! while it was cut off, or lost with the store's data), their sessions are reconciled
+//! with the store by registration tag (see [`UserState::sync_node`]): this node's memory
+//! is the truth for its own connections, and nothing else. The same reconciliation
+//! repairs a user whose stored record lost a session a connection here holds
+//! (anti-entropy: an event that shows the device gone).
 
 use bytes::Bytes;
 
 use super::{lease, wrote, ClusterStore, Space};
-use crate::core::{Change, Millis, Presence, Session, UserId, UserState, HELD};
+use crate::core::{Change, Event, Millis, Presence, Session, UserId, UserState};
 use crate::store::StoreError;
 
 impl ClusterStore {
@@ -37,8 +41,22 @@ impl ClusterStore {
         metrics::counter!(self.inner.bp.names().degraded_local_changes).increment(1);
         // Revision 0: not in the store yet (the write-back gives it one).
         let presence = st.view(id, now);
-        self.emit(&change, &presence, before, now).await;
+        if let Some(kind) = change.event {
+            // This node's watchers only: published to the others, it would reach them when
+            // the link heals (a client buffers what it could not send), a transition the
+            // store never made. The write-back publishes the one it makes, if any.
+            self.inner.degraded.shown.lock().insert(id.clone(), presence.clone());
+            self.inner.bus.publish(Event { kind, presence: presence.clone(), before, at: now });
+        }
         Ok(Some((r, presence)))
+    }
+
+    /// Whether the presence an event of the write-back carries is what this node's
+    /// watchers were already shown while it was degraded (then only the other nodes need
+    /// it). Forgets what was shown of the user either way.
+    pub(super) fn shown_while_degraded(&self, p: &Presence) -> bool {
+        let mut shown = self.inner.degraded.shown.lock();
+        !shown.is_empty() && shown.remove(&p.user_id).is_some_and(|s| s.same_state(p))
     }
 
     /// Writes back the sessions of users changed while degraded (this node's memory is
@@ -49,34 +67,21 @@ impl ClusterStore {
             return;
         }
         let n = self.sync_users(&users).await;
+        self.inner.degraded.shown.lock().clear();
         self.announce_sync(n).await;
     }
 
-    /// Makes the store hold exactly this node's sessions of `users`; returns how many users
-    /// were written. Failures go back to the dirty set for the next attempt.
+    /// Reconciles the store with this node's sessions of `users`, by registration tag
+    /// ([`UserState::sync_node`]): a session moved to another node or ended is not
+    /// brought back, one whose connection is here is. Returns how many users were
+    /// written; failures go back to the dirty set for the next attempt.
     pub(super) async fn sync_users(&self, users: &[UserId]) -> usize {
         let node = self.inner.node.clone();
         let mut written = 0;
         for user in users {
-            let held: Vec<Session> = self
-                .inner
-                .owned
-                .lock()
-                .all_of(user)
-                .into_iter()
-                .map(|(d, o)| Session {
-                    device_id: d,
-                    instance_id: o.instance,
-                    connected_at: o.connected_at,
-                    last_heartbeat: o.last_heartbeat,
-                    expires_at: HELD,
-                    ttl_ms: o.ttl_ms,
-                    node_id: node.clone(),
-                    platform: o.platform,
-                    sid: o.sid,
-                })
-                .collect();
-            if !held.is_empty() {
+            let held: Vec<Session> = self.inner.owned.lock().all_of(user).into_iter().map(|(d, o)| o.session(&d, &node)).collect();
+            let live = held.iter().any(|h| !h.lingering);
+            if live {
                 match self.guarded(self.inner.bp.put(Space::Owners(&node), user.as_str(), Bytes::new())).await {
                     Ok(_) => wrote(&self.inner, "index"),
                     Err(_) => {
@@ -85,8 +90,31 @@ impl ClusterStore {
                     }
                 }
             }
-            match self.apply(user, !held.is_empty(), |s, now| ((), s.sync_node(&node, &held, &node, now))).await {
-                Ok(_) => written += 1,
+            let r = self
+                .apply(user, live, |s, now| {
+                    let (change, forget) = s.sync_node(&node, &held, &node, now);
+                    (forget, change)
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    written += 1;
+                    // No record at all: nothing held here is to be restored.
+                    let forget = match r {
+                        Some((forget, _)) => forget,
+                        None => held.iter().map(|h| h.device_id.clone()).collect(),
+                    };
+                    {
+                        let mut owned = self.inner.owned.lock();
+                        for d in &forget {
+                            let sid = held.iter().find(|h| h.device_id == *d).map(|h| h.sid);
+                            owned.remove_tagged(user, d, sid);
+                        }
+                    }
+                    if !forget.is_empty() {
+                        self.index_end(user).await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(user = %user, error = %e, "could not write back a user's sessions; will retry");
                     self.inner.degraded.dirty.lock().insert(user.clone());
@@ -94,6 +122,23 @@ impl ClusterStore {
             }
         }
         written
+    }
+
+    /// Anti-entropy: an event showed `user` without a device whose connection is live
+    /// here (the store lost the session: a stale write-back of another node, a janitor
+    /// that ended it while this node was slow). Rewrites it, once at a time per user.
+    pub(super) fn repair(&self, user: &UserId) {
+        if !self.inner.degraded.repairing.lock().insert(user.clone()) {
+            return;
+        }
+        metrics::counter!(self.inner.bp.names().repairs).increment(1);
+        tracing::info!(user = %user, "a session held here was missing from the store; writing it again");
+        let store = self.clone();
+        let user = user.clone();
+        tokio::spawn(async move {
+            store.sync_users(std::slice::from_ref(&user)).await;
+            store.inner.degraded.repairing.lock().remove(&user);
+        });
     }
 
     pub(super) async fn announce_sync(&self, users: usize) {

@@ -13,12 +13,21 @@
 //! user, so one `UserOffline` per user), then removes the index entries and the lease.
 //! A claim not finished within two TTLs (the janitor died too) is claimed again.
 //!
-//! A node that was only cut off finds its lease claimed at the next renewal: it writes
-//! its sessions again (users come back online), takes a new lease and announces it
-//! ([`Backplane::announce_sync`](super::Backplane::announce_sync)). A lease that is simply
-//! gone (a Redis restarted without its data) is handled the same way: every node writes
-//! its own sessions back. A restarted node ends its previous incarnation's sessions
-//! before taking its lease.
+//! The janitor does not end a dead node's sessions outright: it *adopts* them, held for
+//! the offline grace from the moment each was last heard of (for a session held by the
+//! lease, the node's last renewal), so a client that reconnected elsewhere meanwhile
+//! continues, and one that does not ends at its deadline, on the adopter, with one
+//! `UserOffline`. A draining node (SIGTERM) hands its sessions over: it writes their
+//! deadlines into the store, marks its lease `handed_over` (claimable at once, no
+//! liveness question asked) and asks one live node to adopt them now.
+//!
+//! A node that was only cut off finds its lease claimed at the next renewal: it takes a
+//! new lease, reconciles its sessions with the store by registration tag (a session whose
+//! connection is still here comes back; one that moved or ended does not) and announces
+//! it ([`Backplane::announce_sync`](super::Backplane::announce_sync)). A lease that is
+//! simply gone (a Redis restarted without its data) is handled the same way: every node
+//! writes its own sessions back. A restarted node adopts its previous incarnation's
+//! sessions before taking its lease.
 //!
 //! Times are wall-clock milliseconds of the nodes: their clocks must agree to well
 //! within the lease TTL (NTP).
@@ -27,8 +36,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::owned::Owned;
 use super::{unavailable, wrote, ClusterStore, Refused, Space};
-use crate::core::{DeviceId, Millis, UserId};
+use crate::core::{Millis, Session, UserId};
 use crate::store::StoreError;
 
 /// A node's lease, as stored.
@@ -49,6 +59,10 @@ pub struct Lease {
     pub sessions: u64,
     #[serde(default)]
     pub users: u64,
+    /// The node drained (SIGTERM) and wrote its sessions' deadlines into the store: any
+    /// janitor may claim the lease at once and adopt them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_over: bool,
 }
 
 impl Lease {
@@ -56,7 +70,7 @@ impl Lease {
     /// janitor that has not finished within two TTLs.
     pub fn claimable(&self, now: Millis) -> bool {
         match self.ended_at {
-            None => self.renewed_at.saturating_add(self.ttl_ms) < now,
+            None => self.handed_over || self.renewed_at.saturating_add(self.ttl_ms) < now,
             Some(t) => t.saturating_add(2 * self.ttl_ms) < now,
         }
     }
@@ -125,6 +139,7 @@ impl ClusterStore {
             ttl_ms: self.inner.opts.lease_ttl_ms,
             ended_by: None,
             ended_at: None,
+            handed_over: false,
         };
         serde_json::to_vec(&l).map(Bytes::from).map_err(unavailable)
     }
@@ -149,9 +164,9 @@ impl ClusterStore {
                         "this node's lease is still live: a previous process just stopped, or another process runs with the same service.node_id"
                     );
                 }
-                let (n, failed) = self.end_sessions_of(&self.inner.node.clone(), self.inner.started_at, prev.renewed_at).await;
+                let (n, failed) = self.adopt_sessions_of(&self.inner.node.clone(), self.inner.started_at, prev.renewed_at).await;
                 if n > 0 {
-                    tracing::info!(users = n, "ended the sessions of this node's previous run");
+                    tracing::info!(users = n, "took over the sessions of this node's previous run (held for the offline grace)");
                 }
                 if failed > 0 {
                     return Err(unavailable(format!("could not end {failed} sessions of this node's previous run")));
@@ -296,45 +311,71 @@ impl ClusterStore {
             if !lease.claimable(now) {
                 continue;
             }
-            // A lease lapses when its node is gone, or when the store was too slow to take
-            // its renewals. Claiming a running node's lease ends all its sessions, and the
-            // node writes them all back at its next renewal: under overload that doubles
-            // the load that made the renewals late (52 nodes: 61 claims in 10 minutes). So
-            // a node that still answers keeps its lease, up to `SPARED_TTLS` TTLs lapsed.
-            // And a janitor whose own renewals are late cannot tell the two apart at all.
-            let troubled = recently_troubled(
-                now,
-                self.inner.lease.troubled_at.load(std::sync::atomic::Ordering::Relaxed),
-                self.inner.opts.lease_ttl_ms,
-            );
-            if !lease.long_lapsed(now) && (troubled || self.answers(&lease.node_id).await) {
-                metrics::counter!(self.inner.bp.names().janitor_spared).increment(1);
-                tracing::info!(node = %lease.node_id, last_renewal_ms_ago = now - lease.renewed_at, troubled, "a lapsed lease not claimed: its node answers, or this node's own renewals are late");
-                continue;
+            if !lease.handed_over && !lease.long_lapsed(now) {
+                // A lease lapses when its node is gone, or when the store was too slow to
+                // take its renewals. Claiming a running node's lease takes all its
+                // sessions, and the node writes them all back at its next renewal: under
+                // overload that doubles the load that made the renewals late (52 nodes: 61
+                // claims in 10 minutes). So a node that still answers keeps its lease, up
+                // to `SPARED_TTLS` TTLs lapsed. And a janitor whose own renewals are late
+                // cannot tell the two apart at all. A handed-over lease needs no question.
+                let troubled = recently_troubled(
+                    now,
+                    self.inner.lease.troubled_at.load(std::sync::atomic::Ordering::Relaxed),
+                    self.inner.opts.lease_ttl_ms,
+                );
+                if troubled || self.answers(&lease.node_id).await {
+                    metrics::counter!(self.inner.bp.names().janitor_spared).increment(1);
+                    tracing::info!(node = %lease.node_id, last_renewal_ms_ago = now - lease.renewed_at, troubled, "a lapsed lease not claimed: its node answers, or this node's own renewals are late");
+                    continue;
+                }
             }
-            // The claim: exactly one janitor's CAS on the lease key succeeds.
-            let claim = Lease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), ..lease.clone() };
-            let Ok(body) = serde_json::to_vec(&claim) else { continue };
-            let Ok(claim_rev) = self.inner.bp.swap(Space::Leases, &node, Some(record.revision), body.into(), None).await else { continue };
-            wrote(&self.inner, "lease");
-            metrics::counter!(self.inner.bp.names().janitor_claims).increment(1);
-            let (n, failed) = self.end_sessions_of(&lease.node_id, now, lease.renewed_at).await;
-            handled += n;
-            tracing::warn!(node = %lease.node_id, users = n, last_renewal_ms_ago = now - lease.renewed_at, "node lease lapsed: ended its sessions");
-            if failed > 0 {
-                // The claim stays: after two TTLs a janitor claims it again and retries.
-                tracing::warn!(node = %lease.node_id, failed, "some of a dead node's sessions could not be ended yet");
-            } else if self.inner.bp.remove(Space::Leases, &node, Some(claim_rev)).await.is_ok() {
-                wrote(&self.inner, "lease");
-            }
+            handled += self.claim(&node, record.revision, lease, now).await;
         }
         handled
     }
 
-    /// Ends the sessions `owner` held that started at or before `until`, with
-    /// `last_seen` = `last_alive`; removes the owner index entries. Returns the users
-    /// handled and those that failed (or could not be listed).
-    async fn end_sessions_of(&self, owner: &str, until: Millis, last_alive: Millis) -> (usize, usize) {
+    /// Claims the lapsed or handed-over lease of `node` (a compare-and-swap on it: exactly
+    /// one janitor wins) and adopts the node's sessions. Returns the users handled.
+    async fn claim(&self, node: &str, revision: u64, lease: Lease, now: Millis) -> usize {
+        let claim = Lease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), handed_over: false, ..lease.clone() };
+        let Ok(body) = serde_json::to_vec(&claim) else { return 0 };
+        let Ok(claim_rev) = self.inner.bp.swap(Space::Leases, node, Some(revision), body.into(), None).await else { return 0 };
+        wrote(&self.inner, "lease");
+        metrics::counter!(self.inner.bp.names().janitor_claims).increment(1);
+        let (n, failed) = self.adopt_sessions_of(&lease.node_id, now, lease.renewed_at).await;
+        if lease.handed_over {
+            tracing::info!(node = %lease.node_id, users = n, "a draining node handed its sessions over; adopted them");
+        } else {
+            tracing::warn!(node = %lease.node_id, users = n, last_renewal_ms_ago = now - lease.renewed_at, "node lease lapsed: adopted its sessions (held for the offline grace)");
+        }
+        if failed > 0 {
+            // The claim stays: after two TTLs a janitor claims it again and retries.
+            tracing::warn!(node = %lease.node_id, failed, "some of a dead node's sessions could not be taken over yet");
+        } else if self.inner.bp.remove(Space::Leases, node, Some(claim_rev)).await.is_ok() {
+            wrote(&self.inner, "lease");
+        }
+        n
+    }
+
+    /// A draining node asked this one to adopt its sessions now (see [`Lease::handed_over`]).
+    pub(super) async fn adopt_drained(&self, node: &str) {
+        if node == &*self.inner.node || self.inner.degraded.breaker.is_open() {
+            return;
+        }
+        let Ok(Some(record)) = self.inner.bp.get(Space::Leases, node).await else { return };
+        let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<Lease>(&v).ok()) else { return };
+        if lease.handed_over && lease.ended_at.is_none() {
+            self.claim(node, record.revision, lease, self.inner.clock.now()).await;
+        }
+    }
+
+    /// Takes over the sessions `owner` held that started at or before `until` (see
+    /// [`crate::core::UserState::adopt_node`]): each is held here for the rest of its
+    /// offline grace (from `last_alive` for one held by the owner's lease), or ends now
+    /// if that is over. Removes the owner's index entries. Returns the users handled and
+    /// those that failed (or could not be listed).
+    async fn adopt_sessions_of(&self, owner: &str, until: Millis, last_alive: Millis) -> (usize, usize) {
         let mut failed = 0;
         let users = match self.inner.bp.keys(Space::Owners(owner)).await {
             Ok(u) => u,
@@ -345,6 +386,7 @@ impl ClusterStore {
             }
         };
         let node = self.inner.node.clone();
+        let grace = self.inner.opts.offline_grace_ms;
         let mut n = 0;
         for user in users {
             let Ok(id) = UserId::parse(&user, usize::MAX) else { continue };
@@ -356,45 +398,113 @@ impl ClusterStore {
                     continue;
                 }
             };
-            let r = self.apply(&id, false, |s, now| ((), s.release_node(owner, until, last_alive, &node, now))).await;
+            if self.index_begin(&id).await.is_err() {
+                failed += 1;
+                continue;
+            }
+            let r = self
+                .apply(&id, false, |s, now| {
+                    let (change, adopted) = s.adopt_node(owner, until, last_alive, grace, &node, &node, now);
+                    (adopted, change)
+                })
+                .await;
+            let adopted = match &r {
+                Ok(Some((adopted, _))) => adopted.clone(),
+                _ => Vec::new(),
+            };
+            {
+                let mut owned = self.inner.owned.lock();
+                for a in &adopted {
+                    owned.insert(&id, &a.device_id, Owned::of(a, self.inner.clock.now()));
+                }
+                owned.finish(&id, &crate::core::DeviceId::from(""), None);
+            }
+            metrics::counter!(self.inner.bp.names().adopted).increment(adopted.len() as u64);
             if let Err(e) = r {
-                tracing::warn!(user = %id, error = %e, "could not end a dead node's session");
+                tracing::warn!(user = %id, error = %e, "could not take over a dead node's session");
+                self.index_end(&id).await;
                 failed += 1;
                 continue;
             }
             n += 1;
-            // Only if nobody re-wrote it meanwhile (a new incarnation of that node).
-            if self.inner.bp.remove(Space::Owners(owner), &user, Some(rev)).await.is_ok() {
-                wrote(&self.inner, "index");
+            if owner != &*node {
+                // Only if nobody re-wrote it meanwhile (a new incarnation of that node).
+                if self.inner.bp.remove(Space::Owners(owner), &user, Some(rev)).await.is_ok() {
+                    wrote(&self.inner, "index");
+                }
             }
+            self.index_end(&id).await;
         }
         (n, failed)
     }
 
-    /// At shutdown: ends every session this node still holds and gives up the lease.
-    pub(super) async fn release_all(&self) {
-        let sessions = self.inner.owned.lock().all();
+    /// At a drain (SIGTERM): writes the deadline of every session this node holds into
+    /// the store (each held for the offline grace: its connection was closed with 1012,
+    /// or, for a gateway's session, the node that took its registrations is leaving),
+    /// marks the lease handed over and asks another node to adopt them now. A client that
+    /// reconnects anywhere within the grace continues its session; the adopter ends the
+    /// others at their deadlines. Returns the users written.
+    pub(super) async fn hand_over_all(&self) -> usize {
         let node = self.inner.node.clone();
-        let mut users: Vec<UserId> = Vec::new();
-        for (user, device, o) in sessions {
-            let dev: DeviceId = device.clone();
-            let r = self.apply(&user, false, |s, now| s.release(&dev, &node, o.last_heartbeat, &node, now)).await;
-            if r.is_ok() {
-                self.inner.owned.lock().remove(&user, &device);
-                users.push(user);
-            }
-        }
+        let now = self.inner.clock.now();
+        let grace = self.inner.opts.offline_grace_ms;
+        let mut users: Vec<UserId> = self.inner.owned.lock().all().into_iter().map(|(u, _, _)| u).collect();
         users.sort();
         users.dedup();
-        for u in &users {
-            self.index_end(u).await;
-        }
-        let rev = *self.inner.lease.revision.lock();
-        if self.inner.owned.lock().session_count() == 0 {
-            if let Ok(()) = self.inner.bp.remove(Space::Leases, &node, rev).await {
-                wrote(&self.inner, "lease");
+        let (mut written, mut failed) = (0, 0);
+        for user in &users {
+            let held: Vec<Session> = self
+                .inner
+                .owned
+                .lock()
+                .all_of(user)
+                .into_iter()
+                .map(|(d, o)| {
+                    let mut s = o.session(&d, &node);
+                    if !s.lingering {
+                        s.expires_at = s.expires_at.min(now.saturating_add(grace));
+                        s.last_heartbeat = now;
+                        s.lingering = true;
+                    }
+                    s
+                })
+                .collect();
+            match self.apply(user, false, |s, now| ((), s.hand_over(&node, &held, &node, now))).await {
+                Ok(_) => written += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(user = %user, error = %e, "could not hand a session over; the node lease's lapse will");
+                }
             }
         }
+        if failed > 0 {
+            return written;
+        }
+        let Ok(mut lease) = self.lease_value(now).and_then(|v| serde_json::from_slice::<Lease>(&v).map_err(unavailable)) else {
+            return written;
+        };
+        lease.handed_over = true;
+        let Ok(body) = serde_json::to_vec(&lease) else { return written };
+        let rev = *self.inner.lease.revision.lock();
+        match self.inner.bp.swap(Space::Leases, &node, rev, body.into(), None).await {
+            Ok(_) => wrote(&self.inner, "lease"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not mark this node's lease handed over; it will lapse instead");
+                return written;
+            }
+        }
+        // One live node adopts at once; the janitors would within a renewal period.
+        if let Ok(nodes) = self.inner.bp.keys(Space::Leases).await {
+            let others: Vec<&String> = nodes.iter().filter(|n| **n != *node).collect();
+            if !others.is_empty() {
+                let peer = others[(rand::random::<u64>() % others.len() as u64) as usize];
+                if let Err(e) = self.inner.bp.tell(peer, "adopt", Bytes::from(node.to_string())).await {
+                    tracing::debug!(peer = %peer, error = %e, "could not ask a node to adopt this one's sessions");
+                }
+            }
+        }
+        tracing::info!(users = written, "draining: this node's sessions handed over (held for the offline grace)");
+        written
     }
 }
 
@@ -403,7 +513,17 @@ mod tests {
     use super::*;
 
     fn lease(renewed_at: Millis) -> Lease {
-        Lease { node_id: "a".into(), started_at: 0, renewed_at, ttl_ms: 1000, ended_by: None, ended_at: None, sessions: 0, users: 0 }
+        Lease {
+            node_id: "a".into(),
+            started_at: 0,
+            renewed_at,
+            ttl_ms: 1000,
+            ended_by: None,
+            ended_at: None,
+            sessions: 0,
+            users: 0,
+            handed_over: false,
+        }
     }
 
     #[test]
@@ -428,6 +548,8 @@ mod tests {
         let claimed = Lease { ended_by: Some("b".into()), ended_at: Some(6001), ..l };
         assert!(!claimed.claimable(7000), "someone is on it");
         assert!(claimed.claimable(8002), "its janitor died: claim again");
+        let drained = Lease { handed_over: true, ..lease(5000) };
+        assert!(drained.claimable(5001), "a drained node's lease at once");
     }
 
     #[test]

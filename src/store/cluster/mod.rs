@@ -57,7 +57,7 @@ use tokio::task::JoinHandle;
 
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{DeviceId, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
+use crate::core::{DeviceId, Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
 use crate::store::locks::UserLocks;
 pub use backplane::{Backplane, Fault, Health, Names, Record, Refused, Space};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
@@ -74,6 +74,9 @@ pub struct ClusterOptions {
     pub lease_ttl_ms: i64,
     /// `presence.last_seen_interval` (`0`: never while connected).
     pub last_seen_interval_ms: i64,
+    /// `presence.offline_grace`: how long a dead or drained node's sessions are held
+    /// (from when each was last heard of) by the node that adopts them.
+    pub offline_grace_ms: i64,
     /// `presence.forget_after`: a user with nothing live may be dropped after this long
     /// (backends with per-key expiry); `None` keeps everyone.
     pub forget_after_ms: Option<i64>,
@@ -96,6 +99,7 @@ impl ClusterOptions {
             tick_ms,
             lease_ttl_ms: 15_000,
             last_seen_interval_ms: 0,
+            offline_grace_ms: 10_000,
             forget_after_ms: None,
             cache_max_cost: 64 << 20,
             kv_timeout: Duration::from_secs(2),
@@ -148,6 +152,11 @@ pub(crate) struct Degraded {
     breaker: Breaker,
     /// Users whose sessions changed here while degraded: written back on recovery.
     dirty: Mutex<HashSet<UserId>>,
+    /// What this node's watchers were shown of a user while degraded (published on the
+    /// local bus only): the write-back's event for the same state is not shown again.
+    shown: Mutex<std::collections::HashMap<UserId, Presence>>,
+    /// Users whose sessions are being written again (anti-entropy), one repair at a time.
+    repairing: Mutex<HashSet<UserId>>,
 }
 
 pub(crate) struct Inner {
@@ -209,6 +218,8 @@ impl ClusterStore {
             degraded: Degraded {
                 breaker: Breaker::new(3, Duration::from_millis(500), Duration::from_secs(10)),
                 dirty: Mutex::new(HashSet::new()),
+                shown: Mutex::new(std::collections::HashMap::new()),
+                repairing: Mutex::new(HashSet::new()),
             },
             dir_revisions: Mutex::new(directory::Revisions::default()),
             tasks: Mutex::new(Vec::new()),
@@ -297,8 +308,8 @@ impl PresenceStore for ClusterStore {
         }
     }
 
-    async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
-        self.unregister(id, device, sid).await
+    async fn end_session(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
+        self.end(id, device, sid, ending).await
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
@@ -318,8 +329,12 @@ impl PresenceStore for ClusterStore {
         self.read_many(ids, true).await
     }
 
+    /// Degraded while the circuit breaker is open or the backend's connection is down
+    /// (the breaker opens only after three failed calls: a node with nothing to write
+    /// would not notice a cut otherwise).
     fn degraded(&self) -> Option<String> {
-        self.inner.degraded.breaker.is_open().then(|| self.inner.bp.names().degraded_reason.to_string())
+        let cut = self.inner.degraded.breaker.is_open() || !self.inner.bp.health().connected;
+        cut.then(|| self.inner.bp.names().degraded_reason.to_string())
     }
 
     async fn set_status(&self, id: &UserId, req: SetStatus) -> Result<Presence, StoreError> {
@@ -385,12 +400,24 @@ impl PresenceStore for ClusterStore {
         }
     }
 
+    /// A cluster node cut off from its store still serves: its own users, in memory, and
+    /// reads from its cache, marked stale (degraded mode; `/health` answers 200
+    /// `degraded`, the backend's own `/health/<backend>` 503). Only a store that refuses
+    /// what it is sent would make it unready, and that shows as the breaker opening.
     async fn health(&self) -> Result<(), StoreError> {
-        let h = self.inner.bp.health();
-        if h.connected {
-            Ok(())
-        } else {
-            Err(unavailable(format!("{}: {} ({})", self.inner.bp.names().backend, h.state, h.urls)))
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        // Bounded: with the backend unreachable (or slow) the lease simply lapses instead,
+        // and a janitor adopts the sessions as a dead node's.
+        let limit = (self.inner.opts.kv_timeout * 4).max(Duration::from_secs(10));
+        if !self.inner.bp.health().connected || self.inner.degraded.breaker.is_open() {
+            tracing::warn!("draining while the store is unreachable: this node's lease will lapse and another node will adopt its sessions");
+            return;
+        }
+        if tokio::time::timeout(limit, self.hand_over_all()).await.is_err() {
+            tracing::warn!("could not hand this node's sessions over in time; its lease will lapse and another node will adopt them");
         }
     }
 
@@ -398,13 +425,8 @@ impl PresenceStore for ClusterStore {
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }
-        // Sessions still held (gRPC/HTTP-registered ones) end now rather than at lease
-        // expiry. Bounded: with the backend unreachable the lease simply lapses instead.
-        let limit = self.inner.opts.kv_timeout * 2;
-        if self.inner.bp.health().connected && tokio::time::timeout(limit, self.release_all()).await.is_err() {
-            tracing::warn!("could not release this node's sessions in time; its lease will lapse and the janitor will end them");
-        }
         // A flush waits for a connection: never longer than the limit.
+        let limit = self.inner.opts.kv_timeout * 2;
         let _ = tokio::time::timeout(limit, self.inner.bp.flush()).await;
         self.inner.bp.close();
     }

@@ -3,7 +3,11 @@
 //!
 //! In the store a session this node owns is stored with expiry [`crate::core::HELD`]: it
 //! lives while this node's lease does. Heartbeats only move the deadline here; when a
-//! deadline passes without one, the store ends the session there.
+//! deadline passes without one, the store ends the session there. A session whose
+//! connection went (a lost socket, a plain unregistration) stays here as *lingering*
+//! until the end of its offline grace: no heartbeat moves it, a registration of the
+//! device replaces it, and the store is written only when the grace ends (or the device
+//! registers again), not when the socket goes.
 
 use std::sync::Arc;
 
@@ -23,6 +27,41 @@ pub struct Owned {
     pub last_heartbeat: Millis,
     /// When `last_seen` was last written to the store for it.
     pub written_at: Millis,
+    /// The connection is gone; held until `expires_at` (the offline grace), not refreshed.
+    pub lingering: bool,
+}
+
+impl Owned {
+    /// A session adopted from another node (its real deadline in `expires_at`).
+    pub fn of(s: &crate::core::Session, now: Millis) -> Owned {
+        Owned {
+            instance: s.instance_id.clone(),
+            platform: s.platform,
+            sid: s.sid,
+            ttl_ms: s.ttl_ms,
+            connected_at: s.connected_at,
+            expires_at: s.expires_at,
+            last_heartbeat: s.last_heartbeat,
+            written_at: now,
+            lingering: s.lingering,
+        }
+    }
+
+    /// The session as this node holds it, its real deadline in `expires_at`.
+    pub fn session(&self, device: &DeviceId, node: &Arc<str>) -> crate::core::Session {
+        crate::core::Session {
+            device_id: device.clone(),
+            instance_id: self.instance.clone(),
+            connected_at: self.connected_at,
+            last_heartbeat: self.last_heartbeat,
+            expires_at: self.expires_at,
+            ttl_ms: self.ttl_ms,
+            node_id: node.clone(),
+            platform: self.platform,
+            sid: self.sid,
+            lingering: self.lingering,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -82,9 +121,33 @@ impl OwnedTable {
         }
     }
 
-    /// A heartbeat of an owned session alive at `now`; `None` if this node does not hold it.
+    /// Adds a session adopted from another node (between [`OwnedTable::begin`] and
+    /// [`OwnedTable::finish`]), due at its `expires_at`.
+    pub fn insert(&mut self, user: &UserId, device: &DeviceId, o: Owned) {
+        let deadline = o.expires_at;
+        let u = self.users.entry(user.clone()).or_default();
+        if u.devices.insert(device.clone(), o).is_none() {
+            self.sessions += 1;
+        }
+        self.arm(user, device, deadline);
+    }
+
+    /// Puts back a lapsed session whose end could not be written to the store yet, due
+    /// again at `retry_at`. Left out if a registration of the device took its place.
+    pub fn requeue(&mut self, user: &UserId, device: &DeviceId, o: Owned, retry_at: Millis) {
+        let u = self.users.entry(user.clone()).or_default();
+        if u.devices.contains_key(device) {
+            return;
+        }
+        u.devices.insert(device.clone(), o);
+        self.sessions += 1;
+        self.arm(user, device, retry_at);
+    }
+
+    /// A heartbeat of an owned session alive at `now`; `None` if this node does not hold
+    /// it (or holds it only for the grace: its connection went).
     pub fn beat(&mut self, user: &UserId, device: &str, now: Millis, last_seen_interval: i64) -> Option<Beat> {
-        let o = self.users.get_mut(user)?.devices.get_mut(device).filter(|o| o.expires_at > now)?;
+        let o = self.users.get_mut(user)?.devices.get_mut(device).filter(|o| o.expires_at > now && !o.lingering)?;
         o.expires_at = now.saturating_add(o.ttl_ms);
         o.last_heartbeat = now;
         let write_last_seen = last_seen_interval > 0 && now - o.written_at >= last_seen_interval;
@@ -94,9 +157,35 @@ impl OwnedTable {
         Some(Beat { expires_at: o.expires_at, write_last_seen })
     }
 
+    /// The connection of an owned session went (the registration tagged `sid`, when
+    /// given): it is held until `until` (kept if already held to an earlier one), its
+    /// device last heard at `last_heard`. `None` when this node does not hold it, else
+    /// whether it was live until now.
+    pub fn linger(&mut self, user: &UserId, device: &str, sid: Option<u64>, until: Millis, last_heard: Millis) -> Option<bool> {
+        let u = self.users.get_mut(user)?;
+        let key = u.devices.get_key_value(device).map(|(k, _)| k.clone())?;
+        let o = u.devices.get_mut(device).filter(|o| sid.is_none_or(|t| t == o.sid))?;
+        let was_live = !o.lingering;
+        o.expires_at = if o.lingering { o.expires_at.min(until) } else { until };
+        o.lingering = true;
+        o.last_heartbeat = o.last_heartbeat.max(last_heard);
+        let deadline = o.expires_at;
+        self.arm(user, &key, deadline);
+        Some(was_live)
+    }
+
     /// Forgets a session (ended by a client or by another node). Returns it if it was held.
     pub fn remove(&mut self, user: &UserId, device: &str) -> Option<Owned> {
+        self.remove_tagged(user, device, None)
+    }
+
+    /// [`OwnedTable::remove`], only for the registration tagged `sid` when given (a newer
+    /// registration of the device here stays).
+    pub fn remove_tagged(&mut self, user: &UserId, device: &str, sid: Option<u64>) -> Option<Owned> {
         let u = self.users.get_mut(user)?;
+        if sid.is_some_and(|t| u.devices.get(device).is_some_and(|o| o.sid != t)) {
+            return None;
+        }
         let o = u.devices.remove(device)?;
         self.sessions -= 1;
         if u.devices.is_empty() && u.pending == 0 {
@@ -133,6 +222,14 @@ impl OwnedTable {
     /// The sessions of `user` this node owns.
     pub fn all_of(&self, user: &UserId) -> Vec<(DeviceId, Owned)> {
         self.users.get(user).map(|u| u.devices.iter().map(|(d, o)| (d.clone(), o.clone())).collect()).unwrap_or_default()
+    }
+
+    /// Whether this node holds a live (not lingering) session of `user` on a device
+    /// `shown` does not list: the store lost it (anti-entropy, see the cluster store).
+    pub fn missing_from(&self, user: &UserId, shown: &[crate::core::DeviceSummary], now: Millis) -> bool {
+        self.users.get(user).is_some_and(|u| {
+            u.devices.iter().any(|(d, o)| !o.lingering && o.expires_at > now && !shown.iter().any(|s| s.device_id == *d))
+        })
     }
 
     pub fn session_count(&self) -> u64 {
@@ -174,6 +271,7 @@ mod tests {
             expires_at: now + ttl,
             last_heartbeat: now,
             written_at: now,
+            lingering: false,
         }
     }
 

@@ -80,7 +80,7 @@ struct Peek<'a> {
 /// takes every user's events, an event about a user nobody here watches (per the bus's
 /// interest, now) is dropped before it is decoded (at 52 nodes every node receives every
 /// user's events, and decoding them all was most of a node's CPU during a connect ramp).
-fn relay(inner: &Inner, payload: &[u8], filter: bool) {
+fn relay(inner: &Arc<Inner>, payload: &[u8], filter: bool) {
     let names = inner.bp.names();
     let peek = serde_json::from_slice::<Peek<'_>>(payload).ok();
     if peek.as_ref().is_some_and(|p| p.node_id == &*inner.node) {
@@ -99,9 +99,15 @@ fn relay(inner: &Inner, payload: &[u8], filter: bool) {
                 // The cached state is older than this event: read it again next time.
                 inner.cache.invalidate(&ev.presence.user_id);
                 // Older than what this node already published or relayed: a late arrival.
-                if !inner.order.lock().admit(&ev.presence.user_id, ev.presence.revision, inner.clock.now()) {
+                let now = inner.clock.now();
+                if !inner.order.lock().admit(&ev.presence.user_id, ev.presence.revision, now) {
                     metrics::counter!(names.events_out_of_order).increment(1);
                     return;
+                }
+                // Anti-entropy: the store says a device is gone whose connection is live
+                // here (one hash lookup per event, for users connected here).
+                if inner.owned.lock().missing_from(&ev.presence.user_id, &ev.presence.devices, now) {
+                    ClusterStore { inner: inner.clone() }.repair(&ev.presence.user_id);
                 }
                 inner.bus.publish_relayed(ev);
             }

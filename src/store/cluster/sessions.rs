@@ -1,8 +1,9 @@
 //! Sessions held by this node: registration (and take-over from a node that no longer
 //! answers), heartbeats in memory (forwarded to the owning node when they land elsewhere),
-//! the owner index, the end of sessions whose deadline passed, and the node-to-node
-//! requests (`refresh`, answered; `drop`, not). The bookkeeping itself, with no I/O, is
-//! [`super::owned::OwnedTable`].
+//! the offline grace (a session whose connection went lingers in memory until its
+//! deadline), the owner index, the end of sessions whose deadline passed, and the
+//! node-to-node requests (`refresh`, answered; `drop` and `adopt`, not). The bookkeeping
+//! itself, with no I/O, is [`super::owned::OwnedTable`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,21 +13,27 @@ use serde::{Deserialize, Serialize};
 
 use super::owned::Owned;
 use super::{unavailable, wrote, ClusterStore, Space};
-use crate::core::{Change, Millis, NewSession, Registered, Session, UserId, HELD};
+use crate::core::{Change, Ending, Millis, NewSession, Registered, Session, UserId, HELD};
 use crate::store::StoreError;
 
-/// A heartbeat forwarded to the owning node, and its answer.
+/// A heartbeat forwarded to the owning node (`refresh`), or a session ended elsewhere
+/// (`drop`, the registration tagged `sid` when given).
 #[derive(Debug, Serialize, Deserialize)]
 struct NodeRequest {
     op: String,
     user_id: String,
     device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sid: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct RefreshReply {
     expires_at: Option<Millis>,
 }
+
+/// How soon the end of a lapsed session that could not be written is tried again.
+const RETRY_MS: Millis = 1_000;
 
 impl ClusterStore {
     /// Answers other nodes about the sessions this node owns: a forwarded heartbeat
@@ -49,6 +56,14 @@ impl ClusterStore {
                     }
                     continue;
                 }
+                if msg.op == "adopt" {
+                    // A draining node handed its sessions over: adopt them now rather
+                    // than at the next janitor round.
+                    if let Ok(node) = std::str::from_utf8(&msg.payload).map(str::to_string) {
+                        tokio::spawn(async move { store.adopt_drained(&node).await });
+                    }
+                    continue;
+                }
                 let Ok(req) = serde_json::from_slice::<NodeRequest>(&msg.payload) else {
                     tracing::warn!(op = %msg.op, "ignoring unreadable node request");
                     continue;
@@ -68,7 +83,7 @@ impl ClusterStore {
                             }
                         }
                         "drop" => {
-                            store.inner.owned.lock().remove(&user, &req.device_id);
+                            store.inner.owned.lock().remove_tagged(&user, &req.device_id, req.sid);
                             store.index_end(&user).await;
                         }
                         _ => {}
@@ -144,20 +159,24 @@ impl ClusterStore {
         }
     }
 
-    /// Ends, in the KV, sessions this node owned whose deadline passed, and explicit
-    /// statuses this node wrote whose TTL passed. Returns how many users were looked at.
+    /// Ends, in the store, sessions this node owned whose deadline passed (a silent
+    /// device, or the end of a lost connection's grace), and explicit statuses this node
+    /// wrote whose TTL passed. Returns how many users were looked at.
     pub async fn reap(&self, now: Millis) -> usize {
         let lapsed = self.inner.owned.lock().lapsed(now);
         let mut n = lapsed.len();
         for (user, device, o) in lapsed {
             let node = self.inner.node.clone();
-            let r = self.apply_session(&user, false, |s, now| s.release(&device, &node, o.last_heartbeat, &node, now)).await;
-            if let Err(e) = r {
-                tracing::warn!(user = %user, error = %e, "could not end a lapsed session; will retry");
-                let retry = Owned { expires_at: now, ..o };
-                let mut t = self.inner.owned.lock();
-                t.begin(&user);
-                t.finish(&user, &device, Some(retry));
+            let sid = Some(o.sid);
+            let r = self.apply_session(&user, false, |s, now| s.release(&device, &node, sid, o.last_heartbeat, &node, now)).await;
+            if r.is_err() || self.inner.degraded.breaker.is_open() {
+                // Not in the store yet: kept (due, lingering) until it is, so a write-back
+                // ends it with its own last_seen and the janitor does not get it back.
+                if let Err(e) = &r {
+                    tracing::warn!(user = %user, error = %e, "could not end a lapsed session; will retry");
+                }
+                let due = Owned { expires_at: o.expires_at.min(now), lingering: true, ..o };
+                self.inner.owned.lock().requeue(&user, &device, due, now.saturating_add(RETRY_MS));
                 continue;
             }
             self.index_end(&user).await;
@@ -185,7 +204,9 @@ impl ClusterStore {
         let r = self
             .apply_session(id, !take_over, |s, now| {
                 if take_over {
-                    let Some(sess) = s.sessions.iter().find(|x| x.device_id == dev && x.expires_at > now) else {
+                    // A lingering session is not taken over by a heartbeat: its connection
+                    // went, and only a registration continues it.
+                    let Some(sess) = s.sessions.iter().find(|x| x.device_id == dev && x.expires_at > now && !x.lingering) else {
                         return (None, Change::none());
                     };
                     let (ttl, sid, platform) = (sess.ttl_ms, sess.sid, sess.platform);
@@ -215,6 +236,7 @@ impl ClusterStore {
                 expires_at: reg.expires_at,
                 last_heartbeat: now,
                 written_at: now,
+                lingering: false,
             }),
             _ => None,
         };
@@ -232,23 +254,26 @@ impl ClusterStore {
 
     /// A heartbeat for a session this node does not hold (its caller tried
     /// [`beat_in_memory`](Self::beat_in_memory) first): forwarded to the owner, or the
-    /// session taken over when the owner does not answer.
+    /// session taken over when the owner does not answer. An owner that answers "not
+    /// held" (the session lingers there: its connection went) is believed.
     pub(super) async fn refresh_not_held(&self, id: &UserId, device: &str) -> Result<Option<Millis>, StoreError> {
         let now = self.inner.clock.now();
         let Some((state, _)) = self.read(id, true).await? else { return Ok(None) };
-        let Some(owner) = state.live_sessions(now).find(|s| &*s.device_id == device).map(|s| s.node_id.clone()) else {
+        let Some(owner) = state.live_sessions(now).find(|s| &*s.device_id == device && !s.lingering).map(|s| s.node_id.clone()) else {
             return Ok(None);
         };
         if *owner != *self.inner.node {
-            let req = NodeRequest { op: "refresh".into(), user_id: id.to_string(), device_id: device.into() };
+            let req = NodeRequest { op: "refresh".into(), user_id: id.to_string(), device_id: device.into(), sid: None };
             let body = serde_json::to_vec(&req).map_err(unavailable)?;
             match self.inner.bp.request(&owner, "refresh", body.into(), Duration::from_secs(1)).await {
-                Ok(answer) => {
-                    if let Ok(RefreshReply { expires_at: Some(t) }) = serde_json::from_slice(&answer) {
+                Ok(answer) => match serde_json::from_slice(&answer) {
+                    Ok(RefreshReply { expires_at: Some(t) }) => {
                         metrics::counter!(self.inner.bp.names().forwarded_heartbeats).increment(1);
                         return Ok(Some(t));
                     }
-                }
+                    Ok(RefreshReply { expires_at: None }) => return Ok(None),
+                    Err(_) => {}
+                },
                 Err(e) => tracing::debug!(owner = %owner, error = %e, "owner did not take the heartbeat; taking the session over"),
             }
         }
@@ -256,13 +281,60 @@ impl ClusterStore {
         Ok(r.map(|r| r.expires_at))
     }
 
-    pub(super) async fn unregister(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {
+    /// Ends a session as `ending` says. Held for the grace: if this node holds it, in
+    /// memory only (the store is written when the grace ends, or not at all if the
+    /// device registers again first); if another node holds it, taken over here as
+    /// lingering (one write), and that node told to forget it.
+    pub(super) async fn end(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
+        let now = self.inner.clock.now();
+        let (until, last_heard) = match ending {
+            Ending::Held { until, last_heard } if until > now => (until, last_heard),
+            _ => return self.end_now(id, device, sid, ending).await,
+        };
+        if let Some(was_live) = self.inner.owned.lock().linger(id, device, sid, until, last_heard) {
+            return Ok(was_live);
+        }
+        self.index_begin(id).await?;
         let node = self.inner.node.clone();
-        let mut owner: Option<Arc<str>> = None;
+        let r = self.apply_session(id, false, |s, now| (s.take_lingering(device, sid, &node, last_heard, now), Change::none())).await;
+        let taken = match &r {
+            Ok(Some((Some(prev), _))) => Some(prev.clone()),
+            _ => None,
+        };
+        let done = taken.as_ref().map(|p| Owned {
+            instance: p.instance_id.clone(),
+            platform: p.platform,
+            sid: p.sid,
+            ttl_ms: p.ttl_ms,
+            connected_at: p.connected_at,
+            expires_at: until,
+            last_heartbeat: p.last_heartbeat.max(last_heard),
+            written_at: now,
+            lingering: true,
+        });
+        let device_id: crate::core::DeviceId = Arc::from(device);
+        self.inner.owned.lock().finish(id, &device_id, done);
+        r?;
+        let Some(prev) = taken else {
+            self.index_end(id).await;
+            return Ok(false);
+        };
+        self.tell_drop(&prev.node_id, id, device, Some(prev.sid)).await;
+        Ok(true)
+    }
+
+    /// Ends a session now (a sign-out, or a grace already over).
+    async fn end_now(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
+        let node = self.inner.node.clone();
+        let mut owner: Option<(Arc<str>, u64)> = None;
         let r = self
             .apply_session(id, false, |s, now| {
-                owner = s.sessions.iter().find(|x| *x.device_id == *device && sid.is_none_or(|t| t == x.sid)).map(|x| x.node_id.clone());
-                s.unregister(device, sid, &node, now)
+                owner = s
+                    .sessions
+                    .iter()
+                    .find(|x| *x.device_id == *device && sid.is_none_or(|t| t == x.sid))
+                    .map(|x| (x.node_id.clone(), x.sid));
+                s.end(device, sid, ending, &node, now)
             })
             .await?;
         let removed = r.as_ref().is_some_and(|(removed, _)| *removed);
@@ -270,18 +342,27 @@ impl ClusterStore {
             // A newer registration of the device (or none at all): nothing of ours ended.
             return Ok(false);
         }
-        self.inner.owned.lock().remove(id, device);
+        let tag = owner.as_ref().map(|(_, t)| *t);
+        self.inner.owned.lock().remove_tagged(id, device, tag);
         self.index_end(id).await;
-        if let Some(o) = owner.filter(|o| **o != *node && !o.is_empty()) {
-            // The owner forgets it (no write): it would otherwise keep answering heartbeats.
-            let req = NodeRequest { op: "drop".into(), user_id: id.to_string(), device_id: device.into() };
-            if let Ok(body) = serde_json::to_vec(&req) {
-                if let Err(e) = self.inner.bp.tell(&o, "drop", body.into()).await {
-                    tracing::debug!(owner = %o, error = %e, "could not tell the owner its session ended");
-                }
-            }
+        if let Some((o, t)) = owner {
+            self.tell_drop(&o, id, device, Some(t)).await;
         }
         Ok(true)
+    }
+
+    /// Tells `owner` (when it is another node) that its session of `device` ended or moved
+    /// here, so it forgets it (no write): it would otherwise keep answering heartbeats.
+    async fn tell_drop(&self, owner: &str, id: &UserId, device: &str, sid: Option<u64>) {
+        if owner == &*self.inner.node || owner.is_empty() {
+            return;
+        }
+        let req = NodeRequest { op: "drop".into(), user_id: id.to_string(), device_id: device.into(), sid };
+        if let Ok(body) = serde_json::to_vec(&req) {
+            if let Err(e) = self.inner.bp.tell(owner, "drop", body.into()).await {
+                tracing::debug!(owner = %owner, error = %e, "could not tell the owner its session ended");
+            }
+        }
     }
 
     pub(super) async fn live_devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {

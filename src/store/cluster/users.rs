@@ -138,7 +138,9 @@ impl ClusterStore {
                 }
             }
         }
-        self.inner.bus.publish(ev);
+        if !self.shown_while_degraded(&ev.presence) {
+            self.inner.bus.publish(ev);
+        }
     }
 
     /// The user's stored state: from the cache unless `fresh` (or the cache is not kept
