@@ -43,7 +43,7 @@ fn cluster_options(config: &Config, request_timeout: std::time::Duration) -> Clu
         tick_ms: config.store.tick.as_millis_i64().max(1),
         lease_ttl_ms: config.presence.node_lease_ttl.as_millis_i64(),
         last_seen_interval_ms: config.presence.last_seen_interval.as_millis_i64(),
-        offline_grace_ms: config.presence.offline_grace.as_millis_i64(),
+        offline_grace_ms: config.presence.grace_ms(),
         forget_after_ms: Some(config.presence.forget_after.as_millis_i64()).filter(|f| *f > 0),
         cache_max_cost: config.cache.max_cost,
         kv_timeout: request_timeout.max(std::time::Duration::from_millis(100)),
@@ -257,6 +257,7 @@ impl App {
         self.svc.store.drain().await;
         self.svc.store.shutdown().await;
         if let Some(s) = &self.sinks {
+            s.settle(grace.min(std::time::Duration::from_secs(2))).await;
             s.shutdown().await;
         }
         if let Some(e) = &self.embedded {

@@ -124,29 +124,38 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
         .into_inner();
     assert!(refreshed.expires_at.unwrap().seconds > before);
     assert!(
-        c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "phone".into(), immediate: true }, &admin))
-            .await
-            .unwrap()
-            .into_inner()
-            .removed
+        c.unregister_session(authed(
+            pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "phone".into(), immediate: true },
+            &admin
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .removed
     );
     assert_eq!(s.get("/api/v2/presence/alice").await.1["data"]["alice"]["status"], "online");
     let p = watcher.until("alice", |p| p["device_count"] == 1).await;
     assert_eq!(p["status"], "online", "one device fewer is pushed: {p}");
     assert!(
-        c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into(), immediate: true }, &admin))
-            .await
-            .unwrap()
-            .into_inner()
-            .removed
+        c.unregister_session(authed(
+            pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into(), immediate: true },
+            &admin
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .removed
     );
     assert_eq!(watcher.next("alice").await["status"], "offline");
     assert!(
-        !c.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into(), immediate: true }, &admin))
-            .await
-            .unwrap()
-            .into_inner()
-            .removed
+        !c.unregister_session(authed(
+            pb::UnregisterSessionRequest { user_id: "alice".into(), device_id: "laptop".into(), immediate: true },
+            &admin
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .removed
     );
     let e = c
         .refresh_session(authed(pb::RefreshSessionRequest { user_id: "alice".into(), device_id: "laptop".into() }, &admin))

@@ -157,14 +157,20 @@ async fn batches_unregister_instance_and_sessions_without_a_lease() {
 
     // The gateway shuts down cleanly: its two remaining sessions end now.
     let mut events = s.svc.bus.subscribe();
-    let r = c.unregister_instance(s.admin_request(pb::UnregisterInstanceRequest { instance_id: "gw-2".into(), immediate: true })).await.unwrap();
+    let r = c
+        .unregister_instance(s.admin_request(pb::UnregisterInstanceRequest { instance_id: "gw-2".into(), immediate: true }))
+        .await
+        .unwrap();
     assert_eq!(r.into_inner().sessions_ended, 2);
     let seen = offline_events(&mut events, 2, Duration::from_secs(3)).await;
     assert_eq!(seen.keys().filter(|k| *k == "u0" || *k == "u1").count(), 2, "{seen:?}");
     let r = c.get_presence(pb::GetPresenceRequest { user_ids: vec!["u0".into(), "u1".into()] }).await.unwrap().into_inner();
     assert!(r.presences.iter().all(|p| p.status == pb::Status::Offline as i32));
     // Ending it again ends nothing; registering on it now gives plain TTL sessions.
-    let r = c.unregister_instance(s.admin_request(pb::UnregisterInstanceRequest { instance_id: "gw-2".into(), immediate: true })).await.unwrap();
+    let r = c
+        .unregister_instance(s.admin_request(pb::UnregisterInstanceRequest { instance_id: "gw-2".into(), immediate: true }))
+        .await
+        .unwrap();
     assert_eq!(r.into_inner().sessions_ended, 0);
     // The session without a lease lapsed on its own TTL.
     common::eventually("u10's 1 s session lapsed", Duration::from_secs(5), async || s.svc.stats().sessions == 0).await;

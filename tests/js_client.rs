@@ -44,6 +44,8 @@ async fn node_tests_against_the_real_server_including_a_restart() {
         "heartbeats at the server's interval",
         "close() while the socket is still connecting",
         "typing: one frame",
+        "a reload continues the session",
+        "a draining server's 1012",
         "a server restart mid-session",
     ];
     for name in names {

@@ -8,7 +8,7 @@ mod common;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::engine::Engine;
+use common::engine::{Engine, EventLog};
 use common::TestServer;
 use futures_util::StreamExt;
 
@@ -28,51 +28,6 @@ async fn node_with_lease(e: &Engine, id: &str, lease: Duration) -> TestServer {
     let env = cluster_env(e, id, lease);
     let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     TestServer::start(&refs).await
-}
-
-/// Every `user_offline` event the engine carried, by user, in order: from NATS (a
-/// subscription opened before), or from Redis's event stream (read with redis-cli).
-enum OfflineLog {
-    Nats(async_nats::Subscriber),
-    Redis(u16),
-}
-
-impl OfflineLog {
-    async fn open(e: &Engine) -> OfflineLog {
-        match e {
-            Engine::Nats(s) => {
-                let client = async_nats::connect(s.url()).await.unwrap();
-                let sub = client.subscribe("presence.offline.>").await.unwrap();
-                client.flush().await.unwrap();
-                OfflineLog::Nats(sub)
-            }
-            _ => OfflineLog::Redis(e.port()),
-        }
-    }
-
-    async fn users(&mut self) -> Vec<String> {
-        let mut users = Vec::new();
-        match self {
-            OfflineLog::Nats(sub) => {
-                while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
-                    users.push(m.subject.trim_start_matches("presence.offline.").to_string());
-                }
-            }
-            OfflineLog::Redis(port) => {
-                let out =
-                    Command::new("redis-cli").args(["-p", &port.to_string(), "XRANGE", "presence:events", "-", "+"]).output().unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                let lines: Vec<&str> = text.lines().collect();
-                for (i, l) in lines.iter().enumerate() {
-                    if *l == "user_offline" && lines.get(i + 1) == Some(&"user_id") {
-                        users.push(lines[i + 2].to_string());
-                    }
-                }
-            }
-        }
-        users.sort();
-        users
-    }
 }
 
 /// A `presenced serve` process (killed when dropped).
@@ -113,7 +68,7 @@ async fn a_killed_node_takes_its_users_offline_once_within_the_lease_ttl(e: Engi
     let b = spawn_node(&e, "node-b");
 
     // Every offline event the engine carries, whoever publishes it.
-    let mut offline = OfflineLog::open(&e).await;
+    let mut offline = EventLog::open(&e, "offline").await;
 
     let users = ["u1", "u2", "u3"];
     let mut watcher = a.watch("watcher", &users).await;
@@ -325,5 +280,54 @@ async fn a_renewal_whose_answer_was_lost_is_not_taken_for_a_claim() {
     let after = lease().await;
     assert!(after["ended_by"].is_null(), "{after}");
     assert_eq!(counter(&a, "nats_lease_lost_total").await, 0.0, "no lease taken for lost");
+    a.stop().await;
+}
+
+on_engines!(a_killed_nodes_sessions_are_held_for_the_grace_by_the_node_that_adopts_them: nats, redis);
+/// With a grace longer than the lease: the janitor that claims a killed node's lease
+/// adopts its sessions, held until the grace (counted from the node's last renewal) ends.
+/// A client that comes back after the claim but within the grace continues its session;
+/// one that does not is offline once, at the end of the grace, on the event stream too.
+async fn a_killed_nodes_sessions_are_held_for_the_grace_by_the_node_that_adopts_them(e: Engine) {
+    let grace = ("PRESENCE_PRESENCE__OFFLINE_GRACE", "6s");
+    let env = cluster_env(&e, "node-a", LEASE);
+    let mut refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    refs.push(grace);
+    let a = TestServer::start(&refs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = common::presenced_cmd(dir.path());
+    for (k, v) in cluster_env(&e, "node-b", LEASE) {
+        cmd.env(k, v);
+    }
+    cmd.env(grace.0, grace.1);
+    let (child, addr) = common::spawn_serve(cmd.arg("serve"));
+    let b = Proc { child, base: format!("http://{addr}"), _dir: dir };
+    let mut offline = EventLog::open(&e, "offline").await;
+    let mut watcher = a.watch("watcher", &["back", "gone"]).await;
+    watcher.next("back").await;
+    watcher.next("gone").await;
+    let mut sockets = Vec::new();
+    for u in ["back", "gone"] {
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url(&b.base, &a.token(u), "phone")).await.expect("connect to B");
+        sockets.push(ws);
+        assert_eq!(watcher.next(u).await["status"], "online");
+    }
+    let claims = format!("{}_janitor_claims_total", e.name());
+    let before = common::sample(&a.scrape().await, &claims);
+    let killed = Instant::now();
+    drop(b);
+    drop(sockets);
+    common::eventually("A claimed B's lease", Duration::from_secs(10), async || common::sample(&a.scrape().await, &claims) > before).await;
+    let claimed = killed.elapsed();
+    // Back after the claim, within the grace: the session continues, on A.
+    let (_back, _) = tokio_tungstenite::connect_async(a.ws_url("back", "phone")).await.expect("connect to A");
+    let p = watcher.next_any().await;
+    assert_eq!((p["user_id"].as_str(), p["status"].as_str()), (Some("gone"), Some("offline")), "only gone is shown: {p}");
+    let took = killed.elapsed();
+    eprintln!("lease claimed {claimed:?} after the kill; gone offline after {took:?} (grace 6 s from B's last renewal)");
+    assert!(took > Duration::from_secs(4) && took < Duration::from_secs(9), "{took:?}");
+    watcher.nothing_about("back", 1000).await;
+    assert_eq!(offline.users().await, vec!["gone".to_string()]);
+    assert_eq!(a.get("/api/v2/presence/back").await.1["data"]["back"]["status"], "online");
     a.stop().await;
 }

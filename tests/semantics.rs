@@ -112,7 +112,12 @@ async fn the_last_device_gone_means_offline_and_the_preference_comes_back() {
         until_changed: true,
     };
     grpc.set_presence(authed(set, &admin)).await.unwrap();
-    grpc.unregister_session(authed(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "d".into(), immediate: true }, &admin)).await.unwrap();
+    grpc.unregister_session(authed(
+        pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "d".into(), immediate: true },
+        &admin,
+    ))
+    .await
+    .unwrap();
     let r = grpc.get_presence(pb::GetPresenceRequest { user_ids: vec!["dora".into()] }).await.unwrap().into_inner();
     assert_eq!(r.presences[0].status, pb::Status::Offline as i32);
 

@@ -130,9 +130,13 @@ async fn webhook_receives_every_event_signed_and_in_order() {
     let mut c = pb::presence_api_client::PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
     let reg = pb::RegisterSessionRequest { user_id: "dora".into(), device_id: "phone".into(), ..Default::default() };
     c.register_session(s.admin_request(reg)).await.unwrap();
-    c.unregister_session(s.admin_request(pb::UnregisterSessionRequest { user_id: "dora".into(), device_id: "phone".into(), immediate: true }))
-        .await
-        .unwrap();
+    c.unregister_session(s.admin_request(pb::UnregisterSessionRequest {
+        user_id: "dora".into(),
+        device_id: "phone".into(),
+        immediate: true,
+    }))
+    .await
+    .unwrap();
     common::eventually("all delivered", Duration::from_secs(10), async || r.events.lock().len() >= 98).await;
     let events = r.events.lock().clone();
     assert_eq!(*r.bad_signatures.lock(), 0);
@@ -513,4 +517,24 @@ async fn kafka_sink_keys_by_user_keeps_order_and_survives_an_outage_and_a_restar
         let _ = c.await;
     }
     drop(mock);
+}
+
+/// A lone node (the embedded store) that is drained and not restarted reports its users
+/// offline to its sinks once, at exit: it does not keep sessions across a restart, and
+/// exit comes before the end of the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_lone_node_reports_its_users_offline_to_its_sinks_at_exit() {
+    let (r, url) = receiver().await;
+    let mut env = sink_env(&url, 1000);
+    env.push(("PRESENCE_PRESENCE__OFFLINE_GRACE".into(), "30s".into()));
+    let s = start(&env).await;
+    let mut ws = common::wsclient::connect(&s, "erin", "phone").await;
+    common::eventually("online delivered", Duration::from_secs(5), async || r.events.lock().iter().any(|e| e["type"] == "user_online"))
+        .await;
+    let stopping = tokio::spawn(s.stop());
+    assert_eq!(ws.closed().await, Some(tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Restart));
+    stopping.await.unwrap();
+    let offline: Vec<Value> = r.events.lock().iter().filter(|e| e["type"] == "user_offline").cloned().collect();
+    assert_eq!(offline.len(), 1, "{offline:?}");
+    assert_eq!(offline[0]["user_id"], "erin");
 }

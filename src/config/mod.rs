@@ -174,8 +174,17 @@ pub struct PresenceConfig {
     /// A device that goes away without signing out (a lost or closed socket, a
     /// gateway's plain `UnregisterSession`, a drained or lost node) is held this long
     /// from the moment it was last heard of, still shown; registering again within it
-    /// continues the session with no event. `0s`: ends at once. At most `session_ttl`.
+    /// continues the session with no event. `0s`: ends at once. A grace longer than
+    /// `session_ttl` is cut to it (see [`PresenceConfig::grace_ms`]).
     pub offline_grace: Dur,
+}
+
+impl PresenceConfig {
+    /// The offline grace in force: `offline_grace`, at most `session_ttl` (a device last
+    /// heard longer ago than its TTL is gone, however it left).
+    pub fn grace_ms(&self) -> i64 {
+        self.offline_grace.as_millis_i64().min(self.session_ttl.as_millis_i64())
+    }
 }
 
 impl Default for PresenceConfig {
@@ -926,12 +935,7 @@ impl Config {
         if p.typing_ttl.0.is_zero() {
             return bad("presence.typing_ttl", "must be above 0");
         }
-        if p.offline_grace.0 > p.session_ttl.0 {
-            return bad(
-                "presence.offline_grace",
-                "must be at most presence.session_ttl (a device last heard longer ago than the TTL is gone; 0s turns the grace off)",
-            );
-        }
+
         self.validate_sinks()?;
         let l = &self.limits;
         if l.max_sessions_per_call == 0 {

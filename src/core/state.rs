@@ -479,7 +479,15 @@ impl UserState {
     /// Ends the session of `device` if `owner` still holds it (with tag `sid`, when given):
     /// its deadline passed on the owning node, or the owner is gone. `last_seen` is the
     /// session's last heartbeat.
-    pub fn release(&mut self, device: &str, owner: &str, sid: Option<u64>, last_seen: Millis, node: &Arc<str>, now: Millis) -> (bool, Change) {
+    pub fn release(
+        &mut self,
+        device: &str,
+        owner: &str,
+        sid: Option<u64>,
+        last_seen: Millis,
+        node: &Arc<str>,
+        now: Millis,
+    ) -> (bool, Change) {
         self.release_where(|s| &*s.device_id == device && &*s.node_id == owner && sid.is_none_or(|t| t == s.sid), last_seen, node, now)
     }
 

@@ -505,7 +505,7 @@ impl Forwarder {
             let has_output = !ready.is_empty() || cursor < self.watched.len() || !order.is_empty();
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => break Some(GrpcStatus::unavailable("server shutting down")),
+                _ = shutdown.changed() => break Some(draining()),
                 _ = tx.closed() => break None,
                 permit = tx.reserve(), if has_output => {
                     let Ok(permit) = permit else { break None };
@@ -564,6 +564,18 @@ impl Forwarder {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(Err(status))).await;
         }
     }
+}
+
+/// How a watch stream ends when its node drains: `UNAVAILABLE`, with gRPC's retry
+/// pushback (`grpc-retry-pushback-ms: 0`: retry now) and a message saying where to go.
+fn draining() -> GrpcStatus {
+    let mut meta = tonic::metadata::MetadataMap::new();
+    meta.insert("grpc-retry-pushback-ms", tonic::metadata::MetadataValue::from_static("0"));
+    GrpcStatus::with_metadata(
+        tonic::Code::Unavailable,
+        "node draining (restart or deploy): open the stream again now, on any node; it starts with a fresh snapshot",
+        meta,
+    )
 }
 
 /// Serves gRPC on `listener` until `shutdown` resolves.

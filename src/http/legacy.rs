@@ -10,9 +10,9 @@ use utoipa::ToSchema;
 
 use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map, BatchBody, PresenceAnswer, UserPath};
 use super::{Http, Res};
+use crate::core::Platform;
 use crate::error::ApiError;
 use crate::json::rfc3339;
-use crate::core::Platform;
 use crate::service::sessions::Leave;
 use crate::service::StatusWrite;
 

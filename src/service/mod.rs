@@ -75,14 +75,13 @@ impl Service {
         let node_id: Arc<str> = Arc::from(config.service.node_id.as_str());
         let instances = Arc::new(instances::Instances::new(store.clone(), clock.clone(), config.store.tick.as_millis_i64()));
         instances.start();
-        let sessions =
-            Sessions::new(
-                store.clone(),
-                instances,
-                config.limits.max_devices_per_user,
-                config.presence.session_ttl.as_millis_i64(),
-                config.presence.offline_grace.as_millis_i64(),
-            );
+        let sessions = Sessions::new(
+            store.clone(),
+            instances,
+            config.limits.max_devices_per_user,
+            config.presence.session_ttl.as_millis_i64(),
+            config.presence.grace_ms(),
+        );
         let typists = Arc::new(Typists::new(
             node_id.clone(),
             store.clone(),

@@ -181,6 +181,20 @@ impl Sinks {
             .collect()
     }
 
+    /// Waits, at most `limit`, until every sink that is up has delivered what its outbox
+    /// holds (a drained node's last transitions, its users' offline among them, reach the
+    /// sinks before it exits when they answer; a sink that is down keeps them queued for
+    /// the next start, as always).
+    pub async fn settle(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        // The dispatchers append what is on the bus in bursts: give them a moment.
+        tokio::time::sleep(Duration::from_millis(100).min(limit)).await;
+        let waiting = |r: &Arc<Runner>| !r.outbox.is_empty() && r.status.lock().up;
+        while tokio::time::Instant::now() < deadline && self.runners.iter().any(waiting) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Appends what is still on the bus to the outboxes, then stops (what is not
     /// delivered yet stays queued for the next start).
     pub async fn shutdown(&self) {

@@ -32,7 +32,9 @@ use tokio::task::JoinHandle;
 use super::persist::{Ack, Loaded, PersistError, Persister, Record};
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{Change, DeviceId, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
+use crate::core::{
+    Change, DeviceId, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState,
+};
 use crate::shards::Sharded;
 
 /// Settings of the embedded store.
@@ -455,7 +457,9 @@ impl PresenceStore for MemoryStore {
     async fn end_session(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
         let node = self.inner.node.clone();
         let now = self.inner.clock.now();
-        Ok(self.update(id, false, Persist::IfChanged, now, |s, now| s.end(device, sid, ending, &node, now)).is_some_and(|(removed, _)| removed))
+        Ok(self
+            .update(id, false, Persist::IfChanged, now, |s, now| s.end(device, sid, ending, &node, now))
+            .is_some_and(|(removed, _)| removed))
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {

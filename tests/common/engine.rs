@@ -1,6 +1,11 @@
 //! The engine a cluster runs on, for tests written once and run on each: a real
 //! nats-server, a real redis-server, or a real three-master Redis Cluster.
 
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
 use super::nats::NatsServer;
 use super::redis::{RedisCluster, RedisServer};
 use super::TestServer;
@@ -89,6 +94,55 @@ impl Engine {
             Engine::Redis(s) => s.restart(),
             Engine::RedisCluster(c) => c.nodes[0].restart(),
         }
+    }
+}
+
+/// Every event of one kind (`online`, `offline`) the engine carried, by user, in order:
+/// from NATS (a subscription opened before), or from Redis's event stream (read with
+/// redis-cli): what a durable consumer (seed 001's delivery service) would get.
+pub enum EventLog {
+    Nats(async_nats::Subscriber, &'static str),
+    Redis(u16, &'static str),
+}
+
+impl EventLog {
+    pub async fn open(e: &Engine, kind: &'static str) -> EventLog {
+        match e {
+            Engine::Nats(s) => {
+                let client = async_nats::connect(s.url()).await.unwrap();
+                let sub = client.subscribe(format!("presence.{kind}.>")).await.unwrap();
+                client.flush().await.unwrap();
+                EventLog::Nats(sub, kind)
+            }
+            _ => EventLog::Redis(e.port(), kind),
+        }
+    }
+
+    /// The users of the events so far, sorted (on Redis: since the stream began).
+    pub async fn users(&mut self) -> Vec<String> {
+        let mut users = Vec::new();
+        match self {
+            EventLog::Nats(sub, kind) => {
+                let prefix = format!("presence.{kind}.");
+                while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                    users.push(m.subject.trim_start_matches(prefix.as_str()).to_string());
+                }
+            }
+            EventLog::Redis(port, kind) => {
+                let out =
+                    Command::new("redis-cli").args(["-p", &port.to_string(), "XRANGE", "presence:events", "-", "+"]).output().unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                let lines: Vec<&str> = text.lines().collect();
+                let wanted = format!("user_{kind}");
+                for (i, l) in lines.iter().enumerate() {
+                    if *l == wanted && lines.get(i + 1) == Some(&"user_id") {
+                        users.push(lines[i + 2].to_string());
+                    }
+                }
+            }
+        }
+        users.sort();
+        users
     }
 }
 

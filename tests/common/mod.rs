@@ -36,8 +36,14 @@ pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -
     }
 }
 
+/// The offline grace of the suite's servers: `0s`, a socket's end shows at once (what the
+/// tests written before the grace expect, and the grace's own baseline). Tests of the
+/// grace set `PRESENCE_PRESENCE__OFFLINE_GRACE` themselves (a later setting wins).
+pub const NO_GRACE: (&str, &str) = ("PRESENCE_PRESENCE__OFFLINE_GRACE", "0s");
+
 /// The real `presenced` binary with nothing from the environment: loopback, ephemeral
-/// HTTP and gRPC ports, data in `dir`, the test secret, JSON logs (add the subcommand).
+/// HTTP and gRPC ports, data in `dir`, the test secret, JSON logs, no offline grace (add
+/// the subcommand).
 pub fn presenced_cmd(dir: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_presenced"));
     cmd.env_clear()
@@ -46,7 +52,8 @@ pub fn presenced_cmd(dir: &std::path::Path) -> std::process::Command {
         .env("PRESENCE_SERVICE__GRPC_PORT", "0")
         .env("PRESENCE_SERVICE__DATA_DIR", dir)
         .env("PRESENCE_AUTH__JWT_SECRET", SECRET)
-        .env("PRESENCE_LOGGING__FORMAT", "json");
+        .env("PRESENCE_LOGGING__FORMAT", "json")
+        .env(NO_GRACE.0, NO_GRACE.1);
     cmd
 }
 
@@ -83,7 +90,8 @@ pub struct TestServer {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// A config for tests: fixed secret, temporary data dir, loopback.
+/// A config for tests: fixed secret, temporary data dir, loopback, no offline grace
+/// ([`NO_GRACE`]; `extra_env` may set one).
 pub fn test_config(extra_env: &[(&str, &str)]) -> (Config, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut env: Vec<(String, String)> = vec![
@@ -91,6 +99,7 @@ pub fn test_config(extra_env: &[(&str, &str)]) -> (Config, tempfile::TempDir) {
         ("PRESENCE_SERVICE__HOST".into(), "127.0.0.1".into()),
         ("PRESENCE_SERVICE__NODE_ID".into(), "test-node".into()),
         ("PRESENCE_SERVICE__DATA_DIR".into(), dir.path().display().to_string()),
+        (NO_GRACE.0.into(), NO_GRACE.1.into()),
     ];
     env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     (Config::load(None, env).expect("test config"), dir)
@@ -192,7 +201,18 @@ impl Drop for TestServer {
     }
 }
 
-/// Status and JSON body; panics (failing the test) when the body is not JSON.
+/// Unix milliseconds of an RFC 3339 time (the API's `last_seen`, `updated_at`).
+pub fn unix_ms(rfc3339: &serde_json::Value) -> i64 {
+    let s = rfc3339.as_str().unwrap_or_else(|| panic!("not a time: {rfc3339}"));
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).expect("RFC 3339");
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64
+}
+
 /// The value of one series (`name` or `name{labels}`) in Prometheus text; 0 when absent.
 /// Metrics are process-wide: where tests share a process (`cargo test`), compare a value
 /// with one read before, not with an absolute number.
@@ -211,6 +231,7 @@ impl TestServer {
     }
 }
 
+/// Status and JSON body; panics (failing the test) when the body is not JSON.
 pub async fn decode(r: reqwest::Response) -> (u16, serde_json::Value) {
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
@@ -330,6 +351,19 @@ impl Watcher {
             let p = self.next(user).await;
             if pred(&p) {
                 return p;
+            }
+        }
+    }
+
+    /// Asserts that no push about `user` arrives within `ms` (pushes about others are
+    /// skipped).
+    pub async fn nothing_about(&mut self, user: &str, ms: u64) {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        while let Ok(m) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            if let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = m {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("JSON push");
+                assert!(!(v["type"] == "presence_update" && v["payload"]["user_id"] == user), "expected nothing about {user}, got {v}");
             }
         }
     }

@@ -63,6 +63,7 @@ export type ClientMessage = { id?: string | number } & (
   | { type: "typing"; payload: { conversation_id: string; is_typing: boolean } }
   | { type: "subscribe"; payload: { user_ids: string[] } }
   | { type: "unsubscribe"; payload: { user_ids: string[] } }
+  | { type: "bye"; payload?: Record<string, never> }
 );
 
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
@@ -98,8 +99,19 @@ export interface ClientOptions {
   url: string;
   /** A JWT, or a function giving a fresh one for every (re)connection. */
   token?: string | (() => string | Promise<string>);
-  /** Stable per device, so a reconnect replaces its own session (default: the server picks one). */
+  /**
+   * This device's id, the same on every connection, so a reconnect continues its session
+   * (within the server's offline grace: nobody sees it go offline). Default: generated
+   * once and kept in `storage`.
+   */
   deviceId?: string;
+  /**
+   * Where a generated device id is kept (default: the tab's `sessionStorage` in a browser,
+   * which survives reloads; none in Node, where the id lasts as long as the client). Pass
+   * `null` for none, or any object with `getItem`/`setItem` (e.g. a file-backed store in
+   * an app).
+   */
+  storage?: { getItem(key: string): string | null; setItem(key: string, value: string): void } | null;
   platform?: Platform;
   WebSocket?: WebSocketLike | unknown;
   backoff?: Backoff;
@@ -117,7 +129,10 @@ export declare class PresenceClient {
   readonly connected: boolean;
   /** The `connected` payload of the current (or last) connection. */
   readonly session: Connected | null;
+  /** The device id this client connects with. */
+  readonly deviceId: string;
   connect(): Promise<Connected>;
+  /** Signs out (`bye`: the session ends now) and stops reconnecting. */
   close(): void;
   presence(userId: string): Presence | undefined;
   typingIn(conversationId: string): string[];

@@ -6,10 +6,16 @@
  *   every attempt);
  * - heartbeats at the server's `heartbeat_interval` (from the `connected` message) and
  *   treats a silent server as gone;
- * - reconnects with exponential backoff and jitter, re-subscribes to every watched user
+ * - keeps one device id across reconnects and page reloads (generated once and stored in
+ *   the tab's sessionStorage, or the `storage` given; or the `deviceId` given), so the
+ *   server continues the device's session within its offline grace: a reconnect is no
+ *   visible offline for anyone;
+ * - reconnects with exponential backoff and jitter (after a 1012 "service restart" from a
+ *   draining node: at once, within a second), re-subscribes to every watched user
  *   and reconciles from the snapshot the server sends: callbacks fire only for users whose
  *   presence differs from what the application last saw, and typing indicators that were
  *   on before the gap are cleared;
+ * - `close()` signs out (`bye`): the server ends the device's session at once;
  * - typing with local debounce: call `typing(conversation)` on every keystroke; the server
  *   hears `is_typing: true` once (refreshed before its `typing_ttl` runs out) and `false`
  *   after `typingIdleMs` without keystrokes.
@@ -21,6 +27,30 @@ const OPEN = 1;
 
 /** @type {Required<import("./index").Backoff>} */
 const BACKOFF = { initialMs: 500, maxMs: 30_000, factor: 2 };
+
+/** Close code of a draining server (RFC 6455 registry: "Service Restart"). */
+const SERVICE_RESTART = 1012;
+/** Close code of a connection another connection of the same device replaced. */
+const REPLACED = 4001;
+/** Where a generated device id is kept. */
+const DEVICE_KEY = "presenced.device_id";
+
+/** A new device id (the server's id charset: letters, digits, `-`). */
+function newDeviceId(random) {
+  let hex = "";
+  for (let i = 0; i < 16; i++) hex += Math.floor(random() * 16).toString(16);
+  return "web-" + hex;
+}
+
+/** The tab's sessionStorage, when there is one (it survives reloads, not other tabs). */
+function defaultStorage() {
+  try {
+    const s = /** @type {any} */ (globalThis).sessionStorage;
+    return s && typeof s.getItem === "function" ? s : null;
+  } catch {
+    return null; // storage disabled
+  }
+}
 
 /**
  * Delay before reconnection attempt `attempt` (0-based): exponential, capped, with "equal
@@ -53,6 +83,10 @@ export class PresenceClient {
     if (!this.WS) throw new TypeError("PresenceClient: no WebSocket here; pass options.WebSocket (e.g. the ws package)");
     this.backoff = { ...BACKOFF, ...(options.backoff || {}) };
     this.random = options.random || Math.random;
+    /** @type {{getItem(k: string): string | null, setItem(k: string, v: string): void} | null} */
+    this.storage = options.storage === undefined ? defaultStorage() : options.storage;
+    /** The device id sent on every connection: given, stored, or generated once. */
+    this.deviceId = options.deviceId || this.storedDeviceId() || this.forkDeviceId();
     this.typingIdleMs = options.typingIdleMs ?? 3000;
     /** @type {import("./index").ConnectionState} */
     this.state = "idle";
@@ -97,7 +131,10 @@ export class PresenceClient {
     return /** @type {Promise<import("./index").Connected>} */ (p);
   }
 
-  /** Stops for good: no reconnection; the server ends this device's session. */
+  /**
+   * Stops for good and signs out: sends `bye` (the server ends this device's session at
+   * once, with no offline grace) and closes; no reconnection.
+   */
   close() {
     this.stopped = true;
     this.clearTimers();
@@ -113,6 +150,7 @@ export class PresenceClient {
       // handshake; with no listener that error would be thrown as uncaught.
       ws.onerror = () => {};
       try {
+        if (ws.readyState === OPEN) ws.send(JSON.stringify({ type: "bye" }));
         ws.close(1000, "bye");
       } catch {
         /* already closed */
@@ -245,7 +283,7 @@ export class PresenceClient {
     if (this.stopped) return;
     const q = new URLSearchParams();
     if (token) q.set("token", token);
-    if (this.options.deviceId) q.set("device_id", this.options.deviceId);
+    q.set("device_id", this.deviceId);
     if (this.options.platform) q.set("platform", this.options.platform);
     const url = this.options.url + (this.options.url.includes("?") ? "&" : "?") + q.toString();
     let ws;
@@ -261,8 +299,31 @@ export class PresenceClient {
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
       this.ws = null;
+      // Another live client took this device id (a duplicated tab copies sessionStorage):
+      // a generated id forks, so the two stop replacing each other.
+      if (ev.code === REPLACED && !this.options.deviceId) this.forkDeviceId();
       this.retry({ code: ev.code, reason: ev.reason });
     };
+  }
+
+  /** The stored device id, if any. */
+  storedDeviceId() {
+    try {
+      return (this.storage && this.storage.getItem(DEVICE_KEY)) || null;
+    } catch {
+      return null;
+    }
+  }
+
+  /** Generates (and stores) a new device id. */
+  forkDeviceId() {
+    this.deviceId = newDeviceId(this.random);
+    try {
+      if (this.storage) this.storage.setItem(DEVICE_KEY, this.deviceId);
+    } catch {
+      /* storage full or disabled: kept for this client's life */
+    }
+    return this.deviceId;
   }
 
   /** The connection is gone: schedules the next attempt. */
@@ -270,7 +331,11 @@ export class PresenceClient {
     this.clearTimers();
     this.failPending("disconnected");
     if (this.stopped) return;
-    const delayMs = backoffDelay(this.attempt, this.backoff, this.random);
+    // A draining node (1012) asks for a reconnect now: its session is held for the
+    // offline grace, so the sooner the better; the jitter (under a second) spreads a
+    // node's clients over the others.
+    const delayMs =
+      info.code === SERVICE_RESTART ? Math.round(this.random() * 1000) : backoffDelay(this.attempt, this.backoff, this.random);
     this.attempt += 1;
     this.setState("reconnecting", { ...info, attempt: this.attempt, delayMs });
     this.timers.retry = setTimeout(() => void this.open(), delayMs);

@@ -85,6 +85,22 @@ function killServer() {
   server = null;
 }
 
+/** SIGTERM: the server drains (closes every WebSocket with 1012) and exits. */
+function drainServer() {
+  const child = server;
+  server = null;
+  return new Promise((resolve) => {
+    child.on("exit", () => resolve());
+    process.kill(child.pid, "SIGTERM");
+  });
+}
+
+/** A storage like the browser's sessionStorage, for one simulated tab. */
+function tabStorage() {
+  const m = new Map();
+  return { getItem: (k) => (m.has(k) ? m.get(k) : null), setItem: (k, v) => m.set(k, String(v)) };
+}
+
 const base = () => "http://127.0.0.1:" + port;
 const wsUrl = () => "ws://127.0.0.1:" + port + "/ws";
 
@@ -212,6 +228,49 @@ test("typing: one frame for a burst of keystrokes, false after the idle time", a
   await until("carol stops after the idle time", () => !dan.typingIn("room-1").includes("carol"), 3000);
   assert.deepEqual(typingFrames().map((m) => m.payload.is_typing), [true, false]);
   assert.deepEqual(events.map((e) => e.is_typing), [true, false]);
+});
+
+test("a reload continues the session (one stored device id): a watcher sees no offline; close() signs out at once", async () => {
+  const watcher = client("wanda");
+  const seen = [];
+  watcher.onPresence((p) => p.user_id === "gus" && seen.push(p.status));
+  await watcher.connect();
+  await watcher.subscribe(["gus"]);
+  const tab = tabStorage();
+  const first = client("gus", { deviceId: undefined, storage: tab });
+  const hello = await first.connect();
+  assert.match(hello.device_id, /^web-[0-9a-f]{16}$/);
+  assert.equal(tab.getItem("presenced.device_id"), hello.device_id, "the generated id is stored");
+  await until("gus online", () => watcher.presence("gus")?.status === "online");
+  seen.length = 0;
+  // The page reloads: the socket goes without a goodbye, the new page reads the same id.
+  first.stopped = true;
+  first.ws.close();
+  const second = client("gus", { deviceId: undefined, storage: tab });
+  const again = await second.connect();
+  assert.equal(again.device_id, hello.device_id);
+  await new Promise((r) => setTimeout(r, 500));
+  assert.deepEqual(seen, [], "no offline, no second online: " + JSON.stringify(seen));
+  assert.equal(watcher.presence("gus").device_count, 1);
+  // Signing out is immediate: no grace.
+  const t0 = Date.now();
+  second.close();
+  await until("gus offline at once", () => watcher.presence("gus")?.status === "offline", 2000);
+  assert.ok(Date.now() - t0 < 2000);
+});
+
+test("a draining server's 1012: back within a second, same device, session continued", async () => {
+  const helen = client("helen", { deviceId: undefined, storage: tabStorage(), backoff: { initialMs: 5000, maxMs: 5000, factor: 1 } });
+  const states = [];
+  helen.onState((s, info) => states.push({ s, ...info }));
+  const hello = await helen.connect();
+  await drainServer();
+  await until("1012 seen", () => states.some((x) => x.s === "reconnecting" && x.code === 1012), 5000);
+  const retry = states.find((x) => x.s === "reconnecting" && x.code === 1012);
+  assert.ok(retry.delayMs <= 1000, "reconnects within a second after 1012, not after its 5 s backoff: " + retry.delayMs);
+  server = await startServer();
+  await until("reconnected", () => helen.connected, 10_000);
+  assert.equal(helen.session.device_id, hello.device_id);
 });
 
 test("a server restart mid-session: backoff, reconnection, re-subscription and reconciliation", async () => {

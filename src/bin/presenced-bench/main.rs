@@ -17,9 +17,12 @@
 //! writes with idle users (see `cluster.rs`). `presenced-bench backends` compares the
 //! cluster backends (NATS, Redis) side by side (see `backends.rs`). `presenced-bench scale`
 //! runs many nodes and load-generator processes toward a million sessions (`scale.rs`).
+//! `presenced-bench chaos` checks what watchers are shown against what clients lived
+//! through restarts, node loss, partitions and a flaky network (`chaos.rs`).
 #![forbid(unsafe_code)]
 
 mod backends;
+mod chaos;
 mod cluster;
 mod hostile;
 mod lean;
@@ -79,6 +82,9 @@ enum Cmd {
     ScaleGen(scale::GenArgs),
     /// What hostile clients cost: parked WatchPresence streams, stalled request heads.
     Hostile(hostile::HostileArgs),
+    /// Presence at the edges: rolling restarts, kill -9, a partition, a flaky network on
+    /// three nodes; what watchers were shown against what clients lived.
+    Chaos(chaos::ChaosArgs),
     /// The bare broadcast server used by `run --baseline`: every text frame received is
     /// sent to every connection.
     BaselineServer {
@@ -157,6 +163,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Backends(args) => rt.block_on(backends::run(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::run(args)),
+        Cmd::Chaos(args) => rt.block_on(chaos::run(args)),
         Cmd::Scale(args) => rt.block_on(scale::run(args)),
         Cmd::ScaleGen(args) => rt.block_on(scale::generator(args)),
         Cmd::BaselineServer { listen } => rt.block_on(baseline_server(listen)),
@@ -247,8 +254,20 @@ fn sibling(name: &str) -> Res<std::path::PathBuf> {
     }
 }
 
+/// A free loopback port, never one this process handed out before: the kernel may give
+/// a port just released by one call to the next, and two nodes told the same port end
+/// as one (the cluster bench once measured leaf A against itself).
 fn free_port() -> Res<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())?;
+        let mut given = GIVEN.lock().map_err(|_| "port list poisoned".to_string())?;
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    Err("no fresh free port after 100 tries".into())
 }
 
 const BENCH_SECRET: &str = "presenced-bench-secret-presenced-bench-secret";

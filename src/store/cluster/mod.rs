@@ -121,6 +121,12 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unreachable(e.to_string())
 }
 
+/// The longest back-off between two probes of an unreachable store: a third of the lease
+/// TTL, within 0.5-10 s.
+fn probe_backoff_max(lease_ttl_ms: i64) -> Duration {
+    Duration::from_millis((lease_ttl_ms / 3).clamp(500, 10_000) as u64)
+}
+
 /// A cluster node's store.
 #[derive(Clone)]
 pub struct ClusterStore {
@@ -198,6 +204,7 @@ impl ClusterStore {
     ) -> Result<ClusterStore, StoreError> {
         let started_at = clock.now();
         let tick_ms = opts.tick_ms;
+        let lease_ttl_ms = opts.lease_ttl_ms;
         let users = if opts.watch_writes { bp.watch_users() } else { None };
         let inner = Arc::new(Inner {
             node: Arc::from(opts.node_id.as_str()),
@@ -216,7 +223,9 @@ impl ClusterStore {
             counters: Counters::default(),
             interest_applied: tokio::sync::watch::Sender::new(0),
             degraded: Degraded {
-                breaker: Breaker::new(3, Duration::from_millis(500), Duration::from_secs(10)),
+                // Probes at most every third of the lease TTL (as its renewals), so a healed
+                // link is noticed within one renewal period however long the cut lasted.
+                breaker: Breaker::new(3, Duration::from_millis(500), probe_backoff_max(lease_ttl_ms)),
                 dirty: Mutex::new(HashSet::new()),
                 shown: Mutex::new(std::collections::HashMap::new()),
                 repairing: Mutex::new(HashSet::new()),
@@ -413,7 +422,9 @@ impl PresenceStore for ClusterStore {
         // and a janitor adopts the sessions as a dead node's.
         let limit = (self.inner.opts.kv_timeout * 4).max(Duration::from_secs(10));
         if !self.inner.bp.health().connected || self.inner.degraded.breaker.is_open() {
-            tracing::warn!("draining while the store is unreachable: this node's lease will lapse and another node will adopt its sessions");
+            tracing::warn!(
+                "draining while the store is unreachable: this node's lease will lapse and another node will adopt its sessions"
+            );
             return;
         }
         if tokio::time::timeout(limit, self.hand_over_all()).await.is_err() {

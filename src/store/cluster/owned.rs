@@ -227,9 +227,9 @@ impl OwnedTable {
     /// Whether this node holds a live (not lingering) session of `user` on a device
     /// `shown` does not list: the store lost it (anti-entropy, see the cluster store).
     pub fn missing_from(&self, user: &UserId, shown: &[crate::core::DeviceSummary], now: Millis) -> bool {
-        self.users.get(user).is_some_and(|u| {
-            u.devices.iter().any(|(d, o)| !o.lingering && o.expires_at > now && !shown.iter().any(|s| s.device_id == *d))
-        })
+        self.users
+            .get(user)
+            .is_some_and(|u| u.devices.iter().any(|(d, o)| !o.lingering && o.expires_at > now && !shown.iter().any(|s| s.device_id == *d)))
     }
 
     pub fn session_count(&self) -> u64 {
