@@ -54,17 +54,27 @@ async fn session(
     who: &Identity,
     socket: &mut impl Socket,
 ) -> (Option<(u16, &'static str)>, Leave) {
+    let heard = |quiet_for: std::time::Duration| svc.clock.now() - quiet_for.as_millis() as i64;
     match run_loop(svc, hub, conn, who, socket).await {
         Exit::Closed(c) => (c, Leave::Lost { last_heard: svc.clock.now() }),
-        Exit::Silent { close, quiet_for } => (Some(close), Leave::Lost { last_heard: svc.clock.now() - quiet_for.as_millis() as i64 }),
+        // Closed by the server (a drain, a slow reader): a client that was heard within a
+        // ping's window is there now, and gets the whole grace; one already overdue keeps
+        // the moment it was last heard (a silent device is not held longer for the close).
+        Exit::Shut { close, quiet_for } => {
+            let overdue = quiet_for > ping_after(svc.presence.heartbeat_interval.0, svc.presence.session_ttl.0);
+            (Some(close), Leave::Lost { last_heard: if overdue { heard(quiet_for) } else { svc.clock.now() } })
+        }
+        Exit::Silent { close, quiet_for } => (Some(close), Leave::Lost { last_heard: heard(quiet_for) }),
         Exit::Bye => (Some((close::NORMAL, "bye")), Leave::Bye),
     }
 }
 
 /// How the connection loop ended.
 enum Exit {
-    /// The socket closed or failed, or the server closes it (the frame to send, if any).
+    /// The socket closed or failed (a close frame to send back, if any).
     Closed(Option<(u16, &'static str)>),
+    /// The server closes it (a drain, a client too slow); its last frame came `quiet_for` ago.
+    Shut { close: (u16, &'static str), quiet_for: std::time::Duration },
     /// No inbound traffic for `session_ttl`: the device was last heard `quiet_for` ago.
     Silent { close: (u16, &'static str), quiet_for: std::time::Duration },
     /// The client said `bye` (its session has ended; the ack is written).
@@ -101,8 +111,8 @@ async fn run_loop(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Id
         tokio::select! {
             biased;
             _ = conn.woken() => {
-                if let Some(c) = conn.drain(&mut batch) {
-                    return Exit::Closed(Some(c));
+                if let Some(close) = conn.drain(&mut batch) {
+                    return Exit::Shut { close, quiet_for: last_in.elapsed() };
                 }
                 if let Some(exit) = write_batch(socket, &mut batch, ttl).await {
                     return exit;

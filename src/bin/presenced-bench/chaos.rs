@@ -49,7 +49,7 @@ pub struct ChaosArgs {
     /// `nats`, `redis`, or `both`.
     #[arg(long, default_value = "both")]
     pub engine: String,
-    /// `rolling`, `kill`, `partition`, `flaky`, or `all`.
+    /// `rolling`, `kill`, `partition`, `flaky` (several: comma-separated), or `all`.
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// WebSocket clients (users), spread over the nodes.
@@ -231,9 +231,11 @@ pub async fn run(args: ChaosArgs) -> Res<()> {
     };
     let scenarios: Vec<&str> = match args.scenario.as_str() {
         "all" => vec!["rolling", "kill", "partition", "flaky"],
-        s @ ("rolling" | "kill" | "partition" | "flaky") => vec![s],
-        other => return Err(format!("--scenario {other}: expected rolling, kill, partition, flaky or all")),
+        list => list.split(',').map(str::trim).collect(),
     };
+    if let Some(bad) = scenarios.iter().find(|s| !["rolling", "kill", "partition", "flaky"].contains(s)) {
+        return Err(format!("--scenario {bad}: expected rolling, kill, partition, flaky (comma-separated) or all"));
+    }
     if args.clients == 0 || args.nodes < 2 {
         return Err("--clients must be at least 1 and --nodes at least 2".into());
     }
@@ -340,6 +342,16 @@ fn start_node(dir: &Path, node: &Node, s: &Settings) -> Res<Proc> {
         .envs(super::BENCH_ENV)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    // CHAOS_LOGS=dir keeps each node's log (at debug level) there, one file per start.
+    if let Some(logs) = std::env::var_os("CHAOS_LOGS") {
+        let path = Path::new(&logs).join(format!(
+            "{}-{}.log",
+            node.id,
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
+        ));
+        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        cmd.env("PRESENCE_LOGGING__LEVEL", "info,presenced=debug").stderr(file);
+    }
     let child = cmd.spawn().map_err(|e| format!("presenced: {e}"))?;
     Ok(Proc(child))
 }
@@ -1065,48 +1077,59 @@ impl Check<'_> {
                 }
             }
         }
-        // Departures: when did each show as offline, on every log that knew the user?
+        // Departures: when did each show as offline? A log's first offline push after it
+        // left times it (a snapshot after the watcher reconnected only bounds it); a log
+        // connected when it was due and still showing it online counts zombie time.
         let (mut closed, mut silent, mut zombie_ms, mut undetected) = (Vec::new(), Vec::new(), 0i64, 0usize);
         for (u, g) in &departures {
             let due = g.start + if g.silent { self.session_ttl_ms } else { self.run_grace_ms } + 1_000;
-            let mut shown: Vec<i64> = Vec::new();
-            let mut worst_zombie = 0;
-            let mut measured = false;
+            let mut pushed: Vec<i64> = Vec::new();
+            let (mut worst_zombie, mut shown, mut measured) = (0, false, false);
             for log in self.logs {
-                // Only a connection of the watcher that was up from the departure on
-                // tells when it showed (one that came back later got a snapshot).
-                let Some(ci) = log.conns.iter().position(|(f, t)| *f <= g.start && t.is_none_or(|t| t > g.start)) else { continue };
                 if self.partitioned(log.node, *u, due) {
                     continue; // a cut-off node's view, or of a cut-off node's user: stale by the partition
                 }
-                let until = log.conns[ci].1.unwrap_or(self.end);
-                let mine: Vec<&Seen> = log.seen.iter().filter(|s| s.user == *u && s.conn == ci).collect();
-                if mine.is_empty() || mine.iter().rev().find(|s| s.at < g.start).is_some_and(|s| !s.online) {
-                    continue; // nothing seen, or already shown offline when it left
+                let mine: Vec<&Seen> = log.seen.iter().filter(|s| s.user == *u).collect();
+                if mine.iter().rev().find(|s| s.at < g.start).is_none_or(|s| !s.online) {
+                    continue; // nothing seen before it left, or already shown offline
                 }
                 measured = true;
-                let offline_at = mine.iter().find(|s| s.at >= g.start && !s.online).map(|s| s.at);
-                let online_at_due = due < until && mine.iter().rev().find(|s| s.at <= due).is_some_and(|s| s.online);
-                if online_at_due {
-                    worst_zombie = worst_zombie.max(offline_at.unwrap_or(until).min(until) - due);
+                let after: Vec<&&Seen> = mine.iter().filter(|s| s.at >= g.start && !s.online).collect();
+                shown |= !after.is_empty();
+                if let Some(s) = after.iter().find(|s| !s.snapshot) {
+                    pushed.push(s.at);
                 }
-                if let Some(t) = offline_at {
-                    shown.push(t);
+                // Zombie time: the connection up at `due`, if it showed the user online then.
+                if let Some(ci) = log.conns.iter().position(|(f, t)| *f <= due && t.is_none_or(|t| t > due)) {
+                    let until = log.conns[ci].1.unwrap_or(self.end);
+                    let at_due = mine.iter().rev().find(|s| s.conn == ci && s.at <= due);
+                    if at_due.is_some_and(|s| s.online) {
+                        let off = mine.iter().find(|s| s.conn == ci && s.at > due && !s.online).map_or(until, |s| s.at.min(until));
+                        worst_zombie = worst_zombie.max(off - due);
+                    }
                 }
             }
             zombie_ms += worst_zombie.max(0);
             if !measured {
-                continue; // no watcher could tell (all cut off, or reconnecting)
+                continue; // no watcher could tell (all cut off)
             }
-            if shown.is_empty() {
+            if !shown {
                 if std::env::var_os("CHAOS_DEBUG").is_some() {
                     eprintln!("undetected: u{u} {g:?} truth {:?} cut {:?}", self.truths[*u], self.cut);
+                    for log in self.logs {
+                        let mine: Vec<(i64, bool, bool, usize)> =
+                            log.seen.iter().filter(|s| s.user == *u).map(|s| (s.at, s.online, s.snapshot, s.conn)).collect();
+                        eprintln!("  log on n{}: conns {:?} seen {mine:?}", log.node, log.conns);
+                    }
                 }
                 undetected += 1;
                 continue;
             }
-            shown.sort_unstable();
-            let latency = shown[shown.len() / 2] - g.start;
+            if pushed.is_empty() {
+                continue; // shown, but only in snapshots: no time to tell
+            }
+            pushed.sort_unstable();
+            let latency = pushed[pushed.len() / 2] - g.start;
             if g.silent {
                 silent.push(latency);
             } else {

@@ -487,7 +487,10 @@ impl ClusterStore {
         let Ok(body) = serde_json::to_vec(&lease) else { return written };
         let rev = *self.inner.lease.revision.lock();
         match self.inner.bp.swap(Space::Leases, &node, rev, body.into(), None).await {
-            Ok(_) => wrote(&self.inner, "lease"),
+            Ok(rev) => {
+                wrote(&self.inner, "lease");
+                *self.inner.lease.revision.lock() = Some(rev);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not mark this node's lease handed over; it will lapse instead");
                 return written;

@@ -418,6 +418,11 @@ impl PresenceStore for ClusterStore {
     }
 
     async fn drain(&self) {
+        // Nothing of this node's runs on meanwhile: a lease renewal after the hand-over
+        // would take the lease back, a reaper round end a session just handed over.
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
         // Bounded: with the backend unreachable (or slow) the lease simply lapses instead,
         // and a janitor adopts the sessions as a dead node's.
         let limit = (self.inner.opts.kv_timeout * 4).max(Duration::from_secs(10));
