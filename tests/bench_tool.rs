@@ -198,7 +198,7 @@ fn chaos(engine: &str) {
     let run = |scenarios: &str, baseline: bool, file: &str| -> Vec<serde_json::Value> {
         let json = dir.path().join(file);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_presenced-bench"));
-        cmd.args(["chaos", "--engine", engine, "--scenario", scenarios, "--clients", "150", "--grace-secs", "3", "--lease-secs", "2"])
+        cmd.args(["chaos", "--engine", engine, "--scenario", scenarios, "--clients", "300", "--grace-secs", "3", "--lease-secs", "2"])
             .args(["--session-ttl-secs", "8", "--heartbeat-secs", "3", "--flaky-secs", "8", "--drop-rate", "0.05", "--leavers", "0.06"])
             .arg("--json")
             .arg(&json);

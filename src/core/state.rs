@@ -514,11 +514,9 @@ impl UserState {
         let mut adopted = Vec::new();
         let change = self.transition(node, now, false, |s| {
             let lapsed = s.drop_lapsed(now);
-            let mut last = s.last_seen;
-            let mut ended = false;
-            s.sessions.retain_mut(|x| {
-                if &*x.node_id != owner || x.connected_at > until {
-                    return true;
+            s.settle_owned(owner, |x| {
+                if x.connected_at > until {
+                    return None;
                 }
                 let (deadline, heard, lingering) = if x.expires_at == HELD {
                     let heard = last_alive.max(x.last_heartbeat);
@@ -527,21 +525,15 @@ impl UserState {
                     (x.expires_at, x.last_heartbeat, x.lingering)
                 };
                 if deadline <= now {
-                    last = last.max(Some(heard.min(now)));
-                    ended = true;
-                    return false;
+                    return Some(heard.min(now));
                 }
                 x.node_id = adopter.clone();
                 x.expires_at = HELD;
                 x.lingering = lingering;
                 x.last_heartbeat = heard;
                 adopted.push(Session { expires_at: deadline, ..x.clone() });
-                true
+                None
             });
-            if ended {
-                s.last_seen = last;
-                s.after_removal();
-            }
             lapsed
         });
         let persist = change.persist || change.event == Some(EventKind::UserOffline);
@@ -583,30 +575,15 @@ impl UserState {
         let change = self.transition(node, now, false, |s| {
             let lapsed = s.drop_lapsed(now);
             let tagged = |x: &Session, h: &Session| x.device_id == h.device_id && x.sid == h.sid;
-            let mut last = s.last_seen;
-            let mut ended = false;
-            s.sessions.retain_mut(|x| {
-                if x.node_id != *owner {
-                    return true;
+            s.settle_owned(owner, |x| match held.iter().find(|h| tagged(x, h)) {
+                Some(h) if h.lingering && h.expires_at <= now => Some(h.last_heartbeat.min(now)),
+                Some(h) => {
+                    x.expires_at = HELD;
+                    x.lingering = h.lingering;
+                    x.last_heartbeat = x.last_heartbeat.max(h.last_heartbeat);
+                    None
                 }
-                match held.iter().find(|h| tagged(x, h)) {
-                    Some(h) if h.lingering && h.expires_at <= now => {
-                        last = last.max(Some(h.last_heartbeat.min(now)));
-                        ended = true;
-                        false
-                    }
-                    Some(h) => {
-                        x.expires_at = HELD;
-                        x.lingering = h.lingering;
-                        x.last_heartbeat = x.last_heartbeat.max(h.last_heartbeat);
-                        true
-                    }
-                    None => {
-                        last = last.max(Some(now));
-                        ended = true;
-                        false
-                    }
-                }
+                None => Some(now),
             });
             for h in held {
                 match s.sessions.iter_mut().find(|x| x.device_id == h.device_id) {
@@ -623,13 +600,9 @@ impl UserState {
                     None => {
                         s.sessions.reserve_exact(1);
                         s.sessions.push(Session { expires_at: HELD, node_id: owner.clone(), ..h.clone() });
-                        last = last.max(Some(h.last_heartbeat));
+                        s.last_seen = s.last_seen.max(Some(h.last_heartbeat));
                     }
                 }
-            }
-            s.last_seen = last;
-            if ended {
-                s.after_removal();
             }
             lapsed
         });
@@ -645,39 +618,43 @@ impl UserState {
     pub fn hand_over(&mut self, owner: &Arc<str>, held: &[Session], node: &Arc<str>, now: Millis) -> Change {
         let change = self.transition(node, now, false, |s| {
             let lapsed = s.drop_lapsed(now);
-            let mut last = s.last_seen;
-            let mut ended = false;
-            s.sessions.retain_mut(|x| {
-                if x.node_id != *owner {
-                    return true;
+            s.settle_owned(owner, |x| match held.iter().find(|h| h.device_id == x.device_id && h.sid == x.sid) {
+                Some(h) if h.expires_at > now => {
+                    x.expires_at = h.expires_at;
+                    x.lingering = h.lingering;
+                    x.last_heartbeat = x.last_heartbeat.max(h.last_heartbeat);
+                    None
                 }
-                match held.iter().find(|h| h.device_id == x.device_id && h.sid == x.sid) {
-                    Some(h) if h.expires_at > now => {
-                        x.expires_at = h.expires_at;
-                        x.lingering = h.lingering;
-                        x.last_heartbeat = x.last_heartbeat.max(h.last_heartbeat);
-                        true
-                    }
-                    Some(h) => {
-                        last = last.max(Some(h.last_heartbeat.min(now)));
-                        ended = true;
-                        false
-                    }
-                    None => {
-                        last = last.max(Some(now));
-                        ended = true;
-                        false
-                    }
-                }
+                Some(h) => Some(h.last_heartbeat.min(now)),
+                None => Some(now),
             });
-            s.last_seen = last;
-            if ended {
-                s.after_removal();
-            }
             lapsed
         });
         let persist = change.persist || change.event == Some(EventKind::UserOffline);
         Change { persist, ..change }
+    }
+
+    /// Goes over the sessions `owner` holds: `end` keeps one (changed as it likes, `None`)
+    /// or ends it (`Some(the moment it was last heard of)`, which `last_seen` takes).
+    fn settle_owned(&mut self, owner: &str, mut end: impl FnMut(&mut Session) -> Option<Millis>) {
+        let n = self.sessions.len();
+        let mut last = self.last_seen;
+        self.sessions.retain_mut(|x| {
+            if &*x.node_id != owner {
+                return true;
+            }
+            match end(x) {
+                None => true,
+                Some(heard) => {
+                    last = last.max(Some(heard));
+                    false
+                }
+            }
+        });
+        self.last_seen = last;
+        if self.sessions.len() < n {
+            self.after_removal();
+        }
     }
 
     /// Ends every session at once (an embedded node stopping: its sessions do not

@@ -501,6 +501,10 @@ impl Forwarder {
         // Events to send, oldest user first, the newest event per user.
         let mut order: VecDeque<UserId> = VecDeque::new();
         let mut pending: HashMap<UserId, Arc<Event>> = HashMap::new();
+        // The revision of each user's snapshot, for a while: an event still on its way
+        // from before the read is no news after it (it would roll the reader back).
+        let mut snapshot_revs: HashMap<UserId, u64> = HashMap::new();
+        let mut snapshot_times: VecDeque<(std::time::Instant, UserId)> = VecDeque::new();
         let end = loop {
             let has_output = !ready.is_empty() || cursor < self.watched.len() || !order.is_empty();
             tokio::select! {
@@ -515,10 +519,20 @@ impl Forwarder {
                         let now = self.svc.clock.now();
                         match self.svc.get_many_fresh(chunk).await {
                             Ok(found) => {
+                                let read_at = std::time::Instant::now();
+                                while snapshot_times.front().is_some_and(|(t, _)| read_at.duration_since(*t) > SNAPSHOT_REVISIONS_KEPT) {
+                                    if let Some((_, u)) = snapshot_times.pop_front() {
+                                        snapshot_revs.remove(&u);
+                                    }
+                                }
                                 for p in found {
                                     // The snapshot is as new as any event queued before it.
                                     if pending.remove(&p.user_id).is_some() {
                                         order.retain(|u| *u != p.user_id);
+                                    }
+                                    if p.revision != 0 {
+                                        snapshot_revs.insert(p.user_id.clone(), p.revision);
+                                        snapshot_times.push_back((read_at, p.user_id.clone()));
                                     }
                                     ready.push_back(self.encode(p, pb::presence_event::Kind::PresenceUpdated, now, true));
                                 }
@@ -537,6 +551,10 @@ impl Forwarder {
                         let user = &ev.presence.user_id;
                         if !self.watches(user) {
                             continue;
+                        }
+                        let rev = ev.presence.revision;
+                        if rev != 0 && snapshot_revs.get(user).is_some_and(|snap| rev <= *snap) {
+                            continue; // older than the snapshot already taken
                         }
                         let rel = self.svc.relation(self.viewer.as_ref(), user);
                         if !visible_change(&ev.before, &ev.presence, &self.svc.directory.privacy(user), rel) {
@@ -565,6 +583,10 @@ impl Forwarder {
         }
     }
 }
+
+/// How long a snapshot's revisions are kept to drop events older than it that were
+/// still on their way (they arrive within milliseconds).
+const SNAPSHOT_REVISIONS_KEPT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How a watch stream ends when its node drains: `UNAVAILABLE`, with gRPC's retry
 /// pushback (`grpc-retry-pushback-ms: 0`: retry now) and a message saying where to go.

@@ -119,6 +119,11 @@ struct Outbox {
     queue: VecDeque<Entry>,
     keyed: HashMap<Key, Utf8Bytes>,
     close: Option<(u16, &'static str)>,
+    /// While snapshots are being read for this connection (how many, and the keys an
+    /// event was pushed for meanwhile): a snapshot's state of such a user is older than
+    /// that event's, and must not follow it (it would show a departed user online until
+    /// the next change). `None` when no snapshot runs: nothing kept for idle connections.
+    fresh: Option<(u32, HashSet<Key>)>,
 }
 
 /// One WebSocket connection as the hub sees it.
@@ -152,6 +157,14 @@ impl Conn {
         if o.close.is_some() {
             return;
         }
+        if let Some((_, fresh)) = &mut o.fresh {
+            if !checked && fresh.contains(&key) {
+                return; // a snapshot older than an event already pushed
+            }
+            if checked {
+                fresh.insert(key.clone());
+            }
+        }
         if let Some(slot) = o.keyed.get_mut(&key) {
             *slot = payload;
             metrics::counter!("ws_coalesced_total").increment(1);
@@ -165,6 +178,26 @@ impl Conn {
         }
         drop(o);
         self.wake.notify_one();
+    }
+
+    /// A snapshot of this connection is about to be read: events pushed from now until
+    /// [`Conn::end_snapshot`] win over it.
+    fn begin_snapshot(&self) {
+        let mut o = self.outbox.lock();
+        match &mut o.fresh {
+            Some((n, _)) => *n += 1,
+            None => o.fresh = Some((1, HashSet::new())),
+        }
+    }
+
+    fn end_snapshot(&self) {
+        let mut o = self.outbox.lock();
+        if let Some((n, _)) = &mut o.fresh {
+            *n -= 1;
+            if *n == 0 {
+                o.fresh = None;
+            }
+        }
     }
 
     /// Queues a message that is delivered as is, in order (acks, errors).
@@ -565,6 +598,16 @@ impl Hub {
         if ids.is_empty() {
             return Ok(());
         }
+        // From before the read until every entry is queued, an event pushed for one of
+        // these users wins over the snapshot's (older) state of it.
+        struct Snapshotting<'a>(&'a Conn);
+        impl Drop for Snapshotting<'_> {
+            fn drop(&mut self) {
+                self.0.end_snapshot();
+            }
+        }
+        conn.begin_snapshot();
+        let _guard = Snapshotting(conn);
         let found = self.svc.get_many_fresh(ids).await?;
         let now = self.svc.clock.now();
         for (id, p) in ids.iter().zip(found) {
@@ -826,6 +869,29 @@ mod tests {
         c.push_keyed(key("a"), Utf8Bytes::from("a3"));
         assert_eq!(c.drain(&mut out), None);
         assert_eq!(out.len(), 1);
+    }
+
+    /// A watcher re-subscribing reads its snapshot while events go on: an event pushed
+    /// meanwhile (a departure, say) is newer than the snapshot's state of that user, which
+    /// must not follow it, whether the event is still queued or already written.
+    #[test]
+    fn an_event_pushed_while_a_snapshot_is_read_wins_over_it() {
+        let c = conn(10);
+        c.begin_snapshot();
+        c.push_keyed(key("a"), Utf8Bytes::from("a offline (event)"));
+        let mut out = Vec::new();
+        c.drain(&mut out); // written before the snapshot is queued
+        c.push_keyed_inner(key("a"), Utf8Bytes::from("a online (snapshot)"), false);
+        c.push_keyed_inner(key("b"), Utf8Bytes::from("b (snapshot)"), false);
+        c.end_snapshot();
+        c.drain(&mut out);
+        let got: Vec<&str> = out.iter().map(|m| m.as_str()).collect();
+        assert_eq!(got, vec!["a offline (event)", "b (snapshot)"]);
+        assert!(c.outbox.lock().fresh.is_none(), "nothing kept once no snapshot runs");
+        out.clear();
+        c.push_keyed_inner(key("a"), Utf8Bytes::from("a (next snapshot)"), false);
+        c.drain(&mut out);
+        assert_eq!(out.len(), 1, "a later snapshot is sent");
     }
 
     #[test]

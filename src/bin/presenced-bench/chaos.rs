@@ -356,6 +356,21 @@ fn start_node(dir: &Path, node: &Node, s: &Settings) -> Res<Proc> {
     Ok(Proc(child))
 }
 
+/// Starts a node again on its ports (after a stop or a kill) and waits until it listens;
+/// a start that exits before it listens is tried again, up to three times.
+async fn restart_node(dir: &Path, node: &mut Node, s: &Settings) -> Res<()> {
+    for _ in 0..3 {
+        let mut p = start_node(dir, node, s)?;
+        let up = super::cluster::wait_port_unless_exited(node.http, Some(&mut p)).await?;
+        node.proc = Some(p);
+        if up {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(format!("node {} did not listen again on :{}", node.id, node.http))
+}
+
 fn signal(p: &Proc, sig: &str) {
     let _ = Command::new("kill").args([sig, &p.0.id().to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
@@ -431,8 +446,14 @@ impl Drop for Proxy {
 
 type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
 
+/// Connects from 127.0.0.2-127.0.0.9 (by `user`), never from 127.0.0.1: thousands of
+/// reconnects take ephemeral ports, and one taken on the nodes' own address could be the
+/// port a restarting node must listen on again.
 async fn open(port: u16, user: &str, device: &str) -> Res<Ws> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+    let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (user.bytes().map(u32::from).sum::<u32>() % 8) as u8);
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind((source, 0).into()).map_err(|e| format!("bind {source}: {e}"))?;
+    let stream = sock.connect(([127, 0, 0, 1], port).into()).await.map_err(|e| format!("connect: {e}"))?;
     let mut req = format!("ws://127.0.0.1:{port}/ws").into_client_request().map_err(|e| e.to_string())?;
     req.headers_mut().insert("x-user-id", user.parse().map_err(|_| "bad user id")?);
     req.headers_mut().insert("x-device-id", device.parse().map_err(|_| "bad device id")?);
@@ -802,8 +823,7 @@ async fn run_in(args: &ChaosArgs, engine: &str, scenario: &str, grace_secs: u64,
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                node.proc = Some(start_node(dir, node, &settings)?);
-                wait_port(node.http).await?;
+                restart_node(dir, node, &settings).await?;
                 world.up[i].store(true, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
@@ -815,8 +835,7 @@ async fn run_in(args: &ChaosArgs, engine: &str, scenario: &str, grace_secs: u64,
                 signal(p, "-KILL");
             }
             tokio::time::sleep(lease + Duration::from_secs(5)).await;
-            nodes[0].proc = Some(start_node(dir, &nodes[0], &settings)?);
-            wait_port(nodes[0].http).await?;
+            restart_node(dir, &mut nodes[0], &settings).await?;
             world.up[0].store(true, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
@@ -1110,6 +1129,14 @@ impl Check<'_> {
                 }
             }
             zombie_ms += worst_zombie.max(0);
+            if worst_zombie > 0 && std::env::var_os("CHAOS_DEBUG").is_some() {
+                eprintln!("zombie {worst_zombie} ms: u{u} {g:?} due {due} truth {:?}", self.truths[*u]);
+                for log in self.logs {
+                    let mine: Vec<(i64, bool, bool, usize)> =
+                        log.seen.iter().filter(|s| s.user == *u).map(|s| (s.at, s.online, s.snapshot, s.conn)).collect();
+                    eprintln!("  log on n{}: conns {:?} seen {mine:?}", log.node, log.conns);
+                }
+            }
             if !measured {
                 continue; // no watcher could tell (all cut off)
             }
