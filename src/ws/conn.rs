@@ -30,19 +30,30 @@ pub trait Socket: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Er
 impl<S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send> Socket for S {}
 
 /// Runs a connection (connected to the hub before the upgrade) to its end.
-pub async fn run<S: Socket>(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, conn: Arc<Conn>, mut socket: S) {
-    // The user's own presence, and everyone who shares theirs with this user.
-    let mut initial = vec![conn.user.clone()];
-    initial.extend(svc.directory.audience_of(&conn.user));
-    if let Err(e) = hub.snapshot(&conn, &initial).await {
-        conn.push(protocol::error_of(&None, &e));
+///
+/// This future is the connection's task for its whole life, so its size is memory per
+/// connection: an `async move` block rather than an `async fn` (whose body keeps a second
+/// copy of its arguments, rust-lang/rust#62958), with the transient steps boxed.
+pub fn run<S: Socket>(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, conn: Arc<Conn>, mut socket: S) -> impl Future<Output = ()> + Send {
+    async move {
+        // The user's own presence, and everyone who shares theirs with this user.
+        let mut initial = vec![conn.user.clone()];
+        initial.extend(svc.directory.audience_of(&conn.user));
+        if let Err(e) = Box::pin(hub.snapshot(&conn, &initial)).await {
+            conn.push(protocol::error_of(&None, &e));
+        }
+        drop(initial);
+        let (end, leave) = session(&svc, &hub, &conn, &who, &mut socket).await;
+        Box::pin(hub.disconnect(&conn, leave)).await;
+        if let Some((code, reason)) = end {
+            Box::pin(close_with(&mut socket, code, reason)).await;
+        }
     }
-    let (end, leave) = session(&svc, &hub, &conn, &who, &mut socket).await;
-    hub.disconnect(&conn, leave).await;
-    if let Some((code, reason)) = end {
-        let close = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })));
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
-    }
+}
+
+async fn close_with(socket: &mut impl Socket, code: u16, reason: &'static str) {
+    let close = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
 }
 
 /// The connection loop; returns the close frame to send, if any, and how the device left
@@ -199,7 +210,9 @@ async fn write_batch(socket: &mut impl Socket, batch: &mut Vec<Utf8Bytes>, ttl: 
         // Most writes finish at once (the socket has room): only one that waits gets a timer.
         match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
             Poll::Ready(r) => Ok(r),
-            Poll::Pending => tokio::time::timeout(ttl, write).await,
+            // Boxed: only a write that cannot finish at once pays for the timer, in time
+            // and in the size of every connection's task.
+            Poll::Pending => Box::pin(tokio::time::timeout(ttl, write)).await,
         }
     };
     match written {

@@ -122,8 +122,9 @@ struct Outbox {
     /// While snapshots are being read for this connection (how many, and the keys an
     /// event was pushed for meanwhile): a snapshot's state of such a user is older than
     /// that event's, and must not follow it (it would show a departed user online until
-    /// the next change). `None` when no snapshot runs: nothing kept for idle connections.
-    fresh: Option<(u32, HashSet<Key>)>,
+    /// the next change). `None` when no snapshot runs: nothing kept for idle connections
+    /// (boxed: one pointer in every connection's outbox).
+    fresh: Option<Box<(u32, HashSet<Key>)>>,
 }
 
 /// One WebSocket connection as the hub sees it.
@@ -157,7 +158,7 @@ impl Conn {
         if o.close.is_some() {
             return;
         }
-        if let Some((_, fresh)) = &mut o.fresh {
+        if let Some((_, fresh)) = o.fresh.as_deref_mut() {
             if !checked && fresh.contains(&key) {
                 return; // a snapshot older than an event already pushed
             }
@@ -184,15 +185,15 @@ impl Conn {
     /// [`Conn::end_snapshot`] win over it.
     fn begin_snapshot(&self) {
         let mut o = self.outbox.lock();
-        match &mut o.fresh {
+        match o.fresh.as_deref_mut() {
             Some((n, _)) => *n += 1,
-            None => o.fresh = Some((1, HashSet::new())),
+            None => o.fresh = Some(Box::new((1, HashSet::new()))),
         }
     }
 
     fn end_snapshot(&self) {
         let mut o = self.outbox.lock();
-        if let Some((n, _)) = &mut o.fresh {
+        if let Some((n, _)) = o.fresh.as_deref_mut() {
             *n -= 1;
             if *n == 0 {
                 o.fresh = None;
