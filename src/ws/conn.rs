@@ -34,6 +34,7 @@ impl<S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum
 /// This future is the connection's task for its whole life, so its size is memory per
 /// connection: an `async move` block rather than an `async fn` (whose body keeps a second
 /// copy of its arguments, rust-lang/rust#62958), with the transient steps boxed.
+#[allow(clippy::manual_async_fn)] // on purpose, as said above
 pub fn run<S: Socket>(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, conn: Arc<Conn>, mut socket: S) -> impl Future<Output = ()> + Send {
     async move {
         // The user's own presence, and everyone who shares theirs with this user.
