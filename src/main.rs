@@ -123,6 +123,15 @@ fn serve(config: Config, dev: bool) -> ExitCode {
         eprintln!("presenced: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    let foreign: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("PRESENCE_") && k != "PRESENCE_CONFIG" && !presenced::config::is_override(k))
+        .collect();
+    if !foreign.is_empty() {
+        // Kubernetes injects PRESENCE_PORT, PRESENCE_SERVICE_HOST, ... for a Service named
+        // `presence`: not ours, and not a reason to refuse the start.
+        tracing::debug!(?foreign, "ignored PRESENCE_* variables that are not overrides (PRESENCE_<SECTION>__<KEY>)");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.service.worker_threads > 0 {
         builder.worker_threads(config.service.worker_threads);
@@ -136,7 +145,29 @@ fn serve(config: Config, dev: bool) -> ExitCode {
     };
     rt.block_on(async move {
         let addr = format!("{}:{}", config.service.host, config.service.port);
-        let app = match App::build(config).await {
+        let mut shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(shutdown_signal());
+        // Bound early only when the store is late: the port then answers 503 meanwhile.
+        let mut early: Option<std::net::TcpListener> = None;
+        let built = match App::build(config.clone()).await {
+            Err(e) if e.store_unreachable() && !config.store.fail_fast => {
+                let listener = match bind_early(&addr) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("presenced: cannot listen on {addr} (service.host, service.port): {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let waited = presenced::server::wait_for_store(&config, &listener, e, shutdown.as_mut()).await;
+                early = Some(listener);
+                match waited {
+                    Ok(Some(app)) => Ok(app),
+                    Ok(None) => return ExitCode::SUCCESS, // stopped while waiting
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        let app = match built {
             Ok(mut a) => {
                 a.dev = dev;
                 if dev {
@@ -150,7 +181,11 @@ fn serve(config: Config, dev: bool) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        let listener = match tokio::net::TcpListener::bind(&addr).await {
+        let bound = match early {
+            Some(l) => tokio::net::TcpListener::from_std(l),
+            None => tokio::net::TcpListener::bind(&addr).await,
+        };
+        let listener = match bound {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("presenced: cannot listen on {addr} (service.host, service.port): {e}");
@@ -171,7 +206,7 @@ fn serve(config: Config, dev: bool) -> ExitCode {
         let grpc_local = grpc.local_addr().map(|a| a.to_string()).unwrap_or(grpc_addr);
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         tracing::info!(http = %local, grpc = %grpc_local, node_id = %app.svc.node_id, backend = app.backend, workers, "presenced listening");
-        match app.serve_all(listener, Some(grpc), shutdown_signal()).await {
+        match app.serve_all(listener, Some(grpc), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("presenced: {e}");
@@ -179,4 +214,20 @@ fn serve(config: Config, dev: bool) -> ExitCode {
             }
         }
     })
+}
+
+/// Binds the HTTP port before the app exists (non-blocking, for tokio), as tokio's own
+/// `bind` does: address reuse, so a restart does not wait out TIME_WAIT.
+fn bind_early(addr: &str) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address");
+    for a in addr.to_socket_addrs()? {
+        let socket = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(1024)) {
+            Ok(l) => return l.into_std(),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }

@@ -36,6 +36,90 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+impl StartError {
+    /// NATS or Redis did not answer: worth waiting for (a compose file or a cluster often
+    /// starts presenced first), unlike a configuration mistake.
+    pub fn store_unreachable(&self) -> bool {
+        matches!(self, StartError::Cluster(_, crate::store::StoreError::Unreachable(_)))
+    }
+}
+
+/// How long the first retry of a store that is down at start waits, doubling up to
+/// [`START_RETRY_MAX`].
+const START_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+const START_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Cluster mode with the store down at start (`store.fail_fast: false`): serves 503 on
+/// `listener` (`/health` included, so a readiness probe or a load balancer keeps traffic
+/// away) while it builds the app again with backoff; returns it once the store answers,
+/// or `None` if `shutdown` resolved first. Another error than an unreachable store ends
+/// the wait.
+pub async fn wait_for_store(
+    config: &Config,
+    listener: &std::net::TcpListener,
+    first: StartError,
+    mut shutdown: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>,
+) -> Result<Option<App>, StartError> {
+    let reason = Arc::new(parking_lot::Mutex::new(first.to_string()));
+    let starting = TcpListener::from_std(listener.try_clone()?)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = starting_router(reason.clone());
+    let server = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        axum::serve(starting, router).with_graceful_shutdown(stopped).await
+    });
+    let end = |app: Result<Option<App>, StartError>| async move {
+        let _ = stop.send(());
+        let _ = server.await;
+        app
+    };
+    tracing::warn!(error = %first, retry_in = ?START_RETRY_FIRST, "the store cannot be reached; answering 503 and retrying (store.fail_fast: false)");
+    let mut delay = START_RETRY_FIRST;
+    let mut attempt = 1u32;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.as_mut() => return end(Ok(None)).await,
+        }
+        attempt += 1;
+        match App::build(config.clone()).await {
+            Ok(app) => {
+                tracing::info!(attempt, "the store answers; starting");
+                return end(Ok(Some(app))).await;
+            }
+            Err(e) if e.store_unreachable() => {
+                delay = (delay * 2).min(START_RETRY_MAX);
+                let message = e.to_string();
+                let mut last = reason.lock();
+                if *last == message {
+                    tracing::info!(attempt, retry_in = ?delay, "the store still cannot be reached");
+                } else {
+                    tracing::warn!(attempt, error = %message, retry_in = ?delay, "the store still cannot be reached");
+                    *last = message;
+                }
+            }
+            Err(e) => return end(Err(e)).await,
+        }
+    }
+}
+
+/// What a node waiting for its store answers: 503 `unavailable` with the reason.
+fn starting_router(reason: Arc<parking_lot::Mutex<String>>) -> axum::Router {
+    let answer = move || {
+        let reason = reason.clone();
+        async move {
+            let detail = format!("starting: {}; retrying", reason.lock());
+            // Not through `http::error`, which logs each 503: the wait logs itself once,
+            // and a readiness probe asks every few seconds.
+            let body = http::envelope::error_body(&crate::error::ApiError::Unavailable(detail));
+            http::json_response(axum::http::StatusCode::SERVICE_UNAVAILABLE, body)
+        }
+    };
+    axum::Router::new().fallback(answer)
+}
+
 /// A cluster node's options from the configuration.
 fn cluster_options(config: &Config, request_timeout: std::time::Duration) -> ClusterOptions {
     ClusterOptions {
@@ -175,6 +259,7 @@ impl App {
             cluster: self.cluster.clone(),
             sinks: self.sinks.clone(),
             activity: self.activity.clone(),
+            access_log: self.config.logging.access_log,
             backend: self.backend,
             cache_max_cost: self.config.cache.max_cost,
             node_type: match self.config.service.node_type {

@@ -32,7 +32,10 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+            // Up to a minute: the request timeout (`limits.request_timeout`, 10 s by
+            // default) and a sink's `timeout` fall inside a bucket, not in `+Inf` alone.
+            let buckets =
+                [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
             let builder = PrometheusBuilder::new();
             let builder =
                 builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets).unwrap_or_else(|_| PrometheusBuilder::new());
@@ -92,6 +95,13 @@ macro_rules! m {
 
 /// Every metric, as the README's operations section lists them.
 pub const METRICS: &[Metric] = &[
+    m!(
+        "presenced_build_info",
+        Gauge,
+        All,
+        "Always 1; the labels say which build runs.",
+        &[&[("version", env!("CARGO_PKG_VERSION"))]]
+    ),
     m!("presence_updates_total", Counter, All, "Accepted presence writes (status set or cleared)."),
     m!(
         "presence_events_total",
@@ -115,6 +125,7 @@ pub const METRICS: &[Metric] = &[
     m!("sink_events_retried_total", Counter, Sinks, "Events delivered by a retry after a failed attempt, by sink.", PER_SINK),
     m!("sink_events_dropped_total", Counter, Sinks, "Events a sink lost: its outbox was full (oldest dropped) or a burst overflowed events.outbox.buffer, by sink and reason.", PER_SINK),
     m!("sink_outbox_events", Gauge, Sinks, "Events waiting in a sink's on-disk outbox.", PER_SINK),
+    m!("sink_delivery_seconds", Histogram, Sinks, "Time of each delivery attempt of a batch, by sink and outcome (ok, failed).", PER_SINK),
     m!("sink_lag_seconds", Gauge, Sinks, "Age of the oldest event a sink has not delivered yet (0 when none).", PER_SINK),
     m!("presence_instance_leases", Gauge, All, "Gateway instance leases live on this node."),
     m!("presence_instance_leases_lapsed_total", Counter, All, "Gateway instance leases that lapsed (not refreshed in time) on this node."),
@@ -322,7 +333,64 @@ pub fn register(backend: Backend) -> PrometheusHandle {
             }
         }
     }
+    metrics::gauge!("presenced_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle
+}
+
+/// The standard `process_*` metrics, as Prometheus's client libraries export them (CPU
+/// seconds, resident and virtual memory, open and maximum file descriptors, start time),
+/// read from `/proc` at each scrape and appended to `/metrics`. Empty where there is no
+/// `/proc` (not Linux).
+pub fn process_metrics() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let (Some(stat), Some(status)) = (read("/proc/self/stat"), read("/proc/self/status")) else {
+        return String::new();
+    };
+    let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).ok();
+    let max_fds = read("/proc/self/limits").as_deref().and_then(max_open_files);
+    let boot = read("/proc/stat").as_deref().and_then(boot_time);
+    render_process(&stat, &status, open_fds, max_fds, boot)
+}
+
+/// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`: 100 on every Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+fn render_process(stat: &str, status: &str, open_fds: Option<usize>, max_fds: Option<u64>, boot: Option<u64>) -> String {
+    use std::fmt::Write;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // `f[0]` is field 3 (state): field n is `f[n - 3]`.
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    let kib = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok())
+    };
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+    };
+    let cpu = field(14).zip(field(15)).map(|(u, s)| (u + s) as f64 / USER_HZ);
+    metric("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpu);
+    metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", kib("VmRSS:").map(|k| (k * 1024) as f64));
+    metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", field(23).map(|v| v as f64));
+    metric("process_open_fds", "gauge", "Number of open file descriptors.", open_fds.map(|n| n as f64));
+    metric("process_max_fds", "gauge", "Maximum number of open file descriptors.", max_fds.map(|n| n as f64));
+    let start = boot.zip(field(22)).map(|(b, ticks)| b as f64 + ticks as f64 / USER_HZ);
+    metric("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start);
+    out
+}
+
+/// The soft limit of "Max open files" in `/proc/<pid>/limits`.
+fn max_open_files(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// `btime` of `/proc/stat`: when the machine booted, in seconds since the epoch.
+fn boot_time(stat: &str) -> Option<u64> {
+    stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()
 }
 
 /// Copies the store's counters into gauges (called at scrape time).
@@ -340,6 +408,27 @@ pub fn record_store_stats(s: &StoreStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let stat =
+            "4242 (presenced (x) y) S 1 4242 4242 0 -1 4194560 2000 0 0 0 250 130 0 0 20 0 9 0 123456 987654321 2048 18446744073709551615";
+        let status = "Name:\tpresenced\nVmRSS:\t   81920 kB\nThreads:\t9\n";
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            20000                20000                files\n";
+        let text = render_process(stat, status, Some(17), max_open_files(limits), boot_time("cpu 1 2 3\nbtime 1700000000\n"));
+        let value =
+            |name: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0);
+        assert_eq!(value("process_cpu_seconds_total"), 3.8, "utime + stime ticks: {text}");
+        assert_eq!(value("process_resident_memory_bytes"), 81920.0 * 1024.0);
+        assert_eq!(value("process_virtual_memory_bytes"), 987654321.0);
+        assert_eq!(value("process_open_fds"), 17.0);
+        assert_eq!(value("process_max_fds"), 20000.0);
+        assert_eq!(value("process_start_time_seconds"), 1700000000.0 + 1234.56);
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter"));
+        // The live process reads too (this test runs on Linux).
+        let live = process_metrics();
+        assert!(live.contains("process_resident_memory_bytes ") && live.contains("process_start_time_seconds "), "{live}");
+    }
 
     #[test]
     fn every_metric_is_listed_once_with_help() {

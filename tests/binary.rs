@@ -160,6 +160,37 @@ fn config_subcommand_prints_effective_config_without_secrets() {
     assert!(!text.contains("hunter2"), "{text}");
 }
 
+/// `PRESENCE_CONFIG` names the file, and the variables Kubernetes injects into every pod
+/// for a Service named `presence` do not stop the start; a misspelt override still does.
+#[test]
+fn presence_config_and_kubernetes_service_variables_are_not_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, "presence:\n  session_ttl: 90s\n").unwrap();
+    let out = base_cmd(dir.path()).env("PRESENCE_CONFIG", &cfg).arg("config").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("session_ttl: 90s"), "the file named by PRESENCE_CONFIG is read");
+
+    let k8s = [
+        ("PRESENCE_PORT", "tcp://10.96.0.12:8080"),
+        ("PRESENCE_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+        ("PRESENCE_PORT_8080_TCP_ADDR", "10.96.0.12"),
+        ("PRESENCE_PORT_8080_TCP_PORT", "8080"),
+        ("PRESENCE_PORT_8080_TCP_PROTO", "tcp"),
+        ("PRESENCE_SERVICE_HOST", "10.96.0.12"),
+        ("PRESENCE_SERVICE_PORT", "8080"),
+        ("PRESENCE_SERVICE_PORT_GRPC", "9090"),
+    ];
+    let mut cmd = base_cmd(dir.path());
+    cmd.envs(k8s).env("PRESENCE_CONFIG", &cfg).env("PRESENCE_NATS__URLS", "nats://a:4222,nats://b:4222").arg("serve");
+    let p = start_or_exit(&mut cmd).unwrap_or_else(|(code, log)| panic!("exited {code:?} under Kubernetes' variables: {log}"));
+    drop(p);
+
+    let out = base_cmd(dir.path()).env("PRESENCE_SERVCE__PORT", "1").arg("serve").output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "a misspelt override is still refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("servce"));
+}
+
 /// The sample cluster under `deploy/` (center + two leaves) is valid: every presenced
 /// config loads, and every nats-server config passes `nats-server -t`.
 #[test]
@@ -421,4 +452,163 @@ fn text_logs_into_a_pipe_have_no_colour_codes() {
     let _ = child.wait();
     assert!(lines.len() >= 2, "{lines:?}");
     assert!(lines.iter().all(|l| !l.contains('\u{1b}')), "colour codes in piped logs: {lines:?}");
+}
+
+/// Lines of a child's stderr, collected as they come.
+fn collect_stderr(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader};
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr");
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// Starts `cmd` (a `serve`), keeping every stderr line, and waits (at most 20 s) for the
+/// "listening" line with the bound address.
+fn serve_collecting(cmd: &mut Command) -> (Proc, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut child = cmd.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().expect("spawn");
+    let lines = collect_stderr(&mut child);
+    let start = Instant::now();
+    loop {
+        let addr = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v["http"].as_str().map(String::from));
+        if let Some(addr) = addr {
+            return (Proc { child, addr }, lines);
+        }
+        assert!(child.try_wait().unwrap().is_none(), "exited: {:?}", lines.lock().unwrap());
+        assert!(start.elapsed() < Duration::from_secs(20), "not listening within 20 s: {:?}", lines.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A store that is down at start (the usual order in a compose file or a cluster):
+/// presenced starts anyway, answers 503 on `/health` and everything else while it retries,
+/// says why once (not "nats: nats:"), and serves by itself once the store answers.
+/// `store.fail_fast: true` exits 64 at once instead.
+async fn a_store_down_at_start_is_waited_for(mut engine: common::engine::Engine) {
+    engine.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let env = engine.env("late-node", None);
+    let fast = start_or_exit(common::presenced_cmd(dir.path()).envs(env.clone()).env("PRESENCE_STORE__FAIL_FAST", "true").arg("serve"));
+    let (code, log) = fast.err().expect("fail_fast: exits while the store is down");
+    assert_eq!(code, Some(64), "{log}");
+    assert!(!log.contains("nats: nats:"), "the reason once: {log}");
+
+    let port = common::nats::port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = common::presenced_cmd(dir.path())
+        .envs(env)
+        .env("PRESENCE_SERVICE__PORT", port.to_string())
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = collect_stderr(&mut child);
+    let mut p = Proc { child, addr: addr.clone() };
+    let http = reqwest::Client::new();
+    let health = || async { http.get(format!("http://{addr}/health")).send().await.ok() };
+    let start = Instant::now();
+    let r = loop {
+        if let Some(r) = health().await {
+            break r;
+        }
+        assert!(p.child.try_wait().unwrap().is_none(), "presenced exited: {:?}", lines.lock().unwrap());
+        assert!(start.elapsed() < Duration::from_secs(20), "no answer on {addr}: {:?}", lines.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("starting"), "{body}");
+    let r = http.get(format!("http://{addr}/api/v2/presence/alice")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "every route waits for the store");
+
+    engine.restart();
+    let start = Instant::now();
+    loop {
+        if let Some(r) = health().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(p.child.try_wait().unwrap().is_none(), "presenced exited: {:?}", lines.lock().unwrap());
+        assert!(start.elapsed() < Duration::from_secs(40), "not ready after the store came: {:?}", lines.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = common::presenced_cmd(dir.path()).args(["token", "--sub", "alice"]).output().unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (status, body) = put(&addr, &token, "alice", serde_json::json!({"status": "busy"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get_status(&addr, "alice").await["data"]["alice"]["status"], "busy");
+    assert_eq!(sigterm_and_wait(&mut p).code(), Some(0));
+    let log = lines.lock().unwrap().join("\n");
+    assert!(!log.contains("nats: nats:"), "{log}");
+    assert!(log.contains("the store cannot be reached") && log.contains("the store answers"), "{log}");
+}
+
+#[tokio::test]
+async fn nats_down_at_start_is_waited_for() {
+    a_store_down_at_start_is_waited_for(common::engine::Engine::nats()).await;
+}
+
+#[tokio::test]
+async fn redis_down_at_start_is_waited_for() {
+    a_store_down_at_start_is_waited_for(common::engine::Engine::redis()).await;
+}
+
+/// `logging.access_log`: one line per request with the route's template, status, latency
+/// and peer, never a token (not even one in a query string); refused WebSocket
+/// handshakes are logged at debug with their reason.
+#[tokio::test]
+async fn access_log_lines_name_the_route_never_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = common::presenced_cmd(dir.path());
+    cmd.env("PRESENCE_LOGGING__ACCESS_LOG", "true").env("PRESENCE_LOGGING__LEVEL", "debug").arg("serve");
+    let (p, lines) = serve_collecting(&mut cmd);
+    let out = common::presenced_cmd(dir.path()).args(["token", "--sub", "alice"]).output().unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (status, _) = put(&p.addr, &token, "alice", serde_json::json!({"status": "busy"})).await;
+    assert_eq!(status, 200);
+    let http = reqwest::Client::new();
+    let secret_in_query = "not-a-real-token-but-secret";
+    let ws = http
+        .get(format!("http://{}/ws?token={secret_in_query}", p.addr))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ws.status(), 401);
+    assert_eq!(http.get(format!("http://{}/no/such/route", p.addr)).send().await.unwrap().status(), 404);
+
+    let start = Instant::now();
+    let access = |route: &str, status: u64| {
+        lines.lock().unwrap().iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|v| {
+            v["target"] == "presenced::access"
+                && v["route"] == route
+                && v["status"] == status
+                && v["latency_ms"].is_number()
+                && v["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:"))
+        })
+    };
+    while !(access("/api/v2/presence/{user_id}", 200) && access("/ws", 401) && access("unmatched", 404)) {
+        assert!(start.elapsed() < Duration::from_secs(10), "access lines missing: {:?}", lines.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = lines.lock().unwrap().join("\n");
+    assert!(log.contains("WebSocket handshake refused"), "{log}");
+    assert!(!log.contains(secret_in_query) && !log.contains(&token), "a token in the log: {log}");
+    assert!(log.contains("/no/such/route"), "an unmatched request names its path: {log}");
 }

@@ -380,6 +380,27 @@ async fn health_cache_and_metrics() {
         "histogram by route and status missing:\n{text}"
     );
     assert!(text.contains(r#"status="404""#));
+    // The standard process metrics, and which build runs.
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(value("process_open_fds") >= 3.0 && value("process_max_fds") >= value("process_open_fds"));
+    let started = value("process_start_time_seconds");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(started > now - 3600.0 && started <= now + 1.0, "start time {started}, now {now}");
+    assert!(text.contains(&format!("presenced_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+    // The top latency bucket is at least the request timeout (10 s).
+    assert!(text.contains(r#"le="10""#) && text.contains(r#"le="60""#), "{text}");
+    // Prometheus's own linter has nothing to say about the exposition.
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; ./scripts/test installs it)");
+    std::io::Write::write_all(&mut lint.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     s.stop().await;
 }
 

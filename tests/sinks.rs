@@ -181,6 +181,7 @@ async fn a_failing_receiver_and_a_restart_meanwhile_lose_nothing() {
     assert!(common::sample(&m, "sink_delivery_failures_total{sink=\"hook\"}") >= 1.0, "{m}");
     assert_eq!(common::sample(&m, "sink_outbox_events{sink=\"hook\"}"), 30.0, "{m}");
     assert!(common::sample(&m, "sink_lag_seconds{sink=\"hook\"}") > 0.0, "{m}");
+    assert!(common::sample(&m, "sink_delivery_seconds_count{sink=\"hook\",outcome=\"failed\"}") >= 1.0, "{m}");
     assert!(health["data"]["sinks"][0]["last_error"].as_str().unwrap().contains("503"), "{health}");
     // presenced stops while the receiver is still failing; it comes back on the same
     // data dir, and more changes happen.
@@ -201,6 +202,7 @@ async fn a_failing_receiver_and_a_restart_meanwhile_lose_nothing() {
     let sent = common::sample(&metrics, "sink_events_sent_total{sink=\"hook\"}");
     assert!(sent >= 50.0, "{sent}");
     assert!(common::sample(&metrics, "sink_events_retried_total{sink=\"hook\"}") > 0.0);
+    assert!(common::sample(&metrics, "sink_delivery_seconds_count{sink=\"hook\",outcome=\"ok\"}") >= 1.0, "{metrics}");
     assert_eq!(s.get("/health").await.1["data"]["status"], "ok");
     s.stop().await;
 }

@@ -136,6 +136,10 @@ pub struct StoreConfig {
     /// through one wildcard subscription instead of one subscription per watched user
     /// (back to per-user below half of it); `0` keeps per-user subscriptions always.
     pub interest_all_above: usize,
+    /// Cluster mode: exit at once (64) when NATS or Redis cannot be reached at start. Off
+    /// (the default): start anyway, answer `/health` 503 and retry with backoff (0.5 s
+    /// doubling to 30 s), and serve by itself once the store answers.
+    pub fail_fast: bool,
 }
 
 impl Default for StoreConfig {
@@ -147,6 +151,7 @@ impl Default for StoreConfig {
             tick: Dur::millis(100),
             start_fresh: false,
             interest_all_above: 1_000,
+            fail_fast: false,
         }
     }
 }
@@ -364,11 +369,15 @@ pub struct LoggingConfig {
     #[serde(deserialize_with = "de_string")]
     pub level: String,
     pub format: LogFormat,
+    /// One line per HTTP request (target `presenced::access`, level info): method, route
+    /// template, status, latency, peer. Never a query string, header or body, so never a
+    /// token. Off by default.
+    pub access_log: bool,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig { level: "info".into(), format: LogFormat::Text }
+        LoggingConfig { level: "info".into(), format: LogFormat::Text, access_log: false }
     }
 }
 
@@ -385,6 +394,8 @@ pub struct NatsConfig {
     #[serde(deserialize_with = "de_string")]
     pub embedded_listen: String,
     /// Servers to connect to; several = a cluster (the client fails over between them).
+    /// A list, or one string with commas (`PRESENCE_NATS__URLS=nats://a:4222,nats://b:4222`).
+    #[serde(deserialize_with = "de_list")]
     pub urls: Vec<String>,
     pub data_dir: PathBuf,
     pub jetstream: JetStreamConfig,
@@ -692,7 +703,9 @@ impl Default for KvConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// One server (`redis://host:port/db`, `rediss://` for TLS); with `cluster`, seed
-    /// nodes of a Redis Cluster; with `sentinel_master`, the Sentinels to ask.
+    /// nodes of a Redis Cluster; with `sentinel_master`, the Sentinels to ask. A list, or
+    /// one string with commas.
+    #[serde(deserialize_with = "de_list")]
     pub urls: Vec<String>,
     /// The servers form a Redis Cluster (sharded pub/sub on Redis 7).
     pub cluster: bool,
@@ -1119,15 +1132,24 @@ fn scalar(s: &str) -> Value {
     }
 }
 
+/// Whether an environment variable is one of ours: `PRESENCE_<SECTION>__<KEY>`. Other
+/// `PRESENCE_*` names are not overrides and do not stop the start: `PRESENCE_CONFIG` (the
+/// file), and what Kubernetes injects for a Service named `presence` (`PRESENCE_PORT`,
+/// `PRESENCE_SERVICE_HOST`, `PRESENCE_PORT_8080_TCP_ADDR`, ...).
+pub fn is_override(name: &str) -> bool {
+    // `PRESENCE__PORT` (an empty section) is a mistake of ours to report, not theirs.
+    name.strip_prefix(ENV_PREFIX).is_some_and(|rest| rest.contains("__") || rest.starts_with('_'))
+}
+
 fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Result<(), ConfigError> {
-    let mut keys: Vec<&String> = env.keys().filter(|k| k.starts_with(ENV_PREFIX)).collect();
+    let mut keys: Vec<&String> = env.keys().filter(|k| is_override(k)).collect();
     keys.sort();
     for key in keys {
         let path: Vec<String> = key[ENV_PREFIX.len()..].split("__").map(|p| p.to_ascii_lowercase()).collect();
-        if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        if path.len() < 2 || path.iter().any(|p| p.is_empty() || p.starts_with('_')) {
             return Err(ConfigError::Override {
                 var: key.clone(),
-                reason: "environment overrides are written PRESENCE_<SECTION>__<KEY>".into(),
+                reason: "environment overrides are written PRESENCE_<SECTION>__<KEY> (each part non-empty)".into(),
             });
         }
         let mut node = &mut *tree;
@@ -1147,6 +1169,24 @@ fn apply_env_overrides(tree: &mut Value, env: &HashMap<String, String>) -> Resul
         }
     }
     Ok(())
+}
+
+/// A list of strings: a YAML sequence, or one string of comma-separated items (how a list
+/// is written in an environment variable).
+fn de_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Sequence(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                Value::Number(n) => Ok(n.to_string()),
+                _ => Err(de::Error::custom("expected a list of strings")),
+            })
+            .collect(),
+        Value::String(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()),
+        Value::Null => Ok(Vec::new()),
+        _ => Err(de::Error::custom("expected a list of strings, or one string of comma-separated items")),
+    }
 }
 
 /// Accepts a string, or a number/bool written where a string is expected
@@ -1239,6 +1279,41 @@ mod tests {
     }
 
     #[test]
+    fn presence_names_that_are_not_overrides_do_not_stop_the_start() {
+        // What Kubernetes injects for a Service named `presence`, and the file's variable.
+        let k8s = [
+            ("PRESENCE_PORT", "tcp://10.0.0.7:8080"),
+            ("PRESENCE_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+            ("PRESENCE_PORT_8080_TCP_ADDR", "10.0.0.7"),
+            ("PRESENCE_PORT_8080_TCP_PORT", "8080"),
+            ("PRESENCE_PORT_8080_TCP_PROTO", "tcp"),
+            ("PRESENCE_SERVICE_HOST", "10.0.0.7"),
+            ("PRESENCE_SERVICE_PORT", "8080"),
+            ("PRESENCE_SERVICE_PORT_HTTP", "8080"),
+            ("PRESENCE_CONFIG", "/etc/presenced/config.yaml"),
+            ("PRESENCE_SERVICE__PORT", "8081"),
+        ];
+        let c = Config::load(None, env(&k8s)).unwrap();
+        assert_eq!(c.service.port, 8081, "the real override still applies");
+        assert!(!is_override("PRESENCE_SERVICE_PORT") && is_override("PRESENCE_SERVICE__PORT"));
+    }
+
+    #[test]
+    fn list_keys_take_comma_separated_strings() {
+        let c = Config::load(
+            None,
+            env(&[("PRESENCE_NATS__URLS", "nats://a:4222, nats://b:4222"), ("PRESENCE_REDIS__URLS", "redis://r1:6379")]),
+        )
+        .unwrap();
+        assert_eq!(c.nats.urls, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(c.redis.urls, ["redis://r1:6379"]);
+        let c = Config::load(None, env(&[("PRESENCE_NATS__URLS", "[nats://a:4222, nats://c:4222]")])).unwrap();
+        assert_eq!(c.nats.urls, ["nats://a:4222", "nats://c:4222"], "a YAML list in the variable still works");
+        let f = file("redis:\n  urls: redis://x:1,redis://y:2\n");
+        assert_eq!(Config::load(Some(f.path()), env(&[])).unwrap().redis.urls, ["redis://x:1", "redis://y:2"]);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
         let cases: &[Case] = &[
@@ -1251,7 +1326,9 @@ mod tests {
             ("limits:\n  max_body_bytes: lots\n", &[], &["limits.max_body_bytes", "64KiB"]),
             ("presence:\n  heartbeat_interval: 90s\n", &[], &["presence.heartbeat_interval"]),
             ("limits:\n  write_rate_per_sec: 0\n", &[], &["limits.write_rate_per_sec"]),
-            ("", &[("PRESENCE_PORT", "1")], &["PRESENCE_PORT", "PRESENCE_<SECTION>__<KEY>"]),
+            ("", &[("PRESENCE_SERVICE__", "1")], &["PRESENCE_SERVICE__", "PRESENCE_<SECTION>__<KEY>"]),
+            ("", &[("PRESENCE_SERVCE__PORT", "1")], &["servce"]),
+            ("nats:\n  urls: {a: 1}\n", &[], &["nats.urls", "comma-separated"]),
             ("auth:\n  jwt_secret: short\n", &[], &["auth.jwt_secret", "32 bytes"]),
             ("", &[("PRESENCE_AUTH__JWT_SECRET", "                                      ")], &["auth.jwt_secret"]),
             ("limits:\n  header_read_timeout: 0s\n", &[], &["limits.header_read_timeout"]),
@@ -1274,7 +1351,7 @@ mod tests {
         assert!(matches!(load("service:\n  port: 70000\n", &[]), ConfigError::BadValue { key, .. } if key == "service.port"));
         assert!(matches!(load("presence:\n  heartbeat_interval: 90s\n", &[]), ConfigError::Rule { .. }));
         assert!(matches!(load("auth:\n  jwt_secret: ${NOPE}\n", &[]), ConfigError::Variable { key, .. } if key == "auth.jwt_secret"));
-        assert!(matches!(load("", &[("PRESENCE_PORT", "1")]), ConfigError::Override { var, .. } if var == "PRESENCE_PORT"));
+        assert!(matches!(load("", &[("PRESENCE__PORT", "1")]), ConfigError::Override { var, .. } if var == "PRESENCE__PORT"));
     }
 
     #[test]

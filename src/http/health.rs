@@ -100,7 +100,9 @@ pub async fn cache(State(state): State<Http>) -> Response {
 pub async fn metrics(State(state): State<Http>) -> Response {
     crate::telemetry::record_store_stats(&state.svc.stats());
     state.metrics.run_upkeep();
-    let mut r = state.metrics.render().into_response();
+    let mut text = state.metrics.render();
+    text.push_str(&crate::telemetry::process_metrics());
+    let mut r = text.into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
 }

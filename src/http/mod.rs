@@ -48,6 +48,8 @@ pub struct Http {
     pub sinks: Option<Arc<crate::sinks::Sinks>>,
     /// The operator view's history (`/api/v2/stats`).
     pub activity: Arc<crate::service::activity::Activity>,
+    /// `logging.access_log`: a line per request.
+    pub access_log: bool,
 }
 
 /// The HTTP API's routes (without the layers: see [`layered`]).
@@ -186,11 +188,28 @@ async fn observe(State(state): State<Http>, req: Request, next: Next) -> Respons
     let start = Instant::now();
     let route = route_label(&req);
     let method = method_label(req.method());
+    let (path, peer) = if state.access_log {
+        let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+        (req.uri().path().to_owned(), peer)
+    } else {
+        (String::new(), None)
+    };
     let resp = match tokio::time::timeout(state.svc.limits.request_timeout.0, next.run(req)).await {
         Ok(r) => r,
         Err(_) => error(&ApiError::Unavailable("request timed out".into())),
     };
-    state.request_metrics.record((route, method, resp.status().as_u16()), start.elapsed().as_secs_f64());
+    let status = resp.status().as_u16();
+    let took = start.elapsed();
+    state.request_metrics.record((route, method, status), took.as_secs_f64());
+    if state.access_log {
+        // The route's template, never the query string (a WebSocket token rides there).
+        let path = if route == "unmatched" || route == "other" { Some(path) } else { None };
+        let latency_ms = took.as_secs_f64() * 1000.0;
+        match peer {
+            Some(peer) => tracing::info!(target: "presenced::access", method, route, path, status, latency_ms, %peer, "request"),
+            None => tracing::info!(target: "presenced::access", method, route, path, status, latency_ms, "request"),
+        }
+    }
     resp
 }
 

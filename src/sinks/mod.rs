@@ -154,6 +154,9 @@ impl Sinks {
             }
             runner.set_depth();
             metrics::gauge!("sink_lag_seconds", "sink" => s.name.clone()).set(0.0);
+            for outcome in ["ok", "failed"] {
+                let _ = metrics::histogram!("sink_delivery_seconds", "sink" => s.name.clone(), "outcome" => outcome);
+            }
             tracing::info!(sink = %s.name, kind = runner.sink.kind(), queued = runner.outbox.len(), "event sink started");
             tasks.push(tokio::spawn(dispatch(runner.clone(), bus.tap_origin(&s.name, cfg.outbox.buffer), stop.subscribe())));
             tasks.push(tokio::spawn(send(runner.clone(), stop.subscribe())));
@@ -345,6 +348,9 @@ async fn send(r: Arc<Runner>, mut stop: watch::Receiver<bool>) {
             Ok(o) => o,
             Err(_) => Err(format!("no answer within {:?}", r.timeout)),
         };
+        let took = started.elapsed().as_secs_f64();
+        let result = if outcome.is_ok() { "ok" } else { "failed" };
+        metrics::histogram!("sink_delivery_seconds", "sink" => r.name.clone(), "outcome" => result).record(took);
         match outcome {
             Ok(()) => {
                 let outbox = r.outbox.clone();

@@ -100,6 +100,15 @@ struct Shard {
     wheel: TimerWheel<UserId>,
 }
 
+/// Where a store's revisions start: the clock in microseconds. A store hands out far
+/// fewer than a million revisions a second over its life, so every revision after a
+/// restart is above every one before it, persisted or not: a consumer that drops events
+/// by user and revision (as the README advises) never drops a real change after a
+/// restart. Below 2^53 until the year 2255, so exact in JavaScript.
+fn first_revision(now: crate::core::Millis) -> u64 {
+    (now.max(0) as u64).saturating_mul(1000)
+}
+
 impl MemoryStore {
     /// Opens the store, loading persisted statuses when `data_dir` is set. Call
     /// [`MemoryStore::start`] from within a tokio runtime to run expiry and persistence.
@@ -112,6 +121,7 @@ impl MemoryStore {
             }
             None => (None, Loaded::default()),
         };
+        let first = first_revision(clock.now());
         let inner = Inner {
             shards: Sharded::new_with(config.shards, || Shard { users: HashMap::new(), wheel: TimerWheel::new(tick_ms) }),
             clock,
@@ -119,8 +129,8 @@ impl MemoryStore {
             node: config.node_id,
             tick_ms,
             forget_after_ms: config.forget_after_ms.filter(|f| *f > 0),
+            revisions: AtomicU64::new(first),
             persist,
-            revisions: AtomicU64::new(0),
             users: AtomicI64::new(0),
             online: AtomicI64::new(0),
             sessions: AtomicI64::new(0),
@@ -700,6 +710,26 @@ mod tests {
         assert_eq!(store.stats().sessions, total);
         let online = store.get_many(&ids).await.unwrap().iter().filter(|p| p.as_ref().unwrap().device_count > 0).count();
         assert_eq!(store.stats().online_users, online as u64);
+    }
+
+    /// Revisions only grow, across a restart too: a consumer deduplicating by user and
+    /// revision (as the README advises) must not drop the changes made after it.
+    #[tokio::test]
+    async fn revisions_keep_growing_after_a_restart() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let u = uid("restarted");
+        let before = {
+            let store = MemoryStore::open(MemoryConfig::new("node-a"), clock.clone(), EventBus::new(64)).unwrap();
+            for s in [Status::Busy, Status::Away, Status::Online, Status::Busy, Status::Away] {
+                store.set_status(&u, SetStatus { status: s, message: Arc::from(""), ttl_ms: None }).await.unwrap();
+            }
+            get_one(&store, &u).await.unwrap().unwrap().revision
+        };
+        clock.advance(1); // restarted a millisecond later
+        let store = MemoryStore::open(MemoryConfig::new("node-a"), clock.clone(), EventBus::new(64)).unwrap();
+        store.set_status(&u, SetStatus { status: Status::Busy, message: Arc::from(""), ttl_ms: None }).await.unwrap();
+        let after = get_one(&store, &u).await.unwrap().unwrap().revision;
+        assert!(after > before, "revision {after} after the restart, {before} before it");
     }
 
     #[tokio::test]

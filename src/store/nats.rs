@@ -163,7 +163,8 @@ fn record(e: jkv::Entry) -> Record {
 impl NatsBackplane {
     pub async fn connect(cfg: &NatsConfig, opts: &ClusterOptions) -> Result<NatsBackplane, StoreError> {
         let unavailable = |e: String| StoreError::Unreachable(format!("nats: {e}"));
-        let nats = Nats::connect(cfg, &format!("presenced-{}", opts.node_id)).await.map_err(|e| unavailable(e.to_string()))?;
+        // The connect error already says "nats: ...".
+        let nats = Nats::connect(cfg, &format!("presenced-{}", opts.node_id)).await.map_err(|e| StoreError::Unreachable(e.to_string()))?;
         let js = context(&nats, cfg, opts.kv_timeout);
         let open = |js: jetstream::Context, name: String| async move {
             let bucket = BucketConfig { name, replicas: cfg.kv.replicas, file_storage: true };

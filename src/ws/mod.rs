@@ -61,6 +61,22 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
               (status = 400, description = "Not an upgrade request, or invalid input", body = crate::http::envelope::Err)),
     security(("bearer" = []), ()))]
 pub async fn upgrade(
+    state: State<Ws>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    query: Result<Query<WsQuery>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let addr = peer.as_ref().map(|Extension(ConnectInfo(a))| *a);
+    let answer = handshake(state, peer, headers, query, ws).await;
+    if let Err(e) = &answer {
+        // Refusals are counted in metrics; at debug, each is also a log line (never the token).
+        tracing::debug!(peer = ?addr, error = %e, "WebSocket handshake refused");
+    }
+    answer
+}
+
+async fn handshake(
     State(state): State<Ws>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
