@@ -137,7 +137,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::TooManyDevices { .. } => ApiError::LimitExceeded(e.to_string()),
-            StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            StoreError::Corrupt { .. } | StoreError::Misconfigured(_) => ApiError::Internal(e.to_string()),
             StoreError::Unreachable(_)
             | StoreError::Degraded(_)
             | StoreError::NotDurable(_)

@@ -148,7 +148,11 @@ fn serve(config: Config, dev: bool) -> ExitCode {
         let mut shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(shutdown_signal());
         // Bound early only when the store is late: the port then answers 503 meanwhile.
         let mut early: Option<std::net::TcpListener> = None;
-        let built = match App::build(config.clone()).await {
+        let first = tokio::select! {
+            built = App::build(config.clone()) => built,
+            _ = shutdown.as_mut() => return ExitCode::SUCCESS, // stopped while starting
+        };
+        let built = match first {
             Err(e) if e.store_unreachable() && !config.store.fail_fast => {
                 let listener = match bind_early(&addr) {
                     Ok(l) => l,

@@ -60,11 +60,15 @@ pub async fn wait_for_store(
     first: StartError,
     mut shutdown: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>,
 ) -> Result<Option<App>, StartError> {
-    let reason = Arc::new(parking_lot::Mutex::new(first.to_string()));
     let starting = TcpListener::from_std(listener.try_clone()?)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let router = starting_router(reason.clone());
-    let server = tokio::spawn(async move {
+    let backend = match config.store.backend {
+        Backend::Memory => "memory",
+        Backend::Nats => "nats",
+        Backend::Redis => "redis",
+    };
+    let router = starting_router(backend);
+    let mut server = tokio::spawn(async move {
         let stopped = async move {
             let _ = stopped.await;
         };
@@ -72,10 +76,15 @@ pub async fn wait_for_store(
     });
     let end = |app: Result<Option<App>, StartError>| async move {
         let _ = stop.send(());
-        let _ = server.await;
+        // A client holding a request open (half a request head) must not hold up the
+        // start: what has not finished in a second is cut.
+        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut server).await.is_err() {
+            server.abort();
+        }
         app
     };
     tracing::warn!(error = %first, retry_in = ?START_RETRY_FIRST, "the store cannot be reached; answering 503 and retrying (store.fail_fast: false)");
+    let mut last = first.to_string();
     let mut delay = START_RETRY_FIRST;
     let mut attempt = 1u32;
     loop {
@@ -84,7 +93,11 @@ pub async fn wait_for_store(
             _ = shutdown.as_mut() => return end(Ok(None)).await,
         }
         attempt += 1;
-        match App::build(config.clone()).await {
+        let built = tokio::select! {
+            built = App::build(config.clone()) => built,
+            _ = shutdown.as_mut() => return end(Ok(None)).await,
+        };
+        match built {
             Ok(app) => {
                 tracing::info!(attempt, "the store answers; starting");
                 return end(Ok(Some(app))).await;
@@ -92,12 +105,11 @@ pub async fn wait_for_store(
             Err(e) if e.store_unreachable() => {
                 delay = (delay * 2).min(START_RETRY_MAX);
                 let message = e.to_string();
-                let mut last = reason.lock();
-                if *last == message {
+                if last == message {
                     tracing::info!(attempt, retry_in = ?delay, "the store still cannot be reached");
                 } else {
                     tracing::warn!(attempt, error = %message, retry_in = ?delay, "the store still cannot be reached");
-                    *last = message;
+                    last = message;
                 }
             }
             Err(e) => return end(Err(e)).await,
@@ -105,17 +117,15 @@ pub async fn wait_for_store(
     }
 }
 
-/// What a node waiting for its store answers: 503 `unavailable` with the reason.
-fn starting_router(reason: Arc<parking_lot::Mutex<String>>) -> axum::Router {
-    let answer = move || {
-        let reason = reason.clone();
-        async move {
-            let detail = format!("starting: {}; retrying", reason.lock());
-            // Not through `http::error`, which logs each 503: the wait logs itself once,
-            // and a readiness probe asks every few seconds.
-            let body = http::envelope::error_body(&crate::error::ApiError::Unavailable(detail));
-            http::json_response(axum::http::StatusCode::SERVICE_UNAVAILABLE, body)
-        }
+/// What a node waiting for its store answers: 503 `unavailable`. Which store, not why:
+/// the reason (URLs, hosts) is for the log, not for anyone who can reach the port.
+fn starting_router(backend: &'static str) -> axum::Router {
+    let answer = move || async move {
+        let detail = format!("starting: waiting for the store (store.backend {backend}); retrying");
+        // Not through `http::error`, which logs each 503: the wait logs itself, and a
+        // readiness probe asks every few seconds.
+        let body = http::envelope::error_body(&crate::error::ApiError::Unavailable(detail));
+        http::json_response(axum::http::StatusCode::SERVICE_UNAVAILABLE, body)
     };
     axum::Router::new().fallback(answer)
 }
@@ -364,24 +374,31 @@ async fn follow_directory(svc: std::sync::Weak<Service>, mut rx: tokio::sync::mp
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (inside
+/// a runtime), not when first polled: a SIGTERM while the node is still starting (waiting
+/// for its store) is a clean stop, not a kill.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        let (term, int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+        async move {
+            async fn recv(s: Option<Signal>) {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
+            tokio::select! {
+                _ = recv(term) => {},
+                _ = recv(int) => {},
+            }
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

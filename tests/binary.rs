@@ -530,6 +530,7 @@ async fn a_store_down_at_start_is_waited_for(mut engine: common::engine::Engine)
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["code"], "unavailable", "{body}");
     assert!(body["error"].as_str().unwrap().contains("starting"), "{body}");
+    assert!(!body.to_string().contains("127.0.0.1"), "the store's addresses stay in the log: {body}");
     let r = http.get(format!("http://{addr}/api/v2/presence/alice")).send().await.unwrap();
     assert_eq!(r.status(), 503, "every route waits for the store");
 
@@ -611,4 +612,30 @@ async fn access_log_lines_name_the_route_never_the_token() {
     assert!(log.contains("WebSocket handshake refused"), "{log}");
     assert!(!log.contains(secret_in_query) && !log.contains(&token), "a token in the log: {log}");
     assert!(log.contains("/no/such/route"), "an unmatched request names its path: {log}");
+}
+
+/// Waiting for a store is for a store that is late, not for settings that cannot work: a
+/// missing TLS or credentials file still exits 64 at once, naming it.
+#[test]
+fn a_store_configuration_mistake_still_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [&[(&str, &str)]; 2] = [
+        &[
+            ("PRESENCE_STORE__BACKEND", "redis"),
+            ("PRESENCE_REDIS__URLS", "rediss://127.0.0.1:1"),
+            ("PRESENCE_REDIS__TLS__CA_FILE", "/nonexistent/ca.pem"),
+        ],
+        &[
+            ("PRESENCE_STORE__BACKEND", "nats"),
+            ("PRESENCE_NATS__URLS", "nats://127.0.0.1:1"),
+            ("PRESENCE_NATS__CREDENTIALS_FILE", "/nonexistent/app.creds"),
+        ],
+    ];
+    for env in cases {
+        let (code, log) = start_or_exit(common::presenced_cmd(dir.path()).envs(env.iter().copied()).arg("serve"))
+            .err()
+            .unwrap_or_else(|| panic!("{env:?}: started"));
+        assert_eq!(code, Some(64), "{env:?}: {log}");
+        assert!(log.contains("/nonexistent/"), "{env:?}: names the file: {log}");
+    }
 }

@@ -157,3 +157,58 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
     let fuzzed = operations - 1;
     assert!(stdout.contains(&format!("{fuzzed} selected / {fuzzed} total")), "all {fuzzed} other operations are fuzzed:\n{stdout}");
 }
+
+/// The schema of an operation's JSON request body, with `$ref`s resolved.
+fn request_schema<'a>(doc: &'a serde_json::Value, op: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
+    let schema = op.pointer("/requestBody/content/application~1json/schema")?;
+    match schema.get("$ref").and_then(|r| r.as_str()) {
+        Some(r) => doc.pointer(&r.replacen('#', "", 1)),
+        None => Some(schema),
+    }
+}
+
+/// What the document says a body must hold is what the handlers refuse without: every
+/// operation with a JSON body is sent `{}` (with an admin token, so only the body can be
+/// refused), and each field a 400 names as required ("status is required ...") must be in
+/// the schema's `required` list, and may not be `null` there. A generated client builds
+/// bodies from those lists.
+#[tokio::test]
+async fn required_fields_in_the_document_are_those_the_server_requires() {
+    let s = TestServer::start(&[]).await;
+    let doc = document(&s.base).await;
+    let admin = s.admin_token("alice");
+    let mut checked = 0;
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for m in METHODS {
+            let Some(op) = item.get(m) else { continue };
+            let Some(schema) = request_schema(&doc, op) else { continue };
+            let required: Vec<&str> =
+                schema["required"].as_array().map(|r| r.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+            let r = s
+                .client
+                .request(m.to_uppercase().parse().unwrap(), format!("{}{}", s.base, concrete(template)))
+                .bearer_auth(&admin)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            checked += 1;
+            let message = body["error"].as_str().unwrap_or_default();
+            if status == 400 && message.contains(" is required") {
+                let field = message.split(" is required").next().unwrap().rsplit(' ').next().unwrap();
+                assert!(
+                    required.contains(&field),
+                    "{m} {template} refuses a body without {field:?}, but the schema's required list is {required:?}"
+                );
+                let nullable = schema["properties"][field]["type"].as_array().is_some_and(|t| t.iter().any(|t| t == "null"))
+                    || schema["properties"][field]["oneOf"].as_array().is_some_and(|t| t.iter().any(|t| t["type"] == "null"));
+                assert!(!nullable, "{m} {template}: required {field:?} may not be null in the schema: {}", schema["properties"][field]);
+            }
+        }
+    }
+    assert!(checked >= 5, "operations with a JSON body: {checked}");
+    s.stop().await;
+}

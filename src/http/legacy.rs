@@ -20,11 +20,12 @@ use crate::service::StatusWrite;
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateBody {
     /// `online`, `away`, `busy` or `offline`.
-    #[schema(schema_with = super::openapi::status_or_null)]
+    #[schema(schema_with = super::openapi::status, required = true)]
     online_status: Option<String>,
     /// The custom message.
     custom_status: Option<String>,
-    /// Seconds until the status lapses.
+    /// Seconds until the status lapses; absent: `presence.default_status_ttl`; `0`: until
+    /// changed.
     #[schema(minimum = 0)]
     ttl: Option<i64>,
 }
@@ -39,6 +40,9 @@ pub async fn update(State(state): State<Http>, headers: HeaderMap, body: Result<
     let user = state.svc.parse_user(&who.sub)?;
     let bytes = body_bytes(body)?;
     let b: UpdateBody = parse_json(&bytes)?;
+    if b.online_status.is_none() {
+        return Err(ApiError::BadRequest("online_status is required (online, away, busy or offline)".into()));
+    }
     let p =
         state.svc.set_status(&who, &user, StatusWrite { status: b.online_status, message: b.custom_status, ttl_seconds: b.ttl }).await?;
     Ok(presence_map(&state, std::slice::from_ref(&p)))

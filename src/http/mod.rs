@@ -188,11 +188,13 @@ async fn observe(State(state): State<Http>, req: Request, next: Next) -> Respons
     let start = Instant::now();
     let route = route_label(&req);
     let method = method_label(req.method());
+    // The path only where there is no template to name (it is not copied otherwise).
     let (path, peer) = if state.access_log {
         let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
-        (req.uri().path().to_owned(), peer)
+        let path = matches!(route, "unmatched" | "other").then(|| req.uri().path().to_owned());
+        (path, peer)
     } else {
-        (String::new(), None)
+        (None, None)
     };
     let resp = match tokio::time::timeout(state.svc.limits.request_timeout.0, next.run(req)).await {
         Ok(r) => r,
@@ -203,7 +205,6 @@ async fn observe(State(state): State<Http>, req: Request, next: Next) -> Respons
     state.request_metrics.record((route, method, status), took.as_secs_f64());
     if state.access_log {
         // The route's template, never the query string (a WebSocket token rides there).
-        let path = if route == "unmatched" || route == "other" { Some(path) } else { None };
         let latency_ms = took.as_secs_f64() * 1000.0;
         match peer {
             Some(peer) => tracing::info!(target: "presenced::access", method, route, path, status, latency_ms, %peer, "request"),

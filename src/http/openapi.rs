@@ -21,7 +21,7 @@ use super::{gateway, health, legacy, presence, social, stats};
         description = "Real-time presence: who is online, away, busy or offline, on which devices. \
             Every answer is the envelope `{\"success\": true, \"data\": ...}` or \
             `{\"success\": false, \"error\": \"...\", \"code\": \"...\"}`. \
-            Writes take `Authorization: Bearer <JWT>` (HS256; `presenced token alice` mints one), \
+            Writes take `Authorization: Bearer <JWT>` (HS256; `presenced token --sub alice` mints one), \
             or `X-User-Id` when `auth.mode` is `gateway`. Real-time updates: `GET /ws`."
     ),
     paths(
@@ -125,9 +125,9 @@ pub(crate) fn ids() -> utoipa::openapi::schema::Array {
     utoipa::openapi::schema::ArrayBuilder::new().items(id()).build()
 }
 
-/// `online`, `away`, `busy`, `offline` or `null` (keep the current one).
-pub(crate) fn status_or_null() -> utoipa::openapi::Object {
-    crate::json::enum_schema(crate::core::Status::ALL.map(crate::core::Status::as_str), true)
+/// `online`, `away`, `busy` or `offline`.
+pub(crate) fn status() -> utoipa::openapi::Object {
+    crate::json::enum_schema(crate::core::Status::ALL.map(crate::core::Status::as_str), false)
 }
 
 /// `desktop`, `mobile`, `web` or `null`.

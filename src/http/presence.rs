@@ -153,12 +153,14 @@ pub(super) async fn batch_read(state: &Http, headers: &HeaderMap, body: Result<B
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PutBody {
-    /// `online`, `away`, `busy` or `offline` (appear offline); absent keeps the current one.
-    #[schema(schema_with = super::openapi::status_or_null)]
+    /// `online`, `away`, `busy` or `offline` (appear offline). Required: a write sets a
+    /// status (`DELETE` clears it).
+    #[schema(schema_with = super::openapi::status, required = true)]
     status: Option<String>,
-    /// A custom message (at most `limits.max_message_len` bytes); `""` clears it.
+    /// A custom message (at most `limits.max_message_len` characters); absent or `""`: none.
     message: Option<String>,
-    /// Seconds until the status lapses (0 or absent: `presence.default_status_ttl`).
+    /// Seconds until the status lapses; absent: `presence.default_status_ttl`; `0`: until
+    /// changed (it never lapses).
     #[schema(minimum = 0)]
     ttl: Option<i64>,
 }

@@ -60,6 +60,10 @@ pub enum StoreError {
     /// The backend cannot be reached, or did not answer in time.
     #[error("presence store unavailable: {0}")]
     Unreachable(String),
+    /// The backend's settings cannot work (a bad URL, a missing TLS or credentials file,
+    /// refused credentials): waiting would not help.
+    #[error("{0}")]
+    Misconfigured(String),
     /// A cluster node cut off from the center refuses what it cannot order (degraded mode).
     #[error("{0}")]
     Degraded(String),

@@ -127,6 +127,12 @@ fn fault(e: impl std::fmt::Display) -> Fault {
     Fault(format!("nats: {e}"))
 }
 
+/// The server refused our credentials (a configuration mistake, not a late server).
+fn refused_credentials(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("authorization violation") || m.contains("authentication") || m.contains("invalid credentials")
+}
+
 /// A JetStream context on `nats` (in the configured domain, if any).
 fn context(nats: &Nats, cfg: &NatsConfig, timeout: Duration) -> jetstream::Context {
     let mut js = if cfg.jetstream.domain.is_empty() {
@@ -164,7 +170,11 @@ impl NatsBackplane {
     pub async fn connect(cfg: &NatsConfig, opts: &ClusterOptions) -> Result<NatsBackplane, StoreError> {
         let unavailable = |e: String| StoreError::Unreachable(format!("nats: {e}"));
         // The connect error already says "nats: ...".
-        let nats = Nats::connect(cfg, &format!("presenced-{}", opts.node_id)).await.map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        let nats = Nats::connect(cfg, &format!("presenced-{}", opts.node_id)).await.map_err(|e| match &e {
+            crate::natsio::NatsError::Credentials { .. } => StoreError::Misconfigured(e.to_string()),
+            crate::natsio::NatsError::Connect { message, .. } if refused_credentials(message) => StoreError::Misconfigured(e.to_string()),
+            crate::natsio::NatsError::Connect { .. } => StoreError::Unreachable(e.to_string()),
+        })?;
         let js = context(&nats, cfg, opts.kv_timeout);
         let open = |js: jetstream::Context, name: String| async move {
             let bucket = BucketConfig { name, replicas: cfg.kv.replicas, file_storage: true };
@@ -231,6 +241,16 @@ fn is_event(subject: &str) -> bool {
 
 /// A subscription's forwarding task, stopped (and the subscription dropped) with it.
 struct Forwarder(JoinHandle<()>);
+
+/// A backplane dropped without a shutdown (a start that failed after it connected, and is
+/// tried again): its tasks must not outlive it.
+impl Drop for NatsBackplane {
+    fn drop(&mut self) {
+        for t in self.tasks.get_mut().drain(..) {
+            t.abort();
+        }
+    }
+}
 
 impl Drop for Forwarder {
     fn drop(&mut self) {

@@ -101,6 +101,11 @@ fn fault(e: impl std::fmt::Display) -> Fault {
     Fault(format!("redis: {e}"))
 }
 
+/// The server refused our credentials (a configuration mistake, not a late server).
+fn refused_credentials(message: &str) -> bool {
+    message.contains("WRONGPASS") || message.contains("NOAUTH") || message.contains("invalid username-password")
+}
+
 fn kind_name(kind: EventKind) -> &'static str {
     kind.as_str()
 }
@@ -167,8 +172,14 @@ fn row_change(fields: &[(String, Bytes)]) -> Option<RowChange> {
 impl RedisBackplane {
     pub async fn connect(cfg: &RedisConfig, node: &str, bus: EventBus) -> Result<RedisBackplane, StoreError> {
         let unavailable = |e: String| StoreError::Unreachable(e);
-        let connector = Connector::new(cfg).map_err(|e| unavailable(e.to_string()))?;
-        let pool = Arc::new(Pool::open(&connector).await.map_err(|e| unavailable(e.to_string()))?);
+        // A bad URL, an unreadable TLS file or refused credentials: waiting would not help.
+        let classify = |e: conn::ConnectError| match &e {
+            conn::ConnectError::File { .. } => StoreError::Misconfigured(e.to_string()),
+            conn::ConnectError::Connect { message, .. } if refused_credentials(message) => StoreError::Misconfigured(e.to_string()),
+            conn::ConnectError::Connect { .. } => StoreError::Unreachable(e.to_string()),
+        };
+        let connector = Connector::new(cfg).map_err(|e| StoreError::Misconfigured(e.to_string()))?;
+        let pool = Arc::new(Pool::open(&connector).await.map_err(classify)?);
         let keys = Arc::new(Keys::new(&cfg.key_prefix));
         let pubsub = Arc::new(PubSub::open(&connector, keys.clone(), node).await.map_err(|e| unavailable(e.0))?);
         let bp = RedisBackplane {
@@ -371,6 +382,16 @@ struct RedisFeed {
     tx: mpsc::Sender<Bytes>,
     request_timeout: Duration,
     all: Option<JoinHandle<()>>,
+}
+
+/// A backplane dropped without a shutdown (a start that failed after it connected, and is
+/// tried again): its monitor must not outlive it, holding connections.
+impl Drop for RedisBackplane {
+    fn drop(&mut self) {
+        for t in self.tasks.get_mut().drain(..) {
+            t.abort();
+        }
+    }
 }
 
 impl Drop for RedisFeed {
