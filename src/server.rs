@@ -68,11 +68,13 @@ pub async fn wait_for_store(
         Backend::Redis => "redis",
     };
     let router = starting_router(backend);
+    // The same server as the node's own (header-read and idle timeouts included).
+    let timeouts = crate::listener::Timeouts::of(&config.limits);
     let mut server = tokio::spawn(async move {
         let stopped = async move {
             let _ = stopped.await;
         };
-        axum::serve(starting, router).with_graceful_shutdown(stopped).await
+        crate::listener::serve_http(starting, router, timeouts, stopped).await
     });
     let end = |app: Result<Option<App>, StartError>| async move {
         let _ = stop.send(());

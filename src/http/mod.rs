@@ -206,10 +206,8 @@ async fn observe(State(state): State<Http>, req: Request, next: Next) -> Respons
     if state.access_log {
         // The route's template, never the query string (a WebSocket token rides there).
         let latency_ms = took.as_secs_f64() * 1000.0;
-        match peer {
-            Some(peer) => tracing::info!(target: "presenced::access", method, route, path, status, latency_ms, %peer, "request"),
-            None => tracing::info!(target: "presenced::access", method, route, path, status, latency_ms, "request"),
-        }
+        let peer = peer.map(tracing::field::display);
+        tracing::info!(target: "presenced::access", method, route, path, status, latency_ms, peer, "request");
     }
     resp
 }
