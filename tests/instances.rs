@@ -266,3 +266,64 @@ async fn instance_leases_across_nodes(e: Engine) {
     a.stop().await;
     b.stop().await;
 }
+
+/// The order of the calls does not matter: sessions a gateway registered before its
+/// instance took a lease (their own TTL 2 s) are kept by the lease once it begins, and end
+/// with it, one offline each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_registered_before_the_lease_are_kept_by_it() {
+    let s = TestServer::start(&[("PRESENCE_PRESENCE__SESSION_TTL", "2s"), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "1s")]).await;
+    let mut c = client(&s).await;
+    let mut b = batch("gw-late", entries(0..50, "phone"));
+    b.ttl_seconds = 2;
+    let r = c.register_sessions(s.admin_request(b)).await.unwrap().into_inner();
+    assert_eq!((r.registered, r.failed), (50, 0));
+    let mut events = s.svc.bus.subscribe();
+    let mut last = c.refresh_instance(s.admin_request(refresh("gw-late", 2))).await.unwrap().into_inner();
+    assert_eq!(last.registered, 50, "the lease counts the sessions it bound when it began");
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        last = c.refresh_instance(s.admin_request(refresh("gw-late", 2))).await.unwrap().into_inner();
+    }
+    assert_eq!(s.svc.stats().sessions, 50, "the lease kept them past their own 2 s");
+    let d = c.get_user_devices(s.admin_request(pb::GetUserDevicesRequest { user_id: "u3".into() })).await.unwrap().into_inner();
+    assert_eq!(d.devices[0].expires_at, last.expires_at, "a bound session shows the lease's deadline");
+    // A session registered now binds at once.
+    let mut late = batch("gw-late", entries(50..51, "phone"));
+    late.ttl_seconds = 2;
+    let r = c.register_sessions(s.admin_request(late)).await.unwrap().into_inner();
+    assert_eq!(r.results[0].expires_at, last.expires_at);
+
+    let seen = offline_events(&mut events, 51, Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 51, "the lease lapsed and ended them all");
+    assert!(seen.values().all(|n| *n == 1), "exactly one offline event per user");
+    s.stop().await;
+}
+
+// Across nodes: sessions registered through B without a lease, then a lease begun and
+// refreshed through A only: B sees it and binds them; when it lapses, B ends each once.
+on_engines!(a_lease_begun_on_another_node_binds_earlier_sessions: nats, redis);
+async fn a_lease_begun_on_another_node_binds_earlier_sessions(e: Engine) {
+    let short = [("PRESENCE_PRESENCE__SESSION_TTL", "3s"), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "1s")];
+    let a = e.node_with("node-a", &short).await;
+    let b = e.node_with("node-b", &short).await;
+    let mut ca = client(&a).await;
+    let mut cb = client(&b).await;
+    let mut first = batch("gw-x", entries(0..50, "phone"));
+    first.ttl_seconds = 3;
+    let r = cb.register_sessions(b.admin_request(first)).await.unwrap().into_inner();
+    assert_eq!(r.registered, 50);
+    let mut events = b.svc.bus.subscribe();
+    for _ in 0..6 {
+        ca.refresh_instance(a.admin_request(refresh("gw-x", 3))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    assert_eq!(b.svc.stats().sessions, 50, "B bound them to the lease A keeps: they outlived their own 3 s");
+    let r = ca.get_presence(pb::GetPresenceRequest { user_ids: vec!["u0".into(), "u49".into()] }).await.unwrap().into_inner();
+    assert!(r.presences.iter().all(|p| p.status == pb::Status::Online as i32));
+    let seen = offline_events(&mut events, 50, Duration::from_secs(15)).await;
+    assert_eq!(seen.len(), 50, "the lease lapsed: B ended them");
+    assert!(seen.values().all(|n| *n == 1), "exactly one offline event per user");
+    a.stop().await;
+    b.stop().await;
+}

@@ -283,8 +283,12 @@ impl PresenceStore for Slow {
         self.inner.devices(id).await
     }
 
-    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, presenced::core::DeviceId, u64)>, StoreError> {
-        self.inner.sessions_of_instance(instance, ttl_ms).await
+    async fn sessions_of_instance(&self, instance: &str) -> Result<Vec<(UserId, Session)>, StoreError> {
+        self.inner.sessions_of_instance(instance).await
+    }
+
+    async fn rebind_session(&self, id: &UserId, device: &str, sid: u64, ttl_ms: i64) -> Result<bool, StoreError> {
+        self.inner.rebind_session(id, device, sid, ttl_ms).await
     }
 
     fn stats(&self) -> StoreStats {

@@ -10,7 +10,7 @@ mod common;
 use async_trait::async_trait;
 use presenced::bus::EventBus;
 use presenced::core::NewSession;
-use presenced::core::{Event, EventKind, Platform, Status, UserId};
+use presenced::core::{Event, EventKind, Platform, Session, Status, UserId};
 use presenced::store::cluster::ClusterOptions;
 use presenced::store::memory::{MemoryConfig, MemoryStore};
 use presenced::store::{get_one, Clock, DirTable, DirectoryStore as _, ManualClock, PresenceStore as _, SetStatus, Store, StoreError};
@@ -243,8 +243,8 @@ async fn revisions_order_each_users_changes(h: &dyn Harness) {
     assert_eq!(read.revision, events[2].presence.revision, "a read carries the revision of the state it shows");
 }
 
-/// A gateway instance's sessions with one TTL (those bound to its lease) are found by
-/// instance; other instances' and other TTLs' are not.
+/// A gateway instance's sessions held here are found by instance, each with its TTL;
+/// other instances' are not. A live one can be rebound to another TTL, by its tag only.
 async fn sessions_of_an_instance(h: &dyn Harness) {
     let s = h.store();
     let bound = 315_360_000_000;
@@ -253,13 +253,32 @@ async fn sessions_of_an_instance(h: &dyn Harness) {
     s.register_session(&uid("i2"), NewSession::new("phone", "gw-a", bound).sid(9)).await.unwrap();
     s.register_session(&uid("i3"), NewSession::new("phone", "gw-a", 600_000).sid(10)).await.unwrap();
     s.register_session(&uid("i4"), NewSession::new("phone", "gw-b", bound).sid(11)).await.unwrap();
-    let mut found: Vec<(String, String, u64)> =
-        s.sessions_of_instance("gw-a", bound).await.unwrap().into_iter().map(|(u, d, sid)| (u.to_string(), d.to_string(), sid)).collect();
-    found.sort();
-    assert_eq!(found, vec![("i1".into(), "laptop".into(), 8), ("i1".into(), "phone".into(), 7), ("i2".into(), "phone".into(), 9)]);
+    let of = |list: Vec<(UserId, Session)>| {
+        let mut v: Vec<(String, String, u64, i64)> =
+            list.into_iter().map(|(u, s)| (u.to_string(), s.device_id.to_string(), s.sid, s.ttl_ms)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        of(s.sessions_of_instance("gw-a").await.unwrap()),
+        vec![
+            ("i1".into(), "laptop".into(), 8, bound),
+            ("i1".into(), "phone".into(), 7, bound),
+            ("i2".into(), "phone".into(), 9, bound),
+            ("i3".into(), "phone".into(), 10, 600_000)
+        ]
+    );
+    assert!(!s.rebind_session(&uid("i3"), "phone", 99, bound).await.unwrap(), "another registration's tag");
+    assert!(s.rebind_session(&uid("i3"), "phone", 10, bound).await.unwrap());
+    let listed = s.devices(&uid("i3")).await.unwrap();
+    assert_eq!(listed[0].ttl_ms, bound, "the device list shows the new TTL");
+    assert!(listed[0].expires_at > h.clock().now() + bound / 2, "and the deadline it gives");
     assert!(s.unregister_session(&uid("i2"), "phone", Some(9)).await.unwrap());
-    assert_eq!(s.sessions_of_instance("gw-a", bound).await.unwrap().len(), 2);
-    assert!(s.sessions_of_instance("gw-none", bound).await.unwrap().is_empty());
+    assert!(!s.rebind_session(&uid("i2"), "phone", 9, bound).await.unwrap(), "an ended one stays ended");
+    let found = of(s.sessions_of_instance("gw-a").await.unwrap());
+    assert_eq!(found.len(), 3);
+    assert!(found.iter().all(|f| f.3 == bound));
+    assert!(s.sessions_of_instance("gw-none").await.unwrap().is_empty());
 }
 
 async fn directory_rows_round_trip(h: &dyn Harness) {

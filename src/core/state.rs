@@ -403,6 +403,20 @@ impl UserState {
         Some(expires_at)
     }
 
+    /// Gives the live registration of `device` tagged `sid` the TTL `ttl_ms` from `now`
+    /// (a gateway session bound to its instance's lease after it registered). No event:
+    /// the user's presence does not change. `false` when there is none (ended, held for
+    /// the grace, or replaced by a newer registration).
+    pub fn rebind(&mut self, device: &str, sid: u64, ttl_ms: i64, now: Millis) -> bool {
+        let Some(s) = self.sessions.iter_mut().find(|s| &*s.device_id == device && s.sid == sid && s.expires_at > now && !s.lingering)
+        else {
+            return false;
+        };
+        s.ttl_ms = ttl_ms;
+        s.expires_at = now.saturating_add(ttl_ms);
+        true
+    }
+
     /// Removes the session of `device` (only the registration tagged `sid`, when given,
     /// so an old connection's goodbye cannot end a newer connection of the same device).
     /// The user goes offline only if no device remains.
@@ -1035,6 +1049,19 @@ mod tests {
         assert_eq!(c.event, Some(EventKind::UserOffline));
         assert_eq!(s.last_seen, Some(50_000), "last_seen is the last heartbeat, not the reap time");
         assert_eq!(s.refresh("phone", 110_600), None, "an expired session must be registered again");
+    }
+
+    #[test]
+    fn a_rebound_session_takes_the_new_ttl_only_while_live_and_only_by_its_tag() {
+        let mut s = UserState::new(node());
+        let req = |sid| NewSession { device: dev("phone"), instance: Arc::from("gw"), ttl_ms: 4_000, platform: None, sid, max_devices: 10 };
+        s.register(req(1), &node(), 0).unwrap();
+        assert!(!s.rebind("phone", 2, TTL, 1_000), "another registration's tag");
+        assert!(s.rebind("phone", 1, TTL, 1_000));
+        assert_eq!((s.sessions[0].ttl_ms, s.sessions[0].expires_at), (TTL, 1_000 + TTL));
+        assert_eq!(s.expire(&node(), 5_000).event, None, "its own TTL no longer ends it");
+        assert_eq!(s.refresh("phone", 2_000), Some(2_000 + TTL), "a refresh extends by the new TTL");
+        assert!(!s.rebind("phone", 1, TTL, 3_000 + TTL), "a lapsed one is not revived");
     }
 
     #[test]

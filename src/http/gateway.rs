@@ -173,7 +173,8 @@ pub(crate) struct Lease<'a> {
     /// When the lease, and every session bound to it, ends unless refreshed.
     #[schema(format = DateTime)]
     expires_at: String,
-    /// Sessions bound to the lease.
+    /// Sessions bound to the lease on the answering node since it began there (a
+    /// per-node figure: in cluster mode, other nodes hold what was registered through them).
     registered: u64,
 }
 

@@ -4,11 +4,19 @@
 //! session.
 //!
 //! A lease exists from the instance's first refresh. A session registered through a
-//! gateway path (gRPC `RegisterSession(s)`, REST `POST /api/v2/sessions`) while its
-//! instance holds a live lease is *bound*: the store keeps it with the TTL
-//! [`BOUND_TTL_MS`] (ten years: the mark of a bound session, never reached while the
-//! lease is refreshed) and it ends when the lease does, here. A session registered while
-//! its instance has no lease keeps its own TTL (seed 001's per-session refresh).
+//! gateway path (gRPC `RegisterSession(s)`, REST `POST /api/v2/sessions`) of an instance
+//! that holds a live lease is *bound*: the store keeps it with the TTL [`BOUND_TTL_MS`]
+//! (ten years: the mark of a bound session, never reached while the lease is refreshed)
+//! and it ends when the lease does, here. A session registered while its instance has no
+//! lease keeps its own TTL (seed 001's per-session refresh) until the instance takes
+//! one, whatever the order of the calls:
+//! - a lease that begins on this node (or that this node first learns of) binds the
+//!   live sessions of the instance held here (a scan, once per lease);
+//! - a registration that raced with that scan binds itself when it sees the lease;
+//! - in cluster mode a lease may begin on another node: this node remembers the
+//!   instances it holds unbound sessions of (one entry per instance, not per session)
+//!   and reads their shared lease every [`UNBOUND_POLL_MS`] until one appears or those
+//!   sessions are gone.
 //!
 //! When a lease passes its deadline this node first asks the store whether another node
 //! shared a later one (a gateway may refresh through any node); if not, every bound
@@ -30,7 +38,7 @@ use futures_util::stream::{self, StreamExt};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::core::{Ending, Millis, TimerWheel, UserId};
+use crate::core::{Ending, Millis, Registered, TimerWheel, UserId};
 use crate::error::ApiError;
 use crate::store::{Clock, Store};
 
@@ -45,12 +53,20 @@ const NEGATIVE_TTL_MS: i64 = 1_000;
 /// Sessions ended at once when a lease lapses (cluster stores are round trips).
 const END_CONCURRENCY: usize = 64;
 
+/// How often a cluster node reads the shared lease of an instance it holds unbound
+/// sessions of (a session's own TTL is seconds at least, so one is bound in time).
+pub const UNBOUND_POLL_MS: i64 = 1_000;
+
+/// Shared leases read at once by that poll.
+const POLL_CONCURRENCY: usize = 32;
+
 #[derive(Debug)]
 struct Lease {
     /// The instance id, shared by every session bound to the lease.
     id: Arc<str>,
     expires_at: Millis,
-    /// Bound registrations made through this node since the lease began here.
+    /// Sessions bound to the lease on this node since it began here (registered while it
+    /// was live, or live here when it began).
     registered: u64,
 }
 
@@ -60,14 +76,18 @@ struct Leases {
     /// Instances the store said had no lease, and when it said so.
     unknown: HashMap<Arc<str>, Millis>,
     wheel: TimerWheel<Arc<str>>,
+    /// Cluster mode: instances with unbound sessions held here, and the latest deadline
+    /// seen among them (after it, a scan tells whether any are left).
+    unbound: HashMap<Arc<str>, Millis>,
+    next_poll: Millis,
 }
 
 /// A lease as the caller sees it after a refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseInfo {
     pub expires_at: Millis,
-    /// Bound registrations made through the answering node since the lease began there
-    /// (`0`: that node holds none of the instance's sessions, e.g. it restarted).
+    /// Sessions bound to the lease through the answering node since the lease began there
+    /// (`0` on a lone node: it holds none of the instance's sessions, e.g. it restarted).
     pub registered: u64,
 }
 
@@ -85,25 +105,31 @@ pub struct Instances {
     leases: Mutex<Leases>,
     reaper: Mutex<Option<JoinHandle<()>>>,
     tick_ms: i64,
+    /// The store shares leases with other nodes (cluster mode).
+    shared: bool,
 }
 
 impl Instances {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, tick_ms: i64) -> Instances {
-        Instances {
-            store,
-            clock,
-            leases: Mutex::new(Leases { live: HashMap::new(), unknown: HashMap::new(), wheel: TimerWheel::new(tick_ms.max(1)) }),
-            reaper: Mutex::new(None),
-            tick_ms: tick_ms.max(1),
-        }
+        let leases = Leases {
+            live: HashMap::new(),
+            unknown: HashMap::new(),
+            wheel: TimerWheel::new(tick_ms.max(1)),
+            unbound: HashMap::new(),
+            next_poll: 0,
+        };
+        let shared = store.shares_instance_leases();
+        Instances { store, clock, leases: Mutex::new(leases), reaper: Mutex::new(None), tick_ms: tick_ms.max(1), shared }
     }
 
-    /// Starts the task that ends lapsed leases (every tick).
+    /// Starts the task that ends lapsed leases and (cluster mode) looks for leases
+    /// begun on other nodes (every tick).
     pub fn start(self: &Arc<Self>) {
         let tick = Duration::from_millis(self.tick_ms as u64);
         let h = crate::store::spawn_periodic(Arc::downgrade(self), tick, |me: Arc<Instances>| async move {
             let now = me.clock.now();
             me.lapse(now).await;
+            me.poll_unbound(now).await;
         });
         *self.reaper.lock() = Some(h);
     }
@@ -117,21 +143,142 @@ impl Instances {
     pub async fn refresh(&self, instance: &str, ttl_ms: i64) -> Result<LeaseInfo, ApiError> {
         let expires_at = self.clock.now().saturating_add(ttl_ms);
         self.store.put_instance_lease(instance, Some(expires_at)).await?;
+        let began = self.take(instance, expires_at);
+        if began {
+            self.bind_held(instance).await;
+        }
+        let l = self.leases.lock();
+        let lease = l.live.get(instance);
+        Ok(LeaseInfo { expires_at: lease.map_or(expires_at, |x| x.expires_at), registered: lease.map_or(0, |x| x.registered) })
+    }
+
+    /// Records the lease of `instance` here until (at least) `expires_at`. `true` when it
+    /// begins here: the caller then binds the instance's sessions held here.
+    fn take(&self, instance: &str, expires_at: Millis) -> bool {
         let mut l = self.leases.lock();
         l.unknown.remove(instance);
-        let lease = Self::entry(&mut l, instance, expires_at);
-        let info = LeaseInfo { expires_at: lease.expires_at, registered: lease.registered };
+        l.unbound.remove(instance);
+        let began = !l.live.contains_key(instance);
+        let lease = l.live.entry(Arc::from(instance)).or_insert_with_key(|k| Lease { id: k.clone(), expires_at, registered: 0 });
+        lease.expires_at = lease.expires_at.max(expires_at);
         let key = lease.id.clone();
         l.wheel.insert(expires_at, key);
         self.gauges(&l);
-        Ok(info)
+        began
     }
 
-    /// The lease of `instance`, created (or moved later) to `expires_at`.
-    fn entry<'a>(l: &'a mut Leases, instance: &str, expires_at: Millis) -> &'a mut Lease {
-        let lease = l.live.entry(Arc::from(instance)).or_insert_with_key(|k| Lease { id: k.clone(), expires_at, registered: 0 });
-        lease.expires_at = lease.expires_at.max(expires_at);
-        lease
+    /// Binds to `instance`'s lease (just begun here) every live session of it this node
+    /// holds that registered without one. A scan, once per lease.
+    async fn bind_held(&self, instance: &str) {
+        let held = match self.store.sessions_of_instance(instance).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(instance, error = %e, "cannot list the sessions of an instance to bind them to its lease");
+                return;
+            }
+        };
+        let now = self.clock.now();
+        let mut bound = 0u64;
+        for (user, s) in held.into_iter().filter(|(_, s)| s.ttl_ms != BOUND_TTL_MS && !s.lingering && s.expires_at > now) {
+            match self.store.rebind_session(&user, &s.device_id, s.sid, BOUND_TTL_MS).await {
+                Ok(true) => bound += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(instance, user = %user, error = %e, "cannot bind a session to its instance's lease"),
+            }
+        }
+        if bound > 0 {
+            if let Some(lease) = self.leases.lock().live.get_mut(instance) {
+                lease.registered += bound;
+            }
+            metrics::counter!("presence_instance_sessions_bound_late_total").increment(bound);
+            tracing::debug!(instance, bound, "sessions registered before their instance's lease are bound to it");
+        }
+    }
+
+    /// A session just registered without a lease: if the lease began meanwhile, binds it
+    /// (the lease's scan may have run before it was written) and answers the lease's
+    /// deadline; else remembers its instance (cluster mode: a lease may begin elsewhere).
+    pub async fn bind_late(
+        &self,
+        user: &UserId,
+        device: &str,
+        reg: &Registered,
+        instance: &Arc<str>,
+        ttl_ms: i64,
+    ) -> Result<Option<Millis>, ApiError> {
+        let now = self.clock.now();
+        if self.deadline(instance).is_some_and(|t| t > now) {
+            if !self.store.rebind_session(user, device, reg.sid, BOUND_TTL_MS).await? {
+                return Ok(None);
+            }
+            if self.bind(instance) {
+                return Ok(self.deadline(instance));
+            }
+            // The lease ended meanwhile (its scan may have missed this one): its own TTL again.
+            self.store.rebind_session(user, device, reg.sid, ttl_ms).await?;
+            return Ok(None);
+        }
+        let expires_at = reg.expires_at;
+        if self.shared {
+            let mut l = self.leases.lock();
+            let until = l.unbound.entry(instance.clone()).or_insert(expires_at);
+            *until = (*until).max(expires_at);
+        }
+        Ok(None)
+    }
+
+    /// Cluster mode: reads the shared lease of each instance this node holds unbound
+    /// sessions of (every [`UNBOUND_POLL_MS`]); a live one binds them. An instance whose
+    /// unbound sessions are all gone is forgotten.
+    pub async fn poll_unbound(&self, now: Millis) {
+        if !self.shared {
+            return;
+        }
+        let watch: Vec<(Arc<str>, Millis)> = {
+            let mut l = self.leases.lock();
+            if now < l.next_poll || l.unbound.is_empty() {
+                return;
+            }
+            l.next_poll = now + UNBOUND_POLL_MS;
+            let Leases { unbound, live, .. } = &mut *l;
+            unbound.retain(|k, _| !live.contains_key(k));
+            unbound.iter().map(|(k, t)| (k.clone(), *t)).collect()
+        };
+        stream::iter(watch)
+            .for_each_concurrent(POLL_CONCURRENCY, |(instance, until)| async move {
+                if until <= now && !self.still_unbound(&instance, now).await {
+                    return;
+                }
+                match self.store.instance_lease(&instance).await {
+                    Ok(Some(t)) if t > now => {
+                        if self.take(&instance, t) {
+                            self.bind_held(&instance).await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(instance = %instance, error = %e, "cannot read a shared instance lease; asking again"),
+                }
+            })
+            .await;
+    }
+
+    /// Whether this node still holds live unbound sessions of `instance` (their latest
+    /// deadline is noted for the next look); forgets the instance if not.
+    async fn still_unbound(&self, instance: &Arc<str>, now: Millis) -> bool {
+        let Ok(held) = self.store.sessions_of_instance(instance).await else { return true };
+        let latest =
+            held.iter().filter(|(_, s)| s.ttl_ms != BOUND_TTL_MS && !s.lingering && s.expires_at > now).map(|(_, s)| s.expires_at).max();
+        let mut l = self.leases.lock();
+        match latest {
+            Some(t) => {
+                l.unbound.insert(instance.clone(), t);
+                true
+            }
+            None => {
+                l.unbound.remove(instance);
+                false
+            }
+        }
     }
 
     /// The live lease of `instance`: known here, or shared by another node (then
@@ -148,17 +295,17 @@ impl Instances {
             }
         }
         let shared = self.store.instance_lease(instance).await?;
-        let mut l = self.leases.lock();
         match shared.filter(|t| *t > now) {
             Some(t) => {
-                l.unknown.remove(instance);
-                let lease = Self::entry(&mut l, instance, t);
-                let live = LiveLease { instance: lease.id.clone(), expires_at: lease.expires_at };
-                l.wheel.insert(live.expires_at, live.instance.clone());
-                self.gauges(&l);
-                Ok(Some(live))
+                // Begun on another node: sessions registered here before it are bound now.
+                if self.take(instance, t) {
+                    self.bind_held(instance).await;
+                }
+                let l = self.leases.lock();
+                Ok(l.live.get(instance).map(|lease| LiveLease { instance: lease.id.clone(), expires_at: lease.expires_at }))
             }
             None => {
+                let mut l = self.leases.lock();
                 if l.unknown.len() > 100_000 {
                     l.unknown.retain(|_, at| now - *at < NEGATIVE_TTL_MS);
                 }
@@ -254,8 +401,8 @@ impl Instances {
 
     /// Ends the bound sessions of `instance` held here (its lease is already gone).
     async fn end_sessions(&self, instance: &str, ending: Ending) -> u64 {
-        let mut victims = match self.store.sessions_of_instance(instance, BOUND_TTL_MS).await {
-            Ok(v) => v,
+        let mut victims: Vec<(UserId, crate::core::DeviceId, u64)> = match self.store.sessions_of_instance(instance).await {
+            Ok(v) => v.into_iter().filter(|(_, s)| s.ttl_ms == BOUND_TTL_MS).map(|(u, s)| (u, s.device_id, s.sid)).collect(),
             Err(e) => {
                 // Their owner's node lease still ends them if this node dies; otherwise
                 // they stay until a retry (UnregisterInstance) finds them.

@@ -119,6 +119,10 @@ impl Sessions {
         let ttl = if bound { BOUND_TTL_MS } else { ttl_ms.unwrap_or(self.ttl_ms) };
         let mut reg = self.open_shared(&s.user, s.device.clone(), instance.clone(), Some(ttl), s.platform).await?;
         if !bound {
+            // The instance may have taken a lease meanwhile (or take one later).
+            if let Some(t) = self.instances.bind_late(&s.user, &s.device, &reg, instance, ttl).await? {
+                reg.expires_at = t;
+            }
             return Ok(reg);
         }
         if !self.instances.bind(instance) {

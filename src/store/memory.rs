@@ -32,9 +32,7 @@ use tokio::task::JoinHandle;
 use super::persist::{Ack, Loaded, PersistError, Persister, Record};
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{
-    Change, DeviceId, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState,
-};
+use crate::core::{Change, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
 use crate::shards::Sharded;
 
 /// Settings of the embedded store.
@@ -480,17 +478,24 @@ impl PresenceStore for MemoryStore {
         Ok(shard.users.get(id).map(|e| e.state.live_sessions(now).cloned().collect()).unwrap_or_default())
     }
 
-    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, DeviceId, u64)>, StoreError> {
+    async fn sessions_of_instance(&self, instance: &str) -> Result<Vec<(UserId, Session)>, StoreError> {
         let mut out = Vec::new();
         for shard in self.inner.shards.iter() {
             let shard = shard.lock();
             for (user, e) in &shard.users {
-                for s in e.state.sessions.iter().filter(|s| s.ttl_ms == ttl_ms && &*s.instance_id == instance) {
-                    out.push((user.clone(), s.device_id.clone(), s.sid));
+                for s in e.state.sessions.iter().filter(|s| &*s.instance_id == instance) {
+                    out.push((user.clone(), s.clone()));
                 }
             }
         }
         Ok(out)
+    }
+
+    async fn rebind_session(&self, id: &UserId, device: &str, sid: u64, ttl_ms: i64) -> Result<bool, StoreError> {
+        let now = self.inner.clock.now();
+        let mut shard = self.inner.shard(id).lock();
+        // A later deadline only: the wheel entry re-arms lazily when the old one is due.
+        Ok(shard.users.get_mut(id).is_some_and(|e| e.state.rebind(device, sid, ttl_ms, now)))
     }
 
     fn stats(&self) -> StoreStats {

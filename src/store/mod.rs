@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{DeviceId, Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
+use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
 
 pub use clock::{spawn_periodic, Clock, ManualClock, SystemClock};
 
@@ -155,10 +155,16 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// The user's live device sessions.
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError>;
 
-    /// The sessions this node holds of gateway instance `instance` registered with a TTL
-    /// of exactly `ttl_ms` (those bound to the instance's lease), as (user, device, tag).
-    /// A scan: called when a lease ends.
-    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, DeviceId, u64)>, StoreError>;
+    /// The sessions this node holds of gateway instance `instance` (live or held for the
+    /// grace), each with its user, its TTL (a lease's mark, or its own) and its real
+    /// deadline. A scan: called when a lease begins or ends, not per request.
+    async fn sessions_of_instance(&self, instance: &str) -> Result<Vec<(UserId, Session)>, StoreError>;
+
+    /// Gives the live registration of `device` tagged `sid` that this node holds the TTL
+    /// `ttl_ms` from now, with no event (a gateway session bound to its instance's lease
+    /// once the instance holds one). `Ok(false)` when there is none: ended, held for the
+    /// grace, replaced, or held by another node.
+    async fn rebind_session(&self, id: &UserId, device: &str, sid: u64, ttl_ms: i64) -> Result<bool, StoreError>;
 
     /// Counters for metrics and health.
     fn stats(&self) -> StoreStats;
@@ -176,6 +182,12 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// or removes it (`None`). A store with no other nodes has nothing to share.
     async fn put_instance_lease(&self, _instance: &str, _expires_at: Option<Millis>) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Whether other nodes share instance leases through this store (a lease refreshed
+    /// through one node binds the sessions another node holds).
+    fn shares_instance_leases(&self) -> bool {
+        false
     }
 
     /// The instance lease deadline another node shared, if any.

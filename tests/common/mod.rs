@@ -285,7 +285,11 @@ impl PresenceStore for DownStore {
         down()
     }
 
-    async fn sessions_of_instance(&self, _: &str, _: i64) -> Result<Vec<(UserId, presenced::core::DeviceId, u64)>, StoreError> {
+    async fn sessions_of_instance(&self, _: &str) -> Result<Vec<(UserId, Session)>, StoreError> {
+        down()
+    }
+
+    async fn rebind_session(&self, _: &UserId, _: &str, _: u64, _: i64) -> Result<bool, StoreError> {
         down()
     }
 

@@ -57,7 +57,7 @@ use tokio::task::JoinHandle;
 
 use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
-use crate::core::{DeviceId, Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
+use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
 use crate::store::locks::UserLocks;
 pub use backplane::{Backplane, Fault, Health, Names, Record, Refused, Space};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
@@ -325,8 +325,13 @@ impl PresenceStore for ClusterStore {
         self.live_devices(id).await
     }
 
-    async fn sessions_of_instance(&self, instance: &str, ttl_ms: i64) -> Result<Vec<(UserId, DeviceId, u64)>, StoreError> {
-        Ok(self.inner.owned.lock().of_instance(instance, ttl_ms))
+    async fn sessions_of_instance(&self, instance: &str) -> Result<Vec<(UserId, Session)>, StoreError> {
+        Ok(self.inner.owned.lock().of_instance(instance, &self.inner.node))
+    }
+
+    async fn rebind_session(&self, id: &UserId, device: &str, sid: u64, ttl_ms: i64) -> Result<bool, StoreError> {
+        let now = self.inner.clock.now();
+        Ok(self.inner.owned.lock().rebind(id, device, sid, ttl_ms, now))
     }
 
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<Presence>>, StoreError> {
@@ -384,6 +389,10 @@ impl PresenceStore for ClusterStore {
         }
         wrote(&self.inner, "instance");
         Ok(())
+    }
+
+    fn shares_instance_leases(&self) -> bool {
+        true
     }
 
     async fn instance_lease(&self, instance: &str) -> Result<Option<Millis>, StoreError> {

@@ -240,16 +240,28 @@ impl OwnedTable {
         self.users.len() as u64
     }
 
-    /// Sessions held here of gateway instance `instance` with TTL `ttl_ms` (bound to its
-    /// lease), as (user, device, tag).
-    pub fn of_instance(&self, instance: &str, ttl_ms: i64) -> Vec<(UserId, DeviceId, u64)> {
+    /// Sessions held here of gateway instance `instance`, each as the store would list it.
+    pub fn of_instance(&self, instance: &str, node: &Arc<str>) -> Vec<(UserId, crate::core::Session)> {
         let mut out = Vec::new();
         for (user, u) in &self.users {
-            for (device, o) in u.devices.iter().filter(|(_, o)| o.ttl_ms == ttl_ms && &*o.instance == instance) {
-                out.push((user.clone(), device.clone(), o.sid));
+            for (device, o) in u.devices.iter().filter(|(_, o)| &*o.instance == instance) {
+                out.push((user.clone(), o.session(device, node)));
             }
         }
         out
+    }
+
+    /// Gives the live registration of `device` tagged `sid` the TTL `ttl_ms` from `now`
+    /// (bound to its instance's lease). Only memory changes: the store keeps an owned
+    /// session with this node's lease as its deadline. The old wheel entry re-arms when due.
+    pub fn rebind(&mut self, user: &UserId, device: &str, sid: u64, ttl_ms: i64, now: Millis) -> bool {
+        let Some(o) = self.users.get_mut(user).and_then(|u| u.devices.get_mut(device)) else { return false };
+        if o.sid != sid || o.lingering || o.expires_at <= now {
+            return false;
+        }
+        o.ttl_ms = ttl_ms;
+        o.expires_at = now.saturating_add(ttl_ms);
+        true
     }
 }
 

@@ -380,7 +380,10 @@ impl ClusterStore {
                     // Held by a node lease: ours we know exactly; another node's lasts at
                     // least one TTL past its last recorded heartbeat.
                     s.expires_at = match local.iter().find(|(d, _)| *d == s.device_id) {
-                        Some((_, o)) => o.expires_at,
+                        Some((_, o)) => {
+                            s.ttl_ms = o.ttl_ms; // bound to a lease since it was written
+                            o.expires_at
+                        }
                         None => s.last_heartbeat.saturating_add(s.ttl_ms).max(now),
                     };
                 }
