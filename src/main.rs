@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { dev } => serve(config, dev),
         Command::Token { sub, ttl, scope } => token(&config, &sub, ttl.as_deref(), scope.as_deref()),
-        Command::Config => match serde_yaml::to_string(&config.redacted()) {
+        Command::Config => match config.printable().and_then(|v| serde_yaml::to_string(&v)) {
             Ok(s) => {
                 print!("{s}");
                 ExitCode::SUCCESS

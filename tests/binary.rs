@@ -158,6 +158,33 @@ fn config_subcommand_prints_effective_config_without_secrets() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("port: 7000"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("jwt_secret: <redacted>"), "{text}");
+
+    // Readable durations and sizes; a generated secret said to be one; a sink's own keys only.
+    let out = base_cmd(dir.path())
+        .env_remove("PRESENCE_AUTH__JWT_SECRET")
+        .env("PRESENCE_EVENTS__SINKS", "[{name: hook, type: webhook, url: \"http://h/x\", secret: \"0123456789abcdef\"}]")
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(v["presence"]["forget_after"].as_str(), Some("30d"), "{text}");
+    assert_eq!(v["presence"]["session_ttl"].as_str(), Some("1m"), "{text}");
+    assert!(v["auth"]["jwt_secret"].as_str().unwrap().starts_with("<generated: "), "{text}");
+    assert!(v["auth"]["jwt_secret"].as_str().unwrap().ends_with("jwt.secret>"), "{text}");
+    assert!(!text.contains("2592000"), "{text}");
+    let sink = v["events"]["sinks"][0].as_mapping().unwrap();
+    let keys: Vec<&str> = sink.keys().filter_map(|k| k.as_str()).collect();
+    assert_eq!(keys, ["name", "type", "batch_max", "timeout", "url", "secret"], "{text}");
+    // And what it prints is a configuration presenced reads back (secrets aside).
+    let back = dir.path().join("printed.yaml");
+    let generated = v["auth"]["jwt_secret"].as_str().unwrap();
+    std::fs::write(&back, text.replace("<redacted>", "0123456789abcdef").replace(generated, "0123456789abcdef-0123456789abcdef")).unwrap();
+    let out =
+        base_cmd(dir.path()).env_remove("PRESENCE_AUTH__JWT_SECRET").args(["--config", back.to_str().unwrap(), "config"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `PRESENCE_CONFIG` names the file, and the variables Kubernetes injects into every pod
@@ -169,7 +196,7 @@ fn presence_config_and_kubernetes_service_variables_are_not_overrides() {
     std::fs::write(&cfg, "presence:\n  session_ttl: 90s\n").unwrap();
     let out = base_cmd(dir.path()).env("PRESENCE_CONFIG", &cfg).arg("config").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("session_ttl: 90s"), "the file named by PRESENCE_CONFIG is read");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("session_ttl: 1m30s"), "the file named by PRESENCE_CONFIG is read");
 
     let k8s = [
         ("PRESENCE_PORT", "tcp://10.96.0.12:8080"),

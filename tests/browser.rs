@@ -178,8 +178,14 @@ fn decode_b64(s: &str) -> Vec<u8> {
     out
 }
 
+/// The status a row shows, by its dot's colour class and by the word beside it (which
+/// must agree: colour alone does not tell busy from online to colour-blind users).
 fn dot(user: &str) -> String {
-    format!("const d = document.querySelector('li[data-user=\"{user}\"] .dot'); return d ? d.dataset.status : null;")
+    format!(
+        "const li = document.querySelector('li[data-user=\"{user}\"]'); if (!li) return null; \
+         const d = li.querySelector('.dot'), w = li.querySelector('.word'); \
+         return d && w && d.classList.contains(w.textContent) ? w.textContent : 'dot ' + (d && d.className) + ' word ' + (w && w.textContent);"
+    )
 }
 
 #[tokio::test]

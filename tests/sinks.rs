@@ -238,6 +238,8 @@ async fn sink_configuration_is_validated() {
             "events.sinks[1].name",
         ),
         ("[{name: a, type: webhook, url: \"http://x\", secret: \"0123456789abcdef\", colour: red}]", "colour"),
+        ("[{name: a, type: webhook, url: \"http://x\", secret: \"0123456789abcdef\", unroutable: drop}]", "events.sinks[0].unroutable"),
+        ("[{name: a, type: amqp, url: \"amqp://h\", unroutable: lose}]", "unroutable"),
     ] {
         let e = presenced::config::Config::load(None, [("PRESENCE_EVENTS__SINKS", sinks)]).unwrap_err().to_string();
         assert!(e.contains(key), "{sinks}: {e}");
@@ -404,6 +406,76 @@ async fn amqp_sink_publishes_confirmed_and_survives_a_broker_outage_and_a_restar
     assert_eq!(s.get("/health").await.1["data"]["sinks"][0]["state"], "up");
     s.stop().await;
     rabbit.stop();
+}
+
+/// With no queue bound to the exchange, nothing is lost: the exchange exists from the
+/// start (a consumer may check for it first), every event comes back unroutable and waits
+/// in the outbox (the sink `down`, saying why); once a queue is bound, all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp_exchange_with_no_queue_bound_keeps_the_events_until_one_is() {
+    let rabbit = tokio::task::spawn_blocking(common::rabbit::RabbitServer::start).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let s = start(&amqp_env(&rabbit.url(), &data.path().display().to_string())).await;
+    common::eventually("the sink checked up before any event", Duration::from_secs(10), async || {
+        s.get("/health").await.1["data"]["sinks"][0]["state"] == "up"
+    })
+    .await;
+    {
+        use lapin::options::ExchangeDeclareOptions;
+        let conn = lapin::Connection::connect(&rabbit.url(), lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+        ch.exchange_declare("presence".into(), lapin::ExchangeKind::Topic, passive, lapin::types::FieldTable::default())
+            .await
+            .expect("the exchange exists before the first event");
+    }
+    write_changes(&s, 2, 3, 0).await;
+    common::eventually("unroutable events kept", Duration::from_secs(10), async || {
+        let h = s.get("/health").await.1;
+        let sink = &h["data"]["sinks"][0];
+        sink["state"] == "down"
+            && sink["outbox_events"] == 6
+            && sink["last_error"].as_str().is_some_and(|e| e.contains("no queue is bound to exchange presence"))
+    })
+    .await;
+    let consumer = AmqpConsumer::start(rabbit.url()).await;
+    common::eventually("all 6 consumed once a queue is bound", Duration::from_secs(15), async || all_arrived(&consumer.events(), 2, 3))
+        .await;
+    assert_in_order_at_least_once(&messages_by_user(&consumer.events()), 2, 3);
+    common::eventually("the sink up again, its outbox empty", Duration::from_secs(5), async || {
+        let h = s.get("/health").await.1;
+        h["data"]["sinks"][0]["state"] == "up" && h["data"]["sinks"][0]["outbox_events"] == 0
+    })
+    .await;
+    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("sink_delivery_failures_total{sink=\"rabbit\"}") && !l.ends_with(" 0")), "{metrics}");
+    s.stop().await;
+}
+
+/// A sink pointed at nothing shows `down` (with the reason) before any event, not `up`;
+/// one pointed at a receiver shows `up`; a webhook receiver that takes only POSTs is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_are_checked_at_start() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (_r, url) = receiver().await;
+    let sinks = format!(
+        "[{{name: gone, type: webhook, url: \"http://127.0.0.1:{closed}/hook\", secret: \"{SECRET}\", timeout: 1s}}, \
+          {{name: here, type: webhook, url: \"{url}\", secret: \"{SECRET}\", timeout: 1s}}, \
+          {{name: nobroker, type: amqp, url: \"amqp://guest:guest@127.0.0.1:{closed}/%2f\", timeout: 1s}}]"
+    );
+    let s = start(&[("PRESENCE_EVENTS__SINKS".into(), sinks)]).await;
+    common::eventually("each sink's state known", Duration::from_secs(10), async || {
+        let h = s.get("/health").await.1;
+        let st = |i: usize| h["data"]["sinks"][i]["state"].as_str().unwrap_or_default().to_string();
+        st(0) == "down" && st(1) == "up" && st(2) == "down"
+    })
+    .await;
+    let h = s.get("/health").await.1;
+    assert!(h["data"]["sinks"][0]["last_error"].as_str().unwrap().contains("HEAD http://127.0.0.1"), "{h}");
+    assert!(h["data"]["sinks"][2]["last_error"].as_str().unwrap().contains("AMQP connect"), "{h}");
+    assert_eq!(h["data"]["sinks"][0]["outbox_events"], 0, "nothing was sent to find out");
+    assert_eq!(h["data"]["status"], "degraded", "{h}");
+    s.stop().await;
 }
 
 /// Whether every user's events m0..m<n> have arrived (in any state of duplication).

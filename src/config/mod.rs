@@ -470,6 +470,23 @@ impl fmt::Debug for NatsConfig {
 
 impl Config {
     /// A copy safe to print: secrets replaced by `<redacted>`.
+    /// What `presenced config` prints: [`Config::redacted`], a generated JWT secret said
+    /// to be one (and where it is kept), and each sink with only its type's keys.
+    pub fn printable(&self) -> Result<serde_yaml::Value, serde_yaml::Error> {
+        let mut c = self.redacted();
+        if self.auth.jwt_secret.is_empty() {
+            c.auth.jwt_secret = format!("<generated: {}>", self.service.data_dir.join("jwt.secret").display());
+        }
+        let mut v = serde_yaml::to_value(&c)?;
+        let sinks = v.get_mut("events").and_then(|e| e.get_mut("sinks")).and_then(|s| s.as_sequence_mut());
+        for (sink, cfg) in sinks.into_iter().flatten().zip(&self.events.sinks) {
+            if let Some(m) = sink.as_mapping_mut() {
+                m.retain(|k, _| k.as_str().is_some_and(|k| cfg.kind.keys().contains(&k)));
+            }
+        }
+        Ok(v)
+    }
+
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         let mut sinks: Vec<&mut String> = Vec::new();
@@ -528,10 +545,21 @@ pub enum SinkType {
     /// HTTP POST of batches, signed with HMAC-SHA256.
     #[default]
     Webhook,
-    /// Apache Kafka (not in this build yet).
+    /// Apache Kafka (cargo feature `kafka`, on by default).
     Kafka,
-    /// RabbitMQ / AMQP 0-9-1 (not in this build yet).
+    /// RabbitMQ / AMQP 0-9-1.
     Amqp,
+}
+
+impl SinkType {
+    /// The keys a sink of this type reads (the others must stay unset).
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            SinkType::Webhook => &["name", "type", "batch_max", "timeout", "url", "secret"],
+            SinkType::Amqp => &["name", "type", "batch_max", "timeout", "url", "exchange", "unroutable"],
+            SinkType::Kafka => &["name", "type", "batch_max", "timeout", "brokers", "topic", "format", "compression", "properties"],
+        }
+    }
 }
 
 /// One sink. Keys that do not apply to its `type` must stay unset.
@@ -558,6 +586,11 @@ pub struct SinkConfig {
     /// amqp: the durable topic exchange events are published to.
     #[serde(deserialize_with = "de_string")]
     pub exchange: String,
+    /// amqp: what an event no queue is bound to receive becomes (events are published
+    /// `mandatory`, so the broker says so): `keep` (it fails the delivery and waits in the
+    /// outbox until a queue is bound) or `drop` (counted in
+    /// `sink_events_unroutable_total`; for bindings that take only some event types).
+    pub unroutable: Unroutable,
     /// kafka: `host:port,host:port` (librdkafka's `bootstrap.servers`).
     #[serde(deserialize_with = "de_string")]
     pub brokers: String,
@@ -572,6 +605,15 @@ pub struct SinkConfig {
     /// kafka: more librdkafka settings, passed through (e.g. `security.protocol`,
     /// `sasl.mechanism`, `sasl.username`, `sasl.password: ${KAFKA_PASSWORD}`).
     pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// What an AMQP sink does with an event no queue is bound to receive.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Unroutable {
+    #[default]
+    Keep,
+    Drop,
 }
 
 /// The encoding of a sink's records.
@@ -598,6 +640,7 @@ impl Default for SinkConfig {
             url: String::new(),
             secret: String::new(),
             exchange: "presence".into(),
+            unroutable: Unroutable::Keep,
             brokers: String::new(),
             topic: "presence.events".into(),
             format: SinkFormat::Json,
@@ -628,6 +671,7 @@ impl fmt::Debug for SinkConfig {
             .field("url", &redact_url(&self.url))
             .field("secret", &if self.secret.is_empty() { "" } else { "<redacted>" })
             .field("exchange", &self.exchange)
+            .field("unroutable", &self.unroutable)
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
             .field("format", &self.format)
@@ -887,6 +931,9 @@ impl Config {
             }
             if s.timeout.0.is_zero() {
                 return bad(key("timeout"), "must be above 0");
+            }
+            if s.unroutable == Unroutable::Drop && s.kind != SinkType::Amqp {
+                return bad(key("unroutable"), "is for amqp sinks");
             }
             if s.format == SinkFormat::Protobuf && s.kind != SinkType::Kafka {
                 return bad(key("format"), "protobuf is for kafka sinks; webhook and amqp send JSON");

@@ -59,14 +59,21 @@ impl Dur {
     }
 }
 
+/// In the largest units that say it exactly, as an operator writes it: `30d`, `1h30m`,
+/// `90s` as `1m30s`, `1500ms` as `1s500ms`, `0s`. [`Dur::parse`] reads it back.
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if !ms.is_multiple_of(1000) {
-            write!(f, "{ms}ms")
-        } else {
-            write!(f, "{}s", ms / 1000)
+        let mut ms = self.0.as_millis();
+        if ms == 0 {
+            return f.write_str("0s");
         }
+        for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+            if ms >= size {
+                write!(f, "{}{unit}", ms / size)?;
+                ms %= size;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -116,9 +123,25 @@ impl ByteSize {
     }
 }
 
+/// With the unit it was most likely written in: `64KiB`, `10GB`; bytes when no unit
+/// divides it. [`ByteSize::parse`] reads it back.
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in
+            [("GiB", 1u64 << 30), ("GB", 1_000_000_000), ("MiB", 1 << 20), ("MB", 1_000_000), ("KiB", 1 << 10), ("KB", 1_000)]
+        {
+            if n >= size && n.is_multiple_of(size) {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
 impl Serialize for ByteSize {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(self.0)
+        s.collect_str(self)
     }
 }
 
@@ -149,5 +172,26 @@ mod tests {
         assert_eq!(ByteSize::parse("16KiB").unwrap(), ByteSize(16384));
         assert_eq!(ByteSize::parse("1GB").unwrap(), ByteSize(1_000_000_000));
         assert!(ByteSize::parse("1TB").is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_print_readably_and_read_back() {
+        for (d, text) in [
+            (Dur::secs(30 * 86400), "30d"),
+            (Dur::secs(5400), "1h30m"),
+            (Dur::secs(90), "1m30s"),
+            (Dur::millis(1500), "1s500ms"),
+            (Dur::millis(100), "100ms"),
+            (Dur::secs(0), "0s"),
+            (Dur::secs(86400 + 1), "1d1s"),
+        ] {
+            assert_eq!(d.to_string(), text);
+            assert_eq!(Dur::parse(text).unwrap(), d, "{text} reads back");
+        }
+        for (b, text) in [(1 << 30, "1GiB"), (10_000_000_000, "10GB"), (65536, "64KiB"), (1_000_000, "1MB"), (1000, "1KB"), (1500, "1500")]
+        {
+            assert_eq!(ByteSize(b).to_string(), text);
+            assert_eq!(ByteSize::parse(text).unwrap(), ByteSize(b), "{text} reads back");
+        }
     }
 }

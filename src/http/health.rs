@@ -41,7 +41,7 @@ pub(crate) struct StoreHealth {
 pub async fn health(State(state): State<Http>) -> Response {
     let svc = &state.svc;
     let sinks = state.sinks.as_ref().map(|s| s.health()).unwrap_or_default();
-    let sink_down = sinks.iter().any(|s| s.state != "up");
+    let sink_down = sinks.iter().any(|s| s.state == "down");
     match svc.health().await {
         Ok(()) => ok(Health {
             status: if svc.degraded().is_some() || sink_down { "degraded" } else { "ok" },

@@ -78,6 +78,16 @@ impl EventSink for Kafka {
         }
         Ok(())
     }
+
+    /// The cluster's metadata for the topic (a broker answers; blocking in librdkafka,
+    /// so on the blocking pool).
+    async fn check(&self) -> Result<(), String> {
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5)).map(|_| ()))
+            .await
+            .map_err(|e| format!("kafka: {e}"))?
+            .map_err(|e| format!("kafka metadata: {e}"))
+    }
 }
 
 impl Drop for Kafka {

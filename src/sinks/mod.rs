@@ -61,6 +61,12 @@ pub trait EventSink: Send + Sync + 'static {
     /// Delivers a batch, in order. `Err`: none of it counts as delivered (the whole batch
     /// is sent again later).
     async fn deliver(&self, batch: &[Queued]) -> Result<(), String>;
+
+    /// Whether the destination answers, without delivering anything: run at start and
+    /// while the sink is down with nothing to deliver, so `/health` tells the truth before
+    /// the first event (a connection and the exchange declared for AMQP, the cluster's
+    /// metadata for Kafka, any HTTP answer to a `HEAD` for a webhook).
+    async fn check(&self) -> Result<(), String>;
 }
 
 /// A sink's state, as `/health` lists it.
@@ -69,7 +75,8 @@ pub struct SinkHealth {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
-    /// `up` (last delivery succeeded, or nothing to deliver yet), `down` (failing).
+    /// `unknown` (starting: not checked yet), `up` (the destination answered its check,
+    /// or the last delivery succeeded), `down` (the check or the last delivery failed).
     pub state: &'static str,
     pub outbox_events: u64,
     /// Seconds since the oldest undelivered event happened (0 when none).
@@ -79,7 +86,8 @@ pub struct SinkHealth {
 }
 
 struct Status {
-    up: bool,
+    /// `None` until the first check or delivery.
+    up: Option<bool>,
     last_error: Option<String>,
     /// Time of the oldest undelivered event (Unix ms), when known.
     oldest_at: Option<i64>,
@@ -137,7 +145,7 @@ impl Sinks {
                 batch_max: s.batch_max,
                 timeout: s.timeout.0,
                 backoff: cfg.outbox.clone(),
-                status: Mutex::new(Status { up: true, last_error: None, oldest_at: None }),
+                status: Mutex::new(Status { up: None, last_error: None, oldest_at: None }),
                 appended: Notify::new(),
             });
             for (name, labels) in [
@@ -151,6 +159,9 @@ impl Sinks {
                     None => metrics::counter!(name, "sink" => s.name.clone()).increment(0),
                     Some(reason) => metrics::counter!(name, "sink" => s.name.clone(), "reason" => reason).increment(0),
                 }
+            }
+            if s.kind == SinkType::Amqp {
+                metrics::counter!("sink_events_unroutable_total", "sink" => s.name.clone()).increment(0);
             }
             runner.set_depth();
             metrics::gauge!("sink_lag_seconds", "sink" => s.name.clone()).set(0.0);
@@ -175,7 +186,11 @@ impl Sinks {
                 SinkHealth {
                     name: r.name.clone(),
                     kind: r.sink.kind(),
-                    state: if up { "up" } else { "down" },
+                    state: match up {
+                        None => "unknown",
+                        Some(true) => "up",
+                        Some(false) => "down",
+                    },
                     outbox_events: r.outbox.len(),
                     lag_seconds: r.lag(),
                     last_error,
@@ -192,7 +207,7 @@ impl Sinks {
         let deadline = tokio::time::Instant::now() + limit;
         // The dispatchers append what is on the bus in bursts: give them a moment.
         tokio::time::sleep(Duration::from_millis(100).min(limit)).await;
-        let waiting = |r: &Arc<Runner>| !r.outbox.is_empty() && r.status.lock().up;
+        let waiting = |r: &Arc<Runner>| !r.outbox.is_empty() && r.status.lock().up != Some(false);
         while tokio::time::Instant::now() < deadline && self.runners.iter().any(waiting) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -312,11 +327,42 @@ fn record(r: &Runner, ev: &Event) -> Record {
     Record { user: ev.presence.user_id.to_string(), kind: ev.kind.as_str().to_string(), at: ev.at, body: r.sink.encode(ev) }
 }
 
+/// Records the outcome of a check or a delivery; logs a change of state.
+fn set_state(r: &Runner, outcome: Result<(), String>) {
+    let mut st = r.status.lock();
+    match outcome {
+        Ok(()) => {
+            if st.up == Some(false) {
+                tracing::info!(sink = %r.name, "event sink reachable again");
+            }
+            (st.up, st.last_error) = (Some(true), None);
+        }
+        Err(e) => {
+            if st.up != Some(false) {
+                tracing::warn!(sink = %r.name, error = %e, "event sink failing; events wait in the outbox");
+            }
+            (st.up, st.last_error) = (Some(false), Some(e));
+        }
+    }
+}
+
+/// The sink's check, within its timeout.
+async fn check(r: &Runner) -> Result<(), String> {
+    match tokio::time::timeout(r.timeout, r.sink.check()).await {
+        Ok(o) => o,
+        Err(_) => Err(format!("no answer within {:?}", r.timeout)),
+    }
+}
+
 /// Outbox → sink.
 async fn send(r: Arc<Runner>, mut stop: watch::Receiver<bool>) {
     let initial = r.backoff.initial_backoff.0;
     let mut backoff = initial;
     let mut retrying = false;
+    // Before the first event: is it there at all?
+    let first = check(&r).await;
+    set_state(&r, first);
+    let mut checked_at = Instant::now();
     loop {
         if *stop.borrow() {
             return;
@@ -334,9 +380,17 @@ async fn send(r: Arc<Runner>, mut stop: watch::Receiver<bool>) {
         let Some(last) = batch.last().map(|q| q.seq) else {
             r.status.lock().oldest_at = None;
             metrics::gauge!("sink_lag_seconds", "sink" => r.name.clone()).set(0.0);
+            // Down with nothing to deliver: check again (with the backoff) rather than
+            // wait for an event to find out.
+            if r.status.lock().up == Some(false) && checked_at.elapsed() >= backoff {
+                let outcome = check(&r).await;
+                backoff = if outcome.is_ok() { initial } else { (backoff * 2).min(r.backoff.max_backoff.0) };
+                set_state(&r, outcome);
+                checked_at = Instant::now();
+            }
             tokio::select! {
                 _ = r.appended.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1).min(backoff)) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             continue;
@@ -361,26 +415,15 @@ async fn send(r: Arc<Runner>, mut stop: watch::Receiver<bool>) {
                 if retrying {
                     metrics::counter!("sink_events_retried_total", "sink" => r.name.clone()).increment(batch.len() as u64);
                 }
-                {
-                    let mut st = r.status.lock();
-                    if !st.up {
-                        tracing::info!(sink = %r.name, "event sink delivering again");
-                    }
-                    (st.up, st.last_error) = (true, None);
-                }
+                set_state(&r, Ok(()));
                 r.set_depth();
                 (backoff, retrying) = (initial, false);
                 tracing::trace!(sink = %r.name, events = batch.len(), took = ?started.elapsed(), "delivered");
             }
             Err(e) => {
                 metrics::counter!("sink_delivery_failures_total", "sink" => r.name.clone()).increment(1);
-                {
-                    let mut st = r.status.lock();
-                    if st.up {
-                        tracing::warn!(sink = %r.name, error = %e, "event sink failing; events wait in the outbox");
-                    }
-                    (st.up, st.last_error) = (false, Some(e));
-                }
+                set_state(&r, Err(e));
+                checked_at = Instant::now();
                 retrying = true;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

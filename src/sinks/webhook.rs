@@ -96,6 +96,12 @@ impl EventSink for Webhook {
             Err(format!("POST {}: answered {}", self.url, r.status()))
         }
     }
+
+    /// Reachability only: any HTTP answer to a `HEAD` (a receiver that takes only POSTs
+    /// answers 405, which is fine); a refused connection, a TLS failure or no answer is not.
+    async fn check(&self) -> Result<(), String> {
+        self.client.head(&self.url).send().await.map(|_| ()).map_err(|e| format!("HEAD {}: {e}", self.url))
+    }
 }
 
 #[cfg(test)]
