@@ -127,9 +127,11 @@ pub const METRICS: &[Metric] = &[
     m!("sink_outbox_events", Gauge, Sinks, "Events waiting in a sink's on-disk outbox.", PER_SINK),
     m!("sink_delivery_seconds", Histogram, Sinks, "Time of each delivery attempt of a batch, by sink and outcome (ok, failed).", PER_SINK),
     m!("sink_lag_seconds", Gauge, Sinks, "Age of the oldest event a sink has not delivered yet (0 when none).", PER_SINK),
+    m!("sink_events_unroutable_total", Counter, Sinks, "Events an AMQP sink with unroutable: drop skipped because no queue was bound to receive them, by sink.", PER_SINK),
     m!("presence_instance_leases", Gauge, All, "Gateway instance leases live on this node."),
     m!("presence_instance_leases_lapsed_total", Counter, All, "Gateway instance leases that lapsed (not refreshed in time) on this node."),
     m!("presence_instance_sessions_ended_total", Counter, All, "Device sessions ended because their instance lease lapsed or was ended."),
+    m!("presence_instance_sessions_bound_late_total", Counter, All, "Device sessions registered before their instance's lease began, bound to it when it did."),
     m!("presence_users_forgotten_total", Counter, Memory, "Users forgotten after presence.forget_after with no session and no status."),
     m!(
         "presence_rate_limited_total",
