@@ -185,6 +185,12 @@ fn config_subcommand_prints_effective_config_without_secrets() {
     let out =
         base_cmd(dir.path()).env_remove("PRESENCE_AUTH__JWT_SECRET").args(["--config", back.to_str().unwrap(), "config"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The placeholders themselves are not secrets.
+    for placeholder in [generated, "<redacted>"] {
+        let out = base_cmd(dir.path()).env("PRESENCE_AUTH__JWT_SECRET", placeholder).arg("config").output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{placeholder} refused as a secret");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("placeholder"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// `PRESENCE_CONFIG` names the file, and the variables Kubernetes injects into every pod

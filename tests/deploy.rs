@@ -433,6 +433,14 @@ async fn the_kubernetes_pod_starts_probes_and_drains_as_its_manifest_says() {
         let ports = ctr["ports"].as_sequence().unwrap();
         ports.iter().find(|p| p["name"] == name).unwrap()["containerPort"].as_u64().unwrap() as u16
     };
+    // The manifest's Secret is a placeholder: refused, so an unchanged copy cannot run
+    // with a published key.
+    let out = presenced(&img, &args, &env, &subst, ip).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "the placeholder secret is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.jwt_secret"));
+    // As the README creates it: `kubectl create secret ... --from-literal=jwt-secret="$(openssl rand -hex 32)"`.
+    let env: Vec<(String, String)> =
+        env.into_iter().map(|(k, v)| if k == "PRESENCE_AUTH__JWT_SECRET" { (k, "9f".repeat(32)) } else { (k, v) }).collect();
     let mut node = Proc::spawn(&mut presenced(&img, &args, &env, &subst, ip));
 
     let readiness = &ctr["readinessProbe"]["httpGet"];

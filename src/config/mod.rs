@@ -469,7 +469,6 @@ impl fmt::Debug for NatsConfig {
 }
 
 impl Config {
-    /// A copy safe to print: secrets replaced by `<redacted>`.
     /// What `presenced config` prints: [`Config::redacted`], a generated JWT secret said
     /// to be one (and where it is kept), and each sink with only its type's keys.
     pub fn printable(&self) -> Result<serde_yaml::Value, serde_yaml::Error> {
@@ -487,6 +486,7 @@ impl Config {
         Ok(v)
     }
 
+    /// A copy safe to print: secrets replaced by `<redacted>`.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         let mut sinks: Vec<&mut String> = Vec::new();
@@ -1044,6 +1044,13 @@ impl Config {
             return bad(
                 "limits.grpc_max_watch_streams",
                 "grpc_max_concurrent_streams, grpc_max_watch_streams, grpc_max_watched_ids and grpc_watch_buffer must be at least 1",
+            );
+        }
+        let secret = self.auth.jwt_secret.trim();
+        if secret.starts_with('<') && secret.ends_with('>') {
+            return bad(
+                "auth.jwt_secret",
+                "is a placeholder that `presenced config` prints (<redacted>, <generated: ...>), not a secret: put the real one, or leave it unset to use the generated one",
             );
         }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.trim().len() < crate::auth::MIN_SECRET_BYTES {

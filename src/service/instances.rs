@@ -68,6 +68,8 @@ struct Lease {
     /// Sessions bound to the lease on this node since it began here (registered while it
     /// was live, or live here when it began).
     registered: u64,
+    /// Which lease of the instance this is (a lease that ends and begins again is another).
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -80,6 +82,7 @@ struct Leases {
     /// seen among them (after it, a scan tells whether any are left).
     unbound: HashMap<Arc<str>, Millis>,
     next_poll: Millis,
+    generations: u64,
 }
 
 /// A lease as the caller sees it after a refresh.
@@ -117,6 +120,7 @@ impl Instances {
             wheel: TimerWheel::new(tick_ms.max(1)),
             unbound: HashMap::new(),
             next_poll: 0,
+            generations: 0,
         };
         let shared = store.shares_instance_leases();
         Instances { store, clock, leases: Mutex::new(leases), reaper: Mutex::new(None), tick_ms: tick_ms.max(1), shared }
@@ -143,33 +147,41 @@ impl Instances {
     pub async fn refresh(&self, instance: &str, ttl_ms: i64) -> Result<LeaseInfo, ApiError> {
         let expires_at = self.clock.now().saturating_add(ttl_ms);
         self.store.put_instance_lease(instance, Some(expires_at)).await?;
-        let began = self.take(instance, expires_at);
-        if began {
-            self.bind_held(instance).await;
+        if let Some(generation) = self.take(instance, expires_at) {
+            self.bind_held(instance, generation).await;
         }
         let l = self.leases.lock();
         let lease = l.live.get(instance);
         Ok(LeaseInfo { expires_at: lease.map_or(expires_at, |x| x.expires_at), registered: lease.map_or(0, |x| x.registered) })
     }
 
-    /// Records the lease of `instance` here until (at least) `expires_at`. `true` when it
-    /// begins here: the caller then binds the instance's sessions held here.
-    fn take(&self, instance: &str, expires_at: Millis) -> bool {
+    /// Records the lease of `instance` here until (at least) `expires_at`. `Some(its
+    /// generation)` when it begins here, or takes over from a local deadline that had
+    /// passed (sessions registered meanwhile were not bound): the caller then binds the
+    /// instance's sessions held here.
+    fn take(&self, instance: &str, expires_at: Millis) -> Option<u64> {
+        let now = self.clock.now();
         let mut l = self.leases.lock();
         l.unknown.remove(instance);
         l.unbound.remove(instance);
-        let began = !l.live.contains_key(instance);
-        let lease = l.live.entry(Arc::from(instance)).or_insert_with_key(|k| Lease { id: k.clone(), expires_at, registered: 0 });
+        l.generations += 1;
+        let generation = l.generations;
+        let mut began = !l.live.contains_key(instance);
+        let lease =
+            l.live.entry(Arc::from(instance)).or_insert_with_key(|k| Lease { id: k.clone(), expires_at, registered: 0, generation });
+        began |= lease.expires_at <= now;
         lease.expires_at = lease.expires_at.max(expires_at);
-        let key = lease.id.clone();
+        let (key, generation) = (lease.id.clone(), lease.generation);
         l.wheel.insert(expires_at, key);
         self.gauges(&l);
-        began
+        began.then_some(generation)
     }
 
-    /// Binds to `instance`'s lease (just begun here) every live session of it this node
-    /// holds that registered without one. A scan, once per lease.
-    async fn bind_held(&self, instance: &str) {
+    /// Binds to `instance`'s lease (generation `generation`, just begun here) every live
+    /// session of it this node holds that registered without one. A scan, once per lease.
+    /// If the lease ended meanwhile (its own scan may have missed some of these), those
+    /// get their own TTL back: a bound session with no lease would never end.
+    async fn bind_held(&self, instance: &str, generation: u64) {
         let held = match self.store.sessions_of_instance(instance).await {
             Ok(v) => v,
             Err(e) => {
@@ -178,21 +190,35 @@ impl Instances {
             }
         };
         let now = self.clock.now();
-        let mut bound = 0u64;
+        let mut bound = Vec::new();
         for (user, s) in held.into_iter().filter(|(_, s)| s.ttl_ms != BOUND_TTL_MS && !s.lingering && s.expires_at > now) {
             match self.store.rebind_session(&user, &s.device_id, s.sid, BOUND_TTL_MS).await {
-                Ok(true) => bound += 1,
+                Ok(true) => bound.push((user, s)),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(instance, user = %user, error = %e, "cannot bind a session to its instance's lease"),
             }
         }
-        if bound > 0 {
-            if let Some(lease) = self.leases.lock().live.get_mut(instance) {
-                lease.registered += bound;
-            }
-            metrics::counter!("presence_instance_sessions_bound_late_total").increment(bound);
-            tracing::debug!(instance, bound, "sessions registered before their instance's lease are bound to it");
+        if bound.is_empty() {
+            return;
         }
+        let still = {
+            let mut l = self.leases.lock();
+            match l.live.get_mut(instance).filter(|lease| lease.generation == generation) {
+                Some(lease) => {
+                    lease.registered += bound.len() as u64;
+                    true
+                }
+                None => false,
+            }
+        };
+        if !still {
+            for (user, s) in &bound {
+                let _ = self.store.rebind_session(user, &s.device_id, s.sid, s.ttl_ms).await;
+            }
+            return;
+        }
+        metrics::counter!("presence_instance_sessions_bound_late_total").increment(bound.len() as u64);
+        tracing::debug!(instance, bound = bound.len(), "sessions registered before their instance's lease are bound to it");
     }
 
     /// A session just registered without a lease: if the lease began meanwhile, binds it
@@ -212,6 +238,7 @@ impl Instances {
                 return Ok(None);
             }
             if self.bind(instance) {
+                metrics::counter!("presence_instance_sessions_bound_late_total").increment(1);
                 return Ok(self.deadline(instance));
             }
             // The lease ended meanwhile (its scan may have missed this one): its own TTL again.
@@ -240,8 +267,10 @@ impl Instances {
                 return;
             }
             l.next_poll = now + UNBOUND_POLL_MS;
+            // An instance whose lease here has passed its deadline stays watched: the
+            // lease may go on elsewhere, and sessions registered meanwhile are unbound.
             let Leases { unbound, live, .. } = &mut *l;
-            unbound.retain(|k, _| !live.contains_key(k));
+            unbound.retain(|k, _| !live.get(k).is_some_and(|lease| lease.expires_at > now));
             unbound.iter().map(|(k, t)| (k.clone(), *t)).collect()
         };
         stream::iter(watch)
@@ -251,8 +280,8 @@ impl Instances {
                 }
                 match self.store.instance_lease(&instance).await {
                     Ok(Some(t)) if t > now => {
-                        if self.take(&instance, t) {
-                            self.bind_held(&instance).await;
+                        if let Some(generation) = self.take(&instance, t) {
+                            self.bind_held(&instance, generation).await;
                         }
                     }
                     Ok(_) => {}
@@ -287,8 +316,10 @@ impl Instances {
         let now = self.clock.now();
         {
             let l = self.leases.lock();
-            if let Some(lease) = l.live.get(instance) {
-                return Ok((lease.expires_at > now).then(|| LiveLease { instance: lease.id.clone(), expires_at: lease.expires_at }));
+            // Live here: bind to it. Past its deadline here: ask the store (it may go on
+            // through another node; the reaper has not looked yet).
+            if let Some(lease) = l.live.get(instance).filter(|lease| lease.expires_at > now) {
+                return Ok(Some(LiveLease { instance: lease.id.clone(), expires_at: lease.expires_at }));
             }
             if l.unknown.get(instance).is_some_and(|at| now - at < NEGATIVE_TTL_MS) {
                 return Ok(None);
@@ -298,8 +329,8 @@ impl Instances {
         match shared.filter(|t| *t > now) {
             Some(t) => {
                 // Begun on another node: sessions registered here before it are bound now.
-                if self.take(instance, t) {
-                    self.bind_held(instance).await;
+                if let Some(generation) = self.take(instance, t) {
+                    self.bind_held(instance, generation).await;
                 }
                 let l = self.leases.lock();
                 Ok(l.live.get(instance).map(|lease| LiveLease { instance: lease.id.clone(), expires_at: lease.expires_at }))
@@ -443,5 +474,60 @@ impl Instances {
 
     fn gauges(&self, l: &Leases) {
         metrics::gauge!("presence_instance_leases").set(l.live.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::EventBus;
+    use crate::core::UserId;
+    use crate::service::sessions::{GatewaySession, Sessions};
+    use crate::store::memory::{MemoryConfig, MemoryStore};
+    use crate::store::ManualClock;
+
+    fn node() -> (Arc<ManualClock>, Arc<dyn Store>, Sessions) {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::open(MemoryConfig::new("n1"), clock.clone(), EventBus::new(64)).unwrap());
+        let instances = Arc::new(Instances::new(store.clone(), clock.clone(), 100));
+        (clock.clone(), store.clone(), Sessions::new(store, instances, 10, 60_000, 0))
+    }
+
+    fn phone(user: &str) -> GatewaySession {
+        GatewaySession { user: UserId::parse(user, 64).unwrap(), device: Arc::from("phone"), platform: None }
+    }
+
+    /// A registration after the lease's deadline here, before the reaper ran: unbound
+    /// (no lease is live); a refresh then continues the lease and binds it too.
+    #[tokio::test]
+    async fn a_refresh_after_the_deadline_binds_what_registered_in_between() {
+        let (clock, store, sessions) = node();
+        sessions.refresh_instance("gw", Some(1_000)).await.unwrap();
+        sessions.open_gateway(&phone("before"), "gw", Some(4_000)).await.unwrap();
+        clock.advance(1_500);
+        let reg = sessions.open_gateway(&phone("between"), "gw", Some(4_000)).await.unwrap();
+        assert_eq!(reg.expires_at, clock.now() + 4_000, "no live lease: its own TTL");
+        let lease = sessions.refresh_instance("gw", Some(1_000)).await.unwrap();
+        for user in ["before", "between"] {
+            let d = store.devices(&UserId::parse(user, 64).unwrap()).await.unwrap();
+            assert_eq!(d[0].ttl_ms, BOUND_TTL_MS, "{user} is bound to the lease");
+        }
+        assert_eq!(lease.registered, 2);
+    }
+
+    /// Bound sessions whose lease ended while they were being bound get their own TTL
+    /// back (a bound session with no lease would never end).
+    #[tokio::test]
+    async fn a_binding_that_outlived_its_lease_is_undone() {
+        let (_clock, store, sessions) = node();
+        let reg = sessions.open_gateway(&phone("u"), "gw", Some(4_000)).await.unwrap();
+        let generation = sessions.instances.take("gw", sessions.instances.now() + 1_000).expect("begins");
+        // The lease ends (a gateway's UnregisterInstance) before the binding is checked.
+        sessions.instances.end("gw", Ending::Now).await.unwrap();
+        // The session was not bound yet, so it survived the end; now bind with the old generation.
+        let u = UserId::parse("u", 64).unwrap();
+        assert_eq!(store.devices(&u).await.unwrap()[0].sid, reg.sid);
+        sessions.instances.bind_held("gw", generation).await;
+        assert_eq!(store.devices(&u).await.unwrap()[0].ttl_ms, 4_000, "its own TTL again");
     }
 }

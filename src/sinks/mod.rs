@@ -360,8 +360,10 @@ async fn send(r: Arc<Runner>, mut stop: watch::Receiver<bool>) {
     let mut backoff = initial;
     let mut retrying = false;
     // Before the first event: is it there at all?
-    let first = check(&r).await;
-    set_state(&r, first);
+    tokio::select! {
+        first = check(&r) => set_state(&r, first),
+        _ = stop.wait_for(|s| *s) => return,
+    }
     let mut checked_at = Instant::now();
     loop {
         if *stop.borrow() {
