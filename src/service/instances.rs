@@ -270,7 +270,7 @@ impl Instances {
             // An instance whose lease here has passed its deadline stays watched: the
             // lease may go on elsewhere, and sessions registered meanwhile are unbound.
             let Leases { unbound, live, .. } = &mut *l;
-            unbound.retain(|k, _| !live.get(k).is_some_and(|lease| lease.expires_at > now));
+            unbound.retain(|k, _| live.get(k).is_none_or(|lease| lease.expires_at <= now));
             unbound.iter().map(|(k, t)| (k.clone(), *t)).collect()
         };
         stream::iter(watch)
@@ -406,20 +406,30 @@ impl Instances {
                     continue;
                 }
             };
-            {
+            // `Some(to_bind)`: the lease goes on (adopted from the store); `None`: it lapsed.
+            let adopted: Option<Option<u64>> = {
                 let mut l = self.leases.lock();
                 let Some(lease) = l.live.get_mut(&instance) else { continue };
                 if let Some(t) = shared.filter(|t| *t > now) {
                     lease.expires_at = lease.expires_at.max(t);
-                    let t = lease.expires_at;
-                    l.wheel.insert(t, instance);
-                    continue;
+                    let (t, generation) = (lease.expires_at, lease.generation);
+                    l.wheel.insert(t, instance.clone());
+                    // Sessions registered here after the local deadline passed are unbound.
+                    Some(l.unbound.remove(&instance).map(|_| generation))
+                } else {
+                    if lease.expires_at > now {
+                        continue; // refreshed here while we asked
+                    }
+                    l.live.remove(&instance);
+                    self.gauges(&l);
+                    None
                 }
-                if lease.expires_at > now {
-                    continue; // refreshed here while we asked
+            };
+            if let Some(to_bind) = adopted {
+                if let Some(generation) = to_bind {
+                    self.bind_held(&instance, generation).await;
                 }
-                l.live.remove(&instance);
-                self.gauges(&l);
+                continue;
             }
             metrics::counter!("presence_instance_leases_lapsed_total").increment(1);
             tracing::info!(instance = %instance, "gateway instance lease lapsed; ending its sessions");
