@@ -65,21 +65,35 @@ pub struct MemoryStore {
 }
 
 struct Inner {
+    /// Users by a hash of their id, each shard behind its own lock: writers to different
+    /// users rarely wait for each other, and one user's transitions are serialized.
     shards: Sharded<Shard>,
+    /// Injected so that tests move time by hand (expiry, grace, TTLs).
     clock: Arc<dyn Clock>,
+    /// Where transitions go, published under the shard lock so one user's events keep
+    /// their order.
     bus: EventBus,
+    /// This node's id, written into every state it changes (`node_id` in reads).
     node: Arc<str>,
+    /// The wheel's granularity: deadlines are rounded up to it (`store.tick`).
     tick_ms: i64,
+    /// `presence.forget_after`: users with no session and no status are dropped after it
+    /// (`None`: kept), so memory does not grow with every id ever seen.
     forget_after_ms: Option<i64>,
+    /// The writer of `presence.redb` (`None` without a data dir: nothing survives).
     persist: Option<Persister>,
     /// The last revision handed out (store-wide, so a forgotten user's later revisions
     /// still grow).
     revisions: AtomicU64,
+    /// Gauges kept as counters beside the shards (updated in `after_change`), so stats
+    /// and `/metrics` never walk or lock the shards: users held, users online, sessions.
     users: AtomicI64,
     online: AtomicI64,
     sessions: AtomicI64,
+    /// Reads of users the store holds, and of ids it never saw (`presence_reads_total`).
     hits: AtomicU64,
     misses: AtomicU64,
+    /// The expiry task, aborted at shutdown.
     reaper: Mutex<Option<JoinHandle<()>>>,
     /// Directory rows read at open, handed out once by `load_directory`.
     directory: Mutex<Vec<(DirTable, String, Vec<u8>)>>,
@@ -278,6 +292,13 @@ impl MemoryStore {
 
     /// Makes `f`'s effect on the stored record durable, then applies it: a write the disk
     /// refuses is answered 503 and was never visible. Without persistence, just applies.
+    ///
+    /// With persistence `f` runs twice: first on a copy of the state, outside the lock, to
+    /// stage the record that must be committed before anyone can see the change; then,
+    /// once the commit succeeded, on the live state under the shard lock. Another write
+    /// may land in between, so the second run is the one that counts, and
+    /// [`Persist::UnlessAlready`] skips a second commit when it produced the record already
+    /// committed. `f` must therefore depend only on the state and `now` (hence `Fn`).
     async fn durable_update(&self, id: &UserId, f: impl Fn(&mut UserState, Millis) -> Change) -> Result<Presence, StoreError> {
         self.persist_health()?;
         let now = self.inner.clock.now();
