@@ -212,6 +212,10 @@ async fn rest_gateway_endpoints() {
     common::assert_error(&post("/api/v2/instances/gw-rest/refresh", &user, json!({})).await, 403, "forbidden");
     common::assert_error(&post("/api/v2/sessions", &admin, json!({"sessions": "nope"})).await, 400, "bad_request");
     common::assert_error(&post("/api/v2/sessions", &admin, json!({"sessions": []})).await, 400, "bad_request");
+    for platform in ["", " mobile", "Mobile", "tv"] {
+        let bad = json!({"instance_id": "gw-rest", "sessions": [{"user_id": "ann", "device_id": "tv", "platform": platform}]});
+        common::assert_error(&post("/api/v2/sessions", &admin, bad).await, 400, "bad_request");
+    }
     common::assert_error(&post("/api/v2/instances/gw-rest/refresh", &admin, json!({"ttl_seconds": 999999})).await, 400, "bad_request");
 
     let r = post("/api/v2/sessions/unregister", &admin, json!({"sessions": [{"user_id": "bob", "device_id": "phone"}]})).await;

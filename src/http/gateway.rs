@@ -82,6 +82,11 @@ pub async fn register(State(state): State<Http>, headers: HeaderMap, body: Resul
     let b: RegisterBody = parse_json(&body_bytes(body)?)?;
     let instance = state.svc.instance_or(&b.instance_id, "http")?;
     let ttl_ms = state.svc.session_ttl(b.ttl_seconds)?;
+    // A JSON body's platform is exact, as the schema says ("" or " mobile" are refused);
+    // gRPC's proto3 default (an empty string) is its own rule, in gateway_sessions.
+    for e in &b.sessions {
+        state.svc.parse_body_platform(e.platform.as_deref())?;
+    }
     let items = state.svc.gateway_sessions(b.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), e.platform.as_deref())))?;
     let outcomes = state.svc.sessions.open_many(&items, instance, ttl_ms).await?;
     let (mut registered, mut failed) = (0u32, 0u32);
