@@ -227,17 +227,22 @@ async fn rest_gateway_endpoints() {
     s.stop().await;
 }
 
+/// Two cluster nodes whose sessions' own TTL is `session_ttl`, with a gRPC client each.
+async fn two_nodes(e: &Engine, session_ttl: &str) -> (TestServer, TestServer, PresenceApiClient<Channel>, PresenceApiClient<Channel>) {
+    let short = [("PRESENCE_PRESENCE__SESSION_TTL", session_ttl), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "1s")];
+    let a = e.node_with("node-a", &short).await;
+    let b = e.node_with("node-b", &short).await;
+    let (ca, cb) = (client(&a).await, client(&b).await);
+    (a, b, ca, cb)
+}
+
 // Cluster mode: a refresh is one store write whatever the number of sessions; a gateway
 // that refreshes through another node keeps its sessions alive (the shared lease); when
 // it stops, the node holding them ends each once.
 on_engines!(instance_leases_across_nodes: nats, redis);
 async fn instance_leases_across_nodes(e: Engine) {
     // Sessions' own TTL (2 s) shorter than the test: only the lease keeps them.
-    let short = [("PRESENCE_PRESENCE__SESSION_TTL", "2s"), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "1s")];
-    let a = e.node_with("node-a", &short).await;
-    let b = e.node_with("node-b", &short).await;
-    let mut ca = client(&a).await;
-    let mut cb = client(&b).await;
+    let (a, b, mut ca, mut cb) = two_nodes(&e, "2s").await;
     ca.refresh_instance(a.admin_request(refresh("gw-c", 2))).await.unwrap();
     let r = ca.register_sessions(a.admin_request(batch("gw-c", entries(0..1000, "phone")))).await.unwrap().into_inner();
     assert_eq!(r.registered, 1000);
@@ -308,11 +313,7 @@ async fn sessions_registered_before_the_lease_are_kept_by_it() {
 // refreshed through A only: B sees it and binds them; when it lapses, B ends each once.
 on_engines!(a_lease_begun_on_another_node_binds_earlier_sessions: nats, redis);
 async fn a_lease_begun_on_another_node_binds_earlier_sessions(e: Engine) {
-    let short = [("PRESENCE_PRESENCE__SESSION_TTL", "3s"), ("PRESENCE_PRESENCE__HEARTBEAT_INTERVAL", "1s")];
-    let a = e.node_with("node-a", &short).await;
-    let b = e.node_with("node-b", &short).await;
-    let mut ca = client(&a).await;
-    let mut cb = client(&b).await;
+    let (a, b, mut ca, mut cb) = two_nodes(&e, "3s").await;
     let mut first = batch("gw-x", entries(0..50, "phone"));
     first.ttl_seconds = 3;
     let r = cb.register_sessions(b.admin_request(first)).await.unwrap().into_inner();
