@@ -220,6 +220,9 @@ pub struct Report {
     pub undetected_departures: usize,
     pub converge_ms: Option<i64>,
     pub read_mismatches: usize,
+    /// Each mismatched read of the final check: node, user, what it read, and the
+    /// user's lived truth (so a failing run says which read lied).
+    pub mismatch_details: Vec<String>,
     pub observations: usize,
 }
 
@@ -286,6 +289,9 @@ fn print_report(r: &Report) {
         r.read_mismatches,
         r.observations,
     );
+    for d in &r.mismatch_details {
+        println!("  read mismatch: {d}");
+    }
 }
 
 // ---------------------------------------------------------------- the engine and nodes
@@ -911,9 +917,24 @@ async fn run_in(args: &ChaosArgs, engine: &str, scenario: &str, grace_secs: u64,
     let end = world.epoch.ms();
     let expected = expected_reads(&world, end, grace_secs, args.session_ttl_secs);
     let mut read_mismatches = 0;
-    for n in &nodes {
+    let mut mismatch_details = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
         match read_all(n.http, args.clients).await {
-            Some(got) => read_mismatches += mismatches(&expected, &got),
+            Some(got) => {
+                read_mismatches += mismatches(&expected, &got);
+                for (u, (e, g)) in expected.iter().zip(&got).enumerate() {
+                    if e.is_some_and(|e| e != *g) {
+                        let t = world.truths[u].lock();
+                        mismatch_details.push(format!(
+                            "node n{i} read u{u} {} at {end} ms (cut, healed: {:?}); lived {:?}, left {:?}",
+                            if *g { "online" } else { "offline" },
+                            cut.map(|(c, h, _)| (c, h)),
+                            t.intervals,
+                            t.left
+                        ));
+                    }
+                }
+            }
             None => read_mismatches += args.clients,
         }
     }
@@ -946,6 +967,7 @@ async fn run_in(args: &ChaosArgs, engine: &str, scenario: &str, grace_secs: u64,
     r.grace_secs = grace_secs;
     r.converge_ms = converge_ms;
     r.read_mismatches = read_mismatches;
+    r.mismatch_details = mismatch_details;
     Ok(r)
 }
 
@@ -1186,6 +1208,7 @@ impl Check<'_> {
             undetected_departures: undetected,
             converge_ms: None,
             read_mismatches: 0,
+            mismatch_details: Vec::new(),
             observations,
         }
     }
