@@ -9,13 +9,10 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, MIN_SECRET_BYTES};
 
 /// The scope that lets a backend act for any user (contacts, sessions, conversations).
 pub const ADMIN_SCOPE: &str = "presence:admin";
-
-/// Shortest HS256 secret accepted (RFC 7518 §3.2: a key at least as long as the hash).
-pub const MIN_SECRET_BYTES: usize = 32;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
