@@ -2,14 +2,13 @@
 //! `presence:admin` only: batch registration and removal of device sessions, and
 //! instance leases ([`crate::service::instances`]).
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::presence::{body_bytes, identity, parse_json};
+use super::extract::{Body, Caller, InstanceParam};
+use super::schema::InstancePath;
 use super::{ok, Http, Res};
 use crate::error::ApiError;
 use crate::json::rfc3339;
@@ -17,13 +16,13 @@ use crate::json::rfc3339;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Entry {
-    #[schema(schema_with = super::openapi::id, example = "alice")]
+    #[schema(schema_with = super::schema::id, example = "alice")]
     user_id: String,
-    #[schema(schema_with = super::openapi::id, example = "phone")]
+    #[schema(schema_with = super::schema::id, example = "phone")]
     device_id: String,
     /// `desktop`, `mobile` or `web`.
     #[serde(default)]
-    #[schema(schema_with = super::openapi::platform_or_null)]
+    #[schema(schema_with = super::schema::platform_or_null)]
     platform: Option<String>,
 }
 
@@ -32,7 +31,7 @@ pub(crate) struct Entry {
 pub(crate) struct RegisterBody {
     /// The gateway instance the sessions belong to (its lease ends them all); absent: `http`.
     #[serde(default)]
-    #[schema(schema_with = super::openapi::id_or_empty, example = "gw-1")]
+    #[schema(schema_with = super::schema::id_or_empty, example = "gw-1")]
     instance_id: String,
     /// Session TTL when the instance holds no lease (0: `presence.session_ttl`).
     #[serde(default)]
@@ -76,10 +75,9 @@ pub(crate) struct Registered<'a> {
     request_body = RegisterBody,
     responses((status = 200, description = "One result per session", body = super::envelope::Ok<Registered>)),
     security(("bearer" = [])))]
-pub async fn register(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn register(State(state): State<Http>, Caller(who): Caller, body: Body) -> Res {
     state.svc.require_admin(&who, "registering sessions")?;
-    let b: RegisterBody = parse_json(&body_bytes(body)?)?;
+    let b: RegisterBody = body.json()?;
     let instance = state.svc.instance_or(&b.instance_id, "http")?;
     let ttl_ms = state.svc.session_ttl(b.ttl_seconds)?;
     // A JSON body's platform is exact, as the schema says ("" or " mobile" are refused);
@@ -124,9 +122,9 @@ pub async fn register(State(state): State<Http>, headers: HeaderMap, body: Resul
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UnregisterEntry {
-    #[schema(schema_with = super::openapi::id)]
+    #[schema(schema_with = super::schema::id)]
     user_id: String,
-    #[schema(schema_with = super::openapi::id)]
+    #[schema(schema_with = super::schema::id)]
     device_id: String,
     /// The user signed out on purpose: the session ends now. Absent or `false`: the
     /// socket went away, and the session is held for `presence.offline_grace` (a
@@ -153,10 +151,9 @@ pub(crate) struct Unregistered {
     request_body = UnregisterBody,
     responses((status = 200, description = "Which sessions were live", body = super::envelope::Ok<Unregistered>)),
     security(("bearer" = [])))]
-pub async fn unregister(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn unregister(State(state): State<Http>, Caller(who): Caller, body: Body) -> Res {
     state.svc.require_admin(&who, "ending sessions")?;
-    let b: UnregisterBody = parse_json(&body_bytes(body)?)?;
+    let b: UnregisterBody = body.json()?;
     let items = state.svc.gateway_sessions(b.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), None)))?;
     let pairs: Vec<_> = items.into_iter().zip(&b.sessions).map(|(s, e)| (s.user, s.device, e.immediate)).collect();
     let removed = state.svc.sessions.close_many(&pairs).await?;
@@ -189,39 +186,15 @@ pub(crate) struct Ended<'a> {
     sessions_ended: u64,
 }
 
-/// The instance of an `/instances/{id}` path.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub(crate) struct InstancePath {
-    /// A gateway instance id (same characters as a user id).
-    #[param(pattern = r"^[A-Za-z0-9._@:+\-]+$", min_length = 1, example = "gw-1")]
-    id: String,
-}
-
-fn instance_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    let Path(id) = path.map_err(|e| ApiError::BadRequest(format!("invalid instance id in path: {e}")))?;
-    state.svc.check_id("instance id", &id)?;
-    Ok(id)
-}
-
 /// `POST /api/v2/instances/{id}/refresh` with `{"ttl_seconds"?}` (or no body): creates
 /// or extends the instance's lease.
 #[utoipa::path(post, path = "/api/v2/instances/{id}/refresh", operation_id = "refreshInstance", tag = "gateway", summary = "Create or extend an instance's lease",
     params(InstancePath), request_body(content = Option<RefreshBody>, description = "Optional"),
     responses((status = 200, description = "The lease", body = super::envelope::Ok<Lease>)),
     security(("bearer" = [])))]
-pub async fn refresh(
-    State(state): State<Http>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn refresh(State(state): State<Http>, Caller(who): Caller, InstanceParam(id): InstanceParam, body: Body) -> Res {
     state.svc.require_admin(&who, "instance leases")?;
-    let id = instance_from_path(&state, path)?;
-    let bytes = body_bytes(body)?;
-    let b: RefreshBody = if bytes.is_empty() { RefreshBody::default() } else { parse_json(&bytes)? };
+    let b: RefreshBody = body.json_or_default()?;
     let ttl_ms = state.svc.session_ttl(b.ttl_seconds)?;
     let lease = state.svc.sessions.refresh_instance(&id, ttl_ms).await?;
     Ok(ok(Lease { instance_id: &id, expires_at: rfc3339(lease.expires_at), registered: lease.registered }))
@@ -246,13 +219,11 @@ pub(crate) struct EndQuery {
     security(("bearer" = [])))]
 pub async fn end(
     State(state): State<Http>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
+    Caller(who): Caller,
+    InstanceParam(id): InstanceParam,
     query: Result<Query<EndQuery>, QueryRejection>,
 ) -> Res {
-    let who = identity(&state, &headers)?;
     state.svc.require_admin(&who, "instance leases")?;
-    let id = instance_from_path(&state, path)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let ended = state.svc.sessions.end_instance(&id, q.immediate).await?;
     Ok(ok(Ended { instance_id: &id, sessions_ended: ended }))

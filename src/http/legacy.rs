@@ -1,14 +1,14 @@
 //! The seed 004 HTTP endpoints under `/presence`, for clients that cannot hold a
 //! WebSocket. Same semantics as the WebSocket messages, same envelope and error codes.
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::presence::{batch_read, body_bytes, identity, parse_json, presence_map, BatchBody, PresenceAnswer, UserPath};
+use super::extract::{Body, Caller, UserParam, Viewer};
+use super::presence::{batch_read, presence_map, BatchBody, PresenceAnswer};
+use super::schema::UserPath;
 use super::{Http, Res};
 use crate::core::Platform;
 use crate::error::ApiError;
@@ -20,7 +20,7 @@ use crate::service::StatusWrite;
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateBody {
     /// `online`, `away`, `busy` or `offline`.
-    #[schema(schema_with = super::openapi::status, required = true)]
+    #[schema(schema_with = super::schema::status, required = true)]
     online_status: Option<String>,
     /// The custom message.
     custom_status: Option<String>,
@@ -35,11 +35,9 @@ pub(crate) struct UpdateBody {
     request_body = UpdateBody,
     responses((status = 200, description = "The presence after the write", body = PresenceAnswer)),
     security(("bearer" = [])))]
-pub async fn update(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn update(State(state): State<Http>, Caller(who): Caller, body: Body) -> Res {
     let user = state.svc.parse_user(&who.sub)?;
-    let bytes = body_bytes(body)?;
-    let b: UpdateBody = parse_json(&bytes)?;
+    let b: UpdateBody = body.json()?;
     if b.online_status.is_none() {
         return Err(ApiError::BadRequest("online_status is required (online, away, busy or offline)".into()));
     }
@@ -52,26 +50,26 @@ pub async fn update(State(state): State<Http>, headers: HeaderMap, body: Result<
 #[utoipa::path(get, path = "/presence/{user_id}", operation_id = "legacyGetPresence", tag = "legacy", summary = "One user's presence (seed 004)",
     params(UserPath), responses((status = 200, description = "The presence", body = PresenceAnswer)),
     security((), ("bearer" = [])))]
-pub async fn get(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
-    super::presence::get_one(State(state), headers, path).await
+pub async fn get(state: State<Http>, viewer: Viewer, user: UserParam) -> Res {
+    super::presence::get_one(state, viewer, user).await
 }
 
 /// `POST /presence/bulk` `{"user_ids": [...]}`
 #[utoipa::path(post, path = "/presence/bulk", operation_id = "legacyGetPresenceBulk", tag = "legacy", summary = "Several users' presence (seed 004)",
     request_body = BatchBody, responses((status = 200, description = "The presence of each user", body = PresenceAnswer)),
     security((), ("bearer" = [])))]
-pub async fn bulk(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    batch_read(&state, &headers, body).await
+pub async fn bulk(State(state): State<Http>, Viewer(viewer): Viewer, body: Body) -> Res {
+    batch_read(&state, viewer.as_ref(), body).await
 }
 
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HeartbeatBody {
     /// The device (the `X-Device-ID` header wins); default `http`.
-    #[schema(schema_with = super::openapi::id_or_null, example = "laptop")]
+    #[schema(schema_with = super::schema::id_or_null, example = "laptop")]
     device_id: Option<String>,
     /// `desktop`, `mobile` or `web` (the `X-Device-Platform` header wins).
-    #[schema(schema_with = super::openapi::platform_or_null)]
+    #[schema(schema_with = super::schema::platform_or_null)]
     platform: Option<String>,
 }
 
@@ -87,7 +85,7 @@ pub(crate) struct Heartbeat<'a> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TypingBody {
-    #[schema(required, schema_with = super::openapi::id, example = "room-1")]
+    #[schema(required, schema_with = super::schema::id, example = "room-1")]
     conversation_id: Option<String>,
     #[schema(required)]
     is_typing: Option<bool>,
@@ -110,10 +108,9 @@ pub(crate) struct Typing<'a> {
            ("X-Device-Platform" = Option<String>, Header, description = "desktop, mobile or web")),
     responses((status = 200, description = "The session", body = super::envelope::Ok<Heartbeat>)),
     security(("bearer" = [])))]
-pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn heartbeat(State(state): State<Http>, Caller(who): Caller, headers: HeaderMap, body: Body) -> Res {
     let user = state.svc.parse_user(&who.sub)?;
-    let (device, platform) = device_of(&state, &headers, body)?;
+    let (device, platform) = device_of(&state, &headers, &body)?;
     let svc = &state.svc;
     let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
     Ok(super::ok(Heartbeat { user_id: user.as_str(), device_id: &device, expires_at: rfc3339(expires_at) }))
@@ -121,9 +118,8 @@ pub async fn heartbeat(State(state): State<Http>, headers: HeaderMap, body: Resu
 
 /// The device (and platform) of a legacy request: the headers win, but a body that
 /// breaks the documented schema is refused either way.
-fn device_of(state: &Http, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<(String, Option<Platform>), ApiError> {
-    let bytes = body_bytes(body)?;
-    let b: HeartbeatBody = if bytes.is_empty() { HeartbeatBody::default() } else { parse_json(&bytes)? };
+fn device_of(state: &Http, headers: &HeaderMap, body: &Body) -> Result<(String, Option<Platform>), ApiError> {
+    let b: HeartbeatBody = body.json_or_default()?;
     if let Some(d) = b.device_id.as_deref() {
         state.svc.check_id("device id", d)?;
     }
@@ -153,10 +149,9 @@ pub(crate) struct Bye<'a> {
     params(("X-Device-ID" = Option<String>, Header, description = "The device")),
     responses((status = 200, description = "Whether the device had a session", body = super::envelope::Ok<Bye>)),
     security(("bearer" = [])))]
-pub async fn bye(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn bye(State(state): State<Http>, Caller(who): Caller, headers: HeaderMap, body: Body) -> Res {
     let user = state.svc.parse_user(&who.sub)?;
-    let (device, _) = device_of(&state, &headers, body)?;
+    let (device, _) = device_of(&state, &headers, &body)?;
     let removed = state.svc.sessions.close(&user, &device, None, Leave::Bye).await?;
     Ok(super::ok(Bye { user_id: user.as_str(), device_id: &device, removed }))
 }
@@ -166,11 +161,9 @@ pub async fn bye(State(state): State<Http>, headers: HeaderMap, body: Result<Byt
     request_body = TypingBody,
     responses((status = 200, description = "What was set", body = super::envelope::Ok<Typing>)),
     security(("bearer" = [])))]
-pub async fn typing(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn typing(State(state): State<Http>, Caller(who): Caller, body: Body) -> Res {
     let user = state.svc.parse_user(&who.sub)?;
-    let bytes = body_bytes(body)?;
-    let b: TypingBody = parse_json(&bytes)?;
+    let b: TypingBody = body.json()?;
     let (Some(conv), Some(is_typing)) = (b.conversation_id, b.is_typing) else {
         return Err(ApiError::BadRequest("typing needs conversation_id and is_typing".into()));
     };

@@ -2,11 +2,13 @@
 //! call [`Service`], and encode; every error leaves as the JSON envelope.
 
 pub mod envelope;
+mod extract;
 mod gateway;
 mod health;
 mod legacy;
 pub mod openapi;
 mod presence;
+mod schema;
 mod social;
 mod stats;
 

@@ -57,7 +57,7 @@ use super::{gateway, health, legacy, presence, social, stats};
         super::favicon,
         super::dev_token,
         openapi_json,
-        crate::ws::upgrade,
+        ws_upgrade,
     ),
     components(schemas(super::envelope::Err)),
     modifiers(&Common),
@@ -92,48 +92,18 @@ pub(super) async fn openapi_json() -> axum::response::Response {
     r
 }
 
-/// The characters of a user, device, instance or conversation id.
-pub(crate) const ID_PATTERN: &str = r"^[A-Za-z0-9._@:+\-]+$";
-
-/// A user, device or conversation id (the schema of request fields handlers validate).
-pub(crate) fn id() -> utoipa::openapi::Object {
-    utoipa::openapi::ObjectBuilder::new()
-        .schema_type(utoipa::openapi::schema::Type::String)
-        .pattern(Some(ID_PATTERN))
-        .min_length(Some(1))
-        .build()
-}
-
-/// An id that may be `null` (then a default applies).
-pub(crate) fn id_or_null() -> utoipa::openapi::Object {
-    use utoipa::openapi::schema::{SchemaType, Type};
-    let mut o = id();
-    o.schema_type = SchemaType::from_iter([Type::String, Type::Null]);
-    o
-}
-
-/// An id that may be empty (then a default applies).
-pub(crate) fn id_or_empty() -> utoipa::openapi::Object {
-    let mut o = id();
-    o.pattern = Some(r"^[A-Za-z0-9._@:+\-]*$".into());
-    o.min_length = None;
-    o
-}
-
-/// A list of ids.
-pub(crate) fn ids() -> utoipa::openapi::schema::Array {
-    utoipa::openapi::schema::ArrayBuilder::new().items(id()).build()
-}
-
-/// `online`, `away`, `busy` or `offline`.
-pub(crate) fn status() -> utoipa::openapi::Object {
-    crate::json::enum_schema(crate::core::Status::ALL.map(crate::core::Status::as_str), false)
-}
-
-/// `desktop`, `mobile`, `web` or `null`.
-pub(crate) fn platform_or_null() -> utoipa::openapi::Object {
-    crate::json::enum_schema(crate::core::Platform::ALL.map(crate::core::Platform::as_str), true)
-}
+/// `GET /ws` (served by [`crate::ws::upgrade`]): authenticates, applies the per-IP
+/// connection rate limit and opens the device session before upgrading, so a refusal is
+/// the JSON envelope (401/400/429). Documentation only: the WebSocket transport does not
+/// reach up into the HTTP one for it.
+#[utoipa::path(get, path = "/ws", operation_id = "websocket", tag = "realtime", summary = "Upgrade to the WebSocket protocol",
+    description = "Messages are JSON `{\"type\": ..., \"data\": ...}`: the server sends `connected`, `presence_update`,         `typing`, `heartbeat_ack`, `error`; the client sends `heartbeat`, `subscribe`, `unsubscribe`, `set_status`,         `typing`. See the README's WebSocket section.",
+    params(crate::ws::WsQuery),
+    responses((status = 101, description = "Switching protocols"),
+              (status = 400, description = "Not an upgrade request, or invalid input", body = super::envelope::Err)),
+    security(("bearer" = []), ()))]
+#[allow(dead_code)]
+fn ws_upgrade() {}
 
 /// The errors any authenticated operation can answer, besides those it lists.
 const COMMON_ERRORS: [(&str, &str); 7] = [

@@ -1,58 +1,18 @@
 //! `/api/v2/presence` handlers.
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
+use super::extract::{Body, Caller, UserParam, Viewer};
+use super::schema::UserPath;
 use super::{ok, Http, Res};
 use crate::auth::Identity;
-use crate::core::UserId;
 use crate::error::ApiError;
 use crate::json::{PresenceJson, PresenceMap};
 use crate::service::StatusWrite;
-
-/// The user of a `/{user_id}` path (documentation only: handlers validate the raw segment).
-#[derive(IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub(crate) struct UserPath {
-    /// A user id: 1 to `limits.max_user_id_len` (128) characters of `A-Z a-z 0-9 . _ @ : + -`.
-    #[param(pattern = r"^[A-Za-z0-9._@:+\-]+$", min_length = 1, example = "alice")]
-    user_id: String,
-}
-
-pub(super) fn user_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
-    let Path(raw) = path.map_err(|e| ApiError::BadRequest(format!("invalid user id in path: {e}")))?;
-    state.svc.parse_user(&raw)
-}
-
-pub(super) fn identity(state: &Http, headers: &HeaderMap) -> Result<Identity, ApiError> {
-    state.svc.identify(headers, None)
-}
-
-pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status().as_u16() == 413 {
-            ApiError::PayloadTooLarge("request body is too large".into())
-        } else {
-            ApiError::BadRequest(format!("cannot read request body: {e}"))
-        }
-    })
-}
-
-pub(super) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        None => return Err(ApiError::BadRequest("request body is empty: a JSON object is expected".into())),
-        // serde would read a struct from an array of its fields: only objects are bodies.
-        Some(b'{') => {}
-        Some(_) => return Err(ApiError::BadRequest("the request body must be a JSON object".into())),
-    }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
-}
 
 /// The presence envelope; while the node is degraded (cut off from the center) the
 /// answer comes from its cache: marked `"stale": true` and `X-Presence-Stale`, and logged.
@@ -93,9 +53,7 @@ pub(crate) struct PresenceAnswer {
     params(UserPath),
     responses((status = 200, description = "The presence", body = PresenceAnswer)),
     security((), ("bearer" = [])))]
-pub async fn get_one(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
-    let viewer = state.svc.identify_optional(&headers)?;
-    let id = user_from_path(&state, path)?;
+pub async fn get_one(State(state): State<Http>, Viewer(viewer): Viewer, UserParam(id): UserParam) -> Res {
     let p = state.svc.get_one_as(viewer.as_ref(), &id).await?;
     Ok(presence_map(&state, std::slice::from_ref(&p)))
 }
@@ -113,8 +71,7 @@ pub struct MultiQuery {
     params(MultiQuery),
     responses((status = 200, description = "The presence of each user, in request order", body = PresenceAnswer)),
     security((), ("bearer" = [])))]
-pub async fn get_many(State(state): State<Http>, headers: HeaderMap, query: Result<Query<MultiQuery>, QueryRejection>) -> Res {
-    let viewer = state.svc.identify_optional(&headers)?;
+pub async fn get_many(State(state): State<Http>, Viewer(viewer): Viewer, query: Result<Query<MultiQuery>, QueryRejection>) -> Res {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let users = q.users.ok_or_else(|| ApiError::BadRequest("query parameter users is required (users=a,b,c)".into()))?;
     let ids = state.svc.parse_ids(users.split(',').map(str::trim))?;
@@ -126,7 +83,7 @@ pub async fn get_many(State(state): State<Http>, headers: HeaderMap, query: Resu
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchBody {
     /// At most `limits.max_batch_ids` user ids.
-    #[schema(required, schema_with = super::openapi::ids, example = json!(["alice", "bob"]))]
+    #[schema(required, schema_with = super::schema::ids, example = json!(["alice", "bob"]))]
     user_ids: Option<Vec<String>>,
 }
 
@@ -135,18 +92,16 @@ pub(crate) struct BatchBody {
     request_body = BatchBody,
     responses((status = 200, description = "The presence of each user, in request order", body = PresenceAnswer)),
     security((), ("bearer" = [])))]
-pub async fn batch(State(state): State<Http>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    batch_read(&state, &headers, body).await
+pub async fn batch(State(state): State<Http>, Viewer(viewer): Viewer, body: Body) -> Res {
+    batch_read(&state, viewer.as_ref(), body).await
 }
 
 /// Shared by `POST /api/v2/presence/batch` and the legacy `POST /presence/bulk`.
-pub(super) async fn batch_read(state: &Http, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Res {
-    let viewer = state.svc.identify_optional(headers)?;
-    let bytes = body_bytes(body)?;
-    let b: BatchBody = parse_json(&bytes)?;
+pub(super) async fn batch_read(state: &Http, viewer: Option<&Identity>, body: Body) -> Res {
+    let b: BatchBody = body.json()?;
     let raw = b.user_ids.ok_or_else(|| ApiError::BadRequest("user_ids is required".into()))?;
     let ids = state.svc.parse_ids(raw.iter().map(String::as_str))?;
-    let items = state.svc.get_many_as(viewer.as_ref(), &ids).await?;
+    let items = state.svc.get_many_as(viewer, &ids).await?;
     Ok(presence_map(state, &items))
 }
 
@@ -155,7 +110,7 @@ pub(super) async fn batch_read(state: &Http, headers: &HeaderMap, body: Result<B
 pub(crate) struct PutBody {
     /// `online`, `away`, `busy` or `offline` (appear offline). Required: a write sets a
     /// status (`DELETE` clears it).
-    #[schema(schema_with = super::openapi::status, required = true)]
+    #[schema(schema_with = super::schema::status, required = true)]
     status: Option<String>,
     /// A custom message (at most `limits.max_message_len` characters); absent or `""`: none.
     message: Option<String>,
@@ -172,17 +127,9 @@ pub(crate) struct PutBody {
     request_body = PutBody,
     responses((status = 200, description = "The presence after the write", body = PresenceAnswer)),
     security(("bearer" = [])))]
-pub async fn put(
-    State(state): State<Http>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Res {
-    let who = identity(&state, &headers)?;
-    let id = user_from_path(&state, path)?;
+pub async fn put(State(state): State<Http>, Caller(who): Caller, UserParam(id): UserParam, body: Body) -> Res {
     state.svc.authorize_write(&who, &id)?;
-    let bytes = body_bytes(body)?;
-    let b: PutBody = parse_json(&bytes)?;
+    let b: PutBody = body.json()?;
     let p = state.svc.set_status(&who, &id, StatusWrite { status: b.status, message: b.message, ttl_seconds: b.ttl }).await?;
     Ok(presence_map(&state, std::slice::from_ref(&p)))
 }
@@ -192,9 +139,7 @@ pub async fn put(
     params(UserPath),
     responses((status = 200, description = "The presence after the write", body = PresenceAnswer)),
     security(("bearer" = [])))]
-pub async fn delete(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
-    let who = identity(&state, &headers)?;
-    let id = user_from_path(&state, path)?;
+pub async fn delete(State(state): State<Http>, Caller(who): Caller, UserParam(id): UserParam) -> Res {
     let p = state.svc.clear_status(&who, &id).await?;
     Ok(ok(serde_json::json!({ id.as_str(): PresenceJson { p: &p, now: state.svc.clock.now() } })))
 }

@@ -1,13 +1,11 @@
 //! Contacts, privacy settings and conversation members.
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
-use super::presence::{body_bytes, identity, parse_json, user_from_path, UserPath};
+use super::extract::{Body, Caller, ConversationParam, UserParam};
+use super::schema::{ConversationPath, UserPath};
 use super::{ok, Http, Res};
 use crate::core::{Privacy, UserId, Visibility};
 use crate::error::ApiError;
@@ -20,7 +18,7 @@ fn names(ids: &[UserId]) -> Vec<&str> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ContactsBody {
     /// The whole list (replaces the previous one), at most `limits.max_contacts` ids.
-    #[schema(required, schema_with = super::openapi::ids, example = json!(["bob", "carol"]))]
+    #[schema(required, schema_with = super::schema::ids, example = json!(["bob", "carol"]))]
     contacts: Option<Vec<String>>,
 }
 
@@ -58,18 +56,8 @@ pub(crate) struct Members<'a> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct MembersBody {
     /// The whole member list (replaces the previous one).
-    #[schema(required, schema_with = super::openapi::ids, example = json!(["alice", "bob"]))]
+    #[schema(required, schema_with = super::schema::ids, example = json!(["alice", "bob"]))]
     members: Option<Vec<String>>,
-}
-
-/// The conversation of a `/conversations/{id}` path.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub(crate) struct ConversationPath {
-    /// A conversation id (same characters as a user id).
-    #[param(pattern = r"^[A-Za-z0-9._@:+\-]+$", min_length = 1, example = "room-1")]
-    id: String,
 }
 
 /// `GET /api/v2/contacts/{user_id}` (own token or `presence:admin`)
@@ -77,9 +65,7 @@ pub(crate) struct ConversationPath {
     description = "The user's own token, or one with the `presence:admin` scope.",
     params(UserPath), responses((status = 200, description = "The contacts", body = super::envelope::Ok<Contacts>)),
     security(("bearer" = [])))]
-pub async fn get_contacts(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
-    let who = identity(&state, &headers)?;
-    let id = user_from_path(&state, path)?;
+pub async fn get_contacts(State(state): State<Http>, Caller(who): Caller, UserParam(id): UserParam) -> Res {
     let c = state.svc.contacts(&who, &id)?;
     Ok(ok(Contacts { user_id: id.as_str(), contacts: names(&c) }))
 }
@@ -89,17 +75,9 @@ pub async fn get_contacts(State(state): State<Http>, headers: HeaderMap, path: R
     params(UserPath), request_body = ContactsBody,
     responses((status = 200, description = "The contacts now", body = super::envelope::Ok<Contacts>)),
     security(("bearer" = [])))]
-pub async fn put_contacts(
-    State(state): State<Http>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Res {
-    let who = identity(&state, &headers)?;
-    let id = user_from_path(&state, path)?;
+pub async fn put_contacts(State(state): State<Http>, Caller(who): Caller, UserParam(id): UserParam, body: Body) -> Res {
     state.svc.authorize_owner(&who, &id, "contacts")?;
-    let bytes = body_bytes(body)?;
-    let b: ContactsBody = parse_json(&bytes)?;
+    let b: ContactsBody = body.json()?;
     let raw = b.contacts.ok_or_else(|| ApiError::BadRequest("contacts is required (a list of user ids)".into()))?;
     let c = state.svc.set_contacts(&who, &id, &raw).await?;
     Ok(ok(Contacts { user_id: id.as_str(), contacts: names(&c) }))
@@ -113,9 +91,7 @@ fn privacy_json<'a>(id: &'a UserId, p: &Privacy) -> PrivacyAnswer<'a> {
 #[utoipa::path(get, path = "/api/v2/presence/{user_id}/privacy", operation_id = "getPrivacy", tag = "privacy", summary = "A user's privacy settings",
     params(UserPath), responses((status = 200, description = "The settings", body = super::envelope::Ok<PrivacyAnswer>)),
     security(("bearer" = [])))]
-pub async fn get_privacy(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
-    let who = identity(&state, &headers)?;
-    let id = user_from_path(&state, path)?;
+pub async fn get_privacy(State(state): State<Http>, Caller(who): Caller, UserParam(id): UserParam) -> Res {
     let p = state.svc.privacy(&who, &id)?;
     Ok(ok(privacy_json(&id, &p)))
 }
@@ -126,27 +102,14 @@ pub async fn get_privacy(State(state): State<Http>, headers: HeaderMap, path: Re
     params(UserPath), request_body = PrivacyBody,
     responses((status = 200, description = "The settings now", body = super::envelope::Ok<PrivacyAnswer>)),
     security(("bearer" = [])))]
-pub async fn put_privacy(
-    State(state): State<Http>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Res {
-    let who = identity(&state, &headers)?;
-    let id = user_from_path(&state, path)?;
+pub async fn put_privacy(State(state): State<Http>, Caller(who): Caller, UserParam(id): UserParam, body: Body) -> Res {
     let current = state.svc.privacy(&who, &id)?;
-    let bytes = body_bytes(body)?;
-    let b: PrivacyBody = parse_json(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("{e} (visibility and last_seen take everyone, contacts or nobody)")))?;
+    body.bytes()?; // too large or unreadable: that error, not a schema hint
+    let b: PrivacyBody =
+        body.json().map_err(|e| ApiError::BadRequest(format!("{e} (visibility and last_seen take everyone, contacts or nobody)")))?;
     let p = Privacy { visibility: b.visibility.unwrap_or(current.visibility), last_seen: b.last_seen.unwrap_or(current.last_seen) };
     let p = state.svc.set_privacy(&who, &id, p).await?;
     Ok(ok(privacy_json(&id, &p)))
-}
-
-fn conversation_from_path(state: &Http, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    let Path(c) = path.map_err(|e| ApiError::BadRequest(format!("invalid conversation id in path: {e}")))?;
-    state.svc.check_id("conversation id", &c)?;
-    Ok(c)
 }
 
 /// `PUT /api/v2/conversations/{id}/members` with `{"members": [...]}` (scope `presence:admin`)
@@ -155,17 +118,9 @@ fn conversation_from_path(state: &Http, path: Result<Path<String>, PathRejection
     params(ConversationPath), request_body = MembersBody,
     responses((status = 200, description = "The members now", body = super::envelope::Ok<Members>)),
     security(("bearer" = [])))]
-pub async fn put_members(
-    State(state): State<Http>,
-    headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Res {
-    let who = identity(&state, &headers)?;
-    let conv = conversation_from_path(&state, path)?;
+pub async fn put_members(State(state): State<Http>, Caller(who): Caller, ConversationParam(conv): ConversationParam, body: Body) -> Res {
     state.svc.require_admin(&who, "setting conversation members")?;
-    let bytes = body_bytes(body)?;
-    let b: MembersBody = parse_json(&bytes)?;
+    let b: MembersBody = body.json()?;
     let raw = b.members.ok_or_else(|| ApiError::BadRequest("members is required (a list of user ids)".into()))?;
     let m = state.svc.set_members(&who, &conv, &raw).await?;
     Ok(ok(Members { conversation_id: &conv, members: names(&m) }))
@@ -175,9 +130,7 @@ pub async fn put_members(
 #[utoipa::path(get, path = "/api/v2/conversations/{id}/members", operation_id = "getMembers", tag = "conversations", summary = "A conversation's members",
     params(ConversationPath), responses((status = 200, description = "The members", body = super::envelope::Ok<Members>)),
     security(("bearer" = [])))]
-pub async fn get_members(State(state): State<Http>, headers: HeaderMap, path: Result<Path<String>, PathRejection>) -> Res {
-    let who = identity(&state, &headers)?;
-    let conv = conversation_from_path(&state, path)?;
+pub async fn get_members(State(state): State<Http>, Caller(who): Caller, ConversationParam(conv): ConversationParam) -> Res {
     let m = state.svc.members(&who, &conv)?;
     Ok(ok(Members { conversation_id: &conv, members: names(&m) }))
 }

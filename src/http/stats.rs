@@ -1,11 +1,10 @@
 //! `GET /api/v2/stats`: the operator view's figures (scope `presence:admin`).
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::presence::identity;
+use super::extract::Caller;
 use super::{ok, Http, Res};
 use crate::json::rfc3339;
 
@@ -74,8 +73,7 @@ pub(crate) struct BackendState {
     description = "Needs the `presence:admin` scope.",
     responses((status = 200, description = "The figures", body = super::envelope::Ok<Stats>)),
     security(("bearer" = [])))]
-pub async fn stats(State(state): State<Http>, headers: HeaderMap) -> Res {
-    let who = identity(&state, &headers)?;
+pub async fn stats(State(state): State<Http>, Caller(who): Caller) -> Res {
     let svc = &state.svc;
     svc.require_admin(&who, "the operator view")?;
     let s = svc.stats();

@@ -53,13 +53,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// `GET /ws`: authenticates, applies the per-IP connection rate limit and opens the
 /// device session (the device limit is enforced there, atomically) before upgrading, so
-/// a refusal is the JSON envelope (401/400/429).
-#[utoipa::path(get, path = "/ws", operation_id = "websocket", tag = "realtime", summary = "Upgrade to the WebSocket protocol",
-    description = "Messages are JSON `{\"type\": ..., \"data\": ...}`: the server sends `connected`, `presence_update`,         `typing`, `heartbeat_ack`, `error`; the client sends `heartbeat`, `subscribe`, `unsubscribe`, `set_status`,         `typing`. See the README's WebSocket section.",
-    params(WsQuery),
-    responses((status = 101, description = "Switching protocols"),
-              (status = 400, description = "Not an upgrade request, or invalid input", body = crate::http::envelope::Err)),
-    security(("bearer" = []), ()))]
+/// a refusal is the JSON envelope (401/400/429). Documented in `http::openapi`.
 pub async fn upgrade(
     state: State<Ws>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
