@@ -118,6 +118,11 @@ impl Directory {
         self.graph.read().audiences.get(viewer).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
+    /// What decides how `user` is shown to each viewer: their contacts and their privacy.
+    pub fn view(&self, user: &UserId) -> (Members, Privacy) {
+        (self.contacts(user), self.privacy(user))
+    }
+
     pub fn privacy(&self, user: &UserId) -> Privacy {
         self.privacy.read().get(user).copied().unwrap_or_default()
     }

@@ -14,7 +14,8 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
 
-use super::hub::{Conn, Hub};
+use super::client::Client;
+use super::hub::Hub;
 use super::protocol::{self, ClientMsg};
 use crate::auth::Identity;
 use crate::core::ratelimit::{Rate, TokenBucket};
@@ -35,7 +36,13 @@ impl<S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum
 /// connection: an `async move` block rather than an `async fn` (whose body keeps a second
 /// copy of its arguments, rust-lang/rust#62958), with the transient steps boxed.
 #[allow(clippy::manual_async_fn)] // on purpose, as said above
-pub fn run<S: Socket>(svc: Arc<Service>, hub: Arc<Hub>, who: Identity, conn: Arc<Conn>, mut socket: S) -> impl Future<Output = ()> + Send {
+pub fn run<S: Socket>(
+    svc: Arc<Service>,
+    hub: Arc<Hub>,
+    who: Identity,
+    conn: Arc<Client>,
+    mut socket: S,
+) -> impl Future<Output = ()> + Send {
     async move {
         // The user's own presence, and everyone who shares theirs with this user.
         let mut initial = vec![conn.user.clone()];
@@ -62,7 +69,7 @@ async fn close_with(socket: &mut impl Socket, code: u16, reason: &'static str) {
 async fn session(
     svc: &Arc<Service>,
     hub: &Arc<Hub>,
-    conn: &Arc<Conn>,
+    conn: &Arc<Client>,
     who: &Identity,
     socket: &mut impl Socket,
 ) -> (Option<(u16, &'static str)>, Leave) {
@@ -103,7 +110,7 @@ enum Handled {
     Bye,
 }
 
-async fn run_loop(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, socket: &mut impl Socket) -> Exit {
+async fn run_loop(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Client>, who: &Identity, socket: &mut impl Socket) -> Exit {
     let heartbeat = svc.presence.heartbeat_interval.0;
     let ttl = svc.presence.session_ttl.0;
     let quiet = ping_after(heartbeat, ttl);
@@ -256,7 +263,7 @@ fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
 }
 
 /// Answers one text frame.
-async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Identity, text: &str) -> Handled {
+async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Client>, who: &Identity, text: &str) -> Handled {
     let inc = protocol::parse(text);
     let msg = match inc.msg {
         Ok(m) => m,
@@ -291,7 +298,7 @@ async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Conn>, who: &Iden
 async fn apply(
     svc: &Arc<Service>,
     hub: &Arc<Hub>,
-    conn: &Arc<Conn>,
+    conn: &Arc<Client>,
     who: &Identity,
     msg: ClientMsg,
 ) -> Result<Option<Vec<UserId>>, ApiError> {

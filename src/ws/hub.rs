@@ -8,10 +8,11 @@
 //! relation per event, and only if that projection changed: a viewer who may not see U
 //! is not told the *moment* U changed either (privacy hides timing, not just content).
 //!
-//! Every connection has an `Outbox`: a bounded queue in which presence pushes for the
-//! same watched user (and typing pushes for the same conversation and typist) replace
-//! each other, so a slow reader holds at most one pending presence per watched user. A
-//! connection whose outbox still overflows is closed with 1013.
+//! Every connection ([`Client`]) has a [`super::push_queue::PushQueue`]: bounded, in
+//! which presence pushes for the same watched user (and typing pushes for the same
+//! conversation and typist) replace each other, so a slow reader holds at most one
+//! pending presence per watched user. A connection whose queue still overflows is closed
+//! with 1013.
 //!
 //! A connection starts with `connected` (queued before the connection is indexed, so
 //! nothing can come first), then its own presence exactly once: pushes of the user's
@@ -20,18 +21,20 @@
 //! state). If the hub falls behind the event bus, every connection gets a fresh snapshot
 //! of everything it watches.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
+use super::client::Client;
 use super::protocol;
+use super::push_queue::PushKey;
 use crate::bus::{DirectoryChanged, Typing};
 use crate::core::{project, visible_change, DeviceId, Event, Platform, Presence, Privacy, Relation, UserId};
+use crate::directory::Members;
 use crate::error::{close, ApiError};
 use crate::service::sessions::Leave;
 use crate::service::Service;
@@ -41,12 +44,12 @@ use crate::shards::{FastMap, Sharded};
 /// nodes, most watched users have one watcher per node: that one is kept inline (a
 /// map for each would cost an allocation of ~100 B per watched user); a map beyond.
 enum Watchers {
-    One(Arc<Conn>),
-    Many(HashMap<u64, Arc<Conn>>),
+    One(Arc<Client>),
+    Many(HashMap<u64, Arc<Client>>),
 }
 
 impl Watchers {
-    fn insert(&mut self, conn: &Arc<Conn>) {
+    fn insert(&mut self, conn: &Arc<Client>) {
         match self {
             Watchers::One(c) if c.id == conn.id => *c = conn.clone(),
             Watchers::One(c) => {
@@ -79,7 +82,7 @@ impl Watchers {
         }
     }
 
-    fn each(&self, mut f: impl FnMut(&Arc<Conn>)) {
+    fn each(&self, mut f: impl FnMut(&Arc<Client>)) {
         match self {
             Watchers::One(c) => f(c),
             Watchers::Many(m) => m.values().for_each(f),
@@ -100,184 +103,6 @@ impl HubLimits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
-    Presence(UserId),
-    Typing(Arc<str>, UserId),
-}
-
-enum Entry {
-    Keyed(Key),
-    Msg(Utf8Bytes),
-}
-
-/// Queue room an idle connection keeps between bursts.
-const IDLE_OUTBOX: usize = 4;
-
-#[derive(Default)]
-struct Outbox {
-    queue: VecDeque<Entry>,
-    keyed: HashMap<Key, Utf8Bytes>,
-    close: Option<(u16, &'static str)>,
-    /// While snapshots are being read for this connection (how many, and the keys an
-    /// event was pushed for meanwhile): a snapshot's state of such a user is older than
-    /// that event's, and must not follow it (it would show a departed user online until
-    /// the next change). `None` when no snapshot runs: nothing kept for idle connections
-    /// (boxed: one pointer in every connection's outbox).
-    fresh: Option<Box<(u32, HashSet<Key>)>>,
-}
-
-/// One WebSocket connection as the hub sees it.
-pub struct Conn {
-    pub id: u64,
-    pub user: UserId,
-    pub device: DeviceId,
-    /// A backend connection (`presence:admin`): sees everyone as their owner would.
-    pub admin: bool,
-    pub platform: Option<Platform>,
-    /// Tag of this connection's session registration (see [`crate::core::Session::sid`]).
-    sid: AtomicU64,
-    /// Revision of the newest own presence queued: an older or equal one is not news.
-    own_rev: AtomicU64,
-    outbox: Mutex<Outbox>,
-    wake: Notify,
-    subs: Mutex<HashSet<UserId>>,
-    limit: usize,
-}
-
-impl Conn {
-    /// Queues a coalescable push: a pending push with the same key is replaced.
-    fn push_keyed(&self, key: Key, payload: Utf8Bytes) {
-        self.push_keyed_inner(key, payload, true)
-    }
-
-    /// `checked: false` for snapshots the client asked for: bounded by its subscription
-    /// limit, they are not backlog and do not count against the outbox limit.
-    fn push_keyed_inner(&self, key: Key, payload: Utf8Bytes, checked: bool) {
-        let mut o = self.outbox.lock();
-        if o.close.is_some() {
-            return;
-        }
-        if let Some((_, fresh)) = o.fresh.as_deref_mut() {
-            if !checked && fresh.contains(&key) {
-                return; // a snapshot older than an event already pushed
-            }
-            if checked {
-                fresh.insert(key.clone());
-            }
-        }
-        if let Some(slot) = o.keyed.get_mut(&key) {
-            *slot = payload;
-            metrics::counter!("ws_coalesced_total").increment(1);
-            return;
-        }
-        if checked && o.queue.len() >= self.limit {
-            Self::overflow(&mut o);
-        } else {
-            o.keyed.insert(key.clone(), payload);
-            o.queue.push_back(Entry::Keyed(key));
-        }
-        drop(o);
-        self.wake.notify_one();
-    }
-
-    /// A snapshot of this connection is about to be read: events pushed from now until
-    /// [`Conn::end_snapshot`] win over it.
-    fn begin_snapshot(&self) {
-        let mut o = self.outbox.lock();
-        match o.fresh.as_deref_mut() {
-            Some((n, _)) => *n += 1,
-            None => o.fresh = Some(Box::new((1, HashSet::new()))),
-        }
-    }
-
-    fn end_snapshot(&self) {
-        let mut o = self.outbox.lock();
-        if let Some((n, _)) = o.fresh.as_deref_mut() {
-            *n -= 1;
-            if *n == 0 {
-                o.fresh = None;
-            }
-        }
-    }
-
-    /// Queues a message that is delivered as is, in order (acks, errors).
-    pub fn push(&self, payload: impl Into<Utf8Bytes>) {
-        let mut o = self.outbox.lock();
-        if o.close.is_some() {
-            return;
-        }
-        if o.queue.len() >= self.limit {
-            Self::overflow(&mut o);
-        } else {
-            o.queue.push_back(Entry::Msg(payload.into()));
-        }
-        drop(o);
-        self.wake.notify_one();
-    }
-
-    fn overflow(o: &mut Outbox) {
-        metrics::counter!("ws_dropped_total", "reason" => "slow_consumer").increment(1);
-        o.close = Some((close::TRY_AGAIN_LATER, "outbound queue full: client too slow"));
-        o.queue.clear();
-        o.keyed.clear();
-    }
-
-    /// Asks the connection's task to close with `code`.
-    pub fn close(&self, code: u16, reason: &'static str) {
-        let mut o = self.outbox.lock();
-        if o.close.is_none() {
-            o.close = Some((code, reason));
-        }
-        drop(o);
-        self.wake.notify_one();
-    }
-
-    /// Moves everything pending into `out`; returns the close request, if any.
-    pub fn drain(&self, out: &mut Vec<Utf8Bytes>) -> Option<(u16, &'static str)> {
-        let mut o = self.outbox.lock();
-        if let Some(c) = o.close {
-            return Some(c);
-        }
-        let o = &mut *o;
-        out.reserve(o.queue.len());
-        while let Some(e) = o.queue.pop_front() {
-            match e {
-                Entry::Msg(m) => out.push(m),
-                Entry::Keyed(k) => {
-                    if let Some(m) = o.keyed.remove(&k) {
-                        out.push(m);
-                    }
-                }
-            }
-        }
-        // A burst (a snapshot of many users) must not leave an idle connection holding
-        // room for the next one.
-        if o.queue.capacity() > IDLE_OUTBOX {
-            o.queue.shrink_to(IDLE_OUTBOX);
-        }
-        if o.keyed.capacity() > IDLE_OUTBOX {
-            o.keyed.shrink_to(0);
-        }
-        None
-    }
-
-    /// Whether a push of the connection's own presence at `revision` is news (newer than
-    /// any queued before); records it. Revision `0` (unknown) always is.
-    fn admit_own(&self, revision: u64) -> bool {
-        revision == 0 || self.own_rev.fetch_max(revision, Ordering::AcqRel) < revision
-    }
-
-    /// Resolves when something was queued (or a close was requested) since the last drain.
-    pub async fn woken(&self) {
-        self.wake.notified().await
-    }
-
-    pub fn subscription_count(&self) -> usize {
-        self.subs.lock().len()
-    }
-}
-
 /// Who a delivery goes to.
 #[derive(Clone, Copy)]
 enum Audience<'a> {
@@ -293,7 +118,7 @@ pub struct Hub {
     svc: Arc<Service>,
     limits: HubLimits,
     next_id: AtomicU64,
-    owners: Sharded<FastMap<UserId, Vec<Arc<Conn>>>>,
+    owners: Sharded<FastMap<UserId, Vec<Arc<Client>>>>,
     watchers: Sharded<FastMap<UserId, Watchers>>,
     connections: AtomicI64,
     subscriptions: AtomicI64,
@@ -419,20 +244,9 @@ impl Hub {
         platform: Option<Platform>,
         admin: bool,
         hello: String,
-    ) -> Result<Arc<Conn>, ApiError> {
-        let conn = Arc::new(Conn {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            user: user.clone(),
-            device: device.clone(),
-            admin,
-            platform,
-            sid: AtomicU64::new(0),
-            own_rev: AtomicU64::new(0),
-            outbox: Mutex::new(Outbox::default()),
-            wake: Notify::new(),
-            subs: Mutex::new(HashSet::new()),
-            limit: self.limits.outbox.max(1),
-        });
+    ) -> Result<Arc<Client>, ApiError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Client::new(id, user.clone(), device.clone(), admin, platform, self.limits.outbox));
         conn.push(hello);
         let (replaced, first) = {
             let mut shard = self.owners.of(&user).lock();
@@ -466,7 +280,7 @@ impl Hub {
     }
 
     /// Removes the connection from the indexes; returns whether it still owned its device.
-    fn detach(&self, conn: &Arc<Conn>) -> bool {
+    fn detach(&self, conn: &Arc<Client>) -> bool {
         let mut last = false;
         let owned = {
             let mut shard = self.owners.of(&conn.user).lock();
@@ -516,7 +330,7 @@ impl Hub {
     /// Unregisters the connection; its device session ends as `leave` says (at once after
     /// a `bye`, else held for the offline grace) unless a newer connection took it (here,
     /// or by registering the device again anywhere since: the session's tag).
-    pub async fn disconnect(&self, conn: &Arc<Conn>, leave: Leave) {
+    pub async fn disconnect(&self, conn: &Arc<Client>, leave: Leave) {
         if self.detach(conn) {
             let sid = conn.sid.load(Ordering::Acquire);
             if let Err(e) = self.svc.sessions.close(&conn.user, &conn.device, Some(sid), leave).await {
@@ -526,7 +340,7 @@ impl Hub {
     }
 
     /// Keeps the connection's device session alive.
-    pub async fn refresh(&self, conn: &Conn) -> Result<(), ApiError> {
+    pub async fn refresh(&self, conn: &Client) -> Result<(), ApiError> {
         // Lapsed (e.g. the store was repaired): registered again rather than drop the user.
         let (_, opened) = self.svc.sessions.heartbeat_or_open(&conn.user, &conn.device, &self.svc.node_id, conn.platform).await?;
         if let Some(reg) = opened {
@@ -536,7 +350,7 @@ impl Hub {
     }
 
     /// Adds subscriptions (limit per connection) and returns the ids newly watched.
-    pub fn subscribe(&self, conn: &Arc<Conn>, ids: &[UserId]) -> Result<(), ApiError> {
+    pub fn subscribe(&self, conn: &Arc<Client>, ids: &[UserId]) -> Result<(), ApiError> {
         let added: Vec<UserId> = {
             let mut subs = conn.subs.lock();
             let new: Vec<&UserId> = ids.iter().filter(|id| !subs.contains(*id)).collect();
@@ -565,7 +379,7 @@ impl Hub {
         Ok(())
     }
 
-    pub fn unsubscribe(&self, conn: &Arc<Conn>, ids: &[UserId]) {
+    pub fn unsubscribe(&self, conn: &Arc<Client>, ids: &[UserId]) {
         let removed: Vec<UserId> = {
             let mut subs = conn.subs.lock();
             ids.iter().filter(|id| subs.remove(*id)).cloned().collect()
@@ -573,7 +387,7 @@ impl Hub {
         self.drop_watches(conn.id, removed);
     }
 
-    fn relation(&self, viewer: &Conn, owner: &UserId, audience: &HashSet<UserId>) -> Relation {
+    fn relation(&self, viewer: &Client, owner: &UserId, audience: &HashSet<UserId>) -> Relation {
         if viewer.admin || viewer.user == *owner {
             Relation::Owner
         } else if audience.contains(&viewer.user) {
@@ -586,22 +400,22 @@ impl Hub {
     /// Sends `conn` the current presence of `ids` as its relation to each allows; the
     /// connection's own presence only if it is newer than what it already got (on connect
     /// and resync; see [`Hub::snapshot_asked`] for a snapshot the client asked for).
-    pub async fn snapshot(&self, conn: &Arc<Conn>, ids: &[UserId]) -> Result<(), ApiError> {
+    pub async fn snapshot(&self, conn: &Arc<Client>, ids: &[UserId]) -> Result<(), ApiError> {
         self.snapshot_with(conn, ids, true).await
     }
 
     /// A snapshot the client asked for (`subscribe`): every id, its own included.
-    pub async fn snapshot_asked(&self, conn: &Arc<Conn>, ids: &[UserId]) -> Result<(), ApiError> {
+    pub async fn snapshot_asked(&self, conn: &Arc<Client>, ids: &[UserId]) -> Result<(), ApiError> {
         self.snapshot_with(conn, ids, false).await
     }
 
-    async fn snapshot_with(&self, conn: &Arc<Conn>, ids: &[UserId], only_newer_own: bool) -> Result<(), ApiError> {
+    async fn snapshot_with(&self, conn: &Arc<Client>, ids: &[UserId], only_newer_own: bool) -> Result<(), ApiError> {
         if ids.is_empty() {
             return Ok(());
         }
         // From before the read until every entry is queued, an event pushed for one of
         // these users wins over the snapshot's (older) state of it.
-        struct Snapshotting<'a>(&'a Conn);
+        struct Snapshotting<'a>(&'a Client);
         impl Drop for Snapshotting<'_> {
             fn drop(&mut self) {
                 self.0.end_snapshot();
@@ -615,9 +429,9 @@ impl Hub {
             if *id == conn.user && !conn.admit_own(p.revision) && only_newer_own {
                 continue; // the connection already has this state of its own presence
             }
-            let audience = self.svc.directory.contacts(id);
-            let seen = project(&p, &self.svc.directory.privacy(id), self.relation(conn, id, &audience));
-            conn.push_keyed_inner(Key::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)), false);
+            let (audience, privacy) = self.svc.directory.view(id);
+            let seen = project(&p, &privacy, self.relation(conn, id, &audience));
+            conn.push_keyed_inner(PushKey::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)), false);
         }
         Ok(())
     }
@@ -626,23 +440,25 @@ impl Hub {
     /// connections of the user's contacts, the user's own connections) whose view of the
     /// user changed with it.
     pub fn deliver(&self, ev: &Event) {
-        let privacy = self.svc.directory.privacy(&ev.presence.user_id);
+        let (audience, privacy) = self.svc.directory.view(&ev.presence.user_id);
         let changed = |rel: Relation| visible_change(&ev.before, &ev.presence, &privacy, rel);
         let include = [true, changed(Relation::Contact), changed(Relation::Other)];
-        self.deliver_to(&ev.presence, &privacy, Audience::Watchers, include);
+        self.deliver_to(&ev.presence, (&audience, &privacy), Audience::Watchers, include);
     }
 
     /// Queues `p` for the targets `sel` picks, as each one's relation allows, for the
-    /// relations `include` lets through (indexed by [`Relation::index`]).
-    fn deliver_to(&self, p: &Presence, privacy: &Privacy, sel: Audience<'_>, include: [bool; 3]) {
+    /// relations `include` lets through (indexed by [`Relation::index`]). `view` is the
+    /// user's contacts and privacy ([`crate::directory::Directory::view`]), read once by
+    /// the caller.
+    fn deliver_to(&self, p: &Presence, view: (&Members, &Privacy), sel: Audience<'_>, include: [bool; 3]) {
         if !include.iter().any(|i| *i) {
             return;
         }
         let start = Instant::now();
         let owner = &p.user_id;
-        let audience = self.svc.directory.contacts(owner);
+        let (audience, privacy) = view;
         let now = self.svc.clock.now();
-        let mut targets: Vec<Arc<Conn>> = Vec::new();
+        let mut targets: Vec<Arc<Client>> = Vec::new();
         let users: Vec<&UserId> = match sel {
             Audience::Watchers => {
                 if let Some(w) = self.watchers.of(owner).lock().get(owner) {
@@ -660,14 +476,14 @@ impl Hub {
         let mut encoded: [Option<Utf8Bytes>; 3] = [None, None, None];
         let mut sent = 0u64;
         for conn in &targets {
-            let rel = self.relation(conn, owner, &audience);
+            let rel = self.relation(conn, owner, audience);
             if !include[rel.index()] || (conn.user == *owner && !conn.admit_own(p.revision)) {
                 continue;
             }
             let payload = encoded[rel.index()]
                 .get_or_insert_with(|| Utf8Bytes::from(protocol::presence_update(&project(p, privacy, rel), now)))
                 .clone();
-            conn.push_keyed(Key::Presence(owner.clone()), payload);
+            conn.push_keyed(PushKey::Presence(owner.clone()), payload);
             sent += 1;
         }
         if sent > 0 {
@@ -689,10 +505,10 @@ impl Hub {
     /// to the watchers whose view of it changed.
     pub async fn privacy_changed(&self, user: &UserId, previous: Privacy) -> Result<(), ApiError> {
         let p = self.current(user).await?;
-        let privacy = self.svc.directory.privacy(user);
+        let (audience, privacy) = self.svc.directory.view(user);
         let changed = |rel: Relation| !project(&p, &previous, rel).same_view(&project(&p, &privacy, rel));
         let include = [false, changed(Relation::Contact), changed(Relation::Other)];
-        self.deliver_to(&p, &privacy, Audience::Watchers, include);
+        self.deliver_to(&p, (&audience, &privacy), Audience::Watchers, include);
         Ok(())
     }
 
@@ -722,10 +538,10 @@ impl Hub {
         self.svc.bus.interest().add(&add);
         self.svc.bus.interest().remove(&remove);
         let p = self.current(user).await?;
-        let privacy = self.svc.directory.privacy(user);
+        let (audience, privacy) = self.svc.directory.view(user);
         // Added viewers went from "other" to "contact", dropped ones the other way.
         let differs = !project(&p, &privacy, Relation::Contact).same_view(&project(&p, &privacy, Relation::Other));
-        self.deliver_to(&p, &privacy, Audience::Users(changed), [false, differs, differs]);
+        self.deliver_to(&p, (&audience, &privacy), Audience::Users(changed), [false, differs, differs]);
         Ok(())
     }
 
@@ -741,7 +557,7 @@ impl Hub {
         tokio::spawn(async move {
             loop {
                 hub.resync_again.store(false, Ordering::Release);
-                let conns: Vec<Arc<Conn>> =
+                let conns: Vec<Arc<Client>> =
                     hub.owners.iter().flat_map(|s| s.lock().values().flatten().cloned().collect::<Vec<_>>()).collect();
                 for conn in conns {
                     let mut ids = vec![conn.user.clone()];
@@ -781,7 +597,7 @@ impl Hub {
             if let Some(conns) = self.owners.of(m).lock().get(m) {
                 for c in conns {
                     if visibility.allows(self.relation(c, user, &audience)) {
-                        c.push_keyed(Key::Typing(conv.clone(), user.clone()), payload.clone());
+                        c.push_keyed(PushKey::Typing(conv.clone(), user.clone()), payload.clone());
                     }
                 }
             }
@@ -811,25 +627,13 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn conn(limit: usize) -> Conn {
-        Conn {
-            id: 1,
-            user: UserId::parse("v", 8).unwrap(),
-            device: Arc::from("d"),
-            admin: false,
-            platform: None,
-            sid: AtomicU64::new(0),
-            own_rev: AtomicU64::new(0),
-            outbox: Mutex::new(Outbox::default()),
-            wake: Notify::new(),
-            subs: Mutex::new(HashSet::new()),
-            limit,
-        }
+    fn client(id: u64) -> Client {
+        Client::new(id, UserId::parse("v", 8).unwrap(), Arc::from("d"), false, None, 1)
     }
 
     #[test]
     fn watchers_keep_one_inline_and_a_map_beyond() {
-        let (a, b, c) = (Arc::new(conn(1)), Arc::new(Conn { id: 2, ..conn(1) }), Arc::new(Conn { id: 3, ..conn(1) }));
+        let (a, b, c) = (Arc::new(client(1)), Arc::new(client(2)), Arc::new(client(3)));
         let ids = |w: &Watchers| {
             let mut v = Vec::new();
             w.each(|c| v.push(c.id));
@@ -849,62 +653,5 @@ mod tests {
         assert!(matches!(w, Watchers::One(_)), "back to inline at one");
         assert!(!w.remove(1), "only the one left counts");
         assert!(w.remove(3), "the last one leaves it empty");
-    }
-
-    fn key(u: &str) -> Key {
-        Key::Presence(UserId::parse(u, 8).unwrap())
-    }
-
-    #[test]
-    fn outbox_coalesces_per_watched_user_and_keeps_order() {
-        let c = conn(10);
-        c.push_keyed(key("a"), Utf8Bytes::from("a1"));
-        c.push("ack1".to_string());
-        c.push_keyed(key("b"), Utf8Bytes::from("b1"));
-        c.push_keyed(key("a"), Utf8Bytes::from("a2"));
-        let mut out = Vec::new();
-        assert_eq!(c.drain(&mut out), None);
-        let got: Vec<&str> = out.iter().map(|m| m.as_str()).collect();
-        assert_eq!(got, vec!["a2", "ack1", "b1"], "only the newest state of a, at a's place in line");
-        out.clear();
-        c.push_keyed(key("a"), Utf8Bytes::from("a3"));
-        assert_eq!(c.drain(&mut out), None);
-        assert_eq!(out.len(), 1);
-    }
-
-    /// A watcher re-subscribing reads its snapshot while events go on: an event pushed
-    /// meanwhile (a departure, say) is newer than the snapshot's state of that user, which
-    /// must not follow it, whether the event is still queued or already written.
-    #[test]
-    fn an_event_pushed_while_a_snapshot_is_read_wins_over_it() {
-        let c = conn(10);
-        c.begin_snapshot();
-        c.push_keyed(key("a"), Utf8Bytes::from("a offline (event)"));
-        let mut out = Vec::new();
-        c.drain(&mut out); // written before the snapshot is queued
-        c.push_keyed_inner(key("a"), Utf8Bytes::from("a online (snapshot)"), false);
-        c.push_keyed_inner(key("b"), Utf8Bytes::from("b (snapshot)"), false);
-        c.end_snapshot();
-        c.drain(&mut out);
-        let got: Vec<&str> = out.iter().map(|m| m.as_str()).collect();
-        assert_eq!(got, vec!["a offline (event)", "b (snapshot)"]);
-        assert!(c.outbox.lock().fresh.is_none(), "nothing kept once no snapshot runs");
-        out.clear();
-        c.push_keyed_inner(key("a"), Utf8Bytes::from("a (next snapshot)"), false);
-        c.drain(&mut out);
-        assert_eq!(out.len(), 1, "a later snapshot is sent");
-    }
-
-    #[test]
-    fn outbox_overflow_requests_close_1013() {
-        let c = conn(2);
-        c.push("1".to_string());
-        c.push("2".to_string());
-        // A new key at the limit overflows...
-        c.push_keyed(key("a"), Utf8Bytes::from("x"));
-        assert_eq!(c.drain(&mut Vec::new()), Some((close::TRY_AGAIN_LATER, "outbound queue full: client too slow")));
-        // ...and after a close request nothing more is queued.
-        c.push("3".to_string());
-        assert!(c.outbox.lock().queue.is_empty());
     }
 }

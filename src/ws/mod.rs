@@ -2,9 +2,11 @@
 //! in `server.rs`), the hub that fans presence out to local connections, and the message
 //! protocol.
 
+pub mod client;
 pub mod conn;
 pub mod hub;
 pub mod protocol;
+mod push_queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
