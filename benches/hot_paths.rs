@@ -13,10 +13,11 @@ use axum::body::Body;
 use axum::http::Request;
 use divan::Bencher;
 use presenced::bus::EventBus;
+use presenced::clock::SystemClock;
 use presenced::core::NewSession;
 use presenced::core::{Status, UserId};
 use presenced::store::memory::{MemoryConfig, MemoryStore};
-use presenced::store::{SetStatus, SystemClock};
+use presenced::store::SetStatus;
 use tower::ServiceExt;
 
 fn main() {

@@ -199,9 +199,10 @@ impl Directory {
 mod tests {
     use super::*;
     use crate::bus::EventBus;
+    use crate::clock::SystemClock;
     use crate::core::Visibility;
     use crate::store::memory::{MemoryConfig, MemoryStore};
-    use crate::store::{PresenceStore as _, SystemClock};
+    use crate::store::PresenceStore as _;
 
     fn u(s: &str) -> UserId {
         UserId::parse(s, 64).unwrap()

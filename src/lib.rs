@@ -36,6 +36,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod directory;
@@ -44,7 +45,6 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod listener;
-pub mod natsio;
 pub mod server;
 pub mod service;
 pub mod shards;

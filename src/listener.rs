@@ -258,7 +258,7 @@ pub fn grpc_incoming(
     listener: TcpListener,
     timeouts: Timeouts,
     limiter: Option<KeyedLimiter>,
-    clock: Arc<dyn crate::store::Clock>,
+    clock: Arc<dyn crate::clock::Clock>,
 ) -> impl futures_util::Stream<Item = io::Result<TimedIo<TcpStream>>> + Send + 'static {
     futures_util::stream::unfold((listener, limiter), move |(listener, limiter)| {
         let clock = clock.clone();

@@ -10,14 +10,15 @@ use tokio::net::TcpListener;
 
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::bus::EventBus;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Backend, Config, NodeType};
 use crate::directory::Directory;
 use crate::http::{self, Http};
 use crate::service::Service;
 use crate::store::cluster::{ClusterOptions, ClusterStore};
+use crate::store::memory::persist::PersistError;
 use crate::store::memory::{MemoryConfig, MemoryStore};
-use crate::store::persist::PersistError;
-use crate::store::{Clock, Store, SystemClock};
+use crate::store::Store;
 use crate::ws::hub::{Hub, HubLimits};
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +161,7 @@ pub struct App {
     /// Cluster mode's store (for `/health/nats`, `/health/redis`).
     pub cluster: Option<ClusterStore>,
     /// The supervised local nats-server (`nats.embedded`).
-    pub embedded: Option<Arc<crate::natsio::embedded::EmbeddedServer>>,
+    pub embedded: Option<Arc<crate::store::nats::embedded::EmbeddedServer>>,
     /// `events.sinks`, running.
     pub sinks: Option<Arc<crate::sinks::Sinks>>,
     /// Users online and events per second over the last hour (the operator view).
@@ -194,7 +195,7 @@ impl App {
             Backend::Nats => {
                 let mut nats_cfg = config.nats.clone();
                 let embedded = if config.nats.embedded {
-                    let e = crate::natsio::embedded::EmbeddedServer::start(&config.nats)
+                    let e = crate::store::nats::embedded::EmbeddedServer::start(&config.nats)
                         .await
                         .map_err(|e| StartError::Embedded(e.to_string()))?;
                     nats_cfg.urls = vec![e.url()];

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
 use presenced::config::Config;
-use presenced::natsio::kv::{self, BucketConfig};
-use presenced::natsio::Nats;
+use presenced::store::nats::kv::{self, BucketConfig};
+use presenced::store::nats::Nats;
 
 fn cfg(url: &str, env: &[(&str, &str)]) -> presenced::config::NatsConfig {
     let mut vars: Vec<(String, String)> =

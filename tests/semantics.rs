@@ -13,12 +13,13 @@ use async_trait::async_trait;
 use common::wsclient::{connect, connect_with, Client};
 use common::{decode, TestServer};
 use presenced::bus::EventBus;
+use presenced::clock::SystemClock;
 use presenced::core::{Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
 use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 use presenced::grpc::pb::presence_event::Kind;
 use presenced::store::memory::{MemoryConfig, MemoryStore};
-use presenced::store::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats, SystemClock};
+use presenced::store::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use serde_json::{json, Value};
 use tonic::Request;
 

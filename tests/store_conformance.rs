@@ -9,11 +9,12 @@ mod common;
 
 use async_trait::async_trait;
 use presenced::bus::EventBus;
+use presenced::clock::{Clock, ManualClock};
 use presenced::core::NewSession;
 use presenced::core::{Event, EventKind, Platform, Session, Status, UserId};
 use presenced::store::cluster::ClusterOptions;
 use presenced::store::memory::{MemoryConfig, MemoryStore};
-use presenced::store::{get_one, Clock, DirTable, DirectoryStore as _, ManualClock, PresenceStore as _, SetStatus, Store, StoreError};
+use presenced::store::{get_one, DirTable, DirectoryStore as _, PresenceStore as _, SetStatus, Store, StoreError};
 use tokio::sync::broadcast::Receiver;
 
 const T0: i64 = 1_800_000_000_000;
@@ -439,7 +440,7 @@ async fn nats_backend_conforms() {
     let cfg =
         presenced::config::Config::load(None, vec![("PRESENCE_NATS__URLS".to_string(), format!("[\"{}\"]", server.url()))]).unwrap().nats;
     let node = |id: &str| {
-        presenced::store::nats::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64))
+        presenced::store::nats::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::clock::SystemClock), EventBus::new(64))
     };
     two_nodes_hammering_one_user_lose_nothing(node("node-a").await.unwrap(), node("node-b").await.unwrap()).await;
 }
@@ -468,7 +469,7 @@ async fn redis_backend_conforms() {
 async fn two_redis_nodes_hammer(urls: &[String], cluster: bool) {
     let cfg = redis_config(urls, cluster, "hammer:");
     let node = |id: &str| {
-        presenced::store::redis::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::store::SystemClock), EventBus::new(64))
+        presenced::store::redis::open(&cfg, ClusterOptions::new(id, 100), Arc::new(presenced::clock::SystemClock), EventBus::new(64))
     };
     two_nodes_hammering_one_user_lose_nothing(node("node-a").await.unwrap(), node("node-b").await.unwrap()).await;
 }

@@ -38,9 +38,10 @@ use futures_util::stream::{self, StreamExt};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
+use crate::clock::Clock;
 use crate::core::{Ending, Millis, Registered, TimerWheel, UserId};
 use crate::error::ApiError;
-use crate::store::{Clock, Store};
+use crate::store::Store;
 
 /// The store deadline of a bound session: far enough never to come due while its lease
 /// is refreshed (ten years); the lease ends it.
@@ -130,7 +131,7 @@ impl Instances {
     /// begun on other nodes (every tick).
     pub fn start(self: &Arc<Self>) {
         let tick = Duration::from_millis(self.tick_ms as u64);
-        let h = crate::store::spawn_periodic(Arc::downgrade(self), tick, |me: Arc<Instances>| async move {
+        let h = crate::clock::spawn_periodic(Arc::downgrade(self), tick, |me: Arc<Instances>| async move {
             let now = me.clock.now();
             me.lapse(now).await;
             me.poll_unbound(now).await;
@@ -491,10 +492,10 @@ impl Instances {
 mod tests {
     use super::*;
     use crate::bus::EventBus;
+    use crate::clock::ManualClock;
     use crate::core::UserId;
     use crate::service::sessions::{GatewaySession, Sessions};
     use crate::store::memory::{MemoryConfig, MemoryStore};
-    use crate::store::ManualClock;
 
     fn node() -> (Arc<ManualClock>, Arc<dyn Store>, Sessions) {
         let clock = Arc::new(ManualClock::new(1_000_000));

@@ -21,12 +21,13 @@ use std::sync::Arc;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::bus::{DirectoryChanged, EventBus};
+use crate::clock::Clock;
 use crate::config::{AuthMode, Config, LimitsConfig, PresenceConfig};
 use crate::core::ratelimit::Rate;
 use crate::core::{project, Platform, Presence, Privacy, Relation, Status, UserId};
 use crate::directory::Directory;
 use crate::error::ApiError;
-use crate::store::{get_one, Clock, SetStatus, Store};
+use crate::store::{get_one, SetStatus, Store};
 use sessions::{GatewaySession, Sessions};
 
 /// Longest TTL a gateway may give a session or an instance lease (a day).

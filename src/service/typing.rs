@@ -14,10 +14,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::bus::{EventBus, Typing};
+use crate::clock::Clock;
 use crate::core::{TimerWheel, UserId};
 use crate::directory::Directory;
 use crate::error::ApiError;
-use crate::store::{get_one, Clock, Store};
+use crate::store::{get_one, Store};
 
 type Key = (Arc<str>, UserId);
 
@@ -70,7 +71,7 @@ impl Typists {
                 }
             }
         });
-        crate::store::spawn_periodic(Arc::downgrade(self), Duration::from_millis(100), |me: Arc<Typists>| async move {
+        crate::clock::spawn_periodic(Arc::downgrade(self), Duration::from_millis(100), |me: Arc<Typists>| async move {
             me.expire(me.clock.now());
         });
     }

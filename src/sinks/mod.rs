@@ -38,9 +38,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::bus::EventBus;
+use crate::clock::Clock;
 use crate::config::{Config, OutboxConfig, SinkConfig, SinkType};
 use crate::core::Event;
-use crate::store::Clock;
 use outbox::{Outbox, OutboxDb, Queued, Record};
 
 /// Events taken off the bus in one go before the writer is woken.
@@ -111,7 +111,7 @@ impl Runner {
     }
 
     fn lag(&self) -> f64 {
-        let now = crate::store::SystemClock.now();
+        let now = crate::clock::SystemClock.now();
         self.status.lock().oldest_at.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0)
     }
 }

@@ -6,12 +6,9 @@
 //! [`cluster::ClusterStore`], over a [`cluster::Backplane`]: [`nats`] (JetStream) or
 //! [`redis`]. One conformance suite (tests/store_conformance.rs) runs on each.
 
-pub mod clock;
 pub mod cluster;
-pub mod locks;
 pub mod memory;
 pub mod nats;
-pub mod persist;
 pub mod redis;
 
 use std::sync::Arc;
@@ -19,8 +16,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
-
-pub use clock::{spawn_periodic, Clock, ManualClock, SystemClock};
 
 /// The directory's tables (durable side data kept beside presence records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -340,8 +340,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::clock::Clock;
     use crate::store::memory::{MemoryConfig, MemoryStore};
-    use crate::store::Clock;
 
     /// An in-memory socket: what the test sends comes in, what the server sends goes out.
     struct FakeSocket {
@@ -379,7 +379,7 @@ mod tests {
         task: tokio::task::JoinHandle<()>,
         svc: Arc<Service>,
         /// The store's and the service's clock; [`Client::advance`] moves it with the runtime's.
-        clock: Arc<crate::store::ManualClock>,
+        clock: Arc<crate::clock::ManualClock>,
         _dir: tempfile::TempDir,
     }
 
@@ -431,8 +431,8 @@ mod tests {
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = crate::config::Config::load(None, vars).unwrap();
         let bus = crate::bus::EventBus::new(1024);
-        let manual = Arc::new(crate::store::ManualClock::new(1_700_000_000_000));
-        let clock: Arc<dyn crate::store::Clock> = manual.clone();
+        let manual = Arc::new(crate::clock::ManualClock::new(1_700_000_000_000));
+        let clock: Arc<dyn crate::clock::Clock> = manual.clone();
         let store = MemoryStore::open(MemoryConfig::new("n1"), clock.clone(), bus.clone()).unwrap();
         store.start();
         let app = crate::server::App::with_store(config, Arc::new(store), bus, clock).await.unwrap();

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use presenced::bus::EventBus;
+use presenced::clock::SystemClock;
 use presenced::config::Config;
 use presenced::core::{Ending, Millis, NewSession, Presence, Registered, Session, UserId};
 use presenced::server::App;
 use presenced::service::Service;
+use presenced::store::Store;
 use presenced::store::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
-use presenced::store::{Store, SystemClock};
 use tokio::sync::oneshot;
 
 pub mod engine;

@@ -38,6 +38,7 @@ pub mod cache;
 mod degraded;
 pub mod directory;
 pub mod lease;
+mod locks;
 pub mod order;
 pub mod owned;
 mod relay;
@@ -55,12 +56,13 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
+use super::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
+use crate::clock::Clock;
 use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
-use crate::store::locks::UserLocks;
 pub use backplane::{Backplane, Fault, Health, Names, Record, Refused, Space};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
+use locks::UserLocks;
 use owned::OwnedTable;
 pub use wire::WireEvent;
 
@@ -248,7 +250,7 @@ impl ClusterStore {
     /// Starts the local timers, lease renewal and the janitor (call within the runtime).
     pub fn start(&self) {
         let tick = Duration::from_millis(self.inner.opts.tick_ms.max(1) as u64);
-        let h = super::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
+        let h = crate::clock::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
             let now = inner.clock.now();
             let store = ClusterStore { inner };
             store.reap(now).await;
@@ -260,7 +262,7 @@ impl ClusterStore {
         });
         let every = Duration::from_millis((self.inner.opts.lease_ttl_ms / 3).max(100) as u64);
         // Renewal alone in its task: nothing else may delay it past the lease's TTL.
-        let l = super::spawn_periodic(Arc::downgrade(&self.inner), every, |inner: Arc<Inner>| async move {
+        let l = crate::clock::spawn_periodic(Arc::downgrade(&self.inner), every, |inner: Arc<Inner>| async move {
             let store = ClusterStore { inner };
             let t0 = std::time::Instant::now();
             store.renew_lease().await;
@@ -269,7 +271,7 @@ impl ClusterStore {
                 tracing::warn!(renewal_ms = t0.elapsed().as_millis() as u64, "lease renewal slow: the store is overloaded");
             }
         });
-        let j = super::spawn_periodic(Arc::downgrade(&self.inner), every, |inner: Arc<Inner>| async move {
+        let j = crate::clock::spawn_periodic(Arc::downgrade(&self.inner), every, |inner: Arc<Inner>| async move {
             ClusterStore { inner }.janitor_round().await;
         });
         self.inner.tasks.lock().extend([h, l, j]);

@@ -33,8 +33,9 @@ use tokio::task::JoinHandle;
 
 use super::cluster::backplane::{Feed, Incoming, RowChange};
 use super::cluster::{Backplane, ClusterOptions, ClusterStore, Fault, Health, Names, Record, Refused, Space};
-use super::{Clock, DirTable, StoreError};
+use super::{DirTable, StoreError};
 use crate::bus::EventBus;
+use crate::clock::Clock;
 use crate::config::RedisConfig;
 use crate::core::{EventKind, UserId};
 use conn::{Conn, Connector, Pool};

@@ -124,7 +124,7 @@ impl EmbeddedServer {
                         metrics::counter!("nats_embedded_restarts_total").increment(1);
                         let mut attempt = 0;
                         loop {
-                            tokio::time::sleep(super::backoff(attempt, Duration::from_secs(5))).await;
+                            tokio::time::sleep(super::conn::backoff(attempt, Duration::from_secs(5))).await;
                             if *stopped.borrow() {
                                 return;
                             }

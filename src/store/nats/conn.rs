@@ -2,9 +2,6 @@
 //! with backoff and jitter, lifecycle logging, credentials from configuration (and so from
 //! the environment), TLS, and the connection state for `/health/nats` and `/metrics`.
 
-pub mod embedded;
-pub mod kv;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +36,7 @@ pub struct NatsHealth {
 
 /// Delay before reconnection attempt `attempt`: exponential from 50 ms up to `max`,
 /// with ±25 % jitter so that many nodes do not reconnect in lockstep.
-pub fn backoff(attempt: usize, max: Duration) -> Duration {
+pub(super) fn backoff(attempt: usize, max: Duration) -> Duration {
     let base = Duration::from_millis(50).saturating_mul(1u32 << attempt.min(16) as u32).min(max);
     let jitter = 0.75 + rand::random::<f64>() * 0.5;
     base.mul_f64(jitter).min(max)

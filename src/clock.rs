@@ -1,4 +1,5 @@
-//! Time source for stores: the system clock in production, a manual one in tests.
+//! The node's time source (stores, service, sinks, listener): the system clock in production,
+//! a manual one in tests, and the periodic task every sweeper runs on.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -19,6 +19,8 @@
 //! Durable writes (statuses) are committed before they are applied: a write answered
 //! 503 because the disk refused it was never visible.
 
+pub mod persist;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -29,11 +31,12 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use super::persist::{Ack, Loaded, PersistError, Persister, Record};
-use super::{Clock, DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
+use super::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
+use crate::clock::Clock;
 use crate::core::{Change, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
 use crate::shards::Sharded;
+use persist::{Ack, Loaded, PersistError, Persister, Record};
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -192,7 +195,7 @@ impl MemoryStore {
             p.start();
         }
         let tick = Duration::from_millis(self.inner.tick_ms as u64);
-        let handle = super::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
+        let handle = crate::clock::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
             let now = inner.clock.now();
             MemoryStore { inner }.reap(now);
         });
@@ -573,8 +576,9 @@ impl DirectoryStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
     use crate::core::Status;
-    use crate::store::{get_one, ManualClock};
+    use crate::store::get_one;
 
     const T0: Millis = 1_700_000_000_000;
 

@@ -15,6 +15,12 @@
 //! Ids in keys and subjects are encoded with [`encode_id`]. Revisions are the KV's; the
 //! users bucket's watcher keeps every node's read cache coherent.
 
+mod conn;
+pub mod embedded;
+pub mod kv;
+
+pub use conn::{Nats, NatsError};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,12 +35,12 @@ use tokio::task::JoinHandle;
 
 use super::cluster::backplane::{Feed, Incoming, RowChange};
 use super::cluster::{Backplane, ClusterOptions, ClusterStore, Fault, Health, Names, Record, Refused, Space};
-use super::{Clock, DirTable, StoreError};
+use super::{DirTable, StoreError};
 use crate::bus::EventBus;
+use crate::clock::Clock;
 use crate::config::NatsConfig;
 use crate::core::{EventKind, UserId};
-use crate::natsio::kv::{self as nkv, decode_id, encode_id, BucketConfig};
-use crate::natsio::Nats;
+use kv::{self as nkv, decode_id, encode_id, BucketConfig};
 
 /// Subjects of presence events.
 pub const EVENT_SUBJECTS: [&str; 4] = ["presence.update.>", "presence.expire.>", "presence.online.>", "presence.offline.>"];
@@ -171,9 +177,9 @@ impl NatsBackplane {
         let unavailable = |e: String| StoreError::Unreachable(format!("nats: {e}"));
         // The connect error already says "nats: ...".
         let nats = Nats::connect(cfg, &format!("presenced-{}", opts.node_id)).await.map_err(|e| match &e {
-            crate::natsio::NatsError::Credentials { .. } => StoreError::Misconfigured(e.to_string()),
-            crate::natsio::NatsError::Connect { message, .. } if refused_credentials(message) => StoreError::Misconfigured(e.to_string()),
-            crate::natsio::NatsError::Connect { .. } => StoreError::Unreachable(e.to_string()),
+            NatsError::Credentials { .. } => StoreError::Misconfigured(e.to_string()),
+            NatsError::Connect { message, .. } if refused_credentials(message) => StoreError::Misconfigured(e.to_string()),
+            NatsError::Connect { .. } => StoreError::Unreachable(e.to_string()),
         })?;
         let js = context(&nats, cfg, opts.kv_timeout);
         let open = |js: jetstream::Context, name: String| async move {

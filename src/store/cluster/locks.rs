@@ -32,10 +32,12 @@ impl UserLocks {
     }
 
     /// Users with a lock held or awaited now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.lock().len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

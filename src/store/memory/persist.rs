@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
-use super::DirTable;
 use crate::core::{Explicit, Millis, Status, UserState};
+use crate::store::DirTable;
 
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 
@@ -180,7 +180,7 @@ impl Persister {
         let (db, loaded) = match open_and_load(dir, &path) {
             Err(e @ (PersistError::Empty { .. } | PersistError::Damaged { .. })) if start_fresh => {
                 let reason = if matches!(e, PersistError::Empty { .. }) { "empty" } else { "damaged" };
-                let aside = dir.join(format!("presence.redb.{reason}-{}", crate::store::Clock::now(&crate::store::SystemClock)));
+                let aside = dir.join(format!("presence.redb.{reason}-{}", crate::clock::Clock::now(&crate::clock::SystemClock)));
                 std::fs::rename(&path, &aside)
                     .map_err(|e| PersistError::Open { path: path.clone(), message: format!("cannot move it aside: {e}") })?;
                 tracing::warn!(path = %path.display(), moved_to = %aside.display(), error = %e, "store.start_fresh: starting with an empty presence database");
