@@ -62,7 +62,7 @@ pub const UNBOUND_POLL_MS: i64 = 1_000;
 const POLL_CONCURRENCY: usize = 32;
 
 #[derive(Debug)]
-struct Lease {
+struct InstanceLease {
     /// The instance id, shared by every session bound to the lease.
     id: Arc<str>,
     expires_at: Millis,
@@ -75,7 +75,7 @@ struct Lease {
 
 #[derive(Debug)]
 struct Leases {
-    live: HashMap<Arc<str>, Lease>,
+    live: HashMap<Arc<str>, InstanceLease>,
     /// Instances the store said had no lease, and when it said so.
     unknown: HashMap<Arc<str>, Millis>,
     wheel: TimerWheel<Arc<str>>,
@@ -168,8 +168,12 @@ impl Instances {
         l.generations += 1;
         let generation = l.generations;
         let mut began = !l.live.contains_key(instance);
-        let lease =
-            l.live.entry(Arc::from(instance)).or_insert_with_key(|k| Lease { id: k.clone(), expires_at, registered: 0, generation });
+        let lease = l.live.entry(Arc::from(instance)).or_insert_with_key(|k| InstanceLease {
+            id: k.clone(),
+            expires_at,
+            registered: 0,
+            generation,
+        });
         began |= lease.expires_at <= now;
         lease.expires_at = lease.expires_at.max(expires_at);
         let (key, generation) = (lease.id.clone(), lease.generation);

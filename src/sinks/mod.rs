@@ -41,7 +41,7 @@ use crate::bus::EventBus;
 use crate::clock::Clock;
 use crate::config::{Config, OutboxConfig, SinkConfig, SinkType};
 use crate::core::Event;
-use outbox::{Outbox, OutboxDb, Queued, Record};
+use outbox::{Outbox, OutboxDb, Queued, StoredEvent};
 
 /// Events taken off the bus in one go before the writer is woken.
 const APPEND_MAX: usize = 4096;
@@ -241,11 +241,11 @@ fn build(s: &SinkConfig, node_id: &str) -> Result<Box<dyn EventSink>, String> {
 /// takes events off the bus and encodes them into a pending list; [`write`] commits that
 /// list to the outbox in bursts (one fsync for everything that piled up meanwhile).
 async fn dispatch(r: Arc<Runner>, mut rx: mpsc::Receiver<Arc<Event>>, mut stop: watch::Receiver<bool>) {
-    let pending: Arc<Mutex<Vec<Record>>> = Arc::default();
+    let pending: Arc<Mutex<Vec<StoredEvent>>> = Arc::default();
     let more = Arc::new(Notify::new());
     let (done_tx, done_rx) = watch::channel(false);
     let writer = tokio::spawn(write(r.clone(), pending.clone(), more.clone(), done_rx));
-    let push = |rec: Record| {
+    let push = |rec: StoredEvent| {
         let mut p = pending.lock();
         p.push(rec);
         // Beyond what the outbox may hold, the oldest would be dropped there anyway.
@@ -287,7 +287,7 @@ async fn dispatch(r: Arc<Runner>, mut rx: mpsc::Receiver<Arc<Event>>, mut stop: 
 }
 
 /// Pending list → outbox, until `done` (then one last commit of what is left).
-async fn write(r: Arc<Runner>, pending: Arc<Mutex<Vec<Record>>>, more: Arc<Notify>, mut done: watch::Receiver<bool>) {
+async fn write(r: Arc<Runner>, pending: Arc<Mutex<Vec<StoredEvent>>>, more: Arc<Notify>, mut done: watch::Receiver<bool>) {
     loop {
         let finishing = *done.borrow();
         let records = std::mem::take(&mut *pending.lock());
@@ -323,8 +323,8 @@ async fn write(r: Arc<Runner>, pending: Arc<Mutex<Vec<Record>>>, more: Arc<Notif
     }
 }
 
-fn record(r: &Runner, ev: &Event) -> Record {
-    Record { user: ev.presence.user_id.to_string(), kind: ev.kind.as_str().to_string(), at: ev.at, body: r.sink.encode(ev) }
+fn record(r: &Runner, ev: &Event) -> StoredEvent {
+    StoredEvent { user: ev.presence.user_id.to_string(), kind: ev.kind.as_str().to_string(), at: ev.at, body: r.sink.encode(ev) }
 }
 
 /// Records the outcome of a check or a delivery; logs a change of state.

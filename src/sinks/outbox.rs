@@ -20,12 +20,12 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
     pub seq: u64,
-    pub record: Record,
+    pub record: StoredEvent,
 }
 
 /// An event as the outbox keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
+pub struct StoredEvent {
     pub user: String,
     /// The event type (`user_online`, ...), for sinks that route by it.
     pub kind: String,
@@ -35,7 +35,7 @@ pub struct Record {
     pub body: Vec<u8>,
 }
 
-impl Record {
+impl StoredEvent {
     /// `[u16 user length][user][u8 kind length][kind][i64 at][body]`.
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(3 + self.user.len() + self.kind.len() + 8 + self.body.len());
@@ -48,14 +48,14 @@ impl Record {
         out
     }
 
-    fn decode(b: &[u8]) -> Option<Record> {
+    fn decode(b: &[u8]) -> Option<StoredEvent> {
         let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
         let user = std::str::from_utf8(b.get(2..2 + n)?).ok()?.to_string();
         let k = *b.get(2 + n)? as usize;
         let kind = std::str::from_utf8(b.get(3 + n..3 + n + k)?).ok()?.to_string();
         let rest = 3 + n + k;
         let at = i64::from_le_bytes(b.get(rest..rest + 8)?.try_into().ok()?);
-        Some(Record { user, kind, at, body: b.get(rest + 8..)?.to_vec() })
+        Some(StoredEvent { user, kind, at, body: b.get(rest + 8..)?.to_vec() })
     }
 }
 
@@ -146,7 +146,7 @@ impl Outbox {
 
     /// Appends `records` in one durable commit; returns how many old events were dropped
     /// to stay within `max_events`.
-    pub fn append(&self, records: &[Record]) -> Result<u64, OutboxError> {
+    pub fn append(&self, records: &[StoredEvent]) -> Result<u64, OutboxError> {
         if records.is_empty() {
             return Ok(0);
         }
@@ -190,7 +190,7 @@ impl Outbox {
         let mut out = Vec::new();
         for item in t.range(0u64..).map_err(err)?.take(n) {
             let (k, v) = item.map_err(err)?;
-            match Record::decode(v.value()) {
+            match StoredEvent::decode(v.value()) {
                 Some(record) => out.push(Queued { seq: k.value(), record }),
                 None => tracing::warn!(table = %self.table, seq = k.value(), "skipping an unreadable outbox record"),
             }
@@ -229,8 +229,8 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn rec(user: &str, i: i64) -> Record {
-        Record { user: user.into(), kind: "presence_updated".into(), at: i, body: format!("{{\"n\":{i}}}").into_bytes() }
+    fn rec(user: &str, i: i64) -> StoredEvent {
+        StoredEvent { user: user.into(), kind: "presence_updated".into(), at: i, body: format!("{{\"n\":{i}}}").into_bytes() }
     }
 
     #[test]

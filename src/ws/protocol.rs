@@ -43,7 +43,7 @@ pub struct ProtoError {
 /// A parsed frame: the client's correlation `id` (echoed in `ack`/`error`), its `type`,
 /// and the message or the reason it was refused.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Incoming {
+pub struct ClientFrame {
     pub id: Option<Value>,
     pub kind: String,
     pub msg: Result<ClientMsg, ProtoError>,
@@ -93,11 +93,11 @@ fn payload<T: for<'de> Deserialize<'de>>(kind: &str, v: Option<Value>) -> Result
 }
 
 /// Parses one text frame.
-pub fn parse(text: &str) -> Incoming {
+pub fn parse(text: &str) -> ClientFrame {
     let frame: Frame = match serde_json::from_str(text) {
         Ok(f) => f,
         Err(e) => {
-            return Incoming {
+            return ClientFrame {
                 id: None,
                 kind: String::new(),
                 msg: Err(ProtoError { code: "malformed", message: format!("malformed JSON message: {e}") }),
@@ -106,7 +106,11 @@ pub fn parse(text: &str) -> Incoming {
     };
     let id = frame.id.filter(|v| v.is_string() || v.is_number());
     let Some(kind) = frame.kind else {
-        return Incoming { id, kind: String::new(), msg: Err(ProtoError { code: "malformed", message: "message has no \"type\"".into() }) };
+        return ClientFrame {
+            id,
+            kind: String::new(),
+            msg: Err(ProtoError { code: "malformed", message: "message has no \"type\"".into() }),
+        };
     };
     let msg = match kind.as_str() {
         "presence_update" => payload::<PresencePayload>(&kind, frame.payload).map(|p| ClientMsg::PresenceUpdate {
@@ -129,7 +133,7 @@ pub fn parse(text: &str) -> Incoming {
             message: format!("unknown message type {other:?} (expected presence_update, heartbeat, typing, subscribe, unsubscribe or bye)"),
         }),
     };
-    Incoming { id, kind, msg }
+    ClientFrame { id, kind, msg }
 }
 
 /// `presence_update` pushed to a watcher; `payload` is the presence as in the REST API.

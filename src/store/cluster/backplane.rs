@@ -42,7 +42,7 @@ pub enum Refused {
 /// A stored value and its revision. `value: None` is a deletion marker (the revision
 /// stays, so the next write of the key still compares against it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
+pub struct Versioned {
     pub value: Option<Bytes>,
     pub revision: u64,
 }
@@ -52,7 +52,7 @@ pub struct Record {
 pub enum Space<'a> {
     /// One record per user: the user's whole [`crate::core::UserState`] (key: the user id).
     Users,
-    /// One record per node: its [`super::lease::Lease`] (key: the node id).
+    /// One record per node: its [`super::lease::NodeLease`] (key: the node id).
     Leases,
     /// The users a node holds sessions of (key: the user id; the value is empty).
     Owners(&'a str),
@@ -145,7 +145,7 @@ pub trait Backplane: Send + Sync + 'static {
 
     // Records.
 
-    async fn get(&self, space: Space<'_>, key: &str) -> Result<Option<Record>, Fault>;
+    async fn get(&self, space: Space<'_>, key: &str) -> Result<Option<Versioned>, Fault>;
     /// Writes unconditionally; returns the new revision.
     async fn put(&self, space: Space<'_>, key: &str, value: Bytes) -> Result<u64, Fault>;
     /// Writes only if the key is at `expected` (`None`: only if it does not exist).
@@ -165,7 +165,7 @@ pub trait Backplane: Send + Sync + 'static {
     async fn keys(&self, space: Space<'_>) -> Result<Vec<String>, Fault>;
     /// Every write of any user's record, as made (keeps a read cache coherent). `None`:
     /// this backend does not offer it, and reads always go to the backend.
-    fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Record)>>;
+    fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Versioned)>>;
 
     // The directory.
 

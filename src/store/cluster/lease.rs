@@ -43,7 +43,7 @@ use crate::store::StoreError;
 
 /// A node's lease, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
+pub struct NodeLease {
     pub node_id: String,
     pub started_at: Millis,
     pub renewed_at: Millis,
@@ -65,7 +65,7 @@ pub struct Lease {
     pub handed_over: bool,
 }
 
-impl Lease {
+impl NodeLease {
     /// Whether a janitor at `now` may claim it: lapsed and unclaimed, or claimed by a
     /// janitor that has not finished within two TTLs.
     pub fn claimable(&self, now: Millis) -> bool {
@@ -130,7 +130,7 @@ impl ClusterStore {
             let owned = self.inner.owned.lock();
             (owned.session_count(), owned.user_count())
         };
-        let l = Lease {
+        let l = NodeLease {
             sessions,
             users,
             node_id: self.inner.node.to_string(),
@@ -156,7 +156,7 @@ impl ClusterStore {
         let now = self.inner.clock.now();
         let prev = self.inner.bp.get(Space::Leases, &node).await.map_err(unavailable)?;
         if let Some(value) = prev.and_then(|r| r.value) {
-            if let Ok(prev) = serde_json::from_slice::<Lease>(&value) {
+            if let Ok(prev) = serde_json::from_slice::<NodeLease>(&value) {
                 if prev.ended_at.is_none() && prev.renewed_at.saturating_add(prev.ttl_ms) > now {
                     tracing::warn!(
                         node = %self.inner.node,
@@ -233,7 +233,7 @@ impl ClusterStore {
     /// all its sessions back (the 52-node ramp: 45 "claims" in 9 minutes).
     async fn renewal_answer_lost(&self, node: &str) -> bool {
         let Ok(Some(record)) = self.inner.bp.get(Space::Leases, node).await else { return false };
-        let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<Lease>(&v).ok()) else { return false };
+        let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<NodeLease>(&v).ok()) else { return false };
         let ours = lease.node_id == node && lease.started_at == self.inner.started_at && lease.ended_at.is_none();
         if ours {
             *self.inner.lease.revision.lock() = Some(record.revision);
@@ -267,12 +267,12 @@ impl ClusterStore {
     /// Looks for lapsed leases of other nodes and, for each one it wins the claim of,
     /// ends that node's sessions. Returns how many sessions' users it handled.
     /// Every node's lease, as last renewed (the operator view's nodes).
-    pub async fn nodes(&self) -> Result<Vec<Lease>, StoreError> {
+    pub async fn nodes(&self) -> Result<Vec<NodeLease>, StoreError> {
         let keys = self.inner.bp.keys(Space::Leases).await.map_err(unavailable)?;
         let mut out = Vec::with_capacity(keys.len());
         for node in keys {
             if let Ok(Some(record)) = self.inner.bp.get(Space::Leases, &node).await {
-                if let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<Lease>(&v).ok()) {
+                if let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<NodeLease>(&v).ok()) {
                     out.push(lease);
                 }
             }
@@ -307,7 +307,7 @@ impl ClusterStore {
             let now = self.inner.clock.now();
             let Ok(Some(record)) = self.inner.bp.get(Space::Leases, &node).await else { continue };
             let Some(value) = record.value else { continue };
-            let Ok(lease) = serde_json::from_slice::<Lease>(&value) else { continue };
+            let Ok(lease) = serde_json::from_slice::<NodeLease>(&value) else { continue };
             if !lease.claimable(now) {
                 continue;
             }
@@ -337,8 +337,8 @@ impl ClusterStore {
 
     /// Claims the lapsed or handed-over lease of `node` (a compare-and-swap on it: exactly
     /// one janitor wins) and adopts the node's sessions. Returns the users handled.
-    async fn claim(&self, node: &str, revision: u64, lease: Lease, now: Millis) -> usize {
-        let claim = Lease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), handed_over: false, ..lease.clone() };
+    async fn claim(&self, node: &str, revision: u64, lease: NodeLease, now: Millis) -> usize {
+        let claim = NodeLease { ended_by: Some(self.inner.node.to_string()), ended_at: Some(now), handed_over: false, ..lease.clone() };
         let Ok(body) = serde_json::to_vec(&claim) else { return 0 };
         let Ok(claim_rev) = self.inner.bp.swap(Space::Leases, node, Some(revision), body.into(), None).await else { return 0 };
         wrote(&self.inner, "lease");
@@ -358,13 +358,13 @@ impl ClusterStore {
         n
     }
 
-    /// A draining node asked this one to adopt its sessions now (see [`Lease::handed_over`]).
+    /// A draining node asked this one to adopt its sessions now (see [`NodeLease::handed_over`]).
     pub(super) async fn adopt_drained(&self, node: &str) {
         if node == &*self.inner.node || self.inner.degraded.breaker.is_open() {
             return;
         }
         let Ok(Some(record)) = self.inner.bp.get(Space::Leases, node).await else { return };
-        let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<Lease>(&v).ok()) else { return };
+        let Some(lease) = record.value.and_then(|v| serde_json::from_slice::<NodeLease>(&v).ok()) else { return };
         if lease.handed_over && lease.ended_at.is_none() {
             self.claim(node, record.revision, lease, self.inner.clock.now()).await;
         }
@@ -480,7 +480,7 @@ impl ClusterStore {
         if failed > 0 {
             return written;
         }
-        let Ok(mut lease) = self.lease_value(now).and_then(|v| serde_json::from_slice::<Lease>(&v).map_err(unavailable)) else {
+        let Ok(mut lease) = self.lease_value(now).and_then(|v| serde_json::from_slice::<NodeLease>(&v).map_err(unavailable)) else {
             return written;
         };
         lease.handed_over = true;
@@ -515,8 +515,8 @@ impl ClusterStore {
 mod tests {
     use super::*;
 
-    fn lease(renewed_at: Millis) -> Lease {
-        Lease {
+    fn lease(renewed_at: Millis) -> NodeLease {
+        NodeLease {
             node_id: "a".into(),
             started_at: 0,
             renewed_at,
@@ -548,10 +548,10 @@ mod tests {
         assert!(!l.claimable(5500));
         assert!(!l.claimable(6000));
         assert!(l.claimable(6001));
-        let claimed = Lease { ended_by: Some("b".into()), ended_at: Some(6001), ..l };
+        let claimed = NodeLease { ended_by: Some("b".into()), ended_at: Some(6001), ..l };
         assert!(!claimed.claimable(7000), "someone is on it");
         assert!(claimed.claimable(8002), "its janitor died: claim again");
-        let drained = Lease { handed_over: true, ..lease(5000) };
+        let drained = NodeLease { handed_over: true, ..lease(5000) };
         assert!(drained.claimable(5001), "a drained node's lease at once");
     }
 

@@ -60,7 +60,7 @@ use super::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, Stor
 use crate::bus::EventBus;
 use crate::clock::Clock;
 use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
-pub use backplane::{Backplane, Fault, Health, Names, Record, Refused, Space};
+pub use backplane::{Backplane, Fault, Health, Names, Refused, Space, Versioned};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
 use locks::UserLocks;
 use owned::OwnedTable;

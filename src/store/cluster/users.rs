@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::cache::{Cached, Transition};
-use super::{wrote, ClusterStore, Record, Refused, Space};
+use super::{wrote, ClusterStore, Refused, Space, Versioned};
 use crate::core::{Change, Event, Millis, Presence, UserId, UserState};
 use crate::store::StoreError;
 
@@ -39,8 +39,8 @@ impl ClusterStore {
         for attempt in 0..MAX_ATTEMPTS {
             let record = self.guarded(inner.bp.get(Space::Users, id.as_str())).await?;
             let (before, revision) = match record {
-                Some(Record { value: Some(v), revision }) => (Some(decode(id, &v)?), Some(revision)),
-                Some(Record { value: None, revision }) => (None, Some(revision)),
+                Some(Versioned { value: Some(v), revision }) => (Some(decode(id, &v)?), Some(revision)),
+                Some(Versioned { value: None, revision }) => (None, Some(revision)),
                 None => (None, None),
             };
             let Some(after) = f(before.clone()) else {
@@ -156,8 +156,8 @@ impl ClusterStore {
         }
         let _reading = inner.cache.reading(id);
         let r = match self.guarded(inner.bp.get(Space::Users, id.as_str())).await {
-            Ok(Some(Record { value: Some(v), revision })) => decode(id, &v).map(|s| Cached { state: Some(s), revision }),
-            Ok(Some(Record { value: None, revision })) => Ok(Cached { state: None, revision }),
+            Ok(Some(Versioned { value: Some(v), revision })) => decode(id, &v).map(|s| Cached { state: Some(s), revision }),
+            Ok(Some(Versioned { value: None, revision })) => Ok(Cached { state: None, revision }),
             Ok(None) => Ok(Cached { state: None, revision: 0 }),
             Err(e) => Err(e),
         };
@@ -221,7 +221,7 @@ impl ClusterStore {
     }
 
     /// Keeps the cache current from the backend's stream of user record writes.
-    pub(super) fn follow_users(&self, mut rx: tokio::sync::mpsc::Receiver<(UserId, Record)>) {
+    pub(super) fn follow_users(&self, mut rx: tokio::sync::mpsc::Receiver<(UserId, Versioned)>) {
         let weak = std::sync::Arc::downgrade(&self.inner);
         let h = tokio::spawn(async move {
             while let Some((id, record)) = rx.recv().await {

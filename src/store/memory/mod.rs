@@ -36,7 +36,7 @@ use crate::bus::EventBus;
 use crate::clock::Clock;
 use crate::core::{Change, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
 use crate::shards::Sharded;
-use persist::{Ack, Loaded, PersistError, Persister, Record};
+use persist::{Ack, DurableUser, Loaded, PersistError, Persister};
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -159,7 +159,7 @@ impl MemoryStore {
         Ok(store)
     }
 
-    fn restore(&self, records: Vec<(String, Record)>) {
+    fn restore(&self, records: Vec<(String, DurableUser)>) {
         let now = self.inner.clock.now();
         let mut loaded = 0usize;
         for (id, record) in records {
@@ -171,7 +171,7 @@ impl MemoryStore {
                 // Lapsed while we were down: the derived status (offline) applies.
                 state.explicit = None;
                 if let Some(p) = &self.inner.persist {
-                    p.enqueue(user.as_str(), Some(&Record::of(&state)), false);
+                    p.enqueue(user.as_str(), Some(&DurableUser::of(&state)), false);
                 }
             }
             let mut shard = self.inner.shard(&user).lock();
@@ -314,11 +314,11 @@ impl MemoryStore {
                 }
                 .unwrap_or_else(|| UserState::new(self.inner.node.clone()));
                 f(&mut st, now);
-                let record = Record::of(&st);
+                let record = DurableUser::of(&st);
                 if let Err(e) = Self::durable(p.enqueue(id.as_str(), Some(&record), true)).await {
                     // The client is told 503: the record it staged must not reach the disk
                     // when the writer retries. What memory holds goes there instead.
-                    let current = self.inner.shard(id).lock().users.get(id).map(|e| Record::of(&e.state));
+                    let current = self.inner.shard(id).lock().users.get(id).map(|e| DurableUser::of(&e.state));
                     p.enqueue(id.as_str(), current.as_ref(), false);
                     return Err(e);
                 }
@@ -364,7 +364,7 @@ enum Persist {
     /// When the transition says its durable part changed.
     IfChanged,
     /// Likewise, unless the record is this one (already committed before applying).
-    UnlessAlready(Record),
+    UnlessAlready(DurableUser),
 }
 
 impl Inner {
@@ -400,7 +400,7 @@ impl Inner {
             self.bus.publish(Event { kind, presence, before, at: now });
         }
         if let (Some(p), true) = (&self.persist, change.persist) {
-            let record = Record::of(&entry.state);
+            let record = DurableUser::of(&entry.state);
             if !matches!(&persist, Persist::UnlessAlready(done) if *done == record) {
                 p.enqueue(id.as_str(), Some(&record), false);
             }

@@ -59,13 +59,13 @@ impl Table {
 /// Everything read back at open.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    pub users: Vec<(String, Record)>,
+    pub users: Vec<(String, DurableUser)>,
     pub directory: Vec<(DirTable, String, Vec<u8>)>,
 }
 
 /// The durable part of a [`UserState`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub struct DurableUser {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -86,10 +86,10 @@ pub struct Record {
     pub standalone: bool,
 }
 
-impl Record {
-    pub fn of(state: &UserState) -> Record {
+impl DurableUser {
+    pub fn of(state: &UserState) -> DurableUser {
         let e = state.explicit.as_ref();
-        Record {
+        DurableUser {
             status: e.map(|e| e.status),
             message: e.map(|e| e.message.to_string()).unwrap_or_default(),
             set_at: e.map_or(0, |e| e.set_at),
@@ -207,7 +207,7 @@ impl Persister {
 
     /// Queues `record` (or its deletion) for `user`; with `ack`, returns a receiver that
     /// resolves once it is committed.
-    pub fn enqueue(&self, user: &str, record: Option<&Record>, ack: bool) -> Option<Ack> {
+    pub fn enqueue(&self, user: &str, record: Option<&DurableUser>, ack: bool) -> Option<Ack> {
         let bytes = record.map(|r| serde_json::to_vec(r).unwrap_or_default());
         self.push(Table::Users, user, bytes, ack)
     }
@@ -376,7 +376,7 @@ fn load(db: &Database) -> Result<Loaded, String> {
     let table = rtx.open_table(USERS).map_err(|e| e.to_string())?;
     for item in table.iter().map_err(|e| e.to_string())? {
         let (k, v) = item.map_err(|e| e.to_string())?;
-        match serde_json::from_slice::<Record>(v.value()) {
+        match serde_json::from_slice::<DurableUser>(v.value()) {
             Ok(r) => loaded.users.push((k.value().to_string(), r)),
             Err(e) => tracing::warn!(user = k.value(), error = %e, "skipping unreadable presence record"),
         }
@@ -451,7 +451,7 @@ mod tests {
     #[tokio::test]
     async fn records_survive_reopen_and_deletes_apply() {
         let dir = tempfile::tempdir().unwrap();
-        let rec = Record {
+        let rec = DurableUser {
             status: Some(Status::Busy),
             message: "In a meeting".into(),
             set_at: 5,
@@ -515,7 +515,7 @@ mod tests {
     #[test]
     fn a_damaged_page_never_panics_the_open() {
         let dir = tempfile::tempdir().unwrap();
-        let rec = Record {
+        let rec = DurableUser {
             status: Some(Status::Busy),
             message: "m".repeat(100),
             set_at: 1,

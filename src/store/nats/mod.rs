@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::cluster::backplane::{Feed, Incoming, RowChange};
-use super::cluster::{Backplane, ClusterOptions, ClusterStore, Fault, Health, Names, Record, Refused, Space};
+use super::cluster::{Backplane, ClusterOptions, ClusterStore, Fault, Health, Names, Refused, Space, Versioned};
 use super::{DirTable, StoreError};
 use crate::bus::EventBus;
 use crate::clock::Clock;
@@ -167,9 +167,9 @@ fn stream_error(e: &jetstream::context::CreateStreamError, max_bytes: u64) -> St
     format!("cannot create stream PRESENCE_EVENTS: {e}{hint}")
 }
 
-fn record(e: jkv::Entry) -> Record {
+fn record(e: jkv::Entry) -> Versioned {
     let value = (e.operation == jkv::Operation::Put).then_some(e.value);
-    Record { value, revision: e.revision }
+    Versioned { value, revision: e.revision }
 }
 
 impl NatsBackplane {
@@ -330,7 +330,7 @@ impl Backplane for NatsBackplane {
         &NAMES
     }
 
-    async fn get(&self, space: Space<'_>, key: &str) -> Result<Option<Record>, Fault> {
+    async fn get(&self, space: Space<'_>, key: &str) -> Result<Option<Versioned>, Fault> {
         let (bucket, k) = self.locate(space, key);
         Ok(bucket.entry(k).await.map_err(fault)?.map(record))
     }
@@ -370,7 +370,7 @@ impl Backplane for NatsBackplane {
         Ok(keys.iter().filter_map(|k| decode_id(k)).collect())
     }
 
-    fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Record)>> {
+    fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Versioned)>> {
         let (tx, rx) = mpsc::channel(1024);
         let users = self.kv.users_watch.clone();
         // Re-watched after errors, for as long as someone listens.
@@ -437,7 +437,7 @@ impl Backplane for NatsBackplane {
                         };
                         last = last.max(entry.revision);
                         let Some((table, key)) = parse_dir_key(&entry.key) else { continue };
-                        let Record { value, revision } = record(entry);
+                        let Versioned { value, revision } = record(entry);
                         if tx.send(RowChange { table, key, value, revision }).await.is_err() {
                             return;
                         }

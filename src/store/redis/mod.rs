@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::cluster::backplane::{Feed, Incoming, RowChange};
-use super::cluster::{Backplane, ClusterOptions, ClusterStore, Fault, Health, Names, Record, Refused, Space};
+use super::cluster::{Backplane, ClusterOptions, ClusterStore, Fault, Health, Names, Refused, Space, Versioned};
 use super::{DirTable, StoreError};
 use crate::bus::EventBus;
 use crate::clock::Clock;
@@ -444,12 +444,12 @@ impl Backplane for RedisBackplane {
         &NAMES
     }
 
-    async fn get(&self, space: Space<'_>, key: &str) -> Result<Option<Record>, Fault> {
+    async fn get(&self, space: Space<'_>, key: &str) -> Result<Option<Versioned>, Fault> {
         let (hash, f) = self.locate(space, key);
         let mut c = self.pool.conn();
         let (value, rev): (Option<Vec<u8>>, Option<u64>) =
             redis::cmd("HMGET").arg(&hash).arg(&f).arg(format!("{f}#")).query_async(&mut c).await.map_err(fault)?;
-        Ok(rev.map(|revision| Record { value: value.map(Bytes::from), revision }))
+        Ok(rev.map(|revision| Versioned { value: value.map(Bytes::from), revision }))
     }
 
     async fn put(&self, space: Space<'_>, key: &str, value: Bytes) -> Result<u64, Fault> {
@@ -502,7 +502,7 @@ impl Backplane for RedisBackplane {
         }
     }
 
-    fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Record)>> {
+    fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Versioned)>> {
         None
     }
 
