@@ -15,69 +15,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::auth::Identity;
-use crate::core::{visible_change, Event, EventKind, Millis, Presence, Status, UserId};
+use crate::core::{visible_change, Event, Millis, Presence, UserId};
 use crate::error::ApiError;
 use crate::service::{Service, StatusWrite};
 
-pub mod pb {
-    tonic::include_proto!("realchat.presence.v1");
-    /// Encoded descriptors of the API, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("presence_descriptor");
-}
+pub use crate::wire::proto::pb;
+use crate::wire::proto::{kind_pb, presence_pb, ts};
 
 use pb::presence_api_server::{PresenceApi, PresenceApiServer};
 
 /// Snapshot presences read from the store at once for a `WatchPresence` stream.
 const SNAPSHOT_CHUNK: usize = 64;
-
-fn ts(ms: Millis) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
-}
-
-fn status_pb(s: Status) -> pb::Status {
-    match s {
-        Status::Online => pb::Status::Online,
-        Status::Away => pb::Status::Away,
-        Status::Busy => pb::Status::Busy,
-        Status::Offline => pb::Status::Offline,
-    }
-}
-
-/// A transition as the protobuf `PresenceEvent` (full visibility: for backends, as the
-/// event sinks' `format: protobuf`).
-pub fn event_pb(ev: &crate::core::Event) -> pb::PresenceEvent {
-    pb::PresenceEvent { kind: kind_pb(ev.kind) as i32, presence: Some(presence_pb(&ev.presence)), at: Some(ts(ev.at)), snapshot: false }
-}
-
-fn kind_pb(k: EventKind) -> pb::presence_event::Kind {
-    match k {
-        EventKind::UserOnline => pb::presence_event::Kind::UserOnline,
-        EventKind::UserOffline => pb::presence_event::Kind::UserOffline,
-        EventKind::PresenceUpdated => pb::presence_event::Kind::PresenceUpdated,
-        EventKind::PresenceExpired => pb::presence_event::Kind::PresenceExpired,
-    }
-}
-
-fn presence_pb(p: &Presence) -> pb::UserPresence {
-    pb::UserPresence {
-        user_id: p.user_id.to_string(),
-        status: status_pb(p.status) as i32,
-        message: p.message.to_string(),
-        last_seen: p.last_seen.map(ts),
-        updated_at: p.updated_at.map(ts),
-        node_id: p.node_id.to_string(),
-        device_count: p.device_count,
-        expires_at: p.expires_at.map(ts),
-        devices: p
-            .devices
-            .iter()
-            .map(|d| pb::DeviceSummary {
-                device_id: d.device_id.to_string(),
-                platform: d.platform.map(|p| p.as_str().to_string()).unwrap_or_default(),
-            })
-            .collect(),
-    }
-}
 
 /// An error as a gRPC status (the code from [`crate::error::TABLE`]); what the client is
 /// not told is logged once.

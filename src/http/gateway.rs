@@ -11,7 +11,7 @@ use super::extract::{Body, Caller, InstanceParam};
 use super::schema::InstancePath;
 use super::{ok, Http, Res};
 use crate::error::ApiError;
-use crate::json::rfc3339;
+use crate::wire::json::rfc3339;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -12,9 +12,9 @@ use super::schema::UserPath;
 use super::{Http, Res};
 use crate::core::Platform;
 use crate::error::ApiError;
-use crate::json::rfc3339;
 use crate::service::sessions::Leave;
 use crate::service::StatusWrite;
+use crate::wire::json::rfc3339;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

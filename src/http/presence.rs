@@ -11,8 +11,8 @@ use super::schema::UserPath;
 use super::{ok, Http, Res};
 use crate::auth::Identity;
 use crate::error::ApiError;
-use crate::json::{PresenceJson, PresenceMap};
 use crate::service::StatusWrite;
+use crate::wire::json::{PresenceJson, PresenceMap};
 
 /// The presence envelope; while the node is degraded (cut off from the center) the
 /// answer comes from its cache: marked `"stale": true` and `X-Presence-Stale`, and logged.
@@ -38,7 +38,7 @@ pub(super) fn presence_map(state: &Http, items: &[crate::core::Presence]) -> Res
 pub(crate) struct PresenceAnswer {
     /// Always `true`.
     success: bool,
-    data: std::collections::HashMap<String, crate::json::PresenceDoc>,
+    data: std::collections::HashMap<String, crate::wire::json::PresenceDoc>,
     /// Present (`true`) when a leaf node cut off from the center answered from its cache;
     /// the `X-Presence-Stale: true` header says the same.
     stale: Option<bool>,

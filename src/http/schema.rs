@@ -41,12 +41,12 @@ pub(crate) fn ids() -> utoipa::openapi::schema::Array {
 
 /// `online`, `away`, `busy` or `offline`.
 pub(crate) fn status() -> utoipa::openapi::Object {
-    crate::json::enum_schema(crate::core::Status::ALL.map(crate::core::Status::as_str), false)
+    crate::wire::json::enum_schema(crate::core::Status::ALL.map(crate::core::Status::as_str), false)
 }
 
 /// `desktop`, `mobile`, `web` or `null`.
 pub(crate) fn platform_or_null() -> utoipa::openapi::Object {
-    crate::json::enum_schema(crate::core::Platform::ALL.map(crate::core::Platform::as_str), true)
+    crate::wire::json::enum_schema(crate::core::Platform::ALL.map(crate::core::Platform::as_str), true)
 }
 
 /// One id segment of a path, documented as [`id`] says.

@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 
 use super::extract::Caller;
 use super::{ok, Http, Res};
-use crate::json::rfc3339;
+use crate::wire::json::rfc3339;
 
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Stats<'a> {

@@ -22,7 +22,7 @@ use super::outbox::Queued;
 use super::EventSink;
 use crate::config::{SinkConfig, SinkFormat};
 use crate::core::Event;
-use crate::store::cluster::WireEvent;
+use crate::wire::event::WireEvent;
 
 pub struct Kafka {
     producer: FutureProducer,
@@ -55,7 +55,7 @@ impl EventSink for Kafka {
     fn encode(&self, event: &Event) -> Vec<u8> {
         match self.format {
             SinkFormat::Json => serde_json::to_vec(&WireEvent::of(event)).unwrap_or_default(),
-            SinkFormat::Protobuf => crate::grpc::event_pb(event).encode_to_vec(),
+            SinkFormat::Protobuf => crate::wire::proto::event_pb(event).encode_to_vec(),
         }
     }
 

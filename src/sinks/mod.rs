@@ -55,7 +55,7 @@ pub trait EventSink: Send + Sync + 'static {
     /// The event in this sink's format (what the outbox keeps): by default the
     /// documented JSON event schema.
     fn encode(&self, event: &Event) -> Vec<u8> {
-        serde_json::to_vec(&crate::store::cluster::WireEvent::of(event)).unwrap_or_default()
+        serde_json::to_vec(&crate::wire::event::WireEvent::of(event)).unwrap_or_default()
     }
 
     /// Delivers a batch, in order. `Err`: none of it counts as delivered (the whole batch

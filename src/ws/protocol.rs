@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::core::{Millis, Platform, Presence};
 use crate::error::ApiError;
-use crate::json::PresenceJson;
+use crate::wire::json::PresenceJson;
 
 /// A message from a client, validated for shape (values are validated by the service).
 #[derive(Debug, Clone, PartialEq)]

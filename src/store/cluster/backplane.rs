@@ -124,7 +124,7 @@ pub struct Names {
 }
 
 /// A set of event subscriptions that follows this node's interest. Messages (event
-/// payloads, [`super::wire::WireEvent`] JSON) arrive on the channel given to
+/// payloads, [`crate::wire::event::WireEvent`] JSON) arrive on the channel given to
 /// [`Backplane::feed`].
 #[async_trait]
 pub trait Feed: Send {

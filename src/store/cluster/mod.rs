@@ -44,7 +44,6 @@ pub mod owned;
 mod relay;
 mod sessions;
 mod users;
-pub mod wire;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,11 +59,11 @@ use super::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, Stor
 use crate::bus::EventBus;
 use crate::clock::Clock;
 use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
+pub use crate::wire::event::WireEvent;
 pub use backplane::{Backplane, Fault, Health, Names, Refused, Space, Versioned};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
 use locks::UserLocks;
 use owned::OwnedTable;
-pub use wire::WireEvent;
 
 /// What a cluster node needs besides the backend's connection settings.
 #[derive(Debug, Clone)]
