@@ -5,6 +5,7 @@ pub mod event;
 pub mod model;
 pub mod privacy;
 pub mod ratelimit;
+pub mod session;
 pub mod state;
 pub mod wheel;
 
@@ -13,5 +14,6 @@ pub use model::{
     empty_message, no_devices, validate_id, DeviceId, DeviceSummary, IdError, Millis, Platform, Presence, Session, Status, UserId,
 };
 pub use privacy::{project, visible_change, Privacy, Relation, Visibility};
-pub use state::{Change, Ending, Explicit, NewSession, Registered, UserState, HELD};
+pub use session::{DeviceLimit, Ending, NewSession, Registered};
+pub use state::{Change, Explicit, UserState, HELD};
 pub use wheel::TimerWheel;
