@@ -1,36 +1,49 @@
 //! presenced: a real-time presence service.
 //!
 //! # Layout
-//! Floors, from the bottom; a module depends only on the floors below it. A presence
-//! update from `/ws` goes down once (ws → service → store → core) and comes back up once
-//! (the store publishes the event on the bus; the hub delivers it).
+//! Floors, from the ground up, as the imports make them: a module imports only from the
+//! floors below it, and no two modules import each other.
 //!
 //! 1. The domain, no I/O: [`core`] (statuses, users, device sessions, the aggregation rule
 //!    and every transition, privacy projection, events, the timer wheel, token buckets;
-//!    every rule takes `now` and is unit-tested). [`error`]: every failure a client can
-//!    see and the one table of how each transport says it. [`shards`]: the sharded map.
-//! 2. State: [`store`]: the [`store::PresenceStore`] and [`store::DirectoryStore`] traits
+//!    every rule takes `now` and is unit-tested). [`shards`]: the sharded map.
+//! 2. What everything above shares: [`clock`] (the time source and the periodic task
+//!    every sweeper runs on), [`bus`] (the in-process bus: events, typing, directory
+//!    changes, interest), [`config`] (YAML + environment, each section with its rules),
+//!    [`wire`] (how presence leaves the process: JSON for HTTP and WebSocket, the event
+//!    schema of backends and sinks, the protobuf messages).
+//! 3. State: [`store`]: the [`store::PresenceStore`] and [`store::DirectoryStore`] traits
 //!    and their backends, [`store::memory`] (the embedded default: sharded state, timer
 //!    wheel, redb persistence) and [`store::cluster`] (cluster mode, written once over a
 //!    [`store::cluster::Backplane`], in rooms: users, sessions, degraded, directory,
-//!    lease, relay), whose backplanes are [`store::nats`] (NATS JetStream) and
-//!    [`store::redis`] (a single Redis, a Redis Cluster, Sentinel). [`natsio`]: the NATS
-//!    connection, JetStream KV plumbing and the embedded nats-server. [`bus`]: the
-//!    in-process bus (events, typing, directory changes, interest). [`directory`]:
-//!    contacts, privacy settings and conversation members in memory.
-//! 3. [`service`]: the application layer every transport shares: validation,
+//!    lease, relay), whose backplanes are [`store::nats`] (NATS JetStream: connection, KV
+//!    buckets, the embedded nats-server) and [`store::redis`] (a single Redis, a Redis
+//!    Cluster, Sentinel). Beside it, [`auth`] (JWT) and the outbound adapter, [`sinks`]
+//!    (every transition of this node to webhooks, Kafka, RabbitMQ, through an on-disk
+//!    outbox): it reads the bus and encodes with `wire`, nothing above.
+//! 4. [`error`]: every failure a client can see and the one table of how each transport
+//!    says it; [`directory`]: contacts, privacy settings and conversation members in
+//!    memory; [`telemetry`]: logs and metrics.
+//! 5. [`service`]: the application layer every transport shares: validation,
 //!    permissions, rate limits, reads and writes, [`service::sessions`] (device sessions),
 //!    [`service::instances`] (gateway instance leases), [`service::typing`] (typing
 //!    indicators), [`service::limiter`].
-//! 4. Transports, thin adapters over the service: [`http`] (REST API v2, contacts,
-//!    privacy, conversations, legacy endpoints, health, metrics, the live page), [`json`]
-//!    (the presence as JSON, shared by HTTP and WebSocket), [`ws`] (`GET /ws`: the hub,
-//!    the connection loop, the protocol), [`grpc`] (`realchat.presence.v1.PresenceApi`),
-//!    [`listener`] (accepting connections: timeouts, the per-IP rate, the HTTP accept
-//!    loop), and the outbound one, [`sinks`] (every transition of this node to webhooks,
-//!    Kafka, RabbitMQ, through an on-disk outbox).
-//! 5. [`server`]: wiring and graceful shutdown. Beside it: [`auth`] (JWT), [`config`]
-//!    (YAML + environment), [`telemetry`] (logs and metrics).
+//! 6. Adapters over the service: [`ws`] (`GET /ws`: the hub, each connection's client
+//!    and push queue, the connection loop, the protocol) and [`listener`] (accepting
+//!    connections: timeouts, the per-IP rate, the HTTP accept loop).
+//! 7. The transports the listener serves: [`grpc`] (`realchat.presence.v1.PresenceApi`)
+//!    and [`http`] (REST API v2, contacts, privacy, conversations, legacy endpoints,
+//!    health, metrics, the live page, the OpenAPI document, which documents `/ws` too).
+//! 8. [`server`]: wiring and graceful shutdown; `main.rs` on top.
+//!
+//! One update, walked: a `set_status` frame on `/ws` is read by `ws::conn`, which calls
+//! `Service::set_status` (validation, permission, rate limit), which calls
+//! `PresenceStore::set_status`; the store applies the pure transition of `core::state`
+//! under its shard's lock (memory) or in a compare-and-swap loop (cluster), and publishes
+//! the event it returns on the `bus`. The hub (`ws::hub`) reads the bus, projects the
+//! presence once per relation (owner, contact, other) for the watchers whose view
+//! changed, and queues it in each one's `PushQueue`; each connection's task writes it. The
+//! gRPC watchers and the sinks read the same bus.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::todo, clippy::unimplemented))]
 

@@ -13,7 +13,7 @@ pub struct NewSession {
     pub instance: Arc<str>,
     pub ttl_ms: i64,
     pub platform: Option<Platform>,
-    /// Tag of this registration (see [`Session::sid`]).
+    /// Tag of this registration (see [`super::model::Session::sid`]).
     pub sid: u64,
     /// A new device is refused when the user already has this many live sessions.
     pub max_devices: usize,

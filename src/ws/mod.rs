@@ -6,7 +6,7 @@ pub mod client;
 pub mod conn;
 pub mod hub;
 pub mod protocol;
-mod push_queue;
+pub mod push_queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -30,7 +30,8 @@
 //! cut off, and their write-back); [`directory`] (directory rows); [`lease`] (node
 //! leases, the janitor); `relay` (interest-routed subscriptions, typing); [`cache`] (read
 //! cache, circuit breaker); [`order`] (per-user event order); [`owned`] (the sessions
-//! this node holds, no I/O); [`wire`] (the event schema). Logic with no I/O is tested
+//! this node holds, no I/O); `locks` (per-user write locks). Events are encoded with
+//! [`crate::wire::event`]. Logic with no I/O is tested
 //! alone in `owned`, `order`, `directory` ([`directory::Revisions`]), `cache` and `lease`.
 
 pub mod backplane;
