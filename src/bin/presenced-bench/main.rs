@@ -24,6 +24,7 @@
 mod backends;
 mod chaos;
 mod cluster;
+mod cpu;
 mod hostile;
 mod lean;
 mod scale;

@@ -18,6 +18,7 @@ use clap::Parser;
 use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 
+use super::cpu::cpu_secs;
 use super::{authed, free_port, measure_calls, ms, rss_kib, spawn_server_env, Res};
 
 #[derive(Parser, Clone)]
@@ -43,16 +44,6 @@ pub struct SessionsArgs {
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-}
-
-/// Server CPU time so far (user + system), in seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 /// A counter or gauge from the server's `/metrics` (first sample whose line starts with `prefix`).
