@@ -2,6 +2,7 @@
 //! a manual one in tests, and the periodic task every sweeper runs on.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -12,6 +13,12 @@ use crate::core::Millis;
 pub trait Clock: Send + Sync + 'static {
     /// Wall-clock milliseconds since the Unix epoch.
     fn now(&self) -> Millis;
+
+    /// Resolves once [`Clock::now`] has reached `at` (at once if it has).
+    fn sleep_until(&self, at: Millis) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let wait = at.saturating_sub(self.now()).max(0);
+        Box::pin(tokio::time::sleep(Duration::from_millis(wait as u64)))
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -23,25 +30,45 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to.
+/// A clock that moves only when told to; a task sleeping on it wakes when it is moved.
 #[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
+pub struct ManualClock {
+    now: AtomicI64,
+    moved: tokio::sync::Notify,
+}
 
 impl ManualClock {
     pub fn new(start: Millis) -> ManualClock {
-        ManualClock(AtomicI64::new(start))
+        ManualClock { now: AtomicI64::new(start), moved: tokio::sync::Notify::new() }
     }
     pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        self.now.fetch_add(ms, Ordering::SeqCst);
+        self.moved.notify_waiters();
     }
     pub fn set(&self, t: Millis) {
-        self.0.store(t, Ordering::SeqCst);
+        self.now.store(t, Ordering::SeqCst);
+        self.moved.notify_waiters();
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Millis {
-        self.0.load(Ordering::SeqCst)
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn sleep_until(&self, at: Millis) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                // Registered before the time is read, so a move in between is not missed.
+                let moved = self.moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                if self.now() >= at {
+                    return;
+                }
+                moved.await;
+            }
+        })
     }
 }
 

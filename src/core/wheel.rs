@@ -58,6 +58,12 @@ impl<K> TimerWheel<K> {
         out
     }
 
+    /// The earliest tick anything is scheduled at (stale entries included), in ms since
+    /// the epoch: when the wheel next has something to say.
+    pub fn next_due(&self) -> Option<Millis> {
+        self.slots.first_key_value().map(|(t, _)| t.saturating_mul(self.tick_ms))
+    }
+
     /// Keys scheduled (stale ones included).
     pub fn len(&self) -> usize {
         self.len

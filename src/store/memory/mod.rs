@@ -7,7 +7,9 @@
 //! `tick_ms`) to the users due then. Each user has at most one live ("armed") entry, at its
 //! earliest deadline: a heartbeat that pushes the deadline later touches no timer at all;
 //! when the entry fires, the reaper re-evaluates the user and re-arms it at its new earliest
-//! deadline. Expiry is therefore O(expiring users), never a scan of all users. The same
+//! deadline. Expiry is therefore O(expiring users), never a scan of all users, and the
+//! reaper sleeps until the earliest deadline of any shard (arming an earlier one wakes
+//! it), so an idle store does not wake at all. The same
 //! wheel forgets users who have had no session and no status for `forget_after` (their
 //! `last_seen` is then dropped, in memory and on disk), so churning ids do not grow the
 //! store without bound.
@@ -25,7 +27,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -98,8 +99,41 @@ struct Inner {
     misses: AtomicU64,
     /// The expiry task, aborted at shutdown.
     reaper: Mutex<Option<JoinHandle<()>>>,
+    /// When the reaper next wakes, and how to wake it sooner (shared with the task, which
+    /// holds no reference to the store while it sleeps).
+    wake: Arc<ReaperWake>,
     /// Directory rows read at open, handed out once by `load_directory`.
     directory: Mutex<Vec<(DirTable, String, Vec<u8>)>>,
+}
+
+/// The reaper sleeps until the earliest deadline any shard holds, as mini-redis's purge
+/// task does, instead of waking every tick while nothing is due. Arming an earlier
+/// deadline, or dropping the store, wakes it.
+#[derive(Default)]
+struct ReaperWake {
+    /// The time (ms) the reaper sleeps until; `i64::MAX`: no deadline anywhere.
+    at: AtomicI64,
+    notify: tokio::sync::Notify,
+    /// Times the reaper woke (tests: an idle store's reaper sleeps).
+    wakes: AtomicU64,
+}
+
+impl ReaperWake {
+    /// A deadline at `at` was armed: the reaper must wake by then.
+    fn armed(&self, at: Millis) {
+        if at < self.at.load(Ordering::Acquire) {
+            self.at.fetch_min(at, Ordering::AcqRel);
+            // Keeps a permit if the reaper is between its scan and its sleep.
+            self.notify.notify_one();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The reaper finds the store gone and ends.
+        self.wake.notify.notify_one();
+    }
 }
 
 struct Entry {
@@ -152,6 +186,7 @@ impl MemoryStore {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             reaper: Mutex::new(None),
+            wake: Arc::new(ReaperWake { at: AtomicI64::new(i64::MAX), ..Default::default() }),
             directory: Mutex::new(loaded.directory),
         };
         let store = MemoryStore { inner: Arc::new(inner) };
@@ -194,16 +229,30 @@ impl MemoryStore {
         if let Some(p) = &self.inner.persist {
             p.start();
         }
-        let tick = Duration::from_millis(self.inner.tick_ms as u64);
-        let handle = crate::clock::spawn_periodic(Arc::downgrade(&self.inner), tick, |inner: Arc<Inner>| async move {
-            let now = inner.clock.now();
-            MemoryStore { inner }.reap(now);
+        let (store, wake, clock) = (Arc::downgrade(&self.inner), self.inner.wake.clone(), self.inner.clock.clone());
+        let handle = tokio::spawn(async move {
+            loop {
+                let Some(inner) = store.upgrade() else { return };
+                wake.wakes.fetch_add(1, Ordering::Relaxed);
+                // From here on, a deadline armed before the one found below wakes the task.
+                wake.at.store(i64::MAX, Ordering::Release);
+                let me = MemoryStore { inner };
+                me.reap(clock.now());
+                let next = me.inner.shards.iter().filter_map(|s| s.lock().wheel.next_due()).min();
+                drop(me);
+                let at = wake.at.fetch_min(next.unwrap_or(i64::MAX), Ordering::AcqRel).min(next.unwrap_or(i64::MAX));
+                tokio::select! {
+                    _ = clock.sleep_until(at), if at != i64::MAX => {}
+                    _ = wake.notify.notified() => {}
+                }
+            }
         });
         *self.inner.reaper.lock() = Some(handle);
     }
 
     /// Processes every timer due at `now`; returns how many users were re-evaluated.
-    /// The reaper task calls this every tick; tests call it directly with a manual clock.
+    /// The reaper task calls this when the earliest deadline comes; tests call it
+    /// directly with a manual clock.
     pub fn reap(&self, now: Millis) -> usize {
         let inner = &*self.inner;
         let mut evaluated = 0;
@@ -430,7 +479,9 @@ impl Inner {
             },
         };
         if entry.armed.is_none_or(|a| a > wheel.tick_of(deadline)) {
-            entry.armed = Some(wheel.insert(deadline, id.clone()));
+            let tick = wheel.insert(deadline, id.clone());
+            entry.armed = Some(tick);
+            self.wake.armed(tick.saturating_mul(self.tick_ms));
         }
     }
 }
@@ -600,6 +651,53 @@ mod tests {
             v.push((e.kind, e.presence.user_id.to_string(), e.presence.status));
         }
         v
+    }
+
+    /// Within `within` (real time), `rx` receives an event of `kind`.
+    async fn event_within(rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>, kind: EventKind, within: std::time::Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.kind == kind => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// The reaper does not wake while nothing is due (it used to, every tick), sleeps until
+    /// the earliest deadline, is woken by an earlier one armed while it sleeps, and ends
+    /// with its store.
+    #[tokio::test]
+    async fn the_reaper_sleeps_until_the_earliest_deadline() {
+        let (store, clock, mut rx) = setup();
+        store.start();
+        let wake = store.inner.wake.clone();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let idle = wake.wakes.load(Ordering::Relaxed);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await; // five ticks of 100 ms
+        assert_eq!(wake.wakes.load(Ordering::Relaxed), idle, "an idle store's reaper sleeps");
+
+        // A far deadline, then a nearer one armed while the reaper sleeps until the first.
+        store.register_session(&uid("far"), NewSession::new("d", "gw", 600_000)).await.unwrap();
+        store.register_session(&uid("near"), NewSession::new("d", "gw", 5_000)).await.unwrap();
+        drain(&mut rx);
+        assert_eq!(wake.at.load(Ordering::Relaxed), T0 + 5_000, "it sleeps until the nearer deadline");
+        clock.advance(4_000);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(drain(&mut rx).is_empty(), "nothing before the deadline");
+        clock.advance(1_000);
+        assert!(event_within(&mut rx, EventKind::UserOffline, std::time::Duration::from_secs(5)).await, "the near session ends on time");
+        assert_eq!(get_one(&store, &uid("far")).await.unwrap().unwrap().status, Status::Online);
+        assert_eq!(wake.at.load(Ordering::Relaxed), T0 + 600_000, "then it sleeps until the far one");
+
+        // The task holds no reference to the store: dropping the store ends it.
+        let handle = store.inner.reaper.lock().take().unwrap();
+        drop(store);
+        assert!(tokio::time::timeout(std::time::Duration::from_secs(5), handle).await.is_ok(), "the reaper ends with its store");
     }
 
     #[tokio::test]
