@@ -1,5 +1,6 @@
 //! The node's time source (stores, service, sinks, listener): the system clock in production,
-//! a manual one in tests, and the periodic task every sweeper runs on.
+//! a manual one in tests; sleeping until a time of that clock; and the periodic task the
+//! sweepers that run on ticks use.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -74,7 +75,8 @@ impl Clock for ManualClock {
 
 /// Runs `f` on the owner of `weak` every `every` (missed ticks are delayed, not bunched),
 /// until the owner is dropped. The task holds only a weak reference, so it never keeps
-/// its owner alive. Used by the stores' expiry reapers and the hub's typing expiry.
+/// its owner alive. Used by the cluster store's sweepers, typing expiry and the gateway
+/// leases' reaper (the memory store's reaper sleeps until its next deadline instead).
 pub fn spawn_periodic<T, F, Fut>(weak: Weak<T>, every: Duration, f: F) -> tokio::task::JoinHandle<()>
 where
     T: Send + Sync + 'static,

@@ -93,13 +93,14 @@ impl Watchers {
 /// What the hub enforces.
 #[derive(Debug, Clone)]
 pub struct HubLimits {
-    pub outbox: usize,
+    /// Pushes a connection's queue holds before it is closed (`limits.ws_outbound_queue`).
+    pub push_queue: usize,
     pub subscriptions_per_connection: usize,
 }
 
 impl HubLimits {
     pub fn of(l: &crate::config::LimitsConfig) -> HubLimits {
-        HubLimits { outbox: l.ws_outbound_queue, subscriptions_per_connection: l.max_subscriptions_per_connection }
+        HubLimits { push_queue: l.ws_outbound_queue, subscriptions_per_connection: l.max_subscriptions_per_connection }
     }
 }
 
@@ -246,7 +247,7 @@ impl Hub {
         hello: String,
     ) -> Result<Arc<Client>, ApiError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Client::new(id, user.clone(), device.clone(), admin, platform, self.limits.outbox));
+        let conn = Arc::new(Client::new(id, user.clone(), device.clone(), admin, platform, self.limits.push_queue));
         conn.push(hello);
         let (replaced, first) = {
             let mut shard = self.owners.of(&user).lock();

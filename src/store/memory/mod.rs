@@ -9,7 +9,8 @@
 //! when the entry fires, the reaper re-evaluates the user and re-arms it at its new earliest
 //! deadline. Expiry is therefore O(expiring users), never a scan of all users, and the
 //! reaper sleeps until the earliest deadline of any shard (arming an earlier one wakes
-//! it), so an idle store does not wake at all. The same
+//! it; a second at most, in case the wall clock jumps), so an idle store wakes once a
+//! second instead of every tick. The same
 //! wheel forgets users who have had no session and no status for `forget_after` (their
 //! `last_seen` is then dropped, in memory and on disk), so churning ids do not grow the
 //! store without bound.
@@ -105,6 +106,9 @@ struct Inner {
     /// Directory rows read at open, handed out once by `load_directory`.
     directory: Mutex<Vec<(DirTable, String, Vec<u8>)>>,
 }
+
+/// The longest the reaper sleeps before it looks at the wall clock again.
+const REAPER_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The reaper sleeps until the earliest deadline any shard holds, as mini-redis's purge
 /// task does, instead of waking every tick while nothing is due. Arming an earlier
@@ -234,16 +238,21 @@ impl MemoryStore {
             loop {
                 let Some(inner) = store.upgrade() else { return };
                 wake.wakes.fetch_add(1, Ordering::Relaxed);
-                // From here on, a deadline armed before the one found below wakes the task.
-                wake.at.store(i64::MAX, Ordering::Release);
                 let me = MemoryStore { inner };
+                // What the reap re-arms is later than the deadline being served: no wake.
                 me.reap(clock.now());
+                // From here on, an arm the scan below does not see (its shard was scanned
+                // before it) finds `at` above its deadline and wakes the task.
+                wake.at.store(i64::MAX, Ordering::Release);
                 let next = me.inner.shards.iter().filter_map(|s| s.lock().wheel.next_due()).min();
                 drop(me);
                 let at = wake.at.fetch_min(next.unwrap_or(i64::MAX), Ordering::AcqRel).min(next.unwrap_or(i64::MAX));
                 tokio::select! {
                     _ = clock.sleep_until(at), if at != i64::MAX => {}
                     _ = wake.notify.notified() => {}
+                    // The wait is measured once, on the steady clock: a step of the wall
+                    // clock (NTP, a suspended VM) delays an expiry by a second at most.
+                    _ = tokio::time::sleep(REAPER_MAX_SLEEP) => {}
                 }
             }
         });
@@ -668,7 +677,8 @@ mod tests {
         .unwrap_or(false)
     }
 
-    /// The reaper does not wake while nothing is due (it used to, every tick), sleeps until
+    /// The reaper does not wake while nothing is due (it used to, every tick; now once a
+    /// second at most, for a jump of the wall clock), sleeps until
     /// the earliest deadline, is woken by an earlier one armed while it sleeps, and ends
     /// with its store.
     #[tokio::test]
@@ -679,7 +689,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let idle = wake.wakes.load(Ordering::Relaxed);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await; // five ticks of 100 ms
-        assert_eq!(wake.wakes.load(Ordering::Relaxed), idle, "an idle store's reaper sleeps");
+        assert_eq!(wake.wakes.load(Ordering::Relaxed), idle, "an idle store's reaper sleeps (a second at most)");
 
         // A far deadline, then a nearer one armed while the reaper sleeps until the first.
         store.register_session(&uid("far"), NewSession::new("d", "gw", 600_000)).await.unwrap();
