@@ -28,6 +28,7 @@ mod cpu;
 mod hostile;
 mod lean;
 mod scale;
+mod scrape;
 mod sessions;
 mod sinks;
 

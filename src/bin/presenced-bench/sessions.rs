@@ -19,6 +19,7 @@ use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 
 use super::cpu::cpu_secs;
+use super::scrape::metric;
 use super::{authed, free_port, measure_calls, ms, rss_kib, spawn_server_env, Res};
 
 #[derive(Parser, Clone)]
@@ -44,21 +45,6 @@ pub struct SessionsArgs {
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-}
-
-/// A counter or gauge from the server's `/metrics` (first sample whose line starts with `prefix`).
-async fn metric(http: &str, prefix: &str) -> Res<f64> {
-    let body = http_get(http, "/metrics").await?;
-    Ok(body.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0))
-}
-
-async fn http_get(addr: &str, path: &str) -> Res<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn mib(kib: u64) -> String {

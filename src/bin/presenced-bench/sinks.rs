@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use presenced::grpc::pb;
 use presenced::grpc::pb::presence_api_client::PresenceApiClient;
 
+use super::scrape::metric;
 use super::{authed, free_port, ms, pct, spawn_server_env, Res};
 
 #[derive(Parser, Clone)]
@@ -49,18 +50,6 @@ async fn receive(axum::extract::State(r): axum::extract::State<Arc<Received>>, b
     r.events.fetch_add(events.len() as u64, Ordering::Relaxed);
     r.posts.fetch_add(1, Ordering::Relaxed);
     axum::http::StatusCode::NO_CONTENT
-}
-
-async fn metric(addr: &str, series: &str) -> f64 {
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return 0.0 };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").await.is_err() {
-        return 0.0;
-    }
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out);
-    text.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 pub async fn run(args: SinksArgs) -> Res<()> {
@@ -104,11 +93,11 @@ pub async fn run(args: SinksArgs) -> Res<()> {
     let all_produced = t.elapsed();
     let want = 2 * n as u64;
     loop {
-        max_depth = max_depth.max(metric(&http, "sink_outbox_events{").await);
+        max_depth = max_depth.max(metric(&http, "sink_outbox_events{").await.unwrap_or(0.0));
         if received.events.load(Ordering::Relaxed) >= want {
             break;
         }
-        let dropped = metric(&http, "sink_events_dropped_total{").await;
+        let dropped = metric(&http, "sink_events_dropped_total{").await.unwrap_or(0.0);
         if t.elapsed() > Duration::from_secs(600) {
             return Err(format!("{} of {want} events after 600 s ({dropped} dropped)", received.events.load(Ordering::Relaxed)));
         }
@@ -118,7 +107,7 @@ pub async fn run(args: SinksArgs) -> Res<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = t.elapsed();
-    let dropped = metric(&http, "sink_events_dropped_total{").await;
+    let dropped = metric(&http, "sink_events_dropped_total{").await.unwrap_or(0.0);
     let mut d = std::mem::take(&mut *received.delays.lock());
     d.sort_unstable();
     let got = received.events.load(Ordering::Relaxed);
