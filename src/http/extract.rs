@@ -49,6 +49,13 @@ async fn segment(parts: &mut Parts, state: &Http, what: &str) -> Result<String, 
         .map_err(|e| ApiError::BadRequest(format!("invalid {what} in path: {e}")))
 }
 
+/// The path's one id segment, checked as an id of `what`.
+async fn checked_segment(parts: &mut Parts, state: &Http, what: &'static str) -> Result<String, ApiError> {
+    let id = segment(parts, state, what).await?;
+    state.svc.check_id(what, &id)?;
+    Ok(id)
+}
+
 /// `{user_id}` of the path, a valid user id.
 pub struct UserParam(pub UserId);
 
@@ -68,9 +75,7 @@ impl FromRequestParts<Http> for ConversationParam {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Http) -> Result<Self, ApiError> {
-        let id = segment(parts, state, "conversation id").await?;
-        state.svc.check_id("conversation id", &id)?;
-        Ok(ConversationParam(id))
+        checked_segment(parts, state, "conversation id").await.map(ConversationParam)
     }
 }
 
@@ -81,9 +86,7 @@ impl FromRequestParts<Http> for InstanceParam {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Http) -> Result<Self, ApiError> {
-        let id = segment(parts, state, "instance id").await?;
-        state.svc.check_id("instance id", &id)?;
-        Ok(InstanceParam(id))
+        checked_segment(parts, state, "instance id").await.map(InstanceParam)
     }
 }
 
