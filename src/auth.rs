@@ -32,9 +32,39 @@ pub struct Claims {
 pub struct Identity {
     pub sub: String,
     pub scopes: Vec<String>,
+    /// Where the call came from (the audit log says it).
+    pub origin: Origin,
+}
+
+/// The transport and peer of a call, and whether its identity is the gateway's word
+/// (`X-User-ID` in `auth.mode: gateway`) rather than a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// `http`, `ws`, `grpc`, or `internal` (no transport: the node itself, a test).
+    pub transport: &'static str,
+    pub peer: Option<std::net::SocketAddr>,
+    pub gateway: bool,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin { transport: "internal", peer: None, gateway: false }
+    }
 }
 
 impl Identity {
+    /// A user's identity with no transport yet (see [`Identity::via`]).
+    pub fn user(sub: impl Into<String>) -> Identity {
+        Identity { sub: sub.into(), scopes: Vec::new(), origin: Origin::default() }
+    }
+
+    /// The same identity, calling over `transport` from `peer`.
+    pub fn via(mut self, transport: &'static str, peer: Option<std::net::SocketAddr>) -> Identity {
+        self.origin.transport = transport;
+        self.origin.peer = peer;
+        self
+    }
+
     pub fn is_admin(&self) -> bool {
         self.scopes.iter().any(|s| s == ADMIN_SCOPE)
     }
@@ -188,7 +218,7 @@ impl Authenticator {
         // RFC 6749 §3.3: scopes are separated by U+0020 only (so "a\u{a0}presence:admin" is
         // one unknown scope, not the admin scope).
         let scopes = c.scope.unwrap_or_default().split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
-        Ok(Identity { sub: c.sub, scopes })
+        Ok(Identity { sub: c.sub, scopes, origin: Origin::default() })
     }
 
     /// Mints an HS256 token for `sub`, valid for `ttl`, with optional space-separated scopes.

@@ -11,7 +11,8 @@
 //!    every sweeper runs on), [`bus`] (the in-process bus: events, typing, directory
 //!    changes, interest), [`config`] (YAML + environment, each section with its rules),
 //!    [`wire`] (how presence leaves the process: JSON for HTTP and WebSocket, the event
-//!    schema of backends and sinks, the protobuf messages).
+//!    schema of backends and sinks, the protobuf messages), [`at_rest`] (encryption of
+//!    what the node writes to disk: sealed values, blinded keys, rewriting a database).
 //! 3. State: [`store`]: the [`store::PresenceStore`] and [`store::DirectoryStore`] traits
 //!    and their backends, [`store::memory`] (the embedded default: sharded state, timer
 //!    wheel, redb persistence) and [`store::cluster`] (cluster mode, written once over a
@@ -23,14 +24,16 @@
 //!    outbox): it reads the bus and encodes with `wire`, nothing above.
 //! 4. [`error`]: every failure a client can see and the one table of how each transport
 //!    says it; [`directory`]: contacts, privacy settings and conversation members in
-//!    memory; [`telemetry`]: logs and metrics.
+//!    memory; [`telemetry`]: logs and metrics; [`audit`]: the audit log (one JSON line
+//!    per change of someone's data, written off the request path).
 //! 5. [`service`]: the application layer every transport shares: validation,
 //!    permissions, rate limits, reads and writes, [`service::sessions`] (device sessions),
 //!    [`service::instances`] (gateway instance leases), [`service::typing`] (typing
 //!    indicators), [`service::limiter`].
 //! 6. Adapters over the service: [`ws`] (`GET /ws`: the hub, each connection's client
 //!    and push queue, the connection loop, the protocol) and [`listener`] (accepting
-//!    connections: timeouts, the per-IP rate, the HTTP accept loop).
+//!    connections: timeouts, the per-IP rate, the HTTP accept loop, and
+//!    [`listener::tls`]: TLS on both ports, certificate reload, mTLS for gRPC).
 //! 7. The transports the listener serves: [`grpc`] (`realchat.presence.v1.PresenceApi`)
 //!    and [`http`] (REST API v2, contacts, privacy, conversations, legacy endpoints,
 //!    health, metrics, the live page, the OpenAPI document, which documents `/ws` too).
@@ -47,6 +50,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::todo, clippy::unimplemented))]
 
+pub mod at_rest;
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod clock;

@@ -47,6 +47,17 @@ enum Command {
     },
     /// Print the effective configuration (secrets redacted) and exit.
     Config,
+    /// Change the key of the data at rest (presence.redb, sinks.redb) with the node
+    /// stopped: rewrites them from the configured key (or plain text) to the new one.
+    /// Then point store.encryption_key_file at the new key and start the node.
+    Rekey {
+        /// The new key: 32 random bytes, or 64 hex digits (`openssl rand -hex 32`).
+        #[arg(long, required_unless_present = "decrypt")]
+        new_key_file: Option<PathBuf>,
+        /// Write the data back in plain text instead (then remove the key setting).
+        #[arg(long, conflicts_with = "new_key_file")]
+        decrypt: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +72,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { dev } => serve(config, dev),
         Command::Token { sub, ttl, scope } => token(&config, &sub, ttl.as_deref(), scope.as_deref()),
+        Command::Rekey { new_key_file, .. } => rekey(&config, new_key_file.as_deref()),
         Command::Config => match config.printable().and_then(|v| serde_yaml::to_string(&v)) {
             Ok(s) => {
                 print!("{s}");
@@ -113,6 +125,32 @@ fn token(config: &Config, sub: &str, ttl: Option<&str>, scope: Option<&str>) -> 
         }
         Err(e) => {
             eprintln!("presenced token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn rekey(config: &Config, new_key_file: Option<&std::path::Path>) -> ExitCode {
+    let to = match new_key_file.map(presenced::at_rest::Sealer::from_file).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("presenced rekey: --new-key-file: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match presenced::server::rekey(config, to.as_ref()) {
+        Ok(lines) if lines.is_empty() => {
+            println!("nothing to rekey under {}", config.service.data_dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("presenced rekey: {e}");
             ExitCode::FAILURE
         }
     }

@@ -14,6 +14,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Backend, Config, NodeType};
 use crate::directory::Directory;
 use crate::http::{self, Http};
+use crate::listener::tls::Tls;
 use crate::service::Service;
 use crate::store::cluster::{ClusterOptions, ClusterStore};
 use crate::store::memory::persist::PersistError;
@@ -35,6 +36,12 @@ pub enum StartError {
     Sinks(String),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::listener::tls::TlsError),
+    #[error(transparent)]
+    Key(#[from] crate::at_rest::KeyError),
+    #[error("{0}")]
+    Audit(String),
 }
 
 impl StartError {
@@ -71,11 +78,12 @@ pub async fn wait_for_store(
     let router = starting_router(backend);
     // The same server as the node's own (header-read and idle timeouts included).
     let timeouts = crate::listener::Timeouts::of(&config.limits);
+    let tls = Tls::load(&config.service.tls)?;
     let mut server = tokio::spawn(async move {
         let stopped = async move {
             let _ = stopped.await;
         };
-        crate::listener::serve_http(starting, router, timeouts, stopped).await
+        crate::listener::serve_http(starting, router, timeouts, tls, stopped).await
     });
     let end = |app: Result<Option<App>, StartError>| async move {
         let _ = stop.send(());
@@ -166,6 +174,8 @@ pub struct App {
     pub sinks: Option<Arc<crate::sinks::Sinks>>,
     /// Users online and events per second over the last hour (the operator view).
     pub activity: Arc<crate::service::activity::Activity>,
+    /// `service.tls`: the certificates both ports serve, reloaded when they change.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl App {
@@ -175,6 +185,7 @@ impl App {
         crate::telemetry::register(config.store.backend);
         let bus = EventBus::new(config.limits.event_bus_capacity);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let sealer = crate::at_rest::Sealer::of(&config.store)?;
         let store: Arc<dyn Store> = match config.store.backend {
             Backend::Memory => {
                 let mem = MemoryStore::open(
@@ -185,6 +196,7 @@ impl App {
                         tick_ms: config.store.tick.as_millis_i64().max(1),
                         forget_after_ms: Some(config.presence.forget_after.as_millis_i64()).filter(|f| *f > 0),
                         start_fresh: config.store.start_fresh,
+                        sealer,
                     },
                     clock.clone(),
                     bus.clone(),
@@ -234,9 +246,13 @@ impl App {
     /// Builds around a given store (used by tests and by other backends' wiring).
     pub async fn with_store(config: Config, store: Arc<dyn Store>, bus: EventBus, clock: Arc<dyn Clock>) -> Result<App, StartError> {
         crate::telemetry::register(config.store.backend);
+        let tls = Tls::load(&config.service.tls)?;
+        if let Some(t) = &tls {
+            t.watch(config.service.tls.reload_interval.0);
+        }
         let auth = Arc::new(Authenticator::from_config(&config.auth, &config.service.data_dir)?);
         // Before the service exists: the sinks' dispatchers subscribe to the bus here.
-        let sinks = crate::sinks::Sinks::start(&config, &bus).map_err(StartError::Sinks)?;
+        let sinks = crate::sinks::Sinks::start(&config, &bus, crate::at_rest::Sealer::of(&config.store)?).map_err(StartError::Sinks)?;
         // Watch first, then load: a change made meanwhile is applied twice, never missed.
         let changes = store.watch_directory().await;
         let directory = match Directory::load(&*store).await {
@@ -246,7 +262,10 @@ impl App {
                 Arc::new(Directory::default())
             }
         };
-        let svc = Arc::new(Service::new(&config, store, directory, bus, auth, clock));
+        let mut svc = Service::new(&config, store, directory, bus, auth, clock);
+        svc.audit = crate::audit::Audit::open(config.logging.audit_file.as_deref(), &config.service.node_id).map_err(StartError::Audit)?;
+        svc.audit.reopen_on_sighup();
+        let svc = Arc::new(svc);
         let hub = Arc::new(Hub::new(svc.clone(), HubLimits::of(&config.limits)));
         hub.start();
         if let Some(rx) = changes {
@@ -258,7 +277,7 @@ impl App {
             Backend::Redis => "redis",
         };
         let activity = crate::service::activity::Activity::start(&svc);
-        Ok(App { config, svc, hub, backend, dev: false, cluster: None, embedded: None, sinks, activity })
+        Ok(App { config, svc, hub, backend, dev: false, cluster: None, embedded: None, sinks, activity, tls })
     }
 
     /// Everything served on the HTTP port: the HTTP API and `/ws`.
@@ -305,12 +324,13 @@ impl App {
         };
         let grpc_task = grpc.map(|l| {
             let svc = self.svc.clone();
+            let tls = self.tls.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                if let Err(e) = crate::grpc::serve(svc, l, stop).await {
+                if let Err(e) = crate::grpc::serve(svc, l, tls, stop).await {
                     tracing::error!(error = %e, "gRPC server failed");
                 }
             })
@@ -326,7 +346,8 @@ impl App {
         };
         // TCP_NODELAY (multi-segment answers never wait for a delayed ACK), header-read and
         // idle timeouts, ConnectInfo for the per-IP limit on /ws.
-        let server = crate::listener::serve_http(listener, self.router(), crate::listener::Timeouts::of(&self.config.limits), signal);
+        let timeouts = crate::listener::Timeouts::of(&self.config.limits);
+        let server = crate::listener::serve_http(listener, self.router(), timeouts, self.tls.clone(), signal);
         let deadline = async move {
             let _ = fired_rx.wait_for(|f| *f).await;
             tokio::time::sleep(grace).await;
@@ -354,6 +375,8 @@ impl App {
         // cluster node hands them over to the others for the rest of the grace.
         self.svc.store.drain().await;
         self.svc.store.shutdown().await;
+        let audit = self.svc.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         if let Some(s) = &self.sinks {
             s.settle(grace.min(std::time::Duration::from_secs(2))).await;
             s.shutdown().await;
@@ -364,6 +387,45 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// `presenced rekey`: rewrites `presence.redb` and `sinks.redb` under `service.data_dir`
+/// (those that exist) from the key the configuration names (or plain text) to `to`
+/// (`None`: plain text), each into a fresh file renamed over the old one. The node must
+/// be stopped (the files are locked while it runs). Returns one line per file.
+pub fn rekey(config: &Config, to: Option<&crate::at_rest::Sealer>) -> Result<Vec<String>, String> {
+    use crate::at_rest::Sealing;
+    type Reseal = fn(&std::path::Path, Option<&crate::at_rest::Sealer>, Option<&crate::at_rest::Sealer>) -> Result<usize, String>;
+    let from = crate::at_rest::Sealer::of(&config.store).map_err(|e| e.to_string())?;
+    let files: [(&str, Reseal); 2] =
+        [("presence.redb", crate::store::memory::persist::reseal), ("sinks.redb", crate::sinks::outbox::reseal)];
+    let mut done = Vec::new();
+    for (name, reseal) in files {
+        let path = config.service.data_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let current = {
+            let db = redb::Database::open(&path).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => format!("{}: in use by a running presenced: stop it first", path.display()),
+                e => format!("{}: {e}", path.display()),
+            })?;
+            match crate::at_rest::sealing(&db, from.as_deref()).map_err(|e| format!("{}: {e}", path.display()))? {
+                Sealing::Plain | Sealing::ToSeal => None,
+                Sealing::Sealed => from.as_deref(),
+                Sealing::KeyMissing => {
+                    return Err(format!("{} is encrypted: configure its current key (store.encryption_key_file)", path.display()))
+                }
+                Sealing::WrongKey => {
+                    return Err(format!("the configured key does not open {}: configure the key it was written with", path.display()))
+                }
+            }
+        };
+        let records = reseal(&path, current, to).map_err(|e| format!("{}: {e}", path.display()))?;
+        let now = to.map_or("plain text".to_string(), |s| format!("encrypted with key {}", s.fingerprint));
+        done.push(format!("{}: {records} records, now {now}", path.display()));
+    }
+    Ok(done)
 }
 
 /// Applies directory rows other nodes wrote, and puts what they changed on the bus (the

@@ -163,6 +163,23 @@ pub const METRICS: &[Metric] = &[
         &[&[("reason", "header_read")], &[("reason", "idle")], &[("reason", "rate_limited")]]
     ),
     m!("accept_errors_total", Counter, All, "Failed accepts (e.g. out of file descriptors); retried."),
+    m!("audit_lines_lost_total", Counter, All, "logging.audit_file: lines that could not be written (the file failed, or the writer stopped)."),
+    m!("tls_reloads_total", Counter, All, "service.tls: certificate, key or client CA files that changed and were loaded (rotation)."),
+    m!("tls_reload_failures_total", Counter, All, "service.tls: changed files that did not load (the previous certificate stays in use)."),
+    m!(
+        "tls_handshake_failures_total",
+        Counter,
+        All,
+        "Connections to a TLS port closed before a request: plain text refused, a failed handshake (a missing or untrusted client certificate on gRPC), or no ClientHello within limits.header_read_timeout; by port and reason.",
+        &[
+            &[("port", "http"), ("reason", "plain_text")],
+            &[("port", "http"), ("reason", "handshake")],
+            &[("port", "http"), ("reason", "timeout")],
+            &[("port", "grpc"), ("reason", "plain_text")],
+            &[("port", "grpc"), ("reason", "handshake")],
+            &[("port", "grpc"), ("reason", "timeout")],
+        ]
+    ),
     m!("ws_connections", Gauge, All, "Open WebSocket connections."),
     m!("ws_subscriptions", Gauge, All, "WebSocket subscriptions (watched users, summed over connections)."),
     m!("ws_messages_in_total", Counter, All, "WebSocket text messages received."),

@@ -106,6 +106,53 @@ pub struct ServiceConfig {
     /// Threads running the node's tasks; 0: one per CPU core. Many nodes on few cores
     /// (one per 20,000 open files) run best with 1 each: no thread wakes another.
     pub worker_threads: usize,
+    /// TLS on the node's own ports: HTTPS/WSS on `port`, gRPC over TLS on `grpc_port`.
+    pub tls: TlsConfig,
+}
+
+/// `service.tls`: with a certificate and its key, both ports speak TLS only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM), leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CAs (PEM) whose client certificates the gRPC port requires (mTLS for gateways).
+    /// The HTTP port never asks browsers for one.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are read again; a changed certificate, key or CA is used for
+    /// the next handshakes (rotation without a restart). A pair that does not load is
+    /// logged and the previous one kept.
+    pub reload_interval: Dur,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { cert_file: None, key_file: None, client_ca_file: None, reload_interval: Dur::secs(10) }
+    }
+}
+
+impl TlsConfig {
+    /// Whether the ports speak TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => return rule("service.tls.key_file", "is required with service.tls.cert_file"),
+            (None, Some(_)) => return rule("service.tls.cert_file", "is required with service.tls.key_file"),
+            _ => {}
+        }
+        if self.client_ca_file.is_some() && self.cert_file.is_none() {
+            return rule("service.tls.client_ca_file", "needs service.tls.cert_file and key_file (mTLS is TLS first)");
+        }
+        if self.reload_interval.0 < Duration::from_millis(100) {
+            return rule("service.tls.reload_interval", "must be at least 100ms");
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServiceConfig {
@@ -121,6 +168,7 @@ impl Default for ServiceConfig {
             data_dir: PathBuf::from("./data"),
             shutdown_grace: Dur::secs(10),
             worker_threads: 0,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -133,7 +181,7 @@ impl ServiceConfig {
         if self.node_id.is_empty() || crate::core::validate_id("node id", &self.node_id, 128).is_err() {
             return rule("service.node_id", "must be 1-128 characters of letters, digits and . _ @ : + -");
         }
-        Ok(())
+        self.tls.validate()
     }
 }
 
@@ -184,6 +232,14 @@ pub struct StoreConfig {
     /// (the default): start anyway, answer `/health` 503 and retry with backoff (0.5 s
     /// doubling to 30 s), and serve by itself once the store answers.
     pub fail_fast: bool,
+    /// Encrypts what the node writes under `service.data_dir` (`presence.redb`,
+    /// `sinks.redb`) with this key: a file of 32 random bytes, or of 64 hex digits
+    /// (`openssl rand -hex 32`). A plain database is encrypted at the first start with it.
+    pub encryption_key_file: Option<PathBuf>,
+    /// ...or the key itself, 64 hex digits (from the environment:
+    /// `PRESENCE_STORE__ENCRYPTION_KEY`). Never printed.
+    #[serde(deserialize_with = "de_string")]
+    pub encryption_key: String,
 }
 
 impl Default for StoreConfig {
@@ -196,6 +252,8 @@ impl Default for StoreConfig {
             start_fresh: false,
             interest_all_above: 1_000,
             fail_fast: false,
+            encryption_key_file: None,
+            encryption_key: String::new(),
         }
     }
 }
@@ -204,6 +262,9 @@ impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.tick.0.is_zero() {
             return rule("store.tick", "must be above 0");
+        }
+        if self.encryption_key_file.is_some() && !self.encryption_key.is_empty() {
+            return rule("store.encryption_key", "give the key in one place: store.encryption_key_file or store.encryption_key");
         }
         Ok(())
     }
@@ -373,11 +434,14 @@ pub struct LoggingConfig {
     /// template, status, latency, peer. Never a query string, header or body, so never a
     /// token. Off by default.
     pub access_log: bool,
+    /// The audit log: one JSON line per change of someone's presence data (who, whose,
+    /// what, from where), appended to this file; reopened on SIGHUP. Off by default.
+    pub audit_file: Option<PathBuf>,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig { level: "info".into(), format: LogFormat::Text, access_log: false }
+        LoggingConfig { level: "info".into(), format: LogFormat::Text, access_log: false, audit_file: None }
     }
 }
 
@@ -409,9 +473,16 @@ impl Config {
             sinks.push(&mut s.secret);
             sinks.extend(s.properties.iter_mut().filter(|(k, _)| secret_property(k)).map(|(_, v)| v));
         }
-        for s in [&mut c.auth.jwt_secret, &mut c.nats.password, &mut c.nats.token, &mut c.nats.nkey_seed, &mut c.redis.password]
-            .into_iter()
-            .chain(sinks)
+        for s in [
+            &mut c.auth.jwt_secret,
+            &mut c.store.encryption_key,
+            &mut c.nats.password,
+            &mut c.nats.token,
+            &mut c.nats.nkey_seed,
+            &mut c.redis.password,
+        ]
+        .into_iter()
+        .chain(sinks)
         {
             if !s.is_empty() {
                 *s = "<redacted>".into();

@@ -120,7 +120,8 @@ pub struct Api {
 
 impl Api {
     fn caller<T>(&self, req: &Request<T>) -> Result<Identity, ApiError> {
-        self.svc.identify(&req.metadata().clone().into_headers(), None)
+        let peer = req.extensions().get::<crate::listener::ConnMeta>().map(|m| m.remote);
+        Ok(self.svc.identify(&req.metadata().clone().into_headers(), None)?.via("grpc", peer))
     }
 
     fn caller_optional<T>(&self, req: &Request<T>) -> Result<Option<Identity>, ApiError> {
@@ -167,13 +168,16 @@ impl PresenceApi for Api {
     async fn register_session(&self, req: Request<pb::RegisterSessionRequest>) -> Rpc<pb::RegisterSessionResponse> {
         let start = Instant::now();
         let r = async {
-            self.admin(&req, "RegisterSession")?;
+            let who = self.admin(&req, "RegisterSession")?;
             let m = req.get_ref();
             let instance = self.svc.instance_or(&m.instance_id, "grpc")?;
             let ttl_ms = self.svc.session_ttl(u64::from(m.ttl_seconds))?;
             let one = std::iter::once((m.user_id.as_str(), m.device_id.as_str(), Some(m.platform.as_str())));
             let session = self.svc.gateway_sessions(one)?.remove(0);
             let reg = self.svc.sessions.open_gateway(&session, instance, ttl_ms).await?;
+            if reg.created {
+                self.svc.audit_sessions(&who, "session_registered", instance, [(&session.user, &*session.device)]);
+            }
             Ok(pb::RegisterSessionResponse { created: reg.created, expires_at: Some(ts(reg.expires_at)) })
         }
         .await
@@ -186,11 +190,14 @@ impl PresenceApi for Api {
     async fn unregister_session(&self, req: Request<pb::UnregisterSessionRequest>) -> Rpc<pb::UnregisterSessionResponse> {
         let start = Instant::now();
         let r = async {
-            self.admin(&req, "UnregisterSession")?;
+            let who = self.admin(&req, "UnregisterSession")?;
             let m = req.get_ref();
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
             let removed = self.svc.sessions.close_gateway(&user, &m.device_id, m.immediate).await?;
+            if removed {
+                self.svc.audit_sessions(&who, "session_ended", "", [(&user, m.device_id.as_str())]);
+            }
             Ok(pb::UnregisterSessionResponse { removed })
         }
         .await
@@ -239,10 +246,11 @@ impl PresenceApi for Api {
     async fn unregister_instance(&self, req: Request<pb::UnregisterInstanceRequest>) -> Rpc<pb::UnregisterInstanceResponse> {
         let start = Instant::now();
         let r = async {
-            self.admin(&req, "UnregisterInstance")?;
+            let who = self.admin(&req, "UnregisterInstance")?;
             let m = req.get_ref();
             self.svc.check_id("instance id", &m.instance_id)?;
             let sessions_ended = self.svc.sessions.end_instance(&m.instance_id, m.immediate).await?;
+            self.svc.audit_instance_ended(&who, &m.instance_id, sessions_ended);
             Ok(pb::UnregisterInstanceResponse { sessions_ended })
         }
         .await
@@ -255,13 +263,15 @@ impl PresenceApi for Api {
     async fn register_sessions(&self, req: Request<pb::RegisterSessionsRequest>) -> Rpc<pb::RegisterSessionsResponse> {
         let start = Instant::now();
         let r = async {
-            self.admin(&req, "RegisterSessions")?;
+            let who = self.admin(&req, "RegisterSessions")?;
             let m = req.get_ref();
             let instance = self.svc.instance_or(&m.instance_id, "grpc")?;
             let ttl_ms = self.svc.session_ttl(u64::from(m.ttl_seconds))?;
             let raw = m.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), Some(e.platform.as_str())));
             let items = self.svc.gateway_sessions(raw)?;
             let outcomes = self.svc.sessions.open_many(&items, instance, ttl_ms).await?;
+            let created = items.iter().zip(&outcomes).filter(|(_, o)| o.as_ref().is_ok_and(|r| r.created));
+            self.svc.audit_sessions(&who, "session_registered", instance, created.map(|(i, _)| (&i.user, &*i.device)));
             let mut out = pb::RegisterSessionsResponse::default();
             for (item, outcome) in items.iter().zip(outcomes) {
                 let mut res =
@@ -293,12 +303,14 @@ impl PresenceApi for Api {
     async fn unregister_sessions(&self, req: Request<pb::UnregisterSessionsRequest>) -> Rpc<pb::UnregisterSessionsResponse> {
         let start = Instant::now();
         let r = async {
-            self.admin(&req, "UnregisterSessions")?;
+            let who = self.admin(&req, "UnregisterSessions")?;
             let m = req.get_ref();
             let raw = m.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), None));
             let items: Vec<_> =
                 self.svc.gateway_sessions(raw)?.into_iter().zip(&m.sessions).map(|(s, e)| (s.user, s.device, e.immediate)).collect();
             let removed = self.svc.sessions.close_many(&items).await?;
+            let ended = items.iter().zip(&removed).filter(|(_, r)| **r);
+            self.svc.audit_sessions(&who, "session_ended", "", ended.map(|((u, d, _), _)| (u, &**d)));
             let removed_count = removed.iter().filter(|r| **r).count() as u32;
             Ok(pb::UnregisterSessionsResponse { removed, removed_count })
         }
@@ -548,10 +560,11 @@ fn draining() -> GrpcStatus {
     )
 }
 
-/// Serves gRPC on `listener` until `shutdown` resolves.
+/// Serves gRPC on `listener` (over TLS with `tls`) until `shutdown` resolves.
 pub async fn serve(
     svc: Arc<Service>,
     listener: TcpListener,
+    tls: Option<Arc<crate::listener::tls::Tls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -586,7 +599,7 @@ pub async fn serve(
         health.set_not_serving::<PresenceApiServer<Api>>().await;
         let _ = stop_tx.send(true);
     };
-    let incoming =
-        crate::listener::grpc_incoming(listener, crate::listener::Timeouts::of(&limits), crate::service::limiter::per_ip(&limits), clock);
+    let timeouts = crate::listener::Timeouts::of(&limits);
+    let incoming = crate::listener::grpc_incoming(listener, timeouts, crate::service::limiter::per_ip(&limits), clock, tls);
     router.add_service(api).serve_with_incoming_shutdown(incoming, signal).await
 }

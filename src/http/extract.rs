@@ -25,7 +25,8 @@ impl FromRequestParts<Http> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Http) -> Result<Self, ApiError> {
-        state.svc.identify(&parts.headers, None).map(Caller)
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+        state.svc.identify(&parts.headers, None).map(|who| Caller(who.via("http", peer)))
     }
 }
 

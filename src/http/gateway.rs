@@ -87,6 +87,8 @@ pub async fn register(State(state): State<Http>, Caller(who): Caller, body: Body
     }
     let items = state.svc.gateway_sessions(b.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), e.platform.as_deref())))?;
     let outcomes = state.svc.sessions.open_many(&items, instance, ttl_ms).await?;
+    let created = items.iter().zip(&outcomes).filter(|(_, o)| o.as_ref().is_ok_and(|r| r.created));
+    state.svc.audit_sessions(&who, "session_registered", instance, created.map(|(i, _)| (&i.user, &*i.device)));
     let (mut registered, mut failed) = (0u32, 0u32);
     let results: Vec<RegisterResult> = items
         .iter()
@@ -157,6 +159,8 @@ pub async fn unregister(State(state): State<Http>, Caller(who): Caller, body: Bo
     let items = state.svc.gateway_sessions(b.sessions.iter().map(|e| (e.user_id.as_str(), e.device_id.as_str(), None)))?;
     let pairs: Vec<_> = items.into_iter().zip(&b.sessions).map(|(s, e)| (s.user, s.device, e.immediate)).collect();
     let removed = state.svc.sessions.close_many(&pairs).await?;
+    let ended = pairs.iter().zip(&removed).filter(|(_, r)| **r);
+    state.svc.audit_sessions(&who, "session_ended", "", ended.map(|((u, d, _), _)| (u, &**d)));
     let removed_count = removed.iter().filter(|r| **r).count();
     Ok(ok(Unregistered { removed, removed_count }))
 }
@@ -226,5 +230,6 @@ pub async fn end(
     state.svc.require_admin(&who, "instance leases")?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let ended = state.svc.sessions.end_instance(&id, q.immediate).await?;
+    state.svc.audit_instance_ended(&who, &id, ended);
     Ok(ok(Ended { instance_id: &id, sessions_ended: ended }))
 }

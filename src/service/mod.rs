@@ -19,6 +19,9 @@ pub use limiter::KeyedLimiter;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use serde_json::json;
+
+use crate::audit::{Audit, Subject};
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::bus::{DirectoryChanged, EventBus};
 use crate::clock::Clock;
@@ -61,6 +64,8 @@ pub struct Service {
     writes: KeyedLimiter,
     /// New connections per client IP (`/ws` upgrades; the gRPC listener has its own).
     connects: Option<KeyedLimiter>,
+    /// `logging.audit_file`: every change of someone's presence data (off: no-op).
+    pub audit: Audit,
 }
 
 impl Service {
@@ -107,6 +112,7 @@ impl Service {
             node_id,
             writes: KeyedLimiter::new(rate),
             connects: limiter::per_ip(&config.limits),
+            audit: Audit::default(),
         }
     }
 
@@ -246,8 +252,12 @@ impl Service {
         self.authorize_write(who, user)?;
         let req = self.validate_status(write)?;
         self.check_write_rate(user)?;
+        let change = self.audit.enabled().then(|| json!({"status": req.status.as_str(), "message": &*req.message, "ttl_ms": req.ttl_ms}));
         let p = self.store.set_status(user, req).await?;
         metrics::counter!("presence_updates_total").increment(1);
+        if let Some(change) = change {
+            self.audit.record(who, Subject::User(user.as_str()), "status_set", change);
+        }
         Ok(p)
     }
 
@@ -257,6 +267,7 @@ impl Service {
         self.check_write_rate(user)?;
         let p = self.store.clear_status(user).await?;
         metrics::counter!("presence_updates_total").increment(1);
+        self.audit.record(who, Subject::User(user.as_str()), "status_cleared", json!({}));
         Ok(p)
     }
 
@@ -275,7 +286,9 @@ impl Service {
             (None, None) if self.auth_mode == AuthMode::Gateway => {
                 let user = header("x-user-id")?.ok_or(ApiError::Unauthorized(AuthError::MissingGatewayUser))?;
                 self.parse_user(user)?;
-                Ok(Identity { sub: user.to_string(), scopes: Vec::new() })
+                let mut who = Identity::user(user);
+                who.origin.gateway = true;
+                Ok(who)
             }
             (None, None) if headers.contains_key("x-user-id") => Err(ApiError::Unauthorized(AuthError::GatewayHeaderIgnored)),
             (None, None) => Err(ApiError::Unauthorized(AuthError::Missing)),
@@ -355,6 +368,7 @@ impl Service {
         if !changed.is_empty() {
             self.bus.publish_directory(DirectoryChanged::Contacts { user: user.clone(), changed });
         }
+        self.audit.record(who, Subject::User(user.as_str()), "contacts_set", json!({ "contacts": &sorted }));
         Ok(sorted)
     }
 
@@ -378,6 +392,7 @@ impl Service {
         if old != p {
             self.bus.publish_directory(DirectoryChanged::Privacy { user: user.clone(), previous: old });
         }
+        self.audit.record(who, Subject::User(user.as_str()), "privacy_set", json!({ "privacy": p }));
         Ok(p)
     }
 
@@ -387,6 +402,7 @@ impl Service {
         self.check_id("conversation id", conversation)?;
         let ids = self.parse_id_list(raw, self.limits.max_conversation_members, "members")?;
         self.directory.set_members(&*self.store, conversation, ids.clone()).await?;
+        self.audit.record(who, Subject::Conversation(conversation), "conversation_members_set", json!({ "members": &ids }));
         Ok(ids)
     }
 
@@ -395,6 +411,27 @@ impl Service {
         let mut v: Vec<UserId> = self.directory.members(conversation).map(|m| m.iter().cloned().collect()).unwrap_or_default();
         v.sort();
         Ok(v)
+    }
+
+    /// The audit log's line for device sessions a gateway (or an admin) opened or ended.
+    pub fn audit_sessions<'a>(
+        &self,
+        who: &Identity,
+        action: &str,
+        instance: &str,
+        sessions: impl IntoIterator<Item = (&'a UserId, &'a str)>,
+    ) {
+        if !self.audit.enabled() {
+            return;
+        }
+        for (user, device) in sessions {
+            self.audit.record(who, Subject::User(user.as_str()), action, json!({ "device_id": device, "instance_id": instance }));
+        }
+    }
+
+    /// The audit log's line for a gateway instance ended by an admin.
+    pub fn audit_instance_ended(&self, who: &Identity, instance: &str, sessions_ended: u64) {
+        self.audit.record(who, Subject::Instance(instance), "instance_ended", json!({ "sessions_ended": sessions_ended }));
     }
 
     /// A list of ids that may be empty (unlike a read), bounded by `max`.

@@ -126,12 +126,12 @@ pub struct Sinks {
 impl Sinks {
     /// Opens the outboxes and starts every sink of `config.events.sinks`; `None` when
     /// there are none. Call before anything publishes (the dispatchers subscribe here).
-    pub fn start(config: &Config, bus: &EventBus) -> Result<Option<Arc<Sinks>>, String> {
+    pub fn start(config: &Config, bus: &EventBus, sealer: Option<Arc<crate::at_rest::Sealer>>) -> Result<Option<Arc<Sinks>>, String> {
         let cfg = &config.events;
         if cfg.sinks.is_empty() {
             return Ok(None);
         }
-        let db = OutboxDb::open(&config.service.data_dir).map_err(|e| e.to_string())?;
+        let db = OutboxDb::open(&config.service.data_dir, sealer).map_err(|e| e.to_string())?;
         let (stop, _) = watch::channel(false);
         let mut runners = Vec::new();
         let mut tasks = Vec::new();

@@ -7,13 +7,18 @@
 //! append would exceed `max_events`, the oldest are removed in the same transaction and
 //! counted as dropped: presence never waits for a sink.
 //!
+//! With `store.encryption_key_file`, every record is sealed (see [`crate::at_rest`]);
+//! a plain outbox is encrypted at the first open with a key.
+//!
 //! Blocking (redb commits): callers run these from `spawn_blocking`.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
+
+use crate::at_rest::{Sealer, Sealing};
 
 /// One queued event: its sequence number, the user it is about (the partition key) and
 /// its encoded record.
@@ -71,26 +76,65 @@ fn err(e: impl std::fmt::Display) -> OutboxError {
 #[derive(Clone)]
 pub struct OutboxDb {
     db: Arc<Database>,
+    sealer: Option<Arc<Sealer>>,
+}
+
+/// A sink's table.
+fn sink_table(name: &str) -> TableDefinition<'_, u64, &'static [u8]> {
+    TableDefinition::new(name)
 }
 
 impl OutboxDb {
-    pub fn open(dir: &Path) -> Result<OutboxDb, OutboxError> {
+    /// Opens (or creates) `dir/sinks.redb`, sealed with `sealer` if given.
+    pub fn open(dir: &Path, sealer: Option<Arc<Sealer>>) -> Result<OutboxDb, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|e| OutboxError(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("sinks.redb");
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => OutboxError(format!(
-                "another presenced is using {} (its event outbox is locked): stop it, or give this one its own service.data_dir",
-                dir.display()
-            )),
-            e => OutboxError(format!("{}: {e}", path.display())),
-        })?;
-        Ok(OutboxDb { db: Arc::new(db) })
+        let create = || {
+            Database::create(&path).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => OutboxError(format!(
+                    "another presenced is using {} (its event outbox is locked): stop it, or give this one its own service.data_dir",
+                    dir.display()
+                )),
+                e => OutboxError(format!("{}: {e}", path.display())),
+            })
+        };
+        let mut db = create()?;
+        match crate::at_rest::sealing(&db, sealer.as_deref()).map_err(err)? {
+            Sealing::Plain | Sealing::Sealed => {}
+            Sealing::KeyMissing => {
+                return Err(OutboxError(format!(
+                    "{} is encrypted and no key was given: set store.encryption_key_file to the key it was written with",
+                    path.display()
+                )))
+            }
+            Sealing::WrongKey => {
+                return Err(OutboxError(format!(
+                    "the key of store.encryption_key_file (fingerprint {}) does not open {}: it was written with another key",
+                    sealer.as_ref().map_or("", |s| s.fingerprint.as_str()),
+                    path.display()
+                )))
+            }
+            Sealing::ToSeal => {
+                drop(db);
+                let records = reseal(&path, None, sealer.as_deref()).map_err(err)?;
+                if records > 0 {
+                    tracing::warn!(path = %path.display(), records, "event outbox encrypted with store.encryption_key_file (it was plain text)");
+                }
+                db = create()?;
+            }
+        }
+        if sealer.is_some() {
+            let tx = db.begin_write().map_err(err)?;
+            crate::at_rest::mark(&tx, sealer.as_deref()).map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        Ok(OutboxDb { db: Arc::new(db), sealer })
     }
 
     /// The outbox of sink `name`, holding at most `max_events`.
     pub fn outbox(&self, name: &str, max_events: u64) -> Result<Outbox, OutboxError> {
         let table = format!("sink.{name}");
-        let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&table);
+        let def = sink_table(&table);
         let tx = self.db.begin_write().map_err(err)?;
         let (head, next, len) = {
             let t = tx.open_table(def).map_err(err)?;
@@ -103,7 +147,8 @@ impl OutboxDb {
             (head.unwrap_or(next), next, t.len().map_err(err)?)
         };
         tx.commit().map_err(err)?;
-        Ok(Outbox { db: self.db.clone(), table, max_events, state: Arc::new(Mutex::new(State { head, next, len })) })
+        let state = Arc::new(Mutex::new(State { head, next, len }));
+        Ok(Outbox { db: self.db.clone(), sealer: self.sealer.clone(), table, max_events, state })
     }
 }
 
@@ -120,6 +165,7 @@ struct State {
 #[derive(Clone)]
 pub struct Outbox {
     db: Arc<Database>,
+    sealer: Option<Arc<Sealer>>,
     table: String,
     max_events: u64,
     state: Arc<Mutex<State>>,
@@ -127,7 +173,7 @@ pub struct Outbox {
 
 impl Outbox {
     fn def(&self) -> TableDefinition<'_, u64, &'static [u8]> {
-        TableDefinition::new(&self.table)
+        sink_table(&self.table)
     }
 
     /// The most events it holds.
@@ -158,7 +204,11 @@ impl Outbox {
         {
             let mut t = tx.open_table(self.def()).map_err(err)?;
             for r in records {
-                t.insert(next, r.encode().as_slice()).map_err(err)?;
+                let bytes = match &self.sealer {
+                    None => r.encode(),
+                    Some(s) => s.seal(&self.table, &next.to_be_bytes(), &r.encode()),
+                };
+                t.insert(next, bytes.as_slice()).map_err(err)?;
                 if len == 0 {
                     head = next;
                 }
@@ -190,7 +240,11 @@ impl Outbox {
         let mut out = Vec::new();
         for item in t.range(0u64..).map_err(err)?.take(n) {
             let (k, v) = item.map_err(err)?;
-            match StoredEvent::decode(v.value()) {
+            let opened = match &self.sealer {
+                None => StoredEvent::decode(v.value()),
+                Some(s) => s.open(&self.table, &k.value().to_be_bytes(), v.value()).and_then(|b| StoredEvent::decode(&b)),
+            };
+            match opened {
                 Some(record) => out.push(Queued { seq: k.value(), record }),
                 None => tracing::warn!(table = %self.table, seq = k.value(), "skipping an unreadable outbox record"),
             }
@@ -225,6 +279,43 @@ impl Outbox {
     }
 }
 
+/// Rewrites `sinks.redb` at `path` from key `from` to key `to` (`None`: plain) into a fresh
+/// file; returns how many queued events it holds. The node must not have it open.
+pub fn reseal(path: &Path, from: Option<&Sealer>, to: Option<&Sealer>) -> Result<usize, String> {
+    let mut records = 0;
+    crate::at_rest::rewrite(path, |old, new| {
+        let rtx = old.begin_read().map_err(|e| e.to_string())?;
+        let tx = new.begin_write().map_err(|e| e.to_string())?;
+        for handle in rtx.list_tables().map_err(|e| e.to_string())? {
+            let name = handle.name().to_string();
+            if !name.starts_with("sink.") {
+                continue;
+            }
+            let src = rtx.open_table(sink_table(&name)).map_err(|e| e.to_string())?;
+            let mut dst = tx.open_table(sink_table(&name)).map_err(|e| e.to_string())?;
+            for item in src.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                let seq = k.value().to_be_bytes();
+                let plain = match from {
+                    None => v.value().to_vec(),
+                    Some(s) => {
+                        s.open(&name, &seq, v.value()).ok_or_else(|| format!("an event of {name} does not open with the current key"))?
+                    }
+                };
+                let bytes = match to {
+                    None => plain,
+                    Some(s) => s.seal(&name, &seq, &plain),
+                };
+                dst.insert(k.value(), bytes.as_slice()).map_err(|e| e.to_string())?;
+                records += 1;
+            }
+        }
+        crate::at_rest::mark(&tx, to).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())
+    })?;
+    Ok(records)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,7 +328,7 @@ mod tests {
     fn fifo_survives_reopening_and_drops_the_oldest_beyond_its_bound() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = OutboxDb::open(dir.path()).unwrap();
+            let db = OutboxDb::open(dir.path(), None).unwrap();
             let o = db.outbox("hook", 5).unwrap();
             assert_eq!(o.append(&[rec("a", 1), rec("b", 2), rec("a", 3)]).unwrap(), 0);
             let head = o.peek(2).unwrap();
@@ -250,7 +341,7 @@ mod tests {
             assert_eq!(o.peek(10).unwrap().iter().map(|q| q.record.at).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
         }
         // Reopened (a restart): the same events, in order, and new ones after them.
-        let db = OutboxDb::open(dir.path()).unwrap();
+        let db = OutboxDb::open(dir.path(), None).unwrap();
         let o = db.outbox("hook", 5).unwrap();
         assert_eq!(o.len(), 5);
         o.append(&[rec("d", 9)]).unwrap();

@@ -437,7 +437,7 @@ mod tests {
         store.start();
         let app = crate::server::App::with_store(config, Arc::new(store), bus, clock).await.unwrap();
         let (svc, hub) = (app.svc.clone(), app.hub.clone());
-        let who = Identity { sub: user.to_string(), scopes: Vec::new() };
+        let who = Identity::user(user);
         let id = UserId::parse(user, 64).unwrap();
         let hello = protocol::connected(user, "d1", None, "n1", 25, 60, 5);
         let conn = hub.connect(id, Arc::from("d1"), None, false, hello).await.unwrap();

@@ -84,7 +84,7 @@ async fn handshake(
         svc.check_connect_rate(addr.ip())?;
     }
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
-    let who = svc.identify(&headers, q.token.as_deref())?;
+    let who = svc.identify(&headers, q.token.as_deref())?.via("ws", peer.as_ref().map(|Extension(ConnectInfo(a))| *a));
     let user = svc.parse_user(&who.sub)?;
     let device = match header(&headers, "x-device-id").or(q.device_id.as_deref()) {
         Some(d) => {

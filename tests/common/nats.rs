@@ -63,6 +63,11 @@ impl NatsServer {
         panic!("nats-server did not start (5 attempts)");
     }
 
+    /// Where its JetStream store is (to look at what it wrote on disk).
+    pub fn store_dir(&self) -> PathBuf {
+        self.conf.with_file_name("js")
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -55,11 +55,21 @@ pub struct MemoryConfig {
     pub forget_after_ms: Option<i64>,
     /// `store.start_fresh`: an empty or damaged database file is moved aside.
     pub start_fresh: bool,
+    /// `store.encryption_key_file`: the database is encrypted with this key.
+    pub sealer: Option<Arc<crate::at_rest::Sealer>>,
 }
 
 impl MemoryConfig {
     pub fn new(node_id: &str) -> MemoryConfig {
-        MemoryConfig { node_id: Arc::from(node_id), data_dir: None, shards: 64, tick_ms: 100, forget_after_ms: None, start_fresh: false }
+        MemoryConfig {
+            node_id: Arc::from(node_id),
+            data_dir: None,
+            shards: 64,
+            tick_ms: 100,
+            forget_after_ms: None,
+            start_fresh: false,
+            sealer: None,
+        }
     }
 }
 
@@ -169,7 +179,7 @@ impl MemoryStore {
         let tick_ms = config.tick_ms.max(1);
         let (persist, loaded) = match &config.data_dir {
             Some(dir) => {
-                let (p, l) = Persister::open(dir, config.start_fresh)?;
+                let (p, l) = Persister::open(dir, config.start_fresh, config.sealer.clone())?;
                 (Some(p), l)
             }
             None => (None, Loaded::default()),

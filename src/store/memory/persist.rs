@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use crate::at_rest::{Sealer, Sealing};
 use crate::core::{Explicit, Millis, Status, UserState};
 use crate::store::DirTable;
 
@@ -53,6 +54,17 @@ impl Table {
             Table::Users => USERS,
             Table::Dir(d) => dir_def(d),
         }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Table::Users => "users",
+            Table::Dir(d) => d.name(),
+        }
+    }
+
+    fn all() -> impl Iterator<Item = Table> {
+        std::iter::once(Table::Users).chain(DirTable::ALL.into_iter().map(Table::Dir))
     }
 }
 
@@ -137,6 +149,16 @@ pub enum PersistError {
     )]
     Empty { path: PathBuf },
     #[error(
+        "the presence database {path} is encrypted and no key was given: set store.encryption_key_file (or \
+         store.encryption_key) to the key it was written with"
+    )]
+    KeyMissing { path: PathBuf },
+    #[error(
+        "the key of store.encryption_key_file (fingerprint {fingerprint}) does not open the presence database {path}: \
+         it was written with another key. Give the key it was written with (`presenced rekey` changes it)"
+    )]
+    WrongKey { path: PathBuf, fingerprint: String },
+    #[error(
         "the presence database {path} is damaged and could not be repaired ({detail}). Restore it from a backup, or start \
          with an empty store: set store.start_fresh: true (PRESENCE_STORE__START_FRESH=true), which moves the damaged file aside"
     )]
@@ -153,6 +175,8 @@ struct Pending {
 struct Shared {
     /// `None` while it is being reopened after a failed commit.
     db: Mutex<Option<Database>>,
+    /// `store.encryption_key_file`: every record is sealed (see [`crate::at_rest`]).
+    sealer: Option<Arc<Sealer>>,
     path: PathBuf,
     pending: Mutex<Pending>,
     wake: Notify,
@@ -174,22 +198,23 @@ impl Persister {
     /// Opens (or creates) `dir/presence.redb` and returns everything stored. With
     /// `start_fresh`, an empty or damaged file is moved aside (`presence.redb.<reason>-<ms>`)
     /// and an empty database created instead of refusing to start.
-    pub fn open(dir: &Path, start_fresh: bool) -> Result<(Persister, Loaded), PersistError> {
+    pub fn open(dir: &Path, start_fresh: bool, sealer: Option<Arc<Sealer>>) -> Result<(Persister, Loaded), PersistError> {
         std::fs::create_dir_all(dir).map_err(|source| PersistError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join("presence.redb");
-        let (db, loaded) = match open_and_load(dir, &path) {
+        let (db, loaded) = match open_and_load(&path, sealer.as_deref()) {
             Err(e @ (PersistError::Empty { .. } | PersistError::Damaged { .. })) if start_fresh => {
                 let reason = if matches!(e, PersistError::Empty { .. }) { "empty" } else { "damaged" };
                 let aside = dir.join(format!("presence.redb.{reason}-{}", crate::clock::Clock::now(&crate::clock::SystemClock)));
                 std::fs::rename(&path, &aside)
                     .map_err(|e| PersistError::Open { path: path.clone(), message: format!("cannot move it aside: {e}") })?;
                 tracing::warn!(path = %path.display(), moved_to = %aside.display(), error = %e, "store.start_fresh: starting with an empty presence database");
-                open_and_load(dir, &path)?
+                open_and_load(&path, sealer.as_deref())?
             }
             other => other?,
         };
         let shared = Arc::new(Shared {
             db: Mutex::new(Some(db)),
+            sealer,
             path,
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
@@ -285,7 +310,7 @@ async fn writer(shared: Arc<Shared>) {
                 }
             }
             let r = match db.as_ref() {
-                Some(d) => commit(d, &dirty),
+                Some(d) => commit(d, &dirty, db_shared.sealer.as_deref()),
                 None => Err("database closed".to_string()),
             };
             if r.is_err() {
@@ -351,42 +376,109 @@ fn reopen(path: &Path) -> Result<Database, PersistError> {
     open_checked(path)
 }
 
-/// Opens `path` (refusing a 0-byte file), makes sure the tables exist, and reads
-/// everything; a panic inside redb on a damaged page is reported as damage.
-fn open_and_load(dir: &Path, path: &Path) -> Result<(Database, Loaded), PersistError> {
+/// Opens `path` (refusing a 0-byte file), checks it against the key (encrypting a plain
+/// database when a key is given), makes sure the tables exist, and reads everything; a
+/// panic inside redb on a damaged page is reported as damage.
+fn open_and_load(path: &Path, sealer: Option<&Sealer>) -> Result<(Database, Loaded), PersistError> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
         return Err(PersistError::Empty { path: path.to_path_buf() });
     }
-    let db = open_checked(path)?;
     let damaged = |detail: String| PersistError::Damaged { path: path.to_path_buf(), detail };
-    let loaded = quietly(|| load(&db)).map_err(damaged)?.map_err(damaged)?;
-    let _ = dir;
+    let mut db = open_checked(path)?;
+    match crate::at_rest::sealing(&db, sealer).map_err(damaged)? {
+        Sealing::Plain | Sealing::Sealed => {}
+        Sealing::KeyMissing => return Err(PersistError::KeyMissing { path: path.to_path_buf() }),
+        Sealing::WrongKey => {
+            let fingerprint = sealer.map(|s| s.fingerprint.clone()).unwrap_or_default();
+            return Err(PersistError::WrongKey { path: path.to_path_buf(), fingerprint });
+        }
+        Sealing::ToSeal => {
+            drop(db);
+            let records = reseal(path, None, sealer).map_err(damaged)?;
+            if records > 0 {
+                tracing::warn!(path = %path.display(), records, "presence database encrypted with store.encryption_key_file (it was plain text); the plain file is gone");
+            }
+            db = open_checked(path)?;
+        }
+    }
+    let loaded = quietly(|| load(&db, sealer)).map_err(damaged)?.map_err(damaged)?;
     Ok((db, loaded))
 }
 
-fn load(db: &Database) -> Result<Loaded, String> {
+/// Rewrites the database at `path` from key `from` to key `to` (`None`: plain) into a
+/// fresh file; returns how many records it holds. `presenced rekey` and the first start
+/// with a key use it; the node must not have the file open.
+pub fn reseal(path: &Path, from: Option<&Sealer>, to: Option<&Sealer>) -> Result<usize, String> {
+    let mut records = 0;
+    crate::at_rest::rewrite(path, |old, new| {
+        let rtx = old.begin_read().map_err(|e| e.to_string())?;
+        let tx = new.begin_write().map_err(|e| e.to_string())?;
+        for t in Table::all() {
+            let mut dst = tx.open_table(t.def()).map_err(|e| e.to_string())?;
+            let src = match rtx.open_table(t.def()) {
+                Ok(src) => src,
+                Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            for item in src.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                let Some((key, value)) = unseal(t, k.value(), v.value(), from) else {
+                    return Err(format!("a record of table {} does not open with the current key", t.name()));
+                };
+                let (stored, bytes) = seal(t, &key, value, to);
+                dst.insert(stored.as_str(), bytes.as_slice()).map_err(|e| e.to_string())?;
+                records += 1;
+            }
+        }
+        crate::at_rest::mark(&tx, to).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())
+    })?;
+    Ok(records)
+}
+
+/// A record as stored: its key (blinded when sealed) and value.
+fn seal(t: Table, key: &str, value: Vec<u8>, sealer: Option<&Sealer>) -> (String, Vec<u8>) {
+    match sealer {
+        None => (key.to_string(), value),
+        Some(s) => s.seal_named(t.name(), key, &value),
+    }
+}
+
+/// A stored record's real key and value; `None` when it does not open.
+fn unseal(t: Table, stored: &str, bytes: &[u8], sealer: Option<&Sealer>) -> Option<(String, Vec<u8>)> {
+    match sealer {
+        None => Some((stored.to_string(), bytes.to_vec())),
+        Some(s) => s.open_named(t.name(), stored, bytes),
+    }
+}
+
+fn load(db: &Database, sealer: Option<&Sealer>) -> Result<Loaded, String> {
     let tx = db.begin_write().map_err(|e| e.to_string())?;
-    tx.open_table(USERS).map_err(|e| e.to_string())?;
-    for t in DirTable::ALL {
-        tx.open_table(dir_def(t)).map_err(|e| e.to_string())?;
+    for t in Table::all() {
+        tx.open_table(t.def()).map_err(|e| e.to_string())?;
+    }
+    if sealer.is_some() {
+        // A new database: sealed from its first record.
+        crate::at_rest::mark(&tx, sealer).map_err(|e| e.to_string())?;
     }
     tx.commit().map_err(|e| e.to_string())?;
     let mut loaded = Loaded::default();
     let rtx = db.begin_read().map_err(|e| e.to_string())?;
-    let table = rtx.open_table(USERS).map_err(|e| e.to_string())?;
-    for item in table.iter().map_err(|e| e.to_string())? {
-        let (k, v) = item.map_err(|e| e.to_string())?;
-        match serde_json::from_slice::<DurableUser>(v.value()) {
-            Ok(r) => loaded.users.push((k.value().to_string(), r)),
-            Err(e) => tracing::warn!(user = k.value(), error = %e, "skipping unreadable presence record"),
-        }
-    }
-    drop(table);
-    for t in DirTable::ALL {
-        let table = rtx.open_table(dir_def(t)).map_err(|e| e.to_string())?;
+    for t in Table::all() {
+        let table = rtx.open_table(t.def()).map_err(|e| e.to_string())?;
         for item in table.iter().map_err(|e| e.to_string())? {
             let (k, v) = item.map_err(|e| e.to_string())?;
-            loaded.directory.push((t, k.value().to_string(), v.value().to_vec()));
+            let Some((key, value)) = unseal(t, k.value(), v.value(), sealer) else {
+                tracing::warn!(table = t.name(), "skipping a presence record that does not open");
+                continue;
+            };
+            match t {
+                Table::Users => match serde_json::from_slice::<DurableUser>(&value) {
+                    Ok(r) => loaded.users.push((key, r)),
+                    Err(e) => tracing::warn!(user = key, error = %e, "skipping unreadable presence record"),
+                },
+                Table::Dir(d) => loaded.directory.push((d, key, value)),
+            }
         }
     }
     Ok(loaded)
@@ -421,7 +513,7 @@ fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// Rows to write to one table: key and value (`None` deletes).
 type Rows<'a> = Vec<(&'a str, &'a Option<Vec<u8>>)>;
 
-fn commit(db: &Database, dirty: &HashMap<(Table, String), Option<Vec<u8>>>) -> Result<(), String> {
+fn commit(db: &Database, dirty: &HashMap<(Table, String), Option<Vec<u8>>>, sealer: Option<&Sealer>) -> Result<(), String> {
     let mut tx = db.begin_write().map_err(|e| e.to_string())?;
     tx.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
     let mut by_table: HashMap<Table, Rows> = HashMap::new();
@@ -431,12 +523,19 @@ fn commit(db: &Database, dirty: &HashMap<(Table, String), Option<Vec<u8>>>) -> R
     for (t, rows) in by_table {
         let mut table = tx.open_table(t.def()).map_err(|e| e.to_string())?;
         for (k, v) in rows {
-            match v {
-                Some(bytes) => {
+            match (v, sealer) {
+                (Some(bytes), None) => {
                     table.insert(k, bytes.as_slice()).map_err(|e| e.to_string())?;
                 }
-                None => {
+                (Some(bytes), Some(s)) => {
+                    let (stored, sealed) = s.seal_named(t.name(), k, bytes);
+                    table.insert(stored.as_str(), sealed.as_slice()).map_err(|e| e.to_string())?;
+                }
+                (None, None) => {
                     table.remove(k).map_err(|e| e.to_string())?;
+                }
+                (None, Some(s)) => {
+                    table.remove(s.blind(t.name(), k).as_str()).map_err(|e| e.to_string())?;
                 }
             }
         }
@@ -462,7 +561,7 @@ mod tests {
             standalone: true,
         };
         {
-            let (p, loaded) = Persister::open(dir.path(), false).unwrap();
+            let (p, loaded) = Persister::open(dir.path(), false, None).unwrap();
             assert!(loaded.users.is_empty() && loaded.directory.is_empty());
             p.start();
             let ack = p.enqueue("alice", Some(&rec), true).unwrap();
@@ -474,7 +573,7 @@ mod tests {
             p.enqueue_dir(DirTable::Privacy, "gone", None);
             p.close().await;
         }
-        let (_p, loaded) = Persister::open(dir.path(), false).unwrap();
+        let (_p, loaded) = Persister::open(dir.path(), false, None).unwrap();
         assert_eq!(loaded.users, vec![("alice".to_string(), rec.clone())]);
         assert_eq!(loaded.directory, vec![(DirTable::Contacts, "alice".to_string(), b"[\"bob\"]".to_vec())]);
         let state = rec.into_state();
@@ -485,8 +584,8 @@ mod tests {
     #[test]
     fn a_second_process_cannot_open_the_same_database() {
         let dir = tempfile::tempdir().unwrap();
-        let (_a, _) = Persister::open(dir.path(), false).unwrap();
-        let err = Persister::open(dir.path(), false).err().expect("second open must fail");
+        let (_a, _) = Persister::open(dir.path(), false, None).unwrap();
+        let err = Persister::open(dir.path(), false, None).err().expect("second open must fail");
         assert!(matches!(err, PersistError::InUse { .. }), "{err}");
         assert!(
             err.to_string().contains("another presenced is using") && err.to_string().contains(&dir.path().display().to_string()),
@@ -498,10 +597,10 @@ mod tests {
     fn a_zero_byte_database_is_refused_unless_starting_fresh() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("presence.redb"), b"").unwrap();
-        let err = Persister::open(dir.path(), false).err().expect("refused");
+        let err = Persister::open(dir.path(), false, None).err().expect("refused");
         assert!(matches!(err, PersistError::Empty { .. }), "{err}");
         assert!(err.to_string().contains("start_fresh"), "{err}");
-        let (_p, loaded) = Persister::open(dir.path(), true).unwrap();
+        let (_p, loaded) = Persister::open(dir.path(), true, None).unwrap();
         assert!(loaded.users.is_empty());
         let moved = std::fs::read_dir(dir.path())
             .unwrap()
@@ -528,7 +627,7 @@ mod tests {
         {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
-                let (p, _) = Persister::open(dir.path(), false).unwrap();
+                let (p, _) = Persister::open(dir.path(), false, None).unwrap();
                 p.start();
                 for i in 0..300 {
                     p.enqueue(&format!("user-{i}"), Some(&rec), false);
@@ -546,7 +645,7 @@ mod tests {
             let mut bytes = pristine.clone();
             bytes[page * 4096..(page + 1) * 4096].fill(0);
             std::fs::write(case.path().join("presence.redb"), &bytes).unwrap();
-            match Persister::open(case.path(), false) {
+            match Persister::open(case.path(), false, None) {
                 Ok(_) => repaired += 1,
                 Err(e) => {
                     assert!(matches!(e, PersistError::Damaged { .. }), "page {page}: {e}");

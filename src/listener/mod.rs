@@ -14,6 +14,11 @@
 //!
 //! While a request is in flight, or once a connection was upgraded to a WebSocket, the
 //! wrapper applies no timeout at all: WebSockets have their own heartbeat.
+//!
+//! With `service.tls`, [`tls`] refuses plain text and runs the handshake over the
+//! wrapper, so the handshake is bounded like a request head.
+
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,6 +37,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::LimitsConfig;
 use crate::service::KeyedLimiter;
+use tls::{Conn, Port, Tls};
 
 /// How long a connection over the per-IP rate stays open (its calls are refused).
 const LIMITED_GRACE: Duration = Duration::from_secs(1);
@@ -229,13 +235,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     }
 }
 
-impl tonic::transport::server::Connected for TimedIo<TcpStream> {
-    type ConnectInfo = ConnMeta;
-    fn connect_info(&self) -> ConnMeta {
-        self.meta.clone()
-    }
-}
-
 /// Accepts with back-off on errors such as EMFILE (out of file descriptors), which would
 /// otherwise spin: the listener stays, connections wait in the backlog.
 async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
@@ -252,35 +251,58 @@ async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
 }
 
 /// The gRPC listener's connections: TCP_NODELAY (a 100-id answer must not wait for the
-/// client's delayed ACK), the timeouts (HTTP/2 rules), and the per-IP rate limit (a peer
-/// over it is accepted, so that it can be told `RESOURCE_EXHAUSTED`, see [`GrpcConnLayer`]).
+/// client's delayed ACK), the timeouts (HTTP/2 rules), the per-IP rate limit (a peer over
+/// it is accepted, so that it can be told `RESOURCE_EXHAUSTED`, see [`GrpcConnLayer`]),
+/// and TLS when configured (handshakes run beside the accept loop, so a slow one holds
+/// up no other). The accept loop ends, closing the port, when the stream is dropped.
 pub fn grpc_incoming(
     listener: TcpListener,
     timeouts: Timeouts,
     limiter: Option<KeyedLimiter>,
     clock: Arc<dyn crate::clock::Clock>,
-) -> impl futures_util::Stream<Item = io::Result<TimedIo<TcpStream>>> + Send + 'static {
-    futures_util::stream::unfold((listener, limiter), move |(listener, limiter)| {
-        let clock = clock.clone();
-        async move {
-            let (tcp, peer) = accept(&listener).await;
+    tls: Option<Arc<Tls>>,
+) -> impl futures_util::Stream<Item = io::Result<Conn>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Conn>>(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                c = accept(&listener) => c,
+                _ = tx.closed() => return,
+            };
             let _ = tcp.set_nodelay(true);
             let limited = limiter.as_ref().is_some_and(|l| l.check(&peer.ip().to_string(), clock.now()).is_err());
             if limited {
                 metrics::counter!("presence_rate_limited_total", "scope" => "grpc_connect").increment(1);
             }
-            Some((Ok(TimedIo::new(tcp, peer, timeouts, true, limited)), (listener, limiter)))
+            let io = TimedIo::new(tcp, peer, timeouts, true, limited);
+            match &tls {
+                None => {
+                    if tx.send(Ok(Conn::Plain(io))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(tls) => {
+                    let (tls, tx) = (tls.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        if let Some(conn) = tls::secure(io, Some(&tls), Port::Grpc, timeouts.header_read).await {
+                            let _ = tx.send(Ok(conn)).await;
+                        }
+                    });
+                }
+            }
         }
-    })
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting and waits
-/// for in-flight HTTP requests (upgraded WebSockets are on their own by then). The caller
-/// bounds that wait.
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` resolves; then
+/// stops accepting and waits for in-flight HTTP requests (upgraded WebSockets are on
+/// their own by then). The caller bounds that wait.
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
     timeouts: Timeouts,
+    tls: Option<Arc<Tls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -318,10 +340,11 @@ pub async fn serve_http(
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let Some(io) = tls::secure(io, tls.as_deref(), Port::Http, timeouts.header_read).await else { return };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });
