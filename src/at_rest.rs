@@ -89,9 +89,16 @@ impl Sealer {
                 return Ok(Sealer::new(&raw));
             }
         }
-        let text = std::str::from_utf8(bytes).map(str::trim).unwrap_or("");
-        let found =
-            if text.is_empty() && !bytes.is_empty() { format!("{} bytes", bytes.len()) } else { format!("{} characters", text.len()) };
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Sealer::parse_hex(text, source_name),
+            Err(_) => Err(KeyError::Format { source_name, found: format!("{} bytes", bytes.len()) }),
+        }
+    }
+
+    /// A key written as 64 hex digits (surrounding white space ignored).
+    pub fn parse_hex(text: &str, source_name: &'static str) -> Result<Sealer, KeyError> {
+        let text = text.trim();
+        let found = format!("{} characters", text.len());
         if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(KeyError::Format { source_name, found });
         }
@@ -107,7 +114,7 @@ impl Sealer {
         let sealer = match (&store.encryption_key_file, store.encryption_key.as_str()) {
             (Some(path), _) => Sealer::from_file(path)?,
             (None, "") => return Ok(None),
-            (None, hex) => Sealer::parse(hex.as_bytes(), "store.encryption_key")?,
+            (None, hex) => Sealer::parse_hex(hex, "store.encryption_key")?,
         };
         Ok(Some(std::sync::Arc::new(sealer)))
     }
@@ -238,14 +245,28 @@ pub fn mark(tx: &redb::WriteTransaction, sealer: Option<&Sealer>) -> Result<(), 
 /// every page it ever held, is gone. The caller must not hold `path` open.
 pub fn rewrite(path: &Path, copy: impl FnOnce(&Database, &Database) -> Result<(), String>) -> Result<(), String> {
     let fresh = path.with_extension("redb.rewrite");
-    let _ = std::fs::remove_file(&fresh);
-    {
-        let old = Database::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let new = Database::create(&fresh).map_err(|e| format!("{}: {e}", fresh.display()))?;
-        copy(&old, &new)?;
+    match std::fs::remove_file(&fresh) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove the leftover {}: {e}", fresh.display())),
     }
-    std::fs::File::open(&fresh).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", fresh.display()))?;
-    std::fs::rename(&fresh, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+    // The old file stays open (locked) until the new one replaced it: no node can start
+    // on it meanwhile.
+    let old = Database::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let done = (|| {
+        {
+            let new = Database::create(&fresh).map_err(|e| format!("{}: {e}", fresh.display()))?;
+            copy(&old, &new)?;
+        }
+        std::fs::File::open(&fresh).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", fresh.display()))?;
+        std::fs::rename(&fresh, path).map_err(|e| format!("cannot replace {}: {e}", path.display()))
+    })();
+    drop(old);
+    if let Err(e) = done {
+        // A half-written copy may hold the data in another form (plain, after --decrypt).
+        let _ = std::fs::remove_file(&fresh);
+        return Err(e);
+    }
     if let Some(dir) = path.parent() {
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
@@ -286,6 +307,9 @@ mod tests {
             *b = u8::from_str_radix(&hex64[2 * i..2 * i + 2], 16).unwrap();
         }
         assert_eq!(from_hex.fingerprint, Sealer::new(&bytes).fingerprint, "hex and raw give the same key");
+        // The text setting takes hex only: a 32-character passphrase is not a key.
+        assert!(matches!(Sealer::parse_hex(&"p4ssphrase-".repeat(3)[..32], "test"), Err(KeyError::Format { .. })));
+        assert_eq!(Sealer::parse_hex(hex64, "test").unwrap().fingerprint, from_hex.fingerprint);
         for bad in [&b"short"[..], &[1u8; 31], &[1u8; 33], "zz".repeat(32).as_bytes(), "ab".repeat(16).as_bytes()] {
             assert!(matches!(Sealer::parse(bad, "test"), Err(KeyError::Format { .. })), "{bad:?}");
         }

@@ -410,6 +410,13 @@ pub fn rekey(config: &Config, to: Option<&crate::at_rest::Sealer>) -> Result<Vec
                 redb::DatabaseError::DatabaseAlreadyOpen => format!("{}: in use by a running presenced: stop it first", path.display()),
                 e => format!("{}: {e}", path.display()),
             })?;
+            let on_new = crate::at_rest::sealing(&db, to).map_err(|e| format!("{}: {e}", path.display()))?;
+            if matches!((&on_new, to), (Sealing::Sealed, Some(_)) | (Sealing::Plain, None)) {
+                // Already done (a run that stopped after this file): nothing to do.
+                let now = to.map_or("plain text".to_string(), |s| format!("on key {}", s.fingerprint));
+                done.push(format!("{}: already {now}", path.display()));
+                continue;
+            }
             match crate::at_rest::sealing(&db, from.as_deref()).map_err(|e| format!("{}: {e}", path.display()))? {
                 Sealing::Plain | Sealing::ToSeal => None,
                 Sealing::Sealed => from.as_deref(),

@@ -180,6 +180,10 @@ async fn a_plain_data_dir_is_encrypted_at_the_first_start_with_a_key_and_rekey_c
     assert!(said.contains("presence.redb") && said.contains("sinks.redb"), "{said}");
     let err = refused(dir.path(), Some(&k1));
     assert!(err.contains("another key"), "the old key no longer opens it: {err}");
+    // Run again (as after a run that stopped half-way): both files are found done.
+    let again = cmd(dir.path(), Some(&k1)).arg("rekey").arg("--new-key-file").arg(&k2).output().unwrap();
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success() && said.matches("already").count() == 2, "{said} {}", String::from_utf8_lossy(&again.stderr));
     let n = start(dir.path(), Some(&k2));
     read_back(&n, dir.path()).await;
     // rekey refuses while the node runs.

@@ -1,6 +1,6 @@
 //! TLS on the node's own ports (`service.tls`), with rustls (ring).
 //!
-//! - The HTTP port becomes HTTPS and WSS (ALPN `h2`, `http/1.1`); the gRPC port becomes
+//! - The HTTP port becomes HTTPS and WSS (ALPN `http/1.1`); the gRPC port becomes
 //!   gRPC over TLS (ALPN `h2`), and with `client_ca_file` it requires a client
 //!   certificate signed by one of those CAs (mTLS for gateways).
 //! - Plain text on a TLS port is refused before any handshake: a connection whose first
@@ -173,7 +173,9 @@ impl Files {
         let mismatch =
             |e: rustls::Error| pem(&self.key_file, format!("does not go with the certificate of {}: {e}", self.cert_file.display()));
         let mut http = versions()?.with_no_client_auth().with_single_cert(certs.clone(), key.clone_key()).map_err(mismatch)?;
-        http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // HTTP/1.1 only: the HTTP port's timeouts follow HTTP/1 (WebSockets upgrade over it
+        // anyway); HTTP/2 frames between requests would count as a request head starting.
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
         let grpc = versions()?;
         let mut grpc = match (&self.client_ca_file, &seen.ca) {
             (Some(path), Some(bytes)) => {

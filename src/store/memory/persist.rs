@@ -385,7 +385,7 @@ fn open_and_load(path: &Path, sealer: Option<&Sealer>) -> Result<(Database, Load
     }
     let damaged = |detail: String| PersistError::Damaged { path: path.to_path_buf(), detail };
     let mut db = open_checked(path)?;
-    match crate::at_rest::sealing(&db, sealer).map_err(damaged)? {
+    match quietly(|| crate::at_rest::sealing(&db, sealer)).map_err(damaged)?.map_err(damaged)? {
         Sealing::Plain | Sealing::Sealed => {}
         Sealing::KeyMissing => return Err(PersistError::KeyMissing { path: path.to_path_buf() }),
         Sealing::WrongKey => {
@@ -394,7 +394,10 @@ fn open_and_load(path: &Path, sealer: Option<&Sealer>) -> Result<(Database, Load
         }
         Sealing::ToSeal => {
             drop(db);
-            let records = reseal(path, None, sealer).map_err(damaged)?;
+            // Not "damaged": the plain file is whole (`start_fresh` must not set it aside).
+            let failed =
+                |message: String| PersistError::Open { path: path.to_path_buf(), message: format!("cannot encrypt it: {message}") };
+            let records = quietly(|| reseal(path, None, sealer)).map_err(failed)?.map_err(failed)?;
             if records > 0 {
                 tracing::warn!(path = %path.display(), records, "presence database encrypted with store.encryption_key_file (it was plain text); the plain file is gone");
             }
