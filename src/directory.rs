@@ -127,6 +127,11 @@ impl Directory {
         self.privacy.read().get(user).copied().unwrap_or_default()
     }
 
+    /// The conversations `user` is a member of (a scan: for erasure and export).
+    pub fn conversations_of(&self, user: &UserId) -> Vec<Arc<str>> {
+        self.conversations.read().iter().filter(|(_, m)| m.contains(user)).map(|(c, _)| c.clone()).collect()
+    }
+
     /// Members of a conversation; `None` when no backend has set them.
     pub fn members(&self, conversation: &str) -> Option<Members> {
         self.conversations.read().get(conversation).cloned()

@@ -178,6 +178,8 @@ pub mod close {
     pub const REPLACED: u16 = 4001;
     /// No inbound traffic (pong, heartbeat, any message) within `presence.session_ttl`.
     pub const STALE: u16 = 4002;
+    /// The user was erased (`DELETE /api/v2/users/{id}`): do not reconnect.
+    pub const ERASED: u16 = 4003;
 }
 
 #[cfg(test)]

@@ -29,7 +29,8 @@
 //! 5. [`service`]: the application layer every transport shares: validation,
 //!    permissions, rate limits, reads and writes, [`service::sessions`] (device sessions),
 //!    [`service::instances`] (gateway instance leases), [`service::typing`] (typing
-//!    indicators), [`service::limiter`].
+//!    indicators), [`service::erasure`] (a user's data exported or erased everywhere),
+//!    [`service::limiter`].
 //! 6. Adapters over the service: [`ws`] (`GET /ws`: the hub, each connection's client
 //!    and push queue, the connection loop, the protocol) and [`listener`] (accepting
 //!    connections: timeouts, the per-IP rate, the HTTP accept loop, and

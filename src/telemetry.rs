@@ -140,7 +140,9 @@ pub const METRICS: &[Metric] = &[
         "Requests and connections refused by a rate limit, by scope.",
         &[&[("scope", "write")], &[("scope", "ws_message")], &[("scope", "connect")], &[("scope", "grpc_connect")]]
     ),
+    m!("presence_users_erased_total", Counter, All, "Users erased on this node (DELETE /api/v2/users/{id}, gRPC EraseUser)."),
     m!("presence_persist_commits_total", Counter, Memory, "Commits of the embedded store's database."),
+    m!("presence_persist_purges_total", Counter, Memory, "Rewrites of the embedded store's database after an erasure (no freed page keeps an erased user's records)."),
     m!(
         "presence_persist_failures_total",
         Counter,

@@ -266,6 +266,10 @@ impl PresenceStore for Slow {
         self.inner.clear_status(id).await
     }
 
+    async fn erase(&self, id: &UserId) -> Result<bool, StoreError> {
+        self.inner.erase(id).await
+    }
+
     async fn register_session(&self, id: &UserId, req: NewSession) -> Result<Registered, StoreError> {
         tokio::time::sleep(self.register).await;
         self.inner.register_session(id, req).await

@@ -2,7 +2,8 @@
 
 use super::model::{Millis, Presence, Status};
 
-/// The transitions of seed 001 (`UserOnline`/`UserOffline`) and seed 003 (update, expire).
+/// The transitions of seed 001 (`UserOnline`/`UserOffline`) and seed 003 (update, expire),
+/// and erasure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     /// The user's first live device session appeared.
@@ -13,6 +14,9 @@ pub enum EventKind {
     PresenceUpdated,
     /// An explicit status ran out of TTL and the derived status applies again.
     PresenceExpired,
+    /// Everything held about the user was erased (`DELETE /api/v2/users/{id}`): downstream
+    /// services forget them too. The presence after it is an unknown user's.
+    UserErased,
 }
 
 impl EventKind {
@@ -22,6 +26,7 @@ impl EventKind {
             EventKind::UserOffline => "user_offline",
             EventKind::PresenceUpdated => "presence_updated",
             EventKind::PresenceExpired => "presence_expired",
+            EventKind::UserErased => "user_erased",
         }
     }
 }

@@ -349,6 +349,26 @@ impl PresenceApi for Api {
         r
     }
 
+    async fn erase_user(&self, req: Request<pb::EraseUserRequest>) -> Rpc<pb::EraseUserResponse> {
+        let start = Instant::now();
+        let r = async {
+            let who = self.caller(&req)?;
+            let user = self.svc.parse_user(&req.get_ref().user_id)?;
+            let e = self.svc.erase_user(&who, &user).await?;
+            let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+            Ok(pb::EraseUserResponse {
+                sessions_ended: n(e.sessions_ended),
+                removed_from_contacts: n(e.removed_from_contacts),
+                removed_from_conversations: n(e.removed_from_conversations),
+            })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("EraseUser", start, &r);
+        r
+    }
+
     async fn set_presence(&self, req: Request<pb::SetPresenceRequest>) -> Rpc<pb::UserPresence> {
         let start = Instant::now();
         let r = async {

@@ -1,6 +1,7 @@
 //! HTTP transport: REST API v2 (seed 003 §4), health and metrics. Thin: handlers extract,
 //! call [`Service`], and encode; every error leaves as the JSON envelope.
 
+mod account;
 pub mod envelope;
 mod extract;
 mod gateway;
@@ -68,6 +69,8 @@ pub fn routes(state: Http) -> Router {
         .route("/api/v2/presence/{user_id}", get(presence::get_one).put(presence::put).delete(presence::delete))
         .route("/api/v2/presence/{user_id}/privacy", get(social::get_privacy).put(social::put_privacy))
         .route("/api/v2/contacts/{user_id}", get(social::get_contacts).put(social::put_contacts))
+        .route("/api/v2/users/{user_id}", delete(account::erase))
+        .route("/api/v2/users/{user_id}/export", get(account::export))
         .route("/api/v2/conversations/{id}/members", get(social::get_members).put(social::put_members))
         .route("/api/v2/stats", get(stats::stats))
         .route("/client.js", get(client_js))

@@ -12,7 +12,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{gateway, health, legacy, presence, social, stats};
+use super::{account, gateway, health, legacy, presence, social, stats};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -36,6 +36,8 @@ use super::{gateway, health, legacy, presence, social, stats};
         social::put_contacts,
         social::get_members,
         social::put_members,
+        account::export,
+        account::erase,
         gateway::register,
         gateway::unregister,
         gateway::end,
@@ -66,6 +68,7 @@ use super::{gateway, health, legacy, presence, social, stats};
         (name = "privacy", description = "Who may see a user and their last_seen"),
         (name = "contacts", description = "Whom a user's changes are pushed to"),
         (name = "conversations", description = "Conversation members (typing indicators)"),
+        (name = "users", description = "A user's data as a whole: export (right of access) and erasure (right to be forgotten)"),
         (name = "gateway", description = "Sessions held by a gateway (bulk, instance leases)"),
         (name = "legacy", description = "Seed 004's HTTP endpoints"),
         (name = "realtime", description = "The WebSocket protocol"),

@@ -127,6 +127,11 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// Clears the explicit status: the derived status applies again.
     async fn clear_status(&self, id: &UserId) -> Result<Presence, StoreError>;
 
+    /// Erases the user's record (status, message, `last_seen`, and any session still held)
+    /// wherever this store keeps it, and publishes one `user_erased` event. `false` when
+    /// there was no record. The caller ends the sessions first (their owners must hear it).
+    async fn erase(&self, id: &UserId) -> Result<bool, StoreError>;
+
     /// Registers (or replaces) a device session alive for `req.ttl_ms` unless refreshed.
     /// A new device beyond `req.max_devices` live sessions is refused with
     /// [`StoreError::TooManyDevices`], atomically with the registration.

@@ -99,9 +99,10 @@ impl WireEvent {
     }
 
     pub fn into_event(self) -> Option<Event> {
-        let kind = [EventKind::UserOnline, EventKind::UserOffline, EventKind::PresenceUpdated, EventKind::PresenceExpired]
-            .into_iter()
-            .find(|k| k.as_str() == self.kind)?;
+        let kind =
+            [EventKind::UserOnline, EventKind::UserOffline, EventKind::PresenceUpdated, EventKind::PresenceExpired, EventKind::UserErased]
+                .into_iter()
+                .find(|k| k.as_str() == self.kind)?;
         let user_id = UserId::parse(&self.user_id, usize::MAX).ok()?;
         let presence = self.presence.into_presence(user_id.clone());
         let before = match self.before {

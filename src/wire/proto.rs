@@ -35,6 +35,7 @@ pub fn kind_pb(k: EventKind) -> pb::presence_event::Kind {
         EventKind::UserOffline => pb::presence_event::Kind::UserOffline,
         EventKind::PresenceUpdated => pb::presence_event::Kind::PresenceUpdated,
         EventKind::PresenceExpired => pb::presence_event::Kind::PresenceExpired,
+        EventKind::UserErased => pb::presence_event::Kind::UserErased,
     }
 }
 

@@ -441,6 +441,13 @@ impl Hub {
     /// connections of the user's contacts, the user's own connections) whose view of the
     /// user changed with it.
     pub fn deliver(&self, ev: &Event) {
+        if ev.kind == crate::core::EventKind::UserErased {
+            // The user's own sockets here end with the account's data.
+            let conns = self.owners.of(&ev.presence.user_id).lock().get(&ev.presence.user_id).cloned().unwrap_or_default();
+            for c in conns {
+                c.close(crate::error::close::ERASED, "this user's data was erased");
+            }
+        }
         let (audience, privacy) = self.svc.directory.view(&ev.presence.user_id);
         let changed = |rel: Relation| visible_change(&ev.before, &ev.presence, &privacy, rel);
         let include = [true, changed(Relation::Contact), changed(Relation::Other)];

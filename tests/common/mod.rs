@@ -270,6 +270,10 @@ impl PresenceStore for DownStore {
         down()
     }
 
+    async fn erase(&self, _: &UserId) -> Result<bool, StoreError> {
+        down()
+    }
+
     async fn register_session(&self, _: &UserId, _: NewSession) -> Result<Registered, StoreError> {
         down()
     }

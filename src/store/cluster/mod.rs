@@ -378,6 +378,10 @@ impl PresenceStore for ClusterStore {
         self.own(id, req, false).await?.ok_or_else(|| unavailable("registration was not written"))
     }
 
+    async fn erase(&self, id: &UserId) -> Result<bool, StoreError> {
+        self.erase_record(id).await
+    }
+
     async fn put_instance_lease(&self, instance: &str, expires_at: Option<Millis>) -> Result<(), StoreError> {
         match expires_at {
             Some(t) => {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::cache::{Cached, Transition};
 use super::{wrote, ClusterStore, Refused, Space, Versioned};
-use crate::core::{Change, Event, Millis, Presence, UserId, UserState};
+use crate::core::{Change, Event, EventKind, Millis, Presence, UserId, UserState};
 use crate::store::StoreError;
 
 /// What one compare-and-swap did.
@@ -172,6 +172,31 @@ impl ClusterStore {
             Err(_) if inner.degraded.breaker.is_open() => Ok(inner.cache.get(id).and_then(|c| c.state.clone().map(|s| (s, c.revision)))),
             Err(e) => Err(e),
         }
+    }
+
+    /// Removes the user's record from the backend (a conditional delete, retried on a
+    /// conflict) and publishes `user_erased` to every node; `false` when there was none.
+    pub(super) async fn erase_record(&self, id: &UserId) -> Result<bool, StoreError> {
+        let inner = &*self.inner;
+        let _order = inner.locks.write.lock(id).await;
+        for attempt in 0..MAX_ATTEMPTS {
+            let (state, revision) = match self.guarded(inner.bp.get(Space::Users, id.as_str())).await? {
+                Some(Versioned { value: Some(v), revision }) => (decode(id, &v)?, revision),
+                _ => return Ok(false),
+            };
+            if self.guarded_swap(inner.bp.remove(Space::Users, id.as_str(), Some(revision))).await?.is_some() {
+                inner.cache.invalidate(id);
+                let now = inner.clock.now();
+                let before = Presence { revision, ..state.published(id) };
+                // Above every revision of the record: receivers admit it after its last event.
+                let presence = Presence { revision: revision + 1, ..Presence::unknown(id.clone(), inner.node.clone()) };
+                let change = Change { event: Some(EventKind::UserErased), previous: before.status, persist: false };
+                self.emit(&change, &presence, before, now).await;
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_micros(50 * (1 << attempt.min(6)) as u64)).await;
+        }
+        Err(StoreError::Contended { key: format!("user {id}") })
     }
 
     /// Runs a backend call through the circuit breaker: refused at once while it is open.

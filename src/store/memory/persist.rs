@@ -170,6 +170,9 @@ struct Pending {
     /// (table, key) → value to write, or `None` to delete.
     dirty: HashMap<(Table, String), Option<Vec<u8>>>,
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// A user was erased: after the commit, the file is rewritten so that no freed page
+    /// still holds their records.
+    purge: bool,
 }
 
 struct Shared {
@@ -237,6 +240,19 @@ impl Persister {
         self.push(Table::Users, user, bytes, ack)
     }
 
+    /// Deletes the user's record, then rewrites the file without it (erasure: no freed page
+    /// keeps an old copy); resolves once the deletion is committed.
+    pub fn erase(&self, user: &str) -> Ack {
+        let (tx, rx) = oneshot::channel();
+        let mut p = self.shared.pending.lock();
+        p.dirty.insert((Table::Users, user.to_string()), None);
+        p.purge = true;
+        p.waiters.push(tx);
+        drop(p);
+        self.shared.wake.notify_one();
+        rx
+    }
+
     /// Queues a directory value (or its deletion) and returns its commit acknowledgement.
     pub fn enqueue_dir(&self, table: DirTable, key: &str, value: Option<Vec<u8>>) -> Ack {
         let (tx, rx) = oneshot::channel();
@@ -285,7 +301,7 @@ async fn writer(shared: Arc<Shared>) {
     loop {
         let closing = shared.closing.load(Ordering::SeqCst);
         let batch = std::mem::take(&mut *shared.pending.lock());
-        if batch.dirty.is_empty() {
+        if batch.dirty.is_empty() && !batch.purge {
             for w in batch.waiters {
                 let _ = w.send(Ok(()));
             }
@@ -297,6 +313,7 @@ async fn writer(shared: Arc<Shared>) {
         }
         let db_shared = shared.clone();
         let dirty = batch.dirty;
+        let purge = batch.purge;
         let result = tokio::task::spawn_blocking(move || {
             let mut db = db_shared.db.lock();
             if db.is_none() {
@@ -315,6 +332,20 @@ async fn writer(shared: Arc<Shared>) {
             };
             if r.is_err() {
                 *db = None; // closed now, reopened before the next try
+            } else if purge {
+                // Copy the live records into a fresh file (same key) and reopen it.
+                *db = None;
+                let sealer = db_shared.sealer.as_deref();
+                match quietly(|| reseal(&db_shared.path, sealer, sealer)) {
+                    Ok(Ok(_)) => metrics::counter!("presence_persist_purges_total").increment(1),
+                    Ok(Err(e)) | Err(e) => {
+                        tracing::error!(error = %e, "rewriting the presence database after an erasure failed; the erased records are deleted, but freed pages may keep old copies until the next erasure")
+                    }
+                }
+                match reopen(&db_shared.path) {
+                    Ok(fresh) => *db = Some(fresh),
+                    Err(e) => return (HashMap::new(), Err(format!("cannot reopen the database after the rewrite: {e}"))),
+                }
             }
             (dirty, r)
         })

@@ -43,7 +43,8 @@ use crate::core::{EventKind, UserId};
 use kv::{self as nkv, decode_id, encode_id, BucketConfig};
 
 /// Subjects of presence events.
-pub const EVENT_SUBJECTS: [&str; 4] = ["presence.update.>", "presence.expire.>", "presence.online.>", "presence.offline.>"];
+pub const EVENT_SUBJECTS: [&str; 5] =
+    ["presence.update.>", "presence.expire.>", "presence.online.>", "presence.offline.>", "presence.erased.>"];
 
 /// Why a write is refused while the center is unreachable.
 pub const DEGRADED: &str = "the presence store at the center (NATS JetStream) is unreachable: this node is in degraded mode \
@@ -78,6 +79,7 @@ pub fn subject(kind: EventKind, id: &UserId) -> String {
         EventKind::PresenceExpired => "expire",
         EventKind::UserOnline => "online",
         EventKind::UserOffline => "offline",
+        EventKind::UserErased => "erased",
     };
     format!("presence.{k}.{}", encode_id(id.as_str()))
 }
@@ -201,7 +203,16 @@ impl NatsBackplane {
             num_replicas: cfg.kv.replicas.max(1),
             ..Default::default()
         };
-        js.get_or_create_stream(events).await.map_err(|e| unavailable(stream_error(&e, cfg.events.max_bytes.0)))?;
+        let stream = js.get_or_create_stream(events.clone()).await.map_err(|e| unavailable(stream_error(&e, cfg.events.max_bytes.0)))?;
+        // A stream made by an older version lacks a newer event's subjects (`presence.erased.>`).
+        let have = &stream.cached_info().config.subjects;
+        if !events.subjects.iter().all(|s| have.contains(s)) {
+            let mut updated = stream.cached_info().config.clone();
+            updated.subjects = events.subjects.clone();
+            js.update_stream(updated)
+                .await
+                .map_err(|e| unavailable(format!("cannot add the new event subjects to PRESENCE_EVENTS: {e}")))?;
+        }
         Ok(NatsBackplane {
             nats,
             feed,
