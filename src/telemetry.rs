@@ -108,7 +108,7 @@ pub const METRICS: &[Metric] = &[
         Counter,
         All,
         "Presence transitions published on the event bus, by kind.",
-        &[&[("kind", "user_online")], &[("kind", "user_offline")], &[("kind", "presence_updated")], &[("kind", "presence_expired")]]
+        &[&[("kind", "user_online")], &[("kind", "user_offline")], &[("kind", "presence_updated")], &[("kind", "presence_expired")], &[("kind", "user_erased")]]
     ),
     m!("presence_sessions", Gauge, All, "Live device sessions on this node (all users, hidden ones included)."),
     m!("presence_online_users", Gauge, All, "Users with at least one live device session on this node (all users, hidden ones included)."),

@@ -77,6 +77,9 @@ async fn assert_gone(s: &TestServer) {
     .await;
     let (code, body) = call(s, get, "/api/v2/users/alice/export", &admin, None).await;
     assert_error(&(code, body), 404, "not_found");
+    // And stays gone once the sockets' own endings (and any grace) have run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.get("/api/v2/presence/alice").await.0, 404, "the erased user came back");
 }
 
 async fn one_erased_event(events: &Arc<Mutex<Vec<Value>>>) {
@@ -87,6 +90,8 @@ async fn one_erased_event(events: &Arc<Mutex<Vec<Value>>>) {
     let ev = events.lock().iter().find(|e| e["type"] == "user_erased").cloned().unwrap();
     assert_eq!(ev["status"], "offline", "{ev}");
     assert!(ev.get("message").is_none_or(|m| m.is_null() || m == ""), "the event carries nothing of the user: {ev}");
+    assert!(ev["before"].is_null(), "no copy of the erased presence in the event: {ev}");
+    assert!(ev["last_seen"].is_null() && ev["devices"] == json!([]), "{ev}");
 }
 
 #[tokio::test]
@@ -134,8 +139,10 @@ async fn export_then_erase_on_the_embedded_store() {
 /// (by gRPC `EraseUser`, with an admin token).
 async fn erase_across_nodes(engine: Engine) {
     let (events, url) = receiver().await;
-    let a = engine.node_with("node-a", &[("PRESENCE_EVENTS__SINKS", &sink(&url))]).await;
-    let b = engine.node("node-b").await;
+    // With an offline grace: the closed sockets' sessions must not bring the user back.
+    let grace = ("PRESENCE_PRESENCE__OFFLINE_GRACE", "1s");
+    let a = engine.node_with("node-a", &[("PRESENCE_EVENTS__SINKS", &sink(&url)), grace]).await;
+    let b = engine.node_with("node-b", &[grace]).await;
     seed(&a).await;
     let mut ws = wsclient::connect(&b, "alice", "phone").await;
     let admin = a.admin_token("backend");

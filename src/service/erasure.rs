@@ -4,13 +4,14 @@
 //!
 //! Erasure, in this order (each step is the ordinary, replicated write of its kind, so it
 //! holds on every node and every backend):
-//! 1. every device session of the user ends at once (their watchers see them go offline;
-//!    the node holding a socket closes it when the erasure event arrives);
-//! 2. the directory: their contacts and privacy settings, their place in other users'
-//!    contact lists, and their conversation memberships;
-//! 3. the store's record (status, message, `last_seen`), with one `user_erased` event to
-//!    the event streams and every sink. The embedded store then rewrites its file, so no
-//!    freed page keeps an old copy.
+//! 1. every device session of the user ends at once (their watchers see them go offline);
+//! 2. the store's record (status, message, `last_seen`), with one `user_erased` event to
+//!    the event streams and every sink (it carries nothing of the user but their id); the
+//!    node holding a socket of the user closes it (4003). The embedded store then rewrites
+//!    its file, so no freed page keeps an old copy. This comes before the directory, so
+//!    that the user's privacy settings still apply to what watchers are told;
+//! 3. the directory: their contacts and privacy settings, their place in other users'
+//!    contact lists, and their conversation memberships.
 //!
 //! Afterwards the user reads as unknown (404). A client holding a valid token could sign
 //! in again and start a new, empty record: revoke the user's tokens first.
@@ -51,6 +52,7 @@ impl Service {
     /// The user's data, for the user or an admin; 404 when nothing is held.
     pub async fn export_user(&self, who: &Identity, user: &UserId) -> Result<Export, ApiError> {
         self.authorize_owner(who, user, "a user's data")?;
+        self.check_write_rate(user)?;
         let presence = crate::store::get_one(&*self.store, user).await?;
         let sessions = self.sessions.devices(user).await?;
         let mut contacts: Vec<UserId> = self.directory.contacts(user).iter().cloned().collect();
@@ -74,6 +76,12 @@ impl Service {
     /// Erases everything held about `user` (see the module documentation); 404 when
     /// nothing is held.
     pub async fn erase_user(&self, who: &Identity, user: &UserId) -> Result<Erased, ApiError> {
+        if who.origin.gateway && !who.is_admin() {
+            // Irreversible: not on the word of a header.
+            return Err(ApiError::Forbidden(
+                "erasing a user needs a token (the user's own, or one with presence:admin), not X-User-ID".into(),
+            ));
+        }
         let export = self.export_user(who, user).await?;
         let mut erased = Erased::default();
         for s in &export.sessions {
@@ -81,6 +89,8 @@ impl Service {
                 erased.sessions_ended += 1;
             }
         }
+        // Always (a user with directory rows only gets the event and the rewrite too).
+        self.store.erase(user).await?;
         if !export.contacts.is_empty() {
             let old = self.directory.set_contacts(&*self.store, user, Vec::new()).await?;
             self.bus.publish_directory(DirectoryChanged::Contacts { user: user.clone(), changed: old.iter().cloned().collect() });
@@ -101,7 +111,6 @@ impl Service {
             self.directory.set_members(&*self.store, &conversation, members).await?;
             erased.removed_from_conversations += 1;
         }
-        self.store.erase(user).await?;
         metrics::counter!("presence_users_erased_total").increment(1);
         self.audit.record(
             who,

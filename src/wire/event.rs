@@ -88,13 +88,16 @@ pub struct WireEvent {
 
 impl WireEvent {
     pub fn of(e: &Event) -> WireEvent {
+        // An erasure carries nothing of the user but their id: no `before`, and only the
+        // visible status it ended (other nodes tell their watchers with it).
+        let before = (e.kind != EventKind::UserErased).then(|| WirePresence::of(&e.before));
         WireEvent {
             kind: e.kind.as_str().into(),
             user_id: e.presence.user_id.to_string(),
             presence: WirePresence::of(&e.presence),
             previous: e.previous(),
             at: e.at,
-            before: Some(WirePresence::of(&e.before)),
+            before,
         }
     }
 

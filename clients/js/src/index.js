@@ -15,7 +15,8 @@
  *   and reconciles from the snapshot the server sends: callbacks fire only for users whose
  *   presence differs from what the application last saw, and typing indicators that were
  *   on before the gap are cleared;
- * - `close()` signs out (`bye`): the server ends the device's session at once;
+ * - `close()` signs out (`bye`): the server ends the device's session at once; a 4003 close
+ *   (the user's data was erased) ends the client the same way, without a reconnect;
  * - typing with local debounce: call `typing(conversation)` on every keystroke; the server
  *   hears `is_typing: true` once (refreshed before its `typing_ttl` runs out) and `false`
  *   after `typingIdleMs` without keystrokes.
@@ -32,6 +33,8 @@ const BACKOFF = { initialMs: 500, maxMs: 30_000, factor: 2 };
 const SERVICE_RESTART = 1012;
 /** Close code of a connection another connection of the same device replaced. */
 const REPLACED = 4001;
+/** Close code of a user whose data was erased: never reconnect. */
+const ERASED = 4003;
 /** Where a generated device id is kept. */
 const DEVICE_KEY = "presenced.device_id";
 
@@ -302,6 +305,14 @@ export class PresenceClient {
       // Another live client took this device id (a duplicated tab copies sessionStorage):
       // a generated id forks, so the two stop replacing each other.
       if (ev.code === REPLACED && !this.options.deviceId) this.forkDeviceId();
+      if (ev.code === ERASED) {
+        // The user's data was erased: reconnecting would start a new record.
+        this.stopped = true;
+        this.clearTimers();
+        this.failPending("closed");
+        this.setState("closed", { code: ev.code, reason: ev.reason });
+        return;
+      }
       this.retry({ code: ev.code, reason: ev.reason });
     };
   }

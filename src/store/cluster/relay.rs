@@ -106,7 +106,10 @@ fn relay(inner: &Arc<Inner>, payload: &[u8], filter: bool) {
                 }
                 // Anti-entropy: the store says a device is gone whose connection is live
                 // here (one hash lookup per event, for users connected here).
-                if inner.owned.lock().missing_from(&ev.presence.user_id, &ev.presence.devices, now) {
+                // (Not from an erasure: the user's sockets here are being closed.)
+                if ev.kind != crate::core::EventKind::UserErased
+                    && inner.owned.lock().missing_from(&ev.presence.user_id, &ev.presence.devices, now)
+                {
                     ClusterStore { inner: inner.clone() }.repair(&ev.presence.user_id);
                 }
                 inner.bus.publish_relayed(ev);

@@ -181,18 +181,28 @@ impl ClusterStore {
         let _order = inner.locks.write.lock(id).await;
         for attempt in 0..MAX_ATTEMPTS {
             let (state, revision) = match self.guarded(inner.bp.get(Space::Users, id.as_str())).await? {
-                Some(Versioned { value: Some(v), revision }) => (decode(id, &v)?, revision),
-                _ => return Ok(false),
+                // A record that does not decode is erased all the same.
+                Some(Versioned { value: Some(v), revision }) => (decode(id, &v).ok(), revision),
+                Some(Versioned { value: None, revision }) => (None, revision),
+                None => (None, 0),
             };
-            if self.guarded_swap(inner.bp.remove(Space::Users, id.as_str(), Some(revision))).await?.is_some() {
+            let existed = state.is_some();
+            let removed = match revision {
+                0 => Some(()),
+                r => self.guarded_swap(inner.bp.remove(Space::Users, id.as_str(), Some(r))).await?,
+            };
+            if removed.is_some() {
                 inner.cache.invalidate(id);
                 let now = inner.clock.now();
-                let before = Presence { revision, ..state.published(id) };
+                let before = match &state {
+                    Some(s) => Presence { revision, ..s.published(id) },
+                    None => Presence { revision, ..Presence::unknown(id.clone(), inner.node.clone()) },
+                };
                 // Above every revision of the record: receivers admit it after its last event.
                 let presence = Presence { revision: revision + 1, ..Presence::unknown(id.clone(), inner.node.clone()) };
                 let change = Change { event: Some(EventKind::UserErased), previous: before.status, persist: false };
                 self.emit(&change, &presence, before, now).await;
-                return Ok(true);
+                return Ok(existed);
             }
             tokio::time::sleep(Duration::from_micros(50 * (1 << attempt.min(6)) as u64)).await;
         }

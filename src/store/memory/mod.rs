@@ -542,26 +542,32 @@ impl PresenceStore for MemoryStore {
         self.persist_health()?;
         let inner = &*self.inner;
         let now = inner.clock.now();
-        let ack = {
+        let (existed, ack) = {
             let mut guard = inner.shard(id).lock();
-            let Some(entry) = guard.users.remove(id) else { return Ok(false) };
-            inner.users.fetch_sub(1, Ordering::Relaxed);
-            inner.sessions.fetch_sub(entry.state.sessions.len() as i64, Ordering::Relaxed);
-            let before = Presence { revision: entry.rev, ..entry.state.published(id) };
-            if !entry.state.sessions.is_empty() {
-                // Counted online until now (a session not ended before the erasure).
-                inner.online.fetch_sub(1, Ordering::Relaxed);
-            }
+            let removed = guard.users.remove(id);
+            let before = match &removed {
+                Some(entry) => {
+                    inner.users.fetch_sub(1, Ordering::Relaxed);
+                    inner.sessions.fetch_sub(entry.state.sessions.len() as i64, Ordering::Relaxed);
+                    if !entry.state.sessions.is_empty() {
+                        // Counted online until now (a session not ended before the erasure).
+                        inner.online.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    Presence { revision: entry.rev, ..entry.state.published(id) }
+                }
+                // Directory rows only: the event and the rewrite all the same.
+                None => Presence::unknown(id.clone(), inner.node.clone()),
+            };
             let rev = inner.revisions.fetch_add(1, Ordering::Relaxed) + 1;
             let presence = Presence { revision: rev, ..Presence::unknown(id.clone(), inner.node.clone()) };
             inner.bus.publish(Event { kind: EventKind::UserErased, presence, before, at: now });
             // The record goes, and the file is rewritten without it (no old page keeps it).
-            inner.persist.as_ref().map(|p| p.erase(id.as_str()))
+            (removed.is_some(), inner.persist.as_ref().map(|p| p.erase(id.as_str())))
         };
         if let Some(ack) = ack {
             ack.await.map_err(|_| StoreError::NotDurable(DB_FAILING.into()))?.map_err(|_| StoreError::NotDurable(DB_FAILING.into()))?;
         }
-        Ok(true)
+        Ok(existed)
     }
 
     async fn register_session(&self, id: &UserId, req: NewSession) -> Result<Registered, StoreError> {

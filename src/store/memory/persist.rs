@@ -298,6 +298,8 @@ impl Persister {
 
 async fn writer(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
+    // Between tries of a rewrite that failed (a full disk: it needs room for a copy).
+    let mut purge_backoff = Duration::from_millis(100);
     loop {
         let closing = shared.closing.load(Ordering::SeqCst);
         let batch = std::mem::take(&mut *shared.pending.lock());
@@ -339,7 +341,8 @@ async fn writer(shared: Arc<Shared>) {
                 match quietly(|| reseal(&db_shared.path, sealer, sealer)) {
                     Ok(Ok(_)) => metrics::counter!("presence_persist_purges_total").increment(1),
                     Ok(Err(e)) | Err(e) => {
-                        tracing::error!(error = %e, "rewriting the presence database after an erasure failed; the erased records are deleted, but freed pages may keep old copies until the next erasure")
+                        tracing::error!(error = %e, "rewriting the presence database after an erasure failed; the erased records are deleted, the rewrite is tried again");
+                        db_shared.pending.lock().purge = true;
                     }
                 }
                 match reopen(&db_shared.path) {
@@ -362,14 +365,22 @@ async fn writer(shared: Arc<Shared>) {
                 for w in batch.waiters {
                     let _ = w.send(Ok(()));
                 }
+                if purge && shared.pending.lock().purge {
+                    tokio::time::sleep(purge_backoff).await;
+                    purge_backoff = (purge_backoff * 2).min(Duration::from_secs(30));
+                } else if purge {
+                    purge_backoff = Duration::from_millis(100);
+                }
             }
             Err(e) => {
                 metrics::counter!("presence_persist_failures_total").increment(1);
                 tracing::error!(error = %e, records = dirty.len(), "presence database commit failed; will retry");
                 *shared.failure.lock() = Some(e.clone());
                 {
-                    // Keep the records for the next try; newer writes queued meanwhile win.
+                    // Keep the records (and a rewrite asked for) for the next try; newer
+                    // writes queued meanwhile win.
                     let mut p = shared.pending.lock();
+                    p.purge |= purge;
                     for (k, v) in dirty {
                         p.dirty.entry(k).or_insert(v);
                     }
