@@ -367,7 +367,11 @@ impl Backplane for NatsBackplane {
 
     async fn remove(&self, space: Space<'_>, key: &str, expected: Option<u64>) -> Result<(), Refused> {
         let (bucket, k) = self.locate(space, key);
-        bucket.purge_expect_revision(k, expected).await.map_err(|e| Refused::Fault(fault(e)))
+        bucket.purge_expect_revision(k, expected).await.map_err(|e| match e.kind() {
+            // Someone wrote in between: the caller reads again (as for `swap`).
+            jkv::UpdateErrorKind::WrongLastRevision => Refused::Conflict,
+            _ => Refused::Fault(fault(e)),
+        })
     }
 
     async fn keys(&self, space: Space<'_>) -> Result<Vec<String>, Fault> {
