@@ -27,6 +27,8 @@ pub(crate) struct Erased<'a> {
 #[derive(Serialize, ToSchema)]
 pub(crate) struct SessionExport {
     device_id: String,
+    /// Absent when the client did not say.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::wire::json::platform_schema)]
     platform: Option<&'static str>,
     instance_id: String,

@@ -110,12 +110,14 @@ pub fn layered(router: Router, state: Http) -> Router {
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
 /// that every route the router serves is here).
-pub const ROUTES: [&str; 28] = [
+pub const ROUTES: [&str; 30] = [
     "/",
     "/favicon.ico",
     "/ws",
     "/api/v2/presence",
     "/api/v2/presence/batch",
+    "/api/v2/users/{user_id}",
+    "/api/v2/users/{user_id}/export",
     "/api/v2/presence/{user_id}",
     "/api/v2/presence/{user_id}/privacy",
     "/api/v2/contacts/{user_id}",
