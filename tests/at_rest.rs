@@ -67,24 +67,18 @@ fn token(dir: &Path, sub: &str) -> String {
 }
 
 async fn write(n: &Node, dir: &Path) {
+    write_to(&n.base, &token(dir, OWNER)).await;
+}
+
+/// The owner's status (with `MESSAGE`) and contacts (`[CONTACT]`), through the node at `base`.
+async fn write_to(base: &str, token: &str) {
     let c = reqwest::Client::new();
-    let t = token(dir, OWNER);
-    let r = c
-        .put(format!("{}/api/v2/presence/{OWNER}", n.base))
-        .bearer_auth(&t)
-        .json(&serde_json::json!({"status": "busy", "message": MESSAGE}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = c
-        .put(format!("{}/api/v2/contacts/{OWNER}", n.base))
-        .bearer_auth(&t)
-        .json(&serde_json::json!({"contacts": [CONTACT]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let put = |path: String, body: serde_json::Value| c.put(format!("{base}{path}")).bearer_auth(token).json(&body).send();
+    assert_eq!(
+        put(format!("/api/v2/presence/{OWNER}"), serde_json::json!({"status": "busy", "message": MESSAGE})).await.unwrap().status(),
+        200
+    );
+    assert_eq!(put(format!("/api/v2/contacts/{OWNER}"), serde_json::json!({"contacts": [CONTACT]})).await.unwrap().status(), 200);
 }
 
 async fn read_back(n: &Node, dir: &Path) {
@@ -205,24 +199,7 @@ async fn jetstream_encryption_keeps_the_cluster_data_unreadable_on_disk() {
         let url = nats.url();
         let s = TestServer::start(&[("PRESENCE_STORE__BACKEND", "nats"), ("PRESENCE_NATS__URLS", &url)]).await;
         let t = s.token(OWNER);
-        let r = s
-            .client
-            .put(s.url(&format!("/api/v2/presence/{OWNER}")))
-            .bearer_auth(&t)
-            .json(&serde_json::json!({"status": "busy", "message": MESSAGE}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let r = s
-            .client
-            .put(s.url(&format!("/api/v2/contacts/{OWNER}")))
-            .bearer_auth(&t)
-            .json(&serde_json::json!({"contacts": [CONTACT]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        write_to(&s.base, &t).await;
         let (_, p) = decode(s.client.get(s.url(&format!("/api/v2/presence/{OWNER}"))).bearer_auth(&t).send().await.unwrap()).await;
         assert_eq!(p["data"][OWNER]["message"], MESSAGE, "read back through the encrypted store");
         s.stop().await;

@@ -15,11 +15,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// A self-signed certificate for 127.0.0.1 (`<name>.pem`, `<name>.key`), as the README
 /// makes one.
 fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
