@@ -337,6 +337,48 @@ async fn grpc_watch_on_one_node_follows_sessions_on_another(e: Engine) {
     b.stop().await;
 }
 
+on_engines!(a_session_ended_through_another_node_stays_ended: nats, redis);
+/// A session held on B and ended through A (a gateway behind a load balancer): B forgets
+/// it before the end is written. Told after, B saw the write's event first, found a
+/// session it holds missing from the store and wrote it back (anti-entropy): a zombie
+/// until its TTL, and an erased user read back (issue 25).
+async fn a_session_ended_through_another_node_stays_ended(e: Engine) {
+    use presenced::grpc::pb;
+    use presenced::grpc::pb::presence_event::Kind;
+    let a = e.node("node-a").await;
+    let b = e.node("node-b").await;
+    let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
+    let mut gb = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
+    // Watched on B, so B's relay decodes gina's events (where the write-back started).
+    let mut stream = gb.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false }).await.unwrap().into_inner();
+    let next = async |s: &mut tonic::Streaming<pb::PresenceEvent>, within: u64| {
+        tokio::time::timeout(Duration::from_millis(within), s.message()).await.ok().map(|m| m.unwrap().expect("open"))
+    };
+    assert!(next(&mut stream, 5000).await.expect("the snapshot").snapshot);
+    for round in 0..3 {
+        let reg = pb::RegisterSessionRequest {
+            user_id: "gina".into(),
+            device_id: "d".into(),
+            instance_id: "gw-b".into(),
+            ttl_seconds: 60,
+            platform: String::new(),
+        };
+        gb.register_session(b.admin_request(reg)).await.unwrap();
+        assert_eq!(next(&mut stream, 5000).await.map(|e| e.kind), Some(Kind::UserOnline as i32), "round {round}");
+        let end = pb::UnregisterSessionRequest { user_id: "gina".into(), device_id: "d".into(), immediate: true };
+        ga.unregister_session(a.admin_request(end)).await.unwrap();
+        assert_eq!(next(&mut stream, 5000).await.map(|e| e.kind), Some(Kind::UserOffline as i32), "round {round}");
+        let more = next(&mut stream, 1500).await;
+        assert!(more.is_none(), "round {round}: the ended session came back: {more:?}");
+        for n in [&a, &b] {
+            let (code, body) = n.get("/api/v2/presence/gina").await;
+            assert_eq!((code, body["data"]["gina"]["device_count"].as_u64()), (200, Some(0)), "round {round}: {body}");
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A node's read cache follows writes made on other nodes through the KV watcher, even
 /// for users nobody on it watches (no event reaches it about them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

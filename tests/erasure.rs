@@ -168,11 +168,7 @@ async fn erase_across_nodes(engine: Engine, grace: &str) {
     b.stop().await;
 }
 
-// Known defect, issue 25 left open: on NATS the erased user is still read back (not 404)
-// 10 s after the erasure, since the record is now erased before the directory (be99b29).
-// Run it with `--run-ignored all` while fixing it.
 #[tokio::test]
-#[ignore = "known defect: on NATS the erased user is still read back after the erasure (issue 25)"]
 async fn erase_on_nats() {
     erase_across_nodes(Engine::nats(), "1s").await;
 }

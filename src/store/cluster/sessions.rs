@@ -2,8 +2,9 @@
 //! answers), heartbeats in memory (forwarded to the owning node when they land elsewhere),
 //! the offline grace (a session whose connection went lingers in memory until its
 //! deadline), the owner index, the end of sessions whose deadline passed, and the
-//! node-to-node requests (`refresh`, answered; `drop` and `adopt`, not). The bookkeeping
-//! itself, with no I/O, is [`super::owned::OwnedTable`].
+//! node-to-node requests (`refresh`, answered; `drop`, answered when asked before the end
+//! is written; `adopt`, not). The bookkeeping itself, with no I/O, is
+//! [`super::owned::OwnedTable`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +85,11 @@ impl ClusterStore {
                         }
                         "drop" => {
                             store.inner.owned.lock().remove_tagged(&user, &req.device_id, req.sid);
+                            if let Some(reply) = msg.reply {
+                                // Asked before the session's end is written: forgotten now.
+                                let answer = store.inner.bp.respond(&reply, Bytes::new());
+                                let _ = tokio::time::timeout(store.inner.opts.kv_timeout, answer).await;
+                            }
                             store.index_end(&user).await;
                         }
                         _ => {}
@@ -326,6 +332,19 @@ impl ClusterStore {
     /// Ends a session now (a sign-out, or a grace already over).
     async fn end_now(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
         let node = self.inner.node.clone();
+        // A session another node holds: that node forgets it first. Told after the write,
+        // it could see the write's event before the word, find a live connection of its
+        // own missing from the store and write the session back (anti-entropy).
+        let now = self.inner.clock.now();
+        let held_elsewhere = self.read(id, false).await?.and_then(|(state, _)| {
+            state
+                .live_sessions(now)
+                .find(|x| *x.device_id == *device && sid.is_none_or(|t| t == x.sid) && *x.node_id != *node)
+                .map(|x| (x.node_id.clone(), x.sid))
+        });
+        if let Some((o, t)) = &held_elsewhere {
+            self.ask_drop(o, id, device, *t).await;
+        }
         let mut owner: Option<(Arc<str>, u64)> = None;
         let r = self
             .apply_session(id, false, |s, now| {
@@ -346,9 +365,21 @@ impl ClusterStore {
         self.inner.owned.lock().remove_tagged(id, device, tag);
         self.index_end(id).await;
         if let Some((o, t)) = owner {
-            self.tell_drop(&o, id, device, Some(t)).await;
+            if held_elsewhere.is_none_or(|(asked, at)| asked != o || at != t) {
+                self.tell_drop(&o, id, device, Some(t)).await;
+            }
         }
         Ok(true)
+    }
+
+    /// As [`ClusterStore::tell_drop`], waiting (briefly) for the owner to say it forgot
+    /// the session; an owner that does not answer is gone or cut off, and goes on.
+    async fn ask_drop(&self, owner: &str, id: &UserId, device: &str, sid: u64) {
+        let req = NodeRequest { op: "drop".into(), user_id: id.to_string(), device_id: device.into(), sid: Some(sid) };
+        let Ok(body) = serde_json::to_vec(&req) else { return };
+        if let Err(e) = self.inner.bp.request(owner, "drop", body.into(), Duration::from_secs(1)).await {
+            tracing::debug!(owner = %owner, error = %e, "the owner did not confirm its session ended; ending it all the same");
+        }
     }
 
     /// Tells `owner` (when it is another node) that its session of `device` ended or moved
