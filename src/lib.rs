@@ -4,9 +4,10 @@
 //! Floors, from the ground up, as the imports make them: a module imports only from the
 //! floors below it, and no two modules import each other.
 //!
-//! 1. The domain, no I/O: [`core`] (statuses, users, device sessions, the aggregation rule
-//!    and every transition, privacy projection, events, the timer wheel, token buckets;
-//!    every rule takes `now` and is unit-tested). [`shards`]: the sharded map.
+//! 1. The domain, no I/O: [`core`] (statuses, users, device sessions and their activity,
+//!    the aggregation rule (automatic away included) and every transition, privacy
+//!    projection, events, the timer wheel, token buckets; every rule takes `now` and is
+//!    unit-tested). [`shards`]: the sharded map.
 //! 2. What everything above shares: [`clock`] (the time source and the periodic task
 //!    every sweeper runs on), [`bus`] (the in-process bus: events, typing, directory
 //!    changes, interest), [`config`] (YAML + environment, each section with its rules),

@@ -266,7 +266,7 @@ async fn dev_token_only_with_dev_flag() {
 /// both go to `$PRESENCED_SCREENSHOTS/` when set.
 #[tokio::test]
 async fn the_user_view_speaks_in_words_and_the_operator_view_counts() {
-    let s = common::TestServer::start_dev(&[]).await;
+    let s = common::TestServer::start_dev(&[("PRESENCE_PRESENCE__AUTO_AWAY_AFTER", "1s")]).await;
     let admin = s.admin_token("ops");
     let r = s
         .client
@@ -281,7 +281,7 @@ async fn the_user_view_speaks_in_words_and_the_operator_view_counts() {
     let carol = common::wsclient::connect(&s, "carol", "c1").await;
     drop(carol);
     let mut bob_phone = common::wsclient::connect_platform(&s, "bob", "phone", "mobile").await;
-    let _bob_laptop = common::wsclient::connect_platform(&s, "bob", "laptop", "desktop").await;
+    let mut bob_laptop = common::wsclient::connect_platform(&s, "bob", "laptop", "desktop").await;
 
     let driver = Driver::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -302,6 +302,17 @@ async fn the_user_view_speaks_in_words_and_the_operator_view_counts() {
     alice
         .wait_for("return document.querySelector('li[data-user=\"bob\"] .devices')?.textContent ?? null;", json!("on phone and laptop"))
         .await;
+    // bob idle on his phone: each device's state; on both: away, idle for how long.
+    let idle = |id: u64| json!({"type": "activity", "payload": {"active": false}, "id": id});
+    bob_phone.ack(idle(3)).await;
+    let states = "return document.querySelector('li[data-user=\"bob\"] .states')?.textContent ?? null;";
+    alice.wait_for(states, json!("laptop: active · phone: idle 0 min")).await;
+    bob_laptop.ack(idle(4)).await;
+    alice.wait_for(&dot("bob"), json!("away")).await;
+    alice.wait_for("return document.querySelector('li[data-user=\"bob\"] .idle')?.textContent ?? null;", json!("· idle 0 min")).await;
+    alice.wait_for(states, json!("laptop: idle 0 min · phone: idle 0 min")).await;
+    bob_phone.ack(json!({"type": "activity", "payload": {"active": true}, "id": 5})).await;
+    alice.wait_for(&dot("bob"), json!("online")).await;
     // alice types in the page: bob's socket hears it once, debounced.
     alice.type_into("#compose", "hello").await;
     let t = bob_phone.recv_type("typing_indicator").await;

@@ -66,6 +66,7 @@ async fn what_one_node_learns_the_other_serves(e: Engine) {
         instance_id: "gw-b".into(),
         ttl_seconds: 60,
         platform: String::new(),
+        active: None,
     };
     grpc.register_session(b.admin_request(reg)).await.unwrap();
     eventually("carol online on A", async || a.get("/api/v2/presence/carol").await.1["data"]["carol"]["status"] == "online").await;
@@ -327,6 +328,7 @@ async fn grpc_watch_on_one_node_follows_sessions_on_another(e: Engine) {
         instance_id: "gw-a".into(),
         ttl_seconds: 1,
         platform: String::new(),
+        active: None,
     };
     ga.register_session(a.admin_request(reg)).await.unwrap();
     let online = next().await;
@@ -362,6 +364,7 @@ async fn a_session_ended_through_another_node_stays_ended(e: Engine) {
             instance_id: "gw-b".into(),
             ttl_seconds: 60,
             platform: String::new(),
+            active: None,
         };
         gb.register_session(b.admin_request(reg)).await.unwrap();
         assert_eq!(next(&mut stream, 5000).await.map(|e| e.kind), Some(Kind::UserOnline as i32), "round {round}");

@@ -32,6 +32,7 @@ fn register(user: &str, device: &str, instance: &str, ttl: u32) -> pb::RegisterS
         instance_id: instance.into(),
         ttl_seconds: ttl,
         platform: String::new(),
+        active: None,
     }
 }
 
@@ -118,7 +119,10 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
     let before = exp;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let refreshed = c
-        .refresh_session(authed(pb::RefreshSessionRequest { user_id: "alice".into(), device_id: "phone".into() }, &admin))
+        .refresh_session(authed(
+            pb::RefreshSessionRequest { user_id: "alice".into(), device_id: "phone".into(), active: None, idle_since: None },
+            &admin,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -158,7 +162,10 @@ async fn sessions_over_grpc_are_seen_by_rest_and_websocket() {
         .removed
     );
     let e = c
-        .refresh_session(authed(pb::RefreshSessionRequest { user_id: "alice".into(), device_id: "laptop".into() }, &admin))
+        .refresh_session(authed(
+            pb::RefreshSessionRequest { user_id: "alice".into(), device_id: "laptop".into(), active: None, idle_since: None },
+            &admin,
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -176,7 +183,10 @@ async fn session_rpcs_need_the_admin_scope_and_valid_input() {
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("presence:admin"), "{}", e.message());
     let e = c
-        .refresh_session(authed(pb::RefreshSessionRequest { user_id: "alice".into(), device_id: "d".into() }, &s.token("alice")))
+        .refresh_session(authed(
+            pb::RefreshSessionRequest { user_id: "alice".into(), device_id: "d".into(), active: None, idle_since: None },
+            &s.token("alice"),
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -254,7 +264,10 @@ async fn watch_presence_snapshot_then_changes_and_ttl_expiry_is_user_offline() {
     assert_eq!(offline.kind, Kind::UserOffline as i32);
     assert_eq!(offline.presence.unwrap().status, pb::Status::Offline as i32);
     let e = c
-        .refresh_session(authed(pb::RefreshSessionRequest { user_id: "carol".into(), device_id: "phone".into() }, &admin))
+        .refresh_session(authed(
+            pb::RefreshSessionRequest { user_id: "carol".into(), device_id: "phone".into(), active: None, idle_since: None },
+            &admin,
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "an expired session must be registered again");

@@ -90,7 +90,7 @@ async fn a_lapsed_gateway_ends_its_10000_sessions_with_one_offline_each() {
     let r = c.get_presence(pb::GetPresenceRequest { user_ids: vec!["u0".into(), "u9999".into()] }).await.unwrap().into_inner();
     assert!(r.presences.iter().all(|p| p.status == pb::Status::Online as i32));
     // A bound session's refresh and its device list answer the lease's deadline.
-    let one = pb::RefreshSessionRequest { user_id: "u7".into(), device_id: "phone".into() };
+    let one = pb::RefreshSessionRequest { user_id: "u7".into(), device_id: "phone".into(), active: None, idle_since: None };
     assert_eq!(c.refresh_session(s.admin_request(one)).await.unwrap().into_inner().expires_at, last.expires_at);
     let d = c.get_user_devices(s.admin_request(pb::GetUserDevicesRequest { user_id: "u7".into() })).await.unwrap().into_inner();
     assert_eq!(d.devices[0].expires_at, last.expires_at);

@@ -42,6 +42,7 @@ async fn node_tests_against_the_real_server_including_a_restart() {
     let names = [
         "backoff grows",
         "heartbeats at the server's interval",
+        "activity: no input or a hidden page is idle",
         "close() while the socket is still connecting",
         "typing: one frame",
         "a reload continues the session",

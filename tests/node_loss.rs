@@ -136,9 +136,10 @@ async fn heartbeats_cost_no_store_writes_wherever_they_land(e: Engine) {
         instance_id: "gw".into(),
         ttl_seconds: 30,
         platform: String::new(),
+        active: None,
     };
     ga.register_session(a.admin_request(reg)).await.unwrap();
-    let refresh = || pb::RefreshSessionRequest { user_id: "dana".into(), device_id: "d1".into() };
+    let refresh = || pb::RefreshSessionRequest { user_id: "dana".into(), device_id: "d1".into(), active: None, idle_since: None };
     let writes = || a.svc.store.stats().writes + c.svc.store.stats().writes;
     let before = writes();
     for _ in 0..50 {

@@ -103,6 +103,7 @@ async fn the_last_device_gone_means_offline_and_the_preference_comes_back() {
         instance_id: "gw".into(),
         ttl_seconds: 60,
         platform: "web".into(),
+        active: None,
     };
     grpc.register_session(authed(reg, &admin)).await.unwrap();
     let set = pb::SetPresenceRequest {
@@ -284,6 +285,17 @@ impl PresenceStore for Slow {
         self.inner.end_session(id, device, sid, ending).await
     }
 
+    async fn set_activity(
+        &self,
+        id: &UserId,
+        device: &str,
+        sid: Option<u64>,
+        activity: presenced::core::Activity,
+        reassert: bool,
+    ) -> Result<bool, StoreError> {
+        self.inner.set_activity(id, device, sid, activity, reassert).await
+    }
+
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {
         self.inner.devices(id).await
     }
@@ -380,6 +392,7 @@ async fn concurrent_connects_never_pass_the_device_limit() {
                 instance_id: "gw".into(),
                 ttl_seconds: 60,
                 platform: String::new(),
+                active: None,
             };
             g.register_session(authed(reg, &admin)).await
         }

@@ -91,12 +91,15 @@ async fn multi_device_online_offline_seen_by_subscriber() {
     let phone = connect_platform(&s, "alice", "phone", "mobile").await;
     let p = bob.presence_of("alice").await;
     assert_eq!((p["status"].as_str(), p["device_count"].as_i64()), (Some("online"), Some(1)));
-    assert_eq!(p["devices"], json!([{"device_id":"phone","platform":"mobile"}]));
+    assert_eq!(p["devices"], json!([{"device_id":"phone","platform":"mobile","active":true}]));
     // A second device is news: watchers can show "on phone and laptop".
     let laptop = connect_platform(&s, "alice", "laptop", "desktop").await;
     let p = bob.presence_of("alice").await;
     assert_eq!((p["status"].as_str(), p["device_count"].as_i64()), (Some("online"), Some(2)));
-    assert_eq!(p["devices"], json!([{"device_id":"laptop","platform":"desktop"},{"device_id":"phone","platform":"mobile"}]));
+    assert_eq!(
+        p["devices"],
+        json!([{"device_id":"laptop","platform":"desktop","active":true},{"device_id":"phone","platform":"mobile","active":true}])
+    );
     let r = s.get("/api/v2/presence/alice").await;
     assert_eq!(r.1["data"]["alice"]["device_count"], 2);
     drop(phone);
@@ -531,7 +534,12 @@ async fn legacy_http_endpoints() {
         .unwrap();
     assert_eq!(decode(r).await.1["data"]["device_id"], "tablet");
     let z = s.get("/api/v2/presence/zed").await.1;
-    assert!(z["data"]["zed"]["devices"].as_array().is_some_and(|d| d.contains(&json!({"device_id":"tablet","platform":"mobile"}))), "{z}");
+    assert!(
+        z["data"]["zed"]["devices"]
+            .as_array()
+            .is_some_and(|d| d.contains(&json!({"device_id":"tablet","platform":"mobile","active":true}))),
+        "{z}"
+    );
 
     // POST /presence/typing
     let r = s

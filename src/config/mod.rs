@@ -296,6 +296,10 @@ pub struct PresenceConfig {
     /// continues the session with no event. `0s`: ends at once. A grace longer than
     /// `session_ttl` is cut to it (see [`PresenceConfig::grace_ms`]).
     pub offline_grace: Dur,
+    /// With no explicit status in force, a user whose every live device has been idle
+    /// (its client said so: `activity` on `/ws`, gRPC, the legacy heartbeat) for this
+    /// long reads `away`, until a device is active again. `0s`: never.
+    pub auto_away_after: Dur,
 }
 
 impl PresenceConfig {
@@ -317,6 +321,7 @@ impl Default for PresenceConfig {
             last_seen_interval: Dur::secs(0),
             forget_after: Dur::secs(30 * 24 * 3600),
             offline_grace: Dur::secs(10),
+            auto_away_after: Dur::secs(600),
         }
     }
 }

@@ -14,6 +14,6 @@ pub use model::{
     empty_message, no_devices, validate_id, DeviceId, DeviceSummary, IdError, Millis, Platform, Presence, Session, Status, UserId,
 };
 pub use privacy::{project, visible_change, Privacy, Relation, Visibility};
-pub use session::{DeviceLimit, Ending, NewSession, Registered};
+pub use session::{Activity, DeviceLimit, Ending, NewSession, Registered};
 pub use state::{Change, Explicit, UserState, HELD};
 pub use wheel::TimerWheel;

@@ -154,6 +154,18 @@ impl Platform {
 pub struct DeviceSummary {
     pub device_id: DeviceId,
     pub platform: Option<Platform>,
+    /// Whether the user is active on the device (not idle, the app not in the background).
+    pub active: bool,
+    /// Since when the user has not been active on it; `None` while they are, or when the
+    /// viewer may not see the user's times.
+    pub idle_since: Option<Millis>,
+}
+
+impl DeviceSummary {
+    /// An active device.
+    pub fn new(device_id: DeviceId, platform: Option<Platform>) -> DeviceSummary {
+        DeviceSummary { device_id, platform, active: true, idle_since: None }
+    }
 }
 
 /// The empty device list, shared so that views of users without devices allocate nothing.
@@ -181,6 +193,9 @@ pub struct Presence {
     pub device_count: u32,
     /// The live devices, ordered by device id.
     pub devices: Arc<[DeviceSummary]>,
+    /// The status is an automatic `away` (no explicit status, every live device idle for
+    /// `presence.auto_away_after`): since when the last of them went idle.
+    pub idle_since: Option<Millis>,
     /// An explicit `offline` ("appear offline") is in force: everyone but the user sees
     /// them as a hidden user (see [`crate::core::privacy::project`]).
     pub appear_offline: bool,
@@ -203,6 +218,7 @@ impl Presence {
             expires_at: None,
             device_count: 0,
             devices: no_devices(),
+            idle_since: None,
             appear_offline: false,
             revision: 0,
         }
@@ -217,6 +233,7 @@ impl Presence {
             && self.expires_at == other.expires_at
             && self.device_count == other.device_count
             && self.devices == other.devices
+            && self.idle_since == other.idle_since
             && self.appear_offline == other.appear_offline
     }
 
@@ -231,6 +248,7 @@ impl Presence {
             && self.expires_at == other.expires_at
             && self.device_count == other.device_count
             && self.devices == other.devices
+            && self.idle_since == other.idle_since
             && self.appear_offline == other.appear_offline
     }
 }
@@ -262,6 +280,15 @@ pub struct Session {
     /// registration of the same device continues it without any event.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lingering: bool,
+    /// Since when the user has not been active on the device; `None` while they are (a
+    /// new session starts active).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Millis>,
+    /// When the device's idleness makes the user automatically `away` (`idle_since` plus
+    /// `presence.auto_away_after` as it was when the device went idle); `None` while
+    /// active, or with automatic away off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub away_at: Option<Millis>,
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{empty_message, no_devices, Presence, Status};
+use super::model::{empty_message, no_devices, DeviceSummary, Presence, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -84,13 +84,21 @@ pub fn project(p: &Presence, privacy: &Privacy, rel: Relation) -> Presence {
             expires_at: None,
             device_count: 0,
             devices: no_devices(),
+            idle_since: None,
             appear_offline: false,
             revision: p.revision,
         };
     }
     let mut out = p.clone();
     if !privacy.last_seen.allows(rel) {
+        // The moments of activity go with last_seen: whether a device is active, and an
+        // automatic away, stay (they are status).
         out.last_seen = None;
+        out.idle_since = None;
+        if out.devices.iter().any(|d| d.idle_since.is_some()) {
+            let devices: Vec<DeviceSummary> = out.devices.iter().map(|d| DeviceSummary { idle_since: None, ..d.clone() }).collect();
+            out.devices = devices.into();
+        }
     }
     out
 }
@@ -104,7 +112,7 @@ pub fn visible_change(before: &Presence, after: &Presence, privacy: &Privacy, re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{DeviceSummary, Platform, UserId};
+    use crate::core::{Platform, UserId};
     use std::sync::Arc;
 
     fn busy() -> Presence {
@@ -118,9 +126,10 @@ mod tests {
             expires_at: Some(100),
             device_count: 2,
             devices: Arc::from(vec![
-                DeviceSummary { device_id: Arc::from("laptop"), platform: Some(Platform::Desktop) },
-                DeviceSummary { device_id: Arc::from("phone"), platform: None },
+                DeviceSummary::new(Arc::from("laptop"), Some(Platform::Desktop)),
+                DeviceSummary::new(Arc::from("phone"), None),
             ]),
+            idle_since: None,
             appear_offline: false,
             revision: 3,
         }

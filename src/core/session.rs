@@ -1,6 +1,6 @@
 //! What a session transition of [`super::state::UserState`] takes and answers: the
-//! session to open, the registration made, the device limit that refused one, and how a
-//! session ends (at once, or held for the offline grace).
+//! session to open, the registration made, the device limit that refused one, how a
+//! session ends (at once, or held for the offline grace), and a device's activity.
 
 use std::sync::Arc;
 
@@ -86,4 +86,16 @@ impl Ending {
         let last_heard = last_heard.min(now);
         Ending::Held { until: last_heard.saturating_add(grace_ms.max(0)).max(now), last_heard }
     }
+}
+
+/// Whether the user is active on a device, as its client says (see
+/// [`super::state::UserState::set_activity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Input again (or never idle): a new session starts so.
+    Active,
+    /// Idle, or the app went to the background, since `since` (clamped to the session's
+    /// start and to now). The user becomes automatically `away` once every live device
+    /// has been idle for `away_after_ms` (`0`: never).
+    Idle { since: Millis, away_after_ms: i64 },
 }

@@ -13,6 +13,11 @@
 //! 3. Except: a status written while the user had no live session at all (a REST-only
 //!    client, a backend setting `busy` from a calendar) shows as written, until a device
 //!    that connects later goes away again (whichever happened last wins).
+//! 4. Automatic away: with no explicit status shown, a user whose every live device has
+//!    been idle for `presence.auto_away_after` reads `away`, with `idle_since` (when the
+//!    last device went idle); one device active again reads `online` at once. The
+//!    moment comes from a timer ([`UserState::next_deadline`]) and is stored, like every
+//!    other transition, so that it is published once.
 //!
 //! An explicit `offline` ("appear offline") hides a connected user: everyone but the
 //! user sees them as a hidden user (see [`crate::core::privacy::project`]).
@@ -21,7 +26,7 @@ use std::sync::Arc;
 
 use super::event::EventKind;
 use super::model::{empty_message, no_devices, DeviceId, DeviceSummary, Millis, Platform, Presence, Session, Status, UserId};
-use super::session::{DeviceLimit, Ending, NewSession, Registered};
+use super::session::{Activity, DeviceLimit, Ending, NewSession, Registered};
 
 /// Stored expiry of a session held by its node's lease (cluster mode): it lives until the
 /// owning node ends it or the node's lease lapses and the janitor does.
@@ -57,6 +62,9 @@ pub struct UserState {
     pub last_seen: Option<Millis>,
     pub updated_at: Option<Millis>,
     pub node_id: Arc<str>,
+    /// Automatic away is in force (rule 4): since when the last device went idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub away: Option<Millis>,
 }
 
 /// What a transition did, for the caller to publish and persist.
@@ -85,7 +93,8 @@ struct Visible {
     status: Status,
     message: Arc<str>,
     online: bool,
-    devices: Vec<(DeviceId, Option<Platform>)>,
+    /// Each device with its platform and since when it is idle.
+    devices: Vec<(DeviceId, Option<Platform>, Option<Millis>)>,
     appear_offline: bool,
 }
 
@@ -96,15 +105,20 @@ fn shown(explicit: Option<&Explicit>, live: usize, stored: usize) -> Option<&Exp
 }
 
 impl Visible {
-    fn of<'a>(explicit: Option<&Explicit>, sessions: impl Iterator<Item = &'a Session>, stored: usize) -> Visible {
-        let mut devices: Vec<(DeviceId, Option<Platform>)> = sessions.map(|s| (s.device_id.clone(), s.platform)).collect();
+    fn of<'a>(explicit: Option<&Explicit>, sessions: impl Iterator<Item = &'a Session>, stored: usize, away: bool) -> Visible {
+        let mut devices: Vec<(DeviceId, Option<Platform>, Option<Millis>)> =
+            sessions.map(|s| (s.device_id.clone(), s.platform, s.idle_since)).collect();
         devices.sort();
         let online = !devices.is_empty();
         let appear_offline = explicit.is_some_and(|e| e.status == Status::Offline);
         match shown(explicit, devices.len(), stored) {
             Some(e) => Visible { status: e.status, message: e.message.clone(), online, devices, appear_offline },
             None => Visible {
-                status: if online { Status::Online } else { Status::Offline },
+                status: match (online, away) {
+                    (true, true) => Status::Away,
+                    (true, false) => Status::Online,
+                    (false, _) => Status::Offline,
+                },
                 message: empty_message(),
                 online,
                 devices,
@@ -116,7 +130,7 @@ impl Visible {
 
 impl UserState {
     pub fn new(node_id: Arc<str>) -> UserState {
-        UserState { explicit: None, sessions: Vec::new(), last_seen: None, updated_at: None, node_id }
+        UserState { explicit: None, sessions: Vec::new(), last_seen: None, updated_at: None, node_id, away: None }
     }
 
     /// The explicit status if it is still in force at `now` (shown or kept as a preference).
@@ -134,7 +148,12 @@ impl UserState {
     /// `revision` is left `0`: the store that holds the state fills it in.
     pub fn view(&self, user_id: &UserId, now: Millis) -> Presence {
         let live = self.live_sessions(now).count();
-        let summary = |s: &Session| DeviceSummary { device_id: s.device_id.clone(), platform: s.platform };
+        let summary = |s: &Session| DeviceSummary {
+            device_id: s.device_id.clone(),
+            platform: s.platform,
+            active: s.idle_since.is_none(),
+            idle_since: s.idle_since,
+        };
         let devices: Arc<[DeviceSummary]> = if live == 0 {
             no_devices()
         } else if live == 1 {
@@ -149,10 +168,11 @@ impl UserState {
             Arc::from(v)
         };
         let explicit = self.live_explicit(now);
-        let (status, message, expires_at) = match shown(explicit, live, self.sessions.len()) {
-            Some(e) => (e.status, e.message.clone(), e.expires_at),
-            None if live > 0 => (Status::Online, empty_message(), None),
-            None => (Status::Offline, empty_message(), None),
+        let (status, message, expires_at, idle_since) = match shown(explicit, live, self.sessions.len()) {
+            Some(e) => (e.status, e.message.clone(), e.expires_at, None),
+            None if live > 0 && self.away.is_some() => (Status::Away, empty_message(), None, self.away),
+            None if live > 0 => (Status::Online, empty_message(), None, None),
+            None => (Status::Offline, empty_message(), None, None),
         };
         Presence {
             user_id: user_id.clone(),
@@ -164,6 +184,7 @@ impl UserState {
             expires_at,
             device_count: live as u32,
             devices,
+            idle_since,
             appear_offline: explicit.is_some_and(|e| e.status == Status::Offline),
             revision: 0,
         }
@@ -177,11 +198,28 @@ impl UserState {
     }
 
     fn visible(&self, now: Millis) -> Visible {
-        Visible::of(self.live_explicit(now), self.live_sessions(now), self.sessions.len())
+        Visible::of(self.live_explicit(now), self.live_sessions(now), self.sessions.len(), self.away.is_some())
     }
 
     fn visible_as_stored(&self) -> Visible {
-        Visible::of(self.explicit.as_ref(), self.sessions.iter(), self.sessions.len())
+        Visible::of(self.explicit.as_ref(), self.sessions.iter(), self.sessions.len(), self.away.is_some())
+    }
+
+    /// While every live device is idle with automatic away on: since when the last of
+    /// them went idle, and when that makes the user away.
+    fn away_due(&self, now: Millis) -> Option<(Millis, Millis)> {
+        let mut due: Option<(Millis, Millis)> = None;
+        for s in self.live_sessions(now) {
+            let (since, at) = (s.idle_since?, s.away_at?);
+            due = Some(due.map_or((since, at), |(a, b)| (a.max(since), b.max(at))));
+        }
+        due
+    }
+
+    /// Rule 4, after every transition: automatic away holds from its moment on, and ends
+    /// as soon as a device is active (or the last one goes).
+    fn settle_away(&mut self, now: Millis) {
+        self.away = self.away_due(now).filter(|(_, at)| *at <= now).map(|(since, _)| since);
     }
 
     /// Runs `op`, then decides the event by comparing what a reader saw before (as last
@@ -190,6 +228,7 @@ impl UserState {
         let before = self.visible_as_stored();
         let explicit_before = self.explicit.is_some();
         let expired = op(self);
+        self.settle_away(now);
         let after = self.visible(now);
         let explicit_expired = expired && explicit_before && self.explicit.is_none();
         let event = if before.online != after.online {
@@ -292,11 +331,15 @@ impl UserState {
                 platform: req.platform,
                 sid,
                 lingering: false,
+                idle_since: None,
+                away_at: None,
             };
             match s.sessions.iter_mut().find(|x| x.device_id == req.device) {
                 Some(existing) => {
+                    // The same device again (continued within its grace, or a new
+                    // connection replacing its old one): its activity stays until it says.
                     created = false;
-                    *existing = session;
+                    *existing = Session { idle_since: existing.idle_since, away_at: existing.away_at, ..session };
                 }
                 None => {
                     s.sessions.reserve_exact(1);
@@ -320,6 +363,33 @@ impl UserState {
         let expires_at = s.expires_at;
         self.last_seen = Some(now);
         Some(expires_at)
+    }
+
+    /// Says whether the user is active on `device` (the live, connected registration
+    /// tagged `sid`, when given). A device already idle keeps the moment it went idle. A
+    /// change of a device's activity is an event (readers see each device's); so are the
+    /// automatic away it completes and the return from it. Returns whether the session
+    /// was there.
+    pub fn set_activity(&mut self, device: &str, sid: Option<u64>, activity: Activity, node: &Arc<str>, now: Millis) -> (bool, Change) {
+        let mut found = false;
+        let change = self.transition(node, now, false, |s| {
+            let lapsed = s.drop_lapsed(now);
+            let mine = |x: &&mut Session| &*x.device_id == device && sid.is_none_or(|t| t == x.sid) && x.expires_at > now && !x.lingering;
+            if let Some(x) = s.sessions.iter_mut().find(mine) {
+                found = true;
+                match activity {
+                    Activity::Active => (x.idle_since, x.away_at) = (None, None),
+                    Activity::Idle { .. } if x.idle_since.is_some() => {}
+                    Activity::Idle { since, away_after_ms } => {
+                        let since = since.clamp(x.connected_at.min(now), now);
+                        x.idle_since = Some(since);
+                        x.away_at = (away_after_ms > 0).then(|| since.saturating_add(away_after_ms));
+                    }
+                }
+            }
+            lapsed
+        });
+        (found, change)
     }
 
     /// Gives the live registration of `device` tagged `sid` the TTL `ttl_ms` from `now`
@@ -630,10 +700,8 @@ impl UserState {
     pub fn next_deadline(&self) -> Option<Millis> {
         let sessions = self.sessions.iter().map(|s| s.expires_at).filter(|t| *t != HELD).min();
         let explicit = self.explicit.as_ref().and_then(|e| e.expires_at);
-        match (sessions, explicit) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let away = if self.away.is_none() { self.away_due(Millis::MIN).map(|(_, at)| at) } else { None };
+        [sessions, explicit, away].into_iter().flatten().min()
     }
 
     /// Whether the state holds nothing worth keeping in memory or on disk.
@@ -708,6 +776,8 @@ mod tests {
             platform: None,
             sid,
             lingering: false,
+            idle_since: None,
+            away_at: None,
         }
     }
 
@@ -737,6 +807,75 @@ mod tests {
         let c = s.expire(&node(), 30_000);
         assert_eq!(c.event, Some(EventKind::UserOffline));
         assert_eq!(s.last_seen, Some(20_000), "last_seen is when the device was last heard, not the end of the grace");
+    }
+
+    fn idle(since: Millis) -> Activity {
+        Activity::Idle { since, away_after_ms: 10_000 }
+    }
+
+    #[test]
+    fn every_device_idle_for_the_time_is_away_once_and_one_active_device_is_online_at_once() {
+        let mut s = UserState::new(node());
+        reg(&mut s, "phone", TTL, &node(), 0);
+        reg(&mut s, "laptop", TTL, &node(), 0);
+        // One device idle: an event (its state shows), still online, nothing armed.
+        let (found, c) = s.set_activity("phone", None, idle(1_000), &node(), 1_000);
+        assert!(found);
+        assert_eq!(c.event, Some(EventKind::PresenceUpdated));
+        let v = s.view(&uid(), 1_000);
+        assert_eq!((v.status, v.idle_since), (Status::Online, None));
+        assert_eq!(v.devices.iter().map(|d| (d.active, d.idle_since)).collect::<Vec<_>>(), [(true, None), (false, Some(1_000))]);
+        assert_eq!(s.next_deadline(), Some(TTL), "only the TTLs while a device is active");
+        // Said again: nothing changes, the first moment stays.
+        assert_eq!(s.set_activity("phone", None, idle(2_000), &node(), 2_000).1.event, None);
+        // The last device idle: away is due 10 s after it went idle.
+        assert_eq!(s.set_activity("laptop", None, idle(3_000), &node(), 3_000).1.event, Some(EventKind::PresenceUpdated));
+        assert_eq!(s.next_deadline(), Some(13_000));
+        assert_eq!(s.expire(&node(), 12_999).event, None);
+        let c = s.expire(&node(), 13_000);
+        assert_eq!((c.event, c.previous), (Some(EventKind::PresenceUpdated), Status::Online));
+        let v = s.view(&uid(), 13_000);
+        assert_eq!((v.status, v.idle_since), (Status::Away, Some(3_000)), "since the last device went idle");
+        assert_eq!(s.published(&uid()).status, Status::Away, "stored: published once");
+        assert_eq!(s.expire(&node(), 14_000).event, None, "not twice");
+        // One device active: online at once.
+        let c = s.set_activity("phone", None, Activity::Active, &node(), 20_000).1;
+        assert_eq!((c.event, c.previous), (Some(EventKind::PresenceUpdated), Status::Away));
+        assert_eq!(s.view(&uid(), 20_000).status, Status::Online);
+        assert_eq!(s.away, None);
+        // Back to idle: the away is counted from the new idleness; a new device is active.
+        s.set_activity("phone", None, idle(21_000), &node(), 21_000);
+        assert_eq!(s.next_deadline(), Some(31_000));
+        reg(&mut s, "tablet", TTL, &node(), 22_000);
+        assert_eq!(s.expire(&node(), 31_000).event, None, "a new session starts active");
+        assert_eq!(s.view(&uid(), 31_000).status, Status::Online);
+    }
+
+    #[test]
+    fn an_explicit_status_wins_over_automatic_away_and_idle_since_is_clamped() {
+        let mut s = UserState::new(node());
+        reg(&mut s, "phone", TTL, &node(), 5_000);
+        s.set_status(Status::Busy, Arc::from("call"), None, &node(), 5_000);
+        // Idle since before the session began: clamped to its start; in the future: now.
+        s.set_activity("phone", None, idle(1), &node(), 6_000);
+        assert_eq!(s.sessions[0].idle_since, Some(5_000));
+        assert_eq!(s.expire(&node(), 15_000).event, None, "busy wins: nothing shows");
+        assert_eq!(s.view(&uid(), 15_000).status, Status::Busy);
+        assert_eq!(s.away, Some(5_000), "the away is kept, for when the status goes");
+        let c = s.clear_status(&node(), 16_000);
+        assert_eq!((c.event, s.view(&uid(), 16_000).status), (Some(EventKind::PresenceUpdated), Status::Away));
+        s.set_activity("phone", None, Activity::Active, &node(), 17_000);
+        s.set_activity("phone", None, idle(Millis::MAX), &node(), 18_000);
+        assert_eq!(s.sessions[0].idle_since, Some(18_000), "a time in the future is now");
+        // Off (0): idle devices, never away; a lingering or unknown device is not found.
+        s.set_activity("phone", None, Activity::Active, &node(), 19_000);
+        s.set_activity("phone", None, Activity::Idle { since: 19_000, away_after_ms: 0 }, &node(), 19_000);
+        assert_eq!(s.next_deadline(), Some(5_000 + TTL), "the TTL only: no away armed");
+        assert!(!s.set_activity("tablet", None, Activity::Active, &node(), 19_000).0);
+        assert!(!s.set_activity("phone", Some(99), Activity::Active, &node(), 19_000).0, "another registration's tag");
+        // The same device registering again keeps its activity (a continued session).
+        reg(&mut s, "phone", TTL, &node(), 20_000);
+        assert_eq!(s.sessions[0].idle_since, Some(19_000));
     }
 
     #[test]

@@ -137,6 +137,17 @@ impl Api {
     fn device(&self, raw: &str) -> Result<(), ApiError> {
         self.svc.check_id("device id", raw)
     }
+
+    /// `idle_since` of an activity report: only with `active = false`.
+    fn idle_since(&self, t: Option<&prost_types::Timestamp>, active: Option<bool>) -> Result<Option<Millis>, ApiError> {
+        match (t, active) {
+            (None, _) => Ok(None),
+            (Some(t), Some(false)) => {
+                crate::wire::proto::millis_of(t).map(Some).ok_or_else(|| ApiError::BadRequest("idle_since is out of range".into()))
+            }
+            (Some(_), _) => Err(ApiError::BadRequest("idle_since goes with active = false".into())),
+        }
+    }
 }
 
 type Rpc<T> = Result<Response<T>, GrpcStatus>;
@@ -175,6 +186,9 @@ impl PresenceApi for Api {
             let one = std::iter::once((m.user_id.as_str(), m.device_id.as_str(), Some(m.platform.as_str())));
             let session = self.svc.gateway_sessions(one)?.remove(0);
             let reg = self.svc.sessions.open_gateway(&session, instance, ttl_ms).await?;
+            if m.active == Some(false) {
+                self.svc.sessions.set_activity(&session.user, &session.device, Some(reg.sid), (false, None), false).await?;
+            }
             if reg.created {
                 self.svc.audit_sessions(&who, "session_registered", instance, [(&session.user, &*session.device)]);
             }
@@ -214,8 +228,14 @@ impl PresenceApi for Api {
             let m = req.get_ref();
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
+            let idle_since = self.idle_since(m.idle_since.as_ref(), m.active)?;
             match self.svc.sessions.refresh(&user, &m.device_id).await? {
-                Some(t) => Ok(pb::RefreshSessionResponse { expires_at: Some(ts(t)) }),
+                Some(t) => {
+                    if let Some(active) = m.active {
+                        self.svc.sessions.set_activity(&user, &m.device_id, None, (active, idle_since), true).await?;
+                    }
+                    Ok(pb::RefreshSessionResponse { expires_at: Some(ts(t)) })
+                }
                 None => Err(ApiError::NotFound(format!("no live session for {user} on device {}: register it again", m.device_id))),
             }
         }
@@ -223,6 +243,24 @@ impl PresenceApi for Api {
         .map(Response::new)
         .map_err(to_status);
         observe("RefreshSession", start, &r);
+        r
+    }
+
+    async fn set_activity(&self, req: Request<pb::SetActivityRequest>) -> Rpc<pb::SetActivityResponse> {
+        let start = Instant::now();
+        let r = async {
+            self.admin(&req, "SetActivity")?;
+            let m = req.get_ref();
+            let user = self.svc.parse_user(&m.user_id)?;
+            self.device(&m.device_id)?;
+            let idle_since = self.idle_since(m.idle_since.as_ref(), Some(m.active))?;
+            self.svc.sessions.set_activity(&user, &m.device_id, None, (m.active, idle_since), false).await?;
+            Ok(pb::SetActivityResponse {})
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("SetActivity", start, &r);
         r
     }
 
@@ -338,6 +376,8 @@ impl PresenceApi for Api {
                         last_seen: Some(ts(d.last_heartbeat)),
                         expires_at: Some(ts(d.expires_at)),
                         platform: d.platform.map(|p| p.as_str().to_string()).unwrap_or_default(),
+                        active: d.idle_since.is_none(),
+                        idle_since: d.idle_since.map(ts),
                     })
                     .collect(),
             })

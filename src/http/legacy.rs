@@ -71,6 +71,10 @@ pub(crate) struct HeartbeatBody {
     /// `desktop`, `mobile` or `web` (the `X-Device-Platform` header wins).
     #[schema(schema_with = super::schema::platform_or_null)]
     platform: Option<String>,
+    /// Whether the user is active on the device (`false`: idle, or the app in the
+    /// background); written only when it changes. Absent: unchanged (a new session
+    /// starts active).
+    active: Option<bool>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -110,15 +114,18 @@ pub(crate) struct Typing<'a> {
     security(("bearer" = [])))]
 pub async fn heartbeat(State(state): State<Http>, Caller(who): Caller, headers: HeaderMap, body: Body) -> Res {
     let user = state.svc.parse_user(&who.sub)?;
-    let (device, platform) = device_of(&state, &headers, &body)?;
+    let (device, platform, active) = device_of(&state, &headers, &body)?;
     let svc = &state.svc;
-    let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
+    let (expires_at, opened) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
+    if let Some(active) = active {
+        svc.sessions.set_activity(&user, &device, opened.map(|r| r.sid), (active, None), true).await?;
+    }
     Ok(super::ok(Heartbeat { user_id: user.as_str(), device_id: &device, expires_at: rfc3339(expires_at) }))
 }
 
 /// The device (and platform) of a legacy request: the headers win, but a body that
 /// breaks the documented schema is refused either way.
-fn device_of(state: &Http, headers: &HeaderMap, body: &Body) -> Result<(String, Option<Platform>), ApiError> {
+fn device_of(state: &Http, headers: &HeaderMap, body: &Body) -> Result<(String, Option<Platform>, Option<bool>), ApiError> {
     let b: HeartbeatBody = body.json_or_default()?;
     if let Some(d) = b.device_id.as_deref() {
         state.svc.check_id("device id", d)?;
@@ -131,7 +138,7 @@ fn device_of(state: &Http, headers: &HeaderMap, body: &Body) -> Result<(String, 
         Some(h) => state.svc.parse_platform(Some(h))?,
         None => body_platform,
     };
-    Ok((device, platform))
+    Ok((device, platform, b.active))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -151,7 +158,7 @@ pub(crate) struct Bye<'a> {
     security(("bearer" = [])))]
 pub async fn bye(State(state): State<Http>, Caller(who): Caller, headers: HeaderMap, body: Body) -> Res {
     let user = state.svc.parse_user(&who.sub)?;
-    let (device, _) = device_of(&state, &headers, &body)?;
+    let (device, _, _) = device_of(&state, &headers, &body)?;
     let removed = state.svc.sessions.close(&user, &device, None, Leave::Bye).await?;
     Ok(super::ok(Bye { user_id: user.as_str(), device_id: &device, removed }))
 }

@@ -100,7 +100,9 @@ pub(super) async fn openapi_json() -> axum::response::Response {
 /// the JSON envelope (401/400/429). Documentation only: the WebSocket transport does not
 /// reach up into the HTTP one for it.
 #[utoipa::path(get, path = "/ws", operation_id = "websocket", tag = "realtime", summary = "Upgrade to the WebSocket protocol",
-    description = "Messages are JSON `{\"type\": ..., \"data\": ...}`: the server sends `connected`, `presence_update`,         `typing`, `heartbeat_ack`, `error`; the client sends `heartbeat`, `subscribe`, `unsubscribe`, `set_status`,         `typing`. See the README's WebSocket section.",
+    description = "Messages are JSON `{\"type\": ..., \"payload\": ..., \"id\"?: ...}`: the server sends `connected`, \
+        `presence_update`, `typing_indicator`, `ack`, `error`; the client sends `presence_update`, `heartbeat`, `activity`, \
+        `typing`, `subscribe`, `unsubscribe`, `bye`. See the README's WebSocket section.",
     params(crate::ws::WsQuery),
     responses((status = 101, description = "Switching protocols"),
               (status = 400, description = "Not an upgrade request, or invalid input", body = super::envelope::Err)),

@@ -505,7 +505,7 @@ mod tests {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let store: Arc<dyn Store> = Arc::new(MemoryStore::open(MemoryConfig::new("n1"), clock.clone(), EventBus::new(64)).unwrap());
         let instances = Arc::new(Instances::new(store.clone(), clock.clone(), 100));
-        (clock.clone(), store.clone(), Sessions::new(store, instances, 10, 60_000, 0))
+        (clock.clone(), store.clone(), Sessions::new(store, instances, 10, 60_000, 0, 0))
     }
 
     fn phone(user: &str) -> GatewaySession {

@@ -88,6 +88,7 @@ impl Service {
             config.limits.max_devices_per_user,
             config.presence.session_ttl.as_millis_i64(),
             config.presence.grace_ms(),
+            config.presence.auto_away_after.as_millis_i64(),
         );
         let typists = Arc::new(Typists::new(
             node_id.clone(),

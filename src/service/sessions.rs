@@ -12,7 +12,7 @@ use std::sync::Arc;
 use futures_util::stream::{self, StreamExt};
 
 use super::instances::{Instances, LeaseInfo, BOUND_TTL_MS};
-use crate::core::{DeviceId, Ending, Millis, NewSession, Platform, Registered, Session, UserId};
+use crate::core::{Activity, DeviceId, Ending, Millis, NewSession, Platform, Registered, Session, UserId};
 use crate::error::ApiError;
 use crate::store::Store;
 
@@ -48,11 +48,20 @@ pub struct Sessions {
     ttl_ms: i64,
     /// `presence.offline_grace`.
     grace_ms: i64,
+    /// `presence.auto_away_after`.
+    away_after_ms: i64,
 }
 
 impl Sessions {
-    pub fn new(store: Arc<dyn Store>, instances: Arc<Instances>, max_devices: usize, ttl_ms: i64, grace_ms: i64) -> Sessions {
-        Sessions { store, instances, max_devices, ttl_ms, grace_ms }
+    pub fn new(
+        store: Arc<dyn Store>,
+        instances: Arc<Instances>,
+        max_devices: usize,
+        ttl_ms: i64,
+        grace_ms: i64,
+        away_after_ms: i64,
+    ) -> Sessions {
+        Sessions { store, instances, max_devices, ttl_ms, grace_ms, away_after_ms }
     }
 
     /// How the store ends a session that left as `leave` says, now.
@@ -174,6 +183,31 @@ impl Sessions {
                 let reg = self.open(user, device, instance, None, platform).await?;
                 Ok((reg.expires_at, Some(reg)))
             }
+        }
+    }
+
+    /// Says whether the user is active on `device` (the registration tagged `sid`, when
+    /// given); idle since `idle_since` (the client noticed earlier; clamped to the
+    /// session's start and to now), else now. 404 when the device has no live session.
+    /// `reassert`: said with a heartbeat (see [`crate::store::PresenceStore::set_activity`]).
+    pub async fn set_activity(
+        &self,
+        user: &UserId,
+        device: &str,
+        sid: Option<u64>,
+        (active, idle_since): (bool, Option<Millis>),
+        reassert: bool,
+    ) -> Result<(), ApiError> {
+        let activity = if active {
+            Activity::Active
+        } else {
+            // The core clamps it to now.
+            Activity::Idle { since: idle_since.unwrap_or(Millis::MAX), away_after_ms: self.away_after_ms }
+        };
+        if self.store.set_activity(user, device, sid, activity, reassert).await? {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound(format!("device {device} of user {user} has no live session")))
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
+use crate::core::{Activity, Ending, Millis, NewSession, Presence, Registered, Session, Status, UserId};
 
 /// The directory's tables (durable side data kept beside presence records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,6 +146,22 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// ending its own session must not end a newer connection's registration of the same
     /// device).
     async fn end_session(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError>;
+
+    /// Says whether the user is active on `device` (the registration tagged `sid`, when
+    /// given): an event when readers see a change (the device's state, automatic away
+    /// beginning or ending), and it arms automatic away. One write per change; none when
+    /// nothing changes. `Ok(false)` when the device has no live, connected session.
+    /// `reassert`: the device says it with every heartbeat, so a state a cluster node's
+    /// cache already shows is taken as is (no backend round trip); a stale cache is
+    /// corrected by the next heartbeat.
+    async fn set_activity(
+        &self,
+        id: &UserId,
+        device: &str,
+        sid: Option<u64>,
+        activity: Activity,
+        reassert: bool,
+    ) -> Result<bool, StoreError>;
 
     /// [`PresenceStore::end_session`] at once (a deliberate sign-out).
     async fn unregister_session(&self, id: &UserId, device: &str, sid: Option<u64>) -> Result<bool, StoreError> {

@@ -13,6 +13,15 @@ pub struct WireDevice {
     pub device_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// Absent (older nodes): active.
+    #[serde(default = "yes")]
+    pub active: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Millis>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A user's presence as an event carries it (full visibility: events are for backends;
@@ -28,6 +37,9 @@ pub struct WirePresence {
     pub device_count: u32,
     #[serde(default)]
     pub devices: Vec<WireDevice>,
+    /// With an automatic away: since when the last device went idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Millis>,
     #[serde(default)]
     pub appear_offline: bool,
     pub node_id: String,
@@ -45,7 +57,17 @@ impl WirePresence {
             updated_at: p.updated_at,
             expires_at: p.expires_at,
             device_count: p.device_count,
-            devices: p.devices.iter().map(|d| WireDevice { device_id: d.device_id.to_string(), platform: d.platform }).collect(),
+            devices: p
+                .devices
+                .iter()
+                .map(|d| WireDevice {
+                    device_id: d.device_id.to_string(),
+                    platform: d.platform,
+                    active: d.active,
+                    idle_since: d.idle_since,
+                })
+                .collect(),
+            idle_since: p.idle_since,
             appear_offline: p.appear_offline,
             node_id: p.node_id.to_string(),
             revision: p.revision,
@@ -53,8 +75,11 @@ impl WirePresence {
     }
 
     fn into_presence(self, user_id: UserId) -> Presence {
-        let devices: Vec<DeviceSummary> =
-            self.devices.into_iter().map(|d| DeviceSummary { device_id: Arc::from(d.device_id), platform: d.platform }).collect();
+        let devices: Vec<DeviceSummary> = self
+            .devices
+            .into_iter()
+            .map(|d| DeviceSummary { device_id: Arc::from(d.device_id), platform: d.platform, active: d.active, idle_since: d.idle_since })
+            .collect();
         Presence {
             user_id,
             status: self.status,
@@ -65,6 +90,7 @@ impl WirePresence {
             expires_at: self.expires_at,
             device_count: self.device_count,
             devices: Arc::from(devices),
+            idle_since: self.idle_since,
             appear_offline: self.appear_offline,
             revision: self.revision,
         }
@@ -127,7 +153,7 @@ mod tests {
         let mut after = Presence::unknown(id.clone(), Arc::from("n1"));
         after.status = Status::Online;
         after.device_count = 1;
-        after.devices = Arc::from(vec![DeviceSummary { device_id: Arc::from("phone"), platform: Some(Platform::Mobile) }]);
+        after.devices = Arc::from(vec![DeviceSummary::new(Arc::from("phone"), Some(Platform::Mobile))]);
         after.revision = 42;
         let before = Presence { revision: 41, ..Presence::unknown(id, Arc::from("n1")) };
         let ev = Event { kind: EventKind::UserOnline, presence: after, before, at: 7 };

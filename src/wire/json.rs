@@ -15,6 +15,12 @@ pub fn rfc3339(ms: Millis) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// Parses an RFC 3339 time (any offset) into Unix milliseconds; `None` when it is not one.
+pub fn parse_rfc3339(s: &str) -> Option<Millis> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Millis::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// Formats into a stack buffer; returns the length. Years outside 0..=9999 are clamped.
 fn write_rfc3339(ms: Millis, out: &mut [u8; 24]) -> usize {
     let secs = ms.div_euclid(1000);
@@ -67,7 +73,7 @@ pub struct PresenceJson<'a> {
 impl Serialize for PresenceJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let p = self.p;
-        let mut st = s.serialize_struct("Presence", 10)?;
+        let mut st = s.serialize_struct("Presence", 11)?;
         st.serialize_field("user_id", p.user_id.as_str())?;
         st.serialize_field("status", p.status.as_str())?;
         if !p.message.is_empty() {
@@ -88,14 +94,18 @@ impl Serialize for PresenceJson<'_> {
                 st.skip_field("expires_at")?;
             }
         }
+        match p.idle_since {
+            Some(t) => st.serialize_field("idle_since", &Time(t))?,
+            None => st.skip_field("idle_since")?,
+        }
         st.serialize_field("device_count", &p.device_count)?;
         st.serialize_field("devices", &Devices(&p.devices))?;
         st.end()
     }
 }
 
-/// The live devices: `[{"device_id": "phone", "platform": "mobile"}, ...]` (`platform`
-/// only when the client declared one).
+/// The live devices: `[{"device_id": "phone", "platform": "mobile", "active": true}, ...]`
+/// (`platform` only when the client declared one; `idle_since` only while idle).
 struct Devices<'a>(&'a [DeviceSummary]);
 
 impl Serialize for Devices<'_> {
@@ -112,11 +122,16 @@ struct Device<'a>(&'a DeviceSummary);
 
 impl Serialize for Device<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Device", 2)?;
+        let mut st = s.serialize_struct("Device", 4)?;
         st.serialize_field("device_id", &*self.0.device_id)?;
         match self.0.platform {
             Some(p) => st.serialize_field("platform", p.as_str())?,
             None => st.skip_field("platform")?,
+        }
+        st.serialize_field("active", &self.0.active)?;
+        match self.0.idle_since {
+            Some(t) => st.serialize_field("idle_since", &Time(t))?,
+            None => st.skip_field("idle_since")?,
         }
         st.end()
     }
@@ -164,6 +179,11 @@ pub struct PresenceDoc {
     /// When an explicit status with a TTL lapses.
     #[schema(format = DateTime)]
     expires_at: Option<String>,
+    /// With an automatic `away` (every live device idle for `presence.auto_away_after`):
+    /// since when the last device went idle. Absent otherwise, and when the viewer may
+    /// not see the user's `last_seen`.
+    #[schema(format = DateTime)]
+    idle_since: Option<String>,
     device_count: u32,
     devices: Vec<DeviceDoc>,
 }
@@ -177,6 +197,12 @@ pub struct DeviceDoc {
     /// `desktop`, `mobile` or `web`, when the client declared one.
     #[schema(schema_with = platform_schema)]
     platform: Option<String>,
+    /// Whether the user is active on the device (its client says when they are not).
+    active: bool,
+    /// Since when the user is not active on it (absent while active, and when the viewer
+    /// may not see the user's `last_seen`).
+    #[schema(format = DateTime)]
+    idle_since: Option<String>,
 }
 
 /// A string schema allowing `values` (and `null` when `nullable`).
@@ -212,7 +238,13 @@ mod tests {
         use std::sync::Arc;
         use utoipa::PartialSchema;
         let p = Presence {
-            devices: Arc::from(vec![DeviceSummary { device_id: Arc::from("phone"), platform: Some(crate::core::Platform::Mobile) }]),
+            devices: Arc::from(vec![DeviceSummary {
+                device_id: Arc::from("phone"),
+                platform: Some(crate::core::Platform::Mobile),
+                active: false,
+                idle_since: Some(3),
+            }]),
+            idle_since: Some(3),
             message: Arc::from("lunch"),
             expires_at: Some(10_000),
             last_seen: Some(1),

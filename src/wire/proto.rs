@@ -55,7 +55,15 @@ pub fn presence_pb(p: &Presence) -> pb::UserPresence {
             .map(|d| pb::DeviceSummary {
                 device_id: d.device_id.to_string(),
                 platform: d.platform.map(|p| p.as_str().to_string()).unwrap_or_default(),
+                active: d.active,
+                idle_since: d.idle_since.map(ts),
             })
             .collect(),
+        idle_since: p.idle_since.map(ts),
     }
+}
+
+/// A protobuf time as Unix milliseconds; `None` when out of range.
+pub fn millis_of(t: &prost_types::Timestamp) -> Option<Millis> {
+    t.seconds.checked_mul(1000)?.checked_add(i64::from(t.nanos.clamp(0, 999_999_999) / 1_000_000))
 }

@@ -311,6 +311,10 @@ async fn apply(
             hub.refresh(conn).await?;
             Ok(None)
         }
+        ClientMsg::Activity { active, idle_since } => {
+            hub.set_activity(conn, active, idle_since).await?;
+            Ok(None)
+        }
         ClientMsg::Typing { conversation_id, is_typing } => {
             svc.check_id("conversation id", &conversation_id)?;
             svc.typists.set(&conn.user, &conversation_id, is_typing).await?;

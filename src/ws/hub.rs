@@ -33,7 +33,7 @@ use super::client::Client;
 use super::protocol;
 use super::push_queue::PushKey;
 use crate::bus::{DirectoryChanged, Typing};
-use crate::core::{project, visible_change, DeviceId, Event, Platform, Presence, Privacy, Relation, UserId};
+use crate::core::{project, visible_change, DeviceId, Event, Millis, Platform, Presence, Privacy, Relation, UserId};
 use crate::directory::Members;
 use crate::error::{close, ApiError};
 use crate::service::sessions::Leave;
@@ -348,6 +348,20 @@ impl Hub {
             conn.sid.store(reg.sid, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// The connection's user is (not) active on its device: a lapsed session (the store
+    /// was repaired) is registered again first, as a heartbeat would.
+    pub async fn set_activity(&self, conn: &Client, active: bool, idle_since: Option<Millis>) -> Result<(), ApiError> {
+        let sid = conn.sid.load(Ordering::Acquire);
+        let said = (active, idle_since);
+        match self.svc.sessions.set_activity(&conn.user, &conn.device, Some(sid), said, false).await {
+            Err(ApiError::NotFound(_)) => {
+                self.refresh(conn).await?;
+                self.svc.sessions.set_activity(&conn.user, &conn.device, Some(conn.sid.load(Ordering::Acquire)), said, false).await
+            }
+            r => r,
+        }
     }
 
     /// Adds subscriptions (limit per connection) and returns the ids newly watched.

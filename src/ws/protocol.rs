@@ -31,6 +31,12 @@ pub enum ClientMsg {
     /// A deliberate sign-out: the session ends now (no offline grace), the server acks
     /// and closes with 1000.
     Bye,
+    /// `{"active": false, "idle_since"?: RFC 3339}`: whether the user is active on this
+    /// device (idle, or the app in the background; input again).
+    Activity {
+        active: bool,
+        idle_since: Option<Millis>,
+    },
 }
 
 /// Why a frame could not be understood; sent back as an `error` message.
@@ -72,6 +78,13 @@ struct PresencePayload {
 struct TypingPayload {
     conversation_id: Option<String>,
     is_typing: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivityPayload {
+    active: Option<bool>,
+    idle_since: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -124,13 +137,26 @@ pub fn parse(text: &str) -> ClientFrame {
             (Some(c), Some(t)) => Ok(ClientMsg::Typing { conversation_id: c, is_typing: t }),
             _ => Err(bad("typing needs conversation_id and is_typing")),
         }),
+        "activity" => payload::<ActivityPayload>(&kind, frame.payload).and_then(|p| {
+            let active = p.active.ok_or_else(|| bad("activity needs active (true or false)"))?;
+            let idle_since = match p.idle_since {
+                None => None,
+                Some(_) if active => return Err(bad("idle_since goes with active: false")),
+                Some(t) => {
+                    Some(crate::wire::json::parse_rfc3339(&t).ok_or_else(|| bad(format!("idle_since {t:?} is not an RFC 3339 time")))?)
+                }
+            };
+            Ok(ClientMsg::Activity { active, idle_since })
+        }),
         "subscribe" | "unsubscribe" => payload::<UsersPayload>(&kind, frame.payload).and_then(|p| {
             let ids = p.user_ids.ok_or_else(|| bad(format!("{kind} needs user_ids")))?;
             Ok(if kind == "subscribe" { ClientMsg::Subscribe { user_ids: ids } } else { ClientMsg::Unsubscribe { user_ids: ids } })
         }),
         other => Err(ProtoError {
             code: "unknown_type",
-            message: format!("unknown message type {other:?} (expected presence_update, heartbeat, typing, subscribe, unsubscribe or bye)"),
+            message: format!(
+                "unknown message type {other:?} (expected presence_update, heartbeat, activity, typing, subscribe, unsubscribe or bye)"
+            ),
         }),
     };
     ClientFrame { id, kind, msg }
@@ -226,6 +252,19 @@ mod tests {
         assert_eq!(parse(r#"{"payload":{}}"#).msg.unwrap_err().code, "malformed");
         assert_eq!(parse(r#"{"type":"dance"}"#).msg.unwrap_err().code, "unknown_type");
         assert_eq!(parse(r#"{"type":"typing","payload":{"conversation_id":"c"}}"#).msg.unwrap_err().code, "bad_request");
+        let idle = parse(r#"{"type":"activity","payload":{"active":false,"idle_since":"2024-01-15T10:30:00.5+01:00"},"id":3}"#);
+        assert_eq!(idle.msg, Ok(ClientMsg::Activity { active: false, idle_since: Some(1_705_311_000_500) }));
+        let back = parse(r#"{"type":"activity","payload":{"active":true}}"#).msg;
+        assert_eq!(back, Ok(ClientMsg::Activity { active: true, idle_since: None }));
+        for bad in [
+            r#"{"type":"activity","payload":{}}"#,
+            r#"{"type":"activity","payload":{"active":"no"}}"#,
+            r#"{"type":"activity","payload":{"active":false,"idle_since":"yesterday"}}"#,
+            r#"{"type":"activity","payload":{"active":true,"idle_since":"2024-01-15T10:30:00Z"}}"#,
+            r#"{"type":"activity","payload":{"active":false,"since":"2024-01-15T10:30:00Z"}}"#,
+        ] {
+            assert_eq!(parse(bad).msg.unwrap_err().code, "bad_request", "{bad}");
+        }
         assert_eq!(parse(r#"{"type":"subscribe","payload":{"user_ids":"a"}}"#).msg.unwrap_err().code, "bad_request");
         assert_eq!(parse(r#"{"type":"presence_update","payload":{"status":"away"}}"#).msg.unwrap_err().code, "bad_request");
         // Only scalar ids are echoed.

@@ -286,6 +286,10 @@ impl PresenceStore for DownStore {
         down()
     }
 
+    async fn set_activity(&self, _: &UserId, _: &str, _: Option<u64>, _: presenced::core::Activity, _: bool) -> Result<bool, StoreError> {
+        down()
+    }
+
     async fn devices(&self, _: &UserId) -> Result<Vec<Session>, StoreError> {
         down()
     }

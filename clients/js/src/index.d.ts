@@ -7,6 +7,10 @@ export type Platform = "desktop" | "mobile" | "web";
 export interface Device {
   device_id: string;
   platform?: Platform;
+  /** Whether the user is active on the device. */
+  active: boolean;
+  /** RFC 3339: since when idle (absent while active, or when the viewer may not see times). */
+  idle_since?: string;
 }
 
 /** What a viewer sees of one user (the same shape as the REST API's). */
@@ -21,6 +25,8 @@ export interface Presence {
   /** Remaining seconds of an explicit status with a TTL. */
   ttl?: number;
   expires_at?: string;
+  /** With an automatic `away`: RFC 3339, since when the last device went idle. */
+  idle_since?: string;
   device_count: number;
   devices: Device[];
 }
@@ -60,6 +66,7 @@ export type ServerMessage =
 export type ClientMessage = { id?: string | number } & (
   | { type: "heartbeat"; payload?: Record<string, never> }
   | { type: "presence_update"; payload: { online_status?: Status; custom_status?: string; ttl?: number } }
+  | { type: "activity"; payload: { active: boolean; idle_since?: string } }
   | { type: "typing"; payload: { conversation_id: string; is_typing: boolean } }
   | { type: "subscribe"; payload: { user_ids: string[] } }
   | { type: "unsubscribe"; payload: { user_ids: string[] } }
@@ -117,6 +124,18 @@ export interface ClientOptions {
   backoff?: Backoff;
   /** Stop typing after this long without a keystroke (default 3000 ms). */
   typingIdleMs?: number;
+  /**
+   * Follow the user's activity in a browser page (default: on when there is a
+   * `document`): hidden, or no input for `idleAfterMs`, reports the device idle; input or
+   * the page shown, active.
+   */
+  trackActivity?: boolean;
+  /** The document to follow (default `globalThis.document`). */
+  document?: unknown;
+  /** No input for this long is idle (default 120000 ms). */
+  idleAfterMs?: number;
+  /** At most one idle report per this long (default 60000 ms); active is sent at once. */
+  activityMinIntervalMs?: number;
   /** For tests: the jitter's random source. */
   random?: () => number;
 }
@@ -134,6 +153,13 @@ export declare class PresenceClient {
   connect(): Promise<Connected>;
   /** Signs out (`bye`: the session ends now) and stops reconnecting. */
   close(): void;
+  /**
+   * Whether the user is active on this device (`false`: idle, or the app in the
+   * background, since `since`, default now). Sent to the server when it changes.
+   */
+  setActive(active: boolean, since?: Date | number): void;
+  /** What this client last said of the user's activity. */
+  readonly active: boolean;
   presence(userId: string): Presence | undefined;
   typingIn(conversationId: string): string[];
   typingNow(): TypingIndicator[];

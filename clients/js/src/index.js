@@ -19,7 +19,13 @@
  *   (the user's data was erased) ends the client the same way, without a reconnect;
  * - typing with local debounce: call `typing(conversation)` on every keystroke; the server
  *   hears `is_typing: true` once (refreshed before its `typing_ttl` runs out) and `false`
- *   after `typingIdleMs` without keystrokes.
+ *   after `typingIdleMs` without keystrokes;
+ * - activity: in a browser it tells the server by itself whether the user is here (the
+ *   page hidden, or no input for `idleAfterMs`: idle since then; input or the page shown:
+ *   active at once); `setActive(bool)` for Node and apps. An idle report waits until
+ *   `activityMinIntervalMs` (a minute) after the previous report, carrying the moment in
+ *   `idle_since`: a user who comes and goes sends at most one a minute, and nothing is
+ *   sent while nothing changes. Each (re)connection says the device's state once.
  *
  * Types: ./index.d.ts.
  */
@@ -35,6 +41,8 @@ const SERVICE_RESTART = 1012;
 const REPLACED = 4001;
 /** Close code of a user whose data was erased: never reconnect. */
 const ERASED = 4003;
+/** Input events that say the user is here. */
+const INPUT_EVENTS = ["pointerdown", "pointermove", "keydown", "wheel", "touchstart", "focus"];
 /** Where a generated device id is kept. */
 const DEVICE_KEY = "presenced.device_id";
 
@@ -71,7 +79,7 @@ export function backoffDelay(attempt, b, random = Math.random) {
 /** The fields a presence change is judged by (`ttl` counts down by itself). */
 function sameView(a, b) {
   if (!a || !b) return false;
-  const keys = ["status", "message", "last_seen", "device_count", "expires_at", "node_id"];
+  const keys = ["status", "message", "last_seen", "device_count", "expires_at", "node_id", "idle_since"];
   if (keys.some((k) => a[k] !== b[k])) return false;
   return JSON.stringify(a.devices || []) === JSON.stringify(b.devices || []);
 }
@@ -121,6 +129,89 @@ export class PresenceClient {
     };
     /** @type {Array<{resolve: (c: import("./index").Connected) => void}>} */
     this.waiters = [];
+    this.idleAfterMs = options.idleAfterMs ?? 120_000;
+    this.activityMinIntervalMs = options.activityMinIntervalMs ?? 60_000;
+    /**
+     * What the application says (`active`, and since when idle) and what the server has
+     * of this connection (`sent`: a new session starts active).
+     */
+    /** @type {{active: boolean, idleSince: number, sent: boolean | null, sentAt: number, timer: any}} */
+    this.activity = { active: true, idleSince: 0, sent: null, sentAt: 0, timer: null };
+    /** @type {(() => void) | null} detaches the browser's listeners */
+    this.untrack = null;
+    const doc = options.document === undefined ? /** @type {any} */ (globalThis).document : options.document;
+    if (options.trackActivity ?? Boolean(doc)) this.untrack = this.trackActivity(doc);
+  }
+
+  /**
+   * Says whether the user is active on this device (idle, or the app in the background:
+   * `false`, optionally since `since`, a Date or ms). Active again is sent at once; an idle
+   * report at most once per `activityMinIntervalMs` (its moment travels with it).
+   * @param {boolean} active
+   * @param {Date | number} [since]
+   */
+  setActive(active, since) {
+    const a = this.activity;
+    if (active) {
+      a.active = true;
+    } else if (a.active) {
+      a.active = false;
+      a.idleSince = since === undefined ? Date.now() : Number(since);
+    }
+    this.flushActivity();
+  }
+
+  /** Whether this client says the user is active on the device. */
+  get active() {
+    return this.activity.active;
+  }
+
+  /** Sends the application's activity if the server has something else. */
+  flushActivity() {
+    const a = this.activity;
+    clearTimeout(a.timer);
+    if (this.state !== "open" || a.active === a.sent) return;
+    const wait = a.active ? 0 : a.sentAt + this.activityMinIntervalMs - Date.now();
+    if (wait > 0) {
+      a.timer = setTimeout(() => this.flushActivity(), wait);
+      return;
+    }
+    /** @type {Record<string, unknown>} */
+    const payload = { active: a.active };
+    if (!a.active) payload.idle_since = new Date(a.idleSince).toISOString();
+    a.sent = a.active;
+    a.sentAt = Date.now();
+    this.request("activity", payload).catch((e) => {
+      // Not applied (the connection went): said again on the next connection.
+      if (e && e.code !== "not_connected" && e.code !== "disconnected" && e.code !== "closed") this.emit("error", e);
+    });
+  }
+
+  /**
+   * Follows the user in a browser page: hidden, or no input for `idleAfterMs`, is idle
+   * (since the page was hidden, or the last input); input or the page shown again is
+   * active. Returns the function that stops following.
+   */
+  trackActivity(doc) {
+    if (!doc || typeof doc.addEventListener !== "function") return () => {};
+    let lastInput = Date.now();
+    const input = () => {
+      lastInput = Date.now();
+      if (!this.activity.active && !doc.hidden) this.setActive(true);
+    };
+    const visibility = () => (doc.hidden ? this.setActive(false) : input());
+    const target = doc.defaultView || doc;
+    for (const e of INPUT_EVENTS) target.addEventListener(e, input, { passive: true, capture: true });
+    doc.addEventListener("visibilitychange", visibility);
+    const check = setInterval(() => {
+      if (this.activity.active && Date.now() - lastInput >= this.idleAfterMs) this.setActive(false, lastInput);
+    }, Math.max(1000, Math.min(this.idleAfterMs / 4, 15_000)));
+    if (doc.hidden) this.setActive(false);
+    return () => {
+      clearInterval(check);
+      for (const e of INPUT_EVENTS) target.removeEventListener(e, input, { capture: true });
+      doc.removeEventListener("visibilitychange", visibility);
+    };
   }
 
   /** Connects (and keeps reconnecting until `close()`); resolves on the first `connected`. */
@@ -142,6 +233,9 @@ export class PresenceClient {
     this.stopped = true;
     this.clearTimers();
     clearTimeout(this.timers.retry);
+    clearTimeout(this.activity.timer);
+    if (this.untrack) this.untrack();
+    this.untrack = null;
     for (const t of this.ownTyping.values()) clearTimeout(t.idle);
     this.ownTyping.clear();
     const ws = this.ws;
@@ -431,6 +525,11 @@ export class PresenceClient {
     this.ownTyping.clear();
     this.setState("open", { reconnected });
     this.emit("connected", p, reconnected);
+    // A new session starts active, a continued one keeps what the device last said:
+    // either way the device says where it is now.
+    this.activity.sent = null;
+    this.activity.sentAt = 0;
+    this.flushActivity();
     // Re-subscribe: the server answers with a snapshot, reconciled in `receive`.
     if (this.watched.size) this.sendUsers("subscribe", [...this.watched]).catch((e) => this.emit("error", e));
     for (const w of this.waiters.splice(0)) w.resolve(p);

@@ -177,7 +177,7 @@ test("heartbeats at the server's interval; sees its own presence and a watched u
   const bob = client("bob", { platform: "mobile" });
   await bob.connect();
   await until("bob online on a phone", () => alice.presence("bob")?.status === "online");
-  assert.deepEqual(alice.presence("bob").devices, [{ device_id: "bob-dev", platform: "mobile" }]);
+  assert.deepEqual(alice.presence("bob").devices, [{ device_id: "bob-dev", platform: "mobile", active: true }]);
   await bob.setStatus("away", "lunch");
   await until("bob away", () => alice.presence("bob")?.status === "away" && alice.presence("bob").message === "lunch");
   const t0 = Date.now();
@@ -187,6 +187,56 @@ test("heartbeats at the server's interval; sees its own presence and a watched u
   assert.ok(beats >= 2 && beats <= 4, `${beats} heartbeats in ${Date.now() - t0} ms at a 1 s interval`);
   assert.ok(seen.some((p) => p.user_id === "bob" && p.status === "away"));
   await assert.rejects(alice.setStatus(/** @type {any} */ ("dancing")), (e) => e.code === "bad_request");
+});
+
+test("activity: no input or a hidden page is idle (one report a minute at most), input is active at once; said again after a reconnect", async () => {
+  const sent = [];
+  const doc = new EventTarget();
+  /** @type {any} */ (doc).hidden = false;
+  const dana = client("dana", { WebSocket: recordingWs(sent), document: doc, idleAfterMs: 400, activityMinIntervalMs: 1500 });
+  const erin = client("erin", { trackActivity: false });
+  await erin.connect();
+  await erin.subscribe(["dana"]);
+  const device = () => erin.presence("dana")?.devices?.[0];
+  const reports = () => sent.filter((m) => m.type === "activity").map((m) => m.payload);
+  await dana.connect();
+  await until("dana online and active", () => device()?.active === true);
+  await until("the connection's first report: active", () => reports().length === 1);
+  assert.deepEqual(reports()[0], { active: true });
+  // No input for idleAfterMs: idle, since the last input (before the report); it waits
+  // for the minimum interval after the first report.
+  const t0 = Date.now();
+  await until("no input: idle", () => device()?.active === false, 4000);
+  assert.equal(reports().length, 2);
+  assert.equal(reports()[1].active, false);
+  assert.ok(Date.parse(reports()[1].idle_since) <= t0, "idle since the last input: " + reports()[1].idle_since);
+  assert.equal(dana.active, false);
+  // Input: active at once.
+  doc.dispatchEvent(new Event("keydown"));
+  await until("input: active", () => device()?.active === true, 1000);
+  const activeAt = Date.now();
+  // Hidden: idle since now, reported no sooner than activityMinIntervalMs after the last report.
+  /** @type {any} */ (doc).hidden = true;
+  const hiddenAt = Date.now();
+  doc.dispatchEvent(new Event("visibilitychange"));
+  await until("hidden: idle", () => device()?.active === false, 4000);
+  assert.ok(Date.now() - activeAt >= 1300, "the idle report waited for the minimum interval");
+  assert.ok(Math.abs(Date.parse(reports()[3].idle_since) - hiddenAt) < 100, "its moment is when the page was hidden");
+  // Nothing more while nothing changes.
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(reports().length, 4);
+  // A reconnect (the session continues within the grace): the device says where it is
+  // once more, and watchers see no change.
+  const seen = [];
+  erin.onPresence((p) => p.user_id === "dana" && seen.push(p));
+  dana.drop("test");
+  await until("said again after the reconnect", () => reports().length === 5, 6000);
+  assert.equal(reports()[4].active, false);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(seen, [], "no flash of activity for a continued session");
+  /** @type {any} */ (doc).hidden = false;
+  dana.setActive(true);
+  await until("setActive(true)", () => device()?.active === true, 1000);
 });
 
 test("close() while the socket is still connecting ends quietly (ws emits an error for the aborted handshake)", async () => {

@@ -19,6 +19,12 @@ async function main() {
   client.stopTyping("room-1");
   const typists: string[] = client.typingNow().map((t) => t.user_id);
   void typists;
+  client.setActive(false, new Date(Date.now() - 60_000));
+  client.setActive(true);
+  const active: boolean = client.active;
+  const idle: string | undefined = client.presence("bob")?.devices.find((d) => !d.active)?.idle_since;
+  void active;
+  void idle;
   client.close();
   return beat + backoffDelay(3, { initialMs: 500, maxMs: 30_000, factor: 2 });
 }
@@ -36,6 +42,8 @@ function handle(m: ServerMessage): string {
   }
 }
 const out: ClientMessage = { type: "subscribe", payload: { user_ids: ["a"] }, id: 1 };
+const away: ClientMessage = { type: "activity", payload: { active: false, idle_since: "2026-12-06T10:30:00Z" } };
+void away;
 void main;
 void handle;
 void out;

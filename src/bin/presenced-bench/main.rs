@@ -21,6 +21,7 @@
 //! through restarts, node loss, partitions and a flaky network (`chaos.rs`).
 #![forbid(unsafe_code)]
 
+mod activity;
 mod backends;
 mod chaos;
 mod cluster;
@@ -72,6 +73,9 @@ enum Cmd {
     /// session, registrations/s, GetPresence at that size, instance leases against
     /// per-session refresh, expiry of them all and the memory it returns.
     Sessions(sessions::SessionsArgs),
+    /// Device activity in cluster mode (NATS): store writes and CPU of devices toggling
+    /// idle/active every few minutes against the same sessions with no activity.
+    Activity(activity::ActivityArgs),
     /// Event sinks: events/s a webhook sink delivers, transition → receipt delay, outbox
     /// depth, events lost.
     Sinks(sinks::SinksArgs),
@@ -161,6 +165,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
         Cmd::Sessions(args) => rt.block_on(sessions::run(args)),
+        Cmd::Activity(args) => rt.block_on(activity::run(args)),
         Cmd::Sinks(args) => rt.block_on(sinks::run(args)),
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Backends(args) => rt.block_on(backends::run(args)),
@@ -600,6 +605,7 @@ async fn grpc_bench(args: GrpcArgs) -> Res<()> {
             instance_id: "bench".into(),
             ttl_seconds: 600,
             platform: String::new(),
+            active: None,
         };
         client.clone().register_session(authed(req, &bearer)).await.map_err(|e| e.to_string())?;
     }
@@ -609,7 +615,10 @@ async fn grpc_bench(args: GrpcArgs) -> Res<()> {
     let (c0, b0) = (client.clone(), bearer.clone());
     let refresh = measure(&args, move |i| {
         let mut c = c0.clone();
-        let req = authed(pb::RefreshSessionRequest { user_id: format!("u{}", i % sessions), device_id: "d".into() }, &b0);
+        let req = authed(
+            pb::RefreshSessionRequest { user_id: format!("u{}", i % sessions), device_id: "d".into(), active: None, idle_since: None },
+            &b0,
+        );
         async move { c.refresh_session(req).await.map(|_| ()).map_err(|e| e.to_string()) }
     })
     .await?;

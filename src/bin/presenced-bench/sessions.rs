@@ -170,7 +170,12 @@ pub async fn run(args: SessionsArgs) -> Res<()> {
     let refresh = measure_calls(128, args.seconds, move |i| {
         let mut c = c.clone();
         let req = authed(
-            pb::RefreshSessionRequest { user_id: format!("u{}", (i / devices) % users), device_id: format!("d{}", i % devices) },
+            pb::RefreshSessionRequest {
+                user_id: format!("u{}", (i / devices) % users),
+                device_id: format!("d{}", i % devices),
+                active: None,
+                idle_since: None,
+            },
             &b,
         );
         async move { c.refresh_session(req).await.map(|_| ()).map_err(|e| e.to_string()) }

@@ -59,7 +59,7 @@ use tokio::task::JoinHandle;
 use super::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
 use crate::clock::Clock;
-use crate::core::{Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
+use crate::core::{Activity, Ending, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId};
 pub use crate::wire::event::WireEvent;
 pub use backplane::{Backplane, Fault, Health, Names, Refused, Space, Versioned};
 use cache::{Breaker, PresenceCache, CACHE_TTL};
@@ -321,6 +321,29 @@ impl PresenceStore for ClusterStore {
 
     async fn end_session(&self, id: &UserId, device: &str, sid: Option<u64>, ending: Ending) -> Result<bool, StoreError> {
         self.end(id, device, sid, ending).await
+    }
+
+    async fn set_activity(
+        &self,
+        id: &UserId,
+        device: &str,
+        sid: Option<u64>,
+        activity: Activity,
+        reassert: bool,
+    ) -> Result<bool, StoreError> {
+        // Said again with nothing changed (passed with every heartbeat): answered from the
+        // cache, no round trip to the backend.
+        let now = self.inner.clock.now();
+        if let Some((state, _)) = if reassert { self.read(id, false).await? } else { None } {
+            let idle = matches!(activity, Activity::Idle { .. });
+            let mine = |x: &&crate::core::Session| &*x.device_id == device && sid.is_none_or(|t| t == x.sid) && !x.lingering;
+            if state.live_sessions(now).find(mine).is_some_and(|x| x.idle_since.is_some() == idle) {
+                return Ok(true);
+            }
+        }
+        let node = self.inner.node.clone();
+        let r = self.apply_session(id, false, |s, now| s.set_activity(device, sid, activity, &node, now)).await?;
+        Ok(r.is_some_and(|(found, _)| found))
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {

@@ -60,6 +60,10 @@ impl Owned {
             platform: self.platform,
             sid: self.sid,
             lingering: self.lingering,
+            // Not kept here: a session written back after the store lost it reads active
+            // until its device next says otherwise.
+            idle_since: None,
+            away_at: None,
         }
     }
 }

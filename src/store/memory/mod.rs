@@ -36,7 +36,9 @@ use tokio::task::JoinHandle;
 use super::{DirTable, DirectoryStore, PresenceStore, SetStatus, StoreError, StoreStats};
 use crate::bus::EventBus;
 use crate::clock::Clock;
-use crate::core::{Change, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState};
+use crate::core::{
+    Activity, Change, Ending, Event, EventKind, Millis, NewSession, Presence, Registered, Session, TimerWheel, UserId, UserState,
+};
 use crate::shards::Sharded;
 use persist::{Ack, DurableUser, Loaded, PersistError, Persister};
 
@@ -596,6 +598,14 @@ impl PresenceStore for MemoryStore {
         Ok(self
             .update(id, false, Persist::IfChanged, now, |s, now| s.end(device, sid, ending, &node, now))
             .is_some_and(|(removed, _)| removed))
+    }
+
+    async fn set_activity(&self, id: &UserId, device: &str, sid: Option<u64>, activity: Activity, _: bool) -> Result<bool, StoreError> {
+        let node = self.inner.node.clone();
+        let now = self.inner.clock.now();
+        Ok(self
+            .update(id, false, Persist::IfChanged, now, |s, now| s.set_activity(device, sid, activity, &node, now))
+            .is_some_and(|(found, _)| found))
     }
 
     async fn devices(&self, id: &UserId) -> Result<Vec<Session>, StoreError> {

@@ -126,6 +126,7 @@ impl DurableUser {
             sessions: Vec::new(),
             last_seen: self.last_seen,
             updated_at: self.updated_at,
+            away: None,
             node_id: Arc::from(self.node_id),
         }
     }
