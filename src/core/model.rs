@@ -253,6 +253,23 @@ impl Presence {
     }
 }
 
+impl Session {
+    /// Takes what the device says of its user's activity (see
+    /// [`super::session::Activity`]). A device already idle keeps the moment it went idle.
+    pub fn say(&mut self, activity: super::session::Activity, now: Millis) {
+        use super::session::Activity;
+        match activity {
+            Activity::Active => (self.idle_since, self.away_at) = (None, None),
+            Activity::Idle { .. } if self.idle_since.is_some() => {}
+            Activity::Idle { since, away_after_ms } => {
+                let since = since.min(now);
+                self.idle_since = Some(since.max(self.connected_at.min(now)));
+                self.away_at = (away_after_ms > 0).then(|| since.saturating_add(away_after_ms));
+            }
+        }
+    }
+}
+
 /// One device session of a user (seed 001 `DeviceInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {

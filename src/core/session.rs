@@ -17,19 +17,30 @@ pub struct NewSession {
     pub sid: u64,
     /// A new device is refused when the user already has this many live sessions.
     pub max_devices: usize,
+    /// What the device says of its user's activity as it registers. `None`: a new session
+    /// starts active, and one that continues (the same device again) keeps its own.
+    pub activity: Option<Activity>,
 }
 
 impl NewSession {
     /// A session of `device` on `instance` for `ttl_ms`: no platform, tag `0`, no device
     /// limit (set those with the builder methods).
     pub fn new(device: &str, instance: &str, ttl_ms: i64) -> NewSession {
-        NewSession { device: Arc::from(device), instance: Arc::from(instance), ttl_ms, platform: None, sid: 0, max_devices: usize::MAX }
+        NewSession {
+            device: Arc::from(device),
+            instance: Arc::from(instance),
+            ttl_ms,
+            platform: None,
+            sid: 0,
+            max_devices: usize::MAX,
+            activity: None,
+        }
     }
 
     /// As [`NewSession::new`] with ids the caller already holds: sessions of one instance
     /// (a node, a gateway) share its id instead of a copy each.
     pub fn shared(device: DeviceId, instance: Arc<str>, ttl_ms: i64) -> NewSession {
-        NewSession { device, instance, ttl_ms, platform: None, sid: 0, max_devices: usize::MAX }
+        NewSession { device, instance, ttl_ms, platform: None, sid: 0, max_devices: usize::MAX, activity: None }
     }
 
     pub fn platform(mut self, p: Option<Platform>) -> NewSession {
@@ -44,6 +55,11 @@ impl NewSession {
 
     pub fn max_devices(mut self, max: usize) -> NewSession {
         self.max_devices = max;
+        self
+    }
+
+    pub fn activity(mut self, a: Option<Activity>) -> NewSession {
+        self.activity = a;
         self
     }
 }
@@ -94,8 +110,10 @@ impl Ending {
 pub enum Activity {
     /// Input again (or never idle): a new session starts so.
     Active,
-    /// Idle, or the app went to the background, since `since` (clamped to the session's
-    /// start and to now). The user becomes automatically `away` once every live device
-    /// has been idle for `away_after_ms` (`0`: never).
+    /// Idle, or the app went to the background, since `since` (shown clamped to the
+    /// session's start and to now; [`Millis::MIN`]: since before the session began, when
+    /// unknown). The user becomes automatically `away` once every live device has been
+    /// idle for `away_after_ms` (`0`: never), counted from `since` itself: a device that
+    /// was idle before it connected does not hold the away off.
     Idle { since: Millis, away_after_ms: i64 },
 }

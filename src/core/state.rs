@@ -112,6 +112,11 @@ impl Visible {
         let online = !devices.is_empty();
         let appear_offline = explicit.is_some_and(|e| e.status == Status::Offline);
         match shown(explicit, devices.len(), stored) {
+            // An explicit `online` says nothing of presence at the keyboard: the automatic
+            // away applies to it (its message stays).
+            Some(e) if e.status == Status::Online && online && away => {
+                Visible { status: Status::Away, message: e.message.clone(), online, devices, appear_offline }
+            }
             Some(e) => Visible { status: e.status, message: e.message.clone(), online, devices, appear_offline },
             None => Visible {
                 status: match (online, away) {
@@ -168,9 +173,14 @@ impl UserState {
             Arc::from(v)
         };
         let explicit = self.live_explicit(now);
+        // Stored by the transition at its moment; worked out here too, so a read is right
+        // even before (or without) the timer that publishes it.
+        let away =
+            if live > 0 { self.away.or_else(|| self.away_due(now).filter(|(_, at)| *at <= now).map(|(since, _)| since)) } else { None };
         let (status, message, expires_at, idle_since) = match shown(explicit, live, self.sessions.len()) {
+            Some(e) if e.status == Status::Online && away.is_some() => (Status::Away, e.message.clone(), e.expires_at, away),
             Some(e) => (e.status, e.message.clone(), e.expires_at, None),
-            None if live > 0 && self.away.is_some() => (Status::Away, empty_message(), None, self.away),
+            None if away.is_some() => (Status::Away, empty_message(), None, away),
             None if live > 0 => (Status::Online, empty_message(), None, None),
             None => (Status::Offline, empty_message(), None, None),
         };
@@ -337,7 +347,7 @@ impl UserState {
             match s.sessions.iter_mut().find(|x| x.device_id == req.device) {
                 Some(existing) => {
                     // The same device again (continued within its grace, or a new
-                    // connection replacing its old one): its activity stays until it says.
+                    // connection replacing its old one): its activity stays unless it says.
                     created = false;
                     *existing = Session { idle_since: existing.idle_since, away_at: existing.away_at, ..session };
                 }
@@ -345,6 +355,9 @@ impl UserState {
                     s.sessions.reserve_exact(1);
                     s.sessions.push(session)
                 }
+            }
+            if let (Some(a), Some(x)) = (req.activity, s.sessions.iter_mut().find(|x| x.device_id == req.device)) {
+                x.say(a, now);
             }
             s.last_seen = Some(now);
             lapsed
@@ -377,15 +390,7 @@ impl UserState {
             let mine = |x: &&mut Session| &*x.device_id == device && sid.is_none_or(|t| t == x.sid) && x.expires_at > now && !x.lingering;
             if let Some(x) = s.sessions.iter_mut().find(mine) {
                 found = true;
-                match activity {
-                    Activity::Active => (x.idle_since, x.away_at) = (None, None),
-                    Activity::Idle { .. } if x.idle_since.is_some() => {}
-                    Activity::Idle { since, away_after_ms } => {
-                        let since = since.clamp(x.connected_at.min(now), now);
-                        x.idle_since = Some(since);
-                        x.away_at = (away_after_ms > 0).then(|| since.saturating_add(away_after_ms));
-                    }
-                }
+                x.say(activity, now);
             }
             lapsed
         });
@@ -736,7 +741,15 @@ mod tests {
     }
 
     fn reg(s: &mut UserState, d: &str, ttl: i64, node: &Arc<str>, now: Millis) -> (Registered, Change) {
-        let req = NewSession { device: dev(d), instance: Arc::from("gw"), ttl_ms: ttl, platform: None, sid: 7, max_devices: 10 };
+        let req = NewSession {
+            device: dev(d),
+            instance: Arc::from("gw"),
+            ttl_ms: ttl,
+            platform: None,
+            sid: 7,
+            max_devices: 10,
+            activity: Default::default(),
+        };
         s.register(req, node, now).unwrap()
     }
 
@@ -849,6 +862,34 @@ mod tests {
         reg(&mut s, "tablet", TTL, &node(), 22_000);
         assert_eq!(s.expire(&node(), 31_000).event, None, "a new session starts active");
         assert_eq!(s.view(&uid(), 31_000).status, Status::Online);
+    }
+
+    #[test]
+    fn a_device_idle_from_its_start_does_not_hold_off_an_away_and_reads_need_no_timer() {
+        let mut s = UserState::new(node());
+        reg(&mut s, "laptop", TTL, &node(), 0);
+        s.set_activity("laptop", None, idle(1_000), &node(), 1_000);
+        assert_eq!(s.expire(&node(), 11_000).event, Some(EventKind::PresenceUpdated));
+        assert_eq!(s.view(&uid(), 11_000).status, Status::Away);
+        // A phone app opened in the background: one transition, still away.
+        let req = NewSession::new("phone", "gw", TTL).activity(Some(Activity::Idle { since: Millis::MIN, away_after_ms: 10_000 }));
+        let (r, c) = s.register(req, &node(), 12_000).unwrap();
+        assert!(r.created);
+        assert_eq!((c.previous, s.view(&uid(), 12_000).status), (Status::Away, Status::Away), "{c:?}");
+        assert_eq!(s.sessions[1].idle_since, Some(12_000), "shown idle since it connected");
+        // The same device registering again saying active: active, online.
+        let (_, c) = s.register(NewSession::new("phone", "gw", TTL).activity(Some(Activity::Active)), &node(), 13_000).unwrap();
+        assert_eq!((c.event, s.view(&uid(), 13_000).status), (Some(EventKind::PresenceUpdated), Status::Online));
+        // Idle again; a read after the moment shows away before any timer ran.
+        s.set_activity("phone", None, idle(14_000), &node(), 14_000);
+        assert_eq!(s.view(&uid(), 23_999).status, Status::Online);
+        let v = s.view(&uid(), 24_000);
+        assert_eq!((v.status, v.idle_since), (Status::Away, Some(14_000)));
+        assert_eq!(s.published(&uid()).status, Status::Online, "published only by the transition");
+        // An explicit online with a message: the automatic away applies, the message stays.
+        let c = s.set_status(Status::Online, Arc::from("wfh"), None, &node(), 25_000);
+        let v = s.view(&uid(), 25_000);
+        assert_eq!((v.status, &*v.message), (Status::Away, "wfh"), "{c:?}");
     }
 
     #[test]
@@ -1040,6 +1081,7 @@ mod tests {
             platform: Some(Platform::Desktop),
             sid: 8,
             max_devices: 10,
+            activity: Default::default(),
         };
         let (_, c4) = s.register(req, &node(), 4_000).unwrap();
         assert_eq!(c4.event, Some(EventKind::PresenceUpdated));
@@ -1049,7 +1091,15 @@ mod tests {
     #[test]
     fn the_device_limit_is_checked_in_the_step_that_adds() {
         let mut s = UserState::new(node());
-        let req = |d: &str| NewSession { device: dev(d), instance: Arc::from("gw"), ttl_ms: 1_000, platform: None, sid: 1, max_devices: 2 };
+        let req = |d: &str| NewSession {
+            device: dev(d),
+            instance: Arc::from("gw"),
+            ttl_ms: 1_000,
+            platform: None,
+            sid: 1,
+            max_devices: 2,
+            activity: Default::default(),
+        };
         s.register(req("a"), &node(), 0).unwrap();
         s.register(req("b"), &node(), 0).unwrap();
         assert_eq!(s.register(req("c"), &node(), 0).err(), Some(DeviceLimit { max: 2 }));
@@ -1082,7 +1132,15 @@ mod tests {
     #[test]
     fn an_old_registrations_goodbye_leaves_a_newer_one_alone() {
         let mut s = UserState::new(node());
-        let req = |sid| NewSession { device: dev("phone"), instance: Arc::from("gw"), ttl_ms: TTL, platform: None, sid, max_devices: 10 };
+        let req = |sid| NewSession {
+            device: dev("phone"),
+            instance: Arc::from("gw"),
+            ttl_ms: TTL,
+            platform: None,
+            sid,
+            max_devices: 10,
+            activity: Default::default(),
+        };
         s.register(req(1), &node(), 0).unwrap();
         s.register(req(2), &node(), 10).unwrap();
         let (removed, c) = s.unregister("phone", Some(1), &node(), 20);
@@ -1112,7 +1170,15 @@ mod tests {
     #[test]
     fn a_rebound_session_takes_the_new_ttl_only_while_live_and_only_by_its_tag() {
         let mut s = UserState::new(node());
-        let req = |sid| NewSession { device: dev("phone"), instance: Arc::from("gw"), ttl_ms: 4_000, platform: None, sid, max_devices: 10 };
+        let req = |sid| NewSession {
+            device: dev("phone"),
+            instance: Arc::from("gw"),
+            ttl_ms: 4_000,
+            platform: None,
+            sid,
+            max_devices: 10,
+            activity: Default::default(),
+        };
         s.register(req(1), &node(), 0).unwrap();
         assert!(!s.rebind("phone", 2, TTL, 1_000), "another registration's tag");
         assert!(s.rebind("phone", 1, TTL, 1_000));

@@ -184,11 +184,9 @@ impl PresenceApi for Api {
             let instance = self.svc.instance_or(&m.instance_id, "grpc")?;
             let ttl_ms = self.svc.session_ttl(u64::from(m.ttl_seconds))?;
             let one = std::iter::once((m.user_id.as_str(), m.device_id.as_str(), Some(m.platform.as_str())));
-            let session = self.svc.gateway_sessions(one)?.remove(0);
+            let mut session = self.svc.gateway_sessions(one)?.remove(0);
+            session.active = m.active;
             let reg = self.svc.sessions.open_gateway(&session, instance, ttl_ms).await?;
-            if m.active == Some(false) {
-                self.svc.sessions.set_activity(&session.user, &session.device, Some(reg.sid), (false, None), false).await?;
-            }
             if reg.created {
                 self.svc.audit_sessions(&who, "session_registered", instance, [(&session.user, &*session.device)]);
             }
@@ -229,6 +227,9 @@ impl PresenceApi for Api {
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
             let idle_since = self.idle_since(m.idle_since.as_ref(), m.active)?;
+            if m.active.is_some() {
+                self.svc.check_write_rate(&user)?;
+            }
             match self.svc.sessions.refresh(&user, &m.device_id).await? {
                 Some(t) => {
                     if let Some(active) = m.active {
@@ -254,6 +255,7 @@ impl PresenceApi for Api {
             let user = self.svc.parse_user(&m.user_id)?;
             self.device(&m.device_id)?;
             let idle_since = self.idle_since(m.idle_since.as_ref(), Some(m.active))?;
+            self.svc.check_write_rate(&user)?;
             self.svc.sessions.set_activity(&user, &m.device_id, None, (m.active, idle_since), false).await?;
             Ok(pb::SetActivityResponse {})
         }
@@ -376,7 +378,7 @@ impl PresenceApi for Api {
                         last_seen: Some(ts(d.last_heartbeat)),
                         expires_at: Some(ts(d.expires_at)),
                         platform: d.platform.map(|p| p.as_str().to_string()).unwrap_or_default(),
-                        active: d.idle_since.is_none(),
+                        active: Some(d.idle_since.is_none()),
                         idle_since: d.idle_since.map(ts),
                     })
                     .collect(),

@@ -38,6 +38,10 @@ pub(crate) struct SessionExport {
     last_heartbeat: String,
     #[schema(format = DateTime)]
     expires_at: String,
+    /// Since when the user has not been active on the device (absent while active).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    idle_since: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -83,6 +87,7 @@ pub async fn export(State(state): State<Http>, Caller(who): Caller, UserParam(id
             connected_at: rfc3339(s.connected_at),
             last_heartbeat: rfc3339(s.last_heartbeat),
             expires_at: rfc3339(s.expires_at),
+            idle_since: s.idle_since.map(rfc3339),
         })
         .collect();
     let body = serde_json::json!({

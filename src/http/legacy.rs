@@ -116,10 +116,10 @@ pub async fn heartbeat(State(state): State<Http>, Caller(who): Caller, headers: 
     let user = state.svc.parse_user(&who.sub)?;
     let (device, platform, active) = device_of(&state, &headers, &body)?;
     let svc = &state.svc;
-    let (expires_at, opened) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform).await?;
-    if let Some(active) = active {
-        svc.sessions.set_activity(&user, &device, opened.map(|r| r.sid), (active, None), true).await?;
+    if active.is_some() {
+        svc.check_write_rate(&user)?;
     }
+    let (expires_at, _) = svc.sessions.heartbeat_or_open(&user, &device, &svc.http_instance, platform, active).await?;
     Ok(super::ok(Heartbeat { user_id: user.as_str(), device_id: &device, expires_at: rfc3339(expires_at) }))
 }
 

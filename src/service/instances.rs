@@ -509,7 +509,7 @@ mod tests {
     }
 
     fn phone(user: &str) -> GatewaySession {
-        GatewaySession { user: UserId::parse(user, 64).unwrap(), device: Arc::from("phone"), platform: None }
+        GatewaySession { user: UserId::parse(user, 64).unwrap(), device: Arc::from("phone"), platform: None, active: None }
     }
 
     /// A registration after the lease's deadline here, before the reaper ran: unbound

@@ -483,7 +483,7 @@ impl Service {
         raw.map(|(user, device, platform)| {
             let user = self.parse_user(user)?;
             self.check_id("device id", device)?;
-            Ok(GatewaySession { user, device: device.into(), platform: self.parse_platform(platform)? })
+            Ok(GatewaySession { user, device: device.into(), platform: self.parse_platform(platform)?, active: None })
         })
         .collect()
     }

@@ -37,6 +37,9 @@ pub struct GatewaySession {
     pub user: UserId,
     pub device: DeviceId,
     pub platform: Option<Platform>,
+    /// Whether the user is active on the device as it registers (`None`: a new session
+    /// starts active, one continued keeps what its device last said).
+    pub active: Option<bool>,
 }
 
 pub struct Sessions {
@@ -82,7 +85,7 @@ impl Sessions {
         ttl_ms: Option<i64>,
         platform: Option<Platform>,
     ) -> Result<Registered, ApiError> {
-        self.open_shared(user, Arc::from(device), instance.clone(), ttl_ms, platform).await
+        self.open_shared(user, Arc::from(device), instance.clone(), ttl_ms, platform, None).await
     }
 
     async fn open_shared(
@@ -92,11 +95,16 @@ impl Sessions {
         instance: Arc<str>,
         ttl_ms: Option<i64>,
         platform: Option<Platform>,
+        active: Option<bool>,
     ) -> Result<Registered, ApiError> {
+        // Idle from the start: since before the session began (unknown), so it does not
+        // hold off an automatic away.
+        let activity = active.map(|a| self.activity(a, Some(Millis::MIN)));
         let req = NewSession::shared(device, instance, ttl_ms.unwrap_or(self.ttl_ms))
             .platform(platform)
             .sid(rand::random())
-            .max_devices(self.max_devices);
+            .max_devices(self.max_devices)
+            .activity(activity);
         Ok(self.store.register_session(user, req).await?)
     }
 
@@ -126,7 +134,7 @@ impl Sessions {
 
     async fn open_on(&self, s: &GatewaySession, instance: &Arc<str>, ttl_ms: Option<i64>, bound: bool) -> Result<Registered, ApiError> {
         let ttl = if bound { BOUND_TTL_MS } else { ttl_ms.unwrap_or(self.ttl_ms) };
-        let mut reg = self.open_shared(&s.user, s.device.clone(), instance.clone(), Some(ttl), s.platform).await?;
+        let mut reg = self.open_shared(&s.user, s.device.clone(), instance.clone(), Some(ttl), s.platform, s.active).await?;
         if !bound {
             // The instance may have taken a lease meanwhile (or take one later).
             if let Some(t) = self.instances.bind_late(&s.user, &s.device, &reg, instance, ttl).await? {
@@ -176,11 +184,18 @@ impl Sessions {
         device: &str,
         instance: &Arc<str>,
         platform: Option<Platform>,
+        active: Option<bool>,
     ) -> Result<(Millis, Option<Registered>), ApiError> {
         match self.refresh(user, device).await? {
-            Some(t) => Ok((t, None)),
+            Some(t) => {
+                if let Some(a) = active {
+                    // Said with every heartbeat: written only when it changes.
+                    self.set_activity(user, device, None, (a, None), true).await?;
+                }
+                Ok((t, None))
+            }
             None => {
-                let reg = self.open(user, device, instance, None, platform).await?;
+                let reg = self.open_shared(user, Arc::from(device), instance.clone(), None, platform, active).await?;
                 Ok((reg.expires_at, Some(reg)))
             }
         }
@@ -198,16 +213,21 @@ impl Sessions {
         (active, idle_since): (bool, Option<Millis>),
         reassert: bool,
     ) -> Result<(), ApiError> {
-        let activity = if active {
-            Activity::Active
-        } else {
-            // The core clamps it to now.
-            Activity::Idle { since: idle_since.unwrap_or(Millis::MAX), away_after_ms: self.away_after_ms }
-        };
+        let activity = self.activity(active, idle_since);
         if self.store.set_activity(user, device, sid, activity, reassert).await? {
             Ok(())
         } else {
             Err(ApiError::NotFound(format!("device {device} of user {user} has no live session")))
+        }
+    }
+
+    /// What a device says: active, or idle since `idle_since` (default now: the core clamps
+    /// a later time to now).
+    fn activity(&self, active: bool, idle_since: Option<Millis>) -> Activity {
+        if active {
+            Activity::Active
+        } else {
+            Activity::Idle { since: idle_since.unwrap_or(Millis::MAX), away_after_ms: self.away_after_ms }
         }
     }
 

@@ -152,8 +152,8 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// beginning or ending), and it arms automatic away. One write per change; none when
     /// nothing changes. `Ok(false)` when the device has no live, connected session.
     /// `reassert`: the device says it with every heartbeat, so a state a cluster node's
-    /// cache already shows is taken as is (no backend round trip); a stale cache is
-    /// corrected by the next heartbeat.
+    /// read cache already shows is taken as is (no write; on NATS, whose cache follows the
+    /// KV, no round trip either); a stale cache is corrected by the next heartbeat.
     async fn set_activity(
         &self,
         id: &UserId,

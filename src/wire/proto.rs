@@ -55,7 +55,7 @@ pub fn presence_pb(p: &Presence) -> pb::UserPresence {
             .map(|d| pb::DeviceSummary {
                 device_id: d.device_id.to_string(),
                 platform: d.platform.map(|p| p.as_str().to_string()).unwrap_or_default(),
-                active: d.active,
+                active: Some(d.active),
                 idle_since: d.idle_since.map(ts),
             })
             .collect(),

@@ -343,7 +343,7 @@ impl Hub {
     /// Keeps the connection's device session alive.
     pub async fn refresh(&self, conn: &Client) -> Result<(), ApiError> {
         // Lapsed (e.g. the store was repaired): registered again rather than drop the user.
-        let (_, opened) = self.svc.sessions.heartbeat_or_open(&conn.user, &conn.device, &self.svc.node_id, conn.platform).await?;
+        let (_, opened) = self.svc.sessions.heartbeat_or_open(&conn.user, &conn.device, &self.svc.node_id, conn.platform, None).await?;
         if let Some(reg) = opened {
             conn.sid.store(reg.sid, Ordering::Release);
         }
@@ -353,6 +353,7 @@ impl Hub {
     /// The connection's user is (not) active on its device: a lapsed session (the store
     /// was repaired) is registered again first, as a heartbeat would.
     pub async fn set_activity(&self, conn: &Client, active: bool, idle_since: Option<Millis>) -> Result<(), ApiError> {
+        self.svc.check_write_rate(&conn.user)?;
         let sid = conn.sid.load(Ordering::Acquire);
         let said = (active, idle_since);
         match self.svc.sessions.set_activity(&conn.user, &conn.device, Some(sid), said, false).await {

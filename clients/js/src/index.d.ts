@@ -126,8 +126,8 @@ export interface ClientOptions {
   typingIdleMs?: number;
   /**
    * Follow the user's activity in a browser page (default: on when there is a
-   * `document`): hidden, or no input for `idleAfterMs`, reports the device idle; input or
-   * the page shown, active.
+   * `document`), from `connect()` to `close()`: hidden, or no input for `idleAfterMs`,
+   * reports the device idle; input or the page shown, active.
    */
   trackActivity?: boolean;
   /** The document to follow (default `globalThis.document`). */

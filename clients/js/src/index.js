@@ -140,7 +140,8 @@ export class PresenceClient {
     /** @type {(() => void) | null} detaches the browser's listeners */
     this.untrack = null;
     const doc = options.document === undefined ? /** @type {any} */ (globalThis).document : options.document;
-    if (options.trackActivity ?? Boolean(doc)) this.untrack = this.trackActivity(doc);
+    /** The document followed from `connect()` to `close()`, if any. */
+    this.trackedDoc = options.trackActivity ?? Boolean(doc) ? doc : null;
   }
 
   /**
@@ -155,8 +156,9 @@ export class PresenceClient {
     if (active) {
       a.active = true;
     } else if (a.active) {
+      const t = since === undefined ? NaN : Number(since);
       a.active = false;
-      a.idleSince = since === undefined ? Date.now() : Number(since);
+      a.idleSince = Number.isFinite(t) ? t : Date.now();
     }
     this.flushActivity();
   }
@@ -164,6 +166,13 @@ export class PresenceClient {
   /** Whether this client says the user is active on the device. */
   get active() {
     return this.activity.active;
+  }
+
+  /** Stops following the page and drops a pending activity report. */
+  stopTracking() {
+    clearTimeout(this.activity.timer);
+    if (this.untrack) this.untrack();
+    this.untrack = null;
   }
 
   /** Sends the application's activity if the server has something else. */
@@ -182,8 +191,13 @@ export class PresenceClient {
     a.sent = a.active;
     a.sentAt = Date.now();
     this.request("activity", payload).catch((e) => {
-      // Not applied (the connection went): said again on the next connection.
-      if (e && e.code !== "not_connected" && e.code !== "disconnected" && e.code !== "closed") this.emit("error", e);
+      // Not applied. The connection went: said again on the next one. Refused (a rate
+      // limit): said again after the minimum interval.
+      if (e && (e.code === "not_connected" || e.code === "disconnected" || e.code === "closed")) return;
+      this.emit("error", e);
+      a.sent = null;
+      clearTimeout(a.timer);
+      a.timer = setTimeout(() => this.flushActivity(), this.activityMinIntervalMs);
     });
   }
 
@@ -220,6 +234,7 @@ export class PresenceClient {
     if (this.stopped) {
       this.stopped = false;
       this.attempt = 0;
+      if (this.trackedDoc && !this.untrack) this.untrack = this.trackActivity(this.trackedDoc);
       void this.open();
     }
     return /** @type {Promise<import("./index").Connected>} */ (p);
@@ -233,9 +248,7 @@ export class PresenceClient {
     this.stopped = true;
     this.clearTimers();
     clearTimeout(this.timers.retry);
-    clearTimeout(this.activity.timer);
-    if (this.untrack) this.untrack();
-    this.untrack = null;
+    this.stopTracking();
     for (const t of this.ownTyping.values()) clearTimeout(t.idle);
     this.ownTyping.clear();
     const ws = this.ws;
@@ -400,6 +413,7 @@ export class PresenceClient {
       // a generated id forks, so the two stop replacing each other.
       if (ev.code === REPLACED && !this.options.deviceId) this.forkDeviceId();
       if (ev.code === ERASED) {
+        this.stopTracking();
         // The user's data was erased: reconnecting would start a new record.
         this.stopped = true;
         this.clearTimers();

@@ -7,7 +7,10 @@
 //! - **on**: each device toggles idle ↔ active every `--period-secs` on average (a
 //!   realistic day: 5–15 minutes), that is `SetActivity` at sessions / period per second,
 //!   spread evenly over the run; with `--away-secs` the automatic away of users who stay
-//!   idle follows, as it would in production.
+//!   idle follows, as it would in production;
+//! - **status**: the same users changing their explicit status (`SetPresence`, away ↔
+//!   online) at the same rate: what any presence transition costs on this path, the
+//!   yardstick for the activity's cost.
 //!
 //! Per run: store writes/s of users' records (`store_writes_total{kind="user"}`), and the
 //! CPU of presenced and of nats-server. One store write per transition is the target; a
@@ -41,6 +44,14 @@ pub struct ActivityArgs {
     /// Off/on pairs.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+}
+
+/// What a run sends.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Nothing,
+    Activity,
+    Status,
 }
 
 struct Run {
@@ -105,8 +116,9 @@ pub async fn run(args: ActivityArgs) -> Res<()> {
     let mut next_device = 0usize;
     let mut idle = vec![false; args.sessions];
     let mut pairs = Vec::new();
+    let mut status_runs = Vec::new();
     for round in 0..args.rounds {
-        let off = measure(&client, &bearer, &http, pid, nats_pid, args.seconds, 0.0, Vec::new()).await?;
+        let off = measure(&client, &bearer, &http, pid, nats_pid, args.seconds, 0.0, Kind::Nothing, Vec::new()).await?;
         let n = (rate * args.seconds as f64) as usize;
         let changes: Vec<(usize, bool)> = (0..n)
             .map(|_| {
@@ -116,7 +128,16 @@ pub async fn run(args: ActivityArgs) -> Res<()> {
                 (next_device, !idle[next_device])
             })
             .collect();
-        let on = measure(&client, &bearer, &http, pid, nats_pid, args.seconds, rate, changes).await?;
+        let on = measure(&client, &bearer, &http, pid, nats_pid, args.seconds, rate, Kind::Activity, changes.clone()).await?;
+        let status = measure(&client, &bearer, &http, pid, nats_pid, args.seconds, rate, Kind::Status, changes).await?;
+        println!(
+            "round {}: status changes at the same rate: {:.1} writes/s, {:.2} CPU-s/s (nats {:.2}); +{:.1} µs presenced CPU per change",
+            round + 1,
+            status.writes / status.secs,
+            status.cpu / status.secs,
+            status.nats_cpu / status.secs,
+            (status.cpu / status.secs - off.cpu / off.secs) * 1e6 / (status.calls as f64 / status.secs),
+        );
         println!(
             "round {}: off {:.1} writes/s, {:.2} CPU-s/s (nats {:.2}) | on {:.0} calls/s, {:.1} writes/s ({:.2} per change), {:.2} CPU-s/s (nats {:.2}); +{:.1} µs presenced CPU per change",
             round + 1,
@@ -130,6 +151,7 @@ pub async fn run(args: ActivityArgs) -> Res<()> {
             on.nats_cpu / on.secs,
             (on.cpu / on.secs - off.cpu / off.secs) * 1e6 / (on.calls as f64 / on.secs),
         );
+        status_runs.push(status);
         pairs.push((off, on));
     }
     let mean = |f: &dyn Fn(&(Run, Run)) -> f64| pairs.iter().map(f).sum::<f64>() / pairs.len().max(1) as f64;
@@ -142,6 +164,12 @@ pub async fn run(args: ActivityArgs) -> Res<()> {
         mean(&|(a, b)| (b.cpu / b.secs) / (a.cpu / a.secs).max(1e-9)),
         mean(&|(a, _)| a.nats_cpu / a.secs),
         mean(&|(_, b)| b.nats_cpu / b.secs),
+    );
+    let status_cpu = status_runs.iter().map(|r| r.cpu / r.secs).sum::<f64>() / status_runs.len().max(1) as f64;
+    println!(
+        "activity against status changes at the same rate: presenced CPU {:.3} against {status_cpu:.3} (ratio {:.2})",
+        mean(&|(_, b)| b.cpu / b.secs),
+        mean(&|(_, b)| b.cpu / b.secs) / status_cpu.max(1e-9),
     );
     refresher.abort();
     drop(server);
@@ -160,6 +188,7 @@ async fn measure(
     nats_pid: u32,
     seconds: u64,
     rate: f64,
+    kind: Kind,
     changes: Vec<(usize, bool)>,
 ) -> Res<Run> {
     const USER_WRITES: &str = "store_writes_total{backend=\"nats\",kind=\"user\"}";
@@ -174,11 +203,20 @@ async fn measure(
         tokio::time::sleep_until(due.into()).await;
         let permit = sem.clone().acquire_owned().await.map_err(|e| e.to_string())?;
         let mut c = client.clone();
-        let req = authed(pb::SetActivityRequest { user_id: format!("u{device}"), device_id: "d".into(), active, idle_since: None }, bearer);
+        let user_id = format!("u{device}");
+        let activity = authed(pb::SetActivityRequest { user_id: user_id.clone(), device_id: "d".into(), active, idle_since: None }, bearer);
+        let status = if active { pb::Status::Online } else { pb::Status::Away };
+        let explicit = authed(
+            pb::SetPresenceRequest { user_id, status: status as i32, message: String::new(), ttl_seconds: 0, until_changed: true },
+            bearer,
+        );
         tasks.spawn(async move {
-            let r = c.set_activity(req).await.map(|_| ()).map_err(|e| e.to_string());
+            let r = match kind {
+                Kind::Status => c.set_presence(explicit).await.map(|_| ()),
+                _ => c.set_activity(activity).await.map(|_| ()),
+            };
             drop(permit);
-            r
+            r.map_err(|e| e.to_string())
         });
     }
     let end = start + Duration::from_secs(seconds);
