@@ -273,13 +273,7 @@ async fn cluster_activity_is_written_once_and_seen_once_on_every_node(e: Engine)
     assert_eq!(seen["status"], "online");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The user records written (one metric for both nodes: they share the process).
-    let writes = async || -> f64 {
-        let text = a.scrape().await;
-        text.lines()
-            .find(|l| l.starts_with("store_writes_total{") && l.contains("kind=\"user\""))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let writes = async || a.user_writes().await;
     let w0 = writes().await;
     for i in 0..3 {
         assert_eq!(alice.ack(json!({"type":"heartbeat","id":i})).await["type"], "ack");
@@ -308,5 +302,22 @@ async fn cluster_activity_is_written_once_and_seen_once_on_every_node(e: Engine)
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(writes().await - w0, 3.0, "one write back to active");
     a.stop().await;
+    b.stop().await;
+}
+
+on_engines!(an_idle_user_on_a_drained_node_reads_away_on_the_other: nats, redis);
+/// alice goes idle on node a, which then drains (a restart) before her away is due: node b
+/// takes her session over for the grace, and reads there show the away at its moment (the
+/// timer was on a) and never a false online.
+async fn an_idle_user_on_a_drained_node_reads_away_on_the_other(e: Engine) {
+    let grace = ("PRESENCE_PRESENCE__OFFLINE_GRACE", "6s");
+    let a = e.node_with("node-a", &[AWAY, grace]).await;
+    let b = e.node_with("node-b", &[AWAY, grace]).await;
+    let mut alice = wsclient::connect(&a, "alice", "phone").await;
+    assert_eq!(activity(&mut alice, false, None, 1).await["type"], "ack");
+    a.stop().await;
+    let r = read(&b, "alice").await;
+    assert_eq!((r["status"].clone(), device(&r, "phone")["active"].clone()), (json!("online"), json!(false)), "{r}");
+    eventually("away on node b", Duration::from_secs(5), async || read(&b, "alice").await["status"] == "away").await;
     b.stop().await;
 }

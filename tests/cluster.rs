@@ -626,13 +626,7 @@ on_engines!(heartbeats_write_last_seen_at_most_once_per_interval: nats, redis);
 async fn heartbeats_write_last_seen_at_most_once_per_interval(e: Engine) {
     let a = e.node_with("node-a", &[("PRESENCE_PRESENCE__LAST_SEEN_INTERVAL", "1s")]).await;
     let b = e.node("node-b").await;
-    let user_writes = async || -> f64 {
-        let text = a.scrape().await;
-        text.lines()
-            .find(|l| l.starts_with("store_writes_total{") && l.contains("kind=\"user\""))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let user_writes = async || a.user_writes().await;
     let mut c = common::wsclient::connect(&a, "lsu", "d1").await;
     let last_seen = async || b.get("/api/v2/presence/lsu").await.1["data"]["lsu"]["last_seen"].clone();
     eventually("B sees the user online", async || b.get("/api/v2/presence/lsu").await.1["data"]["lsu"]["status"] == "online").await;

@@ -230,6 +230,16 @@ impl TestServer {
     pub async fn scrape(&self) -> String {
         self.client.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("metrics body")
     }
+
+    /// `store_writes_total{kind="user"}` (the users' records written; one process-wide
+    /// metric, so every node a test starts adds to it).
+    pub async fn user_writes(&self) -> f64 {
+        let text = self.scrape().await;
+        text.lines()
+            .find(|l| l.starts_with("store_writes_total{") && l.contains("kind=\"user\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
 }
 
 /// Status and JSON body; panics (failing the test) when the body is not JSON.
