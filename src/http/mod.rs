@@ -72,6 +72,7 @@ pub fn routes(state: Http) -> Router {
         .route("/api/v2/users/{user_id}", delete(account::erase))
         .route("/api/v2/users/{user_id}/export", get(account::export))
         .route("/api/v2/conversations/{id}/members", get(social::get_members).put(social::put_members))
+        .route("/api/v2/conversations/{id}/presence", get(social::get_conversation_presence))
         .route("/api/v2/stats", get(stats::stats))
         .route("/client.js", get(client_js))
         .route("/api/v2/sessions", post(gateway::register).layer(batch_limit))
@@ -110,7 +111,7 @@ pub fn layered(router: Router, state: Http) -> Router {
 
 /// Every route template, so a request's route label is a `&'static str` (a test checks
 /// that every route the router serves is here).
-pub const ROUTES: [&str; 30] = [
+pub const ROUTES: [&str; 31] = [
     "/",
     "/favicon.ico",
     "/ws",
@@ -122,6 +123,7 @@ pub const ROUTES: [&str; 30] = [
     "/api/v2/presence/{user_id}/privacy",
     "/api/v2/contacts/{user_id}",
     "/api/v2/conversations/{id}/members",
+    "/api/v2/conversations/{id}/presence",
     "/api/v2/stats",
     "/client.js",
     "/api/v2/sessions",

@@ -36,6 +36,7 @@ use super::{account, gateway, health, legacy, presence, social, stats};
         social::put_contacts,
         social::get_members,
         social::put_members,
+        social::get_conversation_presence,
         account::export,
         account::erase,
         gateway::register,

@@ -134,3 +134,87 @@ pub async fn get_members(State(state): State<Http>, Caller(who): Caller, Convers
     let m = state.svc.members(&who, &conv)?;
     Ok(ok(Members { conversation_id: &conv, members: names(&m) }))
 }
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationPresenceQuery {
+    /// `online` (default: any status but offline), `offline` or `all`.
+    #[param(example = "online")]
+    status: Option<String>,
+    /// Members per page, 1 to 1000 (default 100).
+    #[param(example = 100)]
+    limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Counts and a page of a conversation's members, as the caller may see them.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct ConversationPresenceDoc {
+    conversation_id: String,
+    /// Members in the conversation.
+    members: usize,
+    /// Members the caller sees with any status but offline.
+    online: usize,
+    /// The page, ordered by user id.
+    presences: Vec<crate::wire::json::PresenceDoc>,
+    /// Where the next page starts; absent on the last one.
+    next_cursor: Option<String>,
+}
+
+struct ConversationPresence<'a> {
+    conversation_id: &'a str,
+    page: &'a crate::service::conversations::Page,
+    now: crate::core::Millis,
+}
+
+impl Serialize for ConversationPresence<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let presences: Vec<crate::wire::json::PresenceJson<'_>> =
+            self.page.presences.iter().map(|p| crate::wire::json::PresenceJson { p, now: self.now }).collect();
+        let mut st = s.serialize_struct("ConversationPresence", 5)?;
+        st.serialize_field("conversation_id", self.conversation_id)?;
+        st.serialize_field("members", &self.page.members)?;
+        st.serialize_field("online", &self.page.online)?;
+        st.serialize_field("presences", &presences)?;
+        match &self.page.next_cursor {
+            Some(c) => st.serialize_field("next_cursor", c)?,
+            None => st.skip_field("next_cursor")?,
+        }
+        st.end()
+    }
+}
+
+/// `GET /api/v2/conversations/{id}/presence?status=online|offline|all&limit=100&cursor=…`
+#[utoipa::path(get, path = "/api/v2/conversations/{id}/presence", operation_id = "getConversationPresence", tag = "conversations",
+    summary = "Who of a conversation's members is here, and how many",
+    description = "For members of the conversation and `presence:admin`. `members` and `online` are counts; `presences` a page \
+        of members as the caller may see them (a member hidden from the caller is counted and listed offline), ordered by user \
+        id; `next_cursor` continues it.",
+    params(ConversationPath, ConversationPresenceQuery),
+    responses((status = 200, description = "Counts and a page", body = super::envelope::Ok<ConversationPresenceDoc>),
+              (status = 403, description = "Not a member", body = super::envelope::Err),
+              (status = 404, description = "No members set (admin)", body = super::envelope::Err)),
+    security(("bearer" = [])))]
+pub async fn get_conversation_presence(
+    State(state): State<Http>,
+    Caller(who): Caller,
+    ConversationParam(conv): ConversationParam,
+    query: Result<axum::extract::Query<ConversationPresenceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Res {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let listed = match q.status.as_deref() {
+        None => crate::service::conversations::Listed::Online,
+        Some(s) => crate::service::conversations::Listed::parse(s)
+            .ok_or_else(|| ApiError::BadRequest(format!("status must be online, offline or all, not {s:?}")))?,
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be between 1 and 1000".into()));
+    }
+    let page = state.svc.conversation_presence(&who, &conv, listed, limit, q.cursor.as_deref()).await?;
+    Ok(ok(ConversationPresence { conversation_id: &conv, page: &page, now: state.svc.clock.now() }))
+}

@@ -9,6 +9,7 @@
 //! changes) goes on the bus.
 
 pub mod activity;
+pub mod conversations;
 pub mod erasure;
 pub mod instances;
 pub mod limiter;
