@@ -35,6 +35,8 @@ pub enum DirectoryChanged {
     Contacts { user: UserId, changed: Vec<UserId> },
     /// `user`'s privacy settings changed from `previous`.
     Privacy { user: UserId, previous: Privacy },
+    /// A conversation's members changed: `added` joined, `removed` left.
+    Members { conversation: Arc<str>, added: Vec<UserId>, removed: Vec<UserId> },
 }
 
 /// A change of this node's interest.

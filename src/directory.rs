@@ -102,8 +102,8 @@ impl Directory {
                     Some(v) => parse_ids(v)?,
                     None => Vec::new(),
                 };
-                self.apply_members(key, ids);
-                None
+                let (added, removed) = self.apply_members(key, ids);
+                (!added.is_empty() || !removed.is_empty()).then(|| RowChange::Members { conversation: Arc::from(key), added, removed })
             }
         }
     }
@@ -180,23 +180,25 @@ impl Directory {
         old.unwrap_or_default()
     }
 
-    /// Replaces a conversation's members durably.
-    pub async fn set_members(&self, store: &dyn Store, conversation: &str, ids: Vec<UserId>) -> Result<(), StoreError> {
+    /// Replaces a conversation's members durably; returns what changed, for the hub.
+    pub async fn set_members(&self, store: &dyn Store, conversation: &str, ids: Vec<UserId>) -> Result<Option<RowChange>, StoreError> {
         let value = if ids.is_empty() { None } else { Some(ids_json(&ids)) };
         let _turn = self.writes.lock().await;
         store.put_directory(DirTable::Conversations, conversation, value).await?;
-        self.apply_members(conversation, ids);
-        Ok(())
+        let (added, removed) = self.apply_members(conversation, ids);
+        Ok((!added.is_empty() || !removed.is_empty()).then(|| RowChange::Members { conversation: Arc::from(conversation), added, removed }))
     }
 
-    /// Sets a conversation's members in memory (none: the conversation is forgotten).
-    fn apply_members(&self, conversation: &str, ids: Vec<UserId>) {
+    /// Sets a conversation's members in memory (none: the conversation is forgotten);
+    /// returns who joined and who left.
+    fn apply_members(&self, conversation: &str, ids: Vec<UserId>) -> (Vec<UserId>, Vec<UserId>) {
+        let new: HashSet<UserId> = ids.into_iter().collect();
         let mut conv = self.conversations.write();
-        if ids.is_empty() {
-            conv.remove(conversation);
-        } else {
-            conv.insert(Arc::from(conversation), Arc::new(ids.into_iter().collect()));
-        }
+        let old = if new.is_empty() { conv.remove(conversation) } else { conv.insert(Arc::from(conversation), Arc::new(new.clone())) };
+        let old = old.unwrap_or_else(empty);
+        let added = new.iter().filter(|u| !old.contains(*u)).cloned().collect();
+        let removed = old.iter().filter(|u| !new.contains(*u)).cloned().collect();
+        (added, removed)
     }
 }
 

@@ -266,7 +266,7 @@ impl App {
         svc.audit = crate::audit::Audit::open(config.logging.audit_file.as_deref(), &config.service.node_id).map_err(StartError::Audit)?;
         svc.audit.reopen_on_sighup();
         let svc = Arc::new(svc);
-        let hub = Arc::new(Hub::new(svc.clone(), HubLimits::of(&config.limits)));
+        let hub = Arc::new(Hub::new(svc.clone(), HubLimits::of(&config.limits, &config.presence)));
         hub.start();
         if let Some(rx) = changes {
             tokio::spawn(follow_directory(Arc::downgrade(&svc), rx));

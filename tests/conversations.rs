@@ -1,6 +1,9 @@
-//! Conversation presence (issue 27, first part): `GET /api/v2/conversations/{id}/presence`
-//! gives a conversation's member and online counts and a page of its members as the caller
-//! may see them, on the embedded store and across nodes on NATS and Redis.
+//! Conversation presence (issue 27): `GET /api/v2/conversations/{id}/presence` gives a
+//! conversation's member and online counts and a page of its members as the caller may
+//! see them; a WebSocket `subscribe {conversation_ids}` gets the same as a snapshot, then
+//! each change (small conversations: every member change as a `presence_update` and the
+//! counts at once; large ones: one `conversation_presence` per interval). On the embedded
+//! store and across nodes on NATS and Redis.
 
 mod common;
 
@@ -150,4 +153,234 @@ async fn counts_are_cluster_wide(e: Engine) {
     }
     a.stop().await;
     b.stop().await;
+}
+
+const LARGE: [(&str, &str); 2] =
+    [("PRESENCE_LIMITS__CONVERSATION_LIVE_MEMBERS", "3"), ("PRESENCE_PRESENCE__CONVERSATION_INTERVAL", "400ms")];
+
+async fn subscribe(c: &mut wsclient::Client, conv: &str) -> Value {
+    let ack = c.ack(json!({"type":"subscribe","payload":{"conversation_ids":[conv]},"id":"sub"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let snap = c.recv_type("conversation_presence").await;
+    assert_eq!(snap["payload"]["snapshot"], true, "{snap}");
+    assert_eq!(snap["payload"]["conversation_id"], conv);
+    snap["payload"].clone()
+}
+
+/// The next `conversation_presence` update (not a snapshot), with nothing but updates of
+/// members' presence before it (whose user ids are returned too).
+async fn next_counts(c: &mut wsclient::Client) -> (Value, Vec<String>) {
+    let mut pushed = Vec::new();
+    loop {
+        let m = c.recv().await;
+        match m["type"].as_str() {
+            Some("conversation_presence") => return (m["payload"].clone(), pushed),
+            Some("presence_update") => pushed.push(m["payload"]["user_id"].as_str().unwrap().to_string()),
+            _ => panic!("unexpected {m}"),
+        }
+    }
+}
+
+fn listed(p: &Value) -> Vec<String> {
+    p["presences"].as_array().unwrap().iter().map(|p| p["user_id"].as_str().unwrap().to_string()).collect()
+}
+
+fn counts(p: &Value) -> (u64, u64) {
+    (p["members"].as_u64().unwrap(), p["online"].as_u64().unwrap())
+}
+
+/// Small conversation: the snapshot, then each member change as a `presence_update` and
+/// the counts when they move; forbidden for non-members; unsubscribe stops it all.
+#[tokio::test]
+async fn a_small_conversation_pushes_each_change_and_its_counts() {
+    let s = TestServer::start(&[NO_GRACE]).await;
+    members(&s, "chat", &["viv", "amy", "bob", "cid"]).await;
+    let _amy = wsclient::connect(&s, "amy", "d").await;
+    let mut viv = wsclient::connect(&s, "viv", "d").await;
+    let snap = subscribe(&mut viv, "chat").await;
+    assert_eq!(counts(&snap), (4, 2), "{snap}");
+    assert_eq!(listed(&snap), ["amy", "viv"]);
+    assert!(snap.get("next_cursor").is_none());
+    assert_eq!(snap["presences"][0]["status"], "online");
+    // bob comes: his presence, then the count.
+    let mut bob = wsclient::connect(&s, "bob", "d").await;
+    let (p, pushed) = next_counts(&mut viv).await;
+    assert_eq!((counts(&p), p["snapshot"].clone(), listed(&p)), ((4, 3), json!(false), vec![]), "{p}");
+    assert_eq!(pushed, ["bob"]);
+    // busy: a presence, no count (it did not move).
+    bob.ack(json!({"type":"presence_update","payload":{"online_status":"busy"},"id":1})).await;
+    assert_eq!(viv.presence_of("bob").await["status"], "busy");
+    // bob leaves: offline, then the count.
+    bob.ack(json!({"type":"bye","id":2})).await;
+    let (p, pushed) = next_counts(&mut viv).await;
+    assert_eq!(counts(&p), (4, 2), "{p}");
+    assert_eq!(pushed, ["bob"]);
+    // Others are refused; bad input too; a conversation with no members is 404 for an admin.
+    let mut eve = wsclient::connect(&s, "eve", "d").await;
+    let e = eve.ack(json!({"type":"subscribe","payload":{"conversation_ids":["chat"]},"id":"x"})).await;
+    assert_eq!((e["type"].clone(), e["payload"]["code"].clone()), (json!("error"), json!("forbidden")), "{e}");
+    let e = viv.ack(json!({"type":"subscribe","payload":{"conversation_ids":["a b"]},"id":"y"})).await;
+    assert_eq!(e["payload"]["code"], "bad_request", "{e}");
+    let e = viv.ack(json!({"type":"subscribe","payload":{},"id":"z"})).await;
+    assert_eq!(e["payload"]["code"], "bad_request", "{e}");
+    // Unsubscribed: nothing more about cid.
+    let a = viv.ack(json!({"type":"unsubscribe","payload":{"conversation_ids":["chat"]},"id":"u"})).await;
+    assert_eq!(a["type"], "ack");
+    let _cid = wsclient::connect(&s, "cid", "d").await;
+    viv.silent(500).await;
+    s.stop().await;
+}
+
+/// Large conversation: no per-member pushes; the changes of an interval come together in
+/// one `conversation_presence` with the counts, shared by every viewer.
+#[tokio::test]
+async fn a_large_conversation_sends_the_changes_of_each_interval_together() {
+    let s = TestServer::start(&[NO_GRACE, LARGE[0], LARGE[1]]).await;
+    members(&s, "hall", &["v1", "v2", "m1", "m2", "m3", "m4"]).await;
+    let mut v1 = wsclient::connect(&s, "v1", "d").await;
+    let mut v2 = wsclient::connect(&s, "v2", "d").await;
+    assert_eq!(counts(&subscribe(&mut v1, "hall").await), (6, 2));
+    assert_eq!(counts(&subscribe(&mut v2, "hall").await), (6, 2));
+    let mut joined = Vec::new();
+    for m in ["m1", "m2", "m3"] {
+        joined.push(wsclient::connect(&s, m, "d").await);
+    }
+    for v in [&mut v1, &mut v2] {
+        let mut seen = Vec::new();
+        let mut messages = 0;
+        while seen.len() < 3 {
+            let (p, pushed) = next_counts(v).await;
+            assert!(pushed.is_empty(), "no presence_update in a large conversation: {pushed:?}");
+            assert_eq!(p["snapshot"], false);
+            messages += 1;
+            seen.extend(listed(&p));
+            if seen.len() == 3 {
+                assert_eq!(counts(&p), (6, 5), "{p}");
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, ["m1", "m2", "m3"]);
+        assert!(messages <= 2, "three joins within an interval come in one or two messages, not {messages}");
+    }
+    // One leaves: its presence (offline) and the count, once.
+    joined.pop().unwrap().ack(json!({"type":"bye","id":1})).await;
+    let (p, _) = next_counts(&mut v1).await;
+    assert_eq!((counts(&p), listed(&p)), ((6, 4), vec!["m3".to_string()]), "{p}");
+    assert_eq!(p["presences"][0]["status"], "offline");
+    v1.silent(900).await;
+    s.stop().await;
+}
+
+/// Members added and removed mid-subscription: counts and lists follow at once (small),
+/// a viewer removed is told and unsubscribed.
+#[tokio::test]
+async fn membership_changes_reach_live_subscriptions() {
+    for env in [vec![NO_GRACE], vec![NO_GRACE, LARGE[0], LARGE[1]]] {
+        let s = TestServer::start(&env).await;
+        members(&s, "g", &["ada", "ian"]).await;
+        let _kim = wsclient::connect(&s, "kim", "d").await;
+        let mut ada = wsclient::connect(&s, "ada", "d").await;
+        let mut ian = wsclient::connect(&s, "ian", "d").await;
+        assert_eq!(counts(&subscribe(&mut ada, "g").await), (2, 2));
+        assert_eq!(counts(&subscribe(&mut ian, "g").await), (2, 2));
+        members(&s, "g", &["ada", "ian", "kim", "lou"]).await;
+        let (p, _) = next_counts(&mut ada).await;
+        assert_eq!((counts(&p), listed(&p)), ((4, 3), vec!["kim".to_string()]), "kim is online: {p}");
+        members(&s, "g", &["ada", "kim", "lou"]).await;
+        let e = ian.recv_type("error").await;
+        assert_eq!(e["payload"]["code"], "forbidden", "{e}");
+        let (p, _) = next_counts(&mut ada).await;
+        assert_eq!((counts(&p), p["removed"].clone()), ((3, 2), json!(["ian"])), "{p}");
+        // ian hears nothing more of g.
+        let _lou = wsclient::connect(&s, "lou", "d").await;
+        let (p, _) = next_counts(&mut ada).await;
+        assert_eq!(counts(&p), (3, 3), "{p}");
+        ian.silent(700).await;
+        s.stop().await;
+    }
+}
+
+/// Live counts follow privacy as the pages do: an invisible member moves no count and
+/// sends nothing; a contacts-only one counts for their contacts only; each viewer's count
+/// agrees with its REST page. In small and large conversations.
+#[tokio::test]
+async fn live_counts_keep_privacy_and_agree_with_the_pages() {
+    for env in [vec![NO_GRACE], vec![NO_GRACE, LARGE[0], LARGE[1]]] {
+        let s = TestServer::start(&env).await;
+        members(&s, "p", &["ann", "ben", "cat", "dan"]).await;
+        let set = |user: &str, path: &str, body: Value| {
+            let req = s.client.put(s.url(&format!("/api/v2/{path}/{user}"))).bearer_auth(s.token(user)).json(&body);
+            async move { assert_eq!(req.send().await.unwrap().status(), 200) }
+        };
+        s.client
+            .put(s.url("/api/v2/presence/ben/privacy"))
+            .bearer_auth(s.token("ben"))
+            .json(&json!({"visibility":"nobody"}))
+            .send()
+            .await
+            .unwrap();
+        s.client
+            .put(s.url("/api/v2/presence/cat/privacy"))
+            .bearer_auth(s.token("cat"))
+            .json(&json!({"visibility":"contacts"}))
+            .send()
+            .await
+            .unwrap();
+        set("cat", "contacts", json!({"contacts":["ann"]})).await;
+        let mut ann = wsclient::connect(&s, "ann", "d").await;
+        let mut dan = wsclient::connect(&s, "dan", "d").await;
+        assert_eq!(counts(&subscribe(&mut ann, "p").await), (4, 2));
+        assert_eq!(counts(&subscribe(&mut dan, "p").await), (4, 2));
+        let mut ben = wsclient::connect(&s, "ben", "d").await;
+        let mut cat = wsclient::connect(&s, "cat", "d").await;
+        let (p, pushed) = next_counts(&mut ann).await;
+        assert_eq!(counts(&p), (4, 3), "ann sees cat, not ben: {p}");
+        assert!(!pushed.contains(&"ben".to_string()) && !listed(&p).contains(&"ben".to_string()), "{p}");
+        dan.silent(900).await; // neither ben nor cat shows to dan: not even the moment
+                               // ben sees himself; cat sees herself.
+        assert_eq!(counts(&subscribe(&mut ben, "p").await), (4, 3));
+        let snap = subscribe(&mut cat, "p").await;
+        assert_eq!((counts(&snap), listed(&snap)), ((4, 3), vec!["ann".to_string(), "cat".into(), "dan".into()]));
+        for (who, online) in [("ann", 3), ("dan", 2), ("ben", 3), ("cat", 3)] {
+            let (_, v) = page(&s, &s.token(who), "p", "").await;
+            assert_eq!(v["data"]["online"], online, "{who}'s page agrees with its live count: {v}");
+        }
+        // cat drops ann: ann's count goes down, dan's does not move.
+        set("cat", "contacts", json!({"contacts":[]})).await;
+        let (p, _) = next_counts(&mut ann).await;
+        assert_eq!(counts(&p), (4, 2), "{p}");
+        dan.silent(900).await;
+        s.stop().await;
+    }
+}
+
+on_engines!(live_counts_are_cluster_wide: nats, redis);
+/// A viewer on one node follows members on the other, and a membership change made
+/// through the other node.
+async fn live_counts_are_cluster_wide(e: Engine) {
+    for env in [vec![NO_GRACE], vec![NO_GRACE, LARGE[0], LARGE[1]]] {
+        let a = e.node_with("node-a", &env).await;
+        let b = e.node_with("node-b", &env).await;
+        members(&a, "crew", &["y0", "y1", "y2", "y3"]).await;
+        let mut y0 = wsclient::connect(&a, "y0", "d").await;
+        eventually("node b knows the members", std::time::Duration::from_secs(5), async || {
+            page(&b, &b.token("y1"), "crew", "").await.0 == 200
+        })
+        .await;
+        assert_eq!(counts(&subscribe(&mut y0, "crew").await), (4, 1));
+        let _y1 = wsclient::connect(&b, "y1", "d").await;
+        let (p, _) = next_counts(&mut y0).await;
+        assert_eq!(counts(&p), (4, 2), "{p}");
+        members(&b, "crew", &["y0", "y1", "y2", "y3", "y4"]).await;
+        let (p, _) = next_counts(&mut y0).await;
+        assert_eq!(counts(&p), (5, 2), "{p}");
+        let mut y2 = wsclient::connect(&b, "y2", "d").await;
+        let (p, _) = next_counts(&mut y0).await;
+        assert_eq!(counts(&p), (5, 3), "{p}");
+        y2.ack(json!({"type":"bye","id":1})).await;
+        let (p, _) = next_counts(&mut y0).await;
+        assert_eq!(counts(&p), (5, 2), "{p}");
+        a.stop().await;
+        b.stop().await;
+    }
 }

@@ -43,6 +43,10 @@ pub struct LimitsConfig {
     pub max_contacts: usize,
     /// Members per conversation.
     pub max_conversation_members: usize,
+    /// Conversations with at most this many members push each member change to their
+    /// WebSocket subscribers at once; larger ones send the changes together, at most once
+    /// per `presence.conversation_interval`.
+    pub conversation_live_members: usize,
     /// New connections per client IP per second, on `/ws` and on the gRPC port (token
     /// bucket with `connection_burst_per_ip`); `0` turns the limit off.
     pub connections_per_ip_per_sec: f64,
@@ -88,6 +92,7 @@ impl Default for LimitsConfig {
             ws_read_buffer_bytes: ByteSize(512),
             max_contacts: 5000,
             max_conversation_members: 10_000,
+            conversation_live_members: 1000,
             connections_per_ip_per_sec: 20.0,
             connection_burst_per_ip: 100,
             header_read_timeout: Dur::secs(10),

@@ -300,6 +300,9 @@ pub struct PresenceConfig {
     /// (its client said so: `activity` on `/ws`, gRPC, the legacy heartbeat) for this
     /// long reads `away`, until a device is active again. `0s`: never.
     pub auto_away_after: Dur,
+    /// A large conversation (more than `limits.conversation_live_members` members) tells
+    /// its WebSocket subscribers what changed at most this often, in one message.
+    pub conversation_interval: Dur,
 }
 
 impl PresenceConfig {
@@ -322,6 +325,7 @@ impl Default for PresenceConfig {
             forget_after: Dur::secs(30 * 24 * 3600),
             offline_grace: Dur::secs(10),
             auto_away_after: Dur::secs(600),
+            conversation_interval: Dur::secs(1),
         }
     }
 }
@@ -336,6 +340,9 @@ impl PresenceConfig {
         }
         if self.heartbeat_interval.0.is_zero() || self.heartbeat_interval.0 >= self.session_ttl.0 {
             return rule("presence.heartbeat_interval", "must be above 0 and below presence.session_ttl");
+        }
+        if self.conversation_interval.0 < Duration::from_millis(10) {
+            return rule("presence.conversation_interval", "must be at least 10ms");
         }
         if self.typing_ttl.0.is_zero() {
             return rule("presence.typing_ttl", "must be above 0");

@@ -108,7 +108,9 @@ impl Service {
         for conversation in self.directory.conversations_of(user) {
             let members =
                 self.directory.members(&conversation).map(|m| m.iter().filter(|m| *m != user).cloned().collect()).unwrap_or_default();
-            self.directory.set_members(&*self.store, &conversation, members).await?;
+            if let Some(change) = self.directory.set_members(&*self.store, &conversation, members).await? {
+                self.bus.publish_directory(change);
+            }
             erased.removed_from_conversations += 1;
         }
         metrics::counter!("presence_users_erased_total").increment(1);

@@ -404,7 +404,9 @@ impl Service {
         self.require_admin(who, "setting conversation members")?;
         self.check_id("conversation id", conversation)?;
         let ids = self.parse_id_list(raw, self.limits.max_conversation_members, "members")?;
-        self.directory.set_members(&*self.store, conversation, ids.clone()).await?;
+        if let Some(change) = self.directory.set_members(&*self.store, conversation, ids.clone()).await? {
+            self.bus.publish_directory(change);
+        }
         self.audit.record(who, Subject::Conversation(conversation), "conversation_members_set", json!({ "members": &ids }));
         Ok(ids)
     }

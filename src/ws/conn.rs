@@ -280,8 +280,13 @@ async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Client>, who: &Id
     match apply(svc, hub, conn, who, msg).await {
         Ok(snapshot) => {
             conn.push(protocol::ack(&inc.id, &inc.kind));
-            if let Some(ids) = snapshot {
-                if let Err(e) = hub.snapshot_asked(conn, &ids).await {
+            if !snapshot.users.is_empty() {
+                if let Err(e) = hub.snapshot_asked(conn, &snapshot.users).await {
+                    conn.push(protocol::error_of(&inc.id, &e));
+                }
+            }
+            if !snapshot.conversations.is_empty() {
+                if let Err(e) = hub.join_conversations(conn, &snapshot.conversations).await {
                     conn.push(protocol::error_of(&inc.id, &e));
                 }
             }
@@ -294,45 +299,59 @@ async fn handle(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Client>, who: &Id
     }
 }
 
-/// Carries out one message; `Ok(Some(ids))` asks for a snapshot of `ids` after the ack.
-async fn apply(
-    svc: &Arc<Service>,
-    hub: &Arc<Hub>,
-    conn: &Arc<Client>,
-    who: &Identity,
-    msg: ClientMsg,
-) -> Result<Option<Vec<UserId>>, ApiError> {
+/// What a message asks for after its ack: snapshots of users, and of conversations.
+#[derive(Default)]
+struct After {
+    users: Vec<UserId>,
+    conversations: Vec<Arc<str>>,
+}
+
+/// The user ids of a (un)subscription; none when it names conversations only.
+fn user_ids_of(svc: &Service, users: &[String], conversations: &[String]) -> Result<Vec<UserId>, ApiError> {
+    if users.is_empty() && !conversations.is_empty() {
+        return Ok(Vec::new());
+    }
+    svc.parse_ids(users.iter().map(String::as_str))
+}
+
+/// Carries out one message; `Ok(after)` says which snapshots follow the ack.
+async fn apply(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Client>, who: &Identity, msg: ClientMsg) -> Result<After, ApiError> {
     match msg {
         ClientMsg::PresenceUpdate { online_status, custom_status, ttl } => {
             svc.set_status(who, &conn.user, StatusWrite { status: online_status, message: custom_status, ttl_seconds: ttl }).await?;
-            Ok(None)
+            Ok(After::default())
         }
         ClientMsg::Heartbeat => {
             hub.refresh(conn).await?;
-            Ok(None)
+            Ok(After::default())
         }
         ClientMsg::Activity { active, idle_since } => {
             hub.set_activity(conn, active, idle_since).await?;
-            Ok(None)
+            Ok(After::default())
         }
         ClientMsg::Typing { conversation_id, is_typing } => {
             svc.check_id("conversation id", &conversation_id)?;
             svc.typists.set(&conn.user, &conversation_id, is_typing).await?;
-            Ok(None)
+            Ok(After::default())
         }
-        ClientMsg::Subscribe { user_ids } => {
-            let ids = svc.parse_ids(user_ids.iter().map(String::as_str))?;
-            hub.subscribe(conn, &ids)?;
-            Ok(Some(ids))
+        ClientMsg::Subscribe { user_ids, conversation_ids } => {
+            let ids = user_ids_of(svc, &user_ids, &conversation_ids)?;
+            let conversations = hub.subscribe_conversations(conn, &conversation_ids)?;
+            if let Err(e) = hub.subscribe(conn, &ids) {
+                hub.unsubscribe_conversations(conn, &conversations);
+                return Err(e);
+            }
+            Ok(After { users: ids, conversations })
         }
-        ClientMsg::Unsubscribe { user_ids } => {
-            let ids = svc.parse_ids(user_ids.iter().map(String::as_str))?;
+        ClientMsg::Unsubscribe { user_ids, conversation_ids } => {
+            let ids = user_ids_of(svc, &user_ids, &conversation_ids)?;
             hub.unsubscribe(conn, &ids);
-            Ok(None)
+            hub.unsubscribe_conversations(conn, &conversation_ids);
+            Ok(After::default())
         }
         ClientMsg::Bye => {
             hub.disconnect(conn, Leave::Bye).await;
-            Ok(None)
+            Ok(After::default())
         }
     }
 }

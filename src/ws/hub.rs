@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use super::client::Client;
 use super::protocol;
 use super::push_queue::PushKey;
+use super::rooms::{Outbox, Room};
 use crate::bus::{DirectoryChanged, Typing};
 use crate::core::{project, visible_change, DeviceId, Event, Millis, Platform, Presence, Privacy, Relation, UserId};
 use crate::directory::Members;
@@ -95,20 +96,69 @@ impl Watchers {
 pub struct HubLimits {
     /// Pushes a connection's queue holds before it is closed (`limits.ws_outbound_queue`).
     pub push_queue: usize,
+    /// Users and conversations one connection may subscribe to, together.
     pub subscriptions_per_connection: usize,
+    /// Conversations with at most this many members push each member change at once
+    /// (`limits.conversation_live_members`); larger ones every `conversation_interval`.
+    pub conversation_live_members: usize,
+    pub conversation_interval: std::time::Duration,
+    /// Members a `conversation_presence` snapshot lists (the rest: the REST pages).
+    pub conversation_page: usize,
 }
 
 impl HubLimits {
-    pub fn of(l: &crate::config::LimitsConfig) -> HubLimits {
-        HubLimits { push_queue: l.ws_outbound_queue, subscriptions_per_connection: l.max_subscriptions_per_connection }
+    pub fn of(l: &crate::config::LimitsConfig, p: &crate::config::PresenceConfig) -> HubLimits {
+        HubLimits {
+            push_queue: l.ws_outbound_queue,
+            subscriptions_per_connection: l.max_subscriptions_per_connection,
+            conversation_live_members: l.conversation_live_members,
+            conversation_interval: p.conversation_interval.0,
+            conversation_page: CONVERSATION_PAGE,
+        }
+    }
+}
+
+/// Members listed in a `conversation_presence` snapshot (as the REST page's default).
+pub const CONVERSATION_PAGE: usize = 100;
+
+/// The conversations this node's connections subscribed to (see [`super::rooms`]).
+#[derive(Default)]
+struct Rooms {
+    by_id: HashMap<Arc<str>, Arc<Room>>,
+    /// Member → the rooms they are in, to apply an event without a scan.
+    by_member: FastMap<UserId, Vec<Arc<Room>>>,
+    /// Connection → the conversations it subscribed to.
+    by_conn: HashMap<u64, Vec<Arc<str>>>,
+}
+
+impl Rooms {
+    fn index(&mut self, room: &Arc<Room>, members: impl IntoIterator<Item = UserId>) {
+        for m in members {
+            let rooms = self.by_member.entry(m).or_default();
+            if !rooms.iter().any(|r| Arc::ptr_eq(r, room)) {
+                rooms.push(room.clone());
+            }
+        }
+    }
+
+    fn unindex<'a>(&mut self, room: &Arc<Room>, members: impl IntoIterator<Item = &'a UserId>) {
+        for m in members {
+            if let Some(rooms) = self.by_member.get_mut(m) {
+                rooms.retain(|r| !Arc::ptr_eq(r, room));
+                if rooms.is_empty() {
+                    self.by_member.remove(m);
+                }
+            }
+        }
     }
 }
 
 /// Who a delivery goes to.
 #[derive(Clone, Copy)]
 enum Audience<'a> {
-    /// Everyone watching the user: subscribers, contacts' connections, own devices.
-    Watchers,
+    /// Everyone watching the user: subscribers, contacts' connections, own devices, and
+    /// the subscribers of the small rooms given (the user's).
+    Watchers(&'a [Arc<Room>]),
     /// The connections of exactly these users.
     Users(&'a [UserId]),
 }
@@ -126,9 +176,25 @@ pub struct Hub {
     /// Connected user → the users whose contacts include them (their changes reach the
     /// user's connections), as added to the bus's interest.
     contact_interest: Mutex<HashMap<UserId, HashSet<UserId>>>,
+    rooms: Mutex<Rooms>,
+    /// Whether any room exists (an event's hot path skips the rooms' lock otherwise).
+    any_room: AtomicBool,
     /// A resynchronisation after bus lag is running / was asked for again meanwhile.
     resyncing: AtomicBool,
     resync_again: AtomicBool,
+}
+
+/// Members read from the store at once when a room is loaded.
+const LOAD_BATCH: usize = 5000;
+
+/// Queues each message for its connection.
+fn send(out: Outbox) {
+    if !out.is_empty() {
+        metrics::counter!("ws_conversation_pushes_total").increment(out.len() as u64);
+    }
+    for (c, m) in out {
+        c.push(m);
+    }
 }
 
 /// Least time between two "fell behind the event bus" warnings.
@@ -145,6 +211,8 @@ impl Hub {
             connections: AtomicI64::new(0),
             subscriptions: AtomicI64::new(0),
             contact_interest: Mutex::new(HashMap::new()),
+            rooms: Mutex::new(Rooms::default()),
+            any_room: AtomicBool::new(false),
             resyncing: AtomicBool::new(false),
             resync_again: AtomicBool::new(false),
         }
@@ -176,6 +244,17 @@ impl Hub {
                 hub.resync();
             }
         });
+        let weak = Arc::downgrade(self);
+        let every = self.limits.conversation_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(hub) = weak.upgrade() else { return };
+                hub.flush_rooms();
+            }
+        });
         let mut directory = bus.subscribe_directory();
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -192,6 +271,7 @@ impl Hub {
                 let r = match &change {
                     DirectoryChanged::Privacy { user, previous } => hub.privacy_changed(user, *previous).await,
                     DirectoryChanged::Contacts { user, changed } => hub.contacts_changed(user, changed).await,
+                    DirectoryChanged::Members { conversation, added, removed } => hub.members_changed(conversation, added, removed).await,
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "could not push a directory change to local watchers");
@@ -307,6 +387,7 @@ impl Hub {
         }
         let subs: Vec<UserId> = conn.subs.lock().drain().collect();
         self.drop_watches(conn.id, subs);
+        self.leave_rooms(conn.id, None);
         metrics::gauge!("ws_connections").set(self.connection_count() as f64);
         owned
     }
@@ -367,12 +448,13 @@ impl Hub {
 
     /// Adds subscriptions (limit per connection) and returns the ids newly watched.
     pub fn subscribe(&self, conn: &Arc<Client>, ids: &[UserId]) -> Result<(), ApiError> {
+        let conversations = self.conversation_count(conn.id);
         let added: Vec<UserId> = {
             let mut subs = conn.subs.lock();
             let new: Vec<&UserId> = ids.iter().filter(|id| !subs.contains(*id)).collect();
-            if subs.len() + new.len() > self.limits.subscriptions_per_connection {
+            if conversations + subs.len() + new.len() > self.limits.subscriptions_per_connection {
                 return Err(ApiError::LimitExceeded(format!(
-                    "at most {} subscriptions per connection",
+                    "at most {} subscriptions (users and conversations) per connection",
                     self.limits.subscriptions_per_connection
                 )));
             }
@@ -466,7 +548,12 @@ impl Hub {
         let (audience, privacy) = self.svc.directory.view(&ev.presence.user_id);
         let changed = |rel: Relation| visible_change(&ev.before, &ev.presence, &privacy, rel);
         let include = [true, changed(Relation::Contact), changed(Relation::Other)];
-        self.deliver_to(&ev.presence, (&audience, &privacy), Audience::Watchers, include);
+        let rooms = self.rooms_of(&ev.presence.user_id);
+        self.deliver_to(&ev.presence, (&audience, &privacy), Audience::Watchers(&rooms), include);
+        let (live, now) = (self.limits.conversation_live_members, self.svc.clock.now());
+        for r in &rooms {
+            send(r.apply(&ev.presence, &self.svc.directory, live, now));
+        }
     }
 
     /// Queues `p` for the targets `sel` picks, as each one's relation allows, for the
@@ -483,9 +570,16 @@ impl Hub {
         let now = self.svc.clock.now();
         let mut targets: Vec<Arc<Client>> = Vec::new();
         let users: Vec<&UserId> = match sel {
-            Audience::Watchers => {
+            Audience::Watchers(rooms) => {
                 if let Some(w) = self.watchers.of(owner).lock().get(owner) {
                     w.each(|c| targets.push(c.clone()));
+                }
+                for r in rooms.iter().filter(|r| !r.is_large(self.limits.conversation_live_members)) {
+                    let subs = r.subscribers();
+                    if !subs.is_empty() {
+                        let mut seen: HashSet<u64> = targets.iter().map(|c| c.id).collect();
+                        targets.extend(subs.into_iter().filter(|c| seen.insert(c.id)));
+                    }
                 }
                 audience.iter().chain(std::iter::once(owner)).collect()
             }
@@ -531,7 +625,12 @@ impl Hub {
         let (audience, privacy) = self.svc.directory.view(user);
         let changed = |rel: Relation| !project(&p, &previous, rel).same_view(&project(&p, &privacy, rel));
         let include = [false, changed(Relation::Contact), changed(Relation::Other)];
-        self.deliver_to(&p, (&audience, &privacy), Audience::Watchers, include);
+        let rooms = self.rooms_of(user);
+        self.deliver_to(&p, (&audience, &privacy), Audience::Watchers(&rooms), include);
+        let (live, now) = (self.limits.conversation_live_members, self.svc.clock.now());
+        for r in &rooms {
+            send(r.view_changed(user, Some(previous), None, &self.svc.directory, live, now));
+        }
         Ok(())
     }
 
@@ -565,6 +664,21 @@ impl Hub {
         // Added viewers went from "other" to "contact", dropped ones the other way.
         let differs = !project(&p, &privacy, Relation::Contact).same_view(&project(&p, &privacy, Relation::Other));
         self.deliver_to(&p, (&audience, &privacy), Audience::Users(changed), [false, differs, differs]);
+        let rooms = self.rooms_of(user);
+        if !rooms.is_empty() {
+            // The contacts before: those now, with the changed ones toggled.
+            let mut old: HashSet<UserId> = (*contacts).clone();
+            for c in changed {
+                if !old.remove(c) {
+                    old.insert(c.clone());
+                }
+            }
+            let old = Arc::new(old);
+            let (live, now) = (self.limits.conversation_live_members, self.svc.clock.now());
+            for r in &rooms {
+                send(r.view_changed(user, None, Some(old.clone()), &self.svc.directory, live, now));
+            }
+        }
         Ok(())
     }
 
@@ -590,6 +704,14 @@ impl Hub {
                     ids.dedup();
                     if let Err(e) = hub.snapshot(&conn, &ids).await {
                         tracing::warn!(error = %e, "could not resynchronise a connection after bus lag");
+                    }
+                }
+                let rooms: Vec<Arc<Room>> = hub.rooms.lock().by_id.values().cloned().collect();
+                for room in rooms {
+                    room.begin_load();
+                    match hub.load_room(&room).await {
+                        Ok(()) => send(room.snapshot_all(&hub.svc.directory, hub.limits.conversation_page, hub.svc.clock.now())),
+                        Err(e) => tracing::warn!(conversation = %room.id, error = %e, "could not resynchronise a conversation"),
                     }
                 }
                 metrics::counter!("ws_resyncs_total").increment(1);
@@ -624,6 +746,196 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// Conversations connection `id` subscribed to.
+    fn conversation_count(&self, id: u64) -> usize {
+        if !self.any_room.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.rooms.lock().by_conn.get(&id).map_or(0, Vec::len)
+    }
+
+    /// The rooms `user` is a member of (on this node).
+    fn rooms_of(&self, user: &UserId) -> Vec<Arc<Room>> {
+        if !self.any_room.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        self.rooms.lock().by_member.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Checks that `conn` may subscribe to conversations `raw` (a member, or an admin;
+    /// `forbidden` otherwise, `not_found` for an admin asking for a conversation with no
+    /// members) and within its limit, and records them; returns those new to it, for
+    /// [`Hub::join_conversations`] once the request is acknowledged.
+    pub fn subscribe_conversations(&self, conn: &Arc<Client>, raw: &[String]) -> Result<Vec<Arc<str>>, ApiError> {
+        let mut ids: Vec<Arc<str>> = Vec::new();
+        for c in raw {
+            self.svc.check_id("conversation id", c)?;
+            let members = self.svc.directory.members(c);
+            let member = members.as_ref().is_some_and(|m| m.contains(conn.user.as_str()));
+            if !member && !conn.admin {
+                return Err(ApiError::Forbidden(format!("only members of conversation {c} (or presence:admin) may see its presence")));
+            }
+            if members.is_none() {
+                return Err(ApiError::NotFound(format!("conversation {c} has no members")));
+            }
+            if !ids.iter().any(|i| **i == **c) {
+                ids.push(Arc::from(c.as_str()));
+            }
+        }
+        let users = conn.subscription_count();
+        let mut rooms = self.rooms.lock();
+        let mine = rooms.by_conn.entry(conn.id).or_default();
+        ids.retain(|c| !mine.contains(c));
+        if users + mine.len() + ids.len() > self.limits.subscriptions_per_connection {
+            if mine.is_empty() {
+                rooms.by_conn.remove(&conn.id);
+            }
+            return Err(ApiError::LimitExceeded(format!(
+                "at most {} subscriptions (users and conversations) per connection",
+                self.limits.subscriptions_per_connection
+            )));
+        }
+        mine.extend(ids.iter().cloned());
+        self.any_room.store(true, Ordering::Release);
+        Ok(ids)
+    }
+
+    /// Joins the rooms [`Hub::subscribe_conversations`] recorded: each one's snapshot is
+    /// queued (read from the store for the first subscriber on this node).
+    pub async fn join_conversations(&self, conn: &Arc<Client>, ids: &[Arc<str>]) -> Result<(), ApiError> {
+        for id in ids {
+            let room = {
+                let mut rooms = self.rooms.lock();
+                if !rooms.by_conn.get(&conn.id).is_some_and(|v| v.contains(id)) {
+                    continue; // unsubscribed (or gone) meanwhile
+                }
+                match rooms.by_id.get(id) {
+                    Some(r) => r.clone(),
+                    None => {
+                        let members = self.svc.directory.members(id).unwrap_or_default();
+                        let room = Arc::new(Room::new(id.clone(), members.clone()));
+                        rooms.by_id.insert(id.clone(), room.clone());
+                        rooms.index(&room, members.iter().cloned());
+                        self.svc.bus.interest().add(members.iter());
+                        metrics::gauge!("ws_conversation_rooms").set(rooms.by_id.len() as f64);
+                        room
+                    }
+                }
+            };
+            if let Err(e) = room.loaded.get_or_try_init(|| self.load_room(&room)).await {
+                // The room is dropped unless someone else holds it; the client may ask again.
+                self.leave_rooms(conn.id, Some(std::slice::from_ref(id)));
+                return Err(e);
+            }
+            conn.push(room.subscribe(conn, &self.svc.directory, self.limits.conversation_page, self.svc.clock.now()));
+        }
+        Ok(())
+    }
+
+    /// Reads the presence of a room's members from the store (in batches).
+    async fn load_room(&self, room: &Room) -> Result<(), ApiError> {
+        let ids: Vec<UserId> = room.members().iter().cloned().collect();
+        let mut found = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(LOAD_BATCH) {
+            found.extend(self.svc.get_many_fresh(chunk).await?);
+        }
+        room.load(found, &self.svc.directory);
+        Ok(())
+    }
+
+    pub fn unsubscribe_conversations<S: AsRef<str>>(&self, conn: &Arc<Client>, raw: &[S]) {
+        if raw.is_empty() {
+            return;
+        }
+        let ids: Vec<Arc<str>> = raw.iter().map(|c| Arc::from(c.as_ref())).collect();
+        self.leave_rooms(conn.id, Some(&ids));
+    }
+
+    /// Connection `conn` leaves the rooms `ids` (`None`: all of its rooms); a room with no
+    /// subscriber left is dropped, and with it the interest in its members.
+    fn leave_rooms(&self, conn: u64, ids: Option<&[Arc<str>]>) {
+        if !self.any_room.load(Ordering::Acquire) {
+            return;
+        }
+        let mut rooms = self.rooms.lock();
+        let gone: Vec<Arc<str>> = match ids {
+            None => rooms.by_conn.remove(&conn).unwrap_or_default(),
+            Some(ids) => {
+                let Some(mine) = rooms.by_conn.get_mut(&conn) else { return };
+                let gone = mine.iter().filter(|c| ids.contains(c)).cloned().collect();
+                mine.retain(|c| !ids.contains(c));
+                if mine.is_empty() {
+                    rooms.by_conn.remove(&conn);
+                }
+                gone
+            }
+        };
+        for c in gone {
+            let Some(room) = rooms.by_id.get(&c).cloned() else { continue };
+            if room.unsubscribe(conn) == 0 {
+                self.drop_room(&mut rooms, &room);
+            }
+        }
+        metrics::gauge!("ws_conversation_rooms").set(rooms.by_id.len() as f64);
+        let any = !rooms.by_id.is_empty() || !rooms.by_conn.is_empty();
+        self.any_room.store(any, Ordering::Release);
+    }
+
+    /// Forgets a room nobody here subscribes to any more, and the interest in its members.
+    fn drop_room(&self, rooms: &mut Rooms, room: &Arc<Room>) {
+        rooms.by_id.remove(&room.id);
+        let members = room.members();
+        rooms.unindex(room, members.iter());
+        self.svc.bus.interest().remove(members.iter());
+    }
+
+    /// A conversation's members changed (here or on another node): its room here, if
+    /// any, follows; subscribers who are no longer members are told and dropped.
+    pub async fn members_changed(&self, conversation: &Arc<str>, added: &[UserId], removed: &[UserId]) -> Result<(), ApiError> {
+        let dropped = {
+            let mut rooms = self.rooms.lock();
+            let Some(room) = rooms.by_id.get(conversation).cloned() else { return Ok(()) };
+            let members = self.svc.directory.members(conversation).unwrap_or_default();
+            rooms.index(&room, added.iter().cloned());
+            rooms.unindex(&room, removed.iter());
+            self.svc.bus.interest().add(added);
+            self.svc.bus.interest().remove(removed);
+            let dropped = room.set_members(members, removed);
+            for c in &dropped {
+                if let Some(mine) = rooms.by_conn.get_mut(&c.id) {
+                    mine.retain(|x| x != conversation);
+                }
+            }
+            if room.subscriber_count() == 0 && room.loaded.initialized() {
+                self.drop_room(&mut rooms, &room);
+            }
+            (room, dropped)
+        };
+        let (room, dropped) = dropped;
+        for c in &dropped {
+            let why = format!("no longer a member of conversation {conversation}: unsubscribed");
+            c.push(protocol::error(&None, "forbidden", &why));
+        }
+        if room.subscriber_count() == 0 {
+            return Ok(());
+        }
+        let found = if added.is_empty() { Vec::new() } else { self.svc.get_many_fresh(added).await? };
+        send(room.add_members(found, &self.svc.directory, self.limits.conversation_live_members, self.svc.clock.now()));
+        Ok(())
+    }
+
+    /// Large rooms: what changed since the last tick (see [`Room::flush`]).
+    fn flush_rooms(&self) {
+        if !self.any_room.load(Ordering::Acquire) {
+            return;
+        }
+        let rooms: Vec<Arc<Room>> = self.rooms.lock().by_id.values().cloned().collect();
+        let now = self.svc.clock.now();
+        for r in rooms.iter().filter(|r| r.is_large(self.limits.conversation_live_members)) {
+            send(r.flush(&self.svc.directory, now));
         }
     }
 

@@ -7,6 +7,7 @@ pub mod conn;
 pub mod hub;
 pub mod protocol;
 pub mod push_queue;
+pub mod rooms;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

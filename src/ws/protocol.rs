@@ -22,11 +22,14 @@ pub enum ClientMsg {
         conversation_id: String,
         is_typing: bool,
     },
+    /// Users, conversations (issue 27), or both.
     Subscribe {
         user_ids: Vec<String>,
+        conversation_ids: Vec<String>,
     },
     Unsubscribe {
         user_ids: Vec<String>,
+        conversation_ids: Vec<String>,
     },
     /// A deliberate sign-out: the session ends now (no offline grace), the server acks
     /// and closes with 1000.
@@ -91,6 +94,7 @@ struct ActivityPayload {
 #[serde(deny_unknown_fields)]
 struct UsersPayload {
     user_ids: Option<Vec<String>>,
+    conversation_ids: Option<Vec<String>>,
 }
 
 fn bad(message: impl Into<String>) -> ProtoError {
@@ -149,8 +153,15 @@ pub fn parse(text: &str) -> ClientFrame {
             Ok(ClientMsg::Activity { active, idle_since })
         }),
         "subscribe" | "unsubscribe" => payload::<UsersPayload>(&kind, frame.payload).and_then(|p| {
-            let ids = p.user_ids.ok_or_else(|| bad(format!("{kind} needs user_ids")))?;
-            Ok(if kind == "subscribe" { ClientMsg::Subscribe { user_ids: ids } } else { ClientMsg::Unsubscribe { user_ids: ids } })
+            if p.user_ids.is_none() && p.conversation_ids.is_none() {
+                return Err(bad(format!("{kind} needs user_ids or conversation_ids")));
+            }
+            let (user_ids, conversation_ids) = (p.user_ids.unwrap_or_default(), p.conversation_ids.unwrap_or_default());
+            Ok(if kind == "subscribe" {
+                ClientMsg::Subscribe { user_ids, conversation_ids }
+            } else {
+                ClientMsg::Unsubscribe { user_ids, conversation_ids }
+            })
         }),
         other => Err(ProtoError {
             code: "unknown_type",
@@ -165,6 +176,56 @@ pub fn parse(text: &str) -> ClientFrame {
 /// `presence_update` pushed to a watcher; `payload` is the presence as in the REST API.
 pub fn presence_update(p: &Presence, now: Millis) -> String {
     json!({"type": "presence_update", "payload": PresenceJson { p, now }}).to_string()
+}
+
+/// A conversation's presence as one viewer may see it (issue 27).
+pub struct ConversationView<'a> {
+    pub conversation_id: &'a str,
+    /// Members in the conversation.
+    pub members: usize,
+    /// Members the viewer sees with any status but offline.
+    pub online: usize,
+    /// Snapshot: the first page of members the viewer sees online. Otherwise: the members
+    /// whose view changed (an offline one is no longer online).
+    pub presences: &'a [Presence],
+    pub next_cursor: Option<&'a str>,
+    /// A snapshot replaces what the client holds; otherwise the message updates it.
+    pub snapshot: bool,
+    /// Members who left the conversation.
+    pub removed: &'a [crate::core::UserId],
+    pub now: Millis,
+}
+
+/// `conversation_presence`: counts, and a page or the changes.
+pub fn conversation_presence(v: &ConversationView<'_>) -> String {
+    #[derive(Serialize)]
+    struct Payload<'a> {
+        conversation_id: &'a str,
+        members: usize,
+        online: usize,
+        presences: Vec<PresenceJson<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        next_cursor: Option<&'a str>,
+        snapshot: bool,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        removed: Vec<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct Msg<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        payload: Payload<'a>,
+    }
+    let payload = Payload {
+        conversation_id: v.conversation_id,
+        members: v.members,
+        online: v.online,
+        presences: v.presences.iter().map(|p| PresenceJson { p, now: v.now }).collect(),
+        next_cursor: v.next_cursor,
+        snapshot: v.snapshot,
+        removed: v.removed.iter().map(|u| u.as_str()).collect(),
+    };
+    serde_json::to_string(&Msg { kind: "conversation_presence", payload }).unwrap_or_default()
 }
 
 pub fn typing_indicator(conversation_id: &str, user_id: &str, is_typing: bool) -> String {
@@ -241,7 +302,7 @@ mod tests {
         assert_eq!(t.id, Some(json!(7)));
         assert_eq!(
             parse(r#"{"type":"subscribe","payload":{"user_ids":["a","b"]},"id":"x"}"#).msg,
-            Ok(ClientMsg::Subscribe { user_ids: vec!["a".into(), "b".into()] })
+            Ok(ClientMsg::Subscribe { user_ids: vec!["a".into(), "b".into()], conversation_ids: vec![] })
         );
     }
 

@@ -1,0 +1,515 @@
+//! Conversation presence, live (issue 27): the conversations this node's connections
+//! subscribed to, each a [`Room`] kept once per node however many of them watch it.
+//!
+//! A room holds the members who are online for themselves (`present`, in id order, with
+//! their last presence) and splits them once: those a non-contact sees online (counted in
+//! `public_online`) and the rest (`shy`: contacts-only, invisible, appearing offline). A
+//! viewer's count is `public_online` plus the shy members its relation lets it see
+//! online: the same rule as [`crate::core::project`], so the counts agree with the pages
+//! (the REST page, the snapshot) for every viewer, and a hidden member is never counted.
+//!
+//! Small rooms (at most `limits.conversation_live_members` members) push each member
+//! change at once as a `presence_update` (the hub adds their subscribers to the event's
+//! audience) and the viewer's counts when they moved. Large rooms collect the changes and
+//! [`Room::flush`] sends, at most once per `presence.conversation_interval`, one
+//! `conversation_presence` with the counts and the members whose view changed: encoded
+//! once for every viewer with no special relation to a changed or shy member, and per
+//! viewer only for the few who have one (themself, their contacts, admins).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+
+use super::client::Client;
+use super::protocol;
+use crate::core::{project, Millis, Presence, Privacy, Relation, Status, UserId, Visibility};
+use crate::directory::{Directory, Members};
+
+/// Whether `rel` sees `p` with any status but offline (as [`project`] would show it).
+pub fn online_for(p: &Presence, privacy: &Privacy, rel: Relation) -> bool {
+    p.status != Status::Offline && (rel == Relation::Owner || (privacy.visibility.allows(rel) && !p.appear_offline))
+}
+
+/// Whether a contact may see more of a user than a non-contact does.
+fn contacts_see_more(privacy: &Privacy) -> bool {
+    privacy.visibility == Visibility::Contacts || (privacy.visibility == Visibility::Everyone && privacy.last_seen == Visibility::Contacts)
+}
+
+/// How `viewer` relates to `member` (whose contacts are `contacts`).
+pub fn relation_of(viewer: &Client, member: &UserId, contacts: &Members) -> Relation {
+    if viewer.admin || viewer.user == *member {
+        Relation::Owner
+    } else if contacts.contains(&viewer.user) {
+        Relation::Contact
+    } else {
+        Relation::Other
+    }
+}
+
+/// One subscriber of a room and what it was last told.
+struct Sub {
+    conn: Arc<Client>,
+    online: usize,
+    members: usize,
+}
+
+/// A member's state at the last flush, for a large room's next one.
+struct Pending {
+    before: Presence,
+    privacy: Privacy,
+    contacts: Members,
+    /// The member's latest presence, when it is not in `present` (went offline).
+    after: Option<Presence>,
+}
+
+#[derive(Default)]
+struct State {
+    members: Members,
+    /// Members online for themselves, with their presence and whether a non-contact sees
+    /// them online.
+    present: BTreeMap<UserId, (Presence, bool)>,
+    public_online: usize,
+    shy: HashSet<UserId>,
+    subs: HashMap<u64, Sub>,
+    /// Large rooms: what changed since the last flush.
+    pending: HashMap<UserId, Pending>,
+    removed: Vec<UserId>,
+    /// Events that came while the room was being read (applied after it, if newer).
+    early: Option<Vec<Presence>>,
+}
+
+/// One conversation some connection of this node subscribed to.
+pub struct Room {
+    pub id: Arc<str>,
+    state: Mutex<State>,
+    /// Set once the members' presence was read (a failed read is tried again by the next
+    /// subscriber).
+    pub(super) loaded: tokio::sync::OnceCell<()>,
+}
+
+/// A message for one connection.
+pub type Outbox = Vec<(Arc<Client>, Utf8Bytes)>;
+
+impl Room {
+    pub fn new(id: Arc<str>, members: Members) -> Room {
+        Room { id, state: Mutex::new(State { members, early: Some(Vec::new()), ..State::default() }), loaded: tokio::sync::OnceCell::new() }
+    }
+
+    pub fn members(&self) -> Members {
+        self.state.lock().members.clone()
+    }
+
+    pub fn is_large(&self, live_members: usize) -> bool {
+        self.state.lock().members.len() > live_members
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.state.lock().subs.len()
+    }
+
+    pub fn subscribers(&self) -> Vec<Arc<Client>> {
+        self.state.lock().subs.values().map(|s| s.conn.clone()).collect()
+    }
+
+    /// Sets the members' presence as read from the store (`found`), then applies the
+    /// events that came meanwhile if they are newer. What was pending is dropped: the
+    /// caller sends every subscriber a snapshot.
+    pub fn load(&self, found: Vec<Presence>, dir: &Directory) {
+        let mut s = self.state.lock();
+        let early = s.early.take().unwrap_or_default();
+        s.present.clear();
+        s.shy.clear();
+        s.public_online = 0;
+        s.pending.clear();
+        s.removed.clear();
+        for p in found {
+            if s.members.contains(&p.user_id) {
+                let privacy = dir.privacy(&p.user_id);
+                s.put(p, &privacy);
+            }
+        }
+        for p in early {
+            let newer = s.present.get(&p.user_id).is_none_or(|(q, _)| p.revision == 0 || p.revision >= q.revision);
+            if newer && s.members.contains(&p.user_id) {
+                let privacy = dir.privacy(&p.user_id);
+                s.put(p, &privacy);
+            }
+        }
+    }
+
+    /// Sends every subscriber a fresh snapshot (after [`Room::load`] on a resync).
+    pub fn snapshot_all(&self, dir: &Directory, page: usize, now: Millis) -> Outbox {
+        let mut s = self.state.lock();
+        let ids: Vec<u64> = s.subs.keys().copied().collect();
+        ids.into_iter().filter_map(|id| s.snapshot_for(id, dir, page, now, &self.id)).collect()
+    }
+
+    /// Adds `conn` and returns its snapshot: counts and the first `page` members it sees
+    /// online. Under the room's lock, so no change falls between the two.
+    pub fn subscribe(&self, conn: &Arc<Client>, dir: &Directory, page: usize, now: Millis) -> Utf8Bytes {
+        let mut s = self.state.lock();
+        s.subs.insert(conn.id, Sub { conn: conn.clone(), online: 0, members: 0 });
+        s.snapshot_for(conn.id, dir, page, now, &self.id).map(|(_, m)| m).unwrap_or_default()
+    }
+
+    /// Removes connection `id`; returns how many subscribers are left.
+    pub fn unsubscribe(&self, id: u64) -> usize {
+        let mut s = self.state.lock();
+        s.subs.remove(&id);
+        s.subs.len()
+    }
+
+    /// A member's presence changed (an event). Small rooms: returns the subscribers whose
+    /// counts moved, with their new counts (the presence itself reaches them with the
+    /// event's audience). Large rooms: the change waits for the next flush.
+    pub fn apply(&self, p: &Presence, dir: &Directory, live_members: usize, now: Millis) -> Outbox {
+        let mut s = self.state.lock();
+        let large = s.members.len() > live_members;
+        if let Some(early) = &mut s.early {
+            early.push(p.clone());
+            return Vec::new();
+        }
+        if !s.members.contains(&p.user_id) {
+            return Vec::new();
+        }
+        if let Some((q, _)) = s.present.get(&p.user_id) {
+            if p.revision != 0 && p.revision < q.revision {
+                return Vec::new(); // older than what the room has
+            }
+        }
+        let (contacts, privacy) = dir.view(&p.user_id);
+        let before = s.put(p.clone(), &privacy);
+        if large {
+            let after = (p.status == Status::Offline).then(|| p.clone());
+            let e = s.pending.entry(p.user_id.clone()).or_insert_with(|| Pending {
+                before: before.unwrap_or_else(|| offline(&p.user_id)),
+                privacy,
+                contacts,
+                after: None,
+            });
+            e.after = after;
+            return Vec::new();
+        }
+        s.recount(dir, now, &self.id)
+    }
+
+    /// A member's privacy settings (from `previous`) or contacts (from `old_contacts`)
+    /// changed: the member is sorted again, and the counts (small rooms) or the next
+    /// flush (large ones) follow.
+    pub fn view_changed(
+        &self,
+        user: &UserId,
+        previous: Option<Privacy>,
+        old_contacts: Option<Members>,
+        dir: &Directory,
+        live_members: usize,
+        now: Millis,
+    ) -> Outbox {
+        let mut s = self.state.lock();
+        let large = s.members.len() > live_members;
+        if s.early.is_some() || !s.members.contains(user) {
+            return Vec::new();
+        }
+        let (contacts, privacy) = dir.view(user);
+        let current = s.present.get(user).map(|(p, _)| p.clone());
+        if let Some(p) = &current {
+            s.put(p.clone(), &privacy);
+        }
+        if large {
+            let before = current.unwrap_or_else(|| offline(user));
+            s.pending.entry(user.clone()).or_insert_with(|| Pending {
+                before,
+                privacy: previous.unwrap_or(privacy),
+                contacts: old_contacts.unwrap_or(contacts),
+                after: None,
+            });
+            return Vec::new();
+        }
+        s.recount(dir, now, &self.id)
+    }
+
+    /// Starts reading the room again (a resync): events that come meanwhile wait for
+    /// [`Room::load`].
+    pub fn begin_load(&self) {
+        let mut s = self.state.lock();
+        if s.early.is_none() {
+            s.early = Some(Vec::new());
+        }
+    }
+
+    /// The conversation's members changed (first step, at once: events of the new
+    /// members apply from now on). Those `removed` leave the room; connections whose
+    /// user left (admins aside) no longer subscribe and are returned.
+    pub fn set_members(&self, members: Members, removed: &[UserId]) -> Vec<Arc<Client>> {
+        let mut s = self.state.lock();
+        s.members = members;
+        let loading = s.early.is_some();
+        for r in removed {
+            s.take(r);
+            s.pending.remove(r);
+            if !loading {
+                s.removed.push(r.clone());
+            }
+        }
+        let dropped: Vec<u64> = s.subs.values().filter(|x| !x.conn.admin && !s.members.contains(&x.conn.user)).map(|x| x.conn.id).collect();
+        dropped.into_iter().filter_map(|id| s.subs.remove(&id)).map(|x| x.conn).collect()
+    }
+
+    /// Second step: the presence of the members added, read after the first (kept unless
+    /// an event brought a newer one meanwhile). Small rooms tell their subscribers at
+    /// once, large ones at the next flush.
+    pub fn add_members(&self, found: Vec<Presence>, dir: &Directory, live_members: usize, now: Millis) -> Outbox {
+        let mut s = self.state.lock();
+        if s.early.is_some() {
+            return Vec::new();
+        }
+        for p in found {
+            let id = p.user_id.clone();
+            if !s.members.contains(&id) {
+                continue;
+            }
+            if s.present.get(&id).is_some_and(|(q, _)| p.revision != 0 && p.revision < q.revision) {
+                continue;
+            }
+            let (contacts, privacy) = dir.view(&id);
+            s.put(p.clone(), &privacy);
+            if p.status != Status::Offline {
+                s.pending.entry(id.clone()).or_insert_with(|| Pending { before: offline(&id), privacy, contacts, after: Some(p) });
+            }
+        }
+        if s.members.len() > live_members {
+            return Vec::new();
+        }
+        s.flush(dir, now, &self.id)
+    }
+
+    /// Large rooms: one `conversation_presence` per subscriber whose view changed since
+    /// the last flush.
+    pub fn flush(&self, dir: &Directory, now: Millis) -> Outbox {
+        let mut s = self.state.lock();
+        if s.early.is_some() {
+            return Vec::new();
+        }
+        s.flush(dir, now, &self.id)
+    }
+
+    /// The viewer's counts and the members it sees online, in id order, after `cursor`
+    /// (for tests and the REST page of a room held here).
+    pub fn page_for(&self, conn: &Client, dir: &Directory, limit: usize) -> (usize, usize, Vec<Presence>, Option<String>) {
+        let s = self.state.lock();
+        let online = s.online_for(conn, dir);
+        let (page, next) = s.page(conn, dir, limit);
+        (s.members.len(), online, page, next)
+    }
+}
+
+fn offline(user: &UserId) -> Presence {
+    Presence::unknown(user.clone(), Arc::from(""))
+}
+
+impl State {
+    /// Records `p` as the member's presence; returns the one it replaces, if the member
+    /// was online.
+    fn put(&mut self, p: Presence, privacy: &Privacy) -> Option<Presence> {
+        let before = self.take(&p.user_id);
+        if p.status != Status::Offline {
+            let public = online_for(&p, privacy, Relation::Other);
+            if public {
+                self.public_online += 1;
+            } else {
+                self.shy.insert(p.user_id.clone());
+            }
+            self.present.insert(p.user_id.clone(), (p, public));
+        }
+        before
+    }
+
+    fn take(&mut self, user: &UserId) -> Option<Presence> {
+        let (p, public) = self.present.remove(user)?;
+        if public {
+            self.public_online -= 1;
+        } else {
+            self.shy.remove(user);
+        }
+        Some(p)
+    }
+
+    /// Members `viewer` sees online.
+    fn online_for(&self, viewer: &Client, dir: &Directory) -> usize {
+        let mut n = self.public_online;
+        for m in &self.shy {
+            if let Some((p, _)) = self.present.get(m) {
+                let (contacts, privacy) = dir.view(m);
+                if online_for(p, &privacy, relation_of(viewer, m, &contacts)) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// The first `limit` members `viewer` sees online, and where the next page starts.
+    fn page(&self, viewer: &Client, dir: &Directory, limit: usize) -> (Vec<Presence>, Option<String>) {
+        let mut out: Vec<Presence> = Vec::new();
+        for (m, (p, _)) in &self.present {
+            let (contacts, privacy) = dir.view(m);
+            let rel = relation_of(viewer, m, &contacts);
+            if !online_for(p, &privacy, rel) {
+                continue;
+            }
+            if out.len() == limit {
+                let next = out.last().map(|p| p.user_id.to_string());
+                return (out, next);
+            }
+            out.push(project(p, &privacy, rel));
+        }
+        (out, None)
+    }
+
+    fn snapshot_for(&mut self, id: u64, dir: &Directory, page: usize, now: Millis, room: &str) -> Option<(Arc<Client>, Utf8Bytes)> {
+        let conn = self.subs.get(&id)?.conn.clone();
+        let online = self.online_for(&conn, dir);
+        let (presences, next) = self.page(&conn, dir, page);
+        let members = self.members.len();
+        if let Some(sub) = self.subs.get_mut(&id) {
+            (sub.online, sub.members) = (online, members);
+        }
+        let msg = protocol::conversation_presence(&protocol::ConversationView {
+            conversation_id: room,
+            members,
+            online,
+            presences: &presences,
+            next_cursor: next.as_deref(),
+            snapshot: true,
+            removed: &[],
+            now,
+        });
+        Some((conn, Utf8Bytes::from(msg)))
+    }
+
+    /// Small rooms: each subscriber whose counts moved gets them.
+    fn recount(&mut self, dir: &Directory, now: Millis, room: &str) -> Outbox {
+        let members = self.members.len();
+        let mut out = Vec::new();
+        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        for id in ids {
+            let Some(conn) = self.subs.get(&id).map(|x| x.conn.clone()) else { continue };
+            let online = self.online_for(&conn, dir);
+            let Some(sub) = self.subs.get_mut(&id) else { continue };
+            if (sub.online, sub.members) == (online, members) {
+                continue;
+            }
+            (sub.online, sub.members) = (online, members);
+            let msg = protocol::conversation_presence(&protocol::ConversationView {
+                conversation_id: room,
+                members,
+                online,
+                presences: &[],
+                next_cursor: None,
+                snapshot: false,
+                removed: &[],
+                now,
+            });
+            out.push((conn, Utf8Bytes::from(msg)));
+        }
+        out
+    }
+
+    /// What changed since the last flush, for each subscriber whose view of it changed:
+    /// one message shared by every viewer with no special relation to a changed or shy
+    /// member, one of its own for each of the others.
+    fn flush(&mut self, dir: &Directory, now: Millis, room: &str) -> Outbox {
+        let pending: Vec<(UserId, Pending)> = self.pending.drain().collect();
+        let removed = std::mem::take(&mut self.removed);
+        if self.subs.is_empty() {
+            return Vec::new();
+        }
+        let members = self.members.len();
+        // Each changed member: its views before and now.
+        struct Changed {
+            id: UserId,
+            before: Presence,
+            before_privacy: Privacy,
+            before_contacts: Members,
+            after: Presence,
+            privacy: Privacy,
+            contacts: Members,
+        }
+        let changed: Vec<Changed> = pending
+            .into_iter()
+            .map(|(id, p)| {
+                let (contacts, privacy) = dir.view(&id);
+                let after = match self.present.get(&id) {
+                    Some((q, _)) => q.clone(),
+                    None => p.after.unwrap_or_else(|| offline(&id)),
+                };
+                Changed { id, before: p.before, before_privacy: p.privacy, before_contacts: p.contacts, after, privacy, contacts }
+            })
+            .collect();
+        // Viewers who may see more of a changed or shy member than a non-contact does.
+        let special_users: HashSet<&UserId> = changed.iter().map(|c| &c.id).chain(self.shy.iter()).collect();
+        let mut audiences: Vec<Members> = Vec::new();
+        for c in &changed {
+            if contacts_see_more(&c.privacy) || contacts_see_more(&c.before_privacy) {
+                audiences.push(c.contacts.clone());
+                audiences.push(c.before_contacts.clone());
+            }
+        }
+        for m in &self.shy {
+            let (contacts, privacy) = dir.view(m);
+            if contacts_see_more(&privacy) {
+                audiences.push(contacts);
+            }
+        }
+        let is_special = |c: &Client| c.admin || special_users.contains(&c.user) || audiences.iter().any(|a| a.contains(&c.user));
+        let view_for = |rel_before: Relation, rel: Relation, c: &Changed| -> Option<Presence> {
+            let before = project(&c.before, &c.before_privacy, rel_before);
+            let after = project(&c.after, &c.privacy, rel);
+            (!before.same_view(&after)).then_some(after)
+        };
+        let mut shared: Option<Utf8Bytes> = None;
+        let public_changes: Vec<Presence> = changed.iter().filter_map(|c| view_for(Relation::Other, Relation::Other, c)).collect();
+        let public_online = self.public_online;
+        let mut out = Vec::new();
+        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        for id in ids {
+            let Some(conn) = self.subs.get(&id).map(|x| x.conn.clone()) else { continue };
+            let (online, own): (usize, Option<Vec<Presence>>) = if is_special(&conn) {
+                let online = self.online_for(&conn, dir);
+                let views = changed
+                    .iter()
+                    .filter_map(|c| view_for(relation_of(&conn, &c.id, &c.before_contacts), relation_of(&conn, &c.id, &c.contacts), c))
+                    .collect();
+                (online, Some(views))
+            } else {
+                (public_online, None)
+            };
+            let Some(sub) = self.subs.get_mut(&id) else { continue };
+            let presences = own.as_deref().unwrap_or(&public_changes);
+            if presences.is_empty() && removed.is_empty() && (sub.online, sub.members) == (online, members) {
+                continue;
+            }
+            (sub.online, sub.members) = (online, members);
+            let encode = || {
+                Utf8Bytes::from(protocol::conversation_presence(&protocol::ConversationView {
+                    conversation_id: room,
+                    members,
+                    online,
+                    presences,
+                    next_cursor: None,
+                    snapshot: false,
+                    removed: &removed,
+                    now,
+                }))
+            };
+            let msg = match &own {
+                Some(_) => encode(),
+                None => shared.get_or_insert_with(encode).clone(),
+            };
+            out.push((conn, msg));
+        }
+        out
+    }
+}
