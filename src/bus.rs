@@ -206,6 +206,28 @@ impl InterestGuard {
         }
         InterestGuard { interest: interest.clone(), ids, all }
     }
+
+    /// Holds these users too.
+    pub fn add(&mut self, ids: &[UserId]) {
+        if self.interest.is_followed() {
+            self.interest.add(ids);
+            self.ids.extend(ids.iter().cloned());
+        }
+    }
+
+    /// No longer holds these users.
+    pub fn remove(&mut self, ids: &[UserId]) {
+        if !self.interest.is_followed() || ids.is_empty() {
+            return;
+        }
+        let mut held = Vec::new();
+        for id in ids {
+            if let Some(i) = self.ids.iter().position(|u| u == id) {
+                held.push(self.ids.swap_remove(i));
+            }
+        }
+        self.interest.remove(&held);
+    }
 }
 
 impl Drop for InterestGuard {

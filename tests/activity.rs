@@ -189,7 +189,7 @@ async fn grpc_and_the_legacy_heartbeat_report_and_read_activity() {
     let s = TestServer::start(&[AWAY, NO_GRACE]).await;
     let mut g = pb::presence_api_client::PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
     let mut watch = g
-        .watch_presence(s.admin_request(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false }))
+        .watch_presence(s.admin_request(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false, conversation_ids: vec![] }))
         .await
         .unwrap()
         .into_inner();

@@ -318,7 +318,11 @@ async fn grpc_watch_on_one_node_follows_sessions_on_another(e: Engine) {
     let b = e.node("node-b").await;
     let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
     let mut gb = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
-    let mut stream = gb.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false }).await.unwrap().into_inner();
+    let mut stream = gb
+        .watch_presence(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false, conversation_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     let mut next =
         async || tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("event in time").unwrap().expect("open");
     assert!(next().await.snapshot);
@@ -352,7 +356,11 @@ async fn a_session_ended_through_another_node_stays_ended(e: Engine) {
     let mut ga = pb::presence_api_client::PresenceApiClient::connect(a.grpc.clone()).await.unwrap();
     let mut gb = pb::presence_api_client::PresenceApiClient::connect(b.grpc.clone()).await.unwrap();
     // Watched on B, so B's relay decodes gina's events (where the write-back started).
-    let mut stream = gb.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false }).await.unwrap().into_inner();
+    let mut stream = gb
+        .watch_presence(pb::WatchPresenceRequest { user_ids: vec!["gina".into()], all: false, conversation_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     let next = async |s: &mut tonic::Streaming<pb::PresenceEvent>, within: u64| {
         tokio::time::timeout(Duration::from_millis(within), s.message()).await.ok().map(|m| m.unwrap().expect("open"))
     };

@@ -384,3 +384,84 @@ async fn live_counts_are_cluster_wide(e: Engine) {
         b.stop().await;
     }
 }
+
+fn grpc_as<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// gRPC: `GetConversationPresence` pages as REST does, with the same refusals;
+/// `WatchPresence { conversation_ids }` sends the members' state, their changes, a member
+/// who joins, and ends with PERMISSION_DENIED when the caller is removed.
+#[tokio::test]
+async fn grpc_reads_and_watches_a_conversation() {
+    use presenced::grpc::pb;
+    use presenced::grpc::pb::get_conversation_presence_request::Listed;
+    let s = TestServer::start(&[NO_GRACE]).await;
+    let mut c = pb::presence_api_client::PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
+    members(&s, "ops", &["oa", "ob", "oc", "od"]).await;
+    let _oa = wsclient::connect(&s, "oa", "d").await;
+    let _oc = wsclient::connect(&s, "oc", "d").await;
+    let req = |listed: Listed, limit: u32, cursor: &str| pb::GetConversationPresenceRequest {
+        conversation_id: "ops".into(),
+        listed: listed as i32,
+        limit,
+        cursor: cursor.into(),
+    };
+    let r = c.get_conversation_presence(grpc_as(req(Listed::Online, 0, ""), &s.token("ob"))).await.unwrap().into_inner();
+    assert_eq!((r.members, r.online, r.next_cursor.as_str()), (4, 2, ""));
+    assert_eq!(r.presences.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>(), ["oa", "oc"]);
+    let r = c.get_conversation_presence(grpc_as(req(Listed::All, 3, ""), &s.token("ob"))).await.unwrap().into_inner();
+    assert_eq!((r.presences.len(), r.next_cursor.as_str()), (3, "oc"));
+    let r = c.get_conversation_presence(grpc_as(req(Listed::All, 3, "oc"), &s.token("ob"))).await.unwrap().into_inner();
+    assert_eq!((r.presences[0].user_id.as_str(), r.next_cursor.as_str()), ("od", ""));
+    let code = |r: Result<tonic::Response<pb::GetConversationPresenceResponse>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(c.get_conversation_presence(grpc_as(req(Listed::Online, 0, ""), &s.token("zed"))).await),
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(code(c.get_conversation_presence(req(Listed::Online, 0, "")).await), tonic::Code::Unauthenticated);
+    assert_eq!(
+        code(c.get_conversation_presence(grpc_as(req(Listed::Online, 1001, ""), &s.token("ob"))).await),
+        tonic::Code::InvalidArgument
+    );
+    let mut unknown = req(Listed::Online, 0, "");
+    unknown.conversation_id = "nope".into();
+    assert_eq!(code(c.get_conversation_presence(grpc_as(unknown, &s.admin_token("svc"))).await), tonic::Code::NotFound);
+
+    // Watching the conversation's members.
+    let watch = pb::WatchPresenceRequest { user_ids: vec![], all: false, conversation_ids: vec!["ops".into()] };
+    let e = c.watch_presence(grpc_as(watch.clone(), &s.token("zed"))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let mut stream = c.watch_presence(grpc_as(watch, &s.token("ob"))).await.unwrap().into_inner();
+    let mut snap = Vec::new();
+    for _ in 0..4 {
+        let ev = next_event(&mut stream).await.unwrap().unwrap();
+        assert!(ev.snapshot);
+        snap.push(ev.presence.unwrap().user_id);
+    }
+    snap.sort();
+    assert_eq!(snap, ["oa", "ob", "oc", "od"]);
+    let _od = wsclient::connect(&s, "od", "d").await;
+    let ev = next_event(&mut stream).await.unwrap().unwrap();
+    assert_eq!((ev.presence.unwrap().user_id.as_str(), ev.snapshot), ("od", false));
+    // A member joins: its state comes, then its changes.
+    members(&s, "ops", &["oa", "ob", "oc", "od", "oe"]).await;
+    let ev = next_event(&mut stream).await.unwrap().unwrap();
+    assert_eq!((ev.presence.unwrap().user_id.as_str(), ev.snapshot), ("oe", true));
+    let _oe = wsclient::connect(&s, "oe", "d").await;
+    let ev = next_event(&mut stream).await.unwrap().unwrap();
+    assert_eq!((ev.presence.unwrap().user_id.as_str(), ev.snapshot), ("oe", false));
+    // The caller is removed: the stream ends.
+    members(&s, "ops", &["oa", "oc", "od", "oe"]).await;
+    let e = next_event(&mut stream).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    s.stop().await;
+}
+
+async fn next_event(
+    stream: &mut tonic::Streaming<presenced::grpc::pb::PresenceEvent>,
+) -> Result<Option<presenced::grpc::pb::PresenceEvent>, tonic::Status> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.message()).await.expect("an event within 5s")
+}

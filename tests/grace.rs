@@ -28,7 +28,7 @@ async fn read(n: &TestServer, user: &str) -> Value {
 /// A `WatchPresence` stream of `users` on `n`, past its snapshot.
 async fn grpc_watch(n: &TestServer, users: &[&str]) -> tonic::Streaming<pb::PresenceEvent> {
     let mut c = PresenceApiClient::connect(n.grpc.clone()).await.unwrap();
-    let req = pb::WatchPresenceRequest { user_ids: users.iter().map(|u| u.to_string()).collect(), all: false };
+    let req = pb::WatchPresenceRequest { user_ids: users.iter().map(|u| u.to_string()).collect(), all: false, conversation_ids: vec![] };
     let mut stream = c.watch_presence(n.admin_request(req)).await.unwrap().into_inner();
     for _ in users {
         assert!(stream.message().await.unwrap().unwrap().snapshot);

@@ -249,7 +249,11 @@ async fn watch_presence_snapshot_then_changes_and_ttl_expiry_is_user_offline() {
     let s = TestServer::start(&[]).await;
     let mut c = client(&s).await;
     let admin = s.admin_token("svc");
-    let mut stream = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["carol".into()], all: false }).await.unwrap().into_inner();
+    let mut stream = c
+        .watch_presence(pb::WatchPresenceRequest { user_ids: vec!["carol".into()], all: false, conversation_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     let mut next =
         async || tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("event in time").unwrap().expect("open");
     let snap = next().await;
@@ -293,14 +297,17 @@ async fn watch_presence_snapshot_then_changes_and_ttl_expiry_is_user_offline() {
 async fn watch_all_needs_admin_and_sees_everyone() {
     let s = TestServer::start(&[]).await;
     let mut c = client(&s).await;
-    let e = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec![], all: true }).await.unwrap_err();
+    let e = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec![], all: true, conversation_ids: vec![] }).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let e = c.watch_presence(authed(pb::WatchPresenceRequest { user_ids: vec![], all: true }, &s.token("alice"))).await.unwrap_err();
+    let e = c
+        .watch_presence(authed(pb::WatchPresenceRequest { user_ids: vec![], all: true, conversation_ids: vec![] }, &s.token("alice")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec![], all: false }).await.unwrap_err();
+    let e = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec![], all: false, conversation_ids: vec![] }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let mut all = c
-        .watch_presence(authed(pb::WatchPresenceRequest { user_ids: vec![], all: true }, &s.admin_token("svc")))
+        .watch_presence(authed(pb::WatchPresenceRequest { user_ids: vec![], all: true, conversation_ids: vec![] }, &s.admin_token("svc")))
         .await
         .unwrap()
         .into_inner();
@@ -321,7 +328,11 @@ async fn slow_watch_reader_is_coalesced_to_the_latest_state() {
     let s = TestServer::start(&[("PRESENCE_STORE__PERSIST", "false")]).await;
     let mut c = client(&s).await;
     let users: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
-    let mut stream = c.watch_presence(pb::WatchPresenceRequest { user_ids: users.clone(), all: false }).await.unwrap().into_inner();
+    let mut stream = c
+        .watch_presence(pb::WatchPresenceRequest { user_ids: users.clone(), all: false, conversation_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     let store = s.svc.store.clone();
     // ≈ 18 MB of events while the reader reads nothing: far over the HTTP/2 windows.
     for round in 0..3000 {

@@ -72,7 +72,11 @@ async fn stalled_heads_and_idle_connections_are_closed_but_websockets_are_not() 
     closed_within(&mut g, Duration::from_secs(5)).await;
     // A gRPC stream that waits for events longer than the idle timeout is not idle.
     let mut c = PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
-    let mut stream = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["bob".into()], all: false }).await.unwrap().into_inner();
+    let mut stream = c
+        .watch_presence(pb::WatchPresenceRequest { user_ids: vec!["bob".into()], all: false, conversation_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(stream.message().await.unwrap().unwrap().snapshot);
     tokio::time::sleep(Duration::from_millis(1_800)).await;
     s.put_status("bob", Some(&s.token("bob")), json!({"status":"away"})).await;
@@ -199,7 +203,7 @@ async fn watch_streams_are_capped_per_process_and_per_connection() {
     let c = PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
     let watch = |ids: &[&str]| {
         let mut c = c.clone();
-        let req = pb::WatchPresenceRequest { user_ids: ids.iter().map(|s| s.to_string()).collect(), all: false };
+        let req = pb::WatchPresenceRequest { user_ids: ids.iter().map(|s| s.to_string()).collect(), all: false, conversation_ids: vec![] };
         async move { c.watch_presence(req).await }
     };
     let a = watch(&["a", "b"]).await.unwrap();
@@ -224,8 +228,10 @@ async fn watch_streams_are_capped_per_process_and_per_connection() {
     // a third call on the same connection waits for a slot.
     let s = TestServer::start(&[("PRESENCE_LIMITS__GRPC_MAX_CONCURRENT_STREAMS", "2")]).await;
     let mut c = PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
-    let one = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["a".into()], all: false }).await.unwrap();
-    let _two = c.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["b".into()], all: false }).await.unwrap();
+    let one =
+        c.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["a".into()], all: false, conversation_ids: vec![] }).await.unwrap();
+    let _two =
+        c.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["b".into()], all: false, conversation_ids: vec![] }).await.unwrap();
     let mut c3 = c.clone();
     let third = tokio::spawn(async move { c3.get_presence(pb::GetPresenceRequest { user_ids: vec!["a".into()] }).await });
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -64,8 +64,11 @@ async fn the_last_device_gone_means_offline_and_the_preference_comes_back() {
     let mut bob = s.watch("bob", &["alice"]).await;
     assert_eq!(bob.next("alice").await["status"], "offline");
     let mut grpc = PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
-    let mut stream =
-        grpc.watch_presence(pb::WatchPresenceRequest { user_ids: vec!["alice".into()], all: false }).await.unwrap().into_inner();
+    let mut stream = grpc
+        .watch_presence(pb::WatchPresenceRequest { user_ids: vec!["alice".into()], all: false, conversation_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     let mut next = async || tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("event in time").unwrap().unwrap();
     assert!(next().await.snapshot);
 
@@ -180,7 +183,10 @@ async fn privacy_hides_the_moment_of_a_change_on_websocket_grpc_and_typing() {
     assert_eq!(bob_ws.presence_of("alice").await["status"], "offline", "the snapshot of a user bob is a contact of");
     let mut grpc = PresenceApiClient::connect(s.grpc.clone()).await.unwrap();
     let mut carol_grpc = grpc
-        .watch_presence(authed(pb::WatchPresenceRequest { user_ids: vec!["alice".into()], all: false }, &s.token("carol")))
+        .watch_presence(authed(
+            pb::WatchPresenceRequest { user_ids: vec!["alice".into()], all: false, conversation_ids: vec![] },
+            &s.token("carol"),
+        ))
         .await
         .unwrap()
         .into_inner();

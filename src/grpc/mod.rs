@@ -446,18 +446,63 @@ impl PresenceApi for Api {
 
     type WatchPresenceStream = ReceiverStream<Result<pb::PresenceEvent, GrpcStatus>>;
 
+    async fn get_conversation_presence(
+        &self,
+        req: Request<pb::GetConversationPresenceRequest>,
+    ) -> Rpc<pb::GetConversationPresenceResponse> {
+        use crate::service::conversations::{Listed, DEFAULT_PAGE};
+        use pb::get_conversation_presence_request::Listed as L;
+        let start = Instant::now();
+        let r = async {
+            let who = self.caller(&req)?;
+            let m = req.get_ref();
+            let listed = match L::try_from(m.listed) {
+                Ok(L::Online) => Listed::Online,
+                Ok(L::Offline) => Listed::Offline,
+                Ok(L::All) => Listed::All,
+                Err(_) => return Err(ApiError::BadRequest(format!("listed {} is not a Listed value", m.listed))),
+            };
+            let limit = if m.limit == 0 { DEFAULT_PAGE } else { m.limit as usize };
+            let cursor = (!m.cursor.is_empty()).then_some(m.cursor.as_str());
+            let page = self.svc.conversation_presence(&who, &m.conversation_id, listed, limit, cursor).await?;
+            Ok(pb::GetConversationPresenceResponse {
+                members: page.members as u32,
+                online: page.online as u32,
+                presences: page.presences.iter().map(presence_pb).collect(),
+                next_cursor: page.next_cursor.unwrap_or_default(),
+            })
+        }
+        .await
+        .map(Response::new)
+        .map_err(to_status);
+        observe("GetConversationPresence", start, &r);
+        r
+    }
+
     async fn watch_presence(&self, req: Request<pb::WatchPresenceRequest>) -> Rpc<Self::WatchPresenceStream> {
         let start = Instant::now();
         let r = async {
             let m = req.get_ref();
-            let (viewer, watched) = if m.all {
-                (Some(self.admin(&req, "WatchPresence with all: true")?), None)
-            } else {
+            let (viewer, watched, explicit) = if m.all {
+                (Some(self.admin(&req, "WatchPresence with all: true")?), None, Vec::new())
+            } else if m.conversation_ids.is_empty() {
                 let viewer = self.caller_optional(&req)?;
                 let mut ids = self.svc.parse_ids(m.user_ids.iter().map(String::as_str))?;
                 ids.sort();
-                (viewer, Some(ids))
+                (viewer, Some(ids), Vec::new())
+            } else {
+                // Conversations need a caller who may see them.
+                let viewer = self.caller(&req)?;
+                for c in &m.conversation_ids {
+                    self.svc.may_see_conversation(&viewer, c)?;
+                }
+                let explicit =
+                    if m.user_ids.is_empty() { Vec::new() } else { self.svc.parse_ids(m.user_ids.iter().map(String::as_str))? };
+                let ids = watched_ids(&self.svc, &explicit, &m.conversation_ids);
+                (Some(viewer), Some(ids), explicit)
             };
+            let conversations: Vec<Arc<str>> =
+                if m.all { Vec::new() } else { m.conversation_ids.iter().map(|c| Arc::from(c.as_str())).collect() };
             let limits = &self.svc.limits;
             let permit =
                 self.watches.take(watched.as_ref().map_or(0, Vec::len), limits.grpc_max_watch_streams, limits.grpc_max_watched_ids)?;
@@ -470,9 +515,11 @@ impl PresenceApi for Api {
                 svc: self.svc.clone(),
                 viewer,
                 watched: watched.unwrap_or_default(),
+                explicit,
+                conversations,
                 all: m.all,
                 shutdown: self.shutdown.clone(),
-                _interest: interest,
+                interest,
                 _permit: permit,
             };
             tokio::spawn(fwd.run(events, tx));
@@ -498,9 +545,13 @@ struct Forwarder {
     viewer: Option<Identity>,
     /// Sorted; empty with `all`.
     watched: Vec<UserId>,
+    /// With conversations: the users asked for by id (sorted), and the conversations,
+    /// whose members are watched as the membership changes.
+    explicit: Vec<UserId>,
+    conversations: Vec<Arc<str>>,
     all: bool,
     shutdown: watch::Receiver<bool>,
-    _interest: crate::bus::InterestGuard,
+    interest: crate::bus::InterestGuard,
     _permit: WatchPermit,
 }
 
@@ -514,10 +565,37 @@ impl Forwarder {
         pb::PresenceEvent { kind: kind as i32, presence: Some(presence_pb(&seen)), at: Some(ts(at)), snapshot }
     }
 
-    async fn run(self, mut events: broadcast::Receiver<Arc<Event>>, tx: mpsc::Sender<Result<pb::PresenceEvent, GrpcStatus>>) {
+    /// A conversation of the stream changed members: the watched users follow (those who
+    /// joined are queued for a snapshot in `to_snapshot`). `Err` when the caller may no
+    /// longer see it.
+    fn members_changed(&mut self, conversation: &str, to_snapshot: &mut Vec<UserId>) -> Result<(), GrpcStatus> {
+        if !self.conversations.iter().any(|c| **c == *conversation) {
+            return Ok(());
+        }
+        if let Some(viewer) = &self.viewer {
+            self.svc.may_see_conversation(viewer, conversation).map_err(|_| {
+                GrpcStatus::permission_denied(format!("no longer a member of conversation {conversation}: the stream ends"))
+            })?;
+        }
+        let conversations: Vec<String> = self.conversations.iter().map(|c| c.to_string()).collect();
+        let now = watched_ids(&self.svc, &self.explicit, &conversations);
+        let added: Vec<UserId> = now.iter().filter(|u| self.watched.binary_search(u).is_err()).cloned().collect();
+        let removed: Vec<UserId> = self.watched.iter().filter(|u| now.binary_search(u).is_err()).cloned().collect();
+        self.interest.add(&added);
+        self.interest.remove(&removed);
+        to_snapshot.extend(added);
+        self.watched = now;
+        Ok(())
+    }
+
+    async fn run(mut self, mut events: broadcast::Receiver<Arc<Event>>, tx: mpsc::Sender<Result<pb::PresenceEvent, GrpcStatus>>) {
         let mut shutdown = self.shutdown.clone();
         let buffer = self.svc.limits.grpc_watch_buffer;
-        // Snapshot still to send: `watched[cursor..]`, and a chunk read ahead.
+        // Membership changes, for a stream that watches conversations.
+        let mut directory = (!self.conversations.is_empty()).then(|| self.svc.bus.subscribe_directory());
+        // Snapshot still to send: `to_snapshot[cursor..]` (the watched users, then those
+        // who joined a conversation since), and a chunk read ahead.
+        let mut to_snapshot: Vec<UserId> = self.watched.clone();
         let mut cursor = 0usize;
         let mut ready: VecDeque<pb::PresenceEvent> = VecDeque::new();
         // Events to send, oldest user first, the newest event per user.
@@ -528,15 +606,15 @@ impl Forwarder {
         let mut snapshot_revs: HashMap<UserId, u64> = HashMap::new();
         let mut snapshot_times: VecDeque<(std::time::Instant, UserId)> = VecDeque::new();
         let end = loop {
-            let has_output = !ready.is_empty() || cursor < self.watched.len() || !order.is_empty();
+            let has_output = !ready.is_empty() || cursor < to_snapshot.len() || !order.is_empty();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break Some(draining()),
                 _ = tx.closed() => break None,
                 permit = tx.reserve(), if has_output => {
                     let Ok(permit) = permit else { break None };
-                    if ready.is_empty() && cursor < self.watched.len() {
-                        let chunk = &self.watched[cursor..(cursor + SNAPSHOT_CHUNK).min(self.watched.len())];
+                    if ready.is_empty() && cursor < to_snapshot.len() {
+                        let chunk = &to_snapshot[cursor..(cursor + SNAPSHOT_CHUNK).min(to_snapshot.len())];
                         cursor += chunk.len();
                         let now = self.svc.clock.now();
                         match self.svc.get_many_fresh(chunk).await {
@@ -568,6 +646,27 @@ impl Forwarder {
                         permit.send(Ok(self.encode(ev.presence.clone(), kind_pb(ev.kind), ev.at, false)));
                     }
                 }
+                change = async {
+                    match directory.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match change {
+                    Ok(crate::bus::DirectoryChanged::Members { conversation, .. }) => {
+                        if let Err(status) = self.members_changed(&conversation, &mut to_snapshot) {
+                            break Some(status);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Changes were missed: work the watched users out again.
+                        let conversations = self.conversations.clone();
+                        if let Some(status) = conversations.iter().find_map(|c| self.members_changed(c, &mut to_snapshot).err()) {
+                            break Some(status);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => directory = None,
+                },
                 ev = events.recv() => match ev {
                     Ok(ev) => {
                         let user = &ev.presence.user_id;
@@ -604,6 +703,19 @@ impl Forwarder {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(Err(status))).await;
         }
     }
+}
+
+/// The users a stream watches: `explicit` and the members of `conversations`, sorted.
+fn watched_ids(svc: &Service, explicit: &[UserId], conversations: &[String]) -> Vec<UserId> {
+    let mut ids: Vec<UserId> = explicit.to_vec();
+    for c in conversations {
+        if let Some(members) = svc.directory.members(c) {
+            ids.extend(members.iter().cloned());
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// How long a snapshot's revisions are kept to drop events older than it that were

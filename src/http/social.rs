@@ -211,10 +211,7 @@ pub async fn get_conversation_presence(
         Some(s) => crate::service::conversations::Listed::parse(s)
             .ok_or_else(|| ApiError::BadRequest(format!("status must be online, offline or all, not {s:?}")))?,
     };
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be between 1 and 1000".into()));
-    }
+    let limit = q.limit.unwrap_or(crate::service::conversations::DEFAULT_PAGE);
     let page = state.svc.conversation_presence(&who, &conv, listed, limit, q.cursor.as_deref()).await?;
     Ok(ok(ConversationPresence { conversation_id: &conv, page: &page, now: state.svc.clock.now() }))
 }

@@ -9,6 +9,11 @@ use crate::auth::Identity;
 use crate::core::{Presence, Status, UserId};
 use crate::error::ApiError;
 
+/// Members per page when the caller does not say.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most members per page.
+pub const MAX_PAGE: usize = 1000;
+
 /// Which members a page lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listed {
@@ -51,6 +56,21 @@ pub struct Page {
 }
 
 impl Service {
+    /// `who` may see `conversation`'s presence: a member, or `presence:admin` (403
+    /// otherwise; 404 for an admin asking for a conversation nobody set). Returns the
+    /// members.
+    pub fn may_see_conversation(&self, who: &Identity, conversation: &str) -> Result<crate::directory::Members, ApiError> {
+        self.check_id("conversation id", conversation)?;
+        let members = self.directory.members(conversation);
+        let member = members.as_ref().is_some_and(|m| m.contains(who.sub.as_str()));
+        if !member && !who.is_admin() {
+            return Err(ApiError::Forbidden(format!(
+                "only members of conversation {conversation} (or presence:admin) may see its presence"
+            )));
+        }
+        members.ok_or_else(|| ApiError::NotFound(format!("conversation {conversation} has no members")))
+    }
+
     /// The presence of `conversation`'s members for `who` (a member, or `presence:admin`;
     /// 403 otherwise, and for a conversation nobody set unless admin, 404 then): counts and
     /// the page of `limit` members after `cursor` that `listed` takes.
@@ -63,19 +83,13 @@ impl Service {
         cursor: Option<&str>,
     ) -> Result<Page, ApiError> {
         self.check_id("conversation id", conversation)?;
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_PAGE}")));
+        }
         if let Some(c) = cursor {
             self.check_id("cursor", c)?;
         }
-        let members = self.directory.members(conversation);
-        let member = members.as_ref().is_some_and(|m| m.contains(who.sub.as_str()));
-        if !member && !who.is_admin() {
-            return Err(ApiError::Forbidden(format!(
-                "only members of conversation {conversation} (or presence:admin) may see its presence"
-            )));
-        }
-        let Some(members) = members else {
-            return Err(ApiError::NotFound(format!("conversation {conversation} has no members")));
-        };
+        let members = self.may_see_conversation(who, conversation)?;
         let mut ids: Vec<UserId> = members.iter().cloned().collect();
         ids.sort();
         let seen = self.get_many_as(Some(who), &ids).await?;

@@ -114,7 +114,7 @@ async fn watch(target: &Target, pid: u32, idle: u64, args: &HostileArgs) -> Res<
             client = Some(PresenceApiClient::connect(target.grpc.clone()).await.map_err(|e| e.to_string())?);
         }
         let Some(c) = client.as_mut() else { break };
-        let req = pb::WatchPresenceRequest { user_ids: ids.clone(), all: false };
+        let req = pb::WatchPresenceRequest { user_ids: ids.clone(), all: false, conversation_ids: vec![] };
         match tokio::time::timeout(Duration::from_secs(10), c.watch_presence(req)).await {
             Ok(Ok(stream)) => {
                 accepted += 1;

@@ -216,7 +216,7 @@ pub(super) async fn grpc_watcher(world: Arc<World>, grpc: u16, log: Arc<Log>, us
             continue;
         };
         let mut c = PresenceApiClient::new(channel);
-        let req = crate::authed(pb::WatchPresenceRequest { user_ids: Vec::new(), all: true }, &bearer);
+        let req = crate::authed(pb::WatchPresenceRequest { user_ids: Vec::new(), all: true, conversation_ids: vec![] }, &bearer);
         let Ok(stream) = c.watch_presence(req).await else {
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
