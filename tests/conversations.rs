@@ -202,10 +202,11 @@ async fn a_small_conversation_pushes_each_change_and_its_counts() {
     assert_eq!(listed(&snap), ["amy", "viv"]);
     assert!(snap.get("next_cursor").is_none());
     assert_eq!(snap["presences"][0]["status"], "online");
-    // bob comes: his presence, then the count.
+    // bob comes: his presence, then the count with him (the list of members online
+    // changes with the count).
     let mut bob = wsclient::connect(&s, "bob", "d").await;
     let (p, pushed) = next_counts(&mut viv).await;
-    assert_eq!((counts(&p), p["snapshot"].clone(), listed(&p)), ((4, 3), json!(false), vec![]), "{p}");
+    assert_eq!((counts(&p), p["snapshot"].clone(), listed(&p)), ((4, 3), json!(false), vec!["bob".to_string()]), "{p}");
     assert_eq!(pushed, ["bob"]);
     // busy: a presence, no count (it did not move).
     bob.ack(json!({"type":"presence_update","payload":{"online_status":"busy"},"id":1})).await;
@@ -213,7 +214,8 @@ async fn a_small_conversation_pushes_each_change_and_its_counts() {
     // bob leaves: offline, then the count.
     bob.ack(json!({"type":"bye","id":2})).await;
     let (p, pushed) = next_counts(&mut viv).await;
-    assert_eq!(counts(&p), (4, 2), "{p}");
+    assert_eq!((counts(&p), listed(&p)), ((4, 2), vec!["bob".to_string()]), "{p}");
+    assert_eq!(p["presences"][0]["status"], "offline");
     assert_eq!(pushed, ["bob"]);
     // Others are refused; bad input too; a conversation with no members is 404 for an admin.
     let mut eve = wsclient::connect(&s, "eve", "d").await;

@@ -161,9 +161,10 @@ impl Room {
         s.subs.len()
     }
 
-    /// A member's presence changed (an event). Small rooms: returns the subscribers whose
-    /// counts moved, with their new counts (the presence itself reaches them with the
-    /// event's audience). Large rooms: the change waits for the next flush.
+    /// A member's presence changed (an event). Small rooms: returns a message for each
+    /// subscriber who saw the member come online or go offline: the counts and the
+    /// member (any other change reaches them as a `presence_update`, with the event's
+    /// audience). Large rooms: the change waits for the next flush.
     pub fn apply(&self, p: &Presence, dir: &Directory, live_members: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
         let large = s.members.len() > live_members;
@@ -192,7 +193,8 @@ impl Room {
             e.after = after;
             return Vec::new();
         }
-        s.recount(dir, now, &self.id)
+        let was = Pending { before: before.unwrap_or_else(|| offline(&p.user_id)), privacy, contacts, after: Some(p.clone()) };
+        s.small_change(&was, &p.user_id, dir, now, &self.id)
     }
 
     /// A member's privacy settings (from `previous`) or contacts (from `old_contacts`)
@@ -217,17 +219,17 @@ impl Room {
         if let Some(p) = &current {
             s.put(p.clone(), &privacy);
         }
+        let was = Pending {
+            before: current.unwrap_or_else(|| offline(user)),
+            privacy: previous.unwrap_or(privacy),
+            contacts: old_contacts.unwrap_or(contacts),
+            after: None,
+        };
         if large {
-            let before = current.unwrap_or_else(|| offline(user));
-            s.pending.entry(user.clone()).or_insert_with(|| Pending {
-                before,
-                privacy: previous.unwrap_or(privacy),
-                contacts: old_contacts.unwrap_or(contacts),
-                after: None,
-            });
+            s.pending.entry(user.clone()).or_insert(was);
             return Vec::new();
         }
-        s.recount(dir, now, &self.id)
+        s.small_change(&was, user, dir, now, &self.id)
     }
 
     /// Starts reading the room again (a resync): events that come meanwhile wait for
@@ -389,24 +391,35 @@ impl State {
         Some((conn, Utf8Bytes::from(msg)))
     }
 
-    /// Small rooms: each subscriber whose counts moved gets them.
-    fn recount(&mut self, dir: &Directory, now: Millis, room: &str) -> Outbox {
+    /// Small rooms: `user`'s view changed from `was`. Each subscriber who saw the member
+    /// come online or go offline gets the counts and the member as it now sees it, so the
+    /// list of members online changes exactly when the count does.
+    fn small_change(&mut self, was: &Pending, user: &UserId, dir: &Directory, now: Millis, room: &str) -> Outbox {
+        let (contacts, privacy) = dir.view(user);
+        let after = match self.present.get(user) {
+            Some((q, _)) => q.clone(),
+            None => was.after.clone().unwrap_or_else(|| offline(user)),
+        };
         let members = self.members.len();
         let mut out = Vec::new();
         let ids: Vec<u64> = self.subs.keys().copied().collect();
         for id in ids {
             let Some(conn) = self.subs.get(&id).map(|x| x.conn.clone()) else { continue };
-            let online = self.online_for(&conn, dir);
+            let rel = relation_of(&conn, user, &contacts);
+            let moved = online_for(&was.before, &was.privacy, relation_of(&conn, user, &was.contacts)) != online_for(&after, &privacy, rel);
+            let online = if moved { self.online_for(&conn, dir) } else { 0 };
             let Some(sub) = self.subs.get_mut(&id) else { continue };
-            if (sub.online, sub.members) == (online, members) {
+            if !moved && sub.members == members {
                 continue;
             }
+            let online = if moved { online } else { sub.online };
             (sub.online, sub.members) = (online, members);
+            let seen = if moved { vec![project(&after, &privacy, rel)] } else { Vec::new() };
             let msg = protocol::conversation_presence(&protocol::ConversationView {
                 conversation_id: room,
                 members,
                 online,
-                presences: &[],
+                presences: &seen,
                 next_cursor: None,
                 snapshot: false,
                 removed: &[],
