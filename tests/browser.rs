@@ -313,6 +313,27 @@ async fn the_user_view_speaks_in_words_and_the_operator_view_counts() {
     alice.wait_for(states, json!("laptop: idle 0 min · phone: idle 0 min")).await;
     bob_phone.ack(json!({"type": "activity", "payload": {"active": true}, "id": 5})).await;
     alice.wait_for(&dot("bob"), json!("online")).await;
+    // The conversation's member list: a dot for each member online, and the counter.
+    let counter = "return document.getElementById('counter').textContent;";
+    let member = |u: &str| format!("return document.querySelector('#members li[data-member=\"{u}\"] .dot')?.dataset.status ?? null;");
+    alice.wait_for(counter, json!("2 of 2 online")).await;
+    alice.wait_for(&member("bob"), json!("online")).await;
+    alice.wait_for(&member("alice"), json!("online")).await;
+    // carol joins the conversation, offline: counted, not listed; then she comes online.
+    let put =
+        |ids: Value| s.client.put(s.url("/api/v2/conversations/room-1/members")).bearer_auth(&admin).json(&json!({"members": ids})).send();
+    assert_eq!(put(json!(["alice", "bob", "carol"])).await.unwrap().status(), 200);
+    alice.wait_for(counter, json!("2 of 3 online")).await;
+    assert_eq!(alice.js(&member("carol")).await, Value::Null);
+    let mut carol = common::wsclient::connect(&s, "carol", "c2").await;
+    alice.wait_for(counter, json!("3 of 3 online")).await;
+    alice.wait_for(&member("carol"), json!("online")).await;
+    if let Ok(d) = std::env::var("PRESENCED_SCREENSHOTS") {
+        alice.screenshot(&std::path::Path::new(&d).join("conversation.png")).await;
+    }
+    carol.ack(json!({"type": "bye", "id": 1})).await;
+    alice.wait_for(counter, json!("2 of 3 online")).await;
+    alice.wait_for(&member("carol"), Value::Null).await;
     // alice types in the page: bob's socket hears it once, debounced.
     alice.type_into("#compose", "hello").await;
     let t = bob_phone.recv_type("typing_indicator").await;

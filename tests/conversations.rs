@@ -290,7 +290,7 @@ async fn membership_changes_reach_live_subscriptions() {
         assert_eq!((counts(&p), listed(&p)), ((4, 3), vec!["kim".to_string()]), "kim is online: {p}");
         members(&s, "g", &["ada", "kim", "lou"]).await;
         let e = ian.recv_type("error").await;
-        assert_eq!(e["payload"]["code"], "forbidden", "{e}");
+        assert_eq!((e["payload"]["code"].clone(), e["payload"]["conversation_id"].clone()), (json!("forbidden"), json!("g")), "{e}");
         let (p, _) = next_counts(&mut ada).await;
         assert_eq!((counts(&p), p["removed"].clone()), ((3, 2), json!(["ian"])), "{p}");
         // ian hears nothing more of g.

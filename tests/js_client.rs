@@ -47,6 +47,7 @@ async fn node_tests_against_the_real_server_including_a_restart() {
         "typing: one frame",
         "a reload continues the session",
         "a draining server's 1012",
+        "a conversation: counts and the members online",
         "a server restart mid-session",
     ];
     for name in names {

@@ -916,8 +916,7 @@ impl Hub {
         };
         let (room, dropped) = dropped;
         for c in &dropped {
-            let why = format!("no longer a member of conversation {conversation}: unsubscribed");
-            c.push(protocol::error(&None, "forbidden", &why));
+            c.push(protocol::removed_from(conversation));
         }
         if room.subscriber_count() == 0 {
             return Ok(());

@@ -263,6 +263,14 @@ pub fn error(id: &Option<Value>, code: &str, message: &str) -> String {
     json!({"type": "error", "id": id, "payload": {"id": id, "code": code, "message": message}}).to_string()
 }
 
+/// The `error` a subscriber gets when it is removed from a conversation (it no longer
+/// follows it); it names the conversation.
+pub fn removed_from(conversation_id: &str) -> String {
+    let message = format!("no longer a member of conversation {conversation_id}: unsubscribed");
+    json!({"type": "error", "id": null, "payload": {"id": null, "code": "forbidden", "message": message, "conversation_id": conversation_id}})
+        .to_string()
+}
+
 /// First message on a new connection: who the server thinks you are and the timing to keep.
 pub fn connected(
     user_id: &str,

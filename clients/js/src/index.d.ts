@@ -54,11 +54,41 @@ export interface PresenceError {
   message: string;
 }
 
+/** A conversation's presence as the server sends it: a snapshot, or what changed. */
+export interface ConversationPresence {
+  conversation_id: string;
+  /** Members in the conversation. */
+  members: number;
+  /** Members this user sees with any status but offline. */
+  online: number;
+  /** Snapshot: the first page of members online. Otherwise: members whose view changed. */
+  presences: Presence[];
+  /** Snapshot with more members online than listed: the REST page's cursor. */
+  next_cursor?: string;
+  snapshot: boolean;
+  /** Members who left the conversation. */
+  removed?: string[];
+}
+
+/** A followed conversation, as the client holds it. */
+export interface Conversation {
+  conversation_id: string;
+  members: number;
+  online: number;
+  /** The members online this client knows of, sorted by id. */
+  online_members: Presence[];
+  /** More members are online than the snapshot listed (page them over REST). */
+  more: boolean;
+  /** This user was removed from the conversation: it is no longer followed. */
+  removed?: boolean;
+}
+
 /** Server → client messages. */
 export type ServerMessage =
   | { type: "connected"; payload: Connected }
   | { type: "presence_update"; payload: Presence }
   | { type: "typing_indicator"; payload: TypingIndicator }
+  | { type: "conversation_presence"; payload: ConversationPresence }
   | { type: "ack"; id: string | number | null; payload: { id: string | number | null; type: string } }
   | { type: "error"; id: string | number | null; payload: PresenceError & { id: string | number | null } };
 
@@ -68,8 +98,8 @@ export type ClientMessage = { id?: string | number } & (
   | { type: "presence_update"; payload: { online_status?: Status; custom_status?: string; ttl?: number } }
   | { type: "activity"; payload: { active: boolean; idle_since?: string } }
   | { type: "typing"; payload: { conversation_id: string; is_typing: boolean } }
-  | { type: "subscribe"; payload: { user_ids: string[] } }
-  | { type: "unsubscribe"; payload: { user_ids: string[] } }
+  | { type: "subscribe"; payload: { user_ids?: string[]; conversation_ids?: string[] } }
+  | { type: "unsubscribe"; payload: { user_ids?: string[]; conversation_ids?: string[] } }
   | { type: "bye"; payload?: Record<string, never> }
 );
 
@@ -165,6 +195,10 @@ export declare class PresenceClient {
   typingNow(): TypingIndicator[];
   subscribe(userIds: string[]): Promise<void>;
   unsubscribe(userIds: string[]): Promise<void>;
+  /** Follows conversations: counts and the members online, kept up to date. */
+  subscribeConversations(conversationIds: string[]): Promise<void>;
+  unsubscribeConversations(conversationIds: string[]): Promise<void>;
+  conversation(conversationId: string): Conversation | undefined;
   setStatus(status: Status, message?: string, ttl?: number): Promise<{ id: string | number | null; type: string }>;
   typing(conversationId: string): void;
   stopTyping(conversationId: string): void;
@@ -174,4 +208,5 @@ export declare class PresenceClient {
   onState(fn: (state: ConnectionState, info: StateInfo) => void): () => void;
   onError(fn: (error: PresenceError) => void): () => void;
   onConnected(fn: (connected: Connected, reconnected: boolean) => void): () => void;
+  onConversation(fn: (conversation: Conversation) => void): () => void;
 }

@@ -111,6 +111,8 @@ export class PresenceClient {
     this.watched = new Set();
     /** @type {Map<string, import("./index").Presence>} */
     this.presences = new Map();
+    /** @type {Map<string, {conversation_id: string, members: number, online: number, list: Map<string, import("./index").Presence>, next_cursor?: string}>} */
+    this.rooms = new Map();
     /** @type {Map<string, import("./index").TypingIndicator>} conversation + user -> indicator */
     this.typists = new Map();
     /** @type {Map<string, {idle: any, sentAt: number}>} conversation -> our own typing */
@@ -126,6 +128,7 @@ export class PresenceClient {
       state: new Set(),
       error: new Set(),
       connected: new Set(),
+      conversation: new Set(),
     };
     /** @type {Array<{resolve: (c: import("./index").Connected) => void}>} */
     this.waiters = [];
@@ -304,6 +307,32 @@ export class PresenceClient {
   }
   onConnected(fn) {
     return this.on("connected", fn);
+  }
+  onConversation(fn) {
+    return this.on("conversation", fn);
+  }
+
+  /**
+   * Follows conversations: their member and online counts and the members online (as
+   * this user may see them), from the server's snapshot on, through every change.
+   */
+  async subscribeConversations(ids) {
+    const fresh = ids.filter((id) => !this.rooms.has(id));
+    for (const id of fresh) this.rooms.set(id, { conversation_id: id, members: 0, online: 0, list: new Map() });
+    if (fresh.length && this.state === "open") await this.request("subscribe", { conversation_ids: fresh });
+  }
+
+  async unsubscribeConversations(ids) {
+    for (const id of ids) this.rooms.delete(id);
+    if (ids.length && this.state === "open") await this.request("unsubscribe", { conversation_ids: ids });
+  }
+
+  /** A followed conversation now: counts, and the members online sorted by id. */
+  conversation(id) {
+    const r = this.rooms.get(id);
+    if (!r) return undefined;
+    const online = [...r.list.values()].sort((a, b) => (a.user_id < b.user_id ? -1 : a.user_id > b.user_id ? 1 : 0));
+    return { conversation_id: id, members: r.members, online: r.online, online_members: online, more: r.next_cursor !== undefined };
   }
 
   /** Watches users: their presence now (the server's snapshot) and every visible change. */
@@ -487,7 +516,30 @@ export class PresenceClient {
         const prev = this.presences.get(p.user_id);
         this.presences.set(p.user_id, p);
         if (!sameView(prev, p)) this.emit("presence", p, prev);
+        // A member listed online in a followed conversation changed (busy, a message…).
+        for (const r of this.rooms.values()) {
+          if (r.list.has(p.user_id) && p.status !== "offline") {
+            r.list.set(p.user_id, p);
+            this.emit("conversation", this.conversation(r.conversation_id));
+          }
+        }
         return;
+      }
+      case "conversation_presence": {
+        const r = this.rooms.get(p.conversation_id);
+        if (!r) return;
+        if (p.snapshot) {
+          r.list.clear();
+          r.next_cursor = p.next_cursor;
+        }
+        for (const q of p.presences || []) {
+          if (q.status === "offline") r.list.delete(q.user_id);
+          else r.list.set(q.user_id, q);
+        }
+        for (const gone of p.removed || []) r.list.delete(gone);
+        r.members = p.members;
+        r.online = p.online;
+        return this.emit("conversation", this.conversation(r.conversation_id));
       }
       case "typing_indicator": {
         const key = p.conversation_id + "\u0000" + p.user_id;
@@ -508,6 +560,10 @@ export class PresenceClient {
       case "error": {
         const w = m.id != null ? this.pending.get(m.id) : undefined;
         const err = { code: p.code, message: p.message };
+        // Removed from a followed conversation: no longer followed.
+        if (p.conversation_id && this.rooms.delete(p.conversation_id)) {
+          this.emit("conversation", { conversation_id: p.conversation_id, members: 0, online: 0, online_members: [], more: false, removed: true });
+        }
         if (w) {
           this.pending.delete(m.id);
           w.reject(err);
@@ -546,6 +602,7 @@ export class PresenceClient {
     this.flushActivity();
     // Re-subscribe: the server answers with a snapshot, reconciled in `receive`.
     if (this.watched.size) this.sendUsers("subscribe", [...this.watched]).catch((e) => this.emit("error", e));
+    if (this.rooms.size) this.request("subscribe", { conversation_ids: [...this.rooms.keys()] }).catch((e) => this.emit("error", e));
     for (const w of this.waiters.splice(0)) w.resolve(p);
   }
 

@@ -323,6 +323,29 @@ test("a draining server's 1012: back within a second, same device, session conti
   assert.equal(helen.session.device_id, hello.device_id);
 });
 
+test("a conversation: counts and the members online, kept up to date; dropped when removed", async () => {
+  const admin = mint("ops", "presence:admin");
+  await rest("PUT", "/api/v2/conversations/js-room/members", admin, { members: ["gus", "hal", "ivy"] });
+  const gus = client("gus");
+  const seen = [];
+  gus.onConversation((c) => seen.push(c));
+  await gus.connect();
+  await gus.subscribeConversations(["js-room"]);
+  const room = () => gus.conversation("js-room");
+  await until("the snapshot", () => room()?.members === 3 && room().online === 1);
+  assert.deepEqual(room().online_members.map((p) => p.user_id), ["gus"]);
+  const hal = client("hal");
+  await hal.connect();
+  await until("hal online, counted and listed", () => room().online === 2 && room().online_members.some((p) => p.user_id === "hal"));
+  await hal.setStatus("busy", "call");
+  await until("hal's status in the list", () => room().online_members.find((p) => p.user_id === "hal")?.status === "busy");
+  hal.close();
+  await until("hal gone from the list", () => room().online === 1 && room().online_members.length === 1);
+  // gus is removed: told, no longer followed.
+  await rest("PUT", "/api/v2/conversations/js-room/members", admin, { members: ["hal", "ivy"] });
+  await until("removed", () => seen.some((c) => c.removed) && gus.conversation("js-room") === undefined);
+});
+
 test("a server restart mid-session: backoff, reconnection, re-subscription and reconciliation", async () => {
   const admin = mint("ops", "presence:admin");
   // dave's status is stored (no device): the same before and after the restart.

@@ -14,6 +14,11 @@ async function main() {
   const hello = await client.connect();
   const beat: number = hello.heartbeat_interval;
   await client.subscribe(["bob"]);
+  await client.subscribeConversations(["room-1"]);
+  client.onConversation((c) => console.log(c.conversation_id, c.online, "of", c.members, c.online_members.map((p) => p.user_id), c.more));
+  const counted: number | undefined = client.conversation("room-1")?.online;
+  void counted;
+  await client.unsubscribeConversations(["room-1"]);
   await client.setStatus("away", "lunch", 600);
   client.typing("room-1");
   client.stopTyping("room-1");
@@ -34,6 +39,8 @@ function handle(m: ServerMessage): string {
       return m.payload.status;
     case "typing_indicator":
       return m.payload.user_id;
+    case "conversation_presence":
+      return m.payload.online + " of " + m.payload.members + (m.payload.snapshot ? " (snapshot)" : "");
     case "connected":
       return String(m.payload.typing_ttl);
     case "ack":
