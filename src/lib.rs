@@ -31,9 +31,11 @@
 //!    permissions, rate limits, reads and writes, [`service::sessions`] (device sessions),
 //!    [`service::instances`] (gateway instance leases), [`service::typing`] (typing
 //!    indicators), [`service::erasure`] (a user's data exported or erased everywhere),
-//!    [`service::limiter`].
+//!    [`service::conversations`] (a conversation's counts and pages of members, as each
+//!    viewer may see them), [`service::limiter`].
 //! 6. Adapters over the service: [`ws`] (`GET /ws`: the hub, each connection's client
-//!    and push queue, the connection loop, the protocol) and [`listener`] (accepting
+//!    and push queue, the conversations followed on this node (`ws::rooms`), the
+//!    connection loop, the protocol) and [`listener`] (accepting
 //!    connections: timeouts, the per-IP rate, the HTTP accept loop, and
 //!    [`listener::tls`]: TLS on both ports, certificate reload, mTLS for gRPC).
 //! 7. The transports the listener serves: [`grpc`] (`realchat.presence.v1.PresenceApi`)

@@ -273,6 +273,33 @@ async fn a_large_conversation_sends_the_changes_of_each_interval_together() {
     s.stop().await;
 }
 
+/// A join storm in a large conversation (more changes in one interval than a page
+/// holds): a fresh snapshot of one page instead of the changes, with the counts.
+#[tokio::test]
+async fn a_join_storm_in_a_large_conversation_sends_one_page_not_every_change() {
+    let s = TestServer::start(&[NO_GRACE, LARGE[0], LARGE[1], ("PRESENCE_LIMITS__CONVERSATION_PAGE", "2")]).await;
+    members(&s, "arena", &["w0", "w1", "a1", "a2", "a3", "a4"]).await;
+    let mut w0 = wsclient::connect(&s, "w0", "d").await;
+    let snap = subscribe(&mut w0, "arena").await;
+    assert_eq!((counts(&snap), listed(&snap)), ((6, 1), vec!["w0".to_string()]));
+    let mut joined = Vec::new();
+    for m in ["a1", "a2", "a3", "a4"] {
+        joined.push(wsclient::connect(&s, m, "d").await);
+    }
+    // Within an interval or two: a snapshot of the first page, then nothing pending.
+    loop {
+        let m = w0.recv_type("conversation_presence").await;
+        if m["payload"]["snapshot"] == true {
+            assert_eq!(counts(&m["payload"]), (6, 5), "{m}");
+            assert_eq!(listed(&m["payload"]), ["a1", "a2"]);
+            assert_eq!(m["payload"]["next_cursor"], "a2");
+            break;
+        }
+        assert!(listed(&m["payload"]).len() <= 2, "a message holds at most a page: {m}");
+    }
+    s.stop().await;
+}
+
 /// Members added and removed mid-subscription: counts and lists follow at once (small),
 /// a viewer removed is told and unsubscribed.
 #[tokio::test]
@@ -466,4 +493,37 @@ async fn next_event(
     stream: &mut tonic::Streaming<presenced::grpc::pb::PresenceEvent>,
 ) -> Result<Option<presenced::grpc::pb::PresenceEvent>, tonic::Status> {
     tokio::time::timeout(std::time::Duration::from_secs(5), stream.message()).await.expect("an event within 5s")
+}
+
+on_engines!(a_node_back_on_the_engine_resyncs_its_conversations: nats);
+/// The engine goes away and comes back: a member who left meanwhile (through the other
+/// node, which holds the change until the engine returns) reaches the viewer's counts.
+/// (NATS keeps its data across the restart; a Redis restarted without persistence loses
+/// the record the departure would change: see the closing note.)
+async fn a_node_back_on_the_engine_resyncs_its_conversations(mut e: Engine) {
+    let a = e.node_with("node-a", &[NO_GRACE]).await;
+    let b = e.node_with("node-b", &[NO_GRACE]).await;
+    members(&a, "den", &["z0", "z1"]).await;
+    eventually("node b knows the members", std::time::Duration::from_secs(5), async || page(&b, &b.token("z0"), "den", "").await.0 == 200)
+        .await;
+    let z1 = wsclient::connect(&a, "z1", "d").await;
+    let mut z0 = wsclient::connect(&b, "z0", "d").await;
+    assert_eq!(counts(&subscribe(&mut z0, "den").await), (2, 2));
+    e.stop();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(z1); // node a holds the departure while cut off
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    e.restart();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        use futures_util::StreamExt;
+        let m = tokio::time::timeout_at(deadline, z0.ws.next()).await.expect("z1's departure counted within 30 s");
+        let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = m else { continue };
+        let m: Value = serde_json::from_str(&t).unwrap();
+        if m["type"] == "conversation_presence" && counts(&m["payload"]) == (2, 1) {
+            break;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
 }

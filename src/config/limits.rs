@@ -47,6 +47,10 @@ pub struct LimitsConfig {
     /// WebSocket subscribers at once; larger ones send the changes together, at most once
     /// per `presence.conversation_interval`.
     pub conversation_live_members: usize,
+    /// Members a WebSocket `conversation_presence` snapshot lists (the rest: REST pages);
+    /// a large conversation with more changes than this in one interval sends a fresh
+    /// snapshot instead of the changes, so no message outgrows it.
+    pub conversation_page: usize,
     /// New connections per client IP per second, on `/ws` and on the gRPC port (token
     /// bucket with `connection_burst_per_ip`); `0` turns the limit off.
     pub connections_per_ip_per_sec: f64,
@@ -93,6 +97,7 @@ impl Default for LimitsConfig {
             max_contacts: 5000,
             max_conversation_members: 10_000,
             conversation_live_members: 1000,
+            conversation_page: 100,
             connections_per_ip_per_sec: 20.0,
             connection_burst_per_ip: 100,
             header_read_timeout: Dur::secs(10),
@@ -108,6 +113,9 @@ impl Default for LimitsConfig {
 
 impl LimitsConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1000).contains(&self.conversation_page) {
+            return rule("limits.conversation_page", "must be between 1 and 1000");
+        }
         if self.max_sessions_per_call == 0 {
             return rule("limits.max_sessions_per_call", "must be at least 1");
         }

@@ -113,43 +113,118 @@ impl HubLimits {
             subscriptions_per_connection: l.max_subscriptions_per_connection,
             conversation_live_members: l.conversation_live_members,
             conversation_interval: p.conversation_interval.0,
-            conversation_page: CONVERSATION_PAGE,
+            conversation_page: l.conversation_page,
         }
     }
 }
-
-/// Members listed in a `conversation_presence` snapshot (as the REST page's default).
-pub const CONVERSATION_PAGE: usize = 100;
 
 /// The conversations this node's connections subscribed to (see [`super::rooms`]).
 #[derive(Default)]
 struct Rooms {
     by_id: HashMap<Arc<str>, Arc<Room>>,
-    /// Member → the rooms they are in, to apply an event without a scan.
-    by_member: FastMap<UserId, Vec<Arc<Room>>>,
+    /// Member → the small rooms they are in, to apply an event without a scan.
+    by_member: FastMap<UserId, RoomList>,
+    /// Large rooms (few on a node): an event's user is looked up in each one's members,
+    /// so a 100,000-member room costs no index beside its membership.
+    large: Vec<Arc<Room>>,
     /// Connection → the conversations it subscribed to.
     by_conn: HashMap<u64, Vec<Arc<str>>>,
 }
 
+/// The small rooms a member is in: mostly one, kept inline.
+enum RoomList {
+    One(Arc<Room>),
+    Many(Vec<Arc<Room>>),
+}
+
 impl Rooms {
-    fn index(&mut self, room: &Arc<Room>, members: impl IntoIterator<Item = UserId>) {
+    /// Indexes a new room, small or large (`live`: `limits.conversation_live_members`).
+    fn add(&mut self, room: &Arc<Room>, members: &Members, live: usize) {
+        if members.len() > live {
+            self.large.push(room.clone());
+        } else {
+            self.index(room, members.iter());
+        }
+    }
+
+    fn remove(&mut self, room: &Arc<Room>, members: &Members) {
+        self.large.retain(|r| !Arc::ptr_eq(r, room));
+        self.unindex(room, members.iter());
+    }
+
+    /// The room's members changed from `old` to `new`: its index follows (a room that
+    /// grows past `live` becomes large, and the other way).
+    fn reindex(&mut self, room: &Arc<Room>, old: &Members, new: &Members, added: &[UserId], removed: &[UserId], live: usize) {
+        let was_large = self.large.iter().any(|r| Arc::ptr_eq(r, room));
+        match (was_large, new.len() > live) {
+            (false, false) => {
+                self.index(room, added.iter());
+                self.unindex(room, removed.iter());
+            }
+            (false, true) => {
+                self.unindex(room, old.iter());
+                self.large.push(room.clone());
+            }
+            (true, false) => {
+                self.large.retain(|r| !Arc::ptr_eq(r, room));
+                self.index(room, new.iter());
+            }
+            (true, true) => {}
+        }
+    }
+
+    fn index<'a>(&mut self, room: &Arc<Room>, members: impl IntoIterator<Item = &'a UserId>) {
         for m in members {
-            let rooms = self.by_member.entry(m).or_default();
-            if !rooms.iter().any(|r| Arc::ptr_eq(r, room)) {
-                rooms.push(room.clone());
+            match self.by_member.get_mut(m) {
+                None => {
+                    self.by_member.insert(m.clone(), RoomList::One(room.clone()));
+                }
+                Some(RoomList::One(r)) if Arc::ptr_eq(r, room) => {}
+                Some(list @ RoomList::One(_)) => {
+                    if let RoomList::One(r) = std::mem::replace(list, RoomList::Many(Vec::new())) {
+                        *list = RoomList::Many(vec![r, room.clone()]);
+                    }
+                }
+                Some(RoomList::Many(v)) => {
+                    if !v.iter().any(|r| Arc::ptr_eq(r, room)) {
+                        v.push(room.clone());
+                    }
+                }
             }
         }
     }
 
     fn unindex<'a>(&mut self, room: &Arc<Room>, members: impl IntoIterator<Item = &'a UserId>) {
         for m in members {
-            if let Some(rooms) = self.by_member.get_mut(m) {
-                rooms.retain(|r| !Arc::ptr_eq(r, room));
-                if rooms.is_empty() {
-                    self.by_member.remove(m);
+            let empty = match self.by_member.get_mut(m) {
+                None => false,
+                Some(RoomList::One(r)) => Arc::ptr_eq(r, room),
+                Some(RoomList::Many(v)) => {
+                    v.retain(|r| !Arc::ptr_eq(r, room));
+                    if v.len() == 1 {
+                        let last = v.pop();
+                        if let Some(last) = last {
+                            self.by_member.insert(m.clone(), RoomList::One(last));
+                        }
+                    }
+                    false
                 }
+            };
+            if empty {
+                self.by_member.remove(m);
             }
         }
+    }
+
+    /// The rooms `user` is a member of.
+    fn of(&self, user: &UserId) -> Vec<Arc<Room>> {
+        let mut out = match self.by_member.get(user) {
+            None => Vec::new(),
+            Some(RoomList::One(r)) => vec![r.clone()],
+            Some(RoomList::Many(v)) => v.clone(),
+        };
+        out.extend(self.large.iter().filter(|r| r.has_member(user)).cloned());
+        out
     }
 }
 
@@ -185,7 +260,7 @@ pub struct Hub {
 }
 
 /// Members read from the store at once when a room is loaded.
-const LOAD_BATCH: usize = 5000;
+const LOAD_BATCH: usize = 1000;
 
 /// Queues each message for its connection.
 fn send(out: Outbox) {
@@ -709,9 +784,24 @@ impl Hub {
                 let rooms: Vec<Arc<Room>> = hub.rooms.lock().by_id.values().cloned().collect();
                 for room in rooms {
                     room.begin_load();
-                    match hub.load_room(&room).await {
-                        Ok(()) => send(room.snapshot_all(&hub.svc.directory, hub.limits.conversation_page, hub.svc.clock.now())),
-                        Err(e) => tracing::warn!(conversation = %room.id, error = %e, "could not resynchronise a conversation"),
+                    // Events wait in the room while it is read again: it must be read, so
+                    // a store that is not back yet is asked again (a while: 1 s, 2 s, …).
+                    let mut attempt = 0u32;
+                    loop {
+                        match hub.load_room(&room).await {
+                            Ok(()) => {
+                                send(room.snapshot_all(&hub.svc.directory, hub.limits.conversation_page, hub.svc.clock.now()));
+                                break;
+                            }
+                            Err(e) => {
+                                attempt += 1;
+                                tracing::warn!(conversation = %room.id, error = %e, attempt, "could not resynchronise a conversation; retrying");
+                                tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt.min(10)))).await;
+                            }
+                        }
+                        if room.subscriber_count() == 0 {
+                            break;
+                        }
                     }
                 }
                 metrics::counter!("ws_resyncs_total").increment(1);
@@ -762,7 +852,7 @@ impl Hub {
         if !self.any_room.load(Ordering::Acquire) {
             return Vec::new();
         }
-        self.rooms.lock().by_member.get(user).cloned().unwrap_or_default()
+        self.rooms.lock().of(user)
     }
 
     /// Checks that `conn` may subscribe to conversations `raw` (a member, or an admin;
@@ -818,7 +908,7 @@ impl Hub {
                         let members = self.svc.directory.members(id).unwrap_or_default();
                         let room = Arc::new(Room::new(id.clone(), members.clone()));
                         rooms.by_id.insert(id.clone(), room.clone());
-                        rooms.index(&room, members.iter().cloned());
+                        rooms.add(&room, &members, self.limits.conversation_live_members);
                         self.svc.bus.interest().add(members.iter());
                         metrics::gauge!("ws_conversation_rooms").set(rooms.by_id.len() as f64);
                         room
@@ -888,7 +978,7 @@ impl Hub {
     fn drop_room(&self, rooms: &mut Rooms, room: &Arc<Room>) {
         rooms.by_id.remove(&room.id);
         let members = room.members();
-        rooms.unindex(room, members.iter());
+        rooms.remove(room, &members);
         self.svc.bus.interest().remove(members.iter());
     }
 
@@ -899,8 +989,7 @@ impl Hub {
             let mut rooms = self.rooms.lock();
             let Some(room) = rooms.by_id.get(conversation).cloned() else { return Ok(()) };
             let members = self.svc.directory.members(conversation).unwrap_or_default();
-            rooms.index(&room, added.iter().cloned());
-            rooms.unindex(&room, removed.iter());
+            rooms.reindex(&room, &room.members(), &members, added, removed, self.limits.conversation_live_members);
             self.svc.bus.interest().add(added);
             self.svc.bus.interest().remove(removed);
             let dropped = room.set_members(members, removed);
@@ -922,7 +1011,8 @@ impl Hub {
             return Ok(());
         }
         let found = if added.is_empty() { Vec::new() } else { self.svc.get_many_fresh(added).await? };
-        send(room.add_members(found, &self.svc.directory, self.limits.conversation_live_members, self.svc.clock.now()));
+        let (live, page) = (self.limits.conversation_live_members, self.limits.conversation_page);
+        send(room.add_members(found, &self.svc.directory, live, page, self.svc.clock.now()));
         Ok(())
     }
 
@@ -934,7 +1024,7 @@ impl Hub {
         let rooms: Vec<Arc<Room>> = self.rooms.lock().by_id.values().cloned().collect();
         let now = self.svc.clock.now();
         for r in rooms.iter().filter(|r| r.is_large(self.limits.conversation_live_members)) {
-            send(r.flush(&self.svc.directory, now));
+            send(r.flush(&self.svc.directory, self.limits.conversation_page, now));
         }
     }
 

@@ -101,6 +101,10 @@ impl Room {
         self.state.lock().members.clone()
     }
 
+    pub fn has_member(&self, user: &UserId) -> bool {
+        self.state.lock().members.contains(user)
+    }
+
     pub fn is_large(&self, live_members: usize) -> bool {
         self.state.lock().members.len() > live_members
     }
@@ -262,7 +266,7 @@ impl Room {
     /// Second step: the presence of the members added, read after the first (kept unless
     /// an event brought a newer one meanwhile). Small rooms tell their subscribers at
     /// once, large ones at the next flush.
-    pub fn add_members(&self, found: Vec<Presence>, dir: &Directory, live_members: usize, now: Millis) -> Outbox {
+    pub fn add_members(&self, found: Vec<Presence>, dir: &Directory, live_members: usize, page: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
         if s.early.is_some() {
             return Vec::new();
@@ -284,17 +288,17 @@ impl Room {
         if s.members.len() > live_members {
             return Vec::new();
         }
-        s.flush(dir, now, &self.id)
+        s.flush(dir, now, &self.id, page)
     }
 
     /// Large rooms: one `conversation_presence` per subscriber whose view changed since
-    /// the last flush.
-    pub fn flush(&self, dir: &Directory, now: Millis) -> Outbox {
+    /// the last flush (a fresh snapshot when more than a `page` of members changed).
+    pub fn flush(&self, dir: &Directory, page: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
         if s.early.is_some() {
             return Vec::new();
         }
-        s.flush(dir, now, &self.id)
+        s.flush(dir, now, &self.id, page)
     }
 
     /// The viewer's counts and the members it sees online, in id order, after `cursor`
@@ -430,10 +434,76 @@ impl State {
         out
     }
 
+    /// More changed than a page holds (a join storm): every subscriber gets a fresh
+    /// snapshot instead, so no message outgrows a page. One is encoded for every viewer
+    /// who sees each listed and shy member as a non-contact does; the others (members
+    /// listed or shy themselves, their contacts where that shows more, admins) get
+    /// their own.
+    fn snapshot_flush(&mut self, dir: &Directory, now: Millis, room: &str, page: usize) -> Outbox {
+        self.pending.clear();
+        self.removed.clear();
+        let mut listed: Vec<Presence> = Vec::new();
+        let mut next = None;
+        let mut special: HashSet<UserId> = self.shy.iter().cloned().collect();
+        let mut audiences: Vec<Members> = Vec::new();
+        for (m, (p, public)) in &self.present {
+            if !*public {
+                continue;
+            }
+            if listed.len() == page {
+                next = listed.last().map(|p| p.user_id.to_string());
+                break;
+            }
+            let (contacts, privacy) = dir.view(m);
+            if contacts_see_more(&privacy) {
+                audiences.push(contacts);
+            }
+            special.insert(m.clone());
+            listed.push(project(p, &privacy, Relation::Other));
+        }
+        for m in &self.shy {
+            let (contacts, privacy) = dir.view(m);
+            if contacts_see_more(&privacy) {
+                audiences.push(contacts);
+            }
+        }
+        let (members, public_online) = (self.members.len(), self.public_online);
+        let mut shared: Option<Utf8Bytes> = None;
+        let mut out = Vec::new();
+        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        for id in ids {
+            let Some(conn) = self.subs.get(&id).map(|x| x.conn.clone()) else { continue };
+            if conn.admin || special.contains(&conn.user) || audiences.iter().any(|a| a.contains(&conn.user)) {
+                out.extend(self.snapshot_for(id, dir, page, now, room));
+                continue;
+            }
+            if let Some(sub) = self.subs.get_mut(&id) {
+                (sub.online, sub.members) = (public_online, members);
+            }
+            let msg = shared.get_or_insert_with(|| {
+                Utf8Bytes::from(protocol::conversation_presence(&protocol::ConversationView {
+                    conversation_id: room,
+                    members,
+                    online: public_online,
+                    presences: &listed,
+                    next_cursor: next.as_deref(),
+                    snapshot: true,
+                    removed: &[],
+                    now,
+                }))
+            });
+            out.push((conn, msg.clone()));
+        }
+        out
+    }
+
     /// What changed since the last flush, for each subscriber whose view of it changed:
     /// one message shared by every viewer with no special relation to a changed or shy
     /// member, one of its own for each of the others.
-    fn flush(&mut self, dir: &Directory, now: Millis, room: &str) -> Outbox {
+    fn flush(&mut self, dir: &Directory, now: Millis, room: &str, page: usize) -> Outbox {
+        if self.pending.len() + self.removed.len() > page {
+            return self.snapshot_flush(dir, now, room, page);
+        }
         let pending: Vec<(UserId, Pending)> = self.pending.drain().collect();
         let removed = std::mem::take(&mut self.removed);
         if self.subs.is_empty() {

@@ -25,9 +25,11 @@ mod activity;
 mod backends;
 mod chaos;
 mod cluster;
+mod conversation;
 mod cpu;
 mod hostile;
 mod lean;
+mod peer;
 mod scale;
 mod scrape;
 mod sessions;
@@ -76,6 +78,12 @@ enum Cmd {
     /// Device activity in cluster mode (NATS): store writes and CPU of devices toggling
     /// idle/active every few minutes against the same sessions with no activity.
     Activity(activity::ActivityArgs),
+    /// Conversation presence at scale: one conversation of 100,000 members, viewers
+    /// subscribed to it against the same viewers subscribed to members by user id.
+    Conversation(conversation::ConversationArgs),
+    /// Members joining one room: presenced's conversation presence against a
+    /// Pusher-protocol server's presence channel (sockudo), in the same run.
+    Peer(peer::PeerArgs),
     /// Event sinks: events/s a webhook sink delivers, transition → receipt delay, outbox
     /// depth, events lost.
     Sinks(sinks::SinksArgs),
@@ -166,6 +174,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Grpc(args) => rt.block_on(grpc_bench(args)),
         Cmd::Sessions(args) => rt.block_on(sessions::run(args)),
         Cmd::Activity(args) => rt.block_on(activity::run(args)),
+        Cmd::Conversation(args) => rt.block_on(conversation::run(args)),
+        Cmd::Peer(args) => rt.block_on(peer::run(args)),
         Cmd::Sinks(args) => rt.block_on(sinks::run(args)),
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Backends(args) => rt.block_on(backends::run(args)),
