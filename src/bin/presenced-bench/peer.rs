@@ -56,6 +56,8 @@ const PROBE: &str = "probe-member";
 #[derive(Default)]
 struct Seen {
     joined: AtomicU64,
+    /// Members whose connection or join failed.
+    failed: AtomicU64,
     frames: AtomicU64,
     /// µs after the probe's join (or leave) at which each member heard of it.
     probe: parking_lot::Mutex<Vec<u32>>,
@@ -72,6 +74,7 @@ enum Kind {
 }
 
 struct Outcome {
+    joined: u64,
     join_secs: f64,
     join_cpu: f64,
     rss_per_member_kib: f64,
@@ -99,7 +102,8 @@ pub async fn run(args: PeerArgs) -> Res<()> {
     }
     for (name, o) in &results {
         println!(
-            "{name:>9}: {} members joined in {:.1}s with {:.1}s of server CPU; {:.0} KiB RSS per member connection; {} frames to members; one more join reached {}/{} members p50 {} p99 {}; its abrupt disconnect reached {} p50 {} p99 {}",
+            "{name:>9}: {} of {} members joined in {:.1}s with {:.1}s of server CPU; {:.0} KiB RSS per member connection; {} frames to members; one more join reached {}/{} members p50 {} p99 {}; its abrupt disconnect reached {} p50 {} p99 {}",
+            o.joined,
             args.members,
             o.join_secs,
             o.join_cpu,
@@ -209,15 +213,37 @@ async fn one(kind: Kind, args: &PeerArgs, dir: &std::path::Path) -> Res<Outcome>
     for m in &members {
         let permit = sem.clone().acquire_owned().await.map_err(|e| e.to_string())?;
         let (seen, m) = (seen.clone(), m.clone());
-        tasks.push(tokio::spawn(async move { member(kind, port, m, seen, Some(permit)).await }));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = member(kind, port, m, seen.clone(), Some(permit)).await {
+                if seen.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("a member failed: {e}");
+                }
+            }
+        }));
     }
-    while (seen.joined.load(Ordering::Relaxed) as usize) < members.len() {
-        if start.elapsed() > Duration::from_secs(900) {
-            return Err(format!("only {} joined within 900 s", seen.joined.load(Ordering::Relaxed)));
+    // Until all joined (or failed), or nothing moved for 60 s.
+    let (mut progress, mut moved) = (0, Instant::now());
+    loop {
+        let done = seen.joined.load(Ordering::Relaxed) + seen.failed.load(Ordering::Relaxed);
+        if done as usize >= members.len() {
+            break;
+        }
+        if done != progress {
+            (progress, moved) = (done, Instant::now());
+        } else if moved.elapsed() > Duration::from_secs(60) {
+            eprintln!(
+                "stalled: {} joined, {} failed of {}",
+                seen.joined.load(Ordering::Relaxed),
+                seen.failed.load(Ordering::Relaxed),
+                members.len()
+            );
+            break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let join_secs = start.elapsed().as_secs_f64();
+    let joined = seen.joined.load(Ordering::Relaxed);
+    // Stalled: until the last progress.
+    let join_secs = if joined as usize >= members.len() { start.elapsed() } else { moved.duration_since(start) }.as_secs_f64();
     // The announcements of the last joins still on their way count too: wait for quiet.
     let mut last = seen.frames.load(Ordering::Relaxed);
     loop {
@@ -260,7 +286,7 @@ async fn one(kind: Kind, args: &PeerArgs, dir: &std::path::Path) -> Res<Outcome>
         t.abort();
     }
     drop(server);
-    Ok(Outcome { join_secs, join_cpu, rss_per_member_kib, frames, arrival, heard_arrivals, departure, heard_departures })
+    Ok(Outcome { joined, join_secs, join_cpu, rss_per_member_kib, frames, arrival, heard_arrivals, departure, heard_departures })
 }
 
 /// One member: joins, then reads everything; reports hearing of the probe member.
