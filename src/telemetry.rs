@@ -195,6 +195,8 @@ pub const METRICS: &[Metric] = &[
         &[&[("reason", "slow_consumer")], &[("reason", "write_timeout")], &[("reason", "bus_lag")]]
     ),
     m!("ws_resyncs_total", Counter, All, "Fresh snapshots sent to every connection after the hub fell behind the event bus."),
+    m!("ws_conversation_rooms", Gauge, All, "Conversations this node's WebSocket connections follow (one room each, whatever the viewers)."),
+    m!("ws_conversation_pushes_total", Counter, All, "conversation_presence messages queued for WebSocket viewers."),
     m!("ws_stale_closed_total", Counter, All, "WebSocket connections closed with 4002 (no traffic within session_ttl)."),
     m!(
         "ws_protocol_errors_total",

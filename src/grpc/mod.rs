@@ -483,6 +483,7 @@ impl PresenceApi for Api {
         let start = Instant::now();
         let r = async {
             let m = req.get_ref();
+            let mut directory = None;
             let (viewer, watched, explicit) = if m.all {
                 (Some(self.admin(&req, "WatchPresence with all: true")?), None, Vec::new())
             } else if m.conversation_ids.is_empty() {
@@ -491,7 +492,9 @@ impl PresenceApi for Api {
                 ids.sort();
                 (viewer, Some(ids), Vec::new())
             } else {
-                // Conversations need a caller who may see them.
+                // Conversations need a caller who may see them. Membership changes are
+                // followed from before the check, so a removal right after it is seen.
+                directory = Some(self.svc.bus.subscribe_directory());
                 let viewer = self.caller(&req)?;
                 for c in &m.conversation_ids {
                     self.svc.may_see_conversation(&viewer, c)?;
@@ -517,6 +520,7 @@ impl PresenceApi for Api {
                 watched: watched.unwrap_or_default(),
                 explicit,
                 conversations,
+                directory,
                 all: m.all,
                 shutdown: self.shutdown.clone(),
                 interest,
@@ -549,6 +553,8 @@ struct Forwarder {
     /// whose members are watched as the membership changes.
     explicit: Vec<UserId>,
     conversations: Vec<Arc<str>>,
+    /// Membership changes, for a stream that watches conversations.
+    directory: Option<broadcast::Receiver<crate::bus::DirectoryChanged>>,
     all: bool,
     shutdown: watch::Receiver<bool>,
     interest: crate::bus::InterestGuard,
@@ -591,8 +597,7 @@ impl Forwarder {
     async fn run(mut self, mut events: broadcast::Receiver<Arc<Event>>, tx: mpsc::Sender<Result<pb::PresenceEvent, GrpcStatus>>) {
         let mut shutdown = self.shutdown.clone();
         let buffer = self.svc.limits.grpc_watch_buffer;
-        // Membership changes, for a stream that watches conversations.
-        let mut directory = (!self.conversations.is_empty()).then(|| self.svc.bus.subscribe_directory());
+        let mut directory = self.directory.take();
         // Snapshot still to send: `to_snapshot[cursor..]` (the watched users, then those
         // who joined a conversation since), and a chunk read ahead.
         let mut to_snapshot: Vec<UserId> = self.watched.clone();

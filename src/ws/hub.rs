@@ -338,6 +338,10 @@ impl Hub {
                     Ok(c) => c,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "hub fell behind the directory changes; some pushes were skipped");
+                        // Rooms keep membership and privacy: they are set right again.
+                        if let Some(hub) = weak.upgrade() {
+                            hub.reconcile_rooms().await;
+                        }
                         continue;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -346,7 +350,7 @@ impl Hub {
                 let r = match &change {
                     DirectoryChanged::Privacy { user, previous } => hub.privacy_changed(user, *previous).await,
                     DirectoryChanged::Contacts { user, changed } => hub.contacts_changed(user, changed).await,
-                    DirectoryChanged::Members { conversation, added, removed } => hub.members_changed(conversation, added, removed).await,
+                    DirectoryChanged::Members { conversation, .. } => hub.members_changed(conversation).await,
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "could not push a directory change to local watchers");
@@ -783,16 +787,18 @@ impl Hub {
                 }
                 let rooms: Vec<Arc<Room>> = hub.rooms.lock().by_id.values().cloned().collect();
                 for room in rooms {
-                    room.begin_load();
                     // Events wait in the room while it is read again: it must be read, so
                     // a store that is not back yet is asked again (a while: 1 s, 2 s, …).
                     let mut attempt = 0u32;
                     loop {
-                        match hub.load_room(&room).await {
-                            Ok(()) => {
+                        let gen = room.begin_load();
+                        match hub.load_room(&room, gen).await {
+                            Ok(true) => {
                                 send(room.snapshot_all(&hub.svc.directory, hub.limits.conversation_page, hub.svc.clock.now()));
                                 break;
                             }
+                            Ok(false) => break, // a newer read took over
+
                             Err(e) => {
                                 attempt += 1;
                                 tracing::warn!(conversation = %room.id, error = %e, attempt, "could not resynchronise a conversation; retrying");
@@ -894,13 +900,25 @@ impl Hub {
     }
 
     /// Joins the rooms [`Hub::subscribe_conversations`] recorded: each one's snapshot is
-    /// queued (read from the store for the first subscriber on this node).
+    /// queued (read from the store for the first subscriber on this node). On an error,
+    /// that conversation and those not joined yet are not followed (the client may ask
+    /// again).
     pub async fn join_conversations(&self, conn: &Arc<Client>, ids: &[Arc<str>]) -> Result<(), ApiError> {
-        for id in ids {
+        for (i, id) in ids.iter().enumerate() {
+            if let Err(e) = self.join_one(conn, id).await {
+                self.leave_rooms(conn.id, Some(&ids[i..]));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn join_one(&self, conn: &Arc<Client>, id: &Arc<str>) -> Result<(), ApiError> {
+        loop {
             let room = {
                 let mut rooms = self.rooms.lock();
                 if !rooms.by_conn.get(&conn.id).is_some_and(|v| v.contains(id)) {
-                    continue; // unsubscribed (or gone) meanwhile
+                    return Ok(()); // unsubscribed (or gone) meanwhile
                 }
                 match rooms.by_id.get(id) {
                     Some(r) => r.clone(),
@@ -915,25 +933,43 @@ impl Hub {
                     }
                 }
             };
-            if let Err(e) = room.loaded.get_or_try_init(|| self.load_room(&room)).await {
-                // The room is dropped unless someone else holds it; the client may ask again.
-                self.leave_rooms(conn.id, Some(std::slice::from_ref(id)));
-                return Err(e);
+            room.loaded.get_or_try_init(|| async { self.load_room(&room, room.generation()).await.map(|_| ()) }).await?;
+            // Refused when the user left the conversation meanwhile.
+            let snapshot = room.subscribe(conn, &self.svc.directory, self.limits.conversation_page, self.svc.clock.now())?;
+            // Still this conversation's room, and still asked for? (The last holder of a
+            // room may have left while this connection waited for it to load.)
+            let current = {
+                let mut rooms = self.rooms.lock();
+                let wanted = rooms.by_conn.get(&conn.id).is_some_and(|v| v.contains(id));
+                let live = rooms.by_id.get(id).is_some_and(|r| Arc::ptr_eq(r, &room));
+                if !wanted || !live {
+                    // Not kept in a room nobody asked for, nor in an orphaned one.
+                    let left = room.unsubscribe(conn.id);
+                    if live && left == 0 {
+                        self.drop_room(&mut rooms, &room);
+                    }
+                }
+                match (wanted, live) {
+                    (false, _) => return Ok(()),
+                    (true, live) => live,
+                }
+            };
+            if current {
+                conn.push(snapshot);
+                return Ok(());
             }
-            conn.push(room.subscribe(conn, &self.svc.directory, self.limits.conversation_page, self.svc.clock.now()));
         }
-        Ok(())
     }
 
-    /// Reads the presence of a room's members from the store (in batches).
-    async fn load_room(&self, room: &Room) -> Result<(), ApiError> {
+    /// Reads the presence of a room's members from the store (in batches), as read `gen`
+    /// (a newer read started meanwhile wins: see [`Room::load`]).
+    async fn load_room(&self, room: &Room, gen: u64) -> Result<bool, ApiError> {
         let ids: Vec<UserId> = room.members().iter().cloned().collect();
         let mut found = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LOAD_BATCH) {
             found.extend(self.svc.get_many_fresh(chunk).await?);
         }
-        room.load(found, &self.svc.directory);
-        Ok(())
+        Ok(room.load(found, &self.svc.directory, gen))
     }
 
     pub fn unsubscribe_conversations<S: AsRef<str>>(&self, conn: &Arc<Client>, raw: &[S]) {
@@ -983,16 +1019,25 @@ impl Hub {
     }
 
     /// A conversation's members changed (here or on another node): its room here, if
-    /// any, follows; subscribers who are no longer members are told and dropped.
-    pub async fn members_changed(&self, conversation: &Arc<str>, added: &[UserId], removed: &[UserId]) -> Result<(), ApiError> {
-        let dropped = {
+    /// any, follows the directory (what changed is worked out against the room's own
+    /// members, so a change seen twice, or missed, comes out right); subscribers who are
+    /// no longer members are told and dropped.
+    pub async fn members_changed(&self, conversation: &Arc<str>) -> Result<(), ApiError> {
+        let live = self.limits.conversation_live_members;
+        let (room, dropped, added) = {
             let mut rooms = self.rooms.lock();
             let Some(room) = rooms.by_id.get(conversation).cloned() else { return Ok(()) };
             let members = self.svc.directory.members(conversation).unwrap_or_default();
-            rooms.reindex(&room, &room.members(), &members, added, removed, self.limits.conversation_live_members);
-            self.svc.bus.interest().add(added);
-            self.svc.bus.interest().remove(removed);
-            let dropped = room.set_members(members, removed);
+            let old = room.members();
+            let added: Vec<UserId> = members.iter().filter(|u| !old.contains(*u)).cloned().collect();
+            let removed: Vec<UserId> = old.iter().filter(|u| !members.contains(*u)).cloned().collect();
+            if added.is_empty() && removed.is_empty() {
+                return Ok(());
+            }
+            rooms.reindex(&room, &old, &members, &added, &removed, live);
+            self.svc.bus.interest().add(&added);
+            self.svc.bus.interest().remove(&removed);
+            let dropped = room.set_members(members, &removed);
             for c in &dropped {
                 if let Some(mine) = rooms.by_conn.get_mut(&c.id) {
                     mine.retain(|x| x != conversation);
@@ -1001,19 +1046,51 @@ impl Hub {
             if room.subscriber_count() == 0 && room.loaded.initialized() {
                 self.drop_room(&mut rooms, &room);
             }
-            (room, dropped)
+            (room, dropped, added)
         };
-        let (room, dropped) = dropped;
         for c in &dropped {
             c.push(protocol::removed_from(conversation));
         }
         if room.subscriber_count() == 0 {
             return Ok(());
         }
-        let found = if added.is_empty() { Vec::new() } else { self.svc.get_many_fresh(added).await? };
-        let (live, page) = (self.limits.conversation_live_members, self.limits.conversation_page);
+        let mut found = Vec::new();
+        if !added.is_empty() {
+            let mut attempt = 0;
+            loop {
+                match self.svc.get_many_fresh(&added).await {
+                    Ok(f) => {
+                        found = f;
+                        break;
+                    }
+                    Err(e) if attempt < 3 => {
+                        attempt += 1;
+                        tracing::warn!(conversation = %conversation, error = %e, "could not read the members added; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        // They count as offline until their next change.
+                        tracing::warn!(conversation = %conversation, error = %e, "could not read the members added");
+                        break;
+                    }
+                }
+            }
+        }
+        let page = self.limits.conversation_page;
         send(room.add_members(found, &self.svc.directory, live, page, self.svc.clock.now()));
         Ok(())
+    }
+
+    /// After the hub missed directory changes: every room follows the directory again and
+    /// is read again (members sorted by their privacy now).
+    async fn reconcile_rooms(self: &Arc<Self>) {
+        let ids: Vec<Arc<str>> = self.rooms.lock().by_id.keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.members_changed(&id).await {
+                tracing::warn!(conversation = %id, error = %e, "could not follow a conversation's members");
+            }
+        }
+        self.resync();
     }
 
     /// Large rooms: what changed since the last tick (see [`Room::flush`]).

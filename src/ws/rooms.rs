@@ -26,6 +26,7 @@ use super::client::Client;
 use super::protocol;
 use crate::core::{project, Millis, Presence, Privacy, Relation, Status, UserId, Visibility};
 use crate::directory::{Directory, Members};
+use crate::error::ApiError;
 
 /// Whether `rel` sees `p` with any status but offline (as [`project`] would show it).
 pub fn online_for(p: &Presence, privacy: &Privacy, rel: Relation) -> bool {
@@ -78,6 +79,8 @@ struct State {
     removed: Vec<UserId>,
     /// Events that came while the room was being read (applied after it, if newer).
     early: Option<Vec<Presence>>,
+    /// The read in progress (or last applied): a read applies only if no newer one began.
+    load_gen: u64,
 }
 
 /// One conversation some connection of this node subscribed to.
@@ -117,11 +120,20 @@ impl Room {
         self.state.lock().subs.values().map(|s| s.conn.clone()).collect()
     }
 
-    /// Sets the members' presence as read from the store (`found`), then applies the
-    /// events that came meanwhile if they are newer. What was pending is dropped: the
+    /// The current read's generation (the first read's, for [`Room::load`]).
+    pub fn generation(&self) -> u64 {
+        self.state.lock().load_gen
+    }
+
+    /// Sets the members' presence as read from the store (`found`) by read `gen`, then
+    /// applies the events that came meanwhile if they are newer; returns `false` (and
+    /// changes nothing) when a newer read began since. What was pending is dropped: the
     /// caller sends every subscriber a snapshot.
-    pub fn load(&self, found: Vec<Presence>, dir: &Directory) {
+    pub fn load(&self, found: Vec<Presence>, dir: &Directory, gen: u64) -> bool {
         let mut s = self.state.lock();
+        if s.load_gen != gen || s.early.is_none() {
+            return false;
+        }
         let early = s.early.take().unwrap_or_default();
         s.present.clear();
         s.shy.clear();
@@ -141,6 +153,7 @@ impl Room {
                 s.put(p, &privacy);
             }
         }
+        true
     }
 
     /// Sends every subscriber a fresh snapshot (after [`Room::load`] on a resync).
@@ -151,11 +164,15 @@ impl Room {
     }
 
     /// Adds `conn` and returns its snapshot: counts and the first `page` members it sees
-    /// online. Under the room's lock, so no change falls between the two.
-    pub fn subscribe(&self, conn: &Arc<Client>, dir: &Directory, page: usize, now: Millis) -> Utf8Bytes {
+    /// online. Under the room's lock, so no change falls between the two. `forbidden`
+    /// when its user is not a member (any more) and not an admin.
+    pub fn subscribe(&self, conn: &Arc<Client>, dir: &Directory, page: usize, now: Millis) -> Result<Utf8Bytes, ApiError> {
         let mut s = self.state.lock();
+        if !conn.admin && !s.members.contains(&conn.user) {
+            return Err(ApiError::Forbidden(format!("only members of conversation {} (or presence:admin) may see its presence", self.id)));
+        }
         s.subs.insert(conn.id, Sub { conn: conn.clone(), online: 0, members: 0 });
-        s.snapshot_for(conn.id, dir, page, now, &self.id).map(|(_, m)| m).unwrap_or_default()
+        Ok(s.snapshot_for(conn.id, dir, page, now, &self.id).map(|(_, m)| m).unwrap_or_default())
     }
 
     /// Removes connection `id`; returns how many subscribers are left.
@@ -236,13 +253,14 @@ impl Room {
         s.small_change(&was, user, dir, now, &self.id)
     }
 
-    /// Starts reading the room again (a resync): events that come meanwhile wait for
-    /// [`Room::load`].
-    pub fn begin_load(&self) {
+    /// Starts reading the room again (a resync); returns the read's generation. Events
+    /// that come from now on wait for [`Room::load`]; a read already running will not
+    /// apply (those before it are in the new read: it starts after them).
+    pub fn begin_load(&self) -> u64 {
         let mut s = self.state.lock();
-        if s.early.is_none() {
-            s.early = Some(Vec::new());
-        }
+        s.load_gen += 1;
+        s.early = Some(Vec::new());
+        s.load_gen
     }
 
     /// The conversation's members changed (first step, at once: events of the new
@@ -268,7 +286,9 @@ impl Room {
     /// once, large ones at the next flush.
     pub fn add_members(&self, found: Vec<Presence>, dir: &Directory, live_members: usize, page: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
-        if s.early.is_some() {
+        if let Some(early) = &mut s.early {
+            // A read of the room runs: these go with the events it applies after it.
+            early.extend(found);
             return Vec::new();
         }
         for p in found {

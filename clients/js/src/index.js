@@ -319,7 +319,28 @@ export class PresenceClient {
   async subscribeConversations(ids) {
     const fresh = ids.filter((id) => !this.rooms.has(id));
     for (const id of fresh) this.rooms.set(id, { conversation_id: id, members: 0, online: 0, list: new Map() });
-    if (fresh.length && this.state === "open") await this.request("subscribe", { conversation_ids: fresh });
+    if (fresh.length && this.state === "open") {
+      try {
+        await this.request("subscribe", { conversation_ids: fresh });
+      } catch (e) {
+        // Refused (not a member…): not followed; the caller may ask again.
+        for (const id of fresh) this.rooms.delete(id);
+        throw e;
+      }
+    }
+  }
+
+  /** After a reconnect: each followed conversation again, one by one (a conversation this
+   * user was removed from while away is dropped, not the others). */
+  resubscribeConversations() {
+    for (const id of [...this.rooms.keys()]) {
+      this.request("subscribe", { conversation_ids: [id] }).catch((e) => {
+        if (e.code === "forbidden" || e.code === "not_found") {
+          this.rooms.delete(id);
+          this.emit("conversation", { conversation_id: id, members: 0, online: 0, online_members: [], more: false, removed: true });
+        } else this.emit("error", e);
+      });
+    }
   }
 
   async unsubscribeConversations(ids) {
@@ -602,7 +623,7 @@ export class PresenceClient {
     this.flushActivity();
     // Re-subscribe: the server answers with a snapshot, reconciled in `receive`.
     if (this.watched.size) this.sendUsers("subscribe", [...this.watched]).catch((e) => this.emit("error", e));
-    if (this.rooms.size) this.request("subscribe", { conversation_ids: [...this.rooms.keys()] }).catch((e) => this.emit("error", e));
+    this.resubscribeConversations();
     for (const w of this.waiters.splice(0)) w.resolve(p);
   }
 
