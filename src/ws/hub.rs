@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 use super::client::Client;
 use super::protocol;
 use super::push_queue::PushKey;
-use super::rooms::{Outbox, Room};
+use super::rooms::{relation_of, Outbox, Room};
 use crate::bus::{DirectoryChanged, Typing};
 use crate::core::{project, visible_change, DeviceId, Event, Millis, Platform, Presence, Privacy, Relation, UserId};
 use crate::directory::Members;
@@ -564,16 +564,6 @@ impl Hub {
         self.drop_watches(conn.id, removed);
     }
 
-    fn relation(&self, viewer: &Client, owner: &UserId, audience: &HashSet<UserId>) -> Relation {
-        if viewer.admin || viewer.user == *owner {
-            Relation::Owner
-        } else if audience.contains(&viewer.user) {
-            Relation::Contact
-        } else {
-            Relation::Other
-        }
-    }
-
     /// Sends `conn` the current presence of `ids` as its relation to each allows; the
     /// connection's own presence only if it is newer than what it already got (on connect
     /// and resync; see [`Hub::snapshot_asked`] for a snapshot the client asked for).
@@ -607,7 +597,7 @@ impl Hub {
                 continue; // the connection already has this state of its own presence
             }
             let (audience, privacy) = self.svc.directory.view(id);
-            let seen = project(&p, &privacy, self.relation(conn, id, &audience));
+            let seen = project(&p, &privacy, relation_of(conn, id, &audience));
             conn.push_keyed_inner(PushKey::Presence(id.clone()), Utf8Bytes::from(protocol::presence_update(&seen, now)), false);
         }
         Ok(())
@@ -672,7 +662,7 @@ impl Hub {
         let mut encoded: [Option<Utf8Bytes>; 3] = [None, None, None];
         let mut sent = 0u64;
         for conn in &targets {
-            let rel = self.relation(conn, owner, audience);
+            let rel = relation_of(conn, owner, audience);
             if !include[rel.index()] || (conn.user == *owner && !conn.admit_own(p.revision)) {
                 continue;
             }
@@ -837,7 +827,7 @@ impl Hub {
         for m in members.iter().filter(|m| *m != user) {
             if let Some(conns) = self.owners.of(m).lock().get(m) {
                 for c in conns {
-                    if visibility.allows(self.relation(c, user, &audience)) {
+                    if visibility.allows(relation_of(c, user, &audience)) {
                         c.push_keyed(PushKey::Typing(conv.clone(), user.clone()), payload.clone());
                     }
                 }

@@ -38,8 +38,9 @@ fn contacts_see_more(privacy: &Privacy) -> bool {
     privacy.visibility == Visibility::Contacts || (privacy.visibility == Visibility::Everyone && privacy.last_seen == Visibility::Contacts)
 }
 
-/// How `viewer` relates to `member` (whose contacts are `contacts`).
-pub fn relation_of(viewer: &Client, member: &UserId, contacts: &Members) -> Relation {
+/// How `viewer` relates to `member` (whose contacts are `contacts`): the one rule every
+/// WebSocket push and conversation count uses.
+pub fn relation_of(viewer: &Client, member: &UserId, contacts: &HashSet<UserId>) -> Relation {
     if viewer.admin || viewer.user == *member {
         Relation::Owner
     } else if contacts.contains(&viewer.user) {
