@@ -194,7 +194,7 @@ pub const METRICS: &[Metric] = &[
         "WebSocket connections closed or pushes lost, by reason.",
         &[&[("reason", "slow_consumer")], &[("reason", "write_timeout")], &[("reason", "bus_lag")]]
     ),
-    m!("ws_resyncs_total", Counter, All, "Fresh snapshots sent to every connection after the hub fell behind the event bus."),
+    m!("ws_resyncs_total", Counter, All, "Fresh snapshots sent to every connection after the hub fell behind the event bus, or the node's subscriptions to the cluster's engine were interrupted."),
     m!("ws_conversation_rooms", Gauge, All, "Conversations this node's WebSocket connections follow (one room each, whatever the viewers)."),
     m!("ws_conversation_pushes_total", Counter, All, "conversation_presence messages queued for WebSocket viewers."),
     m!("ws_stale_closed_total", Counter, All, "WebSocket connections closed with 4002 (no traffic within session_ttl)."),

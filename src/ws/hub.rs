@@ -500,6 +500,11 @@ impl Hub {
         }
     }
 
+    /// Whether `conn` is still one of this hub's connections.
+    fn is_attached(&self, conn: &Arc<Client>) -> bool {
+        self.owners.of(&conn.user).lock().get(&conn.user).is_some_and(|cs| cs.iter().any(|c| Arc::ptr_eq(c, conn)))
+    }
+
     /// Keeps the connection's device session alive.
     pub async fn refresh(&self, conn: &Client) -> Result<(), ApiError> {
         // Lapsed (e.g. the store was repaired): registered again rather than drop the user.
@@ -763,17 +768,31 @@ impl Hub {
         tokio::spawn(async move {
             loop {
                 hub.resync_again.store(false, Ordering::Release);
-                let conns: Vec<Arc<Client>> =
+                let mut conns: Vec<Arc<Client>> =
                     hub.owners.iter().flat_map(|s| s.lock().values().flatten().cloned().collect::<Vec<_>>()).collect();
-                for conn in conns {
-                    let mut ids = vec![conn.user.clone()];
-                    ids.extend(hub.svc.directory.audience_of(&conn.user));
-                    ids.extend(conn.subs.lock().iter().cloned());
-                    ids.sort();
-                    ids.dedup();
-                    if let Err(e) = hub.snapshot(&conn, &ids).await {
-                        tracing::warn!(error = %e, "could not resynchronise a connection after bus lag");
+                // A connection whose read failed (the store is not back yet) is read again
+                // a while later (1 s, 2 s, …) for as long as it stays.
+                let mut attempt = 0u32;
+                while !conns.is_empty() {
+                    let mut failed = Vec::new();
+                    for conn in conns {
+                        let mut ids = vec![conn.user.clone()];
+                        ids.extend(hub.svc.directory.audience_of(&conn.user));
+                        ids.extend(conn.subs.lock().iter().cloned());
+                        ids.sort();
+                        ids.dedup();
+                        if let Err(e) = hub.snapshot(&conn, &ids).await {
+                            tracing::warn!(error = %e, attempt, "could not resynchronise a connection; retrying");
+                            failed.push(conn);
+                        }
                     }
+                    if failed.is_empty() {
+                        break;
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt.min(10)))).await;
+                    failed.retain(|c| hub.is_attached(c));
+                    conns = failed;
                 }
                 let rooms: Vec<Arc<Room>> = hub.rooms.lock().by_id.values().cloned().collect();
                 for room in rooms {
@@ -1027,7 +1046,7 @@ impl Hub {
             rooms.reindex(&room, &old, &members, &added, &removed, live);
             self.svc.bus.interest().add(&added);
             self.svc.bus.interest().remove(&removed);
-            let dropped = room.set_members(members, &removed);
+            let dropped = room.set_members(members, &removed, !added.is_empty());
             for c in &dropped {
                 if let Some(mine) = rooms.by_conn.get_mut(&c.id) {
                     mine.retain(|x| x != conversation);
@@ -1041,11 +1060,8 @@ impl Hub {
         for c in &dropped {
             c.push(protocol::removed_from(conversation));
         }
-        if room.subscriber_count() == 0 {
-            return Ok(());
-        }
         let mut found = Vec::new();
-        if !added.is_empty() {
+        if !added.is_empty() && room.subscriber_count() > 0 {
             let mut attempt = 0;
             loop {
                 match self.svc.get_many_fresh(&added).await {
@@ -1067,7 +1083,7 @@ impl Hub {
             }
         }
         let page = self.limits.conversation_page;
-        send(room.add_members(found, &self.svc.directory, live, page, self.svc.clock.now()));
+        send(room.add_members(found, !added.is_empty(), &self.svc.directory, live, page, self.svc.clock.now()));
         Ok(())
     }
 

@@ -82,6 +82,11 @@ struct State {
     early: Option<Vec<Presence>>,
     /// The read in progress (or last applied): a read applies only if no newer one began.
     load_gen: u64,
+    /// Reads of added members in flight ([`Room::set_members`] to [`Room::add_members`]),
+    /// and meanwhile, the revision of each event that left a member offline: an offline
+    /// member is not in `present`, so this is what tells an older read from a newer event.
+    adding: u32,
+    gone: HashMap<UserId, u64>,
 }
 
 /// One conversation some connection of this node subscribed to.
@@ -141,18 +146,22 @@ impl Room {
         s.public_online = 0;
         s.pending.clear();
         s.removed.clear();
-        for p in found {
-            if s.members.contains(&p.user_id) {
-                let privacy = dir.privacy(&p.user_id);
-                s.put(p, &privacy);
+        // The read, then what came during it, each kept unless older than what the room
+        // has of the member (offline ones included: they are not in `present`).
+        let late: HashSet<UserId> = early.iter().map(|p| p.user_id.clone()).collect();
+        let mut latest: HashMap<UserId, u64> = HashMap::new();
+        for p in found.into_iter().chain(early) {
+            if !s.members.contains(&p.user_id) {
+                continue;
             }
-        }
-        for p in early {
-            let newer = s.present.get(&p.user_id).is_none_or(|(q, _)| p.revision == 0 || p.revision >= q.revision);
-            if newer && s.members.contains(&p.user_id) {
-                let privacy = dir.privacy(&p.user_id);
-                s.put(p, &privacy);
+            if p.revision != 0 && late.contains(&p.user_id) {
+                if latest.get(&p.user_id).is_some_and(|r| p.revision < *r) {
+                    continue;
+                }
+                latest.insert(p.user_id.clone(), p.revision);
             }
+            let privacy = dir.privacy(&p.user_id);
+            s.put(p, &privacy);
         }
         true
     }
@@ -201,6 +210,14 @@ impl Room {
             if p.revision != 0 && p.revision < q.revision {
                 return Vec::new(); // older than what the room has
             }
+        }
+        if let Some(r) = s.gone.get(&p.user_id) {
+            if p.revision != 0 && p.revision < *r {
+                return Vec::new(); // older than the departure the room applied
+            }
+        }
+        if s.adding > 0 && p.status == Status::Offline && p.revision != 0 {
+            s.gone.insert(p.user_id.clone(), p.revision);
         }
         let (contacts, privacy) = dir.view(&p.user_id);
         let before = s.put(p.clone(), &privacy);
@@ -267,9 +284,14 @@ impl Room {
     /// The conversation's members changed (first step, at once: events of the new
     /// members apply from now on). Those `removed` leave the room; connections whose
     /// user left (admins aside) no longer subscribe and are returned.
-    pub fn set_members(&self, members: Members, removed: &[UserId]) -> Vec<Arc<Client>> {
+    /// `adding`: members were added, and their read goes to [`Room::add_members`] (which
+    /// must follow, with nothing read if need be).
+    pub fn set_members(&self, members: Members, removed: &[UserId], adding: bool) -> Vec<Arc<Client>> {
         let mut s = self.state.lock();
         s.members = members;
+        if adding {
+            s.adding += 1;
+        }
         let loading = s.early.is_some();
         for r in removed {
             s.take(r);
@@ -285,8 +307,17 @@ impl Room {
     /// Second step: the presence of the members added, read after the first (kept unless
     /// an event brought a newer one meanwhile). Small rooms tell their subscribers at
     /// once, large ones at the next flush.
-    pub fn add_members(&self, found: Vec<Presence>, dir: &Directory, live_members: usize, page: usize, now: Millis) -> Outbox {
+    /// `added`: as given to [`Room::set_members`].
+    pub fn add_members(&self, found: Vec<Presence>, added: bool, dir: &Directory, live_members: usize, page: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
+        let gone = match s.adding {
+            _ if !added => HashMap::new(),
+            0 | 1 => std::mem::take(&mut s.gone),
+            _ => s.gone.clone(),
+        };
+        if added {
+            s.adding = s.adding.saturating_sub(1);
+        }
         if let Some(early) = &mut s.early {
             // A read of the room runs: these go with the events it applies after it.
             early.extend(found);
@@ -297,8 +328,9 @@ impl Room {
             if !s.members.contains(&id) {
                 continue;
             }
-            if s.present.get(&id).is_some_and(|(q, _)| p.revision != 0 && p.revision < q.revision) {
-                continue;
+            let newer = s.present.get(&id).map(|(q, _)| q.revision).or_else(|| gone.get(&id).copied());
+            if newer.is_some_and(|r| p.revision != 0 && p.revision < r) {
+                continue; // an event brought a newer state while this was read
             }
             let (contacts, privacy) = dir.view(&id);
             s.put(p.clone(), &privacy);
@@ -615,5 +647,68 @@ impl State {
             out.push((conn, msg));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> UserId {
+        UserId::parse(s, 64).unwrap()
+    }
+
+    fn seen(user: &str, status: Status, revision: u64) -> Presence {
+        Presence { status, revision, ..Presence::unknown(id(user), Arc::from("n")) }
+    }
+
+    fn online(room: &Room, user: &str) -> bool {
+        room.state.lock().present.contains_key(&id(user))
+    }
+
+    fn members(ids: &[&str]) -> Members {
+        Arc::new(ids.iter().map(|s| id(s)).collect())
+    }
+
+    /// A departure that comes while the room is read is not undone by the read's older
+    /// state of the member.
+    #[test]
+    fn a_read_older_than_an_event_of_the_load_does_not_win() {
+        let dir = Directory::default();
+        let room = Room::new(Arc::from("c"), members(&["a", "b"]));
+        let gen = room.begin_load();
+        room.apply(&seen("a", Status::Online, 4), &dir, 1000, 0);
+        room.apply(&seen("a", Status::Offline, 6), &dir, 1000, 0);
+        assert!(room.load(vec![seen("a", Status::Online, 5), seen("b", Status::Online, 2)], &dir, gen));
+        assert!(!online(&room, "a"), "the event (revision 6) is newer than the read (5)");
+        assert!(online(&room, "b"));
+        // A read newer than the events of the load: an offline member (not kept among
+        // those online, so only the read's revision tells) stays offline.
+        let gen = room.begin_load();
+        room.apply(&seen("a", Status::Online, 5), &dir, 1000, 0);
+        room.apply(&seen("b", Status::Offline, 1), &dir, 1000, 0);
+        assert!(room.load(vec![seen("a", Status::Offline, 6), seen("b", Status::Online, 2)], &dir, gen));
+        assert!(!online(&room, "a"), "the read (revision 6) is newer than the event (5)");
+        assert!(online(&room, "b"), "the read (revision 2) is newer than the event (1)");
+    }
+
+    /// A member added goes offline (an event) before the read of the members added
+    /// answers with their older state: they stay offline, whatever the room's size.
+    #[test]
+    fn a_member_added_stays_offline_after_a_departure_newer_than_their_read() {
+        for live in [1000, 1] {
+            let dir = Directory::default();
+            let room = Room::new(Arc::from("c"), members(&["a"]));
+            assert!(room.load(vec![seen("a", Status::Online, 1)], &dir, room.begin_load()));
+            room.set_members(members(&["a", "n"]), &[], true);
+            room.apply(&seen("n", Status::Offline, 9), &dir, live, 0);
+            room.add_members(vec![seen("n", Status::Online, 8)], true, &dir, live, 100, 0);
+            assert!(!online(&room, "n"), "live_members {live}");
+            assert!(room.state.lock().gone.is_empty(), "nothing kept once the reads are in");
+            // A read newer than every event is taken.
+            room.set_members(members(&["a", "n", "m"]), &[], true);
+            room.add_members(vec![seen("m", Status::Online, 3)], true, &dir, live, 100, 0);
+            assert!(online(&room, "m"));
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::core::{EventKind, UserId};
 use crate::store::DirTable;
@@ -195,6 +195,11 @@ pub trait Backplane: Send + Sync + 'static {
     /// Requests addressed to `node` (this node), from now on.
     async fn serve(&self, node: &str) -> Result<mpsc::Receiver<Incoming>, Fault>;
     async fn respond(&self, reply: &str, payload: Bytes) -> Result<(), Fault>;
+
+    /// Counts the times this node's subscriptions came back after an interruption (a
+    /// reconnect, a failover), each counted once they are in place at the server again:
+    /// what other nodes published meanwhile did not reach this node.
+    fn resumed(&self) -> watch::Receiver<u64>;
 
     fn health(&self) -> Health;
     /// Waits until what was published so far reached the server.

@@ -15,9 +15,11 @@ use crate::core::{Change, Event, Millis, Presence, Session, UserId, UserState};
 use crate::store::StoreError;
 
 impl ClusterStore {
-    /// Like [`ClusterStore::apply`] for session changes, which must not be lost while the
-    /// store is unreachable: then they are applied to the cached state, published
-    /// locally, and the user is marked for write-back.
+    /// Like [`ClusterStore::apply`] for session changes, which must not be lost when the
+    /// store cannot be reached (degraded, or a first failure before the breaker opens: a
+    /// departure dropped there would be written back as live by the next write-back):
+    /// then they are applied to the cached state (or, uncached, to the sessions this node
+    /// holds of the user), published locally, and the user is marked for write-back.
     pub(super) async fn apply_session<R: Clone>(
         &self,
         id: &UserId,
@@ -25,14 +27,24 @@ impl ClusterStore {
         mut f: impl FnMut(&mut UserState, Millis) -> (R, Change),
     ) -> Result<Option<(R, Presence)>, StoreError> {
         match self.apply(id, create, &mut f).await {
+            Err(StoreError::Unreachable(e)) => {
+                tracing::debug!(user = %id, error = %e, "store unreachable: a session change kept here for the write-back");
+            }
             Err(_) if self.inner.degraded.breaker.is_open() => {}
             other => return other,
         }
         let now = self.inner.clock.now();
         let mut st = match self.inner.cache.get(id).and_then(|c| c.state.clone()) {
             Some(s) => s,
-            None if create => UserState::new(self.inner.node.clone()),
-            None => return Ok(None),
+            None => {
+                let held = self.held_sessions(id);
+                if held.is_empty() && !create {
+                    return Ok(None);
+                }
+                let mut s = UserState::new(self.inner.node.clone());
+                s.sessions = held;
+                s
+            }
         };
         let before = st.published(id);
         let (r, change) = f(&mut st, now);
@@ -79,7 +91,7 @@ impl ClusterStore {
         let node = self.inner.node.clone();
         let mut written = 0;
         for user in users {
-            let held: Vec<Session> = self.inner.owned.lock().all_of(user).into_iter().map(|(d, o)| o.session(&d, &node)).collect();
+            let held = self.held_sessions(user);
             let live = held.iter().any(|h| !h.lingering);
             if live {
                 match self.guarded(self.inner.bp.put(Space::Owners(&node), user.as_str(), Bytes::new())).await {
@@ -122,6 +134,12 @@ impl ClusterStore {
             }
         }
         written
+    }
+
+    /// The sessions of `user` this node holds (its connections: the truth for them).
+    fn held_sessions(&self, user: &UserId) -> Vec<Session> {
+        let node = self.inner.node.clone();
+        self.inner.owned.lock().all_of(user).into_iter().map(|(d, o)| o.session(&d, &node)).collect()
     }
 
     /// Anti-entropy: an event showed `user` without a device whose connection is live

@@ -240,6 +240,7 @@ impl ClusterStore {
             store.follow_users(rx);
         }
         store.relay_remote_events().await?;
+        store.follow_resumes();
         store.relay_typing().await?;
         store.serve_node_requests().await?;
         // Sessions a previous incarnation of this node left behind end now, then the lease starts.

@@ -24,6 +24,13 @@
 //! the per-user subscriptions that replace it include the users nobody waited for.
 //!
 //! Typing indicators go to every node (they are ephemeral and never stored).
+//!
+//! Events are not replayed: an event published while this node's subscriptions were
+//! down (a reconnect to the engine, a failover) never reaches it. When the backend says
+//! its subscriptions are back ([`super::Backplane::resumed`]), this node drops its cached
+//! states and asks the bus for a resync, so every local watcher and conversation is read
+//! again from the store. The order matters: subscribed first, then read, so a change is
+//! in the read or in an event that follows it.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -169,6 +176,22 @@ async fn switch_all(feed: &mut dyn super::backplane::Feed, on: bool, watched: &H
 }
 
 impl ClusterStore {
+    /// After each interruption of this node's subscriptions (see the module's doc): the
+    /// cache is read through again and the local watchers resynchronised.
+    pub(super) fn follow_resumes(&self) {
+        let mut resumed = self.inner.bp.resumed();
+        let weak = Arc::downgrade(&self.inner);
+        let h = tokio::spawn(async move {
+            while resumed.changed().await.is_ok() {
+                let Some(inner) = weak.upgrade() else { return };
+                tracing::info!(backend = inner.bp.names().backend, "subscriptions back after an interruption: reading watched users again");
+                inner.cache.invalidate_all();
+                inner.bus.request_resync();
+            }
+        });
+        self.inner.tasks.lock().push(h);
+    }
+
     /// Follows the bus's interest with subscriptions and relays what arrives.
     pub(super) async fn relay_remote_events(&self) -> Result<(), StoreError> {
         let mut interest = self.inner.bus.interest().follow();

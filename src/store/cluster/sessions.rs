@@ -336,7 +336,9 @@ impl ClusterStore {
         // it could see the write's event before the word, find a live connection of its
         // own missing from the store and write the session back (anti-entropy).
         let now = self.inner.clock.now();
-        let held_elsewhere = self.read(id, false).await?.and_then(|(state, _)| {
+        // Unreadable (the store is out of reach): the end is kept here for the write-back,
+        // which reconciles by registration tag, so the session of another node is safe.
+        let held_elsewhere = self.read(id, false).await.ok().flatten().and_then(|(state, _)| {
             state
                 .live_sessions(now)
                 .find(|x| *x.device_id == *device && sid.is_none_or(|t| t == x.sid) && *x.node_id != *node)

@@ -23,6 +23,8 @@ pub enum NatsError {
 pub struct Nats {
     pub client: async_nats::Client,
     urls: Arc<str>,
+    /// Counts the reconnections (a connection after a disconnection).
+    pub reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Health of the connection, as `/health/nats` reports it.
@@ -50,39 +52,54 @@ fn state_name(s: &State) -> &'static str {
     }
 }
 
+/// Logs a connection event, keeps `nats_connected`, and counts a connection that follows
+/// a disconnection (`down`) in `reconnected`.
+fn on_event(event: Event, reconnected: &tokio::sync::watch::Sender<u64>, down: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    let state = match &event {
+        Event::Connected => {
+            tracing::info!("nats: connected");
+            if down.swap(false, Ordering::AcqRel) {
+                reconnected.send_modify(|n| *n += 1);
+            }
+            1.0
+        }
+        Event::Disconnected => {
+            tracing::warn!("nats: disconnected; reconnecting");
+            down.store(true, Ordering::Release);
+            0.0
+        }
+        Event::LameDuckMode => {
+            tracing::warn!("nats: server entering lame duck mode");
+            return;
+        }
+        Event::SlowConsumer(sid) => {
+            tracing::warn!(sid, "nats: slow consumer");
+            metrics::counter!("nats_slow_consumer_total").increment(1);
+            return;
+        }
+        other => {
+            tracing::warn!(event = %other, "nats: event");
+            return;
+        }
+    };
+    metrics::gauge!("nats_connected").set(state);
+}
+
 impl Nats {
     /// Connects with the configured servers, credentials and TLS.
     pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Nats, NatsError> {
         let max_delay = cfg.max_reconnect_delay.0;
+        let (reconnected, reconnects) = tokio::sync::watch::channel(0u64);
+        let reconnected = Arc::new(reconnected);
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut opts = ConnectOptions::new()
             .name(name)
             .connection_timeout(cfg.connect_timeout.0)
             .reconnect_delay_callback(move |attempt| backoff(attempt, max_delay))
-            .event_callback(|event| async move {
-                let state = match &event {
-                    Event::Connected => {
-                        tracing::info!("nats: connected");
-                        1.0
-                    }
-                    Event::Disconnected => {
-                        tracing::warn!("nats: disconnected; reconnecting");
-                        0.0
-                    }
-                    Event::LameDuckMode => {
-                        tracing::warn!("nats: server entering lame duck mode");
-                        return;
-                    }
-                    Event::SlowConsumer(sid) => {
-                        tracing::warn!(sid, "nats: slow consumer");
-                        metrics::counter!("nats_slow_consumer_total").increment(1);
-                        return;
-                    }
-                    other => {
-                        tracing::warn!(event = %other, "nats: event");
-                        return;
-                    }
-                };
-                metrics::gauge!("nats_connected").set(state);
+            .event_callback(move |event| {
+                let (reconnected, down) = (reconnected.clone(), down.clone());
+                async move { on_event(event, &reconnected, &down) }
             });
         if !cfg.user.is_empty() || !cfg.password.is_empty() {
             opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
@@ -112,7 +129,7 @@ impl Nats {
             .collect::<Result<_, _>>()?;
         let client = opts.connect(addrs).await.map_err(|e| NatsError::Connect { urls: urls.clone(), message: e.to_string() })?;
         metrics::gauge!("nats_connected").set(1.0);
-        Ok(Nats { client, urls: Arc::from(urls) })
+        Ok(Nats { client, urls: Arc::from(urls), reconnects })
     }
 
     pub fn health(&self) -> NatsHealth {

@@ -128,6 +128,8 @@ pub struct NatsBackplane {
     kv: Buckets,
     /// The KV request timeout (also bounds each fetch of a key listing).
     timeout: Duration,
+    /// See [`Backplane::resumed`].
+    resumed: tokio::sync::watch::Receiver<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -213,12 +215,15 @@ impl NatsBackplane {
                 .await
                 .map_err(|e| unavailable(format!("cannot add the new event subjects to PRESENCE_EVENTS: {e}")))?;
         }
+        let (resumed, resumes) = tokio::sync::watch::channel(0u64);
+        let follow = tokio::spawn(count_resumes(nats.clone(), feed.clone(), resumed, opts.kv_timeout));
         Ok(NatsBackplane {
             nats,
             feed,
             kv: Buckets { users, dir, nodes, owners, users_watch },
             timeout: opts.kv_timeout,
-            tasks: Mutex::new(Vec::new()),
+            resumed: resumes,
+            tasks: Mutex::new(vec![follow]),
         })
     }
 
@@ -261,6 +266,29 @@ struct Forwarder(JoinHandle<()>);
 
 /// A backplane dropped without a shutdown (a start that failed after it connected, and is
 /// tried again): its tasks must not outlive it.
+/// Counts in `resumed` each reconnection of either connection, once both answer a flush:
+/// the feed's subscriptions, sent again by the client on reconnecting, are then in place
+/// at the server (and requests go through again).
+async fn count_resumes(nats: Nats, feed: Nats, resumed: tokio::sync::watch::Sender<u64>, timeout: Duration) {
+    let (mut a, mut b) = (nats.reconnects.clone(), feed.reconnects.clone());
+    loop {
+        tokio::select! {
+            r = a.changed() => if r.is_err() { return },
+            r = b.changed() => if r.is_err() { return },
+        }
+        loop {
+            let flushed = async |n: &Nats| matches!(tokio::time::timeout(timeout, n.client.flush()).await, Ok(Ok(())));
+            if flushed(&feed).await && flushed(&nats).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        a.mark_unchanged();
+        b.mark_unchanged();
+        resumed.send_modify(|n| *n += 1);
+    }
+}
+
 impl Drop for NatsBackplane {
     fn drop(&mut self) {
         for t in self.tasks.get_mut().drain(..) {
@@ -383,6 +411,10 @@ impl Backplane for NatsBackplane {
         };
         let keys = nkv::live_keys(bucket, &prefix, self.timeout).await.map_err(fault)?;
         Ok(keys.iter().filter_map(|k| decode_id(k)).collect())
+    }
+
+    fn resumed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.resumed.clone()
     }
 
     fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Versioned)>> {

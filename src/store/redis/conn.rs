@@ -316,6 +316,18 @@ impl Pool {
         }
     }
 
+    /// Whether every command connection answers a PING (each reconnects on its own).
+    pub async fn all_answer(&self) -> bool {
+        let conns = self.conns.read().clone();
+        for c in conns.iter() {
+            let mut c = c.clone();
+            if redis::cmd("PING").query_async::<Value>(&mut c).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }

@@ -74,7 +74,7 @@ const BLOCK_MS: u64 = 1000;
 
 /// Connects and opens a cluster node on Redis.
 pub async fn open(cfg: &RedisConfig, opts: ClusterOptions, clock: Arc<dyn Clock>, bus: EventBus) -> Result<ClusterStore, StoreError> {
-    let bp = RedisBackplane::connect(cfg, &opts.node_id, bus.clone()).await?;
+    let bp = RedisBackplane::connect(cfg, &opts.node_id).await?;
     ClusterStore::open(Arc::new(bp), opts, clock, bus).await
 }
 
@@ -93,9 +93,9 @@ pub struct RedisBackplane {
     max_len: u64,
     request_timeout: Duration,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// Told when the subscriptions moved (a failover): what was published meanwhile never
-    /// reached this node, so local watchers need fresh state.
-    bus: EventBus,
+    /// See [`Backplane::resumed`]: counted when the subscription connection is back after
+    /// a loss, or moved to a new master (a failover).
+    resumed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn fault(e: impl std::fmt::Display) -> Fault {
@@ -171,7 +171,7 @@ fn row_change(fields: &[(String, Bytes)]) -> Option<RowChange> {
 }
 
 impl RedisBackplane {
-    pub async fn connect(cfg: &RedisConfig, node: &str, bus: EventBus) -> Result<RedisBackplane, StoreError> {
+    pub async fn connect(cfg: &RedisConfig, node: &str) -> Result<RedisBackplane, StoreError> {
         let unavailable = |e: String| StoreError::Unreachable(e);
         // A bad URL, an unreadable TLS file or refused credentials: waiting would not help.
         let classify = |e: conn::ConnectError| match &e {
@@ -196,9 +196,10 @@ impl RedisBackplane {
             max_len: cfg.events.max_len,
             request_timeout: cfg.request_timeout.0,
             tasks: Mutex::new(Vec::new()),
-            bus,
+            resumed: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         bp.monitor();
+        bp.follow_losses();
         Ok(bp)
     }
 
@@ -208,7 +209,7 @@ impl RedisBackplane {
         let pool = self.pool.clone();
         let pubsub = self.pubsub.clone();
         let connector = self.connector.clone();
-        let bus = self.bus.clone();
+        let resumed = self.resumed.clone();
         let limit = self.request_timeout.min(Duration::from_secs(1));
         let h = tokio::spawn(async move {
             let mut failures = 0u32;
@@ -222,8 +223,29 @@ impl RedisBackplane {
                     pool.describe().await;
                 }
                 if !connector.config().sentinel_master.is_empty() && (failures >= 2 || (ok && !is_master(&mut c).await)) {
-                    follow_failover(&connector, &pool, &pubsub, &bus).await;
+                    follow_failover(&connector, &pool, &pubsub, &resumed).await;
                 }
+            }
+        });
+        self.tasks.lock().push(h);
+    }
+
+    /// Counts in `resumed` each loss of the subscription connection once it answers
+    /// again (subscribed again: what was published meanwhile never reached this node) and
+    /// so do the command connections (the reads that follow go through).
+    fn follow_losses(&self) {
+        let pubsub = self.pubsub.clone();
+        let pool = self.pool.clone();
+        let resumed = self.resumed.clone();
+        let mut lost = pubsub.lost();
+        let h = tokio::spawn(async move {
+            while lost.changed().await.is_ok() {
+                while !(pubsub.ping().await && pool.all_answer().await) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                lost.mark_unchanged();
+                tracing::info!("redis: subscriptions back after a lost connection");
+                resumed.send_modify(|n| *n += 1);
             }
         });
         self.tasks.lock().push(h);
@@ -295,7 +317,7 @@ async fn is_master(c: &mut Conn) -> bool {
 
 /// Asks the Sentinels for the master and connects the pool and the subscriptions to it
 /// (blocking readers reconnect to it by themselves).
-async fn follow_failover(connector: &Connector, pool: &Pool, pubsub: &PubSub, bus: &EventBus) {
+async fn follow_failover(connector: &Connector, pool: &Pool, pubsub: &PubSub, resumed: &tokio::sync::watch::Sender<u64>) {
     let Ok(master) = connector.resolve_master().await else { return };
     tracing::warn!(master = ?master.addr(), "redis: following the master the sentinels name");
     let mut conns = Vec::new();
@@ -311,7 +333,7 @@ async fn follow_failover(connector: &Connector, pool: &Pool, pubsub: &PubSub, bu
     pool.replace(conns);
     match pubsub.reconnect(connector).await {
         // Events published between the failover and now were lost for this node.
-        Ok(()) => bus.request_resync(),
+        Ok(()) => resumed.send_modify(|n| *n += 1),
         Err(e) => tracing::warn!(error = %e, "redis: cannot move the subscriptions to the new master yet"),
     }
 }
@@ -504,6 +526,10 @@ impl Backplane for RedisBackplane {
 
     fn watch_users(&self) -> Option<mpsc::Receiver<(UserId, Versioned)>> {
         None
+    }
+
+    fn resumed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.resumed.subscribe()
     }
 
     async fn put_row(&self, table: DirTable, key: &str, value: Bytes) -> Result<u64, Fault> {

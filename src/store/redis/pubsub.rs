@@ -48,6 +48,8 @@ pub struct PubSub {
     node: String,
     routes: Arc<Mutex<Routes>>,
     next_id: AtomicU64,
+    /// Counts the times the subscription connection was lost.
+    lost: tokio::sync::watch::Receiver<u64>,
     router: JoinHandle<()>,
 }
 
@@ -97,8 +99,13 @@ impl PubSub {
         let r = routes.clone();
         let k = keys.clone();
         let inbox = k.inbox(node);
+        let (lost_tx, lost) = tokio::sync::watch::channel(0u64);
         let router = tokio::spawn(async move {
             while let Some(push) = rx.recv().await {
+                if push.kind == PushKind::Disconnection {
+                    lost_tx.send_modify(|n| *n += 1);
+                    continue;
+                }
                 let Some((channel, payload)) = message(push) else { continue };
                 if channel.starts_with(k.events_channel_prefix().as_bytes()) {
                     let tx = r.lock().events.clone();
@@ -123,6 +130,7 @@ impl PubSub {
             node: node.to_string(),
             routes,
             next_id: AtomicU64::new(1),
+            lost,
             router,
         };
         ps.subscribe(&ps.keys.inbox(node)).await?;
@@ -137,6 +145,19 @@ impl PubSub {
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), Fault> {
         self.channels.lock().remove(channel);
         self.conn.lock().await.unsubscribe(channel).await.map_err(fault)
+    }
+
+    /// Counts the times the subscription connection was lost (the connection manager
+    /// connects again and subscribes again by itself).
+    pub fn lost(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.lost.clone()
+    }
+
+    /// Whether the subscription connection answers: after a reconnection, its channels
+    /// are then subscribed again (the subscriptions go first on a new connection).
+    pub async fn ping(&self) -> bool {
+        let mut c = self.conn.lock().await.clone();
+        matches!(redis::cmd("PING").query_async::<Value>(&mut c).await, Ok(_))
     }
 
     /// Moves the subscriptions to a new connection (the master moved: a Sentinel
