@@ -316,6 +316,7 @@ pub async fn fanout(pub_http: u16, sub_http: u16, nodes: &[u16], backend: &str, 
             source: Ipv4Addr::new(127, 0, 0, 2 + (id % 50) as u8),
             id,
             watch_users: publishers.clone(),
+            conversations: Vec::new(),
             baseline: false,
         };
         tasks.push(tokio::spawn(subscriber(shared.clone(), sub, stop_rx.clone(), permit)));

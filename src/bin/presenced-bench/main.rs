@@ -139,6 +139,13 @@ struct RunArgs {
     /// How long to hold the idle connections before measuring RSS.
     #[arg(long, default_value = "3")]
     settle_secs: u64,
+    /// presenced only: conversations of `--conversation-size` subscribers each, set by
+    /// the backend before the subscribers connect; every subscriber also subscribes to
+    /// the conversations it is in (10,000 of 10 with 10,000 clients: 10 each).
+    #[arg(long, default_value_t = 0)]
+    conversations: usize,
+    #[arg(long, default_value_t = 10)]
+    conversation_size: usize,
 }
 
 #[derive(Parser, Clone)]
@@ -395,11 +402,58 @@ struct Sub {
     source: Ipv4Addr,
     id: usize,
     watch_users: Arc<Vec<String>>,
+    /// The conversations it subscribes to.
+    conversations: Vec<String>,
     baseline: bool,
 }
 
+/// Sets `count` conversations (`conv-<k>`) of `size` subscribers each (`sub-<i>`, in
+/// turn), 100 requests in flight; returns each subscriber's conversations.
+async fn set_conversations(addr: &str, clients: usize, count: usize, size: usize) -> Res<Vec<Vec<String>>> {
+    let auth = presenced::auth::Authenticator::new(BENCH_SECRET, "presence-service", Duration::from_secs(30), None);
+    let token = auth.mint("backend", Duration::from_secs(3600), Some(presenced::auth::ADMIN_SCOPE))?;
+    let http = reqwest::Client::new();
+    let mut joins: Vec<Vec<String>> = vec![Vec::new(); clients];
+    let mut bodies = Vec::with_capacity(count);
+    for k in 0..count {
+        let conv = format!("conv-{k}");
+        let members: Vec<String> = (0..size).map(|j| (k * size + j) % clients.max(1)).map(|i| format!("sub-{i}")).collect();
+        for j in 0..size {
+            let i = (k * size + j) % clients.max(1);
+            if joins[i].last() != Some(&conv) {
+                joins[i].push(conv.clone());
+            }
+        }
+        bodies.push((conv, members));
+    }
+    let results: Vec<Res<()>> = futures_util::stream::iter(bodies)
+        .map(|(conv, members)| {
+            let (http, token) = (http.clone(), token.clone());
+            async move {
+                let r = http
+                    .put(format!("http://{addr}/api/v2/conversations/{conv}/members"))
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body(serde_json::json!({ "members": members }).to_string())
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("members of {conv}: {}", r.status()))
+                }
+            }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
+    results.into_iter().collect::<Res<Vec<()>>>()?;
+    Ok(joins)
+}
+
 async fn subscriber(shared: Arc<Shared>, sub: Sub, mut stop: watch::Receiver<bool>, permit: tokio::sync::OwnedSemaphorePermit) {
-    let Sub { addr, source, id, watch_users, baseline } = sub;
+    let Sub { addr, source, id, watch_users, conversations, baseline } = sub;
     let opened = open(addr, source, &format!("sub-{id}"), baseline).await;
     drop(permit); // the next handshake may start
     let mut ws = match opened {
@@ -411,8 +465,9 @@ async fn subscriber(shared: Arc<Shared>, sub: Sub, mut stop: watch::Receiver<boo
             return;
         }
     };
-    if !baseline && !watch_users.is_empty() {
-        let sub = serde_json::json!({"type": "subscribe", "payload": {"user_ids": &*watch_users}}).to_string();
+    if !baseline && (!watch_users.is_empty() || !conversations.is_empty()) {
+        let sub =
+            serde_json::json!({"type": "subscribe", "payload": {"user_ids": &*watch_users, "conversation_ids": conversations}}).to_string();
         if ws.send(Message::text(sub)).await.is_err() {
             shared.failed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -469,7 +524,7 @@ async fn run(args: RunArgs) -> Res<()> {
     let mode = if args.baseline { "baseline (bare broadcast)" } else { "presenced" };
     println!("mode: {mode}  server: {}  pid: {:?}", server.addr, server.pid);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_before = server.pid.and_then(rss_kib);
+    let mut rss_before = server.pid.and_then(rss_kib);
 
     let shared =
         Arc::new(Shared { start: Instant::now(), connected: AtomicU64::new(0), failed: AtomicU64::new(0), samples: Default::default() });
@@ -477,6 +532,23 @@ async fn run(args: RunArgs) -> Res<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let sources: Vec<Ipv4Addr> = (2..=args.last_source.max(2)).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let mut joins: Vec<Vec<String>> = vec![Vec::new(); args.clients];
+    if args.conversations > 0 && !args.baseline {
+        let t = Instant::now();
+        joins = set_conversations(&server.addr, args.clients, args.conversations, args.conversation_size).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The membership is the directory's, not the connections': counted apart.
+        let with = server.pid.and_then(rss_kib);
+        println!(
+            "conversations: {} of {} members set in {:.2}s; server RSS {:.1} → {:.1} MiB",
+            args.conversations,
+            args.conversation_size,
+            t.elapsed().as_secs_f64(),
+            rss_before.unwrap_or(0) as f64 / 1024.0,
+            with.unwrap_or(0) as f64 / 1024.0
+        );
+        rss_before = with;
+    }
 
     // Connect the subscribers, `concurrency` handshakes at a time.
     let t0 = Instant::now();
@@ -486,7 +558,8 @@ async fn run(args: RunArgs) -> Res<()> {
         let (shared, publishers, stop) = (shared.clone(), publishers.clone(), stop_rx.clone());
         let source = sources[id % sources.len()];
         let baseline = args.baseline;
-        let sub = Sub { addr, source, id, watch_users: publishers, baseline };
+        let conversations = std::mem::take(&mut joins[id]);
+        let sub = Sub { addr, source, id, watch_users: publishers, conversations, baseline };
         tasks.push(tokio::spawn(subscriber(shared, sub, stop, permit)));
     }
     while (shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)) < args.clients as u64 {
