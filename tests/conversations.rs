@@ -509,12 +509,13 @@ async fn a_node_back_on_the_engine_resyncs_its_watchers(mut e: Engine) {
     let fast = ("PRESENCE_PRESENCE__NODE_LEASE_TTL", "1500ms");
     let a = e.node_with("node-a", &[NO_GRACE, fast]).await;
     let b = e.node_with("node-b", &[NO_GRACE, fast]).await;
-    members(&a, "den", &["z0", "z1"]).await;
+    members(&a, "den", &["z0", "z1", "z2"]).await;
     eventually("node b knows the members", std::time::Duration::from_secs(5), async || page(&b, &b.token("z0"), "den", "").await.0 == 200)
         .await;
     let z1 = wsclient::connect(&a, "z1", "d").await;
+    let _z2 = wsclient::connect(&a, "z2", "d").await; // stays: must not be read offline
     let mut z0 = wsclient::connect(&b, "z0", "d").await;
-    assert_eq!(counts(&subscribe(&mut z0, "den").await), (2, 2));
+    assert_eq!(counts(&subscribe(&mut z0, "den").await), (3, 3));
     let mut w = wsclient::connect(&b, "w", "d").await;
     let ack = w.ack(json!({"type":"subscribe","payload":{"user_ids":["z1"]},"id":"s"})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
@@ -536,13 +537,18 @@ async fn a_node_back_on_the_engine_resyncs_its_watchers(mut e: Engine) {
         let m = tokio::time::timeout_at(deadline, z0.ws.next()).await.expect("z1's departure counted within 30 s");
         let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = m else { continue };
         let m: Value = serde_json::from_str(&t).unwrap();
-        if m["type"] == "conversation_presence" && counts(&m["payload"]) == (2, 1) {
+        if m["type"] == "conversation_presence" && counts(&m["payload"]) == (3, 2) {
             break;
         }
     }
-    tokio::time::timeout_at(deadline, async { while w.presence_of("z1").await["status"] != "offline" {} })
-        .await
-        .expect("the watcher by user id sees z1 offline within 30 s");
+    loop {
+        let m = tokio::time::timeout_at(deadline, w.ws.next()).await.expect("the watcher by user id sees z1 offline within 30 s");
+        let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = m else { continue };
+        let m: Value = serde_json::from_str(&t).unwrap();
+        if m["type"] == "presence_update" && m["payload"]["user_id"] == "z1" && m["payload"]["status"] == "offline" {
+            break;
+        }
+    }
     tokio::time::timeout_at(deadline, async {
         loop {
             let ev = stream.message().await.expect("the stream goes on").expect("open");
@@ -563,6 +569,9 @@ async fn a_node_back_on_the_engine_resyncs_its_watchers(mut e: Engine) {
     })
     .await;
     assert!(!late.iter().any(|t| t.contains("\"z1\"") && !t.contains("offline")), "z1 came back: {late:?}");
+    // Once all is settled, the room on b counts z2 (who never left) online.
+    let mut z0b = wsclient::connect(&b, "z0", "d2").await;
+    assert_eq!(counts(&subscribe(&mut z0b, "den").await), (3, 2));
     for n in [&a, &b] {
         let r = n.client.get(n.url("/api/v2/presence/z1")).bearer_auth(n.token("w")).send().await.unwrap();
         let body: Value = r.json().await.unwrap();

@@ -771,9 +771,9 @@ impl Hub {
                 let mut conns: Vec<Arc<Client>> =
                     hub.owners.iter().flat_map(|s| s.lock().values().flatten().cloned().collect::<Vec<_>>()).collect();
                 // A connection whose read failed (the store is not back yet) is read again
-                // a while later (1 s, 2 s, …) for as long as it stays.
+                // a while later (1 s, 2 s, …; ten times at most) while it stays.
                 let mut attempt = 0u32;
-                while !conns.is_empty() {
+                while !conns.is_empty() && attempt < 10 {
                     let mut failed = Vec::new();
                     for conn in conns {
                         let mut ids = vec![conn.user.clone()];

@@ -141,6 +141,9 @@ fn sockudo_config(dir: &std::path::Path, port: u16) -> Res<std::path::PathBuf> {
                 "limits": { "max_connections": 0, "max_client_events_per_second": 0,
                             "max_presence_members_per_channel": 1_000_000, "max_presence_member_size_in_kb": 10 },
                 "features": { "enable_client_messages": false } } } ] } },
+        // Its default buffers 1,000 messages per connection and drops (or disconnects) a
+        // member beyond: a 5,000-member join storm is 5,000 announcements to each.
+        "websocket": { "max_messages": 10_000_000, "disconnect_on_buffer_full": false },
         "rate_limiter": { "enabled": false, "driver": "memory" },
         "metrics": { "enabled": false },
         "http_api": { "usage_enabled": false },

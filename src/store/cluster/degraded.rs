@@ -26,26 +26,28 @@ impl ClusterStore {
         create: bool,
         mut f: impl FnMut(&mut UserState, Millis) -> (R, Change),
     ) -> Result<Option<(R, Presence)>, StoreError> {
-        match self.apply(id, create, &mut f).await {
-            Err(StoreError::Unreachable(e)) => {
-                tracing::debug!(user = %id, error = %e, "store unreachable: a session change kept here for the write-back");
-            }
-            Err(_) if self.inner.degraded.breaker.is_open() => {}
+        let failed = match self.apply(id, create, &mut f).await {
+            Err(StoreError::Unreachable(e)) => StoreError::Unreachable(e),
+            Err(e) if self.inner.degraded.breaker.is_open() => e,
             other => return other,
-        }
+        };
         let now = self.inner.clock.now();
-        let mut st = match self.inner.cache.get(id).and_then(|c| c.state.clone()) {
-            Some(s) => s,
+        // Uncached: what this node holds of the user is all it knows. Nothing is published
+        // from that (the user may be online elsewhere): the write-back will.
+        let (mut st, cached) = match self.inner.cache.get(id).and_then(|c| c.state.clone()) {
+            Some(s) => (s, true),
             None => {
                 let held = self.held_sessions(id);
                 if held.is_empty() && !create {
-                    return Ok(None);
+                    // Nothing here to keep: the caller (a reaper) tries again on the error.
+                    return if self.inner.degraded.breaker.is_open() { Ok(None) } else { Err(failed) };
                 }
                 let mut s = UserState::new(self.inner.node.clone());
                 s.sessions = held;
-                s
+                (s, false)
             }
         };
+        tracing::debug!(user = %id, error = %failed, "store unreachable: a session change kept here for the write-back");
         let before = st.published(id);
         let (r, change) = f(&mut st, now);
         self.inner.cache.put_local(id, st.clone());
@@ -53,7 +55,7 @@ impl ClusterStore {
         metrics::counter!(self.inner.bp.names().degraded_local_changes).increment(1);
         // Revision 0: not in the store yet (the write-back gives it one).
         let presence = st.view(id, now);
-        if let Some(kind) = change.event {
+        if let Some(kind) = change.event.filter(|_| cached) {
             // This node's watchers only: published to the others, it would reach them when
             // the link heals (a client buffers what it could not send), a transition the
             // store never made. The write-back publishes the one it makes, if any.

@@ -183,6 +183,16 @@ impl ClusterStore {
         let weak = Arc::downgrade(&self.inner);
         let h = tokio::spawn(async move {
             while resumed.changed().await.is_ok() {
+                // Reads come from the cache while the breaker is open: the store answers
+                // first (a call gets through after the back-off), then the cache goes.
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if !inner.degraded.breaker.is_open() {
+                        break;
+                    }
+                    drop(inner);
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
                 let Some(inner) = weak.upgrade() else { return };
                 tracing::info!(backend = inner.bp.names().backend, "subscriptions back after an interruption: reading watched users again");
                 inner.cache.invalidate_all();

@@ -336,9 +336,14 @@ impl ClusterStore {
         // it could see the write's event before the word, find a live connection of its
         // own missing from the store and write the session back (anti-entropy).
         let now = self.inner.clock.now();
-        // Unreadable (the store is out of reach): the end is kept here for the write-back,
-        // which reconciles by registration tag, so the session of another node is safe.
-        let held_elsewhere = self.read(id, false).await.ok().flatten().and_then(|(state, _)| {
+        // Unreadable (the store is out of reach): a session held here ends here, kept for
+        // the write-back; one of another node is not this node's to end blind.
+        let read = match self.read(id, false).await {
+            Ok(r) => r,
+            Err(e) if !self.inner.owned.lock().all_of(id).iter().any(|(d, _)| **d == *device) => return Err(e),
+            Err(_) => None,
+        };
+        let held_elsewhere = read.and_then(|(state, _)| {
             state
                 .live_sessions(now)
                 .find(|x| *x.device_id == *device && sid.is_none_or(|t| t == x.sid) && *x.node_id != *node)

@@ -264,8 +264,6 @@ fn is_event(subject: &str) -> bool {
 /// A subscription's forwarding task, stopped (and the subscription dropped) with it.
 struct Forwarder(JoinHandle<()>);
 
-/// A backplane dropped without a shutdown (a start that failed after it connected, and is
-/// tried again): its tasks must not outlive it.
 /// Counts in `resumed` each reconnection of either connection, once both answer a flush:
 /// the feed's subscriptions, sent again by the client on reconnecting, are then in place
 /// at the server (and requests go through again).
@@ -276,6 +274,9 @@ async fn count_resumes(nats: Nats, feed: Nats, resumed: tokio::sync::watch::Send
             r = a.changed() => if r.is_err() { return },
             r = b.changed() => if r.is_err() { return },
         }
+        // Seen now: a reconnect while flushing below counts again.
+        a.borrow_and_update();
+        b.borrow_and_update();
         loop {
             let flushed = async |n: &Nats| matches!(tokio::time::timeout(timeout, n.client.flush()).await, Ok(Ok(())));
             if flushed(&feed).await && flushed(&nats).await {
@@ -283,12 +284,12 @@ async fn count_resumes(nats: Nats, feed: Nats, resumed: tokio::sync::watch::Send
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        a.mark_unchanged();
-        b.mark_unchanged();
         resumed.send_modify(|n| *n += 1);
     }
 }
 
+/// A backplane dropped without a shutdown (a start that failed after it connected, and is
+/// tried again): its tasks must not outlive it.
 impl Drop for NatsBackplane {
     fn drop(&mut self) {
         for t in self.tasks.get_mut().drain(..) {

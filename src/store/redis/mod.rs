@@ -240,10 +240,11 @@ impl RedisBackplane {
         let mut lost = pubsub.lost();
         let h = tokio::spawn(async move {
             while lost.changed().await.is_ok() {
+                // Seen now: a loss while waiting below counts again.
+                lost.borrow_and_update();
                 while !(pubsub.ping().await && pool.all_answer().await) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                lost.mark_unchanged();
                 tracing::info!("redis: subscriptions back after a lost connection");
                 resumed.send_modify(|n| *n += 1);
             }

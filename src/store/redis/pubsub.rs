@@ -157,7 +157,7 @@ impl PubSub {
     /// are then subscribed again (the subscriptions go first on a new connection).
     pub async fn ping(&self) -> bool {
         let mut c = self.conn.lock().await.clone();
-        matches!(redis::cmd("PING").query_async::<Value>(&mut c).await, Ok(_))
+        redis::cmd("PING").query_async::<Value>(&mut c).await.is_ok()
     }
 
     /// Moves the subscriptions to a new connection (the master moved: a Sentinel
