@@ -19,7 +19,8 @@ impl ClusterStore {
     /// store cannot be reached (degraded, or a first failure before the breaker opens: a
     /// departure dropped there would be written back as live by the next write-back):
     /// then they are applied to the cached state (or, uncached, to the sessions this node
-    /// holds of the user), published locally, and the user is marked for write-back.
+    /// holds of the user), published locally (uncached: a new session only), and the
+    /// user is marked for write-back.
     pub(super) async fn apply_session<R: Clone>(
         &self,
         id: &UserId,
@@ -32,9 +33,10 @@ impl ClusterStore {
             other => return other,
         };
         let now = self.inner.clock.now();
-        // Uncached: what this node holds of the user is all it knows. Nothing is published
-        // from that (the user may be online elsewhere): the write-back will.
-        let (mut st, cached) = match self.inner.cache.get(id).and_then(|c| c.state.clone()) {
+        // Uncached: what this node holds of the user is all it knows. Nothing but a new
+        // session is published from that (the user may be online elsewhere): the
+        // write-back will.
+        let (mut st, trusted) = match self.inner.cache.get(id).and_then(|c| c.state.clone()) {
             Some(s) => (s, true),
             None => {
                 let held = self.held_sessions(id);
@@ -44,18 +46,23 @@ impl ClusterStore {
                 }
                 let mut s = UserState::new(self.inner.node.clone());
                 s.sessions = held;
-                (s, false)
+                // A new session: the user is online here at least, as shown.
+                (s, create)
             }
         };
         tracing::debug!(user = %id, error = %failed, "store unreachable: a session change kept here for the write-back");
         let before = st.published(id);
         let (r, change) = f(&mut st, now);
-        self.inner.cache.put_local(id, st.clone());
+        if trusted {
+            // A state built from an ending on this node's sessions alone is not the
+            // user's: not cached.
+            self.inner.cache.put_local(id, st.clone());
+        }
         self.inner.degraded.dirty.lock().insert(id.clone());
         metrics::counter!(self.inner.bp.names().degraded_local_changes).increment(1);
         // Revision 0: not in the store yet (the write-back gives it one).
         let presence = st.view(id, now);
-        if let Some(kind) = change.event.filter(|_| cached) {
+        if let Some(kind) = change.event.filter(|_| trusted) {
             // This node's watchers only: published to the others, it would reach them when
             // the link heals (a client buffers what it could not send), a transition the
             // store never made. The write-back publishes the one it makes, if any.
