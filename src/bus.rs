@@ -148,6 +148,11 @@ impl Interest {
         s.all > 0 || s.counts.contains_key(id)
     }
 
+    /// Whether something here watches this user by id (not merely every user).
+    pub fn watches(&self, id: &UserId) -> bool {
+        self.state.lock().counts.contains_key(id)
+    }
+
     /// Sequence number of the last change sent to the follower: once the follower has
     /// applied it, events about every user watched before this call reach this node.
     pub fn seq(&self) -> u64 {
@@ -253,9 +258,6 @@ pub struct EventBus {
     /// one per event sink (each node delivers its own transitions, so none is sent
     /// twice). A bounded queue each, filled without waiting: a full one drops and counts.
     taps: Arc<parking_lot::RwLock<Vec<Tap>>>,
-    /// "Events may have been missed" (a backend's subscriptions were interrupted): local
-    /// watchers need fresh state.
-    resync: broadcast::Sender<()>,
     typing: broadcast::Sender<Typing>,
     directory: broadcast::Sender<DirectoryChanged>,
     interest: Interest,
@@ -268,8 +270,7 @@ impl EventBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
         let (typing, _) = broadcast::channel(capacity.max(1));
         let (directory, _) = broadcast::channel(capacity.clamp(1, 4096));
-        let (resync, _) = broadcast::channel(16);
-        EventBus { tx, taps: Arc::default(), resync, typing, directory, interest: Interest::default(), published: Arc::default() }
+        EventBus { tx, taps: Arc::default(), typing, directory, interest: Interest::default(), published: Arc::default() }
     }
 
     /// How many events were published so far (local and relayed).
@@ -311,16 +312,6 @@ impl EventBus {
 
     pub fn publish_typing(&self, t: Typing) {
         let _ = self.typing.send(t);
-    }
-
-    /// Says that events may have been missed (a backend's subscriptions were cut and
-    /// came back): local watchers get fresh state.
-    pub fn request_resync(&self) {
-        let _ = self.resync.send(());
-    }
-
-    pub fn subscribe_resync(&self) -> broadcast::Receiver<()> {
-        self.resync.subscribe()
     }
 
     pub fn subscribe_typing(&self) -> broadcast::Receiver<Typing> {

@@ -194,7 +194,7 @@ pub const METRICS: &[Metric] = &[
         "WebSocket connections closed or pushes lost, by reason.",
         &[&[("reason", "slow_consumer")], &[("reason", "write_timeout")], &[("reason", "bus_lag")]]
     ),
-    m!("ws_resyncs_total", Counter, All, "Fresh snapshots sent to every connection after the hub fell behind the event bus, or the node's subscriptions to the cluster's engine were interrupted."),
+    m!("ws_resyncs_total", Counter, All, "Fresh snapshots sent to every connection after the hub fell behind the event bus."),
     m!("ws_conversation_rooms", Gauge, All, "Conversations this node's WebSocket connections follow (one room each, whatever the viewers)."),
     m!("ws_conversation_pushes_total", Counter, All, "conversation_presence messages queued for WebSocket viewers."),
     m!("ws_stale_closed_total", Counter, All, "WebSocket connections closed with 4002 (no traffic within session_ttl)."),
@@ -276,6 +276,7 @@ pub const METRICS: &[Metric] = &[
     m!("nats_lease_renewed_at_seconds", Gauge, Nats, "Unix time of this node's last lease renewal."),
     m!("nats_degraded_local_changes_total", Counter, Nats, "Session changes kept locally while degraded."),
     m!("nats_sessions_repaired_total", Counter, Nats, "Users whose stored record lacked a session a connection here holds, written again (anti-entropy)."),
+    m!("nats_events_made_up_total", Counter, Nats, "Events made up after this node's subscriptions to the engine were interrupted: a watched user's stored state was newer than what its watchers were given."),
     m!("nats_sessions_adopted_total", Counter, Nats, "Sessions of a drained or dead node this node took over, held for the offline grace."),
     m!("nats_directory_rewatch_total", Counter, Nats, "Times the directory watch was opened again after it ended."),
     m!("nats_slow_consumer_total", Counter, Nats, "NATS slow-consumer notices."),
@@ -297,6 +298,7 @@ pub const METRICS: &[Metric] = &[
     m!("redis_lease_renewed_at_seconds", Gauge, Redis, "Unix time of this node's last lease renewal."),
     m!("redis_degraded_local_changes_total", Counter, Redis, "Session changes kept locally while degraded."),
     m!("redis_sessions_repaired_total", Counter, Redis, "Users whose stored record lacked a session a connection here holds, written again (anti-entropy)."),
+    m!("redis_events_made_up_total", Counter, Redis, "Events made up after this node's subscriptions to the engine were interrupted: a watched user's stored state was newer than what its watchers were given."),
     m!("redis_sessions_adopted_total", Counter, Redis, "Sessions of a drained or dead node this node took over, held for the offline grace."),
     m!("redis_directory_rewatch_total", Counter, Redis, "Times the directory was read again after its change stream was interrupted."),
     m!("redis_script_loads_total", Counter, Redis, "Lua scripts (re)loaded after a NOSCRIPT answer (a restarted or failed-over Redis)."),
@@ -521,6 +523,7 @@ mod tests {
                 n.lease_renewed_at,
                 n.degraded_local_changes,
                 n.repairs,
+                n.made_up,
                 n.adopted,
                 n.directory_rewatch,
             ] {

@@ -505,6 +505,8 @@ on_engines!(a_node_back_on_the_engine_resyncs_its_watchers: nats, redis);
 async fn a_node_back_on_the_engine_resyncs_its_watchers(mut e: Engine) {
     use futures_util::StreamExt;
     use presenced::grpc::pb;
+    // The nodes' logs, shown if the test fails (an outage's order of events is timing).
+    let _ = tracing_subscriber::fmt().with_env_filter("presenced=debug").with_test_writer().try_init();
     // Renewals every half second: the write-backs that follow the restart come soon.
     let fast = ("PRESENCE_PRESENCE__NODE_LEASE_TTL", "1500ms");
     let a = e.node_with("node-a", &[NO_GRACE, fast]).await;

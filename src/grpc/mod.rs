@@ -598,9 +598,6 @@ impl Forwarder {
         let mut shutdown = self.shutdown.clone();
         let buffer = self.svc.limits.grpc_watch_buffer;
         let mut directory = self.directory.take();
-        // Events were lost on their way to this node (its subscriptions to the engine were
-        // interrupted): every watched user is read and sent again.
-        let mut resync = Some(self.svc.bus.subscribe_resync());
         // Snapshot still to send: `to_snapshot[cursor..]` (the watched users, then those
         // who joined a conversation since), and a chunk read ahead.
         let mut to_snapshot: Vec<UserId> = self.watched.clone();
@@ -674,18 +671,6 @@ impl Forwarder {
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => directory = None,
-                },
-                again = async {
-                    match resync.as_mut() {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => match again {
-                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        to_snapshot = self.watched.clone();
-                        cursor = 0;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => resync = None,
                 },
                 ev = events.recv() => match ev {
                     Ok(ev) => {

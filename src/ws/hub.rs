@@ -311,14 +311,6 @@ impl Hub {
                 }
             }
         });
-        let mut resync = bus.subscribe_resync();
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            while let Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) = resync.recv().await {
-                let Some(hub) = weak.upgrade() else { return };
-                hub.resync();
-            }
-        });
         let weak = Arc::downgrade(self);
         let every = self.limits.conversation_interval;
         tokio::spawn(async move {

@@ -393,17 +393,19 @@ impl Watcher {
 
     /// The next pushed presence of anyone (its `payload`), within 5 s.
     pub async fn next_any(&mut self) -> serde_json::Value {
+        self.next_any_until(tokio::time::Instant::now() + Duration::from_secs(5)).await.expect("a push within 5s")
+    }
+
+    /// The next pushed presence of anyone (its `payload`) before `deadline`, whatever
+    /// other frames come meanwhile; `None` if none came.
+    pub async fn next_any_until(&mut self, deadline: tokio::time::Instant) -> Option<serde_json::Value> {
         use futures_util::StreamExt;
         loop {
-            let m = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
-                .await
-                .expect("a push within 5s")
-                .expect("open")
-                .expect("frame");
+            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?.expect("open").expect("frame");
             if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
                 let v: serde_json::Value = serde_json::from_str(&t).expect("JSON push");
                 if v["type"] == "presence_update" {
-                    return v["payload"].clone();
+                    return Some(v["payload"].clone());
                 }
             }
         }

@@ -116,6 +116,9 @@ pub struct Names {
     pub degraded_local_changes: &'static str,
     /// Users whose stored record lacked a session held here, written again.
     pub repairs: &'static str,
+    /// Events made up after this node's subscriptions were interrupted (a watched user's
+    /// stored state newer than what its watchers were given).
+    pub made_up: &'static str,
     /// Sessions of a drained or dead node adopted here.
     pub adopted: &'static str,
     pub directory_rewatch: &'static str,

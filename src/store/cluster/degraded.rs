@@ -67,6 +67,7 @@ impl ClusterStore {
             // the link heals (a client buffers what it could not send), a transition the
             // store never made. The write-back publishes the one it makes, if any.
             self.inner.degraded.shown.lock().insert(id.clone(), presence.clone());
+            self.inner.order.lock().show(&presence);
             self.inner.bus.publish(Event { kind, presence: presence.clone(), before, at: now });
         }
         Ok(Some((r, presence)))
@@ -111,8 +112,12 @@ impl ClusterStore {
                     }
                 }
             }
+            // Held as of the write (under the user's write lock): a session that ended
+            // while this write waited for the lock is not written back.
+            let mut held = held;
             let r = self
                 .apply(user, live, |s, now| {
+                    held = self.held_sessions(user);
                     let (change, forget) = s.sync_node(&node, &held, &node, now);
                     (forget, change)
                 })

@@ -9,21 +9,93 @@
 //!
 //! The memory is bounded by time, not by users: an entry is kept for `keep_ms` after its
 //! last event (reordering happens within milliseconds), then forgotten.
+//!
+//! Apart from that, for each user this node watches, it keeps what its watchers were
+//! last shown ([`Shown`]: the first read after the user was watched, their snapshots,
+//! then every event published here). After the node's subscriptions were interrupted, a
+//! user whose stored state is newer and looks different had an event this node missed
+//! ([`super::ClusterStore::catch_up`]).
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
-use crate::core::{Millis, UserId};
+use crate::core::{Millis, Presence, Status, UserId};
 
 #[derive(Debug)]
 pub struct EventOrder {
     last: HashMap<UserId, (u64, Millis)>,
     keep_ms: i64,
     pruned_at: Millis,
+    /// Watched users: what their watchers were shown (`None`: not read yet).
+    shown: HashMap<UserId, Option<Shown>>,
+}
+
+/// What the watchers of a user were last shown, in brief.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shown {
+    /// The newest revision shown (a change made here while cut off has none: kept).
+    pub revision: u64,
+    /// Any status but offline.
+    pub online: bool,
+    /// A digest of what a watcher sees (status, message, devices, times of the status),
+    /// not of what changes without an event (`last_seen`, the node).
+    pub view: u64,
+}
+
+impl Shown {
+    pub fn of(p: &Presence) -> Shown {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (p.status, &p.message, p.appear_offline, p.device_count, p.expires_at, p.idle_since).hash(&mut h);
+        for d in p.devices.iter() {
+            (&d.device_id, d.platform, d.active, d.idle_since).hash(&mut h);
+        }
+        Shown { revision: p.revision, online: p.status != Status::Offline, view: h.finish() }
+    }
+
+    /// Whether `p`, stored, is a state its watchers were not shown.
+    pub fn missed(&self, p: &Presence) -> bool {
+        p.revision > self.revision && Shown::of(p).view != self.view
+    }
 }
 
 impl EventOrder {
     pub fn new(keep_ms: i64) -> EventOrder {
-        EventOrder { last: HashMap::new(), keep_ms: keep_ms.max(1), pruned_at: 0 }
+        EventOrder { last: HashMap::new(), keep_ms: keep_ms.max(1), pruned_at: 0, shown: HashMap::new() }
+    }
+
+    /// `user` is watched here from now on (`false`: no longer).
+    pub fn watch(&mut self, user: &UserId, on: bool) {
+        if on {
+            self.shown.entry(user.clone()).or_insert(None);
+        } else {
+            self.shown.remove(user);
+        }
+    }
+
+    /// A read of `user` (`None`: no record): the watchers' snapshot if it is the first
+    /// since the user was watched (later reads are not what earlier watchers were given).
+    pub fn read(&mut self, user: &UserId, p: Option<&Presence>) {
+        if let Some(shown @ None) = self.shown.get_mut(user) {
+            *shown = Some(p.map_or(Shown { revision: 0, online: false, view: 0 }, Shown::of));
+        }
+    }
+
+    /// `p` was published to this node's watchers (or they were shown it already).
+    pub fn show(&mut self, p: &Presence) {
+        if let Some(shown) = self.shown.get_mut(&p.user_id) {
+            let revision = shown.map_or(0, |s| s.revision).max(p.revision);
+            *shown = Some(Shown { revision, ..Shown::of(p) });
+        }
+    }
+
+    /// Each watched user with what its watchers were shown (`None`: never read).
+    pub fn shown(&self) -> Vec<(UserId, Option<Shown>)> {
+        self.shown.iter().map(|(u, s)| (u.clone(), *s)).collect()
+    }
+
+    /// What `user`'s watchers were shown, if watched and read.
+    pub fn shown_of(&self, user: &UserId) -> Option<Shown> {
+        self.shown.get(user).copied().flatten()
     }
 
     /// Whether an event of `user` at `revision` is newer than every one admitted so far
@@ -86,6 +158,39 @@ mod tests {
         assert!(o.admit(&u("b"), 5, 3), "per user");
         assert!(o.admit(&u("a"), 7, 4));
         assert!(o.admit(&u("a"), 0, 5) && o.admit(&u("a"), 0, 6), "unknown revisions always pass");
+    }
+
+    fn at(user: &str, status: Status, revision: u64) -> Presence {
+        Presence { status, revision, ..Presence::unknown(u(user), std::sync::Arc::from("n")) }
+    }
+
+    #[test]
+    fn watched_users_keep_what_their_watchers_were_shown() {
+        let mut o = EventOrder::new(1_000);
+        o.show(&at("a", Status::Online, 3));
+        assert_eq!(o.shown_of(&u("a")), None, "not watched: nothing kept");
+        o.watch(&u("a"), true);
+        o.read(&u("a"), Some(&at("a", Status::Online, 4)));
+        o.read(&u("a"), Some(&at("a", Status::Offline, 9)));
+        let first = o.shown_of(&u("a")).unwrap();
+        assert_eq!((first.revision, first.online), (4, true), "the first read is the watchers' snapshot; later ones are not theirs");
+        o.show(&at("a", Status::Away, 6));
+        assert_eq!(o.shown_of(&u("a")).map(|s| (s.revision, s.online)), Some((6, true)), "then each event published");
+        // A change made here while cut off (no revision yet): its view, the revision kept.
+        o.show(&at("a", Status::Offline, 0));
+        let s = o.shown_of(&u("a")).unwrap();
+        assert_eq!((s.revision, s.online), (6, false));
+        // Stored later: missed only if it looks different from what was shown.
+        assert!(!s.missed(&at("a", Status::Offline, 8)), "the write-back of what was shown");
+        assert!(s.missed(&at("a", Status::Online, 8)));
+        assert!(!s.missed(&at("a", Status::Online, 5)), "older than shown");
+        o.admit(&u("b"), 1, 5_000);
+        assert_eq!(o.shown().len(), 1, "kept past the reordering window while watched");
+        o.watch(&u("a"), false);
+        assert!(o.shown().is_empty());
+        o.watch(&u("a"), true);
+        o.read(&u("a"), None);
+        assert_eq!(o.shown_of(&u("a")).map(|s| s.online), Some(false), "no record: shown offline");
     }
 
     #[test]

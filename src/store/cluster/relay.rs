@@ -41,8 +41,11 @@ use tokio::sync::mpsc;
 
 use super::{unavailable, ClusterStore, Inner, WireEvent};
 use crate::bus::{Interest, InterestChange, Typing};
-use crate::core::UserId;
+use crate::core::{Event, EventKind, Presence, Status, UserId};
 use crate::store::StoreError;
+
+/// Watched users read at once by [`ClusterStore::catch_up`].
+const CATCH_UP_CHUNK: usize = 256;
 
 /// A typing indicator on the wire.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -107,9 +110,13 @@ fn relay(inner: &Arc<Inner>, payload: &[u8], filter: bool) {
                 inner.cache.invalidate(&ev.presence.user_id);
                 // Older than what this node already published or relayed: a late arrival.
                 let now = inner.clock.now();
-                if !inner.order.lock().admit(&ev.presence.user_id, ev.presence.revision, now) {
-                    metrics::counter!(names.events_out_of_order).increment(1);
-                    return;
+                {
+                    let mut order = inner.order.lock();
+                    if !order.admit(&ev.presence.user_id, ev.presence.revision, now) {
+                        metrics::counter!(names.events_out_of_order).increment(1);
+                        return;
+                    }
+                    order.show(&ev.presence);
                 }
                 // Anti-entropy: the store says a device is gone whose connection is live
                 // here (one hash lookup per event, for users connected here).
@@ -132,6 +139,17 @@ fn relay(inner: &Arc<Inner>, payload: &[u8], filter: bool) {
 /// does not flap. `0` never.
 fn wants_all(now_all: bool, watched: usize, threshold: usize) -> bool {
     threshold > 0 && if now_all { watched > threshold / 2 } else { watched > threshold }
+}
+
+/// Tells the event order which users are watched here (see what
+/// [`super::order::EventOrder`] keeps of what they were shown).
+fn note_watch(inner: &std::sync::Weak<Inner>, change: &InterestChange) {
+    let Some(inner) = inner.upgrade() else { return };
+    match change {
+        InterestChange::Watch(u) => inner.order.lock().watch(u, true),
+        InterestChange::Unwatch(u) => inner.order.lock().watch(u, false),
+        InterestChange::All(_) => {}
+    }
 }
 
 /// Applies an interest change to the loop's copy only: while the feed takes every user's
@@ -177,7 +195,7 @@ async fn switch_all(feed: &mut dyn super::backplane::Feed, on: bool, watched: &H
 
 impl ClusterStore {
     /// After each interruption of this node's subscriptions (see the module's doc): the
-    /// cache is read through again and the local watchers resynchronised.
+    /// cache is read through again and the events missed meanwhile made up.
     pub(super) fn follow_resumes(&self) {
         let mut resumed = self.inner.bp.resumed();
         let weak = Arc::downgrade(&self.inner);
@@ -196,10 +214,104 @@ impl ClusterStore {
                 let Some(inner) = weak.upgrade() else { return };
                 tracing::info!(backend = inner.bp.names().backend, "subscriptions back after an interruption: reading watched users again");
                 inner.cache.invalidate_all();
-                inner.bus.request_resync();
+                let store = ClusterStore { inner };
+                store.catch_up().await;
             }
         });
         self.inner.tasks.lock().push(h);
+    }
+
+    /// Reads every user watched here again and, for each whose stored state is newer than
+    /// what its watchers were shown and looks different, publishes an event locally (made
+    /// up: its own was published while this node could not hear it). Only what changed is
+    /// sent, once per user, through the path every event takes (WebSocket pushes, rooms,
+    /// gRPC streams).
+    ///
+    /// A record missing from the store may have been lost with its data (a Redis
+    /// restarted empty): the nodes holding the user's sessions write them again when they
+    /// find their lease lost, within a lease period. A user shown online whose record is
+    /// missing is made up offline only if it is still missing then (and nothing showed
+    /// the user offline meanwhile).
+    pub(super) async fn catch_up(&self) {
+        let all = self.inner.order.lock().shown();
+        let interest = self.inner.bus.interest();
+        let (shown, stale): (Vec<_>, Vec<_>) = all.into_iter().partition(|(u, _)| interest.watches(u));
+        {
+            // Entries of users no longer watched (a read that raced the last unwatch).
+            let mut order = self.inner.order.lock();
+            for (u, _) in &stale {
+                order.watch(u, false);
+            }
+        }
+        let ids: Vec<UserId> = shown.into_iter().filter(|(_, s)| s.is_some()).map(|(u, _)| u).collect();
+        let mut missing = Vec::new();
+        let mut made = 0;
+        for chunk in ids.chunks(CATCH_UP_CHUNK) {
+            let Some(found) = self.read_for_catch_up(chunk).await else { return };
+            for (user, p) in chunk.iter().zip(found) {
+                let Some(shown) = self.inner.order.lock().shown_of(user) else { continue };
+                match p {
+                    Some(p) if shown.missed(&p) => made += usize::from(self.make_up(p)),
+                    None if shown.online => missing.push(user.clone()),
+                    _ => {}
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let wait = self.inner.opts.lease_ttl_ms + 2 * self.inner.opts.tick_ms;
+            tokio::time::sleep(std::time::Duration::from_millis(u64::try_from(wait).unwrap_or(0))).await;
+            for chunk in missing.chunks(CATCH_UP_CHUNK) {
+                let Some(found) = self.read_for_catch_up(chunk).await else { return };
+                for (user, p) in chunk.iter().zip(found) {
+                    let Some(shown) = self.inner.order.lock().shown_of(user) else { continue };
+                    match p {
+                        Some(p) if shown.missed(&p) => made += usize::from(self.make_up(p)),
+                        None if shown.online => {
+                            made += usize::from(self.make_up(Presence::unknown(user.clone(), self.inner.node.clone())));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        metrics::counter!(self.inner.bp.names().made_up).increment(made as u64);
+        tracing::info!(watched = ids.len(), made_up = made, "caught up after the interruption");
+    }
+
+    /// Reads `users` from the store (a few tries: it answered a moment ago).
+    async fn read_for_catch_up(&self, ids: &[UserId]) -> Option<Vec<Option<Presence>>> {
+        for attempt in 1..=5u64 {
+            match self.read_many(ids, true).await {
+                Ok(found) => return Some(found),
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "could not read watched users after an interruption; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Publishes `p` locally as an event whose own did not reach this node. Its `before`
+    /// differs from it in status, so every watcher whose view of the user is not the same
+    /// either way is told (each sees it through privacy, as any event).
+    fn make_up(&self, p: Presence) -> bool {
+        let now = self.inner.clock.now();
+        {
+            let mut order = self.inner.order.lock();
+            if !order.admit(&p.user_id, p.revision, now) {
+                return false; // its own event arrived meanwhile
+            }
+            order.show(&p);
+        }
+        let (kind, other) = if p.status == Status::Offline {
+            (EventKind::UserOffline, Status::Online)
+        } else {
+            (EventKind::PresenceUpdated, Status::Offline)
+        };
+        let before = Presence { status: other, ..p.clone() };
+        self.inner.bus.publish_relayed(Event { kind, presence: p, before, at: now });
+        true
     }
 
     /// Follows the bus's interest with subscriptions and relays what arrives.
@@ -227,6 +339,7 @@ impl ClusterStore {
                         let mut last = 0;
                         while let Some((seq, change)) = batch.pop_front() {
                             last = seq;
+                            note_watch(&weak, &change);
                             match change {
                                 InterestChange::Watch(u) => {
                                     if watched.insert(u.clone()) && !all {
@@ -258,6 +371,7 @@ impl ClusterStore {
                                         },
                                     };
                                     last = next.0;
+                                    note_watch(&weak, &next.1);
                                     absorb(&mut watched, &mut asked_all, next.1);
                                 }
                                 want = asked_all || wants_all(all, watched.len(), threshold);

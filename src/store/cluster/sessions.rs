@@ -365,7 +365,14 @@ impl ClusterStore {
             .await?;
         let removed = r.as_ref().is_some_and(|(removed, _)| *removed);
         if !removed {
-            // A newer registration of the device (or none at all): nothing of ours ended.
+            // A newer registration of the device (or none at all): nothing of ours ended
+            // in the store. This node's registration of it, if it holds one, is over all
+            // the same: a write-back must not bring it back (a store restarted empty has
+            // no record to end it in, and the node's lost lease has its sessions written
+            // again).
+            if self.inner.owned.lock().remove_tagged(id, device, sid).is_some() {
+                self.index_end(id).await;
+            }
             return Ok(false);
         }
         let tag = owner.as_ref().map(|(_, t)| *t);

@@ -121,9 +121,13 @@ impl ClusterStore {
     pub(super) async fn emit(&self, change: &Change, presence: &Presence, before: Presence, now: Millis) {
         let Some(kind) = change.event else { return };
         let names = self.inner.bp.names();
-        if !self.inner.order.lock().admit(&presence.user_id, presence.revision, now) {
-            metrics::counter!(names.events_out_of_order).increment(1);
-            return;
+        {
+            let mut order = self.inner.order.lock();
+            if !order.admit(&presence.user_id, presence.revision, now) {
+                metrics::counter!(names.events_out_of_order).increment(1);
+                return;
+            }
+            order.show(presence);
         }
         let ev = Event { kind, presence: presence.clone(), before, at: now };
         if let Ok(payload) = serde_json::to_vec(&super::WireEvent::of(&ev)) {
@@ -279,6 +283,17 @@ impl ClusterStore {
         let mut out = Vec::with_capacity(ids.len());
         for (id, st) in ids.iter().zip(states) {
             out.push(st?.map(|(s, revision)| Presence { revision, ..s.view(id, now) }));
+        }
+        // The first read of a watched user is its watchers' snapshot (see EventOrder).
+        let interest = self.inner.bus.interest();
+        let watched: Vec<(&UserId, Option<&Presence>)> =
+            ids.iter().zip(&out).filter(|(id, _)| interest.watches(id)).map(|(id, p)| (id, p.as_ref())).collect();
+        if !watched.is_empty() {
+            let mut order = self.inner.order.lock();
+            for (id, p) in watched {
+                order.watch(id, true);
+                order.read(id, p);
+            }
         }
         Ok(out)
     }

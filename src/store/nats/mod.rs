@@ -68,6 +68,7 @@ pub static NAMES: Names = Names {
     lease_renewed_at: "nats_lease_renewed_at_seconds",
     degraded_local_changes: "nats_degraded_local_changes_total",
     repairs: "nats_sessions_repaired_total",
+    made_up: "nats_events_made_up_total",
     adopted: "nats_sessions_adopted_total",
     directory_rewatch: "nats_directory_rewatch_total",
     degraded_reason: DEGRADED,

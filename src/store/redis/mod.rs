@@ -64,6 +64,7 @@ pub static NAMES: Names = Names {
     lease_renewed_at: "redis_lease_renewed_at_seconds",
     degraded_local_changes: "redis_degraded_local_changes_total",
     repairs: "redis_sessions_repaired_total",
+    made_up: "redis_events_made_up_total",
     adopted: "redis_sessions_adopted_total",
     directory_rewatch: "redis_directory_rewatch_total",
     degraded_reason: DEGRADED,

@@ -69,11 +69,12 @@ impl Check<'_> {
         let departures: Vec<(usize, Gap)> =
             all_gaps.iter().enumerate().flat_map(|(u, gs)| gs.iter().filter(|g| g.end.is_none()).map(move |g| (u, *g))).collect();
         let (mut false_offline, mut cut_off, mut false_online, mut duplicates) = (0, 0, 0, 0);
+        let mut duplicate_details = Vec::new();
         let mut observations = 0;
         for log in self.logs {
             let node = &log.node;
             observations += log.seen.len();
-            let mut last: HashMap<usize, bool> = HashMap::new();
+            let mut last: HashMap<usize, (bool, i64)> = HashMap::new();
             let mut conn = usize::MAX;
             for s in log.seen.iter().filter(|s| s.at >= self.start) {
                 if s.conn != conn {
@@ -81,7 +82,7 @@ impl Check<'_> {
                     conn = s.conn;
                     last.clear();
                 }
-                let prev = last.insert(s.user, s.online);
+                let (prev, prev_at) = last.insert(s.user, (s.online, s.at)).map_or((None, None), |(o, at)| (Some(o), Some(at)));
                 if s.snapshot {
                     // A snapshot after a watcher (re)subscribed: compared with the
                     // truth, not counted as a repeat.
@@ -90,6 +91,19 @@ impl Check<'_> {
                     }
                 } else if prev == Some(s.online) {
                     duplicates += 1;
+                    if duplicate_details.len() < 10 {
+                        let rel = |t: i64| t - self.start;
+                        let cut = self
+                            .cut
+                            .map_or(String::new(), |(f, t, n)| format!(" (node {n} cut at +{} ms, healed at +{} ms)", rel(f), rel(t)));
+                        duplicate_details.push(format!(
+                            "node {node}: user {} shown {} again at +{} ms (before at +{} ms){cut}",
+                            s.user,
+                            if s.online { "online" } else { "offline" },
+                            rel(s.at),
+                            prev_at.map_or(0, rel),
+                        ));
+                    }
                     continue;
                 }
                 let justified =
@@ -206,6 +220,7 @@ impl Check<'_> {
             converge_ms: None,
             read_mismatches: 0,
             mismatch_details: Vec::new(),
+            duplicate_details,
             observations,
         }
     }

@@ -230,6 +230,9 @@ pub struct Report {
     /// Each mismatched read of the final check: node, user, what it read, and the
     /// user's lived truth (so a failing run says which read lied).
     pub mismatch_details: Vec<String>,
+    /// The first duplicates (a watcher shown the same online-ness twice in a row):
+    /// node, user, when, and when the one before came.
+    pub duplicate_details: Vec<String>,
     pub observations: usize,
 }
 
@@ -298,6 +301,9 @@ fn print_report(r: &Report) {
     );
     for d in &r.mismatch_details {
         println!("  read mismatch: {d}");
+    }
+    for d in &r.duplicate_details {
+        println!("  duplicate: {d}");
     }
 }
 
