@@ -153,6 +153,12 @@ impl Interest {
         self.state.lock().counts.contains_key(id)
     }
 
+    /// [`Interest::watches`] for each of `ids`, under one lock.
+    pub fn watches_each(&self, ids: &[UserId]) -> Vec<bool> {
+        let s = self.state.lock();
+        ids.iter().map(|id| s.counts.contains_key(id)).collect()
+    }
+
     /// Sequence number of the last change sent to the follower: once the follower has
     /// applied it, events about every user watched before this call reach this node.
     pub fn seq(&self) -> u64 {

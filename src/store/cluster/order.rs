@@ -7,17 +7,18 @@
 //! applied them in arrival order would end on a stale state. So each node admits, per
 //! user, only events newer than the last one it admitted.
 //!
-//! The memory is bounded by time, not by users: an entry is kept for `keep_ms` after its
-//! last event (reordering happens within milliseconds), then forgotten.
+//! The revisions' memory is bounded by time, not by users: an entry is kept for `keep_ms`
+//! after its last event (reordering happens within milliseconds), then forgotten.
 //!
-//! Apart from that, for each user this node watches, it keeps what its watchers were
-//! last shown ([`Shown`]: the first read after the user was watched, their snapshots,
-//! then every event published here). After the node's subscriptions were interrupted, a
+//! Apart from that, for each user this node watches (as long as it is watched), it keeps
+//! what its watchers were last shown ([`Shown`]: the first read after the user was
+//! watched, then every event published here). After the node's subscriptions were interrupted, a
 //! user whose stored state is newer and looks different had an event this node missed
 //! ([`super::ClusterStore::catch_up`]).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use crate::core::{Millis, Presence, Status, UserId};
 
@@ -38,7 +39,8 @@ pub struct Shown {
     /// Any status but offline.
     pub online: bool,
     /// A digest of what a watcher sees (status, message, devices, times of the status),
-    /// not of what changes without an event (`last_seen`, the node).
+    /// not of what a write of the same state changes too (`updated_at`, `last_seen`, the
+    /// node): a write-back of what was shown is not a change.
     pub view: u64,
 }
 
@@ -76,7 +78,8 @@ impl EventOrder {
     /// since the user was watched (later reads are not what earlier watchers were given).
     pub fn read(&mut self, user: &UserId, p: Option<&Presence>) {
         if let Some(shown @ None) = self.shown.get_mut(user) {
-            *shown = Some(p.map_or(Shown { revision: 0, online: false, view: 0 }, Shown::of));
+            // No record: the watchers were shown the user as never seen.
+            *shown = Some(p.map_or_else(|| Shown::of(&Presence::unknown(user.clone(), Arc::from(""))), Shown::of));
         }
     }
 
@@ -190,7 +193,9 @@ mod tests {
         assert!(o.shown().is_empty());
         o.watch(&u("a"), true);
         o.read(&u("a"), None);
-        assert_eq!(o.shown_of(&u("a")).map(|s| s.online), Some(false), "no record: shown offline");
+        let s = o.shown_of(&u("a")).unwrap();
+        assert!(!s.online, "no record: shown offline");
+        assert!(!s.missed(&at("a", Status::Offline, 8)), "an offline record written later is what was shown");
     }
 
     #[test]

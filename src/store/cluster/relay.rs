@@ -28,9 +28,10 @@
 //! Events are not replayed: an event published while this node's subscriptions were
 //! down (a reconnect to the engine, a failover) never reaches it. When the backend says
 //! its subscriptions are back ([`super::Backplane::resumed`]), this node drops its cached
-//! states and asks the bus for a resync, so every local watcher and conversation is read
-//! again from the store. The order matters: subscribed first, then read, so a change is
-//! in the read or in an event that follows it.
+//! states and catches up ([`ClusterStore::catch_up`]): it reads every user watched here
+//! again and makes up the events of those whose stored state its watchers were not shown.
+//! The order matters: subscribed first, then read, so a change is in the read or in an
+//! event that follows it.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -39,6 +40,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::order::Shown;
 use super::{unavailable, ClusterStore, Inner, WireEvent};
 use crate::bus::{Interest, InterestChange, Typing};
 use crate::core::{Event, EventKind, Presence, Status, UserId};
@@ -147,7 +149,9 @@ fn note_watch(inner: &std::sync::Weak<Inner>, change: &InterestChange) {
     let Some(inner) = inner.upgrade() else { return };
     match change {
         InterestChange::Watch(u) => inner.order.lock().watch(u, true),
-        InterestChange::Unwatch(u) => inner.order.lock().watch(u, false),
+        // Watched again since (the loop lags behind the interest): kept.
+        InterestChange::Unwatch(u) if !inner.bus.interest().watches(u) => inner.order.lock().watch(u, false),
+        InterestChange::Unwatch(_) => {}
         InterestChange::All(_) => {}
     }
 }
@@ -223,15 +227,19 @@ impl ClusterStore {
 
     /// Reads every user watched here again and, for each whose stored state is newer than
     /// what its watchers were shown and looks different, publishes an event locally (made
-    /// up: its own was published while this node could not hear it). Only what changed is
-    /// sent, once per user, through the path every event takes (WebSocket pushes, rooms,
-    /// gRPC streams).
+    /// up: its own was published while this node could not hear it). Each such user is
+    /// sent once, through the path every event takes (WebSocket pushes, rooms, gRPC
+    /// streams).
+    ///
+    /// Users this node is writing back (changed here while cut off), and users with a
+    /// live connection here that the store does not show, are left to the write-back and
+    /// the repair: their events follow from those.
     ///
     /// A record missing from the store may have been lost with its data (a Redis
     /// restarted empty): the nodes holding the user's sessions write them again when they
     /// find their lease lost, within a lease period. A user shown online whose record is
     /// missing is made up offline only if it is still missing then (and nothing showed
-    /// the user offline meanwhile).
+    /// the user anything else meanwhile).
     pub(super) async fn catch_up(&self) {
         let all = self.inner.order.lock().shown();
         let interest = self.inner.bus.interest();
@@ -240,19 +248,22 @@ impl ClusterStore {
             // Entries of users no longer watched (a read that raced the last unwatch).
             let mut order = self.inner.order.lock();
             for (u, _) in &stale {
-                order.watch(u, false);
+                if !interest.watches(u) {
+                    order.watch(u, false);
+                }
             }
         }
         let ids: Vec<UserId> = shown.into_iter().filter(|(_, s)| s.is_some()).map(|(u, _)| u).collect();
         let mut missing = Vec::new();
         let mut made = 0;
         for chunk in ids.chunks(CATCH_UP_CHUNK) {
-            let Some(found) = self.read_for_catch_up(chunk).await else { return };
-            for (user, p) in chunk.iter().zip(found) {
-                let Some(shown) = self.inner.order.lock().shown_of(user) else { continue };
+            let before: Vec<Option<Shown>> = chunk.iter().map(|u| self.inner.order.lock().shown_of(u)).collect();
+            let found = self.read_for_catch_up(chunk).await;
+            for ((user, p), shown) in chunk.iter().zip(found).zip(before) {
+                let Some(shown) = shown else { continue };
                 match p {
-                    Some(p) if shown.missed(&p) => made += usize::from(self.make_up(p)),
-                    None if shown.online => missing.push(user.clone()),
+                    Some(p) if shown.missed(&p) => made += usize::from(self.make_up(p, shown)),
+                    None if shown.online => missing.push((user.clone(), shown)),
                     _ => {}
                 }
             }
@@ -261,14 +272,12 @@ impl ClusterStore {
             let wait = self.inner.opts.lease_ttl_ms + 2 * self.inner.opts.tick_ms;
             tokio::time::sleep(std::time::Duration::from_millis(u64::try_from(wait).unwrap_or(0))).await;
             for chunk in missing.chunks(CATCH_UP_CHUNK) {
-                let Some(found) = self.read_for_catch_up(chunk).await else { return };
-                for (user, p) in chunk.iter().zip(found) {
-                    let Some(shown) = self.inner.order.lock().shown_of(user) else { continue };
+                let ids: Vec<UserId> = chunk.iter().map(|(u, _)| u.clone()).collect();
+                let found = self.read_for_catch_up(&ids).await;
+                for ((user, shown), p) in chunk.iter().zip(found) {
                     match p {
-                        Some(p) if shown.missed(&p) => made += usize::from(self.make_up(p)),
-                        None if shown.online => {
-                            made += usize::from(self.make_up(Presence::unknown(user.clone(), self.inner.node.clone())));
-                        }
+                        Some(p) if shown.missed(&p) => made += usize::from(self.make_up(p, *shown)),
+                        None => made += usize::from(self.make_up(Presence::unknown(user.clone(), self.inner.node.clone()), *shown)),
                         _ => {}
                     }
                 }
@@ -278,38 +287,57 @@ impl ClusterStore {
         tracing::info!(watched = ids.len(), made_up = made, "caught up after the interruption");
     }
 
-    /// Reads `users` from the store (a few tries: it answered a moment ago).
-    async fn read_for_catch_up(&self, ids: &[UserId]) -> Option<Vec<Option<Presence>>> {
-        for attempt in 1..=5u64 {
+    /// Reads `ids` from the store itself: retried until it answers with the breaker
+    /// closed (a read while it is open comes from the cache, emptied for the catch-up:
+    /// every user would read as missing).
+    async fn read_for_catch_up(&self, ids: &[UserId]) -> Vec<Option<Presence>> {
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
             match self.read_many(ids, true).await {
-                Ok(found) => return Some(found),
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "could not read watched users after an interruption; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
-                }
+                Ok(found) if !self.inner.degraded.breaker.is_open() => return found,
+                Ok(_) => tracing::debug!(attempt, "the store went away during the catch-up's read; reading again"),
+                Err(e) => tracing::warn!(error = %e, attempt, "could not read watched users after an interruption; retrying"),
             }
+            tokio::time::sleep(std::time::Duration::from_secs(attempt.min(5))).await;
         }
-        None
     }
 
-    /// Publishes `p` locally as an event whose own did not reach this node. Its `before`
-    /// differs from it in status, so every watcher whose view of the user is not the same
-    /// either way is told (each sees it through privacy, as any event).
-    fn make_up(&self, p: Presence) -> bool {
+    /// Publishes `p` locally as an event whose own did not reach this node, unless what
+    /// the user's watchers were shown changed since `shown` was taken (a newer event came
+    /// meanwhile), the user is being written back from here, or the store lost a live
+    /// session of theirs here (repaired instead: its write publishes).
+    fn make_up(&self, p: Presence, shown: Shown) -> bool {
         let now = self.inner.clock.now();
+        let user = p.user_id.clone();
+        if self.inner.degraded.dirty.lock().contains(&user) {
+            return false;
+        }
+        if self.inner.owned.lock().missing_from(&user, &p.devices, now) {
+            self.repair(&user);
+            return false;
+        }
         {
             let mut order = self.inner.order.lock();
-            if !order.admit(&p.user_id, p.revision, now) {
-                return false; // its own event arrived meanwhile
+            if order.shown_of(&user) != Some(shown) || !order.admit(&user, p.revision, now) {
+                return false; // its own event, or a newer one, arrived meanwhile
             }
             order.show(&p);
         }
-        let (kind, other) = if p.status == Status::Offline {
-            (EventKind::UserOffline, Status::Online)
-        } else {
-            (EventKind::PresenceUpdated, Status::Offline)
+        let online = p.status != Status::Offline;
+        let kind = match (online, shown.online) {
+            (false, _) => EventKind::UserOffline,
+            (true, false) => EventKind::UserOnline,
+            (true, true) => EventKind::PresenceUpdated,
         };
-        let before = Presence { status: other, ..p.clone() };
+        // What the watchers had is known in brief only: each who sees the user differently
+        // now than an opposite status would show is told.
+        let before = match (online, shown.online) {
+            (true, _) => Presence { status: Status::Offline, appear_offline: false, ..p.clone() },
+            (false, true) => Presence { status: Status::Online, appear_offline: false, ..p.clone() },
+            (false, false) => p.clone(),
+        };
+        self.inner.degraded.shown.lock().remove(&user);
         self.inner.bus.publish_relayed(Event { kind, presence: p, before, at: now });
         true
     }

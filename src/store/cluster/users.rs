@@ -285,16 +285,16 @@ impl ClusterStore {
             out.push(st?.map(|(s, revision)| Presence { revision, ..s.view(id, now) }));
         }
         // The first read of a watched user is its watchers' snapshot (see EventOrder).
-        let interest = self.inner.bus.interest();
-        let watched: Vec<(&UserId, Option<&Presence>)> =
-            ids.iter().zip(&out).filter(|(id, _)| interest.watches(id)).map(|(id, p)| (id, p.as_ref())).collect();
-        if !watched.is_empty() {
-            let mut order = self.inner.order.lock();
-            for (id, p) in watched {
+        // (Under the order's lock, so an unwatch seen meanwhile is not undone.)
+        let mut order = self.inner.order.lock();
+        let watched = self.inner.bus.interest().watches_each(ids);
+        for ((id, p), watched) in ids.iter().zip(&out).zip(watched) {
+            if watched {
                 order.watch(id, true);
-                order.read(id, p);
+                order.read(id, p.as_ref());
             }
         }
+        drop(order);
         Ok(out)
     }
 }
