@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::push_queue::{CloseRequest, PushKey, PushQueue};
 use crate::core::{DeviceId, Platform, UserId};

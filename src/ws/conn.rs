@@ -10,9 +10,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::client::Client;
 use super::hub::Hub;
@@ -25,10 +26,11 @@ use crate::error::ApiError;
 use crate::service::sessions::Leave;
 use crate::service::{Service, StatusWrite};
 
-/// What the connection loop reads from and writes to: axum's `WebSocket`, or a test's.
-pub trait Socket: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send {}
+/// What the connection loop reads from and writes to: the upgraded socket
+/// ([`super::upgrade::WsSocket`]), or a test's.
+pub trait Socket: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin + Send {}
 
-impl<S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin + Send> Socket for S {}
+impl<S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin + Send> Socket for S {}
 
 /// Runs a connection (connected to the hub before the upgrade) to its end.
 ///
@@ -60,7 +62,7 @@ pub fn run<S: Socket>(
 }
 
 async fn close_with(socket: &mut impl Socket, code: u16, reason: &'static str) {
-    let close = socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })));
+    let close = socket.send(Message::Close(Some(CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) })));
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
 }
 
@@ -166,7 +168,7 @@ async fn run_loop(svc: &Arc<Service>, hub: &Arc<Hub>, conn: &Arc<Client>, who: &
                     Message::Binary(_) => {
                         conn.push(protocol::error(&None, "bad_request", "binary frames are not supported: send JSON text frames"));
                     }
-                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     Message::Close(_) => return Exit::Closed(None),
                 }
                 // Any traffic keeps the session alive (a browser that only answers pings,
@@ -232,8 +234,8 @@ async fn write_batch(socket: &mut impl Socket, batch: &mut Vec<Utf8Bytes>, ttl: 
         }
     }
     metrics::counter!("ws_messages_out_total").increment(n);
-    if batch.capacity() > 8 {
-        batch.shrink_to(8);
+    if batch.capacity() > 4 {
+        batch.shrink_to(4);
     }
     None
 }
@@ -248,10 +250,9 @@ fn ping_after(heartbeat: std::time::Duration, ttl: std::time::Duration) -> std::
 /// The close frame a read error calls for (RFC 6455 §7.4.1): 1009 for an oversize
 /// frame or message, 1002 for a protocol violation, 1007 for a text frame that is not
 /// UTF-8. `None` when the connection is simply gone.
-fn read_error(e: axum::Error) -> Option<(u16, &'static str)> {
+fn read_error(e: WsError) -> Option<(u16, &'static str)> {
     use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
-    let e = e.into_inner().downcast::<Error>().ok()?;
-    let close = match *e {
+    let close = match e {
         Error::Capacity(_) => (close::TOO_BIG, "message too big"),
         Error::Utf8(_) => (close::INVALID_DATA, "text frame is not valid UTF-8"),
         Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
@@ -368,36 +369,36 @@ mod tests {
 
     /// An in-memory socket: what the test sends comes in, what the server sends goes out.
     struct FakeSocket {
-        incoming: tokio::sync::mpsc::UnboundedReceiver<Result<Message, axum::Error>>,
+        incoming: tokio::sync::mpsc::UnboundedReceiver<Result<Message, WsError>>,
         outgoing: tokio::sync::mpsc::UnboundedSender<Message>,
     }
 
     impl Stream for FakeSocket {
-        type Item = Result<Message, axum::Error>;
+        type Item = Result<Message, WsError>;
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
             self.incoming.poll_recv(cx)
         }
     }
 
     impl Sink<Message> for FakeSocket {
-        type Error = axum::Error;
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        type Error = WsError;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
             Poll::Ready(Ok(()))
         }
-        fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), axum::Error> {
+        fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), WsError> {
             let _ = self.outgoing.send(m);
             Ok(())
         }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
             Poll::Ready(Ok(()))
         }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
             Poll::Ready(Ok(()))
         }
     }
 
     struct Client {
-        to_server: tokio::sync::mpsc::UnboundedSender<Result<Message, axum::Error>>,
+        to_server: tokio::sync::mpsc::UnboundedSender<Result<Message, WsError>>,
         from_server: tokio::sync::mpsc::UnboundedReceiver<Message>,
         task: tokio::task::JoinHandle<()>,
         svc: Arc<Service>,
@@ -521,7 +522,7 @@ mod tests {
         let ack = c.json().await;
         assert_eq!((ack["type"].as_str(), ack["id"].as_i64()), (Some("ack"), Some(9)));
         match c.next().await {
-            Message::Close(Some(f)) => assert_eq!(f.code, close::NORMAL),
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), close::NORMAL),
             other => panic!("expected close 1000, got {other:?}"),
         }
         c.task.await.unwrap();
@@ -540,7 +541,7 @@ mod tests {
         assert_eq!(c.json().await["type"], "ack", "still open after 59 s");
         tokio::time::advance(Duration::from_secs(61)).await;
         match c.next().await {
-            Message::Close(Some(f)) => assert_eq!(f.code, close::STALE),
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), close::STALE),
             other => panic!("expected close 4002, got {other:?}"),
         }
         c.task.await.unwrap();

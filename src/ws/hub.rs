@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::client::Client;
 use super::protocol;
@@ -252,6 +252,9 @@ pub struct Hub {
     /// user's connections), as added to the bus's interest.
     contact_interest: Mutex<HashMap<UserId, HashSet<UserId>>>,
     rooms: Mutex<Rooms>,
+    /// The presence of room members online, one copy per user however many rooms hold it
+    /// (see [`Hub::share`]).
+    shared: Sharded<FastMap<UserId, Arc<Presence>>>,
     /// Whether any room exists (an event's hot path skips the rooms' lock otherwise).
     any_room: AtomicBool,
     /// A resynchronisation after bus lag is running / was asked for again meanwhile.
@@ -287,6 +290,7 @@ impl Hub {
             subscriptions: AtomicI64::new(0),
             contact_interest: Mutex::new(HashMap::new()),
             rooms: Mutex::new(Rooms::default()),
+            shared: Sharded::new(64),
             any_room: AtomicBool::new(false),
             resyncing: AtomicBool::new(false),
             resync_again: AtomicBool::new(false),
@@ -616,9 +620,13 @@ impl Hub {
         let include = [true, changed(Relation::Contact), changed(Relation::Other)];
         let rooms = self.rooms_of(&ev.presence.user_id);
         self.deliver_to(&ev.presence, (&audience, &privacy), Audience::Watchers(&rooms), include);
+        if rooms.is_empty() {
+            return;
+        }
         let (live, now) = (self.limits.conversation_live_members, self.svc.clock.now());
+        let p = self.share(ev.presence.clone());
         for r in &rooms {
-            send(r.apply(&ev.presence, &self.svc.directory, live, now));
+            send(r.apply(&p, &self.svc.directory, live, now));
         }
     }
 
@@ -854,6 +862,36 @@ impl Hub {
         self.rooms.lock().by_conn.get(&id).map_or(0, Vec::len)
     }
 
+    /// `p` as rooms hold it: the copy already held if it is the same, so a member online
+    /// in many rooms costs one presence, not one per room. An offline member is held by
+    /// no room: its copy is let go. (Copies no room holds any more are let go when a room
+    /// is dropped or loses members: [`Hub::unshare`].)
+    fn share(&self, p: Presence) -> Arc<Presence> {
+        let mut shard = self.shared.of(&p.user_id).lock();
+        if p.status == crate::core::Status::Offline {
+            shard.remove(&p.user_id);
+            return Arc::new(p);
+        }
+        match shard.get(&p.user_id) {
+            Some(q) if **q == p => q.clone(),
+            _ => {
+                let p = Arc::new(p);
+                shard.insert(p.user_id.clone(), p.clone());
+                p
+            }
+        }
+    }
+
+    /// Lets go of the shared copies of `users` that no room holds.
+    fn unshare<'a>(&self, users: impl IntoIterator<Item = &'a UserId>) {
+        for u in users {
+            let mut shard = self.shared.of(u).lock();
+            if shard.get(u).is_some_and(|p| Arc::strong_count(p) == 1) {
+                shard.remove(u);
+            }
+        }
+    }
+
     /// The rooms `user` is a member of (on this node).
     fn rooms_of(&self, user: &UserId) -> Vec<Arc<Room>> {
         if !self.any_room.load(Ordering::Acquire) {
@@ -884,6 +922,12 @@ impl Hub {
         }
         let users = conn.subscription_count();
         let mut rooms = self.rooms.lock();
+        // One copy of each id on the node: the room's, when it has one.
+        for c in ids.iter_mut() {
+            if let Some((id, _)) = rooms.by_id.get_key_value(c) {
+                *c = id.clone();
+            }
+        }
         let mine = rooms.by_conn.entry(conn.id).or_default();
         ids.retain(|c| !mine.contains(c));
         if users + mine.len() + ids.len() > self.limits.subscriptions_per_connection {
@@ -968,7 +1012,7 @@ impl Hub {
         let ids: Vec<UserId> = room.members().iter().cloned().collect();
         let mut found = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LOAD_BATCH) {
-            found.extend(self.svc.get_many_fresh(chunk).await?);
+            found.extend(self.svc.get_many_fresh(chunk).await?.into_iter().map(|p| self.share(p)));
         }
         Ok(room.load(found, &self.svc.directory, gen))
     }
@@ -1017,6 +1061,8 @@ impl Hub {
         let members = room.members();
         rooms.remove(room, &members);
         self.svc.bus.interest().remove(members.iter());
+        room.close();
+        self.unshare(members.iter());
     }
 
     /// A conversation's members changed (here or on another node): its room here, if
@@ -1039,6 +1085,7 @@ impl Hub {
             self.svc.bus.interest().add(&added);
             self.svc.bus.interest().remove(&removed);
             let dropped = room.set_members(members, &removed, !added.is_empty());
+            self.unshare(&removed);
             for c in &dropped {
                 if let Some(mine) = rooms.by_conn.get_mut(&c.id) {
                     mine.retain(|x| x != conversation);
@@ -1058,7 +1105,7 @@ impl Hub {
             loop {
                 match self.svc.get_many_fresh(&added).await {
                     Ok(f) => {
-                        found = f;
+                        found = f.into_iter().map(|p| self.share(p)).collect();
                         break;
                     }
                     Err(e) if attempt < 3 => {
@@ -1128,6 +1175,69 @@ mod tests {
 
     fn client(id: u64) -> Client {
         Client::new(id, UserId::parse("v", 8).unwrap(), Arc::from("d"), false, None, 1)
+    }
+
+    /// A member online in two rooms of the node is held once, by both (and again after
+    /// a change); the copy is let go when no room holds it.
+    #[tokio::test]
+    async fn rooms_share_one_copy_of_a_members_presence() {
+        use crate::auth::{Identity, ADMIN_SCOPE};
+        use crate::store::memory::{MemoryConfig, MemoryStore};
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vec![
+            ("PRESENCE_AUTH__JWT_SECRET".to_string(), "x".repeat(32)),
+            ("PRESENCE_SERVICE__DATA_DIR".to_string(), dir.path().display().to_string()),
+        ];
+        let config = crate::config::Config::load(None, vars).unwrap();
+        let bus = crate::bus::EventBus::new(1024);
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+        let store = MemoryStore::open(MemoryConfig::new("n1"), clock.clone(), bus.clone()).unwrap();
+        store.start();
+        let app = crate::server::App::with_store(config, Arc::new(store), bus, clock).await.unwrap();
+        let (svc, hub) = (app.svc.clone(), app.hub.clone());
+        let admin = Identity { scopes: vec![ADMIN_SCOPE.to_string()], ..Identity::user("backend") };
+        for (c, members) in [("c1", ["a", "m"]), ("c2", ["b", "m"])] {
+            svc.set_members(&admin, c, &members.map(String::from)).await.unwrap();
+        }
+        let id = |u: &str| UserId::parse(u, 64).unwrap();
+        let m = hub.connect(id("m"), Arc::from("d"), None, false, String::new()).await.unwrap();
+        let mut viewers = Vec::new();
+        for (u, c) in [("a", "c1"), ("b", "c2")] {
+            let conn = hub.connect(id(u), Arc::from("d"), None, false, String::new()).await.unwrap();
+            let ids = hub.subscribe_conversations(&conn, &[c.to_string()]).unwrap();
+            hub.join_conversations(&conn, &ids).await.unwrap();
+            viewers.push(conn);
+        }
+        let rooms = |u: &str| hub.rooms_of(&id(u));
+        let held = |u: &str| -> Vec<Arc<Presence>> { rooms(u).iter().filter_map(|r| r.held(&id(u))).collect() };
+        let both = held("m");
+        assert_eq!(both.len(), 2, "m is online in both rooms");
+        assert!(Arc::ptr_eq(&both[0], &both[1]), "one copy, read by each room on its own");
+        // A change reaches both rooms as the same copy.
+        let before = both[0].revision;
+        drop(both);
+        let who = Identity::user("m");
+        let write = crate::service::StatusWrite { status: Some("busy".into()), message: None, ttl_seconds: Some(0) };
+        svc.set_status(&who, &id("m"), write).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let both = loop {
+            let both = held("m");
+            if both.len() == 2 && both.iter().all(|p| p.revision > before) {
+                break both;
+            }
+            assert!(std::time::Instant::now() < deadline, "the change did not reach both rooms");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert!(Arc::ptr_eq(&both[0], &both[1]));
+        drop(both);
+        assert!(hub.shared.of(&id("m")).lock().contains_key(&id("m")));
+        // The rooms go: nothing is kept of m.
+        for v in &viewers {
+            hub.leave_rooms(v.id, None);
+        }
+        assert!(rooms("m").is_empty());
+        assert!(!hub.shared.of(&id("m")).lock().contains_key(&id("m")), "no room holds m: its copy is let go");
+        drop(m);
     }
 
     #[test]

@@ -8,24 +8,25 @@ pub mod hub;
 pub mod protocol;
 pub mod push_queue;
 pub mod rooms;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Extension, Router};
 use serde::Deserialize;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::error::ApiError;
 use crate::service::Service;
 use hub::Hub;
+use upgrade::{Refused, Upgrade};
 
 /// What the `/ws` handler needs.
 #[derive(Clone)]
@@ -62,7 +63,7 @@ pub async fn upgrade(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, QueryRejection>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, Refused>,
 ) -> Result<Response, ApiError> {
     let addr = peer.as_ref().map(|Extension(ConnectInfo(a))| *a);
     let answer = handshake(state, peer, headers, query, ws).await;
@@ -78,7 +79,7 @@ async fn handshake(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, QueryRejection>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, Refused>,
 ) -> Result<Response, ApiError> {
     let (svc, hub) = (state.svc.clone(), state.hub.clone());
     if let Some(Extension(ConnectInfo(addr))) = peer {
@@ -108,18 +109,18 @@ async fn handshake(
     let conn = hub.connect(user, device, platform, who.is_admin(), hello).await?;
     let max = svc.limits.ws_max_message_bytes.0 as usize;
     let failed = (hub.clone(), conn.clone());
-    Ok(ws
+    let config = WebSocketConfig::default()
         .read_buffer_size(svc.limits.ws_read_buffer_bytes.0 as usize)
         .write_buffer_size(0)
         .max_write_buffer_size(1 << 20)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_failed_upgrade(move |e| {
-            tracing::debug!(error = %e, "WebSocket upgrade failed; ending the session it opened");
-            let (hub, conn) = failed;
-            // As a lost socket: held for the grace (a reload whose upgrade broke off).
-            let leave = crate::service::sessions::Leave::Lost { last_heard: hub.now() };
-            tokio::spawn(async move { hub.disconnect(&conn, leave).await });
-        })
-        .on_upgrade(move |socket| conn::run(svc, hub, who, conn, socket)))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let failed = move |e: hyper::Error| {
+        tracing::debug!(error = %e, "WebSocket upgrade failed; ending the session it opened");
+        let (hub, conn) = failed;
+        // As a lost socket: held for the grace (a reload whose upgrade broke off).
+        let leave = crate::service::sessions::Leave::Lost { last_heard: hub.now() };
+        tokio::spawn(async move { hub.disconnect(&conn, leave).await });
+    };
+    Ok(ws.config(config).on_upgrade(failed, move |socket| conn::run(svc, hub, who, conn, socket)))
 }

@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::client::Client;
 use super::protocol;
@@ -57,29 +57,80 @@ struct Sub {
     members: usize,
 }
 
+/// A room's subscribers, in connection order: a sorted vector (most rooms have a few; a
+/// connection's id only grows, so a new one is mostly pushed at the end).
+#[derive(Default)]
+struct Subs(Vec<Sub>);
+
+impl Subs {
+    fn find(&self, id: u64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |s| s.conn.id)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Sub> {
+        self.0.iter()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().map(|s| s.conn.id)
+    }
+
+    fn get(&self, id: &u64) -> Option<&Sub> {
+        self.find(*id).ok().map(|i| &self.0[i])
+    }
+
+    fn get_mut(&mut self, id: &u64) -> Option<&mut Sub> {
+        self.find(*id).ok().map(|i| &mut self.0[i])
+    }
+
+    fn insert(&mut self, sub: Sub) {
+        match self.find(sub.conn.id) {
+            Ok(i) => self.0[i] = sub,
+            Err(i) => self.0.insert(i, sub),
+        }
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Sub> {
+        let i = self.find(*id).ok()?;
+        let sub = self.0.remove(i);
+        if self.0.capacity() > 8 && self.0.len() < self.0.capacity() / 4 {
+            self.0.shrink_to(self.0.len() * 2);
+        }
+        Some(sub)
+    }
+}
+
 /// A member's state at the last flush, for a large room's next one.
 struct Pending {
-    before: Presence,
+    before: Arc<Presence>,
     privacy: Privacy,
     contacts: Members,
     /// The member's latest presence, when it is not in `present` (went offline).
-    after: Option<Presence>,
+    after: Option<Arc<Presence>>,
 }
 
 #[derive(Default)]
 struct State {
     members: Members,
-    /// Members online for themselves, with their presence and whether a non-contact sees
-    /// them online.
-    present: BTreeMap<UserId, (Presence, bool)>,
+    /// Members online for themselves, with their presence (one copy per user for every
+    /// room of the node: see `Hub::share`) and whether a non-contact sees them online.
+    present: BTreeMap<UserId, (Arc<Presence>, bool)>,
     public_online: usize,
     shy: HashSet<UserId>,
-    subs: HashMap<u64, Sub>,
+    subs: Subs,
     /// Large rooms: what changed since the last flush.
     pending: HashMap<UserId, Pending>,
     removed: Vec<UserId>,
     /// Events that came while the room was being read (applied after it, if newer).
-    early: Option<Vec<Presence>>,
+    early: Option<Vec<Arc<Presence>>>,
     /// The read in progress (or last applied): a read applies only if no newer one began.
     load_gen: u64,
     /// Reads of added members in flight ([`Room::set_members`] to [`Room::add_members`]),
@@ -135,7 +186,7 @@ impl Room {
     /// applies the events that came meanwhile if they are newer; returns `false` (and
     /// changes nothing) when a newer read began since. What was pending is dropped: the
     /// caller sends every subscriber a snapshot.
-    pub fn load(&self, found: Vec<Presence>, dir: &Directory, gen: u64) -> bool {
+    pub fn load(&self, found: Vec<Arc<Presence>>, dir: &Directory, gen: u64) -> bool {
         let mut s = self.state.lock();
         if s.load_gen != gen || s.early.is_none() {
             return false;
@@ -169,7 +220,7 @@ impl Room {
     /// Sends every subscriber a fresh snapshot (after [`Room::load`] on a resync).
     pub fn snapshot_all(&self, dir: &Directory, page: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
-        let ids: Vec<u64> = s.subs.keys().copied().collect();
+        let ids: Vec<u64> = s.subs.keys().collect();
         ids.into_iter().filter_map(|id| s.snapshot_for(id, dir, page, now, &self.id)).collect()
     }
 
@@ -181,8 +232,20 @@ impl Room {
         if !conn.admin && !s.members.contains(&conn.user) {
             return Err(ApiError::Forbidden(format!("only members of conversation {} (or presence:admin) may see its presence", self.id)));
         }
-        s.subs.insert(conn.id, Sub { conn: conn.clone(), online: 0, members: 0 });
+        s.subs.insert(Sub { conn: conn.clone(), online: 0, members: 0 });
         Ok(s.snapshot_for(conn.id, dir, page, now, &self.id).map(|(_, m)| m).unwrap_or_default())
+    }
+
+    /// The room is dropped (nobody here subscribes to it): what it holds is let go at
+    /// once, so the members' shared presence can be, and a read in flight will not apply.
+    pub fn close(&self) {
+        let mut s = self.state.lock();
+        s.load_gen += 1;
+        s.present = BTreeMap::new();
+        s.shy = HashSet::new();
+        s.public_online = 0;
+        s.pending = HashMap::new();
+        s.early = None;
     }
 
     /// Removes connection `id`; returns how many subscribers are left.
@@ -196,7 +259,7 @@ impl Room {
     /// subscriber who saw the member come online or go offline: the counts and the
     /// member (any other change reaches them as a `presence_update`, with the event's
     /// audience). Large rooms: the change waits for the next flush.
-    pub fn apply(&self, p: &Presence, dir: &Directory, live_members: usize, now: Millis) -> Outbox {
+    pub fn apply(&self, p: &Arc<Presence>, dir: &Directory, live_members: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
         let large = s.members.len() > live_members;
         if let Some(early) = &mut s.early {
@@ -308,7 +371,15 @@ impl Room {
     /// an event brought a newer one meanwhile). Small rooms tell their subscribers at
     /// once, large ones at the next flush.
     /// `added`: as given to [`Room::set_members`].
-    pub fn add_members(&self, found: Vec<Presence>, added: bool, dir: &Directory, live_members: usize, page: usize, now: Millis) -> Outbox {
+    pub fn add_members(
+        &self,
+        found: Vec<Arc<Presence>>,
+        added: bool,
+        dir: &Directory,
+        live_members: usize,
+        page: usize,
+        now: Millis,
+    ) -> Outbox {
         let mut s = self.state.lock();
         let gone = match s.adding {
             _ if !added => HashMap::new(),
@@ -364,14 +435,22 @@ impl Room {
     }
 }
 
-fn offline(user: &UserId) -> Presence {
-    Presence::unknown(user.clone(), Arc::from(""))
+impl Room {
+    /// The presence the room holds of `user`, if online (tests: what rooms share).
+    #[cfg(test)]
+    pub(super) fn held(&self, user: &UserId) -> Option<Arc<Presence>> {
+        self.state.lock().present.get(user).map(|(p, _)| p.clone())
+    }
+}
+
+fn offline(user: &UserId) -> Arc<Presence> {
+    Arc::new(Presence::unknown(user.clone(), Arc::from("")))
 }
 
 impl State {
     /// Records `p` as the member's presence; returns the one it replaces, if the member
     /// was online.
-    fn put(&mut self, p: Presence, privacy: &Privacy) -> Option<Presence> {
+    fn put(&mut self, p: Arc<Presence>, privacy: &Privacy) -> Option<Arc<Presence>> {
         let before = self.take(&p.user_id);
         if p.status != Status::Offline {
             let public = online_for(&p, privacy, Relation::Other);
@@ -385,7 +464,7 @@ impl State {
         before
     }
 
-    fn take(&mut self, user: &UserId) -> Option<Presence> {
+    fn take(&mut self, user: &UserId) -> Option<Arc<Presence>> {
         let (p, public) = self.present.remove(user)?;
         if public {
             self.public_online -= 1;
@@ -459,7 +538,7 @@ impl State {
         };
         let members = self.members.len();
         let mut out = Vec::new();
-        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        let ids: Vec<u64> = self.subs.keys().collect();
         for id in ids {
             let Some(conn) = self.subs.get(&id).map(|x| x.conn.clone()) else { continue };
             let rel = relation_of(&conn, user, &contacts);
@@ -523,7 +602,7 @@ impl State {
         let (members, public_online) = (self.members.len(), self.public_online);
         let mut shared: Option<Utf8Bytes> = None;
         let mut out = Vec::new();
-        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        let ids: Vec<u64> = self.subs.keys().collect();
         for id in ids {
             let Some(conn) = self.subs.get(&id).map(|x| x.conn.clone()) else { continue };
             if conn.admin || special.contains(&conn.user) || audiences.iter().any(|a| a.contains(&conn.user)) {
@@ -566,10 +645,10 @@ impl State {
         // Each changed member: its views before and now.
         struct Changed {
             id: UserId,
-            before: Presence,
+            before: Arc<Presence>,
             before_privacy: Privacy,
             before_contacts: Members,
-            after: Presence,
+            after: Arc<Presence>,
             privacy: Privacy,
             contacts: Members,
         }
@@ -609,7 +688,7 @@ impl State {
         let public_changes: Vec<Presence> = changed.iter().filter_map(|c| view_for(Relation::Other, Relation::Other, c)).collect();
         let public_online = self.public_online;
         let mut out = Vec::new();
-        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        let ids: Vec<u64> = self.subs.keys().collect();
         for id in ids {
             let Some(conn) = self.subs.get(&id).map(|x| x.conn.clone()) else { continue };
             let (online, own): (usize, Option<Vec<Presence>>) = if is_special(&conn) {
@@ -658,8 +737,8 @@ mod tests {
         UserId::parse(s, 64).unwrap()
     }
 
-    fn seen(user: &str, status: Status, revision: u64) -> Presence {
-        Presence { status, revision, ..Presence::unknown(id(user), Arc::from("n")) }
+    fn seen(user: &str, status: Status, revision: u64) -> Arc<Presence> {
+        Arc::new(Presence { status, revision, ..Presence::unknown(id(user), Arc::from("n")) })
     }
 
     fn online(room: &Room, user: &str) -> bool {
