@@ -35,7 +35,8 @@
 //!    viewer may see them), [`service::limiter`].
 //! 6. Adapters over the service: [`ws`] (`GET /ws`: the hub, each connection's client
 //!    and push queue, the conversations followed on this node (`ws::rooms`), the
-//!    connection loop, the protocol) and [`listener`] (accepting
+//!    upgrade and the socket under it (`ws::upgrade`: long messages in small frames),
+//!    the connection loop, the protocol) and [`listener`] (accepting
 //!    connections: timeouts, the per-IP rate, the HTTP accept loop, and
 //!    [`listener::tls`]: TLS on both ports, certificate reload, mTLS for gRPC).
 //! 7. The transports the listener serves: [`grpc`] (`realchat.presence.v1.PresenceApi`)

@@ -255,6 +255,8 @@ pub struct Hub {
     /// The presence of room members online, one copy per user however many rooms hold it
     /// (see [`Hub::share`]).
     shared: Sharded<FastMap<UserId, Arc<Presence>>>,
+    /// The shard of `shared` the next sweep looks at.
+    sweep_at: std::sync::atomic::AtomicUsize,
     /// Whether any room exists (an event's hot path skips the rooms' lock otherwise).
     any_room: AtomicBool,
     /// A resynchronisation after bus lag is running / was asked for again meanwhile.
@@ -291,6 +293,7 @@ impl Hub {
             contact_interest: Mutex::new(HashMap::new()),
             rooms: Mutex::new(Rooms::default()),
             shared: Sharded::new(64),
+            sweep_at: std::sync::atomic::AtomicUsize::new(0),
             any_room: AtomicBool::new(false),
             resyncing: AtomicBool::new(false),
             resync_again: AtomicBool::new(false),
@@ -874,11 +877,23 @@ impl Hub {
         }
         match shard.get(&p.user_id) {
             Some(q) if **q == p => q.clone(),
+            // An older read than the copy held (an event was faster): not kept.
+            Some(q) if p.revision != 0 && p.revision < q.revision => Arc::new(p),
             _ => {
                 let p = Arc::new(p);
                 shard.insert(p.user_id.clone(), p.clone());
                 p
             }
+        }
+    }
+
+    /// Lets go of the shared copies no room holds in one shard of [`Hub::shared`] (the
+    /// next one at each call): copies a room let go of in a race (closed while it was read,
+    /// say) are not kept for good.
+    fn sweep_shared(&self) {
+        let i = self.sweep_at.fetch_add(1, Ordering::Relaxed) % self.shared.len();
+        if let Some(shard) = self.shared.iter().nth(i) {
+            shard.lock().retain(|_, p| Arc::strong_count(p) > 1);
         }
     }
 
@@ -1012,9 +1027,16 @@ impl Hub {
         let ids: Vec<UserId> = room.members().iter().cloned().collect();
         let mut found = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LOAD_BATCH) {
+            if room.is_closed() {
+                break; // dropped meanwhile: the read will not apply
+            }
             found.extend(self.svc.get_many_fresh(chunk).await?.into_iter().map(|p| self.share(p)));
         }
-        Ok(room.load(found, &self.svc.directory, gen))
+        let applied = room.load(found, &self.svc.directory, gen);
+        if !applied {
+            self.unshare(&ids);
+        }
+        Ok(applied)
     }
 
     pub fn unsubscribe_conversations<S: AsRef<str>>(&self, conn: &Arc<Client>, raw: &[S]) {
@@ -1123,6 +1145,8 @@ impl Hub {
         }
         let page = self.limits.conversation_page;
         send(room.add_members(found, !added.is_empty(), &self.svc.directory, live, page, self.svc.clock.now()));
+        // Those the room did not keep (it closed meanwhile, or they went offline).
+        self.unshare(&added);
         Ok(())
     }
 
@@ -1140,6 +1164,7 @@ impl Hub {
 
     /// Large rooms: what changed since the last tick (see [`Room::flush`]).
     fn flush_rooms(&self) {
+        self.sweep_shared();
         if !self.any_room.load(Ordering::Acquire) {
             return;
         }

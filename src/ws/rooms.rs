@@ -57,54 +57,95 @@ struct Sub {
     members: usize,
 }
 
-/// A room's subscribers, in connection order: a sorted vector (most rooms have a few; a
-/// connection's id only grows, so a new one is mostly pushed at the end).
-#[derive(Default)]
-struct Subs(Vec<Sub>);
+/// A room's subscribers: a vector while they are few (most rooms), a map beyond
+/// [`SUBS_INLINE`] (a large room's viewers come and go in any order).
+enum Subs {
+    Few(Vec<Sub>),
+    Many(HashMap<u64, Sub>),
+}
+
+/// Subscribers a room keeps in a vector.
+const SUBS_INLINE: usize = 32;
+
+impl Default for Subs {
+    fn default() -> Subs {
+        Subs::Few(Vec::new())
+    }
+}
 
 impl Subs {
-    fn find(&self, id: u64) -> Result<usize, usize> {
-        self.0.binary_search_by_key(&id, |s| s.conn.id)
-    }
-
     fn len(&self) -> usize {
-        self.0.len()
+        match self {
+            Subs::Few(v) => v.len(),
+            Subs::Many(m) => m.len(),
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
-    fn values(&self) -> impl Iterator<Item = &Sub> {
-        self.0.iter()
+    fn values(&self) -> Box<dyn Iterator<Item = &Sub> + '_> {
+        match self {
+            Subs::Few(v) => Box::new(v.iter()),
+            Subs::Many(m) => Box::new(m.values()),
+        }
     }
 
     fn keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.0.iter().map(|s| s.conn.id)
+        self.values().map(|s| s.conn.id)
     }
 
     fn get(&self, id: &u64) -> Option<&Sub> {
-        self.find(*id).ok().map(|i| &self.0[i])
+        match self {
+            Subs::Few(v) => v.iter().find(|s| s.conn.id == *id),
+            Subs::Many(m) => m.get(id),
+        }
     }
 
     fn get_mut(&mut self, id: &u64) -> Option<&mut Sub> {
-        self.find(*id).ok().map(|i| &mut self.0[i])
+        match self {
+            Subs::Few(v) => v.iter_mut().find(|s| s.conn.id == *id),
+            Subs::Many(m) => m.get_mut(id),
+        }
     }
 
     fn insert(&mut self, sub: Sub) {
-        match self.find(sub.conn.id) {
-            Ok(i) => self.0[i] = sub,
-            Err(i) => self.0.insert(i, sub),
+        if let Some(s) = self.get_mut(&sub.conn.id) {
+            *s = sub;
+            return;
+        }
+        match self {
+            Subs::Few(v) if v.len() < SUBS_INLINE => v.push(sub),
+            Subs::Few(v) => {
+                let mut m: HashMap<u64, Sub> = v.drain(..).map(|s| (s.conn.id, s)).collect();
+                m.insert(sub.conn.id, sub);
+                *self = Subs::Many(m);
+            }
+            Subs::Many(m) => {
+                m.insert(sub.conn.id, sub);
+            }
         }
     }
 
     fn remove(&mut self, id: &u64) -> Option<Sub> {
-        let i = self.find(*id).ok()?;
-        let sub = self.0.remove(i);
-        if self.0.capacity() > 8 && self.0.len() < self.0.capacity() / 4 {
-            self.0.shrink_to(self.0.len() * 2);
+        match self {
+            Subs::Few(v) => {
+                let i = v.iter().position(|s| s.conn.id == *id)?;
+                let sub = v.swap_remove(i);
+                if v.capacity() > 8 && v.len() < v.capacity() / 4 {
+                    v.shrink_to(v.len() * 2);
+                }
+                Some(sub)
+            }
+            Subs::Many(m) => {
+                let sub = m.remove(id);
+                if m.len() < SUBS_INLINE / 2 {
+                    *self = Subs::Few(m.drain().map(|(_, s)| s).collect());
+                }
+                sub
+            }
         }
-        Some(sub)
     }
 }
 
@@ -138,6 +179,9 @@ struct State {
     /// member is not in `present`, so this is what tells an older read from a newer event.
     adding: u32,
     gone: HashMap<UserId, u64>,
+    /// Dropped from the node ([`Room::close`]): holds nothing, reads and events no longer
+    /// apply.
+    closed: bool,
 }
 
 /// One conversation some connection of this node subscribed to.
@@ -177,6 +221,11 @@ impl Room {
         self.state.lock().subs.values().map(|s| s.conn.clone()).collect()
     }
 
+    /// Dropped from the node ([`Room::close`]).
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
     /// The current read's generation (the first read's, for [`Room::load`]).
     pub fn generation(&self) -> u64 {
         self.state.lock().load_gen
@@ -188,7 +237,7 @@ impl Room {
     /// caller sends every subscriber a snapshot.
     pub fn load(&self, found: Vec<Arc<Presence>>, dir: &Directory, gen: u64) -> bool {
         let mut s = self.state.lock();
-        if s.load_gen != gen || s.early.is_none() {
+        if s.load_gen != gen || s.early.is_none() || s.closed {
             return false;
         }
         let early = s.early.take().unwrap_or_default();
@@ -240,6 +289,7 @@ impl Room {
     /// once, so the members' shared presence can be, and a read in flight will not apply.
     pub fn close(&self) {
         let mut s = self.state.lock();
+        s.closed = true;
         s.load_gen += 1;
         s.present = BTreeMap::new();
         s.shy = HashSet::new();
@@ -262,6 +312,9 @@ impl Room {
     pub fn apply(&self, p: &Arc<Presence>, dir: &Directory, live_members: usize, now: Millis) -> Outbox {
         let mut s = self.state.lock();
         let large = s.members.len() > live_members;
+        if s.closed {
+            return Vec::new();
+        }
         if let Some(early) = &mut s.early {
             early.push(p.clone());
             return Vec::new();
@@ -313,7 +366,7 @@ impl Room {
     ) -> Outbox {
         let mut s = self.state.lock();
         let large = s.members.len() > live_members;
-        if s.early.is_some() || !s.members.contains(user) {
+        if s.early.is_some() || s.closed || !s.members.contains(user) {
             return Vec::new();
         }
         let (contacts, privacy) = dir.view(user);
@@ -388,6 +441,9 @@ impl Room {
         };
         if added {
             s.adding = s.adding.saturating_sub(1);
+        }
+        if s.closed {
+            return Vec::new();
         }
         if let Some(early) = &mut s.early {
             // A read of the room runs: these go with the events it applies after it.

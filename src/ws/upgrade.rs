@@ -252,7 +252,10 @@ impl Sink<Message> for WsSocket {
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Pin::new(&mut self.ws).poll_close(cx)
+        ready!(Pin::new(&mut self.ws).poll_close(cx))?;
+        // tungstenite leaves its last frame (the reply to a peer's close) written but not
+        // flushed: it reaches the socket here.
+        Pin::new(self.ws.get_mut()).poll_flush(cx).map_err(WsError::Io)
     }
 }
 

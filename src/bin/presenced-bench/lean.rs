@@ -19,6 +19,9 @@ pub struct LeanWs {
     stream: TcpStream,
     /// Bytes of a frame not complete yet; empty (no allocation) when idle.
     partial: Vec<u8>,
+    /// A fragmented text message so far (the server sends long ones in frames); empty
+    /// (no allocation) between messages.
+    message: Vec<u8>,
 }
 
 /// What a read brought in besides text frames.
@@ -64,7 +67,7 @@ impl LeanWs {
             return Err(format!("handshake: {}", String::from_utf8_lossy(status).trim()));
         }
         let partial = got[end..].to_vec();
-        Ok(LeanWs { stream, partial })
+        Ok(LeanWs { stream, partial, message: Vec::new() })
     }
 
     /// Sends one text frame.
@@ -142,8 +145,16 @@ impl LeanWs {
         };
         let mut at = 0;
         while let Some((opcode, payload, next)) = frame(&bytes[at..]) {
+            let fin = bytes[at] & 0x80 != 0;
             match opcode {
-                0x0 | 0x1 => on_text(payload),
+                0x1 if fin => on_text(payload),
+                0x1 => self.message = payload.to_vec(),
+                0x0 => {
+                    self.message.extend_from_slice(payload);
+                    if fin {
+                        on_text(&std::mem::take(&mut self.message));
+                    }
+                }
                 0x8 => closed = true,
                 0x9 => pongs.push(payload.to_vec()),
                 _ => {}
